@@ -1,0 +1,3 @@
+from .audio_dataset import AudioNeuralDataset
+
+__all__ = ["AudioNeuralDataset"]

@@ -1,0 +1,61 @@
+"""Datasets whose stimuli are spectrograms ``(C, F, T)`` (or mono waveforms)."""
+
+from __future__ import annotations
+
+from ...errors import IncompatibleDatasetsError
+from ..neural_dataset import DatasetValidationError, NeuralDataset
+
+
+class AudioNeuralDataset(NeuralDataset):
+    """Neural dataset with auditory stimuli.
+
+    ``F`` is the number of frequency bands of the spectrograms; ``audio_fs``
+    is the waveform sample rate in waveform mode and ``None`` otherwise.
+    """
+
+    def __init__(self, path: str, dt_ms: float):
+        super().__init__(path, dt_ms)
+        self.F = -1
+        self.audio_fs: int | None = None
+        self.hearing_range_hz: tuple | None = None
+
+    def get_F(self) -> int:
+        """Number of frequency bands."""
+        return self.F
+
+    @property
+    def hop(self) -> int | None:
+        """Audio samples per response bin in waveform mode, else ``None``."""
+        if self.audio_fs is None:
+            return None
+        return int(round(self.audio_fs * self.dt / 1000.0))
+
+    def _concat_check_compat(self, other, names=None) -> None:
+        super()._concat_check_compat(other, names)
+        if not isinstance(other, AudioNeuralDataset):
+            return
+        a, b = names or (type(self).__name__, type(other).__name__)
+        if self.F != other.F:
+            raise IncompatibleDatasetsError(
+                f"F mismatch: {a} has F={self.F}, {b} has F={other.F}. Resample the "
+                "spectrograms to a common number of bands first "
+                "(deepstrf.datasets.resample.resample_frequency); nothing is warped automatically.")
+        if self.audio_fs != other.audio_fs:
+            raise IncompatibleDatasetsError(
+                f"audio_fs mismatch: {a} has audio_fs={self.audio_fs}, {b} has "
+                f"audio_fs={other.audio_fs}. Resample the waveforms to one rate first.")
+
+    def _concat_copy_attrs(self, source) -> None:
+        super()._concat_copy_attrs(source)
+        self.F = source.F
+        self.audio_fs = source.audio_fs
+        self.hearing_range_hz = source.hearing_range_hz
+
+    def validate(self, deep: bool | None = None) -> None:
+        super().validate(deep)
+        if not (isinstance(self.F, int) and self.F > 0):
+            raise DatasetValidationError(f"self.F must be a positive int (got {self.F!r})")
+        hr = self.hearing_range_hz
+        if hr is not None and not (isinstance(hr, (tuple, list)) and len(hr) == 2 and 0 < hr[0] < hr[1]):
+            raise DatasetValidationError(
+                f"self.hearing_range_hz must be None or an increasing (low, high) pair (got {hr!r})")

@@ -1,0 +1,115 @@
+"""Lazy block-diagonal concatenation of datasets along stims and neurons."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+
+from .neural_dataset import NeuralDataset
+from .views import BlockDiagonalGrid, ConcatSequence
+
+UID_KEY = "uid"
+
+
+class DuplicateUIDWarning(UserWarning):
+    """Two sources of a concatenation share stim or neuron UIDs."""
+
+
+def concat_datasets(datasets: Sequence[NeuralDataset], names: Sequence[str] | None = None) -> NeuralDataset:
+    """Concatenate datasets along both axes (see ``concat_neural_datasets``).
+
+    Costs O(S + N): the result's ``stims`` and ``responses`` are views over
+    the sources, and ``nrn_masks`` is assembled from the sources' masks.
+    """
+    datasets = list(datasets)
+    if not datasets:
+        raise ValueError("concat_neural_datasets needs at least one dataset, got an empty list")
+    for i, d in enumerate(datasets):
+        if not isinstance(d, NeuralDataset):
+            raise TypeError(
+                f"concat_neural_datasets: entry {i} is a {type(d).__name__}, not a NeuralDataset; "
+                "pass only dataset instances")
+    if names is not None:
+        names = list(names)
+        if len(names) != len(datasets):
+            raise ValueError(
+                f"names must have one entry per dataset (got {len(names)} names for {len(datasets)} datasets)")
+    if len(datasets) == 1:
+        return datasets[0]
+    labels = names if names is not None else [_default_name(d) for d in datasets]
+    for i in range(len(datasets)):
+        for j in range(i + 1, len(datasets)):
+            datasets[i]._concat_check_compat(datasets[j], names=(str(labels[i]), str(labels[j])))
+
+    parts, part_names = _flatten(datasets, names)
+    out_cls = _common_ancestor(datasets)
+    out = out_cls.__new__(out_cls)
+    NeuralDataset.__init__(out, path="+".join(str(d.path) for d in parts), dt_ms=datasets[0].dt)
+    for d in datasets:
+        if isinstance(d, out_cls):
+            out._concat_copy_attrs(d)
+            break
+    out.stims = ConcatSequence([d.stims for d in parts])
+    out.responses = BlockDiagonalGrid(parts)
+    out.stim_meta = [{**m, "dataset": name} for d, name in zip(parts, part_names) for m in d.stim_meta]
+    out.nrn_meta = [{**m, "dataset": name} for d, name in zip(parts, part_names) for m in d.nrn_meta]
+    out.N_neurons = out.responses.n_neurons
+    out.source_names = list(part_names)
+    out.duplicate_uids = _report_duplicates(parts, part_names)
+    out.validate()
+    return out
+
+
+def _default_name(d: NeuralDataset) -> str:
+    return getattr(d, "name", None) or type(d).__name__
+
+
+def _flatten(datasets: list[NeuralDataset], names: list[str] | None):
+    """Expand inputs that are themselves untouched concatenations into their parts.
+
+    Inner provenance labels are kept unless ``names`` overrides them, so that
+    ``concat([concat([a, b]), c]) == concat([a, b, c])``.
+    """
+    parts, part_names = [], []
+    for i, d in enumerate(datasets):
+        if _is_plain_concat(d):
+            parts.extend(d.responses.sources)
+            part_names.extend(d.source_names if names is None else [names[i]] * len(d.source_names))
+        else:
+            parts.append(d)
+            part_names.append(_default_name(d) if names is None else names[i])
+    return parts, part_names
+
+
+def _is_plain_concat(d: NeuralDataset) -> bool:
+    g, stims = d.responses, d.stims
+    return (isinstance(g, BlockDiagonalGrid) and not g._transforms and not g._overrides
+            and isinstance(stims, ConcatSequence) and not stims._overrides
+            and hasattr(d, "source_names"))
+
+
+def _common_ancestor(datasets: Sequence[NeuralDataset]) -> type:
+    """Most specific class every input is an instance of (at least NeuralDataset)."""
+    for cls in type(datasets[0]).__mro__:
+        if issubclass(cls, NeuralDataset) and all(isinstance(d, cls) for d in datasets):
+            return cls
+    return NeuralDataset
+
+
+def _report_duplicates(parts: Sequence[NeuralDataset], part_names: Sequence[str]) -> dict:
+    """UIDs (``meta["uid"]``) found in more than one source; warns if any."""
+    report = {}
+    for axis, attr in (("stim", "stim_meta"), ("neuron", "nrn_meta")):
+        seen = Counter()
+        for d in parts:
+            seen.update({m[UID_KEY] for m in getattr(d, attr) if UID_KEY in m})
+        report[axis] = sorted((str(u) for u, c in seen.items() if c > 1))
+    if report["stim"] or report["neuron"]:
+        warnings.warn(
+            f"duplicate UIDs across sources {list(part_names)}: {len(report['stim'])} stim and "
+            f"{len(report['neuron'])} neuron UIDs appear in more than one source "
+            f"(e.g. {(report['stim'] + report['neuron'])[:3]}); coverage counts may mislead. "
+            "Check that you are not pooling a dataset with a subset of itself.",
+            DuplicateUIDWarning, stacklevel=3)
+    return report

@@ -1,0 +1,3 @@
+from .video_dataset import VideoNeuralDataset
+
+__all__ = ["VideoNeuralDataset"]

@@ -1,0 +1,285 @@
+"""Lazy sequence and grid views behind ``stims`` and ``responses``.
+
+A dataset's ``stims`` is a sequence of S tensors and its ``responses`` an
+S x N grid (``responses[s][n]``). deepSTRF stores both as plain Python lists.
+deepstrf also accepts *views*: objects that produce the tensors on access, so
+that a concatenation or a store-backed dataset never materialises its grid.
+The data model only relies on the small interface defined here, which plain
+lists satisfy too (see :func:`read_row` and :func:`grid_mask`).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+CellTransform = Callable[[torch.Tensor, int, int], torch.Tensor]
+StimTransform = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def missing_sentinel() -> torch.Tensor:
+    """The canonical missing-pair marker: a ``(1, 1)`` float tensor holding NaN."""
+    return torch.full((1, 1), float("nan"))
+
+
+def is_missing(cell: torch.Tensor) -> bool:
+    """True if ``cell`` marks a (stim, neuron) pair without data.
+
+    Same rule as deepSTRF: the ``(1, 1)`` shape is the sentinel; any other
+    tensor that contains NaN is treated as missing too.
+    """
+    if tuple(cell.shape) == (1, 1):
+        return bool(torch.isnan(cell).all())
+    return cell.is_floating_point() and bool(torch.isnan(cell).any())
+
+
+def _normalise_index(i: int, size: int, what: str) -> int:
+    if not isinstance(i, int):
+        raise TypeError(f"{what} index must be an int, got {type(i).__name__}")
+    j = i + size if i < 0 else i
+    if not 0 <= j < size:
+        raise IndexError(f"{what} index {i} out of range for size {size}")
+    return j
+
+
+class LazySequence(Sequence):
+    """Read-only-looking sequence whose items are produced on access.
+
+    Assignment is supported as a copy-on-write override, so user code that
+    edits ``ds.stims[i]`` in place never touches the underlying source.
+    """
+
+    def __init__(self, length: int) -> None:
+        self._length = length
+        self._overrides: dict[int, Any] = {}
+
+    def _get(self, i: int) -> Any:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._length))]
+        j = _normalise_index(i, self._length, "stim")
+        if j in self._overrides:
+            return self._overrides[j]
+        return self._get(j)
+
+    def __setitem__(self, i: int, value: Any) -> None:
+        self._overrides[_normalise_index(i, self._length, "stim")] = value
+
+    def __iter__(self) -> Iterator:
+        for i in range(self._length):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(len={self._length})"
+
+
+class ConcatSequence(LazySequence):
+    """The concatenation of several sequences, without copying them."""
+
+    def __init__(self, parts: Sequence[Sequence]) -> None:
+        self.parts = list(parts)
+        self.offsets = [0]
+        for p in self.parts:
+            self.offsets.append(self.offsets[-1] + len(p))
+        super().__init__(self.offsets[-1])
+
+    def _get(self, i: int) -> Any:
+        k = bisect.bisect_right(self.offsets, i) - 1
+        return self.parts[k][i - self.offsets[k]]
+
+
+class MappedSequence(LazySequence):
+    """``fn(base[i], i)`` computed on access; used for recorded stim transforms."""
+
+    def __init__(self, base: Sequence, fn: StimTransform) -> None:
+        super().__init__(len(base))
+        self.base = base
+        self.fn = fn
+
+    def _get(self, i: int) -> Any:
+        return self.fn(self.base[i], i)
+
+
+class GridRow(Sequence):
+    """Row ``s`` of a :class:`ResponseGrid`: ``row[n]`` reads cell ``(s, n)``."""
+
+    __slots__ = ("grid", "s")
+
+    def __init__(self, grid: "ResponseGrid", s: int) -> None:
+        self.grid = grid
+        self.s = s
+
+    def __len__(self) -> int:
+        return self.grid.n_neurons
+
+    def __getitem__(self, n):
+        if isinstance(n, slice):
+            return self.grid.row(self.s, range(*n.indices(self.grid.n_neurons)))
+        return self.grid.cell(self.s, _normalise_index(n, self.grid.n_neurons, "neuron"))
+
+    def __setitem__(self, n: int, value: torch.Tensor) -> None:
+        self.grid.set_cell(self.s, _normalise_index(n, self.grid.n_neurons, "neuron"), value)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.grid.row(self.s, range(self.grid.n_neurons)))
+
+
+class ResponseGrid(Sequence):
+    """An S x N grid of response tensors produced on access.
+
+    Subclasses implement :meth:`_read_row` (raw cells of one stim for a list
+    of neurons) and :meth:`_mask`. The base class adds recorded transforms
+    (applied to every non-missing cell on read) and copy-on-write overrides.
+    """
+
+    def __init__(self, n_stims: int, n_neurons: int) -> None:
+        self.n_stims = n_stims
+        self.n_neurons = n_neurons
+        self._transforms: tuple[CellTransform, ...] = ()
+        self._overrides: dict[tuple[int, int], torch.Tensor] = {}
+
+    # -- to implement ------------------------------------------------------
+    def _read_row(self, s: int, neurons: Sequence[int]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def _mask(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- public ------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.n_stims
+
+    def __getitem__(self, s):
+        if isinstance(s, slice):
+            return [GridRow(self, j) for j in range(*s.indices(self.n_stims))]
+        return GridRow(self, _normalise_index(s, self.n_stims, "stim"))
+
+    def __iter__(self) -> Iterator[GridRow]:
+        for s in range(self.n_stims):
+            yield GridRow(self, s)
+
+    def cell(self, s: int, n: int) -> torch.Tensor:
+        return self.row(s, [n])[0]
+
+    def row(self, s: int, neurons: Sequence[int]) -> list[torch.Tensor]:
+        """Cells ``(s, n)`` for each ``n`` in ``neurons``, read in one go."""
+        neurons = list(neurons)
+        todo = [n for n in neurons if (s, n) not in self._overrides]
+        raw = dict(zip(todo, self._read_row(s, todo))) if todo else {}
+        out = []
+        for n in neurons:
+            if (s, n) in self._overrides:
+                out.append(self._overrides[(s, n)])
+                continue
+            cell = raw[n]
+            if self._transforms and not is_missing(cell):
+                for fn in self._transforms:
+                    cell = fn(cell, s, n)
+            out.append(cell)
+        return out
+
+    def mask(self) -> torch.Tensor:
+        """``(S, N)`` bool tensor, True where the pair holds data."""
+        m = self._mask().clone()
+        for (s, n), cell in self._overrides.items():
+            m[s, n] = not is_missing(cell)
+        return m
+
+    def set_cell(self, s: int, n: int, value: torch.Tensor) -> None:
+        self._overrides[(s, n)] = value
+
+    def with_transform(self, fn: CellTransform) -> "ResponseGrid":
+        """A new view of the same data with ``fn`` applied to every valid cell on read."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone._transforms = self._transforms + (fn,)
+        clone._overrides = {
+            k: (v if is_missing(v) else fn(v, *k)) for k, v in self._overrides.items()
+        }
+        return clone
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(S={self.n_stims}, N={self.n_neurons})"
+
+
+class BlockDiagonalGrid(ResponseGrid):
+    """Block-diagonal concatenation of several datasets' response grids.
+
+    Source ``k``'s stims x source ``k``'s neurons read from that source; every
+    other pair is the missing sentinel, produced on access. Memory is
+    O(number of sources); nothing is copied.
+    """
+
+    def __init__(self, sources: Sequence[Any]) -> None:
+        self.sources = list(sources)
+        self.stim_offsets = [0]
+        self.neuron_offsets = [0]
+        for d in self.sources:
+            self.stim_offsets.append(self.stim_offsets[-1] + d.get_S())
+            self.neuron_offsets.append(self.neuron_offsets[-1] + d.N_neurons)
+        super().__init__(self.stim_offsets[-1], self.neuron_offsets[-1])
+
+    def source_of_stim(self, s: int) -> int:
+        return bisect.bisect_right(self.stim_offsets, s) - 1
+
+    def _read_row(self, s: int, neurons: Sequence[int]) -> list[torch.Tensor]:
+        k = self.source_of_stim(s)
+        lo, hi = self.neuron_offsets[k], self.neuron_offsets[k + 1]
+        inside = [n - lo for n in neurons if lo <= n < hi]
+        cells = iter(read_row(self.sources[k].responses, s - self.stim_offsets[k], inside))
+        return [next(cells) if lo <= n < hi else missing_sentinel() for n in neurons]
+
+    def _mask(self) -> torch.Tensor:
+        m = torch.zeros((self.n_stims, self.n_neurons), dtype=torch.bool)
+        for k, d in enumerate(self.sources):
+            m[self.stim_offsets[k]:self.stim_offsets[k + 1],
+              self.neuron_offsets[k]:self.neuron_offsets[k + 1]] = d.nrn_masks
+        return m
+
+
+def read_row(responses: Any, s: int, neurons: Sequence[int]) -> list[torch.Tensor]:
+    """Cells ``(s, n)`` for ``n`` in ``neurons`` from a list grid or a view."""
+    if isinstance(responses, ResponseGrid):
+        return responses.row(s, neurons)
+    row = responses[s]
+    return [row[n] for n in neurons]
+
+
+def grid_mask(responses: Any, n_neurons: int) -> torch.Tensor:
+    """``(S, N)`` validity mask of a list grid (by scanning) or of a view."""
+    if isinstance(responses, ResponseGrid):
+        return responses.mask()
+    S = len(responses)
+    m = torch.zeros((S, n_neurons), dtype=torch.bool)
+    for s in range(S):
+        row = responses[s]
+        for n in range(n_neurons):
+            m[s, n] = not is_missing(row[n])
+    return m
+
+
+def map_responses(responses: Any, fn: CellTransform, n_neurons: int) -> Any:
+    """Apply ``fn`` to every valid cell: in place for lists, recorded for views."""
+    if isinstance(responses, ResponseGrid):
+        return responses.with_transform(fn)
+    for s in range(len(responses)):
+        row = responses[s]
+        for n in range(n_neurons):
+            if not is_missing(row[n]):
+                row[n] = fn(row[n], s, n)
+    return responses
+
+
+def map_stims(stims: Any, fn: StimTransform) -> Any:
+    """Apply ``fn`` to every stimulus: eagerly for lists, recorded for views."""
+    if isinstance(stims, list):
+        return [fn(x, i) for i, x in enumerate(stims)]
+    return MappedSequence(stims, fn)

@@ -1,0 +1,41 @@
+"""Exception types of deepstrf.
+
+Each one subclasses the built-in exception users already catch, so code
+written against deepSTRF (which raises ``AssertionError``) keeps working.
+"""
+
+
+class IncompatibleDatasetsError(AssertionError, ValueError):
+    """Two datasets cannot be concatenated (different dt, F or frame size).
+
+    Both an ``AssertionError`` (what deepSTRF raises) and a ``ValueError``;
+    raised explicitly, so it survives ``python -O``.
+    """
+
+
+class StoreError(OSError):
+    """A store cannot be read or written as asked."""
+
+
+class StoreExistsError(StoreError, FileExistsError):
+    """The destination already holds a store and ``overwrite`` is False."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """No deepstrf store at the given URL."""
+
+
+class FormatVersionError(StoreError, ValueError):
+    """The store was written in a format version this reader does not know."""
+
+
+class IntegrityError(StoreError, ValueError):
+    """Stored bytes are corrupt, truncated or inconsistent with the index."""
+
+
+class SourceChangedError(IntegrityError):
+    """A pool references a source whose fingerprint changed after pooling."""
+
+
+class UntrustedReferenceError(StoreError, PermissionError):
+    """A pool references a location outside its own root and the allowed roots."""
