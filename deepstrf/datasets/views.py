@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 CellTransform = Callable[[torch.Tensor, int, int], torch.Tensor]
@@ -43,6 +45,44 @@ def _normalise_index(i: int, size: int, what: str) -> int:
     if not 0 <= j < size:
         raise IndexError(f"{what} index {i} out of range for size {size}")
     return j
+
+
+@dataclass
+class RawRow:
+    """The valid cells of one stim, as stored: the unit of batched reads.
+
+    ``values`` concatenates each cell's ``(repeats[i], lengths[i])`` block in
+    row-major order, in the stored dtype (integer counts stay integers).
+    """
+
+    stim: int
+    neurons: np.ndarray
+    repeats: np.ndarray
+    lengths: np.ndarray
+    values: np.ndarray
+
+    def cells(self) -> list[np.ndarray]:
+        """The cells as ``(R, T)`` arrays (views into ``values``)."""
+        out, start = [], 0
+        for r, t in zip(self.repeats.tolist(), self.lengths.tolist()):
+            out.append(self.values[start:start + r * t].reshape(r, t))
+            start += r * t
+        return out
+
+
+def raw_row_from_cells(s: int, neurons: Sequence[int], cells: Sequence[torch.Tensor]) -> RawRow:
+    """Pack the valid cells among ``cells`` (aligned with ``neurons``) into a :class:`RawRow`."""
+    keep = [(n, c) for n, c in zip(neurons, cells) if not is_missing(c)]
+    if not keep:
+        empty = np.zeros(0, dtype=np.int64)
+        return RawRow(s, empty, empty, empty, np.zeros(0, dtype=np.float32))
+    return RawRow(
+        stim=s,
+        neurons=np.array([n for n, _ in keep], dtype=np.int64),
+        repeats=np.array([c.shape[0] for _, c in keep], dtype=np.int64),
+        lengths=np.array([c.shape[1] for _, c in keep], dtype=np.int64),
+        values=np.concatenate([c.detach().cpu().numpy().reshape(-1) for _, c in keep]),
+    )
 
 
 class LazySequence(Sequence):
@@ -186,6 +226,15 @@ class ResponseGrid(Sequence):
             out.append(cell)
         return out
 
+    def read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None = None) -> list[RawRow]:
+        """Valid cells of several stims (restricted to ``neurons``), batched.
+
+        Store-backed grids override this with one concurrent read per batch;
+        this generic version reads row by row through :meth:`row`.
+        """
+        neurons = range(self.n_neurons) if neurons is None else neurons
+        return [raw_row_from_cells(s, neurons, self.row(s, neurons)) for s in stims]
+
     def mask(self) -> torch.Tensor:
         """``(S, N)`` bool tensor, True where the pair holds data."""
         m = self._mask().clone()
@@ -237,6 +286,24 @@ class BlockDiagonalGrid(ResponseGrid):
         cells = iter(read_row(self.sources[k].responses, s - self.stim_offsets[k], inside))
         return [next(cells) if lo <= n < hi else missing_sentinel() for n in neurons]
 
+    def read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None = None) -> list[RawRow]:
+        """Delegate to each source's batched read, one call per source."""
+        if self._transforms or self._overrides:
+            return super().read_raw_rows(stims, neurons)
+        wanted = None if neurons is None else np.asarray(sorted(set(neurons)), dtype=np.int64)
+        by_source: dict[int, list[int]] = {}
+        for s in stims:
+            by_source.setdefault(self.source_of_stim(s), []).append(s)
+        rows: dict[int, RawRow] = {}
+        for k, group in by_source.items():
+            lo, hi = self.neuron_offsets[k], self.neuron_offsets[k + 1]
+            local = None if wanted is None else (wanted[(wanted >= lo) & (wanted < hi)] - lo).tolist()
+            for row in read_raw_rows(self.sources[k].responses, [s - self.stim_offsets[k] for s in group], local):
+                row.stim += self.stim_offsets[k]
+                row.neurons = row.neurons + lo
+                rows[row.stim] = row
+        return [rows[s] for s in stims]
+
     def _mask(self) -> torch.Tensor:
         m = torch.zeros((self.n_stims, self.n_neurons), dtype=torch.bool)
         for k, d in enumerate(self.sources):
@@ -251,6 +318,17 @@ def read_row(responses: Any, s: int, neurons: Sequence[int]) -> list[torch.Tenso
         return responses.row(s, neurons)
     row = responses[s]
     return [row[n] for n in neurons]
+
+
+def read_raw_rows(responses: Any, stims: Sequence[int], neurons: Sequence[int] | None = None) -> list[RawRow]:
+    """Batched raw read from a view, or row by row from a list grid."""
+    if isinstance(responses, ResponseGrid):
+        return responses.read_raw_rows(stims, neurons)
+    out = []
+    for s in stims:
+        ids = range(len(responses[s])) if neurons is None else neurons
+        out.append(raw_row_from_cells(s, ids, read_row(responses, s, ids)))
+    return out
 
 
 def grid_mask(responses: Any, n_neurons: int) -> torch.Tensor:

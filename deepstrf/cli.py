@@ -1,0 +1,110 @@
+"""The ``deepstrf`` command line.
+
+Each sub-command is implemented by the layer that owns it; this module only
+parses arguments and imports that layer on demand, so ``deepstrf --help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+COMMANDS = {
+    "demo": "deepstrf.demo.run:main",
+    "concat": "deepstrf.store.commands:concat_main",
+    "info": "deepstrf.store.commands:info_main",
+    "verify": "deepstrf.store.commands:verify_main",
+    "plot": "deepstrf.store.commands:plot_main",
+    "bench": "deepstrf.stream.bench:main",
+}
+
+
+def _storage_options(pairs: Sequence[str]) -> dict | None:
+    """``["key=value", ...]`` -> dict (values parsed as JSON when possible)."""
+    import json
+
+    if not pairs:
+        return None
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--storage-option expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    # nested keys like client_kwargs.endpoint_url=... become nested dicts
+    nested: dict = {}
+    for key, value in out.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepstrf", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    so = argparse.ArgumentParser(add_help=False)
+    so.add_argument("--storage-option", "-S", action="append", default=[], metavar="KEY=VALUE",
+                    help="fsspec storage option (repeatable; dotted keys nest, e.g. "
+                         "client_kwargs.endpoint_url=http://127.0.0.1:5000)")
+
+    p = sub.add_parser("demo", parents=[so], help="pool synthetic AA1/AA2/NS1-like sources, stream and fit one model")
+    p.add_argument("--out", default="demo-out", help="output folder (report, figures, local stores)")
+    p.add_argument("--store", default=None, help="where to write the Zarr stores (default: OUT/stores)")
+    p.add_argument("--scale", type=float, default=None, help="size factor for S and N (default: the demo default)")
+    p.add_argument("--time-scale", type=float, default=None, help="size factor for T")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace stores left by an earlier run")
+
+    p = sub.add_parser("concat", parents=[so], help="write a pool of store references (no data copied)")
+    p.add_argument("out", help="URL of the pool to write")
+    p.add_argument("sources", nargs="+", help="URLs of sources or pools")
+    p.add_argument("--name", action="append", default=None, help="source label (one per source)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--allow-root", action="append", default=[], help="extra root the pool may reference")
+
+    p = sub.add_parser("info", parents=[so], help="describe a source or pool store")
+    p.add_argument("url")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--allow-root", action="append", default=[])
+
+    p = sub.add_parser("verify", parents=[so], help="check a store's metadata, references and checksums")
+    p.add_argument("url")
+    p.add_argument("--data", action="store_true", help="also read and checksum every data chunk (sources: always)")
+    p.add_argument("--allow-root", action="append", default=[])
+
+    p = sub.add_parser("plot", parents=[so], help="plot a store's coverage matrix")
+    p.add_argument("url")
+    p.add_argument("-o", "--output", default="coverage.png")
+    p.add_argument("--allow-root", action="append", default=[])
+
+    p = sub.add_parser("bench", parents=[so], help="measure streaming throughput of a store")
+    p.add_argument("url", nargs="?", default=None, help="store to read (default: a synthetic pool in a temp folder)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=1)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["demo", *(argv or [])])
+    args.storage_options = _storage_options(getattr(args, "storage_option", []))
+    module, func = COMMANDS[args.command].split(":")
+    return int(getattr(importlib.import_module(module), func)(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
