@@ -102,7 +102,7 @@ class SyntheticAudioDataset(AudioNeuralDataset):
         x = np.apply_along_axis(lambda v: np.convolve(v, kt / kt.sum(), mode="same"), 1, x)[:, 32:32 + T]
         kf = np.array([0.25, 0.5, 0.25])
         x = np.apply_along_axis(lambda v: np.convolve(v, kf, mode="same"), 0, x)
-        env = (np.convolve(rng.random(T) < 0.01, np.ones(max(2, round(80 / self.dt))), mode="same") > 0)
+        env = np.convolve(rng.random(T) < 0.01, np.ones(max(2, round(80 / self.dt))), mode="full")[:T] > 0
         x = x * (0.3 + env)
         x = (x - x.mean()) / (x.std() + 1e-8)
         return torch.from_numpy(x.astype(np.float32))[None]

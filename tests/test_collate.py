@@ -1,0 +1,79 @@
+"""Batch formats (CONTRACT §4)."""
+
+import pytest
+import torch
+from toydata import ToyAudio
+
+from deepstrf.utils.data import (SourceBatchSampler, compact_collate, concat_neural_datasets,
+                                 fill_missing_data, neural_collate)
+
+
+@pytest.fixture
+def pool():
+    return concat_neural_datasets([ToyAudio(1, S=4, N=5), ToyAudio(2, S=3, N=6)], names=["A", "B"])
+
+
+def test_neural_collate_pads_like_deepstrf(pool):
+    items = [pool[0], pool[6]]
+    b = neural_collate(items)
+    T0, T6 = pool.stims[0].shape[-1], pool.stims[6].shape[-1]
+    assert b["stims"].shape == (2, 1, 8, T6)
+    assert not torch.isnan(b["stims"]).any() and (b["stims"][0, ..., T0:] == 0).all()
+    assert b["responses"].shape == (2, 11, 4, T6)
+    assert torch.equal(b["valid_mask"], ~b["responses"].isnan())
+    assert torch.isnan(b["responses"][0, 5:]).all()  # cross-block
+    r = pool.responses[0][0]
+    assert torch.equal(b["responses"][0, 0, : r.shape[0], : r.shape[1]], r)
+    assert b["stim_meta"] == [items[0]["stim_meta"], items[1]["stim_meta"]]
+    items[0]["behav"] = 1
+    items[1]["behav"] = 2
+    assert neural_collate(items)["behav"] == [1, 2]
+
+
+def test_compact_batch_holds_exactly_the_valid_cells(pool):
+    items = [pool[i] for i in range(len(pool))]
+    dense = neural_collate(items)
+    c = compact_collate(items, neuron_index=pool.selected_neurons())
+    assert c.n_cells == int(pool.nrn_masks.sum())
+    assert c.values.numel() == int(dense["valid_mask"].sum())
+    padded = c.padded()
+    for k in range(c.n_cells):
+        b, n = int(c.item_index[k]), int(c.neuron_index[k])
+        r, t = int(c.repeats[k]), int(c.lengths[k])
+        assert torch.equal(padded[k, :r, :t], dense["responses"][b, n, :r, :t])
+    psth = c.psth()
+    k = 3
+    b, n, t = int(c.item_index[k]), int(c.neuron_index[k]), int(c.lengths[k])
+    assert torch.allclose(psth[k, :t], dense["responses"][b, n, :, :t].nanmean(0))
+    assert c.nbytes() < dense["responses"].numel() * 4 / 2
+    assert c["stim_meta"] == dense["stim_meta"] and torch.equal(c["stims"], dense["stims"])
+
+
+def test_compact_keeps_integer_dtype_and_global_neuron_ids(pool):
+    pool.select_population([7, 9])
+    items = [{**pool[i], "responses": [r.to(torch.uint8) if r.shape != (1, 1) else r for r in pool[i]["responses"]]}
+             for i in range(len(pool))]
+    c = compact_collate(items, neuron_index=pool.selected_neurons())
+    assert c.values.dtype == torch.uint8
+    assert set(c.neuron_index.tolist()) <= {7, 9}
+    assert c.repeat_sum().dtype == torch.float32
+
+
+def test_source_batch_sampler_is_homogeneous_and_complete(pool):
+    sampler = SourceBatchSampler(pool, batch_size=2, seed=3)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(len(pool)))
+    for b in batches:
+        assert len({pool[i]["stim_meta"]["dataset"] for i in b}) == 1
+    sampler.set_epoch(1)
+    assert list(sampler) != batches or len(batches) < 3
+    assert len(sampler) == len(batches) == 4
+
+
+def test_fill_missing_data_errors():
+    with pytest.raises(ValueError):
+        fill_missing_data([], dims=-1)
+    with pytest.raises(ValueError, match="Dimension 0 mismatch"):
+        fill_missing_data([torch.zeros(2, 3), torch.zeros(3, 3)], dims=-1)
+    out = fill_missing_data([torch.ones(2, 3), torch.ones(2, 5)], dims=[-1], value=-1)
+    assert out.shape == (2, 2, 5) and out[0, 0, 4] == -1

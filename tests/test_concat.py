@@ -1,0 +1,169 @@
+"""Block-diagonal concatenation (CONTRACT §2)."""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from toydata import OtherAudio, ToyAudio, ToyVideo, cells_equal
+
+from deepstrf.datasets import NeuralDataset
+from deepstrf.datasets.audio import AudioNeuralDataset
+from deepstrf.datasets.concat import DuplicateUIDWarning
+from deepstrf.datasets.views import ResponseGrid
+from deepstrf.errors import IncompatibleDatasetsError
+from deepstrf.utils.data import concat_neural_datasets
+
+
+def eager_concat(parts):
+    """Reference: the full S x N grid built cell by cell."""
+    N = sum(p.N_neurons for p in parts)
+    rows, n0 = [], 0
+    for p in parts:
+        for s in range(p.get_S()):
+            row = [torch.full((1, 1), float("nan"))] * N
+            row[n0:n0 + p.N_neurons] = list(p.responses[s])
+            rows.append(row)
+        n0 += p.N_neurons
+    return rows
+
+
+def test_block_diagonal_values_and_mask():
+    a, b, c = ToyAudio(1, S=4, N=5), ToyAudio(2, S=3, N=6), ToyAudio(3, S=2, N=3)
+    pool = concat_neural_datasets([a, b, c])
+    assert (pool.get_S(), pool.N_neurons) == (9, 14)
+    expected = eager_concat([a, b, c])
+    for s in range(9):
+        for n in range(14):
+            assert cells_equal(pool.responses[s][n], expected[s][n]), (s, n)
+    assert pool.responses[0][13].shape == (1, 1) and torch.isnan(pool.responses[0][13]).all()
+    eager = ToyAudio(9)
+    eager.responses, eager.N_neurons = expected, 14
+    assert torch.equal(pool.nrn_masks, eager._compute_nrn_masks())
+    assert not pool.nrn_masks[:4, 5:].any() and not pool.nrn_masks[4:7, :5].any()
+    assert [s["uid"] for s in pool.stim_meta[:5]] == ["a1-s0", "a1-s1", "a1-s2", "a1-s3", "a2-s0"]
+
+
+def test_add_equals_nary_and_single_input_is_identity():
+    a, b = ToyAudio(1), ToyAudio(2)
+    x, y = a + b, concat_neural_datasets([a, b])
+    assert torch.equal(x.nrn_masks, y.nrn_masks)
+    assert x.stim_meta == y.stim_meta and x.nrn_meta == y.nrn_meta
+    assert all(cells_equal(x.responses[s][n], y.responses[s][n]) for s in range(x.get_S()) for n in range(x.N_neurons))
+    assert concat_neural_datasets([a]) is a
+
+
+def test_nested_equals_flat():
+    a, b, c = ToyAudio(1), ToyAudio(2, S=2), OtherAudio(3, N=2)
+    flat = concat_neural_datasets([a, b, c])
+    nested = concat_neural_datasets([concat_neural_datasets([a, b]), c])
+    other = (a + b) + c
+    for d in (nested, other):
+        assert type(d) is type(flat)
+        assert d.stim_meta == flat.stim_meta and d.nrn_meta == flat.nrn_meta
+        assert torch.equal(d.nrn_masks, flat.nrn_masks)
+        assert d.source_names == flat.source_names == ["ToyAudio", "ToyAudio", "OtherAudio"]
+        assert all(cells_equal(d.responses[s][n], flat.responses[s][n])
+                   for s in range(d.get_S()) for n in range(d.N_neurons))
+
+
+def test_provenance_names_and_sources_untouched():
+    a, b = ToyAudio(1), ToyAudio(2)
+    before = ([dict(m) for m in a.stim_meta], [dict(m) for m in a.nrn_meta])
+    pool = concat_neural_datasets([a, b], names=["aa1", "aa2"])
+    assert {m["dataset"] for m in pool.stim_meta[:a.get_S()]} == {"aa1"}
+    assert {m["dataset"] for m in pool.nrn_meta[a.N_neurons:]} == {"aa2"}
+    assert (a.stim_meta, a.nrn_meta) == before
+    default = a + OtherAudio(3)
+    assert default.nrn_meta[-1]["dataset"] == "OtherAudio"
+    pool.smooth_responses(5.0)
+    pool.normalize_responses("max")
+    pool.standardize_stims()
+    assert cells_equal(a.responses[1][0], ToyAudio(1).responses[1][0])
+    assert torch.equal(a.stims[0], ToyAudio(1).stims[0])
+    with pytest.raises(ValueError, match="one entry per dataset"):
+        concat_neural_datasets([a, b], names=["only-one"])
+
+
+@pytest.mark.parametrize("make_b, pattern", [
+    (lambda: ToyAudio(2, dt_ms=5.0), r"dt mismatch: left has dt_ms=1.0, right has dt_ms=5.0"),
+    (lambda: ToyAudio(2, F=9), r"F mismatch: left has F=8, right has F=9"),
+])
+def test_incompatible_audio_refused(make_b, pattern):
+    with pytest.raises(IncompatibleDatasetsError, match=pattern) as err:
+        concat_neural_datasets([ToyAudio(1), make_b()], names=["left", "right"])
+    assert isinstance(err.value, AssertionError) and isinstance(err.value, ValueError)
+
+
+def test_frame_size_mismatch_and_every_input_checked():
+    with pytest.raises(IncompatibleDatasetsError, match=r"frame size mismatch \(H, W\): v1 has \(6, 5\), v2 has \(7, 5\)"):
+        concat_neural_datasets([ToyVideo(1), ToyVideo(2, H=7)], names=["v1", "v2"])
+    # a video first, then two audio sources that disagree on F: still refused
+    with pytest.raises(IncompatibleDatasetsError, match="F mismatch: a8 has F=8, a9 has F=9"):
+        concat_neural_datasets([ToyVideo(1), ToyAudio(2, F=8), ToyAudio(3, F=9)], names=["v", "a8", "a9"])
+    with pytest.raises(AssertionError, match="dt mismatch"):
+        ToyAudio(1) + ToyAudio(2) + ToyAudio(3, dt_ms=2.0)
+
+
+def test_refusal_survives_python_O():
+    code = ("import sys; sys.path.insert(0, 'tests'); from toydata import ToyAudio;\n"
+            "try:\n    ToyAudio(1) + ToyAudio(2, F=9)\nexcept ValueError as e:\n    print('refused', e)\n")
+    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("refused F mismatch")
+
+
+def test_non_dataset_inputs():
+    a = ToyAudio(1)
+    with pytest.raises(TypeError):
+        a + 42
+    with pytest.raises(TypeError):
+        42 + a
+    with pytest.raises(TypeError, match="entry 1 is a int"):
+        concat_neural_datasets([a, 42])
+    with pytest.raises(ValueError, match="at least one"):
+        concat_neural_datasets([])
+
+
+def test_result_type_is_most_specific_common_ancestor():
+    assert type(ToyAudio(1) + ToyAudio(2)) is ToyAudio
+    assert type(ToyAudio(1) + OtherAudio(2)) is AudioNeuralDataset
+    mixed = ToyAudio(1) + ToyVideo(2)
+    assert type(mixed) is NeuralDataset
+    assert len(mixed) == mixed.get_S()
+    assert (ToyAudio(1) + OtherAudio(2, F=8)).F == 8
+    assert (ToyVideo(1) + ToyVideo(2)).H == 6
+
+
+class ExplodingGrid(ResponseGrid):
+    """A grid whose cells must never be read."""
+
+    def __init__(self, S, N):
+        super().__init__(S, N)
+
+    def _read_row(self, s, neurons):
+        raise AssertionError("concatenation read a cell")
+
+    def _mask(self):
+        return torch.ones((self.n_stims, self.n_neurons), dtype=torch.bool)
+
+
+def test_concat_is_lazy_and_mask_comes_from_source_masks():
+    big = [ToyAudio(i) for i in range(2)]
+    for d in big:
+        d.responses = ExplodingGrid(d.get_S(), d.N_neurons)
+        d._invalidate_nrn_masks()
+    pool = concat_neural_datasets(big)
+    assert pool.nrn_masks.sum() == sum(d.get_S() * d.N_neurons for d in big)
+    assert len(pool) == pool.get_S()
+    assert torch.isnan(pool.responses[0][pool.N_neurons - 1]).all()  # cross-block: no read
+
+
+def test_duplicate_uids_warned_and_reported():
+    a = ToyAudio(1)
+    with pytest.warns(DuplicateUIDWarning, match="duplicate UIDs"):
+        pool = a + ToyAudio(1)
+    assert pool.summary()["duplicate_uids"]["neuron"][:2] == ["a1-n0", "a1-n1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "duplicate_uids" not in (a + ToyAudio(2)).summary()
