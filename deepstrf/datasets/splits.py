@@ -1,0 +1,112 @@
+"""Held-out stimulus splits, per source, reproducible from a seed.
+
+Stims are held out *within each source* of a pool, so every source is
+evaluated on stimuli the model never saw. A source's split depends only on
+``(seed, source name, number of stims of that source)``: the same source
+gets the same held-out stims whether it is split alone or inside any pool,
+which makes "trained on the source alone" vs "trained on the pool" a fair
+comparison.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .neural_dataset import NeuralDataset
+
+
+def source_test_indices(n_stims: int, name: str, seed: int = 0, test_fraction: float = 0.2,
+                        min_test: int = 1) -> list[int]:
+    """Local indices (``0..n_stims-1``) held out for one source, sorted.
+
+    ``round(test_fraction * n_stims)`` stims, at least ``min_test``, and at
+    most ``n_stims - 1`` so that one stim is left to train on.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    if n_stims < 2:
+        raise ValueError(f"source {name!r} has {n_stims} stim(s); a held-out split needs at least 2")
+    n_test = min(max(min_test, round(test_fraction * n_stims)), n_stims - 1)
+    rng = np.random.default_rng([int(seed), zlib.crc32(str(name).encode())])
+    return sorted(rng.permutation(n_stims)[:n_test].tolist())
+
+
+@dataclass(frozen=True)
+class StimSplit:
+    """Global stim indices for training and testing, with the per-source detail.
+
+    ``excluded`` lists stims left out of training because they share a
+    ``group_by`` value with a held-out stim (same sound in two sources).
+    """
+
+    train: list[int]
+    test: list[int]
+    by_source: dict[str, dict[str, list[int]]]
+    seed: int
+    test_fraction: float
+    excluded: list[int] = field(default_factory=list)
+
+    def select(self, ds: NeuralDataset, part: str) -> NeuralDataset:
+        """Restrict ``ds`` to the ``"train"`` or ``"test"`` stims (its stim selection); returns ``ds``."""
+        if part not in ("train", "test"):
+            raise ValueError(f"part must be 'train' or 'test', got {part!r}")
+        ds.select_stims(self.train if part == "train" else self.test)
+        return ds
+
+    def to_dict(self) -> dict:
+        return {"train": self.train, "test": self.test, "by_source": self.by_source, "seed": self.seed,
+                "test_fraction": self.test_fraction, "excluded": self.excluded}
+
+
+def heldout_split(ds: NeuralDataset, test_fraction: float = 0.2, seed: int = 0, *, min_test: int = 1,
+                  names: Sequence[str] | None = None, group_by: str | None = None) -> StimSplit:
+    """Hold out stims within each source of ``ds`` (one source for a plain dataset).
+
+    Sources are ``ds.source_blocks()``; ``names`` overrides their names (e.g.
+    to split a single opened source exactly as it is split inside a pool).
+    ``group_by`` names a ``stim_meta`` key identifying the same stimulus
+    across sources: a training stim whose group also occurs among the test
+    stims is excluded from training, so nothing leaks across the split.
+    """
+    blocks = ds.source_blocks()
+    if names is not None:
+        names = list(names)
+        if len(names) != len(blocks):
+            raise ValueError(f"names has {len(names)} entries, the dataset has {len(blocks)} source(s)")
+        blocks = [(n, s, nr) for n, (_, s, nr) in zip(names, blocks)]
+    seen = set()
+    train, test, by_source = [], [], {}
+    for name, stims, _ in blocks:
+        if name in seen:
+            raise ValueError(f"two sources are named {name!r}; pass distinct names")
+        seen.add(name)
+        local_test = set(source_test_indices(len(stims), name, seed, test_fraction, min_test))
+        s_test = [stims.start + i for i in sorted(local_test)]
+        s_train = [stims.start + i for i in range(len(stims)) if i not in local_test]
+        by_source[name] = {"train": s_train, "test": s_test}
+        train += s_train
+        test += s_test
+    excluded: list[int] = []
+    if group_by is not None:
+        held = {_key(ds.stim_meta[s], group_by) for s in test} - {None}
+        excluded = [s for s in train if _key(ds.stim_meta[s], group_by) in held]
+        if excluded:
+            drop = set(excluded)
+            train = [s for s in train if s not in drop]
+            for part in by_source.values():
+                part["train"] = [s for s in part["train"] if s not in drop]
+    return StimSplit(train=train, test=test, by_source=by_source, seed=seed,
+                     test_fraction=test_fraction, excluded=excluded)
+
+
+def _key(meta: dict, key: str):
+    v = meta.get(key)
+    try:
+        hash(v)
+    except TypeError:
+        return repr(v)
+    return v

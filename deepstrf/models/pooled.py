@@ -1,0 +1,167 @@
+"""One model for a whole pool: a shared causal conv backbone + per-neuron heads.
+
+The backbone turns a spectrogram batch ``(B, C, F, T)`` into features
+``(B, D, T)``; it is time-causal (the features at bin ``t`` depend on the
+stimulus up to ``t`` only), so prediction ``t`` never sees the future. The
+readout keeps one linear head per *global* neuron id, so a single model
+serves every neuron of a pool, and only the heads of the neurons present in
+a batch are evaluated: with a :class:`~deepstrf.datasets.collate.CompactBatch`
+the model predicts exactly the valid cells, never the missing ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..datasets.collate import CompactBatch
+from .neural_model import NeuralModel
+
+_ACTIVATIONS = {"elu": nn.ELU, "relu": nn.ReLU, "gelu": nn.GELU, "softplus": nn.Softplus, "tanh": nn.Tanh}
+
+
+class CausalConv2d(nn.Conv2d):
+    """``Conv2d`` over ``(F, T)``: 'same' along frequency, causal along time.
+
+    The input is left-padded by ``dilation * (kernel_t - 1)`` bins in time,
+    so output bin ``t`` sees input bins ``<= t`` only, and ``T`` is kept.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_f: int, kernel_t: int,
+                 dilation_t: int = 1, bias: bool = True):
+        if kernel_f % 2 == 0:
+            raise ValueError(f"kernel_f must be odd to keep F ('same' padding), got {kernel_f}")
+        super().__init__(in_channels, out_channels, (kernel_f, kernel_t), padding=(kernel_f // 2, 0),
+                         dilation=(1, dilation_t), bias=bias)
+        self.left_pad = dilation_t * (kernel_t - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, (self.left_pad, 0)))
+
+
+class CausalConvBackbone(nn.Module):
+    """Stack of :class:`CausalConv2d` layers, flattened to ``(B, channels[-1] * F, T)``.
+
+    A nonlinearity follows every layer but the last, so one layer is a bank
+    of linear spectro-temporal filters and deeper stacks are nonlinear.
+    """
+
+    def __init__(self, n_freq: int, in_channels: int = 1, channels: Sequence[int] = (8,),
+                 kernel_f: Sequence[int] | int = 5, kernel_t: Sequence[int] | int = 12,
+                 activation: str = "elu"):
+        super().__init__()
+        channels = list(channels)
+        if not channels:
+            raise ValueError("channels must list at least one layer width")
+        kf = [kernel_f] * len(channels) if isinstance(kernel_f, int) else list(kernel_f)
+        kt = [kernel_t] * len(channels) if isinstance(kernel_t, int) else list(kernel_t)
+        if not len(kf) == len(kt) == len(channels):
+            raise ValueError("kernel_f and kernel_t need one entry per layer in channels")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for i, (c, f, t) in enumerate(zip(channels, kf, kt)):
+            layers.append(CausalConv2d(c_in, c, f, t))
+            if i < len(channels) - 1:
+                layers.append(_ACTIVATIONS[activation]())
+            c_in = c
+        self.layers = nn.Sequential(*layers)
+        self.n_freq = n_freq
+        self.in_channels = in_channels
+        self.out_features = channels[-1] * n_freq
+        self.receptive_field = 1 + sum(t - 1 for t in kt)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # (B, F, T): one channel
+            x = x.unsqueeze(1)
+        if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] != self.n_freq:
+            raise ValueError(f"expected stimuli (B, {self.in_channels}, {self.n_freq}, T), got {tuple(x.shape)}")
+        h = self.layers(x)
+        return h.flatten(1, 2)  # (B, C * F, T)
+
+
+class NeuronReadout(nn.Module):
+    """One linear head per global neuron id, then a softplus: a rate >= 0.
+
+    ``forward(features)`` -> ``(B, N, 1, T)`` for all neurons;
+    ``forward(features, neuron_index=ids)`` -> ``(B, len(ids), 1, T)``;
+    ``forward(features, neuron_index=ids, item_index=items)`` -> ``(n_cells, T)``,
+    cell ``c`` being neuron ``ids[c]`` on item ``items[c]``.
+    """
+
+    def __init__(self, n_neurons: int, in_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_neurons, in_features) / in_features ** 0.5 * 0.1)
+        self.bias = nn.Parameter(torch.zeros(n_neurons))
+
+    @property
+    def n_neurons(self) -> int:
+        return self.weight.shape[0]
+
+    @torch.no_grad()
+    def init_rates(self, mean_counts: torch.Tensor) -> None:
+        """Set biases so that a zero drive predicts ``mean_counts`` per bin (inverse softplus)."""
+        m = torch.as_tensor(mean_counts, dtype=self.bias.dtype).clamp(min=1e-4)
+        self.bias.copy_(torch.where(m > 20, m, torch.log(torch.expm1(m))))
+
+    def forward(self, features: torch.Tensor, neuron_index: torch.Tensor | Sequence[int] | None = None,
+                item_index: torch.Tensor | None = None) -> torch.Tensor:
+        if neuron_index is None:
+            drive = torch.einsum("nd,bdt->bnt", self.weight, features) + self.bias[None, :, None]
+            return F.softplus(drive).unsqueeze(2)
+        ids = torch.as_tensor(neuron_index, dtype=torch.long, device=features.device)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n_neurons):
+            raise IndexError(f"neuron ids must be in [0, {self.n_neurons}), got range "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        if item_index is None:
+            drive = torch.einsum("nd,bdt->bnt", self.weight[ids], features) + self.bias[ids][None, :, None]
+            return F.softplus(drive).unsqueeze(2)
+        items = torch.as_tensor(item_index, dtype=torch.long, device=features.device)
+        if items.shape != ids.shape:
+            raise ValueError(f"item_index {tuple(items.shape)} and neuron_index {tuple(ids.shape)} differ")
+        drive = features.new_zeros((ids.numel(), features.shape[-1]))
+        for b in torch.unique(items).tolist():
+            sel = (items == b).nonzero(as_tuple=True)[0]
+            n = ids[sel]
+            drive = drive.index_copy(0, sel, self.weight[n] @ features[b] + self.bias[n][:, None])
+        return F.softplus(drive)
+
+
+class PooledEncodingModel(NeuralModel):
+    """Shared time-causal conv backbone + per-neuron linear-softplus heads.
+
+    ``out_neurons`` is the number of neurons of the whole pool (global ids
+    ``0..O-1``). Predictions are expected spike counts per bin.
+
+    - ``model(stims)`` -> ``(B, O, 1, T)`` (deepSTRF's shape);
+    - ``model(stims, neuron_index=ids)`` -> ``(B, len(ids), 1, T)``, e.g.
+      for a dense batch over ``ds.selected_neurons()``;
+    - ``model.predict(batch)``: per-cell ``(n_cells, T)`` for a
+      :class:`CompactBatch`, ``(B, N_sel, 1, T)`` for a dense dict batch
+      (pass ``neurons``).
+    """
+
+    def __init__(self, out_neurons: int = 1, n_freq: int = 32, in_channels: int = 1,
+                 channels: Sequence[int] = (8,), kernel_f: Sequence[int] | int = 5,
+                 kernel_t: Sequence[int] | int = 12, activation: str = "elu"):
+        super().__init__(out_neurons)
+        self.config = {"out_neurons": out_neurons, "n_freq": n_freq, "in_channels": in_channels,
+                       "channels": list(channels), "kernel_f": kernel_f, "kernel_t": kernel_t,
+                       "activation": activation}
+        self.core = CausalConvBackbone(n_freq, in_channels, channels, kernel_f, kernel_t, activation)
+        self.readout = NeuronReadout(out_neurons, self.core.out_features)
+        self.validate()
+
+    def forward(self, stimulus: torch.Tensor, neuron_index=None, item_index=None) -> torch.Tensor:
+        x = self.prefiltering(self.wav2spec(stimulus))
+        return self.readout(self.core(x), neuron_index, item_index)
+
+    def predict(self, batch, neurons: Sequence[int] | None = None) -> torch.Tensor:
+        """Rates for a batch: per valid cell for a CompactBatch, dense otherwise."""
+        if isinstance(batch, CompactBatch):
+            return self(batch.stims, batch.neuron_index, batch.item_index)
+        return self(batch["stims"], neurons)
