@@ -1,0 +1,386 @@
+"""``StreamingNeuralDataset``: an ``IterableDataset`` over a store URL or any dataset.
+
+It composes the pure functions of :mod:`~deepstrf.stream.shuffle` (the
+epoch's order) and :mod:`~deepstrf.stream.partition` (who reads what) with
+the reading layer (:mod:`~deepstrf.stream.reader`, prefetch, cache,
+retries). See ``docs/streaming.md`` for the semantics.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..datasets import views
+from ..datasets.neural_dataset import NeuralDataset
+from . import partition, reader, shuffle
+from .cache import RowCache
+from .prefetch import Prefetcher
+from .retry import RetryPolicy, StreamReadError, call_with_retries
+from .stats import StreamCounters, summarize
+
+Collate = Literal["compact", "dense"]
+STATE_VERSION = 1
+
+
+@dataclass
+class Opened:
+    """A dataset opened in this process, with its selection resolved once."""
+
+    pid: int
+    ds: NeuralDataset
+    visible: np.ndarray           # global stim index of each visible item
+    selection: reader.Selection   # global neuron ids items expose, in item order
+    pos_of: np.ndarray            # global neuron id -> position in the selection, or -1
+    read_neurons: list[int] | None  # what to pass to read_raw_rows (None: all neurons)
+
+
+class StreamingNeuralDataset(IterableDataset):
+    """Stream the visible items of a source or pool into PyTorch, sharded and shuffled.
+
+    ``source`` is a store URL (opened lazily, in every process that reads,
+    with :func:`deepstrf.open_dataset` and ``storage_options``) or a dataset
+    object (any ``NeuralDataset``: in memory, a concatenation, store-backed).
+
+    Without ``batch_size`` it yields items equal to map-style ``ds[i]``; with
+    ``batch_size`` it yields whole batches, ``collate="compact"``
+    (:class:`~deepstrf.utils.data.CompactBatch`, counts in their stored
+    integer dtype) or ``"dense"`` (the ``neural_collate`` dict); use
+    ``DataLoader(ds, batch_size=None)`` or :meth:`loader` then.
+    ``source_homogeneous=True`` makes every batch come from one source.
+
+    Selection: ``stims`` (stim indices, as ``select_stims``), ``neurons``
+    (as ``select_population``) and ``select`` (a callable applying any
+    ``select_*`` to the opened dataset; picklable if workers are spawned)
+    replace the dataset's own selection; the §3 visibility rule applies.
+
+    Every visible item is read once per epoch across all ranks and workers
+    (ranks: padded by repeating up to ``world_size - 1`` items, or dropped
+    with ``drop_last``; see :mod:`deepstrf.stream.partition`). ``rank`` and
+    ``world_size`` default to ``torch.distributed`` when it is initialised.
+    Order is a pure function of ``(seed, epoch)``: call :meth:`set_epoch`.
+
+    Reading: one ``read_raw_rows`` call per batch (concurrent range reads in
+    store-backed grids), ``prefetch`` batches read ahead by ``read_threads``
+    threads, retries per ``retry``, an optional LRU row cache of at most
+    ``cache_bytes`` in ``cache_dir``.
+    """
+
+    def __init__(self, source: str | os.PathLike | NeuralDataset, *, storage_options: dict | None = None,
+                 shuffle: bool = True, seed: int = 0, batch_size: int | None = None,
+                 collate: Collate = "compact", source_homogeneous: bool = False,
+                 stims: Sequence[int] | None = None, neurons: Sequence[int] | None = None,
+                 select: Callable[[NeuralDataset], Any] | None = None,
+                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
+                 block_size: int = 8, shuffle_buffer: int = 256, prefetch: int = 4,
+                 read_threads: int = 2, cache_dir: str | os.PathLike | None = None,
+                 cache_bytes: int = 2 << 30, retry: RetryPolicy = RetryPolicy()) -> None:
+        super().__init__()
+        if isinstance(source, NeuralDataset):
+            self.url: str | None = None
+            self._source: NeuralDataset | None = source
+        elif isinstance(source, (str, os.PathLike)):
+            self.url, self._source = os.fspath(source), None
+        else:
+            raise TypeError(f"source must be a store URL or a NeuralDataset, got {type(source).__name__}")
+        if collate not in ("compact", "dense"):
+            raise ValueError(f"collate must be 'compact' or 'dense', got {collate!r}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+        if source_homogeneous and batch_size is None:
+            raise ValueError("source_homogeneous=True needs a batch_size (batches are built by the dataset)")
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither (torch.distributed is used then)")
+        self.storage_options = storage_options
+        self.shuffle = shuffle
+        self.seed = seed
+        self.batch_size = batch_size
+        self.collate = collate
+        self.source_homogeneous = source_homogeneous
+        self._selection_args = (None if stims is None else list(stims),
+                                None if neurons is None else list(neurons), select)
+        self._rank, self._world_size = rank, world_size
+        self.drop_last = drop_last
+        self.block_size, self.shuffle_buffer = block_size, shuffle_buffer
+        self.prefetch, self.read_threads = prefetch, read_threads
+        self.cache_dir, self.cache_bytes = cache_dir, cache_bytes
+        self.retry = retry
+        self.epoch = 0
+        self._offset = 0        # units of this epoch consumed before this pass (resume)
+        self._steps = 0         # batches yielded by this rank since the offset
+        self.counters = StreamCounters()
+        self._opened: Opened | None = None
+        self.last_prefetcher: Prefetcher | None = None
+
+    # -- opening (lazily, once per process) ------------------------------------
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_opened"] = None if self.url is not None else state["_opened"]
+        state["last_prefetcher"] = None
+        return state
+
+    def dataset(self) -> NeuralDataset:
+        """The opened dataset with the selection applied (opened once per process)."""
+        return self._state().ds
+
+    def _state(self) -> Opened:
+        if self._opened is None or self._opened.pid != os.getpid():
+            ds = self._open()
+            selection = reader.Selection.of(ds.selected_neurons())
+            everything = (len(selection.neurons) == ds.N_neurons
+                          and bool((np.diff(selection.neurons) > 0).all()))
+            self._opened = Opened(os.getpid(), ds, np.asarray(ds.visible_stims(), dtype=np.int64), selection,
+                                  selection.positions(ds.N_neurons),
+                                  None if everything else selection.neurons.tolist())
+        return self._opened
+
+    def _open(self) -> NeuralDataset:
+        if self.url is not None:
+            from ..store import open_dataset
+
+            ds = call_with_retries(lambda: open_dataset(self.url, storage_options=self.storage_options),
+                                   what=f"store {self.url}", policy=self.retry)
+        else:
+            ds = copy.copy(self._source)
+        stims, neurons, select = self._selection_args
+        if stims is not None:
+            ds.select_stims(stims)
+        if neurons is not None:
+            ds.select_population(neurons)
+        if select is not None:
+            select(ds)
+        return ds
+
+    def _where(self) -> str:
+        return self.url or str(getattr(self._source, "path", type(self._source).__name__))
+
+    # -- the epoch's plan (pure functions) -----------------------------------------
+    def rank_world(self) -> tuple[int, int]:
+        """``(rank, world_size)``: as given, else from ``torch.distributed``, else ``(0, 1)``."""
+        if self._world_size is not None:
+            return self._rank, self._world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _units(self, st: Opened) -> list[np.ndarray]:
+        """The epoch's order as units (arrays of item positions): items, or homogeneous batches."""
+        n = len(st.visible)
+        opts = dict(shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
+                    block_size=self.block_size, buffer_size=self.shuffle_buffer)
+        if not self.source_homogeneous:
+            return shuffle.item_order(n, **opts)[:, None]
+        groups = [np.flatnonzero((st.visible >= stims.start) & (st.visible < stims.stop))
+                  for _, stims, _ in st.ds.source_blocks()]
+        return shuffle.homogeneous_batches([g for g in groups if len(g)], self.batch_size, **opts)
+
+    def _unit_batch(self) -> int:
+        """Units per batch in the partition (homogeneous units are whole batches already)."""
+        return 1 if self.source_homogeneous or self.batch_size is None else self.batch_size
+
+    def _n_units(self, st: Opened) -> int:
+        if not self.source_homogeneous:
+            return len(st.visible)
+        return len(self._units(st))
+
+    def __len__(self) -> int:
+        """Batches (or items, without ``batch_size``) this rank yields in the rest of this epoch."""
+        _, world = self.rank_world()
+        return partition.num_batches(self._n_units(self._state()), self._offset, world, self._unit_batch(),
+                                     self.drop_last)
+
+    # -- epochs and resumption ---------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order to stream; a new epoch starts from its beginning
+        and zeroes the counters (a resumed epoch keeps its offset)."""
+        if epoch != self.epoch:
+            self.epoch, self._offset, self._steps = epoch, 0, 0
+            self.counters.reset()
+
+    def state_dict(self) -> dict:
+        """Position in the epoch, as units of the global order consumed by all ranks.
+
+        Counted from the batches this rank received: by iterating in this
+        process, or through :meth:`loader` with worker processes. All ranks
+        agree (they advance in lockstep), so any rank's state resumes all.
+        """
+        _, world = self.rank_world()
+        n_units = self._n_units(self._state())
+        consumed = partition.consumed_after(n_units, self._offset, world, self._unit_batch(), self._steps,
+                                            self.drop_last)
+        return {"version": STATE_VERSION, "epoch": self.epoch, "seed": self.seed, "shuffle": self.shuffle,
+                "source_homogeneous": self.source_homogeneous, "batch_size": self.batch_size,
+                "n_units": n_units, "consumed": consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at ``state`` (from :meth:`state_dict`), with any number of ranks or workers."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unknown streaming state version {state.get('version')!r} (expected {STATE_VERSION})")
+        for key in ("seed", "shuffle", "source_homogeneous"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"cannot resume: state has {key}={state[key]!r}, this dataset {getattr(self, key)!r}")
+        if self.source_homogeneous and state["batch_size"] != self.batch_size:
+            raise ValueError("cannot resume source-homogeneous batches with a different batch_size "
+                             f"({state['batch_size']} -> {self.batch_size})")
+        n_units = self._n_units(self._state())
+        if state["n_units"] != n_units:
+            raise ValueError(f"cannot resume: the state covers {state['n_units']} items, this dataset has "
+                             f"{n_units} under its selection; resume on the same store and selection")
+        self.epoch, self._offset, self._steps = state["epoch"], state["consumed"], 0
+        self.counters.reset()
+
+    # -- iteration ----------------------------------------------------------------
+    def __iter__(self) -> Iterator[Any]:
+        """This rank's (and worker's) share of the rest of the epoch, read ahead in order.
+
+        A complete pass in this process advances to the next epoch (with
+        worker processes, :meth:`loader` does that; a plain ``DataLoader``
+        cannot, so call :meth:`set_epoch`).
+        """
+        st = self._state()
+        rank, world = self.rank_world()
+        info = get_worker_info()
+        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        in_process = info is None
+        if in_process:
+            self._begin_pass()
+        self.counters.use_slot(worker_id + 1 if info is not None else 0)
+        self.counters.reset_slot()
+        units = self._units(st)
+        batches = partition.rank_batches(len(units), self._offset, world, rank, self._unit_batch(), self.drop_last)
+        mine = partition.worker_batches(batches, worker_id, num_workers)
+        tasks = [np.concatenate([units[p] for p in positions]) for _, positions in mine]
+        fetch = Prefetcher(self._read_batch, depth=self.prefetch, threads=self.read_threads)
+        self.last_prefetcher = fetch
+        for out in fetch.map(tasks):
+            if in_process:
+                self._steps += 1  # counted before the hand-over: the consumer holds it from here
+            if self.batch_size is None:
+                yield from out
+            else:
+                yield out
+        if in_process:
+            self._end_pass()
+
+    def _begin_pass(self) -> None:
+        self._steps = 0
+        self.counters.reset()
+
+    def _end_pass(self) -> None:
+        self.epoch, self._offset, self._steps = self.epoch + 1, 0, 0
+
+    def _read_batch(self, positions: np.ndarray) -> Any:
+        """Read the items at ``positions`` of the visible list: one batched row read."""
+        st = self._state()
+        ds = st.ds
+        stims = st.visible[positions].tolist()
+        start = time.perf_counter()
+        before = _io_counters(ds)
+        rows = self._read_rows(st, stims)
+        stim_tensors = call_with_retries(lambda: [ds.stims[s] for s in stims],
+                                         what=f"stimuli {stims} from {self._where()}", policy=self.retry,
+                                         on_retry=lambda exc: self.counters.add(retries=1))
+        ordered = [reader.order_cells(r, st.pos_of) for r in rows]
+        used = sum(r.values.nbytes for r in ordered) + sum(t.numel() * t.element_size() for t in stim_tensors)
+        self._count_io(ds, before, fallback_bytes=used)
+        self.counters.add(items=len(stims), batches=1, bytes_used=used,
+                          read_us=int((time.perf_counter() - start) * 1e6))
+        metas = [ds.stim_meta[s] for s in stims]
+        n_selected = len(st.selection.neurons)
+        if self.batch_size is None:
+            masks = ds.nrn_masks[stims][:, st.selection.neurons]
+            return reader.build_items(ordered, stim_tensors, metas, masks, n_selected)
+        if self.collate == "compact":
+            return reader.build_compact(ordered, stim_tensors, metas)
+        return reader.build_dense(ordered, stim_tensors, metas, n_selected)
+
+    def _read_rows(self, st: Opened, stims: list[int]) -> list[views.RawRow]:
+        """Rows of ``stims`` from the cache, else in one batched (retried) read."""
+        cache = self._cache(st.ds, st.read_neurons)
+        found = {} if cache is None else {s: r for s in stims if (r := cache.get(s)) is not None}
+        todo = [s for s in stims if s not in found]
+        if found:
+            self.counters.add(cache_hits=len(found))
+        if todo:
+            rows = call_with_retries(lambda: views.read_raw_rows(st.ds.responses, todo, st.read_neurons),
+                                     what=f"responses of stims {todo} from {self._where()}", policy=self.retry,
+                                     on_retry=lambda exc: self.counters.add(retries=1))
+            for row in rows:
+                found[row.stim] = row
+                if cache is not None:
+                    cache.put(row)
+        return [found[s] for s in stims]
+
+    def _count_io(self, ds: NeuralDataset, before: dict | None, fallback_bytes: int) -> None:
+        """Requests and bytes fetched: the store's own counters if it keeps them, else one
+        request per batch and the decoded bytes (in-memory datasets fetch nothing remote)."""
+        after = _io_counters(ds)
+        if before is None or after is None:
+            self.counters.add(requests=1, bytes_fetched=fallback_bytes)
+        else:
+            self.counters.add(requests=after["requests"] - before["requests"],
+                              bytes_fetched=after["bytes_fetched"] - before["bytes_fetched"])
+
+    def _cache(self, ds: NeuralDataset, neurons: list[int] | None) -> RowCache | None:
+        if self.cache_dir is None:
+            return None
+        namespace = f"{self._where()}#{getattr(ds, 'fingerprint', '')}"
+        return RowCache(self.cache_dir, self.cache_bytes, namespace, neurons)
+
+    # -- observability -------------------------------------------------------------
+    def stats(self, seconds: float | None = None) -> dict[str, float]:
+        """Counters since the epoch started (summed over this rank's workers).
+
+        ``requests`` and ``bytes_fetched`` are the store's own I/O counters
+        when it reports them, else one request per batched read and the
+        decoded bytes; ``bytes_used`` are the bytes of values and stimuli
+        handed to batches. With ``seconds``, rates are added.
+        """
+        return summarize(self.counters.totals(), seconds)
+
+    def loader(self, num_workers: int = 0, **kwargs: Any) -> "StreamingDataLoader":
+        """A ``DataLoader`` over this dataset that tracks progress for :meth:`state_dict`."""
+        return StreamingDataLoader(self, num_workers=num_workers, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"StreamingNeuralDataset({self._where()!r}, batch_size={self.batch_size}, "
+                f"collate={self.collate!r}, shuffle={self.shuffle}, seed={self.seed}, epoch={self.epoch})")
+
+
+def _io_counters(ds: NeuralDataset) -> dict | None:
+    """The store's cumulative ``{"requests", "bytes_fetched"}`` for this process, if it keeps them."""
+    fn = getattr(ds.responses, "io_counters", None)
+    return fn() if callable(fn) else None
+
+
+class StreamingDataLoader(DataLoader):
+    """``DataLoader(batch_size=None)`` over a :class:`StreamingNeuralDataset` that counts the
+    batches it hands out, so ``state_dict()`` is exact with worker processes too."""
+
+    def __init__(self, dataset: StreamingNeuralDataset, **kwargs: Any) -> None:
+        if dataset.batch_size is None and kwargs.get("num_workers", 0) > 0:
+            raise ValueError("StreamingNeuralDataset.loader with worker processes needs the dataset to "
+                             "build batches: pass batch_size to StreamingNeuralDataset")
+        if kwargs.get("persistent_workers"):
+            raise ValueError("persistent_workers would keep each worker's epoch and offset; leave it off")
+        kwargs.setdefault("batch_size", None)
+        super().__init__(dataset, **kwargs)
+
+    def __iter__(self) -> Iterator[Any]:
+        ds: StreamingNeuralDataset = self.dataset
+        if self.num_workers == 0:
+            yield from super().__iter__()
+            return
+        ds._begin_pass()
+        for batch in super().__iter__():
+            ds._steps += 1
+            yield batch
+        ds._end_pass()

@@ -1,0 +1,49 @@
+"""Bounded read-ahead: run a function over tasks in background threads, in order.
+
+At most ``depth`` results are read ahead at any time (running, or finished
+and waiting), plus the one the consumer holds, so memory is bounded by
+``depth + 1`` batches whatever the size of the dataset.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Prefetcher:
+    """Ordered, bounded ``map(fn, tasks)`` over a small thread pool.
+
+    ``max_outstanding`` records the largest number of results read ahead at
+    once (for tests and diagnostics); it never exceeds ``depth``.
+    """
+
+    def __init__(self, fn: Callable[[T], R], depth: int = 4, threads: int = 2) -> None:
+        if depth < 1 or threads < 1:
+            raise ValueError(f"prefetch depth and threads must be >= 1, got {depth}, {threads}")
+        self.fn = fn
+        self.depth = depth
+        self.threads = threads
+        self.max_outstanding = 0
+
+    def map(self, tasks: Iterable[T]) -> Iterator[R]:
+        """Yield ``fn(task)`` for each task, in order, reading up to ``depth`` ahead."""
+        pending: deque[Future] = deque()
+        pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="deepstrf-prefetch")
+        try:
+            for task in tasks:
+                while len(pending) >= self.depth:
+                    yield pending.popleft().result()
+                pending.append(pool.submit(self.fn, task))
+                self.max_outstanding = max(self.max_outstanding, len(pending))
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
