@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -119,13 +120,20 @@ class StreamingNeuralDataset(IterableDataset):
         self.counters = StreamCounters()
         self._opened: Opened | None = None
         self.last_prefetcher: Prefetcher | None = None
+        self._io_lock = threading.Lock()
+        self._io_seen: dict | None = None
 
     # -- opening (lazily, once per process) ------------------------------------
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_opened"] = None if self.url is not None else state["_opened"]
         state["last_prefetcher"] = None
+        state["_io_lock"] = None
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._io_lock = threading.Lock()
 
     def dataset(self) -> NeuralDataset:
         """The opened dataset with the selection applied (opened once per process)."""
@@ -254,6 +262,7 @@ class StreamingNeuralDataset(IterableDataset):
             self._begin_pass()
         self.counters.use_slot(worker_id + 1 if info is not None else 0)
         self.counters.reset_slot()
+        self._io_seen = _io_counters(st.ds)
         units = self._units(st)
         batches = partition.rank_batches(len(units), self._offset, world, rank, self._unit_batch(), self.drop_last)
         mine = partition.worker_batches(batches, worker_id, num_workers)
@@ -283,14 +292,13 @@ class StreamingNeuralDataset(IterableDataset):
         ds = st.ds
         stims = st.visible[positions].tolist()
         start = time.perf_counter()
-        before = _io_counters(ds)
         rows = self._read_rows(st, stims)
         stim_tensors = call_with_retries(lambda: [ds.stims[s] for s in stims],
                                          what=f"stimuli {stims} from {self._where()}", policy=self.retry,
                                          on_retry=lambda exc: self.counters.add(retries=1))
         ordered = [reader.order_cells(r, st.pos_of) for r in rows]
         used = sum(r.values.nbytes for r in ordered) + sum(t.numel() * t.element_size() for t in stim_tensors)
-        self._count_io(ds, before, fallback_bytes=used)
+        self._count_io(ds, fallback_bytes=used)
         self.counters.add(items=len(stims), batches=1, bytes_used=used,
                           read_us=int((time.perf_counter() - start) * 1e6))
         metas = [ds.stim_meta[s] for s in stims]
@@ -319,15 +327,19 @@ class StreamingNeuralDataset(IterableDataset):
                     cache.put(row)
         return [found[s] for s in stims]
 
-    def _count_io(self, ds: NeuralDataset, before: dict | None, fallback_bytes: int) -> None:
-        """Requests and bytes fetched: the store's own counters if it keeps them, else one
-        request per batch and the decoded bytes (in-memory datasets fetch nothing remote)."""
-        after = _io_counters(ds)
-        if before is None or after is None:
-            self.counters.add(requests=1, bytes_fetched=fallback_bytes)
-        else:
-            self.counters.add(requests=after["requests"] - before["requests"],
-                              bytes_fetched=after["bytes_fetched"] - before["bytes_fetched"])
+    def _count_io(self, ds: NeuralDataset, fallback_bytes: int) -> None:
+        """Requests and bytes fetched: the store's own counters if it keeps them (the growth
+        since the last batch of this process, so concurrent reads are counted once), else
+        one request per batch and the decoded bytes (in-memory datasets fetch nothing)."""
+        with self._io_lock:
+            now = _io_counters(ds)
+            if now is None:
+                self.counters.add(requests=1, bytes_fetched=fallback_bytes)
+                return
+            seen = self._io_seen or {"requests": 0, "bytes_fetched": 0}
+            self.counters.add(requests=now["requests"] - seen["requests"],
+                              bytes_fetched=now["bytes_fetched"] - seen["bytes_fetched"])
+            self._io_seen = dict(now)
 
     def _cache(self, ds: NeuralDataset, neurons: list[int] | None) -> RowCache | None:
         if self.cache_dir is None:

@@ -1,0 +1,41 @@
+"""Shared small data and helpers for the streaming tests."""
+
+from __future__ import annotations
+
+import torch
+
+from deepstrf.datasets.collate import CompactBatch
+from deepstrf.datasets.synthetic import SyntheticAudioDataset
+
+
+def small_pool(scale: float = 0.1, time_scale: float = 0.02):
+    """An AA1 + AA2-shaped synthetic pool, tiny: ~3 + ~12 stims, ~10 + ~49 neurons, T ~ 40."""
+    a = SyntheticAudioDataset("aa1", scale=scale, time_scale=time_scale, seed=1)
+    b = SyntheticAudioDataset("aa2", scale=scale, time_scale=time_scale, seed=2)
+    return a + b
+
+
+def item_key(item: dict) -> str:
+    return item["stim_meta"]["uid"]
+
+
+def batch_keys(batch) -> list[str]:
+    metas = batch.stim_meta if isinstance(batch, CompactBatch) else batch["stim_meta"]
+    return [m["uid"] for m in metas]
+
+
+def tensors_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.to(b.dtype).nan_to_num(-7.0), b.nan_to_num(-7.0))
+
+
+def items_equal(a: dict, b: dict) -> bool:
+    return (a.keys() == b.keys() and tensors_equal(a["stims"], b["stims"])
+            and torch.equal(a["valid_mask"], b["valid_mask"]) and a["stim_meta"] == b["stim_meta"]
+            and len(a["responses"]) == len(b["responses"])
+            and all(tensors_equal(x, y) and x.dtype == y.dtype for x, y in zip(a["responses"], b["responses"])))
+
+
+def compact_equal(a: CompactBatch, b: CompactBatch) -> bool:
+    """Equal up to the dtype of ``values``."""
+    return all(tensors_equal(getattr(a, k), getattr(b, k)) for k in a.keys() if k != "stim_meta") \
+        and a.stim_meta == b.stim_meta
