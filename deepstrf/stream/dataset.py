@@ -109,6 +109,7 @@ class StreamingNeuralDataset(IterableDataset):
         self._selection_args = (None if stims is None else list(stims),
                                 None if neurons is None else list(neurons), select)
         self._rank, self._world_size = rank, world_size
+        self._dist_seen = (0, 1)
         self.drop_last = drop_last
         self.block_size, self.shuffle_buffer = block_size, shuffle_buffer
         self.prefetch, self.read_threads = prefetch, read_threads
@@ -118,6 +119,7 @@ class StreamingNeuralDataset(IterableDataset):
         self._offset = 0        # units of this epoch consumed before this pass (resume)
         self._steps = 0         # batches yielded by this rank since the offset
         self.counters = StreamCounters()
+        self.rank_world()
         self._opened: Opened | None = None
         self.last_prefetcher: Prefetcher | None = None
         self._io_lock = threading.Lock()
@@ -172,12 +174,20 @@ class StreamingNeuralDataset(IterableDataset):
 
     # -- the epoch's plan (pure functions) -----------------------------------------
     def rank_world(self) -> tuple[int, int]:
-        """``(rank, world_size)``: as given, else from ``torch.distributed``, else ``(0, 1)``."""
+        """``(rank, world_size)``: as given, else from ``torch.distributed``, else ``(0, 1)``.
+
+        DataLoader workers cannot see the process group; they use what the
+        main process saw last (at construction, ``set_epoch``, ``len``...),
+        so build the dataset or call ``set_epoch`` after ``init_process_group``.
+        """
         if self._world_size is not None:
             return self._rank, self._world_size
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
+        if get_worker_info() is None:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                self._dist_seen = (torch.distributed.get_rank(), torch.distributed.get_world_size())
+            else:
+                self._dist_seen = (0, 1)
+        return self._dist_seen
 
     def _units(self, st: Opened) -> list[np.ndarray]:
         """The epoch's order as units (arrays of item positions): items, or homogeneous batches."""
@@ -209,6 +219,7 @@ class StreamingNeuralDataset(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order to stream; a new epoch starts from its beginning
         and zeroes the counters (a resumed epoch keeps its offset)."""
+        self.rank_world()
         if epoch != self.epoch:
             self.epoch, self._offset, self._steps = epoch, 0, 0
             self.counters.reset()
