@@ -1,0 +1,118 @@
+"""Retries, permanent failures, the row cache and prefetch bounds, on in-memory data."""
+
+import errno
+
+import pytest
+
+from deepstrf.datasets.views import ResponseGrid
+from deepstrf.stream import RetryPolicy, StreamingNeuralDataset, StreamReadError
+from deepstrf.stream.cache import RowCache
+from deepstrf.stream.prefetch import Prefetcher
+from deepstrf.stream.retry import TransientError, is_transient
+
+from stream_helpers import batch_keys, compact_equal, item_key, small_pool
+
+FAST = RetryPolicy(attempts=4, base_delay=0.001, max_delay=0.01)
+
+
+class _Flaky(ResponseGrid):
+    """Wraps a grid; the first ``fail`` batched reads raise ``error``."""
+
+    def __init__(self, inner, error, fail):
+        super().__init__(inner.n_stims, inner.n_neurons)
+        self.inner, self.error, self.fail, self.calls = inner, error, fail, 0
+
+    def read_raw_rows(self, stims, neurons=None):
+        self.calls += 1
+        if self.calls <= self.fail:
+            raise self.error
+        return self.inner.read_raw_rows(stims, neurons)
+
+    def _read_row(self, s, neurons):
+        return self.inner.row(s, neurons)
+
+    def _mask(self):
+        return self.inner.mask()
+
+
+def _flaky_pool(error, fail):
+    pool = small_pool()
+    pool.responses = _Flaky(pool.responses, error, fail)
+    return pool
+
+
+class _HTTPError(Exception):
+    def __init__(self, status):
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+@pytest.mark.parametrize("exc,transient", [
+    (TimeoutError("read timed out"), True), (ConnectionResetError(), True),
+    (OSError(errno.ECONNRESET, "reset"), True), (_HTTPError(503), True), (_HTTPError(429), True),
+    (OSError("SlowDown: please reduce your request rate"), True), (TransientError("x"), True),
+    (FileNotFoundError("no such key"), False), (PermissionError("denied"), False), (_HTTPError(404), False),
+    (ValueError("corrupt chunk"), False),
+])
+def test_classification(exc, transient):
+    assert is_transient(exc) is transient
+
+
+def test_cause_chain_is_followed():
+    try:
+        try:
+            raise TimeoutError("socket")
+        except TimeoutError as inner:
+            raise RuntimeError("wrapped") from inner
+    except RuntimeError as outer:
+        assert is_transient(outer)
+
+
+def test_transient_failures_are_survived():
+    pool = _flaky_pool(TimeoutError("simulated timeout"), fail=3)
+    s = StreamingNeuralDataset(pool, batch_size=4, retry=FAST)
+    keys = [k for b in s for k in batch_keys(b)]
+    assert sorted(keys) == sorted(item_key(pool[i]) for i in range(len(pool)))
+    assert s.stats()["retries"] == 3
+
+
+def test_permanent_failure_is_a_clear_error():
+    pool = _flaky_pool(FileNotFoundError("chunk responses/values/c/17 not found"), fail=1)
+    s = StreamingNeuralDataset(pool, batch_size=4, retry=FAST, shuffle=False, prefetch=1, read_threads=1)
+    with pytest.raises(StreamReadError, match=r"responses of stims \[0, 1, 2, 3\].*permanent.*c/17"):
+        list(s)
+    assert pool.responses.calls == 1  # not retried
+
+
+def test_retry_budget_exhausted():
+    pool = _flaky_pool(TimeoutError("simulated timeout"), fail=100)
+    s = StreamingNeuralDataset(pool, batch_size=4, retry=FAST)
+    with pytest.raises(StreamReadError, match="transient error persisted after 4 attempts"):
+        list(s)
+
+
+def test_row_cache_hits_and_equal_batches(tmp_path):
+    pool = small_pool()
+    s = StreamingNeuralDataset(pool, batch_size=4, shuffle=False, cache_dir=tmp_path, cache_bytes=10 << 20)
+    first = list(s)
+    second = list(s)
+    assert s.stats()["cache_hits"] == len(pool)
+    for a, b in zip(first, second):
+        assert compact_equal(a, b)
+
+
+def test_row_cache_is_bounded(tmp_path):
+    pool = small_pool()
+    rows = pool.responses.read_raw_rows(list(range(pool.get_S())))
+    cache = RowCache(tmp_path, max_bytes=20_000, namespace="x", neurons=None)
+    for row in rows:
+        cache.put(row)
+        assert cache.size() <= 20_000
+    assert cache.get(rows[-1].stim) is not None  # the most recent entry survives
+    assert cache.get(rows[0].stim) is None
+
+
+def test_prefetch_bound_and_order():
+    fetch = Prefetcher(lambda x: x * 2, depth=3, threads=2)
+    assert list(fetch.map(range(50))) == [2 * x for x in range(50)]
+    assert fetch.max_outstanding <= 3
