@@ -25,6 +25,14 @@ class StoreNotFoundError(StoreError, FileNotFoundError):
     """No deepstrf store at the given URL."""
 
 
+class IncompleteStoreError(StoreNotFoundError):
+    """The URL holds the remains of an interrupted write, not a complete store."""
+
+
+class ReadOnlyStoreError(StoreError, PermissionError):
+    """The URL's protocol (e.g. ``http(s)://``) can only be read."""
+
+
 class FormatVersionError(StoreError, ValueError):
     """The store was written in a format version this reader does not know."""
 

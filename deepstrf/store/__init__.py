@@ -1,0 +1,11 @@
+"""Zarr v3 stores: ``save_dataset`` writes a source store, ``open_dataset`` opens one lazily.
+
+Format v1 is described in ``docs/format.md``.
+"""
+
+from .dataset import ZarrResponseGrid, ZarrStims, open_dataset
+from .location import Location, canonical_url
+from .pool import open_pool, write_pool
+from .writer import save_dataset
+
+__all__ = ["Location", "ZarrResponseGrid", "ZarrStims", "canonical_url", "open_dataset", "open_pool", "save_dataset", "write_pool"]

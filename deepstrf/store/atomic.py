@@ -1,0 +1,217 @@
+"""Atomic publication of a store: readers see the old store, or the new one, never a half.
+
+The root ``zarr.json`` of a store is its completion marker: it is written
+last, so an interrupted write never opens as valid. Local stores are written
+in a hidden sibling folder and renamed into place. On object stores (no
+atomic rename) a new store is written in place with its root held back;
+replacing an existing store writes a hidden sibling first, and only once it
+is complete removes the old store (root marker first) and copies the new one
+in (root marker last).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import WrapperStore
+
+from ..errors import StoreError, StoreExistsError
+from .location import ROOT_KEY, Location
+
+OWN_TOP_LEVEL = ("responses", "stims", "meta")
+
+
+class DeferredRootStore(WrapperStore):
+    """Store wrapper holding the root ``zarr.json`` in memory until :meth:`publish`."""
+
+    def __init__(self, store, held: dict | None = None) -> None:
+        super().__init__(store)
+        self._held = {} if held is None else held
+
+    def _with_store(self, store):
+        return type(self)(store, self._held)
+
+    async def set(self, key, value):
+        if key == ROOT_KEY:
+            self._held[key] = value
+        else:
+            await self._store.set(key, value)
+
+    async def set_if_not_exists(self, key, value):
+        if key == ROOT_KEY:
+            self._held.setdefault(key, value)
+        else:
+            await self._store.set_if_not_exists(key, value)
+
+    async def get(self, key, prototype, byte_range=None):
+        if key == ROOT_KEY and byte_range is None and key in self._held:
+            return self._held[key]
+        return await self._store.get(key, prototype, byte_range)
+
+    async def exists(self, key):
+        return key in self._held if key == ROOT_KEY else await self._store.exists(key)
+
+    async def publish(self) -> None:
+        if ROOT_KEY not in self._held:
+            raise StoreError("internal error: the root zarr.json was never written")
+        await self._store.set(ROOT_KEY, self._held[ROOT_KEY])
+
+
+@dataclass
+class Staging:
+    """Where a write goes before it is published: a zarr store and its location."""
+
+    store: DeferredRootStore
+    location: Location
+
+
+def store_state(loc: Location) -> str:
+    """``"absent"``, ``"store"`` (has a root ``zarr.json``) or ``"partial"`` (other objects only)."""
+    if loc.is_local:
+        if not os.path.exists(loc.url):
+            return "absent"
+        if os.path.isfile(os.path.join(loc.url, ROOT_KEY)):
+            return "store"
+        if os.path.isdir(loc.url) and not os.listdir(loc.url):
+            return "absent"
+        return "partial"
+    fs, path = loc.filesystem()
+    fs.invalidate_cache()
+    if fs.exists(f"{path}/{ROOT_KEY}"):
+        return "store"
+    return "partial" if _remote_keys(fs, path) else "absent"
+
+
+def _remote_keys(fs, path: str) -> list[str]:
+    try:
+        found = fs.find(path)
+    except FileNotFoundError:
+        return []
+    return [p for p in found if p.startswith(path.rstrip("/") + "/")]
+
+
+def _relative_keys(loc: Location) -> list[str]:
+    if loc.is_local:
+        return [os.path.relpath(os.path.join(d, f), loc.url).replace(os.sep, "/")
+                for d, _, files in os.walk(loc.url) for f in files]
+    fs, path = loc.filesystem()
+    return [k[len(path.rstrip("/")) + 1:] for k in _remote_keys(fs, path)]
+
+
+def _check_replaceable(loc: Location, state: str, own: tuple[str, ...]) -> None:
+    """Refuse to delete anything that is not a deepstrf store or the remains of a deepstrf write."""
+    if state == "store":
+        try:
+            fs, path = loc.filesystem()
+            fmt = json.loads(fs.cat_file(f"{path}/{ROOT_KEY}")).get("attributes", {}).get("format", "")
+        except (OSError, ValueError):
+            fmt = ""
+        if isinstance(fmt, str) and fmt.startswith("deepstrf."):
+            return
+        raise StoreExistsError(
+            f"{loc.url} holds a zarr store that deepstrf did not write; refusing to replace it even with "
+            "overwrite=True. Remove it yourself or choose another URL.")
+    stray = [k for k in _relative_keys(loc) if k.split("/")[0] not in own]
+    if stray:
+        raise StoreExistsError(
+            f"{loc.url} is not empty and is not a deepstrf store (e.g. {stray[0]!r}); refusing to delete "
+            "it even with overwrite=True. Choose another URL or remove it yourself.")
+
+
+def remove(loc: Location) -> None:
+    """Delete everything at ``loc`` (best effort; missing is fine)."""
+    if loc.is_local:
+        shutil.rmtree(loc.url, ignore_errors=True)
+        return
+    fs, path = loc.filesystem()
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+    fs.invalidate_cache()
+
+
+def _publish_local(staging: Location, loc: Location, replace: bool) -> None:
+    if not replace:
+        if os.path.isdir(loc.url):
+            os.rmdir(loc.url)  # empty (checked by store_state); rename needs the name free
+        os.rename(staging.url, loc.url)
+        return
+    trash = loc.sibling(f".{loc.name}.old-{uuid.uuid4().hex[:12]}")
+    os.rename(loc.url, trash.url)
+    try:
+        os.rename(staging.url, loc.url)
+    except BaseException:
+        os.rename(trash.url, loc.url)
+        raise
+    shutil.rmtree(trash.url, ignore_errors=True)
+
+
+def _publish_remote_replace(staging: Location, loc: Location) -> None:
+    fs, dst = loc.filesystem()
+    _, src = staging.filesystem()
+    fs.rm(f"{dst}/{ROOT_KEY}")  # from here on the old store no longer opens
+    remove(loc)
+    keys = [k for k in _remote_keys(fs, src) if k != f"{src}/{ROOT_KEY}"]
+    fs.copy(keys, [dst + k[len(src):] for k in keys])
+    fs.copy(f"{src}/{ROOT_KEY}", f"{dst}/{ROOT_KEY}")
+    fs.invalidate_cache()
+    remove(staging)
+
+
+@contextmanager
+def staged_write(loc: Location, *, overwrite: bool,
+                 own_top_level: tuple[str, ...] = OWN_TOP_LEVEL) -> Iterator[Staging]:
+    """Yield a :class:`Staging` to write a store into; publish it at ``loc`` on success.
+
+    ``overwrite=False`` refuses a non-empty ``loc`` before writing anything.
+    On failure the staging area is removed and ``loc`` is left as it was.
+    ``own_top_level`` names the top-level keys a deepstrf store of this kind
+    writes (what may be removed when replacing an interrupted write).
+    """
+    loc.check_writable()
+    state = store_state(loc)
+    if state != "absent":
+        if not overwrite:
+            what = "a store" if state == "store" else "files (an interrupted write?)"
+            raise StoreExistsError(f"{loc.url} already holds {what}; pass overwrite=True to replace it.")
+        _check_replaceable(loc, state, own_top_level)
+    in_place = state == "absent" and not loc.is_local
+    target = loc if in_place else loc.sibling(f".{loc.name}.tmp-{uuid.uuid4().hex[:12]}")
+    if target.is_local:
+        os.makedirs(os.path.dirname(target.url), exist_ok=True)
+    staging = Staging(DeferredRootStore(target.zarr_store(read_only=False)), target)
+    try:
+        yield staging
+        sync(staging.store.publish())
+        if loc.is_local:
+            _publish_local(target, loc, replace=state != "absent")
+        elif not in_place:
+            _publish_remote_replace(target, loc)
+    except BaseException:
+        remove(target)
+        raise
+
+
+def stored_bytes(loc: Location) -> int:
+    """Total size of the objects under ``loc``."""
+    if loc.is_local:
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(loc.url) for f in files)
+    fs, path = loc.filesystem()
+    fs.invalidate_cache()
+    return int(fs.du(path))
+
+
+def read_root(loc: Location) -> dict | None:
+    """The root ``zarr.json`` document, or None if there is none (one small read)."""
+    store = loc.zarr_store(read_only=True)
+    buf = sync(store.get(ROOT_KEY, prototype=default_buffer_prototype()))
+    return None if buf is None else json.loads(buf.to_bytes())

@@ -1,0 +1,102 @@
+"""CLI sub-commands of the store layer (``deepstrf info``, ``deepstrf verify``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from argparse import Namespace
+from typing import Any
+
+from ..errors import StoreError
+from . import format as fmt
+from .location import Location
+from .reader import open_group
+from .verify import verify_source
+
+
+def _fail(command: str, err: Exception) -> int:
+    print(f"deepstrf {command}: error: {err}", file=sys.stderr)
+    return 1
+
+
+def describe_source(attrs: dict[str, Any], url: str) -> dict[str, Any]:
+    """Plain-dict summary of a source store's attributes (no data read)."""
+    stats = attrs.get("stats", {})
+    S, N = attrs["n_stims"], attrs["n_neurons"]
+    out: dict[str, Any] = {
+        "url": url, "format": attrs["format"], "format_version": attrs["format_version"],
+        "kind": attrs["kind"], "class_name": attrs.get("class_name"), "name": attrs.get("name"),
+        "S": S, "N": N, "dt_ms": attrs["dt_ms"],
+    }
+    for key in ("F", "audio_fs", "H", "W"):
+        if attrs.get(key) is not None:
+            out[key] = attrs[key]
+    on_disk, in_memory = attrs.get("nbytes_stored"), stats.get("float32_bytes")
+    out.update(
+        valid_cells=stats.get("valid_cells"), coverage=stats.get("valid_cells", 0) / (S * N),
+        repeats=[stats.get("repeats_min"), stats.get("repeats_max")], T=[stats.get("T_min"), stats.get("T_max")],
+        response_dtype=attrs.get("response_dtype"), stim_dtype=attrs.get("stim_dtype"),
+        bytes_on_disk=on_disk, bytes_float32=in_memory,
+        compression_ratio=(in_memory / on_disk) if on_disk and in_memory else None,
+        fingerprint=attrs.get("fingerprint"), card=attrs.get("card"),
+    )
+    return out
+
+
+def _mb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e6:,.1f} MB"
+
+
+def _print_source(d: dict[str, Any]) -> None:
+    lines = [
+        ("store", d["url"]),
+        ("kind", f"{d['kind']} (recorded class {d['class_name']}; {d['format']} v{d['format_version']})"),
+        ("name", d["name"] or "-"),
+        ("S x N", f"{d['S']} stims x {d['N']} neurons, {d['valid_cells']} valid cells ({d['coverage']:.1%})"),
+        ("dt", f"{d['dt_ms']} ms"),
+    ]
+    if "F" in d:
+        lines.append(("F", str(d["F"]) + (f" (audio_fs={d['audio_fs']})" if d.get("audio_fs") else "")))
+    if "H" in d:
+        lines.append(("H x W", f"{d['H']} x {d['W']}"))
+    ratio = f" (1/{d['compression_ratio']:.0f})" if d["compression_ratio"] else ""
+    lines += [
+        ("repeats", f"{d['repeats'][0]}-{d['repeats'][1]} per cell"),
+        ("T", f"{d['T'][0]}-{d['T'][1]} bins"),
+        ("dtypes", f"responses {d['response_dtype']}, stims {d['stim_dtype']}"),
+        ("size", f"{_mb(d['bytes_on_disk'])} on disk vs {_mb(d['bytes_float32'])} as float32 in memory{ratio}"),
+        ("fingerprint", d["fingerprint"]),
+    ]
+    for key, value in (d["card"] or {}).items():
+        lines.append((f"card.{key}", str(value)))
+    width = max(len(k) for k, _ in lines)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in lines))
+
+
+def info_main(args: Namespace) -> int:
+    """``deepstrf info URL``: describe a store from its metadata (reads no data)."""
+    loc = Location.parse(args.url, args.storage_options)
+    try:
+        attrs = dict(open_group(loc).attrs)
+        fmt.check_format(attrs, loc.url, fmt.SOURCE_FORMAT)
+    except StoreError as e:
+        return _fail("info", e)
+    summary = describe_source(attrs, loc.url)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_source(summary)
+    return 0
+
+
+def verify_main(args: Namespace) -> int:
+    """``deepstrf verify URL``: read and check every chunk, digest and the fingerprint; 1 on any problem."""
+    loc = Location.parse(args.url, args.storage_options)
+    problems = verify_source(loc)
+    for p in problems:
+        print(f"deepstrf verify: problem: {p}", file=sys.stderr)
+    if problems:
+        print(f"{loc.url}: {len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print(f"{loc.url}: OK (every chunk read and checksummed, digests and fingerprint match)")
+    return 0

@@ -1,0 +1,122 @@
+"""``open_dataset``: a store-backed, lazy deepSTRF-compatible dataset.
+
+The dataset is an ordinary ``AudioNeuralDataset`` / ``VideoNeuralDataset`` /
+``NeuralDataset`` whose ``stims`` is a :class:`ZarrStims` and whose
+``responses`` is a :class:`ZarrResponseGrid`; both read through one
+:class:`~deepstrf.store.reader.SourceReader` on access.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..datasets.audio import AudioNeuralDataset
+from ..datasets.neural_dataset import NeuralDataset
+from ..datasets.video import VideoNeuralDataset
+from ..datasets.views import LazySequence, RawRow, ResponseGrid, missing_sentinel
+from ..errors import StoreError
+from . import format as fmt
+from .location import Location
+from .reader import SourceReader, open_group
+
+_CLASSES: dict[str, type[NeuralDataset]] = {
+    "audio": AudioNeuralDataset, "video": VideoNeuralDataset, "neural": NeuralDataset}
+
+
+class ZarrStims(LazySequence):
+    """``stims[s]`` read from the store on access, as a tensor of the stored dtype."""
+
+    def __init__(self, reader: SourceReader) -> None:
+        super().__init__(reader.n_stims)
+        self.reader = reader
+
+    def _get(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.reader.read_stim(i))
+
+
+class ZarrResponseGrid(ResponseGrid):
+    """``responses[s][n]`` read from the store: float tensors ``(R, T)`` or the NaN sentinel."""
+
+    def __init__(self, reader: SourceReader) -> None:
+        super().__init__(reader.n_stims, reader.n_neurons)
+        self.reader = reader
+        self.read_dtype = fmt.read_dtype(np.dtype(reader.attrs["response_dtype"]))
+
+    def _read_row(self, s: int, neurons: Sequence[int]) -> list[torch.Tensor]:
+        (row,) = self.reader.read_rows([s], neurons)
+        values = torch.from_numpy(np.asarray(row.values, dtype=self.read_dtype))
+        cells, pos = {}, 0
+        for n, r, t in zip(row.neurons.tolist(), row.repeats.tolist(), row.lengths.tolist()):
+            cells[n] = values[pos:pos + r * t].view(r, t)
+            pos += r * t
+        return [cells[n] if n in cells else missing_sentinel() for n in neurons]
+
+    def read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None = None) -> list[RawRow]:
+        """Valid cells of several stims in one concurrent read; values keep the stored dtype."""
+        if self._transforms or self._overrides:
+            return super().read_raw_rows(stims, neurons)
+        return self.reader.read_rows(stims, neurons)
+
+    def _mask(self) -> torch.Tensor:
+        return torch.from_numpy(self.reader.mask())
+
+
+def open_source(loc: Location, group: Any, **kw: Any) -> NeuralDataset:
+    """Open a ``deepstrf.source`` group as a lazy dataset of the recorded kind."""
+    if kw:
+        raise TypeError(f"open_dataset: unexpected keyword argument(s) {sorted(kw)} for the source store {loc.url}")
+    attrs = dict(group.attrs)
+    fmt.check_format(attrs, loc.url, fmt.SOURCE_FORMAT)
+    reader = SourceReader(loc, attrs)
+    reader.bind(group)
+    stim_meta, nrn_meta = reader.read_meta()
+    kind = attrs.get("kind")
+    if kind not in _CLASSES:
+        raise StoreError(f"{loc.url}: unknown dataset kind {kind!r} (expected one of {list(_CLASSES)})")
+    cls = _CLASSES[kind]  # chosen from the kind attribute; class_name is metadata only
+    ds = cls.__new__(cls)
+    NeuralDataset.__init__(ds, path=loc.url, dt_ms=attrs["dt_ms"])
+    if kind == "audio":
+        hr = attrs.get("hearing_range_hz")
+        ds.F, ds.audio_fs, ds.hearing_range_hz = attrs["F"], attrs.get("audio_fs"), None if hr is None else tuple(hr)
+    elif kind == "video":
+        ds.H, ds.W = attrs["H"], attrs["W"]
+    ds.N_neurons = reader.n_neurons
+    ds.stim_meta, ds.nrn_meta = stim_meta, nrn_meta
+    ds.stims = ZarrStims(reader)
+    ds.responses = ZarrResponseGrid(reader)
+    if attrs.get("name"):
+        ds.name = attrs["name"]
+    ds.card = attrs.get("card")
+    ds.class_name = attrs.get("class_name")
+    ds.store_url = loc.url
+    ds.storage_options = loc.storage_options
+    ds.fingerprint = attrs["fingerprint"]
+    ds.validate()
+    return ds
+
+
+OPENERS: dict[str, Callable[..., NeuralDataset]] = {fmt.SOURCE_FORMAT: open_source}
+
+
+def open_dataset(url: str | os.PathLike, *, storage_options: dict | None = None, **kw: Any) -> NeuralDataset:
+    """Open the deepstrf store at ``url`` as a lazy dataset (data read on access).
+
+    ``storage_options`` go to fsspec (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``
+    for S3); they are kept in memory only. Opening reads the consolidated root
+    metadata and the stim/neuron metadata; the index is read on first use.
+    """
+    loc = Location.parse(url, storage_options)
+    group = open_group(loc)
+    attrs = dict(group.attrs)
+    fmt.check_format(attrs, loc.url, expected=None)
+    opener = OPENERS.get(attrs["format"])
+    if opener is None:
+        raise StoreError(f"{loc.url} holds a {attrs['format']!r} group, which this version of deepstrf "
+                         "cannot open. Upgrade deepstrf.")
+    return opener(loc, group, **kw)

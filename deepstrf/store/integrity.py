@@ -1,0 +1,72 @@
+"""Integrity: strict chunk reads, content digests and the store fingerprint.
+
+zarr fills a missing chunk with the fill value; for spike counts that is
+wrong data, not an error. :class:`StrictStore` turns a missing chunk into
+:class:`MissingChunk`, and the reader reports it (like a crc32c mismatch)
+as :class:`~deepstrf.errors.IntegrityError` naming the store and the cells.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+from zarr.storage import WrapperStore
+
+from .format import NON_CONTENT_ATTRS
+
+
+class MissingChunk(KeyError):
+    """A chunk object that every complete store has is absent."""
+
+
+def is_chunk_key(key: str) -> bool:
+    """Chunk keys of zarr v3's default encoding: ``<array>/c/<i>[/<j>...]``."""
+    return key.startswith("c/") or "/c/" in key
+
+
+class StrictStore(WrapperStore):
+    """Wrapper raising :class:`MissingChunk` instead of returning nothing for a chunk key."""
+
+    async def get(self, key, prototype, byte_range=None):
+        value = await self._store.get(key, prototype, byte_range)
+        if value is None and is_chunk_key(key):
+            raise MissingChunk(key)
+        return value
+
+    async def get_partial_values(self, prototype, key_ranges):
+        key_ranges = list(key_ranges)
+        values = await self._store.get_partial_values(prototype, key_ranges)
+        for (key, _), value in zip(key_ranges, values):
+            if value is None and is_chunk_key(key):
+                raise MissingChunk(key)
+        return values
+
+    async def _get_many(self, requests):
+        for key, prototype, byte_range in requests:
+            yield key, await self.get(key, prototype, byte_range)
+
+
+def array_digest(hasher: "hashlib._Hash") -> str:
+    return "sha256:" + hasher.hexdigest()
+
+
+def content_hasher() -> "hashlib._Hash":
+    """Hasher for an array's logical content: its C-order little-endian bytes."""
+    return hashlib.sha256()
+
+
+def update(hasher: "hashlib._Hash", data: np.ndarray) -> None:
+    data = np.ascontiguousarray(data)
+    if data.dtype.byteorder == ">":
+        data = data.astype(data.dtype.newbyteorder("<"))
+    hasher.update(memoryview(data).cast("B"))
+
+
+def fingerprint(attrs: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of the content attributes (which include every array's digest)."""
+    content = {k: v for k, v in attrs.items() if k not in NON_CONTENT_ATTRS}
+    doc = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return "sha256:" + hashlib.sha256(doc.encode("ascii")).hexdigest()

@@ -1,0 +1,98 @@
+"""Metadata lists (``stim_meta``, ``nrn_meta``) as strict JSON, losslessly.
+
+Plain JSON values are stored as they are (key order kept). The few Python
+values JSON lacks are tagged objects ``{"$deepstrf": TYPE, ...}``: tuples,
+dicts with non-string keys, non-finite floats, and numpy / torch arrays.
+NumPy scalars become the matching Python number. Anything else is refused,
+naming the entry, so nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+TAG = "$deepstrf"
+
+
+def _encode(x: Any, where: str) -> Any:
+    if x is None or isinstance(x, (bool, str)):
+        return x
+    if isinstance(x, int):
+        return int(x)
+    if isinstance(x, float):
+        return x if math.isfinite(x) else {TAG: "float", "value": repr(x)}
+    if isinstance(x, np.generic):
+        if x.dtype.kind in "biuf":
+            return _encode(x.item(), where)
+        raise TypeError(f"{where}: cannot store a numpy {x.dtype} scalar; convert it to a JSON type")
+    if isinstance(x, dict):
+        if all(isinstance(k, str) for k in x):
+            return {k: _encode(v, f"{where}[{k!r}]") for k, v in x.items()}
+        return {TAG: "dict", "items": [[_encode(k, f"{where} key"), _encode(v, f"{where}[{k!r}]")]
+                                       for k, v in x.items()]}
+    if isinstance(x, list):
+        return [_encode(v, f"{where}[{i}]") for i, v in enumerate(x)]
+    if isinstance(x, tuple):
+        return {TAG: "tuple", "items": [_encode(v, f"{where}[{i}]") for i, v in enumerate(x)]}
+    kind, arr = _as_array(x)
+    if arr is not None and arr.dtype.kind in "biuf":
+        return {TAG: kind, "dtype": arr.dtype.str, "shape": list(arr.shape),
+                "data": [_encode(v, where) for v in arr.reshape(-1).tolist()]}
+    raise TypeError(
+        f"{where}: cannot store a {type(x).__name__} in store metadata; use JSON types, tuples, "
+        "or numeric numpy/torch arrays (nothing is pickled)")
+
+
+def _as_array(x: Any) -> tuple[str, np.ndarray | None]:
+    if isinstance(x, np.ndarray):
+        return "ndarray", x
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return "", None
+    if isinstance(x, torch.Tensor):
+        return "tensor", x.detach().cpu().numpy()
+    return "", None
+
+
+def _decode(x: Any) -> Any:
+    if isinstance(x, list):
+        return [_decode(v) for v in x]
+    if not isinstance(x, dict):
+        return x
+    tag = x.get(TAG)
+    if tag is None:
+        return {k: _decode(v) for k, v in x.items()}
+    if tag == "float":
+        return float(x["value"])
+    if tag == "tuple":
+        return tuple(_decode(v) for v in x["items"])
+    if tag == "dict":
+        return {_decode(k): _decode(v) for k, v in x["items"]}
+    if tag in ("ndarray", "tensor"):
+        arr = np.array([_decode(v) for v in x["data"]], dtype=np.dtype(x["dtype"])).reshape(x["shape"])
+        if tag == "tensor":
+            import torch
+
+            return torch.from_numpy(arr)
+        return arr
+    raise ValueError(f"unknown tagged metadata value {tag!r}")
+
+
+def encode_meta(items: list[dict], name: str) -> bytes:
+    """UTF-8 JSON array of the encoded dicts; ``name`` labels errors (e.g. ``"stim_meta"``)."""
+    doc = []
+    for i, m in enumerate(items):
+        if not isinstance(m, dict):
+            raise TypeError(f"{name}[{i}] must be a dict, got {type(m).__name__}")
+        doc.append(_encode(m, f"{name}[{i}]"))
+    return json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+def decode_meta(data: bytes) -> list[dict]:
+    """Inverse of :func:`encode_meta`."""
+    return [_decode(m) for m in json.loads(data.decode("utf-8"))]

@@ -1,0 +1,95 @@
+"""Where a store lives: a URL plus fsspec ``storage_options``.
+
+A :class:`Location` turns a user URL (local path, ``file://``, ``memory://``,
+``s3://``, ``http(s)://`` or any fsspec protocol) into a zarr store for
+reading or writing and into an fsspec file system for the few whole-store
+operations (existence, listing, removal, rename) zarr does not offer.
+Credentials stay in ``storage_options`` in memory; nothing here writes them.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ReadOnlyStoreError
+
+READ_ONLY_PROTOCOLS = ("http", "https")
+ROOT_KEY = "zarr.json"
+
+
+def _protocol(url: str) -> str:
+    head, sep, _ = url.partition("://")
+    return head.lower() if sep else "file"
+
+
+def canonical_url(url: str) -> str:
+    """Absolute local path for local URLs (``file://`` stripped), else the URL without a trailing ``/``."""
+    url = os.fspath(url)
+    if _protocol(url) == "file":
+        path = url[len("file://"):] if url.startswith("file://") else url
+        return os.path.abspath(os.path.expanduser(path))
+    return url.rstrip("/")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A store URL and the fsspec options needed to reach it."""
+
+    url: str
+    storage_options: dict[str, Any] | None = field(default=None, compare=False)
+
+    @classmethod
+    def parse(cls, url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> "Location":
+        return cls(canonical_url(url), dict(storage_options) if storage_options else None)
+
+    @property
+    def protocol(self) -> str:
+        return _protocol(self.url)
+
+    @property
+    def is_local(self) -> bool:
+        return self.protocol == "file"
+
+    @property
+    def read_only(self) -> bool:
+        return self.protocol in READ_ONLY_PROTOCOLS
+
+    def check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyStoreError(
+                f"cannot write to {self.url}: {self.protocol}:// stores are read-only. Write the store "
+                "to a local folder or an object store (s3://...) and publish that folder over HTTP.")
+
+    def zarr_store(self, *, read_only: bool = True):
+        """A zarr v3 store rooted at this location (LocalStore or FsspecStore)."""
+        from zarr.storage import FsspecStore, LocalStore
+
+        if self.is_local:
+            return LocalStore(self.url, read_only=read_only)
+        return FsspecStore.from_url(self.url, storage_options=self.storage_options, read_only=read_only)
+
+    def filesystem(self):
+        """``(fs, path)``: a synchronous fsspec file system and this location's path in it."""
+        import fsspec
+
+        return fsspec.url_to_fs(self.url, **(self.storage_options or {}))
+
+    def child(self, key: str) -> str:
+        """URL of ``key`` inside this store."""
+        return f"{self.url}/{key}"
+
+    def sibling(self, name: str) -> "Location":
+        """A location next to this one, in the same parent folder or prefix."""
+        parent = os.path.dirname(self.url) if self.is_local else posixpath.dirname(self.url)
+        joined = os.path.join(parent, name) if self.is_local else f"{parent}/{name}"
+        return Location(joined, self.storage_options)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.url) if self.is_local else posixpath.basename(self.url)
+
+    def __str__(self) -> str:
+        return self.url

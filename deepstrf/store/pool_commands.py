@@ -1,0 +1,94 @@
+"""``deepstrf concat`` and ``deepstrf plot``: write a pool, draw a coverage matrix."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from ..datasets.neural_dataset import NeuralDataset
+from ..utils.data import concat_neural_datasets
+from .dataset import open_dataset
+
+MAX_PIXELS = 1500  # coverage images are block-reduced to at most this many rows/columns
+
+
+def concat_main(args: argparse.Namespace) -> int:
+    """Pool the stores at ``args.sources`` into a new pool at ``args.out``."""
+    if args.name is not None and len(args.name) != len(args.sources):
+        raise SystemExit(f"deepstrf concat: got {len(args.name)} --name for {len(args.sources)} sources; "
+                         "give one --name per source or none")
+    opened = [open_dataset(u, storage_options=args.storage_options, **_open_kw(args, u)) for u in args.sources]
+    pool = concat_neural_datasets(opened, names=args.name, store=args.out, storage_options=args.storage_options,
+                                  overwrite=args.overwrite, allowed_roots=args.allow_root)
+    info = pool.summary()
+    print(f"wrote pool {args.out}: {info['S']} stims x {info['N']} neurons from {len(info['sources'])} sources, "
+          f"coverage {info['coverage']:.1%}")
+    for src in pool.pool_sources:
+        print(f"  {src['name']}: {src['ref']} ({src['n_stims']} x {src['n_neurons']})")
+    return 0
+
+
+def _open_kw(args: argparse.Namespace, url: str) -> dict:
+    """Pools given as inputs are opened with the caller's allowed roots."""
+    from .reader import open_group
+
+    fmt = dict(open_group(_location(url, args)).attrs).get("format")
+    return {"allowed_roots": args.allow_root} if fmt == "deepstrf.pool" else {}
+
+
+def _location(url: str, args: argparse.Namespace):
+    from .location import Location
+
+    return Location.parse(url, args.storage_options)
+
+
+def plot_main(args: argparse.Namespace) -> int:
+    """Save the coverage matrix of the store at ``args.url`` as an image."""
+    ds = open_dataset(args.url, storage_options=args.storage_options, **_open_kw(args, args.url))
+    plot_coverage(ds, args.output, title=args.url)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def plot_coverage(ds: NeuralDataset, path: str, title: str | None = None) -> None:
+    """Draw ``ds.nrn_masks`` (stims x neurons) with each source's block outlined and labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    mask = ds.nrn_masks
+    image, fs, fn = _reduce(mask)
+    fig, ax = plt.subplots(figsize=(8, 6), dpi=120)
+    ax.imshow(image, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1,
+              extent=(0, mask.shape[1], mask.shape[0], 0))
+    colors = plt.get_cmap("tab10")
+    for k, (name, stims, neurons) in enumerate(ds.source_blocks()):
+        ax.add_patch(Rectangle((neurons.start, stims.start), len(neurons), len(stims), fill=False,
+                               edgecolor=colors(k % 10), linewidth=1.5))
+        ax.text(neurons.start + 0.5, stims.start + 0.5, f"{name}\n{len(stims)}x{len(neurons)}",
+                color=colors(k % 10), va="top", ha="left", fontsize=9, weight="bold",
+                bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none"})
+    ax.set_xlabel("neuron")
+    ax.set_ylabel("stimulus")
+    cov = float(mask.float().mean()) if mask.numel() else 0.0
+    ax.set_title(f"{title or 'coverage'}\n{mask.shape[0]} stims x {mask.shape[1]} neurons, "
+                 f"{cov:.1%} recorded" + (f" (shown {fs}x{fn}-reduced)" if fs * fn > 1 else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _reduce(mask: torch.Tensor) -> tuple[np.ndarray, int, int]:
+    """Fraction recorded per block, so that huge pools still plot in bounded memory."""
+    S, N = mask.shape
+    fs, fn = max(1, -(-S // MAX_PIXELS)), max(1, -(-N // MAX_PIXELS))
+    if fs == fn == 1:
+        return mask.numpy().astype(np.float32), 1, 1
+    padded = torch.zeros((-(-S // fs) * fs, -(-N // fn) * fn))
+    padded[:S, :N] = mask.float()
+    image = padded.view(padded.shape[0] // fs, fs, padded.shape[1] // fn, fn).mean(dim=(1, 3))
+    return image.numpy(), fs, fn

@@ -1,0 +1,282 @@
+"""Reading a source store: open a group, load its index, fetch cells and stims.
+
+:class:`SourceReader` is the only object that talks to zarr. It pickles as
+its URL, ``storage_options`` and attributes, and reopens its zarr handles
+lazily in each process (fsspec/s3fs clients are not fork-safe). All reads of
+response cells go through :meth:`SourceReader.read_rows`: one concurrent
+group of contiguous range reads for any number of stims.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from ..datasets.views import RawRow
+from ..errors import IncompleteStoreError, IntegrityError, StoreError, StoreNotFoundError
+from . import format as fmt
+from .atomic import store_state
+from .integrity import MissingChunk, StrictStore
+from .jsonmeta import decode_meta
+from .location import Location
+
+_TRANSPORT_ERRORS = (OSError, TimeoutError, asyncio.TimeoutError)
+
+
+def open_group(loc: Location) -> zarr.Group:
+    """Open the zarr group at ``loc`` read-only (one small read with consolidated metadata)."""
+    if loc.is_local and not os.path.isdir(loc.url):
+        raise StoreNotFoundError(f"no store at {loc.url}: the folder does not exist. Check the path.")
+    try:
+        return zarr.open_group(StrictStore(loc.zarr_store(read_only=True)), mode="r", zarr_format=3)
+    except FileNotFoundError:
+        pass
+    except ValueError as e:
+        raise IntegrityError(f"{loc.url}: the root zarr.json cannot be parsed ({e}); the store is damaged. "
+                             "Re-create it from its source.") from e
+    if not loc.read_only and store_state(loc) == "partial":
+        raise IncompleteStoreError(
+            f"{loc.url} holds an incomplete store (no root zarr.json: an interrupted write?). "
+            "Write it again with save_dataset(..., overwrite=True).")
+    raise StoreNotFoundError(f"no store at {loc.url} (no root zarr.json). Check the URL and storage_options.")
+
+
+def _is_transport_error(e: BaseException) -> bool:
+    return isinstance(e, _TRANSPORT_ERRORS) and not isinstance(e, MissingChunk)
+
+
+@dataclass
+class Index:
+    """Per-cell and per-stim index of a source, held in memory once loaded."""
+
+    offsets: np.ndarray       # (S*N+1,) int64: cell (s, n) is values[offsets[s*N+n]:offsets[s*N+n+1]]
+    repeats: np.ndarray       # (S, N): repeats per cell, 0 = missing
+    stim_offsets: np.ndarray  # (S+1,) int64
+    stim_shapes: np.ndarray   # (S, ndim) int64
+
+
+class SourceReader:
+    """Lazy access to one source store's arrays."""
+
+    def __init__(self, loc: Location, attrs: dict[str, Any]) -> None:
+        self.loc = loc
+        self.attrs = attrs
+        self.n_stims = int(attrs["n_stims"])
+        self.n_neurons = int(attrs["n_neurons"])
+        self._handles: tuple[int, dict[str, Any]] | None = None
+        self._index: Index | None = None
+
+    @property
+    def url(self) -> str:
+        return self.loc.url
+
+    # -- pickling: by URL, reopened lazily -------------------------------------
+    def __getstate__(self) -> dict:
+        return {"loc": self.loc, "attrs": self.attrs}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["loc"], state["attrs"])
+
+    # -- handles ---------------------------------------------------------------
+    def bind(self, group: zarr.Group) -> None:
+        """Use an already opened group for this process (saves a read at open)."""
+        handles = {}
+        for name in fmt.ARRAYS:
+            try:
+                handles[name] = group[name]._async_array
+            except KeyError:
+                raise IntegrityError(
+                    f"{self.url}: array {name!r} is missing from the store; it is damaged or was not "
+                    "written by deepstrf. Re-create it from its source.") from None
+        self._handles = (os.getpid(), handles)
+
+    def arrays(self) -> dict[str, Any]:
+        if self._handles is None or self._handles[0] != os.getpid():
+            self.bind(open_group(self.loc))
+        return self._handles[1]
+
+    def gather(self, requests: Sequence[tuple[str, slice]]) -> list[Any]:
+        arrays = self.arrays()
+
+        async def run():
+            return await asyncio.gather(*(arrays[name].getitem(sel) for name, sel in requests),
+                                        return_exceptions=True)
+
+        return sync(run())
+
+    def read_whole(self, names: Sequence[str]) -> list[np.ndarray]:
+        """Whole arrays, read concurrently; errors name the array."""
+        out = self.gather([(n, Ellipsis) for n in names])
+        for name, res in zip(names, out):
+            if isinstance(res, BaseException):
+                raise self.error(res, f"array {name!r}") from res
+        return [np.asarray(r) for r in out]
+
+    def error(self, e: BaseException, what: str) -> StoreError:
+        if _is_transport_error(e):
+            return StoreError(f"{self.url}: reading {what} failed: {type(e).__name__}: {e}. "
+                              "Check the connection and credentials, then retry.")
+        return IntegrityError(f"{self.url}: stored data of {what} is corrupt, truncated or missing "
+                              f"({type(e).__name__}: {e}). Run `deepstrf verify {self.url}` and "
+                              "re-create the store from its source.")
+
+    # -- metadata and index ------------------------------------------------------
+    def read_meta(self) -> tuple[list[dict], list[dict]]:
+        stim_raw, nrn_raw = self.read_whole([fmt.STIM_META, fmt.NRN_META])
+        out = []
+        for name, raw, n in ((fmt.STIM_META, stim_raw, self.n_stims), (fmt.NRN_META, nrn_raw, self.n_neurons)):
+            try:
+                items = decode_meta(raw.tobytes())
+            except (ValueError, KeyError, TypeError) as e:
+                raise IntegrityError(f"{self.url}: {name} is not valid metadata JSON ({e}); the store is damaged.") from e
+            if len(items) != n:
+                raise IntegrityError(f"{self.url}: {name} has {len(items)} entries, expected {n}; the store is damaged.")
+            out.append(items)
+        return out[0], out[1]
+
+    def index(self) -> Index:
+        if self._index is None:
+            offsets, repeats, stim_offsets, stim_shapes = self.read_whole(
+                [fmt.OFFSETS, fmt.REPEATS, fmt.STIM_OFFSETS, fmt.STIM_SHAPES])
+            index = Index(offsets.astype(np.int64, copy=False), repeats.astype(np.int64),
+                          stim_offsets.astype(np.int64, copy=False), stim_shapes.astype(np.int64, copy=False))
+            problem = index_problem(index, self.n_stims, self.n_neurons,
+                                    self.arrays()[fmt.VALUES].shape[0], self.arrays()[fmt.STIM_VALUES].shape[0])
+            if problem:
+                raise IntegrityError(f"{self.url}: the index arrays are inconsistent ({problem}); the store is "
+                                     "damaged. Re-create it from its source.")
+            self._index = index
+        return self._index
+
+    def mask(self) -> np.ndarray:
+        """``(S, N)`` bool: True where the cell holds data."""
+        return self.index().repeats > 0
+
+    # -- data --------------------------------------------------------------------
+    def read_stim(self, s: int) -> np.ndarray:
+        idx = self.index()
+        sel = slice(int(idx.stim_offsets[s]), int(idx.stim_offsets[s + 1]))
+        (res,) = self.gather([(fmt.STIM_VALUES, sel)])
+        if isinstance(res, BaseException):
+            raise self.error(res, f"stim {s} ({fmt.STIM_VALUES}[{sel.start}:{sel.stop}])") from res
+        return np.asarray(res).reshape(tuple(idx.stim_shapes[s]))
+
+    def read_rows(self, stims: Sequence[int], neurons: Sequence[int] | None = None) -> list[RawRow]:
+        """Valid cells of each stim in ``stims`` among ``neurons`` (all by default), in stored dtype.
+
+        All needed byte ranges are coalesced (cells sharing or touching a
+        chunk become one range) and fetched in one concurrent group.
+        """
+        idx = self.index()
+        N = self.n_neurons
+        nrn = np.arange(N, dtype=np.int64) if neurons is None else np.asarray(list(neurons), dtype=np.int64)
+        plans = []
+        for s in stims:
+            keep = nrn[idx.repeats[s, nrn] > 0] if nrn.size else nrn
+            ids = s * N + keep
+            plans.append((s, keep, idx.offsets[ids], idx.offsets[ids + 1]))
+        starts = np.concatenate([p[2] for p in plans]) if plans else np.zeros(0, np.int64)
+        ends = np.concatenate([p[3] for p in plans]) if plans else np.zeros(0, np.int64)
+        spans = _coalesce(starts, ends, fmt.chunk_elems(self.arrays()[fmt.VALUES].dtype))
+        results = self.gather([(fmt.VALUES, slice(a, b)) for a, b in spans])
+        for (a, b), res in zip(spans, results):
+            if isinstance(res, BaseException):
+                raise self.cell_error(res, a, b) from res
+        span_starts = np.array([a for a, _ in spans], dtype=np.int64)
+        rows = []
+        for s, keep, st, en in plans:
+            reps = idx.repeats[s, keep]
+            lengths = np.where(reps > 0, (en - st) // np.maximum(reps, 1), 0)
+            rows.append(RawRow(stim=int(s), neurons=keep, repeats=reps, lengths=lengths,
+                               values=_assemble(st, en, span_starts, spans, results, self.arrays()[fmt.VALUES].dtype)))
+        return rows
+
+    def cell_error(self, e: BaseException, a: int, b: int) -> StoreError:
+        """Error for a failed read of values[a:b], naming the bad chunk(s) and the cells they hold."""
+        if _is_transport_error(e):
+            return self.error(e, f"{fmt.VALUES}[{a}:{b}]")
+        C = fmt.chunk_elems(self.arrays()[fmt.VALUES].dtype)
+        L = self.arrays()[fmt.VALUES].shape[0]
+        chunks = list(range(a // C, (b - 1) // C + 1))
+        results = self.gather([(fmt.VALUES, slice(k * C, min((k + 1) * C, L))) for k in chunks])
+        bad = [k for k, r in zip(chunks, results) if isinstance(r, BaseException)] or chunks
+        cells = describe_cells(self.index(), self.n_neurons, bad[0] * C, min((bad[-1] + 1) * C, L))
+        return IntegrityError(
+            f"{self.url}: stored responses are corrupt, truncated or missing in {fmt.VALUES} chunk(s) "
+            f"{', '.join(f'c/{k}' for k in bad)} holding {cells} ({type(e).__name__}: {e}). "
+            f"Run `deepstrf verify {self.url}` and re-create the store from its source.")
+
+
+def _coalesce(starts: np.ndarray, ends: np.ndarray, chunk: int) -> list[tuple[int, int]]:
+    """Merge ranges that share or touch a chunk into contiguous spans (empty ranges dropped)."""
+    keep = ends > starts
+    if not keep.any():
+        return []
+    order = np.argsort(starts[keep], kind="stable")
+    st, en = starts[keep][order], ends[keep][order]
+    spans = []
+    a, b = int(st[0]), int(en[0])
+    for x, y in zip(st[1:].tolist(), en[1:].tolist()):
+        if x // chunk <= (b - 1) // chunk + 1:
+            b = max(b, y)
+        else:
+            spans.append((a, b))
+            a, b = x, y
+    spans.append((a, b))
+    return spans
+
+
+def _assemble(st: np.ndarray, en: np.ndarray, span_starts: np.ndarray, spans: list[tuple[int, int]],
+              results: list[Any], dtype: np.dtype) -> np.ndarray:
+    """Values of cells ``[st[i], en[i])`` concatenated, as a view when they are contiguous."""
+    nonempty = en > st
+    if not nonempty.any():
+        return np.zeros(0, dtype=dtype)
+    first = int(st[nonempty][0])
+    k = int(np.searchsorted(span_starts, first, side="right") - 1)
+    a, b = spans[k]
+    if np.array_equal(st[nonempty][1:], en[nonempty][:-1]) and int(en[nonempty][-1]) <= b:
+        return np.asarray(results[k])[first - a:int(en[nonempty][-1]) - a]
+    pieces = []
+    for x, y in zip(st[nonempty].tolist(), en[nonempty].tolist()):
+        k = int(np.searchsorted(span_starts, x, side="right") - 1)
+        pieces.append(np.asarray(results[k])[x - spans[k][0]:y - spans[k][0]])
+    return np.concatenate(pieces)
+
+
+def index_problem(idx: Index, S: int, N: int, n_values: int, n_stim_values: int) -> str | None:
+    """A description of the first inconsistency in the index arrays, or None."""
+    off, reps = idx.offsets, idx.repeats
+    if off.shape != (S * N + 1,) or reps.shape != (S, N):
+        return f"offsets has shape {off.shape}, repeats {reps.shape}; expected ({S * N + 1},) and ({S}, {N})"
+    counts = np.diff(off)
+    if off[0] != 0 or (counts < 0).any() or off[-1] != n_values:
+        return f"offsets must rise from 0 to len(values)={n_values}"
+    r = reps.reshape(-1)
+    if (r < 0).any() or (counts[r == 0] != 0).any() or (counts[r > 0] % r[r > 0] != 0).any():
+        return "a cell's value count is not a multiple of its repeat count"
+    so, shapes = idx.stim_offsets, idx.stim_shapes
+    if so.shape != (S + 1,) or shapes.shape[0] != S:
+        return f"stims/offsets has shape {so.shape}, stims/shapes {shapes.shape}; expected ({S + 1},) and ({S}, ndim)"
+    if so[0] != 0 or so[-1] != n_stim_values or not np.array_equal(np.diff(so), shapes.prod(axis=1)):
+        return "stims/offsets does not match stims/shapes and len(stims/values)"
+    return None
+
+
+def describe_cells(idx: Index, N: int, a: int, b: int) -> str:
+    """Human description of the cells overlapping values[a:b], e.g. ``stim 3 neurons 10-14``."""
+    first = int(np.searchsorted(idx.offsets, a, side="right") - 1)
+    last = int(np.searchsorted(idx.offsets, b, side="left") - 1)
+    first, last = max(first, 0), max(last, first)
+    s0, n0 = divmod(first, N)
+    s1, n1 = divmod(last, N)
+    if s0 == s1:
+        return f"stim {s0} neuron{'s' if n1 > n0 else ''} {n0}{f'-{n1}' if n1 > n0 else ''}"
+    return f"stims {s0}-{s1} (from stim {s0} neuron {n0} to stim {s1} neuron {n1})"

@@ -1,0 +1,250 @@
+"""``save_dataset``: write any deepSTRF-style dataset object as a format-v1 source store."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..datasets import views
+from . import format as fmt
+from .atomic import Staging, staged_write, stored_bytes
+from .integrity import array_digest, content_hasher, fingerprint, update
+from .jsonmeta import encode_meta
+from .location import Location
+
+ROWS_PER_READ = 4        # stims read from the source per batched call
+FLUSH_CHUNKS = 16        # chunks buffered before a (concurrent) write
+
+
+def save_dataset(ds: Any, url: str | os.PathLike, *, storage_options: dict | None = None,
+                 overwrite: bool = False, progress: bool | None = None) -> str:
+    """Write ``ds`` as a Zarr v3 source store at ``url`` and return its fingerprint.
+
+    ``ds`` is any object with ``dt`` (or ``dt_ms``), ``N_neurons``, ``stims``,
+    ``responses[s][n]``, ``stim_meta`` and ``nrn_meta`` (and ``F`` or ``H``/``W``),
+    e.g. a deepstrf or deepSTRF dataset. ``overwrite=False`` refuses an
+    existing store; a failed write leaves ``url`` as it was. ``progress``
+    shows a bar (default: when writing to a terminal).
+    """
+    loc = Location.parse(url, storage_options)
+    loc.check_writable()
+    base = describe(ds)
+    with staged_write(loc, overwrite=overwrite) as staging:
+        attrs = _write(staging, ds, base, progress)
+    return attrs["fingerprint"]
+
+
+def describe(ds: Any) -> dict[str, Any]:
+    """Content attributes of ``ds`` (everything but the arrays), checking its shape."""
+    dt = getattr(ds, "dt", None)
+    dt = getattr(ds, "dt_ms", None) if dt is None else dt
+    if isinstance(dt, bool) or not isinstance(dt, (int, float)) or not dt > 0:
+        raise ValueError(f"save_dataset: the dataset's dt (bin width in ms) must be a positive number, got {dt!r}")
+    S, N = len(ds.stim_meta), int(ds.N_neurons)
+    for what, n, want in (("stims", len(ds.stims), S), ("responses", len(ds.responses), S),
+                          ("nrn_meta", len(ds.nrn_meta), N)):
+        if n != want:
+            raise ValueError(f"save_dataset: len({what}) is {n}, expected {want} (S={S} stims, N={N} neurons)")
+    if S == 0 or N == 0:
+        raise ValueError(f"save_dataset: nothing to save (S={S} stims, N={N} neurons)")
+    mro = {c.__name__ for c in type(ds).__mro__}
+    if "VideoNeuralDataset" in mro or ("AudioNeuralDataset" not in mro and _positive(ds, "H", "W")):
+        kind = "video"
+    elif "AudioNeuralDataset" in mro or _positive(ds, "F"):
+        kind = "audio"
+    else:
+        kind = "neural"
+    attrs: dict[str, Any] = {
+        "format": fmt.SOURCE_FORMAT, "format_version": fmt.FORMAT_VERSION, "kind": kind,
+        "class_name": getattr(ds, "class_name", None) or type(ds).__name__,
+        "name": getattr(ds, "name", None) if isinstance(getattr(ds, "name", None), str) else None,
+        "dt_ms": float(dt), "n_stims": S, "n_neurons": N,
+    }
+    if kind == "audio":
+        hr = getattr(ds, "hearing_range_hz", None)
+        attrs.update(F=int(ds.F), audio_fs=getattr(ds, "audio_fs", None),
+                     hearing_range_hz=None if hr is None else [float(v) for v in hr])
+    elif kind == "video":
+        attrs.update(H=int(ds.H), W=int(ds.W))
+    card = getattr(ds, "card", None)
+    attrs["card"] = _json_card(card) if isinstance(card, dict) else None
+    return attrs
+
+
+def _positive(ds: Any, *names: str) -> bool:
+    return all(isinstance(getattr(ds, n, None), int) and getattr(ds, n) > 0 for n in names)
+
+
+def _json_card(card: dict) -> dict:
+    import json
+
+    try:
+        return json.loads(json.dumps(card, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"save_dataset: the dataset card must be JSON (name, license, citation, description): {e}")
+
+
+class _Widen(Exception):
+    """Raised by a pass that met values its array's dtype cannot hold."""
+
+    def __init__(self, dtype: np.dtype) -> None:
+        self.dtype = dtype
+
+
+class _Appender:
+    """Appends 1-D pieces to a growing zarr array, in whole chunks, hashing the content."""
+
+    def __init__(self, group: zarr.Group, name: str, dtype: np.dtype) -> None:
+        self.dtype = np.dtype(dtype)
+        self.chunk = fmt.chunk_elems(self.dtype)
+        self.array = group.create_array(name, shape=(0,), dtype=self.dtype, chunks=(self.chunk,),
+                                        overwrite=True, **fmt.codecs(self.dtype))
+        self.hasher = content_hasher()
+        self.pending: list[np.ndarray] = []
+        self.n_pending = 0
+        self.written = 0
+
+    def append(self, piece: np.ndarray, needed: np.dtype) -> None:
+        if fmt.widen(self.dtype, needed) != self.dtype:
+            raise _Widen(needed)
+        piece = piece.reshape(-1).astype(self.dtype, copy=False)
+        update(self.hasher, piece)
+        self.pending.append(piece)
+        self.n_pending += piece.size
+        if self.n_pending >= FLUSH_CHUNKS * self.chunk:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        data = np.concatenate(self.pending) if self.pending else np.zeros(0, self.dtype)
+        n = data.size if final else data.size - data.size % self.chunk
+        if n:
+            self.array.resize((self.written + n,))
+            self.array[self.written:self.written + n] = data[:n]
+            self.written += n
+        self.pending = [data[n:]] if n < data.size else []
+        self.n_pending = data.size - n
+
+    def finish(self) -> tuple[np.dtype, str, int]:
+        self._flush(final=True)
+        return self.dtype, array_digest(self.hasher), self.written
+
+
+def _ragged_pass(group: zarr.Group, name: str, first: np.dtype,
+                 run: Callable[[_Appender], None]) -> tuple[np.dtype, str, int]:
+    """Run ``run`` into a fresh array, restarting with a wider dtype when it asks for one."""
+    dtype = np.dtype(first)
+    while True:
+        app = _Appender(group, name, dtype)
+        try:
+            run(app)
+        except _Widen as w:
+            dtype = fmt.widen(dtype, w.dtype)
+            continue
+        return app.finish()
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _write_small(group: zarr.Group, name: str, data: np.ndarray, digests: dict, text: bool = False) -> None:
+    rows = int(np.prod(data.shape[1:])) if data.ndim > 1 else 1
+    chunks = (fmt.chunk_elems(data.dtype, rows), *data.shape[1:])
+    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
+                             **fmt.codecs(data.dtype, text=text))
+    if data.size:
+        arr[...] = data
+    h = content_hasher()
+    update(h, data)
+    digests[name] = array_digest(h)
+
+
+def _write(staging: Staging, ds: Any, attrs: dict[str, Any], progress: bool | None) -> dict[str, Any]:
+    S, N = attrs["n_stims"], attrs["n_neurons"]
+    root = zarr.create_group(store=staging.store, zarr_format=3, attributes={"format": fmt.SOURCE_FORMAT})
+    for sub in ("responses", "stims", "meta"):
+        root.create_group(sub)
+    digests: dict[str, str] = {}
+
+    # stimuli: flattened values + offsets + shapes, in their own dtype
+    shapes: list[tuple[int, ...]] = []
+
+    def stims_pass(app: _Appender) -> None:
+        shapes.clear()
+        for s in range(S):
+            x = _to_numpy(ds.stims[s])
+            if shapes and x.ndim != len(shapes[0]):
+                raise ValueError(f"save_dataset: stims[{s}] has {x.ndim} dims, stims[0] has {len(shapes[0])}; "
+                                 "all stimuli must have the same number of dimensions")
+            shapes.append(x.shape)
+            app.append(x, x.dtype)
+
+    first_stim = _to_numpy(ds.stims[0]).dtype
+    stim_dtype, digests[fmt.STIM_VALUES], _ = _ragged_pass(root, fmt.STIM_VALUES, first_stim, stims_pass)
+    shape_arr = np.array(shapes, dtype=np.int64).reshape(S, -1)
+    _write_small(root, fmt.STIM_SHAPES, shape_arr, digests)
+    sizes = shape_arr.prod(axis=1) if shape_arr.shape[1] else np.ones(S, np.int64)
+    _write_small(root, fmt.STIM_OFFSETS, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), digests)
+
+    # responses: ragged values (stim-major, neuron-minor) + per-cell repeats and offsets
+    repeats = np.zeros((S, N), dtype=np.int64)
+    counts = np.zeros((S, N), dtype=np.int64)
+    bar = tqdm(total=S, desc=f"save {os.path.basename(staging.location.url) or 'store'}", unit="stim",
+               disable=None if progress is None else not progress, leave=False)
+
+    def responses_pass(app: _Appender) -> None:
+        repeats[:] = 0
+        counts[:] = 0
+        bar.reset()
+        for start in range(0, S, ROWS_PER_READ):
+            batch = list(range(start, min(S, start + ROWS_PER_READ)))
+            for row in views.read_raw_rows(ds.responses, batch, range(N)):
+                repeats[row.stim, row.neurons] = row.repeats
+                counts[row.stim, row.neurons] = row.repeats * row.lengths
+                values = np.asarray(row.values)
+                app.append(values, fmt.value_dtype(values))
+                bar.update(1)
+
+    try:
+        value_dtype, digests[fmt.VALUES], n_values = _ragged_pass(root, fmt.VALUES, np.uint8, responses_pass)
+    finally:
+        bar.close()
+    valid = repeats > 0
+    _write_small(root, fmt.REPEATS, repeats.astype(fmt.smallest_int(0, int(repeats.max()))), digests)
+    offsets = np.concatenate([[0], np.cumsum(counts.reshape(-1))]).astype(np.int64)
+    _write_small(root, fmt.OFFSETS, offsets, digests)
+
+    for name, items, label in ((fmt.STIM_META, ds.stim_meta, "stim_meta"), (fmt.NRN_META, ds.nrn_meta, "nrn_meta")):
+        _write_small(root, name, np.frombuffer(encode_meta(list(items), label), dtype=np.uint8), digests, text=True)
+
+    lengths = counts[valid] // repeats[valid]
+    attrs.update(
+        stim_dtype=str(stim_dtype), stim_ndim=int(shape_arr.shape[1]), response_dtype=str(value_dtype),
+        stats={
+            "valid_cells": int(valid.sum()), "values": int(n_values), "stim_values": int(sizes.sum()),
+            "repeats_min": int(repeats[valid].min()) if valid.any() else 0,
+            "repeats_max": int(repeats.max()),
+            "T_min": int(lengths.min()) if lengths.size else 0,
+            "T_max": int(lengths.max()) if lengths.size else 0,
+            "float32_bytes": int(4 * (n_values + sizes.sum())),
+        },
+        arrays=dict(sorted(digests.items())),
+    )
+    attrs["fingerprint"] = fingerprint(attrs)
+    attrs["written_by"] = f"deepstrf {__version__}"
+    attrs["nbytes_stored"] = stored_bytes(staging.location)
+    root.update_attributes(attrs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(staging.store)
+    return attrs
