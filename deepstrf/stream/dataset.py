@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+from concurrent.futures import ThreadPoolExecutor
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,6 +43,7 @@ class Opened:
     selection: reader.Selection   # global neuron ids items expose, in item order
     pos_of: np.ndarray            # global neuron id -> position in the selection, or -1
     read_neurons: list[int] | None  # what to pass to read_raw_rows (None: all neurons)
+    stim_pool: ThreadPoolExecutor   # reads a batch's stimuli concurrently with its responses
 
 
 class StreamingNeuralDataset(IterableDataset):
@@ -149,7 +151,8 @@ class StreamingNeuralDataset(IterableDataset):
                           and bool((np.diff(selection.neurons) > 0).all()))
             self._opened = Opened(os.getpid(), ds, np.asarray(ds.visible_stims(), dtype=np.int64), selection,
                                   selection.positions(ds.N_neurons),
-                                  None if everything else selection.neurons.tolist())
+                                  None if everything else selection.neurons.tolist(),
+                                  ThreadPoolExecutor(max_workers=16, thread_name_prefix="deepstrf-stims"))
         return self._opened
 
     def _open(self) -> NeuralDataset:
@@ -303,10 +306,9 @@ class StreamingNeuralDataset(IterableDataset):
         ds = st.ds
         stims = st.visible[positions].tolist()
         start = time.perf_counter()
+        pending = [st.stim_pool.submit(self._read_stim, ds, s) for s in stims]
         rows = self._read_rows(st, stims)
-        stim_tensors = call_with_retries(lambda: [ds.stims[s] for s in stims],
-                                         what=f"stimuli {stims} from {self._where()}", policy=self.retry,
-                                         on_retry=lambda exc: self.counters.add(retries=1))
+        stim_tensors = [f.result() for f in pending]
         ordered = [reader.order_cells(r, st.pos_of) for r in rows]
         used = sum(r.values.nbytes for r in ordered) + sum(t.numel() * t.element_size() for t in stim_tensors)
         self._count_io(ds, fallback_bytes=used)
@@ -320,6 +322,10 @@ class StreamingNeuralDataset(IterableDataset):
         if self.collate == "compact":
             return reader.build_compact(ordered, stim_tensors, metas)
         return reader.build_dense(ordered, stim_tensors, metas, n_selected)
+
+    def _read_stim(self, ds: NeuralDataset, s: int) -> torch.Tensor:
+        return call_with_retries(lambda: ds.stims[s], what=f"stimulus {s} from {self._where()}",
+                                 policy=self.retry, on_retry=lambda exc: self.counters.add(retries=1))
 
     def _read_rows(self, st: Opened, stims: list[int]) -> list[views.RawRow]:
         """Rows of ``stims`` from the cache, else in one batched (retried) read."""
