@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 COMMANDS = {
     "demo": "deepstrf.demo.run:main",
-    "concat": "deepstrf.store.commands:concat_main",
+    "concat": "deepstrf.store.pool_commands:concat_main",
     "info": "deepstrf.store.commands:info_main",
     "verify": "deepstrf.store.commands:verify_main",
-    "plot": "deepstrf.store.commands:plot_main",
+    "plot": "deepstrf.store.pool_commands:plot_main",
     "bench": "deepstrf.stream.bench:main",
 }
 

@@ -77,9 +77,9 @@ class SyntheticAudioDataset(AudioNeuralDataset):
         rng = np.random.default_rng([seed, 0])
         S, N = spec.n_stims, spec.n_neurons
         self.lengths = rng.integers(spec.T_range[0], spec.T_range[1] + 1, size=S)
-        self.stim_meta = [{"uid": f"{spec.name}-stim{s:04d}", "type": STIM_TYPES[s % len(STIM_TYPES)],
+        self.stim_meta = [{"uid": f"{spec.name}-{seed}-stim{s:04d}", "type": STIM_TYPES[s % len(STIM_TYPES)],
                            "duration_ms": float(self.lengths[s] * spec.dt_ms)} for s in range(S)]
-        self.nrn_meta = [{"uid": f"{spec.name}-nrn{n:04d}", "area": spec.areas[n % len(spec.areas)],
+        self.nrn_meta = [{"uid": f"{spec.name}-{seed}-nrn{n:04d}", "area": spec.areas[n % len(spec.areas)],
                           "species": spec.species} for n in range(N)]
         self.N_neurons = N
         self.coverage = _coverage(rng, S, N, spec.coverage)

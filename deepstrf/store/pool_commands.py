@@ -92,3 +92,51 @@ def _reduce(mask: torch.Tensor) -> tuple[np.ndarray, int, int]:
     padded[:S, :N] = mask.float()
     image = padded.view(padded.shape[0] // fs, fs, padded.shape[1] // fn, fn).mean(dim=(1, 3))
     return image.numpy(), fs, fn
+
+
+def describe_pool(attrs: dict, url: str) -> dict:
+    """Plain-dict summary of a pool from its root attributes, with the dataset card per source."""
+    from .pool import pool_card
+
+    return {"url": url, "format": attrs["format"], "format_version": attrs["format_version"],
+            "kind": attrs["kind"], "class_name": attrs.get("class_name"), "S": attrs["n_stims"],
+            "N": attrs["n_neurons"], "dt_ms": attrs["dt_ms"],
+            **{k: attrs[k] for k in ("F", "H", "W") if attrs.get(k) is not None},
+            "fingerprint": attrs["fingerprint"], "sources": pool_card(attrs)}
+
+
+def print_pool(d: dict) -> None:
+    shape = "".join(f", {k}={d[k]}" for k in ("F", "H", "W") if k in d)
+    print(f"pool         {d['url']}\n"
+          f"kind         {d['kind']} ({d['class_name']}; {d['format']} v{d['format_version']})\n"
+          f"S x N        {d['S']} stims x {d['N']} neurons, dt {d['dt_ms']} ms{shape}\n"
+          f"fingerprint  {d['fingerprint']}\n"
+          f"sources      {len(d['sources'])} (dataset card below)")
+    for src in d["sources"]:
+        print(f"  - {src['name']}: {src['ref']} ({src['stims']} stims x {src['neurons']} neurons)")
+        for key in ("license", "citation", "description"):
+            if src.get(key):
+                print(f"      {key}: {src[key]}")
+
+
+def verify_pool(loc, *, allowed_roots=(), data: bool = False) -> list[str]:
+    """Problems found in a pool: version, coverage, references, fingerprints (and sources' data)."""
+    from ..errors import StoreError
+    from .verify import verify_source
+
+    try:
+        pool = open_dataset(loc.url, storage_options=loc.storage_options, allowed_roots=allowed_roots)
+    except (StoreError, ValueError) as e:
+        return [str(e)]
+    problems = []
+    expected = torch.zeros_like(pool.nrn_masks)
+    for k, (name, stims, neurons) in enumerate(pool.source_blocks()):
+        expected[stims.start:stims.stop, neurons.start:neurons.stop] = pool.responses.sources[k].nrn_masks
+    if not torch.equal(expected, pool.nrn_masks):
+        problems.append(f"pool {loc.url}: the stored coverage mask differs from the sources' masks")
+    if data:
+        from .location import Location
+
+        for src in pool.responses.sources:
+            problems += verify_source(Location.parse(src.store_url, src.storage_options))
+    return problems

@@ -1,0 +1,199 @@
+"""Pooled stores: references plus a coverage mask (CONTRACT §6)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import zarr
+from toydata import cells_equal
+
+import deepstrf
+from deepstrf.datasets.synthetic import SyntheticAudioDataset
+from deepstrf.errors import (FormatVersionError, SourceChangedError, StoreExistsError, StoreNotFoundError,
+                             UntrustedReferenceError)
+from deepstrf.store.pool import SourceChangedWarning
+from deepstrf.utils.data import concat_neural_datasets
+
+
+def make_sources(folder, time_scale=0.02, seeds=(1, 2)):
+    urls = []
+    for preset, seed in zip(("aa1", "aa2", "aa2"), seeds):
+        url = os.path.join(folder, f"{preset}-{seed}.zarr")
+        deepstrf.save_dataset(SyntheticAudioDataset(preset, scale=0.1 if preset == "aa1" else 0.03,
+                                                    time_scale=time_scale, seed=seed), url)
+        urls.append(url)
+    return urls
+
+
+@pytest.fixture
+def sources(tmp_path):
+    return make_sources(str(tmp_path))
+
+
+def assert_same_dataset(a, b):
+    assert type(a) is type(b)
+    assert (a.get_S(), a.N_neurons, a.dt, a.F) == (b.get_S(), b.N_neurons, b.dt, b.F)
+    assert a.stim_meta == b.stim_meta and a.nrn_meta == b.nrn_meta
+    assert torch.equal(a.nrn_masks, b.nrn_masks)
+    assert len(a) == len(b)
+    for s in range(a.get_S()):
+        assert torch.equal(a.stims[s], b.stims[s])
+        for n in range(a.N_neurons):
+            assert cells_equal(a.responses[s][n], b.responses[s][n])
+
+
+def test_pool_equals_in_memory_concat(sources, tmp_path):
+    opened = [deepstrf.open_dataset(u) for u in sources]
+    pool = concat_neural_datasets(opened, names=["x", "y"], store=str(tmp_path / "pool.zarr"))
+    again = deepstrf.open_dataset(str(tmp_path / "pool.zarr"))
+    memory = concat_neural_datasets([deepstrf.open_dataset(u) for u in sources], names=["x", "y"])
+    for d in (pool, again):
+        assert_same_dataset(d, memory)
+        d.select_pop_by_nrn_attr("dataset", "y")
+    memory.select_pop_by_nrn_attr("dataset", "y")
+    assert len(again) == len(memory) == opened[1].get_S()
+    assert all(cells_equal(x, y) for x, y in zip(again[0]["responses"], memory[0]["responses"]))
+    assert again.pool_sources[0]["ref"] == "aa1-1.zarr"  # relative: same root
+
+
+def test_pool_copies_no_data(tmp_path):
+    sizes = {}
+    for ts in (0.01, 0.1):
+        folder = tmp_path / f"t{ts}"
+        urls = make_sources(str(folder), time_scale=ts)
+        concat_neural_datasets([deepstrf.open_dataset(u) for u in urls], store=str(folder / "pool.zarr"))
+        sizes[ts] = sum(f.stat().st_size for f in (folder / "pool.zarr").rglob("*") if f.is_file())
+        src = sum(f.stat().st_size for u in urls for f in __import__("pathlib").Path(u).rglob("*") if f.is_file())
+        assert sizes[ts] < src
+    assert abs(sizes[0.1] - sizes[0.01]) < 64  # only the pool's fingerprint text may differ
+
+
+def test_move_pool_with_its_sources(sources, tmp_path):
+    concat_neural_datasets([deepstrf.open_dataset(u) for u in sources], store=str(tmp_path / "pool.zarr"))
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    shutil.move(str(tmp_path), str(moved))
+    try:
+        pool = deepstrf.open_dataset(str(moved / "pool.zarr"))
+        assert pool.pool_sources[1]["url"].startswith(str(moved))
+        assert len(pool) == pool.get_S()
+    finally:
+        shutil.rmtree(moved)
+
+
+def test_nested_pools_flatten(tmp_path):
+    a, b, c = make_sources(str(tmp_path), seeds=(1, 2, 3))
+    inner = concat_neural_datasets([deepstrf.open_dataset(a), deepstrf.open_dataset(b)], names=["a", "b"],
+                                   store=str(tmp_path / "inner.zarr"))
+    outer = concat_neural_datasets([inner, deepstrf.open_dataset(c)], names=None, store=str(tmp_path / "outer.zarr"))
+    assert [s["ref"] for s in outer.pool_sources] == ["aa1-1.zarr", "aa2-2.zarr", "aa2-3.zarr"]
+    assert outer.source_names == ["a", "b", "AA2"]
+    flat = concat_neural_datasets([deepstrf.open_dataset(u) for u in (a, b, c)], names=["a", "b", "AA2"])
+    assert_same_dataset(deepstrf.open_dataset(str(tmp_path / "outer.zarr")), flat)
+    again = concat_neural_datasets([deepstrf.open_dataset(c), deepstrf.open_dataset(a)], store=str(tmp_path / "rev.zarr"))
+    assert again.source_names == ["AA2", "AA1"]
+
+
+def test_changed_source_is_refused_unless_accepted(sources, tmp_path):
+    url = str(tmp_path / "pool.zarr")
+    concat_neural_datasets([deepstrf.open_dataset(u) for u in sources], names=["x", "y"], store=url)
+    deepstrf.save_dataset(SyntheticAudioDataset("aa2", scale=0.03, time_scale=0.02, seed=9), sources[1], overwrite=True)
+    with pytest.raises(SourceChangedError, match=r"source 'y' at .*aa2-2.zarr changed after pooling"):
+        deepstrf.open_dataset(url)
+    with pytest.warns(SourceChangedWarning):
+        pool = deepstrf.open_dataset(url, accept_changed_sources=True)
+    assert torch.equal(pool.nrn_masks[3:, 10:], deepstrf.open_dataset(sources[1]).nrn_masks)
+
+
+def test_missing_source_names_its_url(sources, tmp_path):
+    url = str(tmp_path / "pool.zarr")
+    concat_neural_datasets([deepstrf.open_dataset(u) for u in sources], store=url)
+    shutil.rmtree(sources[0])
+    with pytest.raises(StoreNotFoundError, match=r"source 'AA1' is missing at .*aa1-1.zarr"):
+        deepstrf.open_dataset(url)
+
+
+def test_references_outside_the_root_need_trust(tmp_path):
+    srcs = make_sources(str(tmp_path / "sources"))
+    url = str(tmp_path / "pools" / "pool.zarr")
+    concat_neural_datasets([deepstrf.open_dataset(u) for u in srcs], store=url)
+    with pytest.raises(UntrustedReferenceError, match="outside the pool's root"):
+        deepstrf.open_dataset(url)
+    ok = deepstrf.open_dataset(url, allowed_roots=[str(tmp_path / "sources")])
+    assert ok.pool_sources[0]["ref"] == srcs[0]  # absolute: not under the pool's root
+    assert len(deepstrf.open_dataset(url, trust=True)) == ok.get_S()
+
+
+def _edit_root(url, fn):
+    path = os.path.join(url, "zarr.json")
+    doc = json.load(open(path))
+    fn(doc["attributes"])
+    if "consolidated_metadata" in doc:
+        doc["consolidated_metadata"] = None
+    json.dump(doc, open(path, "w"))
+
+
+def test_escaping_reference_and_unknown_version_refused(sources, tmp_path):
+    url = str(tmp_path / "pool.zarr")
+    concat_neural_datasets([deepstrf.open_dataset(u) for u in sources], store=url)
+    _edit_root(url, lambda a: a["sources"][0].update(ref="../../etc/aa1.zarr"))
+    with pytest.raises(UntrustedReferenceError, match=r"references '../../etc/aa1.zarr'"):
+        deepstrf.open_dataset(url)
+    _edit_root(url, lambda a: a.update(format_version="2.0"))
+    with pytest.raises(FormatVersionError, match="version '2.0'"):
+        deepstrf.open_dataset(url)
+
+
+def test_overwrite_and_interrupted_write(sources, tmp_path, monkeypatch):
+    url = str(tmp_path / "pool.zarr")
+    opened = [deepstrf.open_dataset(u) for u in sources]
+    first = concat_neural_datasets(opened, names=["x", "y"], store=url)
+    with pytest.raises(StoreExistsError, match="overwrite=True"):
+        concat_neural_datasets(opened, store=url)
+
+    def crash(*a, **k):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(zarr, "consolidate_metadata", crash)
+    with pytest.raises(RuntimeError):
+        concat_neural_datasets(opened, names=["p", "q"], store=url, overwrite=True)
+    with pytest.raises(RuntimeError):
+        concat_neural_datasets(opened, store=str(tmp_path / "new.zarr"))
+    monkeypatch.undo()
+    assert deepstrf.open_dataset(url).source_names == first.source_names == ["x", "y"]
+    with pytest.raises(StoreNotFoundError):
+        deepstrf.open_dataset(str(tmp_path / "new.zarr"))
+    assert sorted(os.listdir(tmp_path)) == ["aa1-1.zarr", "aa2-2.zarr", "pool.zarr"]
+
+
+def test_in_memory_inputs_must_be_saved_first(tmp_path):
+    a = SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02, seed=1)
+    b = SyntheticAudioDataset("aa2", scale=0.03, time_scale=0.02, seed=2)
+    with pytest.raises(ValueError, match=r"source 'AA1'.*Save it first with deepstrf.save_dataset"):
+        concat_neural_datasets([a, b], store=str(tmp_path / "pool.zarr"))
+    opened = deepstrf.open_dataset(make_sources(str(tmp_path))[0])
+    opened.smooth_responses(5.0)
+    with pytest.raises(ValueError, match="transforms or edits"):
+        concat_neural_datasets([opened, opened], store=str(tmp_path / "pool.zarr"))
+    assert not os.path.exists(tmp_path / "pool.zarr")
+
+
+def test_cli_concat_info_verify_plot(sources, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "deepstrf.cli", *args], capture_output=True, text=True,
+                              cwd=tmp_path)
+
+    out = run("concat", "pool.zarr", *sources, "--name", "x", "--name", "y")
+    assert out.returncode == 0, out.stderr
+    assert "2 sources" in out.stdout
+    info = run("info", "pool.zarr")
+    assert info.returncode == 0, info.stderr
+    assert "license" in info.stdout.lower() and "CC0-1.0" in info.stdout
+    assert run("verify", "pool.zarr").returncode == 0
+    plot = run("plot", "pool.zarr", "-o", "cov.png")
+    assert plot.returncode == 0 and (tmp_path / "cov.png").stat().st_size > 1000
+    bad = run("concat", "pool.zarr", *sources)
+    assert bad.returncode != 0 and "overwrite" in bad.stderr
