@@ -1,0 +1,146 @@
+"""Data access and the training loop of the demo (compact batches only).
+
+:func:`compact_batches` is the one place that decides how batches are read:
+from a store through :class:`~deepstrf.StreamingNeuralDataset`, or, for an
+in-memory dataset, through a plain ``DataLoader`` with ``compact_collate``.
+Everything else consumes :class:`~deepstrf.datasets.collate.CompactBatch`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..datasets.collate import CompactBatch, compact_collate
+from ..datasets.neural_dataset import NeuralDataset
+from ..models import PooledEncodingModel, poisson_loss_compact
+
+
+def compact_batches(ds: NeuralDataset, *, batch_size: int, shuffle: bool, seed: int, epoch: int = 0,
+                    workers: int = 0, streaming: bool = True) -> Iterable[CompactBatch]:
+    """Batches of the visible items of ``ds`` (its current selections), as :class:`CompactBatch`.
+
+    ``streaming``: read through :class:`deepstrf.StreamingNeuralDataset`
+    (store-backed datasets); otherwise a map-style ``DataLoader``.
+    """
+    if streaming:
+        from ..stream import StreamingNeuralDataset
+
+        sds = StreamingNeuralDataset(ds, batch_size=batch_size, collate="compact", shuffle=shuffle, seed=seed)
+        sds.set_epoch(epoch)
+        return DataLoader(sds, batch_size=None, num_workers=workers,
+                          persistent_workers=False, multiprocessing_context="fork" if workers else None)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers,
+                      collate_fn=functools.partial(compact_collate, neuron_index=ds.selected_neurons()))
+
+
+BatchSource = Callable[[int], Iterable[CompactBatch]]  # epoch -> batches
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 4
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    channels: tuple[int, ...] = (8,)
+    kernel_f: int = 5
+    kernel_t: int = 12
+
+
+@dataclass
+class History:
+    """Per-epoch mean Poisson NLL per observation (train, and held-out monitoring)."""
+
+    train_loss: list[float] = field(default_factory=list)
+    heldout_loss: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    steps: int = 0
+
+    def to_dict(self) -> dict:
+        return {"train_loss": self.train_loss, "heldout_loss": self.heldout_loss, "seconds": self.seconds,
+                "steps": self.steps}
+
+
+@torch.no_grad()
+def mean_counts(batches: Iterable[CompactBatch], n_neurons: int) -> torch.Tensor:
+    """Per-neuron mean count per bin over the given batches (the mean-rate baseline)."""
+    total = torch.zeros(n_neurons, dtype=torch.float64)
+    n_obs = torch.zeros(n_neurons, dtype=torch.float64)
+    for b in batches:
+        ysum = b.repeat_sum(torch.float64)
+        total.index_add_(0, b.neuron_index, ysum.sum(1))
+        n_obs.index_add_(0, b.neuron_index, (b.repeats * b.lengths).double())
+    overall = total.sum() / n_obs.sum().clamp(min=1)
+    return torch.where(n_obs > 0, total / n_obs.clamp(min=1), overall).float()
+
+
+@torch.no_grad()
+def batch_loss(model: PooledEncodingModel, batches: Iterable[CompactBatch]) -> float:
+    """Mean Poisson NLL per observation over the batches."""
+    model.eval()
+    total, n = 0.0, 0
+    for b in batches:
+        total += float(poisson_loss_compact(model.predict(b), b, reduction="sum"))
+        n += int((b.repeats * b.lengths).sum())
+    return total / max(n, 1)
+
+
+def fit(model: PooledEncodingModel, train: BatchSource, cfg: TrainConfig, *, heldout: BatchSource | None = None,
+        desc: str = "train", progress: bool = True) -> History:
+    """Adam on the masked Poisson loss of compact batches, ``cfg.epochs`` epochs.
+
+    ``heldout`` is only *monitored* (learning curve); nothing is selected on it.
+    """
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1), eta_min=cfg.lr * 0.05)
+    hist = History()
+    bar = tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=not progress, dynamic_ncols=True)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        model.train()
+        total, n = 0.0, 0
+        for b in tqdm(train(epoch), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                      disable=not progress, dynamic_ncols=True):
+            pred = model.predict(b)
+            loss_sum = poisson_loss_compact(pred, b, reduction="sum")
+            n_obs = int((b.repeats * b.lengths).sum())
+            opt.zero_grad(set_to_none=True)
+            (loss_sum / max(n_obs, 1)).backward()
+            opt.step()
+            total += float(loss_sum.detach())
+            n += n_obs
+            hist.steps += 1
+        sched.step()
+        hist.train_loss.append(total / max(n, 1))
+        if heldout is not None:
+            hist.heldout_loss.append(batch_loss(model, heldout(epoch)))
+        hist.seconds.append(time.perf_counter() - t0)
+        post = {"loss": f"{hist.train_loss[-1]:.4f}"}
+        if hist.heldout_loss:
+            post["heldout"] = f"{hist.heldout_loss[-1]:.4f}"
+        bar.set_postfix(post)
+        if not math.isfinite(hist.train_loss[-1]):
+            raise FloatingPointError(f"{desc}: training loss became {hist.train_loss[-1]} at epoch {epoch + 1}")
+    return hist
+
+
+def build_model(n_neurons: int, n_freq: int, cfg: TrainConfig, baseline: torch.Tensor | None = None
+                ) -> PooledEncodingModel:
+    """The demo's model, heads initialised at the baseline rates when given."""
+    torch.manual_seed(cfg.seed)
+    model = PooledEncodingModel(n_neurons, n_freq=n_freq, channels=cfg.channels, kernel_f=cfg.kernel_f,
+                                kernel_t=cfg.kernel_t)
+    if baseline is not None:
+        model.readout.init_rates(baseline)
+    return model
