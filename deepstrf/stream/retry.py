@@ -121,7 +121,7 @@ def call_with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy = Retr
                 kind = (f"transient error persisted after {policy.attempts} attempts" if transient
                         else "permanent error")
                 raise StreamReadError(
-                    f"reading {what} failed ({kind}): {type(exc).__name__}: {exc}. "
+                    f"reading {what} failed ({kind}): {type(exc).__name__}: {str(exc).rstrip('.')}. "
                     + ("Check the network or raise the retry budget (retry=RetryPolicy(attempts=...))."
                        if transient else "Check that the store exists, is complete and readable "
                                          "with these storage_options (deepstrf verify URL).")) from exc

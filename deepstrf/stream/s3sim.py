@@ -1,0 +1,139 @@
+"""A local S3 server (moto) with added latency and injectable faults.
+
+Used by the streaming tests and ``scripts/bench_stream.py`` to exercise the
+remote path for real: HTTP on 127.0.0.1, s3fs as the client. Faults are
+matched on the request path, e.g. ``server.fail("/values/c/", status=503,
+times=3)`` answers the next three matching GETs with 503 SlowDown.
+Requires ``moto[server]`` (a test dependency).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+_REASONS = {403: ("Forbidden", "AccessDenied"), 404: ("Not Found", "NoSuchKey"),
+            500: ("Internal Server Error", "InternalError"), 503: ("Service Unavailable", "SlowDown")}
+
+
+@dataclass
+class Fault:
+    """Answer requests whose path contains ``match`` with ``status``, ``times`` times (None: always)."""
+
+    match: str
+    status: int
+    times: int | None
+    method: str = "GET"
+    hits: int = 0
+
+
+class _FaultyApp:
+    """WSGI middleware: latency on every request, then a matching fault or the real app."""
+
+    def __init__(self, app: Callable, latency_s: float) -> None:
+        self.app = app
+        self.latency_s = latency_s
+        self.faults: list[Fault] = []
+        self.requests = 0
+        self.lock = threading.Lock()
+
+    def _fault_for(self, method: str, path: str) -> Fault | None:
+        with self.lock:
+            self.requests += 1
+            for f in self.faults:
+                if f.method == method and f.match in path and (f.times is None or f.hits < f.times):
+                    f.hits += 1
+                    return f
+        return None
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        fault = self._fault_for(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""))
+        if fault is None:
+            return self.app(environ, start_response)
+        reason, code = _REASONS.get(fault.status, ("Error", "InternalError"))
+        body = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+                f"<Message>injected fault</Message></Error>").encode()
+        start_response(f"{fault.status} {reason}", [("Content-Type", "application/xml"),
+                                                    ("Content-Length", str(len(body)))])
+        return [body]
+
+
+class LocalS3:
+    """A moto S3 server in a background thread; use as a context manager.
+
+    ``storage_options()`` gives the fsspec options that reach it (fake
+    credentials, endpoint, botocore retry settings).
+    """
+
+    def __init__(self, latency_s: float = 0.0) -> None:
+        self.latency_s = latency_s
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._app: _FaultyApp | None = None
+
+    def start(self) -> "LocalS3":
+        from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+        self._app = _FaultyApp(DomainDispatcherApplication(create_backend_app), self.latency_s)
+        self._server = make_server("127.0.0.1", 0, self._app, threaded=True, request_handler=MotoRequestHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="local-s3")
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._thread.join()
+            self._server = None
+
+    def __enter__(self) -> "LocalS3":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def endpoint_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def requests(self) -> int:
+        """Requests served so far (faults included)."""
+        return self._app.requests
+
+    def set_latency(self, seconds: float) -> None:
+        self._app.latency_s = seconds
+
+    def storage_options(self, botocore_attempts: int = 3, **extra: Any) -> dict:
+        """fsspec/s3fs options for this server (``botocore_attempts`` = botocore's own tries)."""
+        return {"key": "testing", "secret": "testing",
+                "client_kwargs": {"endpoint_url": self.endpoint_url},
+                "config_kwargs": {"retries": {"max_attempts": botocore_attempts, "mode": "standard"}},
+                **extra}
+
+    def make_bucket(self, name: str) -> str:
+        """Create bucket ``name``; returns ``s3://name``."""
+        import s3fs
+
+        s3fs.S3FileSystem(**self.storage_options()).mkdir(name)
+        return f"s3://{name}"
+
+    def fail(self, match: str, status: int = 503, times: int | None = 1, method: str = "GET") -> Fault:
+        """Inject a fault (see :class:`Fault`); returns it so a test can read ``hits``."""
+        fault = Fault(match, status, times, method)
+        with self._app.lock:
+            self._app.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._app.lock:
+            self._app.faults.clear()

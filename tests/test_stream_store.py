@@ -1,0 +1,133 @@
+"""Streaming from Zarr stores by URL: local folder and S3 (moto on 127.0.0.1) with injected faults."""
+
+import pickle
+from collections import Counter
+
+import pytest
+from torch.utils.data import DataLoader
+
+from deepstrf import concat_neural_datasets
+from deepstrf.datasets.collate import compact_collate
+from deepstrf.store import open_dataset, save_dataset
+from deepstrf.stream import RetryPolicy, StreamingNeuralDataset, StreamReadError
+from deepstrf.stream.s3sim import LocalS3
+
+from stream_helpers import batch_keys, compact_equal, item_key, items_equal, small_pool
+
+FAST = RetryPolicy(attempts=5, base_delay=0.01, max_delay=0.05)
+
+
+def _write_pool(root: str, storage_options: dict | None) -> str:
+    pool = small_pool()
+    for d in pool.responses.sources:
+        save_dataset(d, f"{root}/{d.name.lower()}", storage_options=storage_options)
+    opened = [open_dataset(f"{root}/{d.name.lower()}", storage_options=storage_options)
+              for d in pool.responses.sources]
+    concat_neural_datasets(opened, names=pool.source_names, store=f"{root}/pool", storage_options=storage_options)
+    return f"{root}/pool"
+
+
+@pytest.fixture(scope="module")
+def local_pool(tmp_path_factory):
+    return _write_pool(str(tmp_path_factory.mktemp("stores")), None)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with LocalS3() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def s3_pool(s3):
+    # one botocore attempt: the streaming layer's own retries are what is tested
+    options = s3.storage_options(botocore_attempts=1)
+    return _write_pool(s3.make_bucket("stream-test"), options), options
+
+
+@pytest.fixture
+def no_s3fs_retries(monkeypatch):
+    import s3fs
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
+
+
+def test_local_url_items_equal_map_style(local_pool):
+    ref = open_dataset(local_pool)
+    got = list(StreamingNeuralDataset(local_pool, shuffle=False))
+    assert len(got) == len(ref)
+    for i, item in enumerate(got):
+        assert items_equal(item, ref[i])
+
+
+def test_local_url_compact_batches_keep_integer_counts(local_pool):
+    ref = open_dataset(local_pool)
+    batches = list(StreamingNeuralDataset(local_pool, shuffle=False, batch_size=4))
+    assert not batches[0].values.is_floating_point()
+    for j, b in enumerate(batches):
+        items = [ref[i] for i in range(4 * j, min(len(ref), 4 * j + 4))]
+        assert compact_equal(b, compact_collate(items, neuron_index=ref.selected_neurons()))
+
+
+def test_url_dataset_pickles_without_open_handles(local_pool):
+    s = StreamingNeuralDataset(local_pool, batch_size=4)
+    assert len(s) > 0  # opens in this process
+    clone = pickle.loads(pickle.dumps(s))
+    assert clone._opened is None and clone.url == local_pool
+    assert len(list(clone)) == len(s)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_s3_exactly_once(s3_pool, workers):
+    url, options = s3_pool
+    s = StreamingNeuralDataset(url, storage_options=options, batch_size=3, seed=1, retry=FAST)
+    keys = [k for b in DataLoader(s, batch_size=None, num_workers=workers) for k in batch_keys(b)]
+    ref = open_dataset(url, storage_options=options)
+    assert Counter(keys) == Counter(item_key(ref[i]) for i in range(len(ref)))
+    stats = s.stats()
+    assert stats["items"] == len(ref) and stats["bytes_fetched"] > 0
+
+
+def test_s3_selection_and_cache(s3_pool, tmp_path):
+    url, options = s3_pool
+    s = StreamingNeuralDataset(url, storage_options=options, batch_size=2, retry=FAST,
+                               select=_only_aa2, cache_dir=tmp_path, cache_bytes=50 << 20)
+    first = sorted(k for b in s for k in batch_keys(b))
+    second = sorted(k for b in s for k in batch_keys(b))
+    assert first == second and all(k.startswith("AA2") for k in first)
+    assert s.stats()["cache_hits"] == len(first)
+
+
+def _only_aa2(ds):
+    ds.select_pop_by_nrn_attr("dataset", "AA2")
+
+
+def test_s3_transient_failures_are_survived(s3, s3_pool, no_s3fs_retries):
+    url, options = s3_pool
+    fault = s3.fail("/responses/values/c/", status=503, times=3)
+    try:
+        s = StreamingNeuralDataset(url, storage_options=options, batch_size=4, retry=FAST, prefetch=1,
+                                   read_threads=1)
+        keys = [k for b in s for k in batch_keys(b)]
+    finally:
+        s3.clear_faults()
+    assert fault.hits == 3
+    assert s.stats()["retries"] >= 1
+    assert len(keys) == len(set(keys)) == len(open_dataset(url, storage_options=options))
+
+
+def test_s3_permanent_failure_is_a_clear_error(s3, s3_pool, no_s3fs_retries):
+    url, options = s3_pool
+    s3.fail("aa2/responses/values/c/0", status=403, times=None)
+    try:
+        s = StreamingNeuralDataset(url, storage_options=options, batch_size=4, retry=FAST, shuffle=False)
+        with pytest.raises(StreamReadError, match=r"responses of stims \[\d+(, \d+)*\] from s3://stream-test/pool "
+                                                  r"failed \(permanent error\).*s3://stream-test/aa2"):
+            list(s)
+    finally:
+        s3.clear_faults()
+
+
+def test_missing_store_is_a_clear_error(tmp_path):
+    with pytest.raises(StreamReadError, match="store .*nowhere"):
+        len(StreamingNeuralDataset(str(tmp_path / "nowhere"), retry=FAST))
