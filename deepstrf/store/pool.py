@@ -15,6 +15,7 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -96,18 +97,21 @@ def open_pool(loc: Location, group: zarr.Group, *, allowed_roots: Sequence[str] 
     attrs = dict(group.attrs)
     fmt.check_format(attrs, loc.url, POOL_FORMAT)
     entries = [dict(e, url=resolve_reference(loc, e["ref"], allowed_roots, trust)) for e in attrs["sources"]]
-    opened, unchanged = [], True
-    for entry in entries:
-        url = entry["url"]
-        options = source_storage_options if source_storage_options is not None else _same_protocol_options(loc, url)
+
+    def open_source(entry: dict) -> NeuralDataset:
+        options = (source_storage_options if source_storage_options is not None
+                   else _same_protocol_options(loc, entry["url"]))
         try:
-            src = open_dataset(url, storage_options=options)
+            return open_dataset(entry["url"], storage_options=options)
         except StoreNotFoundError as e:
             raise StoreNotFoundError(
-                f"pool {loc.url}: source {entry['name']!r} is missing at {url} (reference {entry['ref']!r}); "
-                f"restore it there or rewrite the pool. ({e})") from e
-        unchanged &= _check_fingerprint(loc, entry, src, accept_changed_sources)
-        opened.append(src)
+                f"pool {loc.url}: source {entry['name']!r} is missing at {entry['url']} (reference "
+                f"{entry['ref']!r}); restore it there or rewrite the pool. ({e})") from e
+
+    # sources are opened concurrently: over a remote store each open is a few round trips
+    with ThreadPoolExecutor(max_workers=min(16, len(entries))) as pool_threads:
+        opened = list(pool_threads.map(open_source, entries))
+    unchanged = all([_check_fingerprint(loc, e, src, accept_changed_sources) for e, src in zip(entries, opened)])
     names = [e["name"] for e in entries]
     pooled = concat_datasets(opened, names) if len(opened) > 1 else _single(opened[0], names[0])
     pooled.path = loc.url
