@@ -158,7 +158,10 @@ def _publish_local(staging: Location, loc: Location, replace: bool) -> None:
 def _publish_remote_replace(staging: Location, loc: Location) -> None:
     fs, dst = loc.filesystem()
     _, src = staging.filesystem()
-    fs.rm(f"{dst}/{ROOT_KEY}")  # from here on the old store no longer opens
+    try:
+        fs.rm(f"{dst}/{ROOT_KEY}")  # from here on the old store no longer opens
+    except FileNotFoundError:
+        pass  # replacing the remains of an interrupted write
     remove(loc)
     keys = [k for k in _remote_keys(fs, src) if k != f"{src}/{ROOT_KEY}"]
     fs.copy(keys, [dst + k[len(src):] for k in keys])

@@ -72,10 +72,15 @@ class Location:
         return FsspecStore.from_url(self.url, storage_options=self.storage_options, read_only=read_only)
 
     def filesystem(self):
-        """``(fs, path)``: a synchronous fsspec file system and this location's path in it."""
+        """``(fs, path)``: a synchronous fsspec file system and this location's path in it.
+
+        Listing caches are dropped first: the data may have been written by another client.
+        """
         import fsspec
 
-        return fsspec.url_to_fs(self.url, **(self.storage_options or {}))
+        fs, path = fsspec.url_to_fs(self.url, **(self.storage_options or {}))
+        fs.invalidate_cache()
+        return fs, path
 
     def child(self, key: str) -> str:
         """URL of ``key`` inside this store."""

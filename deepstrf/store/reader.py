@@ -184,7 +184,7 @@ class SourceReader:
             plans.append((s, keep, idx.offsets[ids], idx.offsets[ids + 1]))
         starts = np.concatenate([p[2] for p in plans]) if plans else np.zeros(0, np.int64)
         ends = np.concatenate([p[3] for p in plans]) if plans else np.zeros(0, np.int64)
-        spans = _coalesce(starts, ends, fmt.chunk_elems(self.arrays()[fmt.VALUES].dtype))
+        spans = _coalesce(starts, ends, self.arrays()[fmt.VALUES].chunks[0])
         results = self.gather([(fmt.VALUES, slice(a, b)) for a, b in spans])
         for (a, b), res in zip(spans, results):
             if isinstance(res, BaseException):
@@ -202,7 +202,7 @@ class SourceReader:
         """Error for a failed read of values[a:b], naming the bad chunk(s) and the cells they hold."""
         if _is_transport_error(e):
             return self.error(e, f"{fmt.VALUES}[{a}:{b}]")
-        C = fmt.chunk_elems(self.arrays()[fmt.VALUES].dtype)
+        C = self.arrays()[fmt.VALUES].chunks[0]
         L = self.arrays()[fmt.VALUES].shape[0]
         chunks = list(range(a // C, (b - 1) // C + 1))
         results = self.gather([(fmt.VALUES, slice(k * C, min((k + 1) * C, L))) for k in chunks])

@@ -1,0 +1,403 @@
+"""Conformance suite of the Zarr source store, over memory://, a local folder and S3 (moto)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from deepstrf.cli import main as cli_main
+from deepstrf.datasets.audio import AudioNeuralDataset
+from deepstrf.datasets.neural_dataset import NeuralDataset
+from deepstrf.datasets.synthetic import SyntheticAudioDataset
+from deepstrf.datasets.video import VideoNeuralDataset
+from deepstrf.datasets.views import ResponseGrid, is_missing, missing_sentinel
+from deepstrf.errors import (FormatVersionError, IncompleteStoreError, IntegrityError, ReadOnlyStoreError,
+                             StoreExistsError, StoreNotFoundError)
+from deepstrf.store import ZarrResponseGrid, ZarrStims, format as fmt, open_dataset, save_dataset
+from deepstrf.store.location import Location
+from deepstrf.utils.data import concat_neural_datasets, neural_collate
+
+
+# -- small sources made here ------------------------------------------------------------
+def audio_source() -> NeuralDataset:
+    """3 x 10 AA1-shaped synthetic counts, in memory, with mixed-schema metadata."""
+    ds = SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02, seed=3).to_memory()
+    ds.stim_meta[0].update(tags=("song", 2), weights=np.arange(3, dtype=np.int16),
+                           gain=torch.tensor([1.5, -2.0]), level=float("nan"), by_id={1: "x", "2": [None, True]})
+    ds.stim_meta[1] = {"uid": "odd-one", "nested": {"deep": [1, 2.5, {"k": "v"}]}}
+    ds.nrn_meta[2]["depth_um"] = 1250.5
+    ds.responses[1][3] = missing_sentinel()  # one more missing pair
+    ds._invalidate_nrn_masks()
+    return ds
+
+
+class TinyVideo(VideoNeuralDataset):
+    """3 stims of (3, 4, 5, T) uint8 frames x 4 neurons of non-integral responses."""
+
+    def __init__(self) -> None:
+        super().__init__("tiny-video", dt_ms=16.7)
+        self.H, self.W = 4, 5
+        g = torch.Generator().manual_seed(0)
+        lengths = [6, 9, 7]
+        self.stims = [torch.randint(0, 255, (3, 4, 5, t), dtype=torch.uint8, generator=g) for t in lengths]
+        self.responses = [[missing_sentinel() if (s + n) % 4 == 3 else torch.rand(1 + n, t, generator=g)
+                           for n in range(4)] for s, t in enumerate(lengths)]
+        self.stim_meta = [{"movie": f"m{s}"} for s in range(3)]
+        self.nrn_meta = [{"cell": n, "layer": "L4" if n % 2 else "L2/3"} for n in range(4)]
+        self.N_neurons = 4
+        self.validate()
+
+
+class LegacyDataset:
+    """Duck-typed object shaped like a deepSTRF 0.1.0 dataset (not a deepstrf class)."""
+
+    def __init__(self, big_later: bool = False, float_later: bool = False) -> None:
+        self.dt = 5
+        self.F = 2
+        self.N_neurons = 2
+        self.stims = [torch.ones(1, 2, 4), torch.zeros(1, 2, 3)]
+        second = torch.full((2, 3), 300.0) if big_later else torch.ones(2, 3)
+        if float_later:
+            second = second + 0.25
+        self.responses = [[torch.ones(3, 4), torch.zeros(1, 4)], [second, missing_sentinel()]]
+        self.stim_meta = [{"a": 1}, {"b": 2}]
+        self.nrn_meta = [{}, {"x": None}]
+
+
+def meta_equal(a, b) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(meta_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(meta_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, (np.ndarray, torch.Tensor)):
+        return type(a) is type(b) and a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+    if isinstance(a, float) and math.isnan(a):
+        return isinstance(b, float) and math.isnan(b)
+    return type(a) is type(b) and a == b
+
+
+def assert_same_data(ds, ref) -> None:
+    assert ds.get_S() == ref.get_S() and ds.N_neurons == ref.N_neurons and ds.dt == ref.dt
+    for s in range(ref.get_S()):
+        assert torch.equal(ds.stims[s], torch.as_tensor(ref.stims[s]))
+        for n in range(ref.N_neurons):
+            a, b = ds.responses[s][n], ref.responses[s][n]
+            if is_missing(b):
+                assert a.shape == (1, 1) and torch.isnan(a).all()
+            else:
+                assert a.dtype == torch.float32 and a.shape == b.shape and torch.equal(a, b.float())
+    assert torch.equal(ds.nrn_masks, ref.nrn_masks)
+    assert meta_equal(ds.stim_meta, ref.stim_meta) and meta_equal(ds.nrn_meta, ref.nrn_meta)
+
+
+def items_equal(a: dict, b: dict) -> bool:
+    return (torch.equal(a["stims"], b["stims"]) and torch.equal(a["valid_mask"], b["valid_mask"])
+            and a["stim_meta"]["uid"] == b["stim_meta"]["uid"] and len(a["responses"]) == len(b["responses"])
+            and all(x.shape == y.shape and torch.equal(x.nan_to_num(-1), y.nan_to_num(-1))
+                    for x, y in zip(a["responses"], b["responses"])))
+
+
+@pytest.fixture
+def saved(store_url):
+    """(url, storage_options, in-memory source, fingerprint) of a freshly saved audio source."""
+    url, so = store_url
+    src = audio_source()
+    return url, so, src, save_dataset(src, url, storage_options=so)
+
+
+def _fs_key(url: str, so, key: str):
+    fs, path = Location.parse(url, so).filesystem()
+    return fs, f"{path}/{key}"
+
+
+# -- round trip ---------------------------------------------------------------------------
+def test_round_trip_audio_exact(saved):
+    url, so, src, fp = saved
+    ds = open_dataset(url, storage_options=so)
+    assert type(ds) is AudioNeuralDataset and isinstance(ds.stims, ZarrStims)
+    assert isinstance(ds.responses, ZarrResponseGrid)
+    assert ds.F == 32 and ds.class_name == "SyntheticAudioDataset" and ds.name == "AA1"
+    assert ds.card["license"] == "CC0-1.0" and ds.fingerprint == fp
+    assert ds.store_url == Location.parse(url).url and ds.storage_options == so
+    assert ds.responses.reader.attrs["response_dtype"] == "uint8"
+    assert_same_data(ds, src)
+    lengths = {ds.responses[s][0].shape[1] for s in range(ds.get_S())}
+    repeats = {tuple(c.shape)[0] for s in range(ds.get_S()) for c in ds.responses[s] if not is_missing(c)}
+    assert len(lengths) > 1 and len(repeats) > 1  # ragged T and R per cell survive
+
+
+def test_round_trip_video_float_responses(store_url):
+    url, so = store_url
+    src = TinyVideo()
+    save_dataset(src, url, storage_options=so)
+    ds = open_dataset(url, storage_options=so)
+    assert type(ds) is VideoNeuralDataset and (ds.H, ds.W) == (4, 5) and ds.dt == 16.7
+    assert ds.stims[1].dtype == torch.uint8 and ds.stims[1].shape == (3, 4, 5, 9)
+    assert ds.responses.reader.attrs["response_dtype"] == "float32"
+    assert_same_data(ds, src)
+
+
+@pytest.mark.parametrize("big_later,float_later,dtype", [(False, False, "uint8"), (True, False, "uint16"),
+                                                         (False, True, "float32")])
+def test_duck_typed_object_and_dtype_widening(tmp_path, big_later, float_later, dtype):
+    src = LegacyDataset(big_later, float_later)
+    save_dataset(src, tmp_path / "legacy")
+    ds = open_dataset(tmp_path / "legacy")
+    assert type(ds) is AudioNeuralDataset and ds.class_name == "LegacyDataset" and ds.dt == 5 and ds.F == 2
+    assert ds.responses.reader.attrs["response_dtype"] == dtype
+    assert torch.equal(ds.responses[1][0], src.responses[1][0])
+    assert ds.nrn_masks.tolist() == [[True, True], [True, False]]
+    assert ds.stim_meta == src.stim_meta and ds.nrn_meta == src.nrn_meta
+
+
+def test_plain_neural_dataset_and_resave_keeps_fingerprint(tmp_path):
+    src = NeuralDataset("plain", dt_ms=2.0)
+    src.stims = [torch.randn(2, 5), torch.randn(2, 7)]
+    src.responses = [[torch.ones(2, 5)], [torch.zeros(3, 7)]]
+    src.stim_meta, src.nrn_meta, src.N_neurons = [{}, {}], [{"id": 0}], 1
+    fp = save_dataset(src, tmp_path / "a")
+    ds = open_dataset(tmp_path / "a")
+    assert type(ds) is NeuralDataset
+    assert_same_data(ds, src)
+    assert save_dataset(ds, f"file://{tmp_path}/b") == fp  # the content fingerprint ignores location
+
+
+# -- the lazy dataset API -------------------------------------------------------------------
+def test_lazy_api_matches_memory(saved):
+    url, so, src, _ = saved
+    ds = open_dataset(url, storage_options=so)
+    assert len(ds) == len(src)
+    for i in (0, -1, len(src) - 1):
+        assert items_equal(ds[i], src[i])
+    sliced, listed = ds[0:2], ds[[1, 0]]
+    assert len(sliced["stims"]) == 2 and torch.equal(listed["stims"][0], src[1]["stims"])
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    for d in (ds, src):
+        d.select_population([1, 3, 5])
+        d.select_stims([1, 2])
+    assert len(ds) == len(src) and all(items_equal(ds[i], src[i]) for i in range(len(ds)))
+    batch, ref = neural_collate([ds[i] for i in range(len(ds))]), neural_collate([src[i] for i in range(len(src))])
+    assert torch.equal(batch["responses"].nan_to_num(-1), ref["responses"].nan_to_num(-1))
+    assert torch.equal(batch["valid_mask"], ref["valid_mask"])
+    for d in (ds, src):
+        d.reset_stim_selection()
+        d.reset_pop_selection()
+    assert ds.select_pop_by_nrn_attr("area", "MLd") == src.select_pop_by_nrn_attr("area", "MLd")
+    ds.reset_pop_selection()
+    src.reset_pop_selection()
+    memory = ds.to_memory()
+    assert isinstance(memory.responses, list) and items_equal(memory[0], src[0])
+
+
+def test_concat_with_in_memory(saved):
+    url, so, src, _ = saved
+    ds = open_dataset(url, storage_options=so)
+    other = SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02, seed=9).to_memory()
+    pooled, ref = concat_neural_datasets([ds, other], names=["a", "b"]), concat_neural_datasets([src, other], names=["a", "b"])
+    assert type(pooled) is AudioNeuralDataset and torch.equal(pooled.nrn_masks, ref.nrn_masks)
+    assert len(pooled) == len(ref) and all(items_equal(pooled[i], ref[i]) for i in range(len(ref)))
+    assert (ds + other).get_S() == ref.get_S()
+
+
+def test_read_raw_rows_equals_generic_path(saved):
+    url, so, src, _ = saved
+    grid = open_dataset(url, storage_options=so).responses
+    cases = [([0, 1, 2], None), ([2, 0, 2], [7, 1, 3, 0]), ([1], [3]), ([0], [])]
+    for stims, neurons in cases:
+        fast = grid.read_raw_rows(stims, neurons)
+        slow = ResponseGrid.read_raw_rows(grid, stims, neurons)
+        for a, b in zip(fast, slow, strict=True):
+            assert a.stim == b.stim and a.neurons.tolist() == b.neurons.tolist()
+            assert a.repeats.tolist() == b.repeats.tolist() and a.lengths.tolist() == b.lengths.tolist()
+            assert a.values.dtype == np.uint8 and np.array_equal(a.values, b.values)
+
+
+def test_many_chunks_read_raw_rows_and_transforms(tmp_path, monkeypatch):
+    monkeypatch.setattr(fmt, "CHUNK_BYTES", 512)  # many chunks: spans cross chunk boundaries
+    src = audio_source()
+    save_dataset(src, tmp_path / "s")
+    ds = open_dataset(tmp_path / "s")
+    assert ds.responses.reader.arrays()[fmt.VALUES].chunks == (512,)
+    assert_same_data(ds, src)
+    rows = ds.responses.read_raw_rows([2, 0], [9, 0, 4])
+    assert [c.tolist() for c in rows[0].cells()] == [src.responses[2][n].int().tolist() for n in rows[0].neurons]
+    ds.normalize_responses("max")
+    src.normalize_responses("max")
+    assert torch.allclose(ds.responses[0][0], src.responses[0][0])
+    assert ds.responses.read_raw_rows([0], [0])[0].values.dtype == np.float32  # transformed: generic path
+
+
+# -- pickling and workers ---------------------------------------------------------------------
+def test_pickle_by_url_and_dataloader_workers(saved):
+    url, so, src, _ = saved
+    ds = open_dataset(url, storage_options=so)
+    ds[0]  # open handles and load the index first
+    blob = pickle.dumps(ds)
+    assert len(blob) < 20_000  # URL + metadata, no data or handles
+    clone = pickle.loads(blob)
+    assert items_equal(clone[1], src[1])
+    loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=neural_collate,
+                        multiprocessing_context="fork")
+    uids = [m["uid"] for b in loader for m in b["stim_meta"]]
+    assert uids == [src.stim_meta[s]["uid"] for s in src.visible_stims()]
+
+
+# -- HTTP -------------------------------------------------------------------------------------
+def test_http_read_and_write_refused(http_server):
+    src = audio_source()
+    fp = save_dataset(src, http_server.root / "aa1.zarr")
+    before = len(http_server.requests)
+    ds = open_dataset(http_server.url("aa1.zarr"))
+    assert len(http_server.requests) - before <= 3  # root zarr.json + the two metadata arrays
+    assert ds.fingerprint == fp
+    assert_same_data(ds, src)
+    with pytest.raises(ReadOnlyStoreError, match="read-only"):
+        save_dataset(src, http_server.url("new.zarr"))
+    with pytest.raises(StoreNotFoundError):
+        open_dataset(http_server.url("nothing-here.zarr"))
+
+
+# -- refusals -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["corrupt", "truncate", "delete"])
+def test_damaged_chunk_is_an_integrity_error(store_url, monkeypatch, damage):
+    monkeypatch.setattr(fmt, "CHUNK_BYTES", 512)
+    url, so = store_url
+    src = audio_source()
+    save_dataset(src, url, storage_options=so)
+    ds = open_dataset(url, storage_options=so)
+    offsets = ds.responses.reader.index().offsets
+    s, n = 2, 4
+    chunk = int(offsets[s * ds.N_neurons + n]) // 512
+    fs, key = _fs_key(url, so, f"{fmt.VALUES}/c/{chunk}")
+    blob = fs.cat_file(key)
+    if damage == "corrupt":
+        fs.pipe_file(key, blob[:20] + bytes([blob[20] ^ 0xFF]) + blob[21:])
+    elif damage == "truncate":
+        fs.pipe_file(key, blob[: len(blob) // 2])
+    else:
+        fs.rm(key)
+    fresh = open_dataset(url, storage_options=so)
+    with pytest.raises(IntegrityError) as err:
+        fresh.responses[s][n]
+    msg = str(err.value)
+    assert Location.parse(url).url in msg and f"c/{chunk}" in msg and f"stim {s}" in msg
+    assert cli_main(["verify", url, *_so_args(so)]) == 1
+
+
+def _so_args(so) -> list[str]:
+    return [] if not so else ["-S", f"client_kwargs.endpoint_url={so['client_kwargs']['endpoint_url']}"]
+
+
+def test_unknown_major_version_refused(saved):
+    url, so, _, _ = saved
+    fs, key = _fs_key(url, so, "zarr.json")
+    doc = json.loads(fs.cat_file(key))
+    doc["attributes"]["format_version"] = "2.0"
+    fs.pipe_file(key, json.dumps(doc).encode())
+    with pytest.raises(FormatVersionError, match=r"version '2\.0'") as err:
+        open_dataset(url, storage_options=so)
+    assert Location.parse(url).url in str(err.value)
+    doc["attributes"]["format_version"] = "1.7"  # a newer minor version still opens
+    fs.pipe_file(key, json.dumps(doc).encode())
+    assert open_dataset(url, storage_options=so).get_S() == 3
+
+
+def test_overwrite(saved):
+    url, so, src, fp = saved
+    other = TinyVideo()
+    with pytest.raises(StoreExistsError, match="overwrite=True"):
+        save_dataset(other, url, storage_options=so)
+    assert open_dataset(url, storage_options=so).fingerprint == fp  # untouched
+    fp2 = save_dataset(other, url, storage_options=so, overwrite=True)
+    ds = open_dataset(url, storage_options=so)
+    assert ds.fingerprint == fp2 != fp and type(ds) is VideoNeuralDataset
+    assert_same_data(ds, other)
+
+
+def test_missing_store(store_url):
+    url, so = store_url
+    with pytest.raises(StoreNotFoundError, match="no store"):
+        open_dataset(url, storage_options=so)
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+class _FailingGrid(ResponseGrid):
+    """Responses that fail at stim 2, like a source read dying mid-write."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner.get_S(), inner.N_neurons)
+        self.inner = inner
+
+    def _read_row(self, s, neurons):
+        if s == 2:
+            raise _Boom("source read failed")
+        return [self.inner.responses[s][n] for n in neurons]
+
+
+def test_interrupted_write_leaves_nothing_and_keeps_old_store(saved):
+    url, so, src, fp = saved
+    broken = audio_source()
+    broken.responses = _FailingGrid(src)
+    new_url = url + "-new"
+    with pytest.raises(_Boom):
+        save_dataset(broken, new_url, storage_options=so)
+    with pytest.raises(StoreNotFoundError):
+        open_dataset(new_url, storage_options=so)
+    with pytest.raises(_Boom):
+        save_dataset(broken, url, storage_options=so, overwrite=True)
+    assert open_dataset(url, storage_options=so).fingerprint == fp
+    fs, path = Location.parse(url, so).filesystem()
+    parent = path.rsplit("/", 1)[0]
+    fs.invalidate_cache()
+    assert not [p for p in fs.ls(parent, detail=False) if ".tmp-" in p]  # staging cleaned up
+
+
+def test_half_written_store(saved):
+    url, so, _, _ = saved
+    fs, key = _fs_key(url, so, "zarr.json")
+    fs.rm(key)  # what a crash before the final marker leaves
+    with pytest.raises(IncompleteStoreError, match="interrupted"):
+        open_dataset(url, storage_options=so)
+    with pytest.raises(StoreExistsError):
+        save_dataset(audio_source(), url, storage_options=so)
+    save_dataset(audio_source(), url, storage_options=so, overwrite=True)
+    assert open_dataset(url, storage_options=so).get_S() == 3
+
+
+def test_missing_array_and_foreign_folder(tmp_path):
+    save_dataset(audio_source(), tmp_path / "s")
+    doc = json.loads((tmp_path / "s" / "zarr.json").read_text())
+    del doc["consolidated_metadata"]["metadata"][fmt.OFFSETS]
+    (tmp_path / "s" / "zarr.json").write_text(json.dumps(doc))
+    with pytest.raises(IntegrityError, match="responses/offsets"):
+        open_dataset(tmp_path / "s")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    with pytest.raises(StoreExistsError, match="not a deepstrf store"):
+        save_dataset(audio_source(), tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+def test_cli_info_and_verify(saved, capsys):
+    url, so, src, fp = saved
+    assert cli_main(["info", url, "--json", *_so_args(so)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["kind"], info["S"], info["N"], info["F"], info["fingerprint"]) == ("audio", 3, 10, 32, fp)
+    assert info["bytes_on_disk"] > 0 and info["bytes_float32"] > info["bytes_on_disk"]
+    assert info["card"]["name"] == "AA1" and info["response_dtype"] == "uint8"
+    assert cli_main(["info", url, *_so_args(so)]) == 0
+    assert "fingerprint" in capsys.readouterr().out
+    assert cli_main(["verify", url, *_so_args(so)]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert cli_main(["verify", url + "-absent", *_so_args(so)]) == 1
