@@ -130,7 +130,7 @@ class StreamingNeuralDataset(IterableDataset):
     # -- opening (lazily, once per process) ------------------------------------
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_opened"] = None if self.url is not None else state["_opened"]
+        state["_opened"] = None  # reopened (URL) or re-derived from the source in the new process
         state["last_prefetcher"] = None
         state["_io_lock"] = None
         return state
