@@ -104,7 +104,7 @@ class _Appender:
 
     def __init__(self, group: zarr.Group, name: str, dtype: np.dtype) -> None:
         self.dtype = np.dtype(dtype)
-        self.chunk = fmt.chunk_elems(self.dtype)
+        self.chunk = fmt.chunk_elems(self.dtype, target=fmt.STIM_CHUNK_BYTES if name == fmt.STIM_VALUES else None)
         self.array = group.create_array(name, shape=(0,), dtype=self.dtype, chunks=(self.chunk,),
                                         overwrite=True, **fmt.codecs(self.dtype))
         self.hasher = content_hasher()
