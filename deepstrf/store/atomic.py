@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import WrapperStore
 
@@ -212,9 +211,3 @@ def stored_bytes(loc: Location) -> int:
     fs.invalidate_cache()
     return int(fs.du(path))
 
-
-def read_root(loc: Location) -> dict | None:
-    """The root ``zarr.json`` document, or None if there is none (one small read)."""
-    store = loc.zarr_store(read_only=True)
-    buf = sync(store.get(ROOT_KEY, prototype=default_buffer_prototype()))
-    return None if buf is None else json.loads(buf.to_bytes())
