@@ -1,0 +1,326 @@
+#!/usr/bin/env python
+"""Streaming benchmark on the AA1+AA2-sized synthetic pool; prints ONE JSON line.
+
+    python scripts/bench_stream.py [--scale 1] [--time-scale 1] [--workdir DIR]
+
+Configurations, each run in a fresh child process whose peak memory is the
+summed PSS of the child and its DataLoader workers (sampled every 50 ms):
+
+- ``memory``: the pool loaded in RAM (``to_memory()``), ``DataLoader(batch_size=8,
+  shuffle=True, collate_fn=neural_collate)``: what a deepSTRF user does today;
+- ``local_w0_compact`` / ``local_w2_compact`` / ``local_w2_dense``: the pool
+  streamed from local Zarr by ``StreamingNeuralDataset``, 0 or 2 workers;
+- ``s3_w0_compact`` / ``s3_w2_compact``: the same stores on a local S3 (moto,
+  served by this process) with ``--latency-ms`` added to every request;
+- ``mds_w2``: mosaicml-streaming reading the same items from uncompressed
+  MDS shards on local disk (run with ``--mds-python``, a venv that has it);
+- ``read_limit``: read and decompress every chunk of the pool once.
+
+Every epoch is batch 8, shuffled, and the consumer only counts items.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+BATCH = 8
+
+
+# -- children: one configuration each ------------------------------------------------
+def _timed_epoch(batches, count) -> dict:
+    """Iterate ``batches`` once: time to first batch, items/s over the whole epoch."""
+    start = time.perf_counter()
+    first, items = None, 0
+    for batch in batches:
+        items += count(batch)
+        if first is None:
+            first = time.perf_counter() - start
+    total = time.perf_counter() - start
+    return {"items": items, "seconds": round(total, 3), "items_per_s": round(items / total, 2),
+            "first_batch_s": round(first, 3)}
+
+
+def child_memory(args) -> dict:
+    from torch.utils.data import DataLoader
+
+    from deepstrf import open_dataset
+    from deepstrf.utils.data import neural_collate
+
+    t = time.perf_counter()
+    ds = open_dataset(args.pool).to_memory()
+    load = time.perf_counter() - t
+    loader = DataLoader(ds, batch_size=BATCH, shuffle=True, collate_fn=neural_collate)
+    return {**_timed_epoch(loader, lambda b: len(b["stim_meta"])), "load_s": round(load, 2)}
+
+
+def child_stream(args) -> dict:
+    from torch.utils.data import DataLoader
+
+    from deepstrf.stream import StreamingNeuralDataset
+
+    options = json.loads(args.storage_options) if args.storage_options else None
+    ds = StreamingNeuralDataset(args.pool, storage_options=options, batch_size=BATCH, collate=args.collate,
+                                shuffle=True, seed=0)
+    loader = DataLoader(ds, batch_size=None, num_workers=args.workers)
+    out = _timed_epoch(loader, lambda b: len(b["stim_meta"]))
+    stats = ds.stats()
+    return {**out, **{k: stats[k] for k in ("requests", "bytes_fetched", "bytes_used")}}
+
+
+def child_read_limit(args) -> dict:
+    """Read + decompress every chunk of every source's responses and stimuli, no per-item work."""
+    import zarr
+
+    from deepstrf import open_dataset
+    from deepstrf.store import format as fmt
+
+    n_items = len(open_dataset(args.pool))
+    start = time.perf_counter()
+    nbytes = 0
+    for url in args.sources:
+        group = zarr.open_group(url, mode="r")
+        for name in (fmt.VALUES, fmt.STIM_VALUES):
+            arr = group[name]
+            step = arr.chunks[0] * 16  # 16 chunks per call, read concurrently by zarr
+            for lo in range(0, arr.shape[0], step):
+                nbytes += arr[lo:lo + step].nbytes
+    total = time.perf_counter() - start
+    return {"items": n_items, "seconds": round(total, 3), "items_per_s": round(n_items / total, 2),
+            "bytes_decoded": nbytes}
+
+
+MDS_CHILD = r"""
+import json, sys, time
+from pathlib import Path
+import numpy as np, torch
+from streaming import MDSWriter, StreamingDataset
+from torch.utils.data import DataLoader
+
+stage, out, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+columns = {"stims": "ndarray", "values": "ndarray", "neurons": "ndarray", "repeats": "ndarray",
+           "lengths": "ndarray", "uid": "str"}
+
+def collate(samples):  # the same compact layout the streaming side builds
+    T = max(s["stims"].shape[-1] for s in samples)
+    stims = torch.zeros((len(samples),) + samples[0]["stims"].shape[:-1] + (T,))
+    for i, s in enumerate(samples):
+        stims[i, ..., :s["stims"].shape[-1]] = torch.from_numpy(s["stims"])
+    return {"stims": stims, "values": torch.from_numpy(np.concatenate([s["values"] for s in samples])),
+            "neuron_index": torch.from_numpy(np.concatenate([s["neurons"] for s in samples])),
+            "stim_meta": [s["uid"] for s in samples]}
+
+if __name__ == "__main__":
+    if sys.argv[4] == "write":
+        with MDSWriter(out=out, columns=columns, compression=None, size_limit=1 << 26) as w:
+            for path in sorted(Path(stage).glob("*.npz")):
+                z = np.load(path)
+                w.write({"stims": z["stims"], "values": z["values"], "neurons": z["neurons"],
+                         "repeats": z["repeats"], "lengths": z["lengths"], "uid": str(z["uid"])})
+        sys.exit(0)
+    ds = StreamingDataset(local=out, batch_size=batch, shuffle=True, shuffle_seed=0)
+    loader = DataLoader(ds, batch_size=batch, num_workers=int(sys.argv[5]), collate_fn=collate)
+    start = time.perf_counter(); first = None; items = 0
+    for b in loader:
+        items += len(b["stim_meta"])
+        if first is None:
+            first = time.perf_counter() - start
+    total = time.perf_counter() - start
+    print(json.dumps({"items": items, "seconds": round(total, 3), "items_per_s": round(items / total, 2),
+                      "first_batch_s": round(first, 3)}))
+"""
+
+CHILDREN = {"memory": child_memory, "stream": child_stream, "read_limit": child_read_limit}
+
+
+# -- parent: build the data, run the children, sample their memory ------------------------
+def _pss_tree(pid: int) -> int:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def run_child(cmd: list[str], env: dict | None = None) -> dict:
+    """Run ``cmd``; its last stdout line is a JSON dict, to which peak summed PSS is added."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    peak = [0]
+
+    def sample():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], _pss_tree(proc.pid))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    sampler.join()
+    if proc.returncode != 0:
+        return {"error": (err or out).strip().splitlines()[-1][:300] if (err or out).strip() else "failed"}
+    result = json.loads(out.strip().splitlines()[-1])
+    result["peak_pss_mib"] = round(peak[0] / 2**20, 1)
+    return result
+
+
+def build_stores(workdir: Path, scale: float, time_scale: float) -> tuple[str, list[str], float]:
+    """AA1- and AA2-shaped synthetic sources saved as local Zarr, and their pool (reused if present)."""
+    from deepstrf import concat_neural_datasets, open_dataset, save_dataset
+    from deepstrf.datasets.synthetic import SyntheticAudioDataset
+
+    root = workdir / f"stores-s{scale}-t{time_scale}"
+    pool = root / "pool"
+    sources = [str(root / "aa1"), str(root / "aa2")]
+    start = time.perf_counter()
+    if not pool.exists():
+        for preset, url, seed in (("aa1", sources[0], 1), ("aa2", sources[1], 2)):
+            if not Path(url).exists():
+                save_dataset(SyntheticAudioDataset(preset, scale=scale, time_scale=time_scale, seed=seed), url,
+                             progress=False)
+        concat_neural_datasets([open_dataset(u) for u in sources], names=["AA1", "AA2"], store=str(pool))
+    return str(pool), sources, time.perf_counter() - start
+
+
+def stage_for_mds(pool: str, stage: Path) -> None:
+    """Export every visible item of the pool (compact cells + stimulus) as .npz for the MDS writer."""
+    import numpy as np
+
+    from deepstrf import open_dataset
+    from deepstrf.datasets import views
+
+    if stage.exists() and any(stage.iterdir()):
+        return
+    stage.mkdir(parents=True, exist_ok=True)
+    ds = open_dataset(pool)
+    for i, s in enumerate(ds.visible_stims()):
+        (row,) = views.read_raw_rows(ds.responses, [s])
+        np.savez(stage / f"{i:06d}.npz", stims=ds.stims[s].numpy(), values=row.values, neurons=row.neurons,
+                 repeats=row.repeats, lengths=row.lengths, uid=ds.stim_meta[s]["uid"])
+
+
+def upload_to_s3(local_root: Path, latency_s: float):
+    """Start a local S3 (moto) server, upload the stores, then add ``latency_s`` per request."""
+    import s3fs
+
+    from deepstrf.stream.s3sim import LocalS3
+
+    server = LocalS3().start()
+    root = server.make_bucket("bench")
+    options = server.storage_options()
+    s3fs.S3FileSystem(**options).put(str(local_root), "bench/stores", recursive=True)
+    server.set_latency(latency_s)
+    return server, f"{root}/stores/pool", options
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scale", type=float, default=1.0, help="factor on S and N of the AA1/AA2 presets")
+    p.add_argument("--time-scale", type=float, default=1.0, help="factor on T")
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "deepstrf-bench-stream"))
+    p.add_argument("--latency-ms", type=float, default=20.0, help="added latency per S3 request")
+    p.add_argument("--mds-python", default="/work/mdsvenv/bin/python",
+                   help="python of a venv with mosaicml-streaming (skipped if absent)")
+    p.add_argument("--skip", action="append", default=[], help="configuration to skip (repeatable)")
+    # internal: run one configuration in this process
+    p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    p.add_argument("--pool", help=argparse.SUPPRESS)
+    p.add_argument("--sources", nargs="*", help=argparse.SUPPRESS)
+    p.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--collate", default="compact", help=argparse.SUPPRESS)
+    p.add_argument("--storage-options", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        result = CHILDREN[args.child](args)
+        print(json.dumps(result))
+        return result
+
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    pool, sources, build_s = build_stores(workdir, args.scale, args.time_scale)
+    me = [sys.executable, os.path.abspath(__file__), "--pool", pool]
+    results: dict = {"bench": "stream", "scale": args.scale, "time_scale": args.time_scale, "batch_size": BATCH,
+                     "cpus": os.cpu_count(), "build_s": round(build_s, 1)}
+
+    def want(name: str) -> bool:
+        return name not in args.skip
+
+    if want("read_limit"):
+        results["read_limit"] = run_child(me + ["--child", "read_limit", "--sources", *sources])
+    if want("memory"):
+        results["memory"] = run_child(me + ["--child", "memory"])
+    for workers, collate in ((0, "compact"), (2, "compact"), (2, "dense")):
+        name = f"local_w{workers}_{collate}"
+        if want(name):
+            results[name] = run_child(me + ["--child", "stream", "--workers", str(workers), "--collate", collate])
+    if want("s3"):
+        server, s3_pool, options = upload_to_s3(Path(pool).parent, args.latency_ms / 1000)
+        try:
+            for workers in (0, 2):
+                results[f"s3_w{workers}_compact"] = run_child(
+                    [sys.executable, os.path.abspath(__file__), "--pool", s3_pool, "--child", "stream",
+                     "--workers", str(workers), "--storage-options", json.dumps(options)])
+        finally:
+            server.stop()
+        results["s3_latency_ms"] = args.latency_ms
+    if want("mds") and os.path.exists(args.mds_python):
+        stage, shards = workdir / f"mds-stage-s{args.scale}-t{args.time_scale}", workdir / f"mds-s{args.scale}-t{args.time_scale}"
+        stage_for_mds(pool, stage)
+        script = workdir / "mds_child.py"
+        script.write_text(MDS_CHILD)
+        if not (shards / "index.json").exists():
+            subprocess.run([args.mds_python, str(script), str(stage), str(shards), str(BATCH), "write"], check=True,
+                           capture_output=True)
+        results["mds_w2"] = run_child([args.mds_python, str(script), str(stage), str(shards), str(BATCH), "read", "2"])
+    results["goals"] = goals(results)
+    print(json.dumps(results))
+    return results
+
+
+def goals(r: dict) -> dict:
+    """The issue's targets, as measured ratios and pass/fail."""
+    def rate(name: str) -> float | None:
+        return r.get(name, {}).get("items_per_s")
+
+    out: dict = {}
+    b, a, e = rate("local_w2_compact"), rate("memory"), rate("read_limit")
+    if b and a:
+        out["stream_vs_memory"] = round(b / a, 2)
+        out["stream_2x_memory"] = b >= 2 * a
+    if b and e:
+        out["stream_vs_read_limit"] = round(b / e, 2)
+        out["stream_70pct_read_limit"] = b >= 0.7 * e
+    if b and "local_w2_compact" in r:
+        out["stream_peak_le_1gib"] = r["local_w2_compact"]["peak_pss_mib"] <= 1024
+    if b and rate("s3_w2_compact"):
+        out["s3_vs_local"] = round(rate("s3_w2_compact") / b, 2)
+        out["s3_70pct_local"] = rate("s3_w2_compact") >= 0.7 * b
+    if b and rate("mds_w2"):
+        out["stream_vs_mds"] = round(b / rate("mds_w2"), 2)
+        out["stream_ge_mds"] = b >= rate("mds_w2")
+    firsts = [r[k]["first_batch_s"] for k in ("local_w0_compact", "local_w2_compact") if "first_batch_s" in r.get(k, {})]
+    if firsts:
+        out["first_batch_le_1s_local"] = max(firsts) <= 1.0
+    return out
+
+
+if __name__ == "__main__":
+    main()
