@@ -137,7 +137,7 @@ def main(args: Any) -> int:
     out.mkdir(parents=True, exist_ok=True)
     store_root = args.store or str(out / "stores")
     storage_options = getattr(args, "storage_options", None)
-    cfg = TrainConfig(epochs=epochs, batch_size=BATCH_SIZE, seed=seed, channels=(16, 8), kernel_f=5, kernel_t=12)
+    cfg = TrainConfig(epochs=epochs, batch_size=BATCH_SIZE, seed=seed)
 
     def phase(name: str, t0: float) -> float:
         phases[name] = time.perf_counter() - t0

@@ -52,9 +52,10 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.0
     seed: int = 0
-    channels: tuple[int, ...] = (8,)
-    kernel_f: int = 5
-    kernel_t: int = 12
+    channels: tuple[int, ...] = (16, 8)
+    kernel_f: tuple[int, ...] | int = (5, 3)
+    kernel_t: tuple[int, ...] | int = (12, 6)
+    monitor_points: int = 20  # held-out loss evaluated on at most this many epochs
 
 
 @dataclass
@@ -63,12 +64,15 @@ class History:
 
     train_loss: list[float] = field(default_factory=list)
     heldout_loss: list[float] = field(default_factory=list)
+    heldout_epochs: list[int] = field(default_factory=list)
+    steps_at_epoch: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     steps: int = 0
 
     def to_dict(self) -> dict:
-        return {"train_loss": self.train_loss, "heldout_loss": self.heldout_loss, "seconds": self.seconds,
-                "steps": self.steps}
+        return {"train_loss": self.train_loss, "heldout_loss": self.heldout_loss,
+                "heldout_epochs": self.heldout_epochs, "steps_at_epoch": self.steps_at_epoch,
+                "seconds": self.seconds, "steps": self.steps}
 
 
 @torch.no_grad()
@@ -99,7 +103,8 @@ def fit(model: PooledEncodingModel, train: BatchSource, cfg: TrainConfig, *, hel
         desc: str = "train", progress: bool = True) -> History:
     """Adam on the masked Poisson loss of compact batches, ``cfg.epochs`` epochs.
 
-    ``heldout`` is only *monitored* (learning curve); nothing is selected on it.
+    ``heldout`` is only *monitored* (learning curve, on at most
+    ``cfg.monitor_points`` epochs); nothing is selected on it.
     """
     torch.manual_seed(cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -123,8 +128,11 @@ def fit(model: PooledEncodingModel, train: BatchSource, cfg: TrainConfig, *, hel
             hist.steps += 1
         sched.step()
         hist.train_loss.append(total / max(n, 1))
-        if heldout is not None:
+        hist.steps_at_epoch.append(hist.steps)
+        every = max(1, math.ceil(cfg.epochs / max(cfg.monitor_points, 1)))
+        if heldout is not None and ((epoch + 1) % every == 0 or epoch + 1 == cfg.epochs):
             hist.heldout_loss.append(batch_loss(model, heldout(epoch)))
+            hist.heldout_epochs.append(epoch + 1)
         hist.seconds.append(time.perf_counter() - t0)
         post = {"loss": f"{hist.train_loss[-1]:.4f}"}
         if hist.heldout_loss:

@@ -1,0 +1,50 @@
+"""Every example script runs at a tiny scale (in a subprocess, like a user would run it)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(name: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--tiny", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=EXAMPLES, env={**os.environ})
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def test_every_example_is_tested():
+    scripts = {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")}
+    assert scripts == {"pool_two_stores.py", "stream_from_s3.py", "share_pool.py", "train_evaluate.py"}
+
+
+def test_pool_two_stores(tmp_path):
+    out = run_example("pool_two_stores.py", "--root", str(tmp_path))
+    assert "pool " in out.stdout and (tmp_path / "pool.zarr").is_dir()
+
+
+def test_share_pool_local(tmp_path):
+    out = run_example("share_pool.py", "--root", str(tmp_path / "lab-a"))
+    assert "lab B opened" in out.stdout and "refused as expected" in out.stdout
+
+
+def test_train_evaluate(tmp_path):
+    out = run_example("train_evaluate.py", "--root", str(tmp_path))
+    assert "AA1:" in out.stdout and "NS1:" in out.stdout
+
+
+@pytest.mark.parametrize("script", ["stream_from_s3.py", "share_pool.py"])
+def test_s3_examples(s3_server, script):
+    root = f"s3://{s3_server.bucket}/examples-{uuid.uuid4().hex[:8]}"
+    out = run_example(script, "--root", root, "--endpoint-url", s3_server.endpoint_url)
+    if script == "stream_from_s3.py":
+        assert "epoch 1:" in out.stdout
+    else:
+        assert "refused as expected" in out.stdout
