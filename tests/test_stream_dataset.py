@@ -197,3 +197,15 @@ def test_bad_arguments(pool):
         StreamingNeuralDataset(pool, source_homogeneous=True)
     with pytest.raises(ValueError, match="rank"):
         StreamingNeuralDataset(pool, rank=0)
+
+
+@pytest.mark.parametrize("collate", ["compact", "dense"])
+def test_batches_from_workers_equal_in_process_batches(pool, collate):
+    s = StreamingNeuralDataset(pool, batch_size=4, collate=collate, shuffle=False)
+    here = list(s)
+    there = list(DataLoader(s, batch_size=None, num_workers=2))
+    assert len(here) == len(there)
+    for a, b in zip(here, there):
+        for k in ("stims", "values", "offsets", "neuron_index") if collate == "compact" else \
+                ("stims", "responses", "valid_mask"):
+            assert tensors_equal(a[k], b[k]) and a[k].dtype == b[k].dtype

@@ -83,8 +83,8 @@ class StreamingNeuralDataset(IterableDataset):
                  stims: Sequence[int] | None = None, neurons: Sequence[int] | None = None,
                  select: Callable[[NeuralDataset], Any] | None = None,
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
-                 block_size: int = 8, shuffle_buffer: int = 256, prefetch: int = 4,
-                 read_threads: int = 2, cache_dir: str | os.PathLike | None = None,
+                 block_size: int = 8, shuffle_buffer: int = 256, prefetch: int = 2,
+                 read_threads: int = 1, cache_dir: str | os.PathLike | None = None,
                  cache_bytes: int = 2 << 30, retry: RetryPolicy = RetryPolicy()) -> None:
         super().__init__()
         if isinstance(source, NeuralDataset):
@@ -319,9 +319,10 @@ class StreamingNeuralDataset(IterableDataset):
         if self.batch_size is None:
             masks = ds.nrn_masks[stims][:, st.selection.neurons]
             return reader.build_items(ordered, stim_tensors, metas, masks, n_selected)
+        shared = get_worker_info() is not None  # build in shared memory: no copy to the main process
         if self.collate == "compact":
-            return reader.build_compact(ordered, stim_tensors, metas)
-        return reader.build_dense(ordered, stim_tensors, metas, n_selected)
+            return reader.build_compact(ordered, stim_tensors, metas, shared)
+        return reader.build_dense(ordered, stim_tensors, metas, n_selected, shared)
 
     def _read_stim(self, ds: NeuralDataset, s: int) -> torch.Tensor:
         return call_with_retries(lambda: ds.stims[s], what=f"stimulus {s} from {self._where()}",

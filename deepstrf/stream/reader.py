@@ -6,6 +6,11 @@ batches are built straight from the rows, so integer counts stay integers and
 no per-item float tensors are made; dense batches are filled from the rows
 directly too. Both equal what ``neural_collate`` / ``compact_collate`` make
 of the map-style items (compact: up to the dtype of ``values``).
+
+Batches are assembled with numpy (one copy of the counts per batch; torch's
+intra-op threads make many small copies slow) into buffers that, inside a
+DataLoader worker, live in shared memory already, so handing the batch to
+the main process copies nothing more (the trick ``default_collate`` uses).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..datasets.collate import CompactBatch, fill_missing_data
+from ..datasets.collate import CompactBatch
 from ..datasets.views import RawRow, missing_sentinel
 
 
@@ -79,6 +84,28 @@ def as_response(cell: np.ndarray) -> torch.Tensor:
     return t if t.is_floating_point() else t.to(torch.float32)
 
 
+def alloc(shape: tuple[int, ...], dtype: np.dtype, shared: bool) -> np.ndarray:
+    """An uninitialised array, backed by a shared-memory torch storage when ``shared``."""
+    dtype = np.dtype(dtype)
+    if not shared:
+        return np.empty(shape, dtype=dtype)
+    elem = torch.from_numpy(np.empty(0, dtype=dtype))
+    storage = elem._typed_storage()._new_shared(int(np.prod(shape)), device="cpu")
+    return elem.new(storage).view(shape).numpy()
+
+
+def pad_stims(stims: Sequence[torch.Tensor], shared: bool = False) -> torch.Tensor:
+    """``fill_missing_data(stims, dims=-1, value=0)``: stack, zero-padding time to the longest."""
+    first = stims[0]
+    T = max(int(x.shape[-1]) for x in stims)
+    out = alloc((len(stims), *first.shape[:-1], T), first.numpy().dtype, shared)
+    for i, x in enumerate(stims):
+        t = int(x.shape[-1])
+        out[i, ..., :t] = x.numpy()
+        out[i, ..., t:] = 0
+    return torch.from_numpy(out)
+
+
 def build_items(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor], metas: Sequence[dict],
                 masks: torch.Tensor, n_selected: int) -> list[dict]:
     """Items identical to ``ds[i]``: responses listed over the selected neurons, sentinel where missing."""
@@ -97,12 +124,14 @@ def build_items(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor], met
 
 
 def build_compact(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor],
-                  metas: Sequence[dict]) -> CompactBatch:
+                  metas: Sequence[dict], shared: bool = False) -> CompactBatch:
     """A :class:`CompactBatch` straight from the rows; ``values`` keeps the stored dtype."""
     sizes = np.concatenate([r.sizes for r in rows]).astype(np.int64)
-    values = np.concatenate([r.values for r in rows])
+    dtype = np.result_type(*[r.values.dtype for r in rows])
+    values = alloc((int(sizes.sum()),), dtype, shared)
+    np.concatenate([r.values for r in rows], out=values)
     return CompactBatch(
-        stims=fill_missing_data(list(stims), dims=-1, value=0.0),
+        stims=pad_stims(stims, shared),
         values=torch.from_numpy(values),
         offsets=torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)),
         repeats=torch.from_numpy(np.concatenate([r.repeats for r in rows]).astype(np.int64)),
@@ -114,15 +143,19 @@ def build_compact(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor],
 
 
 def build_dense(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor], metas: Sequence[dict],
-                n_selected: int) -> dict:
+                n_selected: int, shared: bool = False) -> dict:
     """The ``neural_collate`` dict, filled from the rows without per-item tensors."""
-    x = fill_missing_data(list(stims), dims=-1, value=0.0)
+    x = pad_stims(stims, shared)
     some_missing = any(len(r.neurons) < n_selected for r in rows)
     R = max([int(r.repeats.max()) for r in rows if len(r.repeats)] + [1 if some_missing else 0])
     T = max([int(r.lengths.max()) for r in rows if len(r.lengths)] + [1 if some_missing else 0])
-    responses = torch.full((len(rows), n_selected, R, T), float("nan"), dtype=x.dtype)
-    out = responses.numpy()
+    out = alloc((len(rows), n_selected, R, T), x.numpy().dtype, shared)
+    out.fill(np.nan)
     for b, row in enumerate(rows):
         for p, cell in zip(row.positions.tolist(), row.cells()):
             out[b, p, :cell.shape[0], :cell.shape[1]] = cell
-    return {"stims": x, "responses": responses, "valid_mask": ~responses.isnan(), "stim_meta": list(metas)}
+    mask = alloc(out.shape, np.bool_, shared)
+    np.isnan(out, out=mask)
+    np.logical_not(mask, out=mask)
+    return {"stims": x, "responses": torch.from_numpy(out), "valid_mask": torch.from_numpy(mask),
+            "stim_meta": list(metas)}
