@@ -1,4 +1,4 @@
-"""CLI sub-commands of the store layer (``deepstrf info``, ``deepstrf verify``)."""
+"""CLI sub-commands ``deepstrf info`` and ``deepstrf verify`` for source and pool stores."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from ..errors import StoreError
 from . import format as fmt
 from .location import Location
 from .reader import open_group
+from .pool import POOL_FORMAT
 from .verify import verify_source
 
 
@@ -74,29 +75,49 @@ def _print_source(d: dict[str, Any]) -> None:
 
 
 def info_main(args: Namespace) -> int:
-    """``deepstrf info URL``: describe a store from its metadata (reads no data)."""
+    """``deepstrf info URL``: describe a source or pool store from its metadata (reads no data)."""
+    from .pool_commands import describe_pool, print_pool
+
     loc = Location.parse(args.url, args.storage_options)
     try:
         attrs = dict(open_group(loc).attrs)
-        fmt.check_format(attrs, loc.url, fmt.SOURCE_FORMAT)
+        fmt.check_format(attrs, loc.url, expected=None)
     except StoreError as e:
         return _fail("info", e)
-    summary = describe_source(attrs, loc.url)
+    if attrs["format"] == fmt.SOURCE_FORMAT:
+        summary, show = describe_source(attrs, loc.url), _print_source
+    elif attrs["format"] == POOL_FORMAT:
+        summary, show = describe_pool(attrs, loc.url), print_pool
+    else:
+        return _fail("info", StoreError(f"{loc.url} holds a {attrs['format']!r} group; upgrade deepstrf to read it"))
     if args.json:
         print(json.dumps(summary))
     else:
-        _print_source(summary)
+        show(summary)
     return 0
 
 
 def verify_main(args: Namespace) -> int:
-    """``deepstrf verify URL``: read and check every chunk, digest and the fingerprint; 1 on any problem."""
+    """``deepstrf verify URL``: check a store; 1 on any problem.
+
+    A source: every chunk read and checksummed, digests and fingerprint recomputed.
+    A pool: references, fingerprints and coverage (with ``--data`` also every source's data).
+    """
+    from .pool_commands import verify_pool
+
     loc = Location.parse(args.url, args.storage_options)
-    problems = verify_source(loc)
+    try:
+        is_pool = dict(open_group(loc).attrs).get("format") == POOL_FORMAT
+    except StoreError as e:
+        return _fail("verify", e)
+    problems = (verify_pool(loc, allowed_roots=args.allow_root, data=args.data) if is_pool
+                else verify_source(loc))
     for p in problems:
         print(f"deepstrf verify: problem: {p}", file=sys.stderr)
     if problems:
         print(f"{loc.url}: {len(problems)} problem(s) found", file=sys.stderr)
         return 1
-    print(f"{loc.url}: OK (every chunk read and checksummed, digests and fingerprint match)")
+    what = "references, fingerprints and coverage match" if is_pool else \
+        "every chunk read and checksummed, digests and fingerprint match"
+    print(f"{loc.url}: OK ({what})")
     return 0
