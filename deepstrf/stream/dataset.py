@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import copy
 import os
-from concurrent.futures import ThreadPoolExecutor
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -124,20 +123,13 @@ class StreamingNeuralDataset(IterableDataset):
         self.rank_world()
         self._opened: Opened | None = None
         self.last_prefetcher: Prefetcher | None = None
-        self._io_lock = threading.Lock()
-        self._io_seen: dict | None = None
 
     # -- opening (lazily, once per process) ------------------------------------
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_opened"] = None  # reopened (URL) or re-derived from the source in the new process
         state["last_prefetcher"] = None
-        state["_io_lock"] = None
         return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._io_lock = threading.Lock()
 
     def dataset(self) -> NeuralDataset:
         """The opened dataset with the selection applied (opened once per process)."""
@@ -276,7 +268,6 @@ class StreamingNeuralDataset(IterableDataset):
             self._begin_pass()
         self.counters.use_slot(worker_id + 1 if info is not None else 0)
         self.counters.reset_slot()
-        self._io_seen = _io_counters(st.ds)
         units = self._units(st)
         batches = partition.rank_batches(len(units), self._offset, world, rank, self._unit_batch(), self.drop_last)
         mine = partition.worker_batches(batches, worker_id, num_workers)
@@ -311,7 +302,6 @@ class StreamingNeuralDataset(IterableDataset):
         stim_tensors = [f.result() for f in pending]
         ordered = [reader.order_cells(r, st.pos_of) for r in rows]
         used = sum(r.values.nbytes for r in ordered) + sum(t.numel() * t.element_size() for t in stim_tensors)
-        self._count_io(ds, fallback_bytes=used)
         self.counters.add(items=len(stims), batches=1, bytes_used=used,
                           read_us=int((time.perf_counter() - start) * 1e6))
         metas = [ds.stim_meta[s] for s in stims]
@@ -325,8 +315,10 @@ class StreamingNeuralDataset(IterableDataset):
         return reader.build_dense(ordered, stim_tensors, metas, n_selected, shared)
 
     def _read_stim(self, ds: NeuralDataset, s: int) -> torch.Tensor:
-        return call_with_retries(lambda: ds.stims[s], what=f"stimulus {s} from {self._where()}",
-                                 policy=self.retry, on_retry=lambda exc: self.counters.add(retries=1))
+        x = call_with_retries(lambda: ds.stims[s], what=f"stimulus {s} from {self._where()}",
+                              policy=self.retry, on_retry=lambda exc: self.counters.add(retries=1))
+        self.counters.add(requests=1, bytes_fetched=x.numel() * x.element_size())
+        return x
 
     def _read_rows(self, st: Opened, stims: list[int]) -> list[views.RawRow]:
         """Rows of ``stims`` from the cache, else in one batched (retried) read."""
@@ -339,25 +331,12 @@ class StreamingNeuralDataset(IterableDataset):
             rows = call_with_retries(lambda: views.read_raw_rows(st.ds.responses, todo, st.read_neurons),
                                      what=f"responses of stims {todo} from {self._where()}", policy=self.retry,
                                      on_retry=lambda exc: self.counters.add(retries=1))
+            self.counters.add(requests=1, bytes_fetched=sum(r.values.nbytes for r in rows))
             for row in rows:
                 found[row.stim] = row
                 if cache is not None:
                     cache.put(row)
         return [found[s] for s in stims]
-
-    def _count_io(self, ds: NeuralDataset, fallback_bytes: int) -> None:
-        """Requests and bytes fetched: the store's own counters if it keeps them (the growth
-        since the last batch of this process, so concurrent reads are counted once), else
-        one request per batch and the decoded bytes (in-memory datasets fetch nothing)."""
-        with self._io_lock:
-            now = _io_counters(ds)
-            if now is None:
-                self.counters.add(requests=1, bytes_fetched=fallback_bytes)
-                return
-            seen = self._io_seen or {"requests": 0, "bytes_fetched": 0}
-            self.counters.add(requests=now["requests"] - seen["requests"],
-                              bytes_fetched=now["bytes_fetched"] - seen["bytes_fetched"])
-            self._io_seen = dict(now)
 
     def _cache(self, ds: NeuralDataset, neurons: list[int] | None) -> RowCache | None:
         if self.cache_dir is None:
@@ -367,12 +346,13 @@ class StreamingNeuralDataset(IterableDataset):
 
     # -- observability -------------------------------------------------------------
     def stats(self, seconds: float | None = None) -> dict[str, float]:
-        """Counters since the epoch started (summed over this rank's workers).
+        """Counters of the current pass (summed over this rank's DataLoader workers).
 
-        ``requests`` and ``bytes_fetched`` are the store's own I/O counters
-        when it reports them, else one request per batched read and the
-        decoded bytes; ``bytes_used`` are the bytes of values and stimuli
-        handed to batches. With ``seconds``, rates are added.
+        ``requests``: read calls made to the dataset (one batched response
+        read per batch, one per stimulus; cache hits make none);
+        ``bytes_fetched``: bytes those reads returned, as stored (integer
+        counts); ``bytes_used``: bytes of counts and stimuli put into batches
+        (cache hits included). With ``seconds``, rates are added.
         """
         return summarize(self.counters.totals(), seconds)
 
@@ -383,12 +363,6 @@ class StreamingNeuralDataset(IterableDataset):
     def __repr__(self) -> str:
         return (f"StreamingNeuralDataset({self._where()!r}, batch_size={self.batch_size}, "
                 f"collate={self.collate!r}, shuffle={self.shuffle}, seed={self.seed}, epoch={self.epoch})")
-
-
-def _io_counters(ds: NeuralDataset) -> dict | None:
-    """The store's cumulative ``{"requests", "bytes_fetched"}`` for this process, if it keeps them."""
-    fn = getattr(ds.responses, "io_counters", None)
-    return fn() if callable(fn) else None
 
 
 class StreamingDataLoader(DataLoader):
