@@ -197,3 +197,54 @@ def test_cli_concat_info_verify_plot(sources, tmp_path):
     assert plot.returncode == 0 and (tmp_path / "cov.png").stat().st_size > 1000
     bad = run("concat", "pool.zarr", *sources)
     assert bad.returncode != 0 and "overwrite" in bad.stderr
+
+
+def test_pool_in_s3_shared_between_labs(s3_server, tmp_path):
+    """Lab A writes sources and a pool to a bucket; lab B opens it with only the URL and its own credentials."""
+    prefix = s3_server.url()
+    urls = []
+    for preset, seed in (("aa1", 1), ("aa2", 2)):
+        url = f"{prefix}/{preset}.zarr"
+        deepstrf.save_dataset(SyntheticAudioDataset(preset, scale=0.1 if preset == "aa1" else 0.03,
+                                                    time_scale=0.02, seed=seed), url,
+                              storage_options=s3_server.storage_options)
+        urls.append(url)
+    lab_a = {**s3_server.storage_options, "key": "testing", "secret": "lab-a-secret"}
+    opened = [deepstrf.open_dataset(u, storage_options=lab_a) for u in urls]
+    pool = concat_neural_datasets(opened, names=["x", "y"], store=f"{prefix}/pool.zarr", storage_options=lab_a)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server.storage_options)
+    written = b"".join(fs.cat(p) for p in fs.find(f"{prefix}/pool.zarr"))
+    assert b"lab-a-secret" not in written and b"endpoint_url" not in written
+    lab_b = deepstrf.open_dataset(f"{prefix}/pool.zarr", storage_options=s3_server.storage_options)
+    assert [s["ref"] for s in lab_b.pool_sources] == ["aa1.zarr", "aa2.zarr"]
+    assert_same_dataset(lab_b, pool)
+    local = concat_neural_datasets([deepstrf.open_dataset(u, storage_options=s3_server.storage_options)
+                                    for u in urls], names=["x", "y"])
+    assert_same_dataset(lab_b, local)
+
+
+def test_remote_pool_may_not_point_at_local_files(s3_server, tmp_path):
+    local = make_sources(str(tmp_path))
+    prefix = s3_server.url()
+    src = f"{prefix}/aa1.zarr"
+    deepstrf.save_dataset(SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02, seed=1), src,
+                          storage_options=s3_server.storage_options)
+    opened = [deepstrf.open_dataset(src, storage_options=s3_server.storage_options), deepstrf.open_dataset(local[1])]
+    url = f"{prefix}/pool.zarr"
+    concat_neural_datasets(opened, store=url, storage_options=s3_server.storage_options)
+    with pytest.raises(UntrustedReferenceError, match=r"aa2-2.zarr.*outside the pool's root"):
+        deepstrf.open_dataset(url, storage_options=s3_server.storage_options)
+    trusted = deepstrf.open_dataset(url, storage_options=s3_server.storage_options, allowed_roots=[str(tmp_path)])
+    assert trusted.get_S() == sum(d.get_S() for d in opened)
+
+
+def test_pool_published_over_http(http_server):
+    folder = os.path.join(http_server.root, "published")
+    urls = make_sources(folder)
+    concat_neural_datasets([deepstrf.open_dataset(u) for u in urls], names=["x", "y"],
+                           store=os.path.join(folder, "pool.zarr"))
+    remote = deepstrf.open_dataset(http_server.url("published/pool.zarr"))
+    assert remote.pool_sources[0]["url"] == http_server.url("published/aa1-1.zarr")
+    assert_same_dataset(remote, deepstrf.open_dataset(os.path.join(folder, "pool.zarr")))
