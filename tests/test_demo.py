@@ -86,3 +86,39 @@ def test_demo_refuses_to_clobber_without_overwrite(demo_run):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "--overwrite" in proc.stderr
+
+
+def test_demo_against_s3(s3_server, tmp_path):
+    """``--store s3://...`` with ``-S`` storage options runs the same job (tiny, few epochs)."""
+    root = s3_server.url("demo-run")
+    proc = subprocess.run([sys.executable, "-m", "deepstrf.cli", "demo", "--out", str(tmp_path), "--store", root,
+                           "-S", f"client_kwargs.endpoint_url={s3_server.endpoint_url}",
+                           "--scale", "0.1", "--time-scale", "0.1", "--epochs", "2"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["pool"]["url"] == f"{root}/pool.zarr"
+    assert all(s["url"].startswith("s3://") for s in rep["sources"])
+    assert s3_server.endpoint_url not in json.dumps(rep)  # storage option values are never written down
+    for a in rep["scores"]["per_source"].values():
+        assert _finite(a["nll"])
+
+
+def test_fit_in_memory_compact_batches():
+    """The demo's training loop on an in-memory pool through ``compact_batches``."""
+    from deepstrf.datasets.synthetic import SyntheticAudioDataset
+    from deepstrf.demo.training import TrainConfig, build_model, compact_batches, fit, mean_counts
+
+    pool = SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.03, seed=1) + \
+        SyntheticAudioDataset("aa2", scale=0.04, time_scale=0.03, seed=2)
+    cfg = TrainConfig(epochs=4, batch_size=2, channels=(4,), kernel_f=3, kernel_t=5, lr=1e-2)
+
+    def batches(epoch):
+        return compact_batches(pool, batch_size=cfg.batch_size, shuffle=True, seed=0, epoch=epoch)
+
+    base = mean_counts(batches(0), pool.N_neurons)
+    assert base.shape == (pool.N_neurons,) and (base > 0).all()
+    model = build_model(pool.N_neurons, pool.F, cfg, base)
+    hist = fit(model, batches, cfg, heldout=batches, progress=False)
+    assert len(hist.train_loss) == 4 and hist.train_loss[-1] < hist.train_loss[0]
+    assert hist.steps == 4 * len(list(batches(0))) and hist.heldout_epochs[-1] == 4

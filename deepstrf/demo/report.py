@@ -174,6 +174,14 @@ def _med(d: dict) -> str:
     return f"{_f(d['median'])} [{_f(d['q25'], 2)}, {_f(d['q75'], 2)}]"
 
 
+def _stream_line(st: dict | None) -> str:
+    if not st:
+        return ""
+    return (f"; one training epoch read {int(st['items'])} items in {int(st['batches'])} batches with "
+            f"{int(st['requests'])} batched requests, {st['bytes_fetched'] / 1e6:.1f} MB fetched, "
+            f"{st['read_seconds']:.2f} s spent reading")
+
+
 def _pooling_verdict(pool: dict) -> str:
     d = pool["delta"]["pooled_minus_same_steps"]
     if d is None:
@@ -214,7 +222,7 @@ def write_markdown(rep: dict, path: Path) -> None:
         f"Pool `{p['url']}`: {p['S']} stims x {p['N']} neurons, {p['valid_fraction'] * 100:.1f}% of pairs "
         f"recorded (block-diagonal), dt {p['dt_ms']:g} ms, F {p['F']}. It references the source stores; "
         "no data was copied. Training and evaluation streamed it with `StreamingNeuralDataset` "
-        f"({rep['streaming']['mode']}).",
+        f"({rep['streaming']['mode']}){_stream_line(rep['streaming'].get('train_epoch_stats'))}.",
         "",
         f"![coverage]({rep['figures']['coverage']})",
         "",

@@ -117,6 +117,22 @@ def _setting(args: Any, name: str) -> Any:
     return DEFAULTS[name] if v is None else v
 
 
+def command_line(argv: list[str]) -> str:
+    """The command as typed, with storage option values redacted (they may hold secrets)."""
+    out, redact_next = ["deepstrf"], False
+    for a in argv:
+        if redact_next:
+            a, redact_next = a.partition("=")[0] + "=<redacted>", False
+        elif a in ("-S", "--storage-option"):
+            redact_next = True
+        elif a.startswith("--storage-option=") or (a.startswith("-S") and len(a) > 2):
+            a = a.partition("=")[0] + "=<redacted>"
+        out.append(shlex.quote(a))
+    if len(out) == 1 or out[1] != "demo":
+        out.insert(1, "demo")
+    return " ".join(out)
+
+
 def source_groups(ds: NeuralDataset) -> list[str]:
     """Source name of every neuron of ``ds`` (global id order)."""
     groups = [""] * ds.N_neurons
@@ -234,7 +250,7 @@ def build_report(args, cfg, sources, data, split: StimSplit, model, hist, scores
         per_neuron[key] = sc.result()["cc_truth"]
         curves[key] = {"label": label, **h.to_dict()}
     med = {k: v["scores"]["cc_truth"]["median"] for k, v in variants.items()}
-    cmd = "deepstrf demo " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else "deepstrf demo"
+    cmd = command_line(sys.argv[1:])
     return {
         "version": 1,
         "command": cmd,

@@ -1,9 +1,8 @@
-"""Data access and the training loop of the demo (compact batches only).
+"""The training loop of the demo, on compact batches only.
 
-:func:`compact_batches` is the one place that decides how batches are read:
-from a store through :class:`~deepstrf.StreamingNeuralDataset`, or, for an
-in-memory dataset, through a plain ``DataLoader`` with ``compact_collate``.
-Everything else consumes :class:`~deepstrf.datasets.collate.CompactBatch`.
+A batch source is a function ``epoch -> iterable of CompactBatch``: the demo
+streams from its stores (``DemoData.batches`` in :mod:`.run`);
+:func:`compact_batches` does the same for an in-memory dataset.
 """
 
 from __future__ import annotations
@@ -24,19 +23,13 @@ from ..models import PooledEncodingModel, poisson_loss_compact
 
 
 def compact_batches(ds: NeuralDataset, *, batch_size: int, shuffle: bool, seed: int, epoch: int = 0,
-                    workers: int = 0, streaming: bool = True) -> Iterable[CompactBatch]:
-    """Batches of the visible items of ``ds`` (its current selections), as :class:`CompactBatch`.
+                    workers: int = 0) -> Iterable[CompactBatch]:
+    """Batches of the visible items of an in-memory ``ds`` (its current selections), as
+    :class:`CompactBatch`, through a map-style ``DataLoader`` (order from ``(seed, epoch)``).
 
-    ``streaming``: read through :class:`deepstrf.StreamingNeuralDataset`
-    (store-backed datasets); otherwise a map-style ``DataLoader``.
+    The demo itself streams from stores (:meth:`deepstrf.demo.run.DemoData.batches`); this is
+    the same batch source for datasets that live in memory.
     """
-    if streaming:
-        from ..stream import StreamingNeuralDataset
-
-        sds = StreamingNeuralDataset(ds, batch_size=batch_size, collate="compact", shuffle=shuffle, seed=seed)
-        sds.set_epoch(epoch)
-        return DataLoader(sds, batch_size=None, num_workers=workers,
-                          persistent_workers=False, multiprocessing_context="fork" if workers else None)
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers,
                       collate_fn=functools.partial(compact_collate, neuron_index=ds.selected_neurons()))
