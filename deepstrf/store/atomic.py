@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -201,6 +202,15 @@ def staged_write(loc: Location, *, overwrite: bool,
     except BaseException:
         remove(target)
         raise
+
+
+def consolidate(store) -> None:
+    """Write zarr's inline consolidated metadata into the (held-back) root ``zarr.json``."""
+    import zarr
+
+    with warnings.catch_warnings():  # zarr notes that consolidation is not in the v3 spec yet
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(store)
 
 
 def stored_bytes(loc: Location) -> int:

@@ -117,7 +117,8 @@ def verify_main(args: Namespace) -> int:
     if problems:
         print(f"{loc.url}: {len(problems)} problem(s) found", file=sys.stderr)
         return 1
-    what = "references, fingerprints and coverage match" if is_pool else \
-        "every chunk read and checksummed, digests and fingerprint match"
+    what = ("references, fingerprints and coverage match" + (", every source chunk checksummed" if args.data else "")
+            if is_pool else
+            "every chunk read and checksummed, digests and fingerprint match")
     print(f"{loc.url}: OK ({what})")
     return 0

@@ -27,7 +27,7 @@ from ..datasets.neural_dataset import NeuralDataset
 from ..datasets.views import BlockDiagonalGrid, LazySequence, MappedSequence, ResponseGrid
 from ..errors import IntegrityError, SourceChangedError, StoreNotFoundError
 from . import format as fmt
-from .atomic import staged_write
+from .atomic import consolidate, staged_write
 from .dataset import OPENERS, open_dataset
 from .location import Location
 from .references import make_reference, pool_root, resolve_reference
@@ -79,7 +79,7 @@ def write_pool(datasets: Sequence[NeuralDataset], url: str | os.PathLike, *, nam
         _write_array(group, COVERAGE, coverage, chunks=_coverage_chunks(coverage.shape))
         for name, data in zip(INDEX_ARRAYS, _index_maps(parts)):
             _write_array(group, name, data, chunks=(fmt.chunk_elems(data.dtype),))
-        zarr.consolidate_metadata(staging.store)
+        consolidate(staging.store)
     roots = [pool_root(Location.parse(p.store_url)) for p in parts]
     return open_dataset(loc.url, storage_options=loc.storage_options,
                         allowed_roots=[*allowed_roots, *roots], trust=trust)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +14,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..datasets import views
 from . import format as fmt
-from .atomic import Staging, staged_write, stored_bytes
+from .atomic import Staging, consolidate, staged_write, stored_bytes
 from .integrity import array_digest, content_hasher, fingerprint, update
 from .jsonmeta import encode_meta
 from .location import Location
@@ -244,7 +243,5 @@ def _write(staging: Staging, ds: Any, attrs: dict[str, Any], progress: bool | No
     attrs["written_by"] = f"deepstrf {__version__}"
     attrs["nbytes_stored"] = stored_bytes(staging.location)
     root.update_attributes(attrs)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(staging.store)
+    consolidate(staging.store)
     return attrs
