@@ -19,12 +19,11 @@ import os
 import tempfile
 import time
 
-from _latency import LatencyS3, s3_upload_folder
-
 import deepstrf
 from deepstrf.datasets.synthetic import SyntheticAudioDataset
 from deepstrf.store.atomic import stored_bytes
 from deepstrf.store.location import Location
+from deepstrf.stream.s3sim import LocalS3
 
 
 def save_sources(folder: str, scale: float, time_scale: float) -> list[str]:
@@ -35,6 +34,14 @@ def save_sources(folder: str, scale: float, time_scale: float) -> list[str]:
                               progress=False)
         urls.append(url)
     return urls
+
+
+def upload(s3: LocalS3, folder: str, bucket: str) -> None:
+    """Copy a local folder into a new bucket of the local S3 server."""
+    import s3fs
+
+    s3.make_bucket(bucket)
+    s3fs.S3FileSystem(**s3.storage_options()).put(folder.rstrip("/") + "/", f"{bucket}/", recursive=True)
 
 
 def timed(fn, repeat: int = 3):
@@ -68,11 +75,14 @@ def main() -> None:
         folder = os.path.join(tmp, f"t{args.time_scales[-1]}")
         local_open, pool = timed(lambda: deepstrf.open_dataset(os.path.join(folder, "pool.zarr")))
         local_sources, _ = timed(lambda: [deepstrf.open_dataset(os.path.join(folder, f"{n}.zarr")) for n in ("aa1", "aa2")])
-        with LatencyS3(args.latency_ms / 1000) as s3:
-            s3_upload_folder(s3, folder, "bench")
-            s3_open, remote = timed(lambda: deepstrf.open_dataset("s3://bench/pool.zarr", storage_options=s3.options))
+        with LocalS3() as s3:
+            upload(s3, folder, "bench")
+            s3.set_latency(args.latency_ms / 1000)
+            before = s3.requests
+            s3_open, remote = timed(lambda: deepstrf.open_dataset("s3://bench/pool.zarr",
+                                                                  storage_options=s3.storage_options()))
             assert remote.get_S() == pool.get_S() and len(remote) == len(pool)
-            requests = s3.requests
+            requests = s3.requests - before
     print(json.dumps({
         "bench": "pool", "scale": args.scale, "growth": growth,
         "pool_fraction_of_sources": largest["pool_bytes"] / largest["source_bytes"],

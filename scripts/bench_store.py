@@ -12,7 +12,6 @@ every S3 request by wrapping s3fs' single request funnel ``_call_s3``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
@@ -25,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from deepstrf.datasets.synthetic import SyntheticAudioDataset
+from deepstrf.stream.s3sim import LocalS3
 from deepstrf.store import open_dataset, save_dataset
 from deepstrf.utils.data import neural_collate
 
@@ -53,37 +53,6 @@ def epoch_collate(ds, batch_size: int = 8) -> float:
 
 def open_time(url: str, storage_options=None, repeats: int = 3) -> float:
     return statistics.median(timed(open_dataset, url, storage_options=storage_options)[1] for _ in range(repeats))
-
-
-def add_s3_latency(seconds: float) -> None:
-    """Every S3 API request made by s3fs sleeps ``seconds`` first."""
-    import s3fs
-
-    call = s3fs.S3FileSystem._call_s3
-
-    async def slow_call(self, *args, **kwargs):
-        await asyncio.sleep(seconds)
-        return await call(self, *args, **kwargs)
-
-    s3fs.S3FileSystem._call_s3 = slow_call
-
-
-def start_s3() -> tuple[object, dict]:
-    import logging
-
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        os.environ[key] = "bench"
-    os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
-    s3fs.S3FileSystem(skip_instance_cache=True, **options).mkdir("bench")
-    return server, options
 
 
 def main(argv=None) -> int:
@@ -120,9 +89,10 @@ def main(argv=None) -> int:
         out["epoch_collate_memory_s"] = epoch_collate(memory)
 
     if not args.no_s3:
-        server, options = start_s3()
-        try:
-            add_s3_latency(args.latency_ms / 1000)
+        with LocalS3() as server:
+            options = server.storage_options()
+            server.make_bucket("bench")
+            server.set_latency(args.latency_ms / 1000)
             out["s3_latency_ms"] = args.latency_ms
             s3 = {n: f"s3://bench/{n}.zarr" for n in sources}
             out["save_s3_s"] = sum(timed(save_dataset, d, s3[n], storage_options=options, progress=False)[1]
@@ -130,8 +100,6 @@ def main(argv=None) -> int:
             out["open_s3_s"] = open_time(s3["aa2"], options)
             remote = open_dataset(s3["aa1"], storage_options=options) + open_dataset(s3["aa2"], storage_options=options)
             out["epoch_items_s3_s"] = epoch_items(remote)
-        finally:
-            server.stop()
 
     out["goals"] = {
         "disk_le_1/20_float32": out["compression_ratio"] >= 20,
