@@ -80,8 +80,42 @@ def scenario(pkg: str) -> dict:
     return {k: (list(v) if isinstance(v, torch.Size) else v) for k, v in out.items()}
 
 
+SURFACE = {
+    "datasets.neural_dataset.NeuralDataset": [
+        "__init__", "get_N", "get_S", "get_nrn_meta", "_selected", "_selected_stims", "_invalidate_nrn_masks",
+        "select_neuron", "select_population", "reset_pop_selection", "select_pop_by_nrn_attr",
+        "select_pop_by_nrn_predicate", "select_pop_by_stim_attr", "select_pop_by_stim_predicate", "select_stim",
+        "select_stims", "select_stims_by_attr", "select_stims_by_predicate", "reset_stim_selection",
+        "smooth_responses", "normalize_responses", "standardize_stims", "compute_neuron_quality", "validate",
+        "__add__", "__len__", "__getitem__"],
+    "datasets.audio.audio_dataset.AudioNeuralDataset": ["__init__", "get_F"],
+    "datasets.video.video_dataset.VideoNeuralDataset": ["__init__"],
+    "utils.data": ["concat_neural_datasets", "neural_collate", "fill_missing_data", "hanning_smooth"],
+    "models.neural_model.NeuralModel": ["__init__", "count_trainable_params"],
+}
+
+
+def signatures(pkg: str) -> dict:
+    """Parameter names and defaults of every public callable of the compatibility surface."""
+    import inspect
+
+    out = {}
+    for path, names in SURFACE.items():
+        try:
+            obj = importlib.import_module(f"{pkg}.{path}")
+        except ModuleNotFoundError:
+            module, cls = path.rsplit(".", 1)
+            obj = getattr(importlib.import_module(f"{pkg}.{module}"), cls)
+        for name in names:
+            params = inspect.signature(getattr(obj, name)).parameters.values()
+            # keyword-only additions of ours (store=, deep=) keep every deepSTRF call valid
+            out[f"{path}.{name}"] = [(p.name, repr(p.default)) for p in params if p.kind not in (p.KEYWORD_ONLY, p.VAR_KEYWORD)]
+    return out
+
+
 def main() -> None:
     ref, ours = scenario("deepSTRF"), scenario("deepstrf")
+    ref["signatures"], ours["signatures"] = signatures("deepSTRF"), signatures("deepstrf")
     diffs = {k: {"deepSTRF": ref[k], "deepstrf": ours.get(k)} for k in ref
              if json.dumps(ref[k], default=str) != json.dumps(ours.get(k), default=str)}
     print(json.dumps({"checked": sorted(ref), "differences": diffs}, default=str))

@@ -488,7 +488,7 @@ class NeuralDataset(Dataset):
                  range(self.get_S()), range(self.N_neurons))]
 
     # -- validation --------------------------------------------------------------
-    def validate(self, deep: bool | None = None) -> None:
+    def validate(self, *, deep: bool | None = None) -> None:
         """Check the attributes are consistent; raise a clear error if not.
 
         ``deep`` also checks every cell's shape (default: only for plain-list

@@ -51,8 +51,8 @@ class AudioNeuralDataset(NeuralDataset):
         self.audio_fs = source.audio_fs
         self.hearing_range_hz = source.hearing_range_hz
 
-    def validate(self, deep: bool | None = None) -> None:
-        super().validate(deep)
+    def validate(self, *, deep: bool | None = None) -> None:
+        super().validate(deep=deep)
         if not (isinstance(self.F, int) and self.F > 0):
             raise DatasetValidationError(f"self.F must be a positive int (got {self.F!r})")
         hr = self.hearing_range_hz

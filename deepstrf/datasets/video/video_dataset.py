@@ -33,8 +33,8 @@ class VideoNeuralDataset(NeuralDataset):
         super()._concat_copy_attrs(source)
         self.H, self.W = source.H, source.W
 
-    def validate(self, deep: bool | None = None) -> None:
-        super().validate(deep)
+    def validate(self, *, deep: bool | None = None) -> None:
+        super().validate(deep=deep)
         for name in ("H", "W"):
             v = getattr(self, name)
             if not (isinstance(v, int) and v > 0):
