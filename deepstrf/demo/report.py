@@ -125,8 +125,17 @@ def plot_pooling(rep: dict, path: Path) -> None:
     for ax, key in zip(axes[0], [k for k in pool["per_neuron"] if k != "pooled"]):
         single = np.array([np.nan if v is None else v for v in pool["per_neuron"][key]], dtype=float)
         ax.plot(single, pooled, ".", alpha=0.7)
-        lo = np.nanmin(np.r_[single, pooled, [0.0]])
-        ax.plot([lo, 1], [lo, 1], color="grey", lw=0.8)
+        both = np.r_[single, pooled]
+        both = both[np.isfinite(both)]
+        lo, hi = (float(both.min()), float(both.max())) if both.size else (0.0, 1.0)
+        pad = 0.05 * max(hi - lo, 0.02)
+        lo, hi = lo - pad, hi + pad
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ok = np.isfinite(single) & np.isfinite(pooled)
+        ax.text(0.03, 0.97, f"pool better for {int((pooled[ok] > single[ok]).sum())}/{int(ok.sum())} neurons",
+                transform=ax.transAxes, va="top", fontsize=8)
         ax.set_xlabel(f"{pool['variants'][key]['label']}")
         ax.set_ylabel("trained on the pool")
         ax.set_title(f"{pool['source']} neurons, CC vs ground truth", fontsize=9)
