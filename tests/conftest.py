@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import io
-import logging
 import os
 import re
 import threading
@@ -24,6 +23,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from deepstrf.stream.s3sim import LocalS3
 
 S3_BUCKET = "deepstrf-test"
 FAKE_CREDENTIALS = {
@@ -37,6 +38,7 @@ class S3Server:
     endpoint_url: str
     bucket: str
     storage_options: dict = field(default_factory=dict)
+    sim: LocalS3 | None = None
 
     def url(self, name: str | None = None) -> str:
         return f"s3://{self.bucket}/{name or uuid.uuid4().hex}"
@@ -44,24 +46,16 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A moto S3 server on 127.0.0.1 with one bucket; fake credentials set for the session."""
-    from moto.server import ThreadedMotoServer
+    """A moto S3 server on 127.0.0.1 with one bucket; fake credentials set for the session.
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    ``s3_server.sim`` is the :class:`LocalS3` behind it, for tests that add latency or faults.
+    """
     with pytest.MonkeyPatch.context() as mp:
         for key, value in FAKE_CREDENTIALS.items():
             mp.setenv(key, value)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        import s3fs
-
-        s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True).mkdir(S3_BUCKET)
-        try:
-            yield S3Server(endpoint, S3_BUCKET, {"client_kwargs": {"endpoint_url": endpoint}})
-        finally:
-            server.stop()
+        with LocalS3() as sim:
+            sim.make_bucket(S3_BUCKET)
+            yield S3Server(sim.endpoint_url, S3_BUCKET, {"client_kwargs": {"endpoint_url": sim.endpoint_url}}, sim)
 
 
 class _RangeHandler(SimpleHTTPRequestHandler):

@@ -10,7 +10,6 @@ from deepstrf import concat_neural_datasets
 from deepstrf.datasets.collate import compact_collate
 from deepstrf.store import open_dataset, save_dataset
 from deepstrf.stream import RetryPolicy, StreamingNeuralDataset, StreamReadError
-from deepstrf.stream.s3sim import LocalS3
 
 from stream_helpers import batch_keys, compact_equal, item_key, items_equal, small_pool
 
@@ -33,9 +32,8 @@ def local_pool(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def s3():
-    with LocalS3() as server:
-        yield server
+def s3(s3_server):
+    return s3_server.sim
 
 
 @pytest.fixture(scope="module")
