@@ -193,15 +193,17 @@ def _stream_line(st: dict | None) -> str:
 
 def _pooling_verdict(pool: dict) -> str:
     d = pool["delta"]["pooled_minus_same_steps"]
+    src = pool["source"]
     if d is None:
         return "The comparison is undefined (no finite scores)."
+    pair = pool.get("paired", {}).get("single_same_steps")
+    count = f"; the pool is better for {pair['pooled_better']} of {pair['n']} neurons" if pair else ""
     if d > 0.005:
-        return ("Pooling helped: the shared backbone learned from every source's neurons, the per-neuron "
-                "heads stayed specific.")
+        return f"The pooled model is better on {src} (median +{d:.3f}{count})."
     if d >= -0.005:
-        return ("Pooling cost nothing on this source (within 0.005), while the same model also serves "
-                "every other source's neurons.")
-    return f"Pooling did worse on {pool['source']} in this run (by {-d:.3f} in median CC vs ground truth)."
+        return (f"The pooled and single-source models are on par on {src} (within 0.005 in median{count}), "
+                "and the pooled one serves every other source's neurons as well.")
+    return f"The pooled model is worse on {src} in this run (median {d:.3f}{count})."
 
 
 def write_markdown(rep: dict, path: Path) -> None:

@@ -250,6 +250,11 @@ def build_report(args, cfg, sources, data, split: StimSplit, model, hist, scores
         per_neuron[key] = sc.result()["cc_truth"]
         curves[key] = {"label": label, **h.to_dict()}
     med = {k: v["scores"]["cc_truth"]["median"] for k, v in variants.items()}
+    paired = {}
+    for key in singles:
+        a, b = np.asarray(per_neuron["pooled"], float), np.asarray(per_neuron[key], float)
+        ok = np.isfinite(a) & np.isfinite(b)
+        paired[key] = {"pooled_better": int((a[ok] > b[ok]).sum()), "n": int(ok.sum())}
     cmd = command_line(sys.argv[1:])
     return {
         "version": 1,
@@ -267,7 +272,7 @@ def build_report(args, cfg, sources, data, split: StimSplit, model, hist, scores
         "split": split.to_dict(),
         "model": {"class": type(model).__name__, "params": model.count_trainable_params(), **model.config},
         "scores": {"per_source": per_source, "per_neuron": table},
-        "pooling": {"source": COMPARE_SOURCE, "variants": variants, "per_neuron": per_neuron,
+        "pooling": {"source": COMPARE_SOURCE, "variants": variants, "per_neuron": per_neuron, "paired": paired,
                     "delta": {**med, "pooled_minus_same_steps": med["pooled"] - med["single_same_steps"],
                               "pooled_minus_same_epochs": med["pooled"] - med["single_same_epochs"]}},
         "learning_curves": curves,
