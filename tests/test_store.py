@@ -16,6 +16,7 @@ from deepstrf.datasets.audio import AudioNeuralDataset
 from deepstrf.datasets.neural_dataset import NeuralDataset
 from deepstrf.datasets.synthetic import SyntheticAudioDataset
 from deepstrf.datasets.video import VideoNeuralDataset
+from deepstrf.datasets import views
 from deepstrf.datasets.views import ResponseGrid, is_missing, missing_sentinel
 from deepstrf.errors import (FormatVersionError, IncompleteStoreError, IntegrityError, ReadOnlyStoreError,
                              StoreExistsError, StoreNotFoundError)
@@ -219,6 +220,18 @@ def test_read_raw_rows_equals_generic_path(saved):
             assert a.values.dtype == np.uint8 and np.array_equal(a.values, b.values)
 
 
+def test_batched_stim_read_equals_per_stim_read(saved):
+    url, so, src, _ = saved
+    ds = open_dataset(url, storage_options=so)
+    order = [2, 0, 2, 1]
+    assert all(torch.equal(a, src.stims[s]) for a, s in zip(ds.stims.read_many(order), order, strict=True))
+    pooled = concat_neural_datasets([ds, open_dataset(url, storage_options=so)], names=["a", "b"])
+    pooled.stims[1] = torch.zeros(1)  # copy-on-write override: returned as set, never read
+    got = views.read_many(pooled.stims, [4, 1, 0, 3])
+    assert torch.equal(got[1], torch.zeros(1))
+    assert all(torch.equal(got[i], pooled.stims[s]) for i, s in ((0, 4), (2, 0), (3, 3)))
+
+
 def test_many_chunks_read_raw_rows_and_transforms(tmp_path, monkeypatch):
     monkeypatch.setattr(fmt, "CHUNK_BYTES", 512)  # many chunks: spans cross chunk boundaries
     src = audio_source()
@@ -401,3 +414,15 @@ def test_cli_info_and_verify(saved, capsys):
     assert cli_main(["verify", url, *_so_args(so)]) == 0
     assert "OK" in capsys.readouterr().out
     assert cli_main(["verify", url + "-absent", *_so_args(so)]) == 1
+
+
+def test_s3_read_defaults_and_caller_options_win():
+    loc = Location.parse("s3://bucket/store", {"config_kwargs": {"connect_timeout": 5}})
+    opts = loc.fsspec_options()
+    assert opts["max_concurrency"] == 1  # no HEAD before each chunk GET
+    assert opts["config_kwargs"] == {"connect_timeout": 5, "max_pool_connections": 64}
+    assert loc.storage_options == {"config_kwargs": {"connect_timeout": 5}}  # caller's dict untouched
+    mine = Location.parse("s3://b/s", {"max_concurrency": 4, "config_kwargs": {"max_pool_connections": 8}})
+    assert mine.fsspec_options()["max_concurrency"] == 4
+    assert mine.fsspec_options()["config_kwargs"]["max_pool_connections"] == 8
+    assert Location.parse("memory://x/y").fsspec_options() is None

@@ -211,6 +211,9 @@ class _PassThrough(views.LazySequence):
     def _get(self, i: int):
         return self.base[i]
 
+    def _get_many(self, indices: Sequence[int]) -> list:
+        return views.read_many(self.base, indices)
+
 
 class _PassThroughGrid(views.ResponseGrid):
     """Read-through view of a source's responses (copy-on-write overrides stay local)."""

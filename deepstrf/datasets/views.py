@@ -110,6 +110,17 @@ class LazySequence(Sequence):
             return self._overrides[j]
         return self._get(j)
 
+    def read_many(self, indices: Sequence[int]) -> list[Any]:
+        """Items at ``indices`` (overrides honoured), read in one batch where the sequence can."""
+        ids = [_normalise_index(i, self._length, "stim") for i in indices]
+        todo = [j for j in ids if j not in self._overrides]
+        got = dict(zip(todo, self._get_many(todo))) if todo else {}
+        return [self._overrides[j] if j in self._overrides else got[j] for j in ids]
+
+    def _get_many(self, indices: Sequence[int]) -> list[Any]:
+        """Items at valid, non-overridden ``indices``; store-backed sequences batch the read."""
+        return [self._get(i) for i in indices]
+
     def __setitem__(self, i: int, value: Any) -> None:
         self._overrides[_normalise_index(i, self._length, "stim")] = value
 
@@ -135,6 +146,16 @@ class ConcatSequence(LazySequence):
         k = bisect.bisect_right(self.offsets, i) - 1
         return self.parts[k][i - self.offsets[k]]
 
+    def _get_many(self, indices: Sequence[int]) -> list[Any]:
+        """One batched read per part."""
+        by_part: dict[int, list[int]] = {}
+        for i in indices:
+            by_part.setdefault(bisect.bisect_right(self.offsets, i) - 1, []).append(i)
+        got: dict[int, Any] = {}
+        for k, ids in by_part.items():
+            got.update(zip(ids, read_many(self.parts[k], [i - self.offsets[k] for i in ids])))
+        return [got[i] for i in indices]
+
 
 class MappedSequence(LazySequence):
     """``fn(base[i], i)`` computed on access; used for recorded stim transforms."""
@@ -146,6 +167,9 @@ class MappedSequence(LazySequence):
 
     def _get(self, i: int) -> Any:
         return self.fn(self.base[i], i)
+
+    def _get_many(self, indices: Sequence[int]) -> list[Any]:
+        return [self.fn(x, i) for x, i in zip(read_many(self.base, indices), indices)]
 
 
 class GridRow(Sequence):
@@ -310,6 +334,13 @@ class BlockDiagonalGrid(ResponseGrid):
             m[self.stim_offsets[k]:self.stim_offsets[k + 1],
               self.neuron_offsets[k]:self.neuron_offsets[k + 1]] = d.nrn_masks
         return m
+
+
+def read_many(seq: Sequence, indices: Sequence[int]) -> list[Any]:
+    """``[seq[i] for i in indices]``, batched when ``seq`` is a :class:`LazySequence`."""
+    if isinstance(seq, LazySequence):
+        return seq.read_many(indices)
+    return [seq[i] for i in indices]
 
 
 def read_row(responses: Any, s: int, neurons: Sequence[int]) -> list[torch.Tensor]:

@@ -38,6 +38,9 @@ class ZarrStims(LazySequence):
     def _get(self, i: int) -> torch.Tensor:
         return torch.from_numpy(self.reader.read_stim(i))
 
+    def _get_many(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        return [torch.from_numpy(x) for x in self.reader.read_stims(indices)]
+
 
 class ZarrResponseGrid(ResponseGrid):
     """``responses[s][n]`` read from the store: float tensors ``(R, T)`` or the NaN sentinel."""

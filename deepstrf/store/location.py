@@ -18,6 +18,11 @@ from ..errors import ReadOnlyStoreError
 
 READ_ONLY_PROTOCOLS = ("http", "https")
 ROOT_KEY = "zarr.json"
+# s3fs reads an object without a range concurrently in parts when max_concurrency > 1, which
+# first costs a HEAD request for its size: for chunk objects (tens of KB) that doubles the
+# requests. Reads also use more concurrent connections than botocore's default of 10.
+S3_READ_DEFAULTS: dict[str, Any] = {"max_concurrency": 1}
+S3_MAX_POOL_CONNECTIONS = 64
 
 
 def _protocol(url: str) -> str:
@@ -69,7 +74,17 @@ class Location:
 
         if self.is_local:
             return LocalStore(self.url, read_only=read_only)
-        return FsspecStore.from_url(self.url, storage_options=self.storage_options, read_only=read_only)
+        return FsspecStore.from_url(self.url, storage_options=self.fsspec_options(), read_only=read_only)
+
+    def fsspec_options(self) -> dict[str, Any] | None:
+        """``storage_options`` with deepstrf's defaults for its protocol (the caller's values win)."""
+        if self.protocol not in ("s3", "s3a"):
+            return self.storage_options
+        options = {**S3_READ_DEFAULTS, **(self.storage_options or {})}
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("max_pool_connections", S3_MAX_POOL_CONNECTIONS)
+        options["config_kwargs"] = config
+        return options
 
     def filesystem(self):
         """``(fs, path)``: a synchronous fsspec file system and this location's path in it.

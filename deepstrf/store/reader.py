@@ -3,8 +3,9 @@
 :class:`SourceReader` is the only object that talks to zarr. It pickles as
 its URL, ``storage_options`` and attributes, and reopens its zarr handles
 lazily in each process (fsspec/s3fs clients are not fork-safe). All reads of
-response cells go through :meth:`SourceReader.read_rows`: one concurrent
-group of contiguous range reads for any number of stims.
+response cells and stimuli go through :meth:`SourceReader.read_spans`
+(:meth:`~SourceReader.read_rows`, :meth:`~SourceReader.read_stims`): one
+concurrent group of coalesced range reads for any number of stims.
 """
 
 from __future__ import annotations
@@ -161,12 +162,28 @@ class SourceReader:
 
     # -- data --------------------------------------------------------------------
     def read_stim(self, s: int) -> np.ndarray:
+        return self.read_stims([s])[0]
+
+    def read_stims(self, stims: Sequence[int]) -> list[np.ndarray]:
+        """Stimuli ``stims`` (shaped, stored dtype), fetched in one concurrent group of coalesced range reads."""
         idx = self.index()
-        sel = slice(int(idx.stim_offsets[s]), int(idx.stim_offsets[s + 1]))
-        (res,) = self.gather([(fmt.STIM_VALUES, sel)])
-        if isinstance(res, BaseException):
-            raise self.error(res, f"stim {s} ({fmt.STIM_VALUES}[{sel.start}:{sel.stop}])") from res
-        return np.asarray(res).reshape(tuple(idx.stim_shapes[s]))
+        ids = np.asarray(list(stims), dtype=np.int64)
+        starts, ends = idx.stim_offsets[ids], idx.stim_offsets[ids + 1]
+        spans, results = self.read_spans(fmt.STIM_VALUES, starts, ends)
+        for (a, b), res in zip(spans, results):
+            if isinstance(res, BaseException):
+                raise self.error(res, f"stims {ids.tolist()} ({fmt.STIM_VALUES}[{a}:{b}])") from res
+        span_starts = np.array([a for a, _ in spans], dtype=np.int64)
+        dtype = self.arrays()[fmt.STIM_VALUES].dtype
+        return [_assemble(starts[i:i + 1], ends[i:i + 1], span_starts, spans, results, dtype)
+                .reshape(tuple(idx.stim_shapes[s])) for i, s in enumerate(ids.tolist())]
+
+    def read_spans(self, name: str, starts: np.ndarray, ends: np.ndarray) -> tuple[list[tuple[int, int]], list[Any]]:
+        """Ranges ``[starts[i], ends[i])`` of array ``name`` coalesced into spans (ranges sharing or
+        touching a chunk merge) and fetched in one concurrent group: the spans and, for each,
+        its values or the exception its read raised."""
+        spans = _coalesce(starts, ends, self.arrays()[name].chunks[0])
+        return spans, self.gather([(name, slice(a, b)) for a, b in spans])
 
     def read_rows(self, stims: Sequence[int], neurons: Sequence[int] | None = None) -> list[RawRow]:
         """Valid cells of each stim in ``stims`` among ``neurons`` (all by default), in stored dtype.
@@ -184,8 +201,7 @@ class SourceReader:
             plans.append((s, keep, idx.offsets[ids], idx.offsets[ids + 1]))
         starts = np.concatenate([p[2] for p in plans]) if plans else np.zeros(0, np.int64)
         ends = np.concatenate([p[3] for p in plans]) if plans else np.zeros(0, np.int64)
-        spans = _coalesce(starts, ends, self.arrays()[fmt.VALUES].chunks[0])
-        results = self.gather([(fmt.VALUES, slice(a, b)) for a, b in spans])
+        spans, results = self.read_spans(fmt.VALUES, starts, ends)
         for (a, b), res in zip(spans, results):
             if isinstance(res, BaseException):
                 raise self.cell_error(res, a, b) from res

@@ -144,7 +144,8 @@ class StreamingNeuralDataset(IterableDataset):
             self._opened = Opened(os.getpid(), ds, np.asarray(ds.visible_stims(), dtype=np.int64), selection,
                                   selection.positions(ds.N_neurons),
                                   None if everything else selection.neurons.tolist(),
-                                  ThreadPoolExecutor(max_workers=16, thread_name_prefix="deepstrf-stims"))
+                                  ThreadPoolExecutor(max_workers=self.read_threads,
+                                                     thread_name_prefix="deepstrf-stims"))
         return self._opened
 
     def _open(self) -> NeuralDataset:
@@ -297,9 +298,9 @@ class StreamingNeuralDataset(IterableDataset):
         ds = st.ds
         stims = st.visible[positions].tolist()
         start = time.perf_counter()
-        pending = [st.stim_pool.submit(self._read_stim, ds, s) for s in stims]
+        pending = st.stim_pool.submit(self._read_stims, ds, stims)
         rows = self._read_rows(st, stims)
-        stim_tensors = [f.result() for f in pending]
+        stim_tensors = pending.result()
         ordered = [reader.order_cells(r, st.pos_of) for r in rows]
         used = sum(r.values.nbytes for r in ordered) + sum(t.numel() * t.element_size() for t in stim_tensors)
         self.counters.add(items=len(stims), batches=1, bytes_used=used,
@@ -314,11 +315,13 @@ class StreamingNeuralDataset(IterableDataset):
             return reader.build_compact(ordered, stim_tensors, metas, shared)
         return reader.build_dense(ordered, stim_tensors, metas, n_selected, shared)
 
-    def _read_stim(self, ds: NeuralDataset, s: int) -> torch.Tensor:
-        x = call_with_retries(lambda: ds.stims[s], what=f"stimulus {s} from {self._where()}",
-                              policy=self.retry, on_retry=lambda exc: self.counters.add(retries=1))
-        self.counters.add(requests=1, bytes_fetched=x.numel() * x.element_size())
-        return x
+    def _read_stims(self, ds: NeuralDataset, stims: list[int]) -> list[torch.Tensor]:
+        """The batch's stimuli in one batched (retried) read."""
+        xs = call_with_retries(lambda: views.read_many(ds.stims, stims),
+                               what=f"stimuli {stims} from {self._where()}",
+                               policy=self.retry, on_retry=lambda exc: self.counters.add(retries=1))
+        self.counters.add(requests=1, bytes_fetched=sum(x.numel() * x.element_size() for x in xs))
+        return xs
 
     def _read_rows(self, st: Opened, stims: list[int]) -> list[views.RawRow]:
         """Rows of ``stims`` from the cache, else in one batched (retried) read."""
@@ -349,7 +352,7 @@ class StreamingNeuralDataset(IterableDataset):
         """Counters of the current pass (summed over this rank's DataLoader workers).
 
         ``requests``: read calls made to the dataset (one batched response
-        read per batch, one per stimulus; cache hits make none);
+        read and one batched stimulus read per batch; cache hits make none);
         ``bytes_fetched``: bytes those reads returned, as stored (integer
         counts); ``bytes_used``: bytes of counts and stimuli put into batches
         (cache hits included). With ``seconds``, rates are added.
