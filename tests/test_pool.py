@@ -248,3 +248,31 @@ def test_pool_published_over_http(http_server):
     remote = deepstrf.open_dataset(http_server.url("published/pool.zarr"))
     assert remote.pool_sources[0]["url"] == http_server.url("published/aa1-1.zarr")
     assert_same_dataset(remote, deepstrf.open_dataset(os.path.join(folder, "pool.zarr")))
+
+
+def test_pools_keep_the_common_kind(tmp_path):
+    from toydata import ToyAudio, ToyVideo
+
+    from deepstrf.datasets import NeuralDataset
+    from deepstrf.datasets.video import VideoNeuralDataset
+
+    urls = {}
+    for name, ds in (("v1", ToyVideo(1)), ("v2", ToyVideo(2)), ("a1", ToyAudio(3))):
+        urls[name] = str(tmp_path / f"{name}.zarr")
+        deepstrf.save_dataset(ds, urls[name])
+    videos = concat_neural_datasets([deepstrf.open_dataset(urls["v1"]), deepstrf.open_dataset(urls["v2"])],
+                                    store=str(tmp_path / "videos.zarr"))
+    assert type(videos) is VideoNeuralDataset and (videos.H, videos.W) == (6, 5)
+    mixed = concat_neural_datasets([deepstrf.open_dataset(urls["v1"]), deepstrf.open_dataset(urls["a1"])],
+                                   store=str(tmp_path / "mixed.zarr"))
+    reopened = deepstrf.open_dataset(str(tmp_path / "mixed.zarr"))
+    assert type(mixed) is type(reopened) is NeuralDataset
+    assert_same_dataset_items(reopened, concat_neural_datasets([ToyVideo(1), ToyAudio(3)]))
+
+
+def assert_same_dataset_items(a, b):
+    assert len(a) == len(b)
+    for i in range(len(a)):
+        x, y = a[i], b[i]
+        assert torch.equal(x["stims"], y["stims"]) and torch.equal(x["valid_mask"], y["valid_mask"])
+        assert all(cells_equal(p, q) for p, q in zip(x["responses"], y["responses"]))
