@@ -278,30 +278,73 @@ def test_http_read_and_write_refused(http_server):
 
 
 # -- refusals -----------------------------------------------------------------------------------
+def write_v10(monkeypatch) -> None:
+    """Make save_dataset write format 1.0 (unsharded data arrays), as deepstrf did before 1.1."""
+    monkeypatch.setattr(fmt, "FORMAT_VERSION", "1.0")
+    monkeypatch.setattr(fmt, "shards", lambda chunk: {})
+
+
+def _damage(fs, key: str, damage: str, at: int) -> None:
+    """Flip a byte at ``at`` of object ``key``, cut it just after ``at``, or delete it."""
+    blob = fs.cat_file(key)
+    if damage == "corrupt":
+        fs.pipe_file(key, blob[:at] + bytes([blob[at] ^ 0xFF]) + blob[at + 1:])
+    elif damage == "truncate":
+        fs.pipe_file(key, blob[:at])
+    else:
+        fs.rm(key)
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
 @pytest.mark.parametrize("damage", ["corrupt", "truncate", "delete"])
-def test_damaged_chunk_is_an_integrity_error(store_url, monkeypatch, damage):
+def test_damaged_chunk_is_an_integrity_error(store_url, monkeypatch, damage, version):
     monkeypatch.setattr(fmt, "CHUNK_BYTES", 512)
+    if version == "1.0":
+        write_v10(monkeypatch)
     url, so = store_url
     src = audio_source()
     save_dataset(src, url, storage_options=so)
     ds = open_dataset(url, storage_options=so)
+    assert ds.responses.reader.attrs["format_version"] == version
     offsets = ds.responses.reader.index().offsets
     s, n = 2, 4
     chunk = int(offsets[s * ds.N_neurons + n]) // 512
-    fs, key = _fs_key(url, so, f"{fmt.VALUES}/c/{chunk}")
-    blob = fs.cat_file(key)
-    if damage == "corrupt":
-        fs.pipe_file(key, blob[:20] + bytes([blob[20] ^ 0xFF]) + blob[21:])
-    elif damage == "truncate":
-        fs.pipe_file(key, blob[: len(blob) // 2])
+    if version == "1.0":
+        fs, key = _fs_key(url, so, f"{fmt.VALUES}/c/{chunk}")
+        _damage(fs, key, damage, 20)
+        where = f"c/{chunk}"
     else:
-        fs.rm(key)
+        shard, inner = divmod(chunk, fmt.SHARD_CHUNKS)
+        fs, key = _fs_key(url, so, f"{fmt.VALUES}/c/{shard}")
+        entry = np.frombuffer(fs.cat_file(key)[16 * inner:16 * inner + 16], dtype="<u8")
+        _damage(fs, key, damage, int(entry[0]) + 20)
+        where = f"c/{shard}" if damage == "delete" else f"c/{shard} (inner chunk {inner})"
     fresh = open_dataset(url, storage_options=so)
     with pytest.raises(IntegrityError) as err:
         fresh.responses[s][n]
     msg = str(err.value)
-    assert Location.parse(url).url in msg and f"c/{chunk}" in msg and f"stim {s}" in msg
+    assert Location.parse(url).url in msg and where in msg and f"stim {s}" in msg
     assert cli_main(["verify", url, *_so_args(so)]) == 1
+
+
+def test_format_10_and_11_stores_read_identically(tmp_path, monkeypatch):
+    monkeypatch.setattr(fmt, "CHUNK_BYTES", 512)  # many chunks and shards: spans cross both
+    monkeypatch.setattr(fmt, "STIM_CHUNK_BYTES", 256)
+    src = audio_source()
+    save_dataset(src, tmp_path / "v11")
+    with monkeypatch.context() as m:
+        write_v10(m)
+        save_dataset(src, tmp_path / "v10")
+    new, old = open_dataset(tmp_path / "v11"), open_dataset(tmp_path / "v10")
+    assert set(new.responses.reader.sharded()) == {fmt.VALUES, fmt.STIM_VALUES}
+    assert old.responses.reader.sharded() == {} and old.responses.reader.attrs["format_version"] == "1.0"
+    assert_same_data(new, src)
+    assert_same_data(old, src)
+    for stims, neurons in (([2, 0, 1], None), ([1, 2], [9, 0, 4])):
+        for a, b in zip(new.responses.read_raw_rows(stims, neurons), old.responses.read_raw_rows(stims, neurons)):
+            assert a.neurons.tolist() == b.neurons.tolist() and np.array_equal(a.values, b.values)
+    assert all(torch.equal(a, b) for a, b in zip(new.stims.read_many([2, 0, 1]), old.stims.read_many([2, 0, 1])))
+    assert cli_main(["verify", str(tmp_path / "v11")]) == 0 and cli_main(["verify", str(tmp_path / "v10")]) == 0
 
 
 def _so_args(so) -> list[str]:

@@ -10,11 +10,13 @@ import numpy as np
 from ..errors import FormatVersionError, StoreError
 
 SOURCE_FORMAT = "deepstrf.source"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"       # 1.1: responses/values and stims/values sharded (1.0 stores still read)
+POOL_FORMAT_VERSION = "1.0"
 SUPPORTED_MAJOR = 1
 
 CHUNK_BYTES = 1 << 20  # ~1 MiB of uncompressed data per chunk
 STIM_CHUNK_BYTES = 1 << 18  # stims compress poorly: smaller chunks, so one stim decodes little beyond itself
+SHARD_CHUNKS = 32      # inner chunks per shard of the two data arrays: one range GET reads many chunks
 BLOSC_LEVEL = 5        # measured: zstd 5 + bitshuffle ~80x vs float32 on counts, decode ~1.5 GB/s
 
 VALUES = "responses/values"
@@ -26,6 +28,7 @@ STIM_SHAPES = "stims/shapes"
 STIM_META = "meta/stim_meta"
 NRN_META = "meta/nrn_meta"
 ARRAYS = (VALUES, OFFSETS, REPEATS, STIM_VALUES, STIM_OFFSETS, STIM_SHAPES, STIM_META, NRN_META)
+SHARDED = (VALUES, STIM_VALUES)
 
 KINDS = ("audio", "video", "neural")
 # group attributes that describe the store rather than its content (not fingerprinted)
@@ -40,8 +43,15 @@ def chunk_elems(dtype: np.dtype, row: int = 1, target: int | None = None) -> int
     return max(1, (target or CHUNK_BYTES) // (np.dtype(dtype).itemsize * max(1, row)))
 
 
+def shards(chunk: int) -> dict:
+    """zarr ``create_array`` argument sharding a 1-D array of ``chunk``-element inner chunks
+    into objects of ``SHARD_CHUNKS`` chunks, shard index first (bytes -> crc32c, zarr's default)."""
+    return {"shards": {"shape": (chunk * SHARD_CHUNKS,), "index_location": "start"}}
+
+
 def codecs(dtype: np.dtype, text: bool = False) -> dict:
-    """zarr ``create_array`` codec arguments: bytes (little endian) -> blosc zstd -> crc32c."""
+    """zarr ``create_array`` codec arguments: bytes (little endian) -> blosc zstd -> crc32c
+    (of the inner chunks, when the array is sharded)."""
     from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 
     shuffle = "noshuffle" if text else "bitshuffle"

@@ -67,7 +67,7 @@ def write_pool(datasets: Sequence[NeuralDataset], url: str | os.PathLike, *, nam
         "card": getattr(part, "card", None),
     } for part, name in zip(parts, part_names)]
     attrs: dict[str, Any] = {
-        "format": POOL_FORMAT, "format_version": fmt.FORMAT_VERSION, "kind": _kind(pooled),
+        "format": POOL_FORMAT, "format_version": fmt.POOL_FORMAT_VERSION, "kind": _kind(pooled),
         "class_name": type(pooled).__name__, "dt_ms": float(pooled.dt),
         "n_stims": pooled.get_S(), "n_neurons": pooled.N_neurons, "sources": sources,
     }

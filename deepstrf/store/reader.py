@@ -27,6 +27,7 @@ from .atomic import store_state
 from .integrity import MissingChunk, StrictStore
 from .jsonmeta import decode_meta
 from .location import Location
+from .shards import ShardedArray
 
 _TRANSPORT_ERRORS = (OSError, TimeoutError, asyncio.TimeoutError)
 
@@ -71,7 +72,7 @@ class SourceReader:
         self.attrs = attrs
         self.n_stims = int(attrs["n_stims"])
         self.n_neurons = int(attrs["n_neurons"])
-        self._handles: tuple[int, dict[str, Any]] | None = None
+        self._handles: tuple[int, dict[str, Any], dict[str, ShardedArray]] | None = None
         self._index: Index | None = None
 
     @property
@@ -96,19 +97,33 @@ class SourceReader:
                 raise IntegrityError(
                     f"{self.url}: array {name!r} is missing from the store; it is damaged or was not "
                     "written by deepstrf. Re-create it from its source.") from None
-        self._handles = (os.getpid(), handles)
+        sharded = {name: reader for name in fmt.SHARDED if (reader := ShardedArray.of(handles[name])) is not None}
+        self._handles = (os.getpid(), handles, sharded)
 
-    def arrays(self) -> dict[str, Any]:
+    def _bound(self) -> tuple[int, dict[str, Any], dict[str, ShardedArray]]:
         if self._handles is None or self._handles[0] != os.getpid():
             self.bind(open_group(self.loc))
-        return self._handles[1]
+        return self._handles
 
-    def gather(self, requests: Sequence[tuple[str, slice]]) -> list[Any]:
-        arrays = self.arrays()
+    def arrays(self) -> dict[str, Any]:
+        return self._bound()[1]
+
+    def sharded(self) -> dict[str, ShardedArray]:
+        """Readers of the arrays stored sharded (format 1.1), by name; empty for a 1.0 store."""
+        return self._bound()[2]
+
+    def gather(self, requests: Sequence[tuple[str, Any]]) -> list[Any]:
+        """Results of ``array[selection]`` for each ``(name, selection)``, in one concurrent group
+        (exceptions returned, not raised). Slices of sharded arrays read one GET per shard."""
+        arrays, sharded = self.arrays(), self.sharded()
+
+        def read(name: str, sel: Any):
+            if name in sharded and isinstance(sel, slice):
+                return sharded[name].read(sel.start, sel.stop)
+            return arrays[name].getitem(sel)
 
         async def run():
-            return await asyncio.gather(*(arrays[name].getitem(sel) for name, sel in requests),
-                                        return_exceptions=True)
+            return await asyncio.gather(*(read(name, sel) for name, sel in requests), return_exceptions=True)
 
         return sync(run())
 
@@ -224,9 +239,11 @@ class SourceReader:
         results = self.gather([(fmt.VALUES, slice(k * C, min((k + 1) * C, L))) for k in chunks])
         bad = [k for k, r in zip(chunks, results) if isinstance(r, BaseException)] or chunks
         cells = describe_cells(self.index(), self.n_neurons, bad[0] * C, min((bad[-1] + 1) * C, L))
+        sharded = self.sharded().get(fmt.VALUES)
+        names = [sharded.chunk_name(k) if sharded else f"c/{k}" for k in bad]
         return IntegrityError(
             f"{self.url}: stored responses are corrupt, truncated or missing in {fmt.VALUES} chunk(s) "
-            f"{', '.join(f'c/{k}' for k in bad)} holding {cells} ({type(e).__name__}: {e}). "
+            f"{', '.join(names)} holding {cells} ({type(e).__name__}: {e}). "
             f"Run `deepstrf verify {self.url}` and re-create the store from its source.")
 
 

@@ -20,7 +20,6 @@ from .jsonmeta import encode_meta
 from .location import Location
 
 ROWS_PER_READ = 4        # stims read from the source per batched call
-FLUSH_CHUNKS = 16        # chunks buffered before a (concurrent) write
 
 
 def save_dataset(ds: Any, url: str | os.PathLike, *, storage_options: dict | None = None,
@@ -99,13 +98,14 @@ class _Widen(Exception):
 
 
 class _Appender:
-    """Appends 1-D pieces to a growing zarr array, in whole chunks, hashing the content."""
+    """Appends 1-D pieces to a growing sharded zarr array, in whole shards, hashing the content."""
 
     def __init__(self, group: zarr.Group, name: str, dtype: np.dtype) -> None:
         self.dtype = np.dtype(dtype)
-        self.chunk = fmt.chunk_elems(self.dtype, target=fmt.STIM_CHUNK_BYTES if name == fmt.STIM_VALUES else None)
-        self.array = group.create_array(name, shape=(0,), dtype=self.dtype, chunks=(self.chunk,),
-                                        overwrite=True, **fmt.codecs(self.dtype))
+        chunk = fmt.chunk_elems(self.dtype, target=fmt.STIM_CHUNK_BYTES if name == fmt.STIM_VALUES else None)
+        self.array = group.create_array(name, shape=(0,), dtype=self.dtype, chunks=(chunk,), overwrite=True,
+                                        **fmt.shards(chunk), **fmt.codecs(self.dtype))
+        self.unit = chunk * fmt.SHARD_CHUNKS  # writes are whole shards (no read-modify-write)
         self.hasher = content_hasher()
         self.pending: list[np.ndarray] = []
         self.n_pending = 0
@@ -118,12 +118,12 @@ class _Appender:
         update(self.hasher, piece)
         self.pending.append(piece)
         self.n_pending += piece.size
-        if self.n_pending >= FLUSH_CHUNKS * self.chunk:
+        if self.n_pending >= self.unit:
             self._flush(final=False)
 
     def _flush(self, final: bool) -> None:
         data = np.concatenate(self.pending) if self.pending else np.zeros(0, self.dtype)
-        n = data.size if final else data.size - data.size % self.chunk
+        n = data.size if final else data.size - data.size % self.unit
         if n:
             self.array.resize((self.written + n,))
             self.array[self.written:self.written + n] = data[:n]

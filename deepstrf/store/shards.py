@@ -1,0 +1,157 @@
+"""Range reads of the sharded data arrays of format 1.1: one GET per shard a range touches.
+
+zarr 3.1 reads part of a shard as one request for the shard index, then one
+request per inner chunk, awaited one after the other. deepstrf's data arrays
+have a fixed layout (``docs/format.md``): 1-D, shard index first (``bytes`` ->
+``crc32c``), inner chunks ``bytes`` -> ``blosc`` -> ``crc32c``. For such an
+array :class:`ShardedArray` reads ``[a, b)`` with the shard indexes cached per
+process, one range GET per shard covering the needed run of inner chunks, and
+decodes the inner chunks in a worker thread straight into the output array.
+Arrays laid out any other way are left to zarr (:meth:`ShardedArray.of` is None).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import google_crc32c
+import numpy as np
+from numcodecs import blosc
+from zarr.abc.store import RangeByteRequest
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+from zarr.codecs.sharding import ShardingCodecIndexLocation
+from zarr.core.buffer import default_buffer_prototype
+
+from .integrity import MissingChunk
+
+_EMPTY = np.uint64(2**64 - 1)  # shard index entry of an absent inner chunk
+
+
+def _is_codecs(codecs: Iterable, kinds: tuple[type, ...]) -> bool:
+    codecs = tuple(codecs)
+    return len(codecs) == len(kinds) and all(isinstance(c, k) for c, k in zip(codecs, kinds))
+
+
+def check_crc(blob: np.ndarray, where: str) -> np.ndarray:
+    """``blob`` (uint8) without its trailing CRC32C, after checking it."""
+    body = blob[:-4]
+    if len(blob) < 4 or np.uint32(google_crc32c.value(body)).tobytes() != blob[-4:].tobytes():
+        raise ValueError(f"{where}: stored and computed crc32c checksums do not match")
+    return body
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Element counts of a 1-D sharded array: per inner chunk, per shard (in chunks), in all."""
+
+    chunk: int
+    per_shard: int
+    length: int
+    dtype: np.dtype
+
+    @property
+    def index_bytes(self) -> int:
+        return 16 * self.per_shard + 4
+
+    def shards_of(self, a: int, b: int) -> range:
+        """Shards holding elements ``[a, b)``."""
+        if b <= a:
+            return range(0)
+        return range(a // self.chunk // self.per_shard, (b - 1) // self.chunk // self.per_shard + 1)
+
+    def chunks_in(self, shard: int, a: int, b: int) -> range:
+        """Inner chunks (global numbers) of ``shard`` holding elements of ``[a, b)``."""
+        lo, hi = shard * self.per_shard, (shard + 1) * self.per_shard - 1
+        return range(max(lo, a // self.chunk), min(hi, (b - 1) // self.chunk) + 1)
+
+
+class ShardedArray:
+    """Reads ``[a, b)`` of a sharded 1-D array written the deepstrf way (see the module doc)."""
+
+    def __init__(self, array, layout: ShardLayout) -> None:
+        self.store = array.store_path.store
+        self.prefix = array.store_path.path
+        self.layout = layout
+        self.indexes: dict[int, np.ndarray] = {}  # shard -> (per_shard, 2) uint64 (offset, nbytes)
+        self.loading: dict[int, asyncio.Future] = {}  # shard -> its index read in flight
+
+    @classmethod
+    def of(cls, array) -> "ShardedArray | None":
+        """A reader for ``array`` (a zarr ``AsyncArray``) if it has the deepstrf shard layout, else None."""
+        codecs = array.metadata.codecs
+        if array.ndim != 1 or sys.byteorder != "little" or not _is_codecs(codecs, (ShardingCodec,)):
+            return None
+        sharding = codecs[0]
+        if (sharding.index_location != ShardingCodecIndexLocation.start
+                or not _is_codecs(sharding.codecs, (BytesCodec, BloscCodec, Crc32cCodec))
+                or not _is_codecs(sharding.index_codecs, (BytesCodec, Crc32cCodec))):
+            return None
+        chunk = int(sharding.chunk_shape[0])
+        shard = int(array.metadata.chunk_grid.chunk_shape[0])
+        dtype = np.dtype(array.metadata.dtype.to_native_dtype())
+        return cls(array, ShardLayout(chunk, shard // chunk, int(array.shape[0]), dtype))
+
+    def key(self, shard: int) -> str:
+        return f"{self.prefix}/c/{shard}"
+
+    def chunk_name(self, k: int) -> str:
+        """Where inner chunk ``k`` lives, for error messages."""
+        return f"c/{k // self.layout.per_shard} (inner chunk {k % self.layout.per_shard})"
+
+    async def _get(self, shard: int, lo: int, hi: int) -> np.ndarray:
+        buf = await self.store.get(self.key(shard), default_buffer_prototype(), RangeByteRequest(lo, hi))
+        if buf is None:
+            raise MissingChunk(self.key(shard))
+        data = np.asarray(buf.as_numpy_array()).view(np.uint8)
+        if len(data) != hi - lo:
+            raise ValueError(f"{self.key(shard)}: truncated (bytes {lo}-{hi} requested, {len(data)} returned)")
+        return data
+
+    async def shard_index(self, shard: int) -> np.ndarray:
+        """The ``(per_shard, 2)`` (offset, nbytes) table of ``shard``, read once per process
+        (concurrent callers share one request; a failed read is not cached)."""
+        if shard in self.indexes:
+            return self.indexes[shard]
+        task = self.loading.get(shard)
+        if task is None:
+            task = self.loading[shard] = asyncio.ensure_future(self._load_index(shard))
+            task.add_done_callback(lambda _: self.loading.pop(shard, None))
+        return await task
+
+    async def _load_index(self, shard: int) -> np.ndarray:
+        blob = await self._get(shard, 0, self.layout.index_bytes)
+        body = check_crc(blob, f"{self.key(shard)} shard index")
+        self.indexes[shard] = np.frombuffer(body, dtype="<u8").reshape(self.layout.per_shard, 2)
+        return self.indexes[shard]
+
+    async def read(self, a: int, b: int) -> np.ndarray:
+        """Elements ``[a, b)``: one range GET per shard, decoded into one new array."""
+        out = np.empty(max(b - a, 0), dtype=self.layout.dtype)
+        await asyncio.gather(*(self._read_shard(s, a, b, out) for s in self.layout.shards_of(a, b)))
+        return out
+
+    async def _read_shard(self, shard: int, a: int, b: int, out: np.ndarray) -> None:
+        chunks = self.layout.chunks_in(shard, a, b)
+        first = chunks.start - shard * self.layout.per_shard
+        table = (await self.shard_index(shard))[first:first + len(chunks)]
+        if (table == _EMPTY).any():
+            raise MissingChunk(f"{self.key(shard)}: an inner chunk is absent from the shard index")
+        lo, hi = int(table[:, 0].min()), int((table[:, 0] + table[:, 1]).max())
+        data = await self._get(shard, lo, hi)
+        await asyncio.to_thread(self._decode, data, lo, table, chunks, a, b, out)
+
+    def _decode(self, data: np.ndarray, lo: int, table: np.ndarray, chunks: range, a: int, b: int,
+                out: np.ndarray) -> None:
+        C = self.layout.chunk
+        for k, (offset, nbytes) in zip(chunks, table.tolist()):
+            body = check_crc(data[offset - lo:offset - lo + nbytes], f"{self.key(k // self.layout.per_shard)} "
+                                                                    f"inner chunk {k % self.layout.per_shard}")
+            x, y = max(k * C, a), min((k + 1) * C, b)
+            if (x, y) == (k * C, (k + 1) * C):
+                blosc.decompress(body, out[x - a:y - a])
+            else:
+                whole = np.frombuffer(blosc.decompress(body), dtype=self.layout.dtype)
+                out[x - a:y - a] = whole[x - k * C:y - k * C]
