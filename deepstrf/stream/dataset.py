@@ -72,8 +72,10 @@ class StreamingNeuralDataset(IterableDataset):
 
     Reading: one ``read_raw_rows`` call per batch (concurrent range reads in
     store-backed grids), ``prefetch`` batches read ahead by ``read_threads``
-    threads, retries per ``retry``, an optional LRU row cache of at most
-    ``cache_bytes`` in ``cache_dir``.
+    threads (default 2 for a store URL, so one batch's round trips overlap
+    another's decoding; 1 for a dataset object, whose reads may not be
+    thread-safe), retries per ``retry``, an optional LRU row cache of at
+    most ``cache_bytes`` in ``cache_dir``.
     """
 
     def __init__(self, source: str | os.PathLike | NeuralDataset, *, storage_options: dict | None = None,
@@ -83,7 +85,7 @@ class StreamingNeuralDataset(IterableDataset):
                  select: Callable[[NeuralDataset], Any] | None = None,
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
                  block_size: int = 8, shuffle_buffer: int = 256, prefetch: int = 2,
-                 read_threads: int = 1, cache_dir: str | os.PathLike | None = None,
+                 read_threads: int | None = None, cache_dir: str | os.PathLike | None = None,
                  cache_bytes: int = 2 << 30, retry: RetryPolicy = RetryPolicy()) -> None:
         super().__init__()
         if isinstance(source, NeuralDataset):
@@ -113,7 +115,9 @@ class StreamingNeuralDataset(IterableDataset):
         self._dist_seen = (0, 1)
         self.drop_last = drop_last
         self.block_size, self.shuffle_buffer = block_size, shuffle_buffer
-        self.prefetch, self.read_threads = prefetch, read_threads
+        # store reads are thread-safe (zarr's event loop); a dataset object's may not be
+        self.prefetch = prefetch
+        self.read_threads = read_threads if read_threads is not None else (2 if self.url is not None else 1)
         self.cache_dir, self.cache_bytes = cache_dir, cache_bytes
         self.retry = retry
         self.epoch = 0

@@ -11,6 +11,7 @@ process. Under DDP each rank has its own counters (sum them with
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 
 import torch
@@ -26,6 +27,14 @@ class StreamCounters:
     def __init__(self) -> None:
         self._table = torch.zeros((MAX_SLOTS, len(FIELDS)), dtype=torch.int64).share_memory_()
         self._slot = 0
+        self._lock = threading.Lock()  # a process's read threads add concurrently
+
+    def __getstate__(self) -> dict:
+        return {"_table": self._table, "_slot": self._slot}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def use_slot(self, slot: int) -> None:
         """Count into row ``slot`` from now on (called once inside each worker)."""
@@ -36,8 +45,9 @@ class StreamCounters:
         if self._slot >= MAX_SLOTS:
             return
         row = self._table[self._slot]
-        for name, value in amounts.items():
-            row[FIELDS.index(name)] += int(value)
+        with self._lock:
+            for name, value in amounts.items():
+                row[FIELDS.index(name)] += int(value)
 
     def reset_slot(self) -> None:
         """Zero this process's slot (each worker does at the start of its pass)."""
