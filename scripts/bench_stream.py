@@ -37,16 +37,18 @@ BATCH = 8
 
 # -- children: one configuration each ------------------------------------------------
 def _timed_epoch(batches, count) -> dict:
-    """Iterate ``batches`` once: time to first batch, items/s over the whole epoch."""
+    """Iterate ``batches`` once: time to first batch, items/s over the whole epoch and after
+    the first batch (``steady_items_per_s``: without the start-up of workers and stores)."""
     start = time.perf_counter()
-    first, items = None, 0
+    first, first_items, items = None, 0, 0
     for batch in batches:
         items += count(batch)
         if first is None:
-            first = time.perf_counter() - start
+            first, first_items = time.perf_counter() - start, items
     total = time.perf_counter() - start
     return {"items": items, "seconds": round(total, 3), "items_per_s": round(items / total, 2),
-            "first_batch_s": round(first, 3)}
+            "first_batch_s": round(first, 3),
+            "steady_items_per_s": round((items - first_items) / max(total - first, 1e-9), 2)}
 
 
 def child_memory(args) -> dict:
@@ -143,10 +145,11 @@ if __name__ == "__main__":
     for b in loader:
         items += len(b["stim_meta"])
         if first is None:
-            first = time.perf_counter() - start
+            first, first_items = time.perf_counter() - start, items
     total = time.perf_counter() - start
     print(json.dumps({"items": items, "seconds": round(total, 3), "items_per_s": round(items / total, 2),
-                      "first_batch_s": round(first, 3)}))
+                      "first_batch_s": round(first, 3),
+                      "steady_items_per_s": round((items - first_items) / max(total - first, 1e-9), 2)}))
 """
 
 CHILDREN = {"memory": child_memory, "stream": child_stream, "read_limit": child_read_limit}
