@@ -23,7 +23,7 @@ import deepstrf
 from deepstrf.datasets.synthetic import SyntheticAudioDataset
 from deepstrf.store.atomic import stored_bytes
 from deepstrf.store.location import Location
-from deepstrf.stream.s3sim import LocalS3
+from deepstrf.testing.s3 import LocalS3
 
 
 def save_sources(folder: str, scale: float, time_scale: float) -> list[str]:

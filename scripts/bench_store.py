@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from deepstrf.datasets.synthetic import SyntheticAudioDataset
-from deepstrf.stream.s3sim import LocalS3
+from deepstrf.testing.s3 import LocalS3
 from deepstrf.store import open_dataset, save_dataset
 from deepstrf.utils.data import neural_collate
 

@@ -233,7 +233,7 @@ def upload_to_s3(local_root: Path, latency_s: float):
     """Start a local S3 (moto) server, upload the stores, then add ``latency_s`` per request."""
     import s3fs
 
-    from deepstrf.stream.s3sim import LocalS3
+    from deepstrf.testing.s3 import LocalS3
 
     server = LocalS3().start()
     root = server.make_bucket("bench")

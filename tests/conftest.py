@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from deepstrf.stream.s3sim import LocalS3
+from deepstrf.testing.s3 import LocalS3
 
 S3_BUCKET = "deepstrf-test"
 FAKE_CREDENTIALS = {

@@ -61,6 +61,11 @@ class RawRow:
     lengths: np.ndarray
     values: np.ndarray
 
+    @property
+    def sizes(self) -> np.ndarray:
+        """Number of values of each cell (``repeats * lengths``)."""
+        return self.repeats * self.lengths
+
     def cells(self) -> list[np.ndarray]:
         """The cells as ``(R, T)`` arrays (views into ``values``)."""
         out, start = [], 0

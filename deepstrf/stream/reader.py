@@ -43,39 +43,24 @@ class Selection:
 
 
 @dataclass
-class OrderedCells:
-    """One row's cells restricted to the selection and in selection order."""
+class OrderedCells(RawRow):
+    """One row's cells restricted to the selection and in selection order (``positions``)."""
 
     positions: np.ndarray
-    neurons: np.ndarray
-    repeats: np.ndarray
-    lengths: np.ndarray
-    values: np.ndarray
-
-    @property
-    def sizes(self) -> np.ndarray:
-        return self.repeats * self.lengths
-
-    def cells(self) -> list[np.ndarray]:
-        out, start = [], 0
-        for r, t in zip(self.repeats.tolist(), self.lengths.tolist()):
-            out.append(self.values[start:start + r * t].reshape(r, t))
-            start += r * t
-        return out
 
 
 def order_cells(row: RawRow, pos_of: np.ndarray) -> OrderedCells:
     """Keep the cells of ``row`` whose neuron is selected, sorted by selection position."""
     pos = pos_of[row.neurons] if len(row.neurons) else np.zeros(0, dtype=np.int64)
     keep = pos >= 0
-    sizes = row.repeats * row.lengths
+    sizes = row.sizes
     if keep.all() and (np.diff(pos) > 0).all():
-        return OrderedCells(pos, row.neurons, row.repeats, row.lengths, row.values)
+        return OrderedCells(row.stim, row.neurons, row.repeats, row.lengths, row.values, pos)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     order = np.flatnonzero(keep)[np.argsort(pos[keep], kind="stable")]
     values = (np.concatenate([row.values[starts[c]:starts[c] + sizes[c]] for c in order])
               if len(order) else row.values[:0])
-    return OrderedCells(pos[order], row.neurons[order], row.repeats[order], row.lengths[order], values)
+    return OrderedCells(row.stim, row.neurons[order], row.repeats[order], row.lengths[order], values, pos[order])
 
 
 def as_response(cell: np.ndarray) -> torch.Tensor:
