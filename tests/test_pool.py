@@ -12,6 +12,7 @@ import zarr
 from toydata import cells_equal
 
 import deepstrf
+from deepstrf.datasets.concat import DuplicateUIDWarning
 from deepstrf.datasets.synthetic import SyntheticAudioDataset
 from deepstrf.errors import (FormatVersionError, SourceChangedError, StoreExistsError, StoreNotFoundError,
                              UntrustedReferenceError)
@@ -176,7 +177,7 @@ def test_in_memory_inputs_must_be_saved_first(tmp_path):
         concat_neural_datasets([a, b], store=str(tmp_path / "pool.zarr"))
     opened = deepstrf.open_dataset(make_sources(str(tmp_path))[0])
     opened.smooth_responses(5.0)
-    with pytest.raises(ValueError, match="transforms or edits"):
+    with pytest.raises(ValueError, match="transforms or edits"), pytest.warns(DuplicateUIDWarning):
         concat_neural_datasets([opened, opened], store=str(tmp_path / "pool.zarr"))
     assert not os.path.exists(tmp_path / "pool.zarr")
 

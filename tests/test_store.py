@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from deepstrf.datasets.concat import DuplicateUIDWarning
 from deepstrf.cli import main as cli_main
 from deepstrf.datasets.audio import AudioNeuralDataset
 from deepstrf.datasets.neural_dataset import NeuralDataset
@@ -225,7 +226,8 @@ def test_batched_stim_read_equals_per_stim_read(saved):
     ds = open_dataset(url, storage_options=so)
     order = [2, 0, 2, 1]
     assert all(torch.equal(a, src.stims[s]) for a, s in zip(ds.stims.read_many(order), order, strict=True))
-    pooled = concat_neural_datasets([ds, open_dataset(url, storage_options=so)], names=["a", "b"])
+    with pytest.warns(DuplicateUIDWarning):  # the same store twice: its UIDs repeat, as intended here
+        pooled = concat_neural_datasets([ds, open_dataset(url, storage_options=so)], names=["a", "b"])
     pooled.stims[1] = torch.zeros(1)  # copy-on-write override: returned as set, never read
     got = views.read_many(pooled.stims, [4, 1, 0, 3])
     assert torch.equal(got[1], torch.zeros(1))
