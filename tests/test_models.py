@@ -10,7 +10,7 @@ from torch import nn
 
 from deepstrf.datasets.collate import compact_collate, neural_collate
 from deepstrf.datasets.synthetic import SyntheticAudioDataset
-from deepstrf.models import (CausalConv2d, CausalConvBackbone, ModelValidationError, NeuralModel,
+from deepstrf.models import (CausalConv2d, CausalConvBackbone, NeuralModel,
                              PooledEncodingModel, masked_poisson_loss, poisson_loss_compact, poisson_loss_dense)
 from deepstrf.models.neural_model import NeuralModel as NeuralModelAtPath
 

@@ -36,7 +36,7 @@ from ..datasets.splits import StimSplit, heldout_split
 from .evaluation import per_neuron_table, score
 from .report import write_report
 from .sources import COMMON_F, DemoSource, TruthLookup, make_sources
-from .training import TrainConfig, batch_loss, build_model, compact_batches, fit, mean_counts
+from .training import TrainConfig, build_model, fit, mean_counts
 
 DEFAULTS = {"scale": 0.5, "time_scale": 0.5, "epochs": 20, "workers": 0}
 COMPARE_SOURCE = "AA1"  # the smaller source: trained alone vs in the pool

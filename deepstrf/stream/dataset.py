@@ -25,7 +25,7 @@ from ..datasets.neural_dataset import NeuralDataset
 from . import partition, reader, shuffle
 from .cache import RowCache
 from .prefetch import Prefetcher
-from .retry import RetryPolicy, StreamReadError, call_with_retries
+from .retry import RetryPolicy, call_with_retries
 from .stats import StreamCounters, summarize
 
 Collate = Literal["compact", "dense"]
