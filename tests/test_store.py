@@ -401,6 +401,9 @@ class _FailingGrid(ResponseGrid):
             raise _Boom("source read failed")
         return [self.inner.responses[s][n] for n in neurons]
 
+    def _mask(self):
+        return self.inner.nrn_masks
+
 
 def test_interrupted_write_leaves_nothing_and_keeps_old_store(saved):
     url, so, src, fp = saved

@@ -25,6 +25,9 @@ class _BigGrid(ResponseGrid):
         return [RawRow(s, ids, np.full(k, R), np.full(k, T), np.full(k * R * T, s % 7, dtype=np.uint8))
                 for s in stims]
 
+    def _read_row(self, s, neurons):
+        return [torch.from_numpy(c.astype(np.float32)) for c in self.read_raw_rows([s], neurons)[0].cells()]
+
     def _mask(self):
         return torch.ones((S, N), dtype=torch.bool)
 

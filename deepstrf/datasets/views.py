@@ -11,6 +11,7 @@ lists satisfy too (see :func:`read_row` and :func:`grid_mask`).
 from __future__ import annotations
 
 import bisect
+from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -101,8 +102,9 @@ class LazySequence(Sequence):
         self._length = length
         self._overrides: dict[int, Any] = {}
 
+    @abstractmethod
     def _get(self, i: int) -> Any:
-        raise NotImplementedError
+        """Item ``i`` (already bounds-checked and not overridden)."""
 
     def __len__(self) -> int:
         return self._length
@@ -216,11 +218,13 @@ class ResponseGrid(Sequence):
         self._overrides: dict[tuple[int, int], torch.Tensor] = {}
 
     # -- to implement ------------------------------------------------------
+    @abstractmethod
     def _read_row(self, s: int, neurons: Sequence[int]) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """Raw cells ``(s, n)`` for ``n`` in ``neurons`` (sentinel where missing)."""
 
+    @abstractmethod
     def _mask(self) -> torch.Tensor:
-        raise NotImplementedError
+        """``(S, N)`` validity of the raw cells."""
 
     # -- public ------------------------------------------------------------
     def __len__(self) -> int:
