@@ -129,3 +129,24 @@ def test_s3_permanent_failure_is_a_clear_error(s3, s3_pool, no_s3fs_retries):
 def test_missing_store_is_a_clear_error(tmp_path):
     with pytest.raises(StreamReadError, match="store .*nowhere"):
         len(StreamingNeuralDataset(str(tmp_path / "nowhere"), retry=FAST))
+
+
+def test_counters_are_storage_requests_and_stored_bytes(s3, s3_pool):
+    """With a store URL, ``requests`` and ``bytes_fetched`` are what went over the wire."""
+    url, options = s3_pool
+    s = StreamingNeuralDataset(url, storage_options=options, batch_size=4, shuffle=False, retry=FAST)
+    s.dataset()  # open first: opening is not counted
+    before = s3.requests
+    batches = list(s)
+    served = s3.requests - before
+    stats = s.stats()
+    assert stats["batches"] == len(batches)
+    assert 0 < stats["requests"] <= served  # every counted request reached the server
+    assert 0 < stats["bytes_fetched"] < stats["bytes_used"]  # compressed on the wire, decoded in batches
+
+
+def test_counters_for_a_local_store(local_pool):
+    s = StreamingNeuralDataset(local_pool, batch_size=4, shuffle=False)
+    list(s)
+    stats = s.stats()
+    assert stats["requests"] > 0 and 0 < stats["bytes_fetched"] < stats["bytes_used"]

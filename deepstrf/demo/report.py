@@ -187,7 +187,8 @@ def _stream_line(st: dict | None) -> str:
     if not st:
         return ""
     return (f"; one training epoch read {int(st['items'])} items in {int(st['batches'])} batches with "
-            f"{int(st['requests'])} batched requests, {st['bytes_fetched'] / 1e6:.1f} MB fetched, "
+            f"{int(st['requests'])} storage requests, {st['bytes_fetched'] / 1e6:.1f} MB fetched "
+            f"({st['bytes_used'] / 1e6:.1f} MB decoded), "
             f"{st['read_seconds']:.2f} s spent reading")
 
 

@@ -3,9 +3,9 @@
 Format v1 is described in ``docs/format.md``.
 """
 
-from .dataset import ZarrResponseGrid, ZarrStims, open_dataset
+from .dataset import ZarrResponseGrid, ZarrStims, open_dataset, storage_io
 from .location import Location, canonical_url
 from .pool import open_pool, write_pool
 from .writer import save_dataset
 
-__all__ = ["Location", "ZarrResponseGrid", "ZarrStims", "canonical_url", "open_dataset", "open_pool", "save_dataset", "write_pool"]
+__all__ = ["Location", "ZarrResponseGrid", "ZarrStims", "canonical_url", "open_dataset", "open_pool", "save_dataset", "storage_io", "write_pool"]

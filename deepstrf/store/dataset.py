@@ -18,7 +18,7 @@ import torch
 from ..datasets.audio import AudioNeuralDataset
 from ..datasets.neural_dataset import NeuralDataset
 from ..datasets.video import VideoNeuralDataset
-from ..datasets.views import LazySequence, RawRow, ResponseGrid, missing_sentinel
+from ..datasets.views import BlockDiagonalGrid, LazySequence, RawRow, ResponseGrid, missing_sentinel
 from ..errors import StoreError
 from . import format as fmt
 from .location import Location
@@ -67,6 +67,19 @@ class ZarrResponseGrid(ResponseGrid):
 
     def _mask(self) -> torch.Tensor:
         return torch.from_numpy(self.reader.mask())
+
+
+def storage_io(ds: NeuralDataset) -> tuple[int, int] | None:
+    """``(requests, bytes as stored)`` read so far in this process by a store-backed dataset,
+    summed over a pool's sources; None if any part of ``ds`` is not store-backed."""
+    grid = ds.responses
+    if isinstance(grid, ZarrResponseGrid):
+        return grid.reader.io_counters()
+    if isinstance(grid, BlockDiagonalGrid):
+        parts = [storage_io(d) for d in grid.sources]
+        if all(p is not None for p in parts):
+            return sum(p[0] for p in parts), sum(p[1] for p in parts)
+    return None
 
 
 def open_source(loc: Location, group: Any, **kw: Any) -> NeuralDataset:

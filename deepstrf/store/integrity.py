@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from typing import Any
 
 import numpy as np
@@ -27,11 +28,38 @@ def is_chunk_key(key: str) -> bool:
     return key.startswith("c/") or "/c/" in key
 
 
+class IOCounters:
+    """Requests made to a store and bytes it returned (as stored: compressed), in this process."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.bytes = 0
+        self._lock = threading.Lock()  # zarr's event loop and read threads both count
+
+    def add(self, requests: int, nbytes: int) -> None:
+        with self._lock:
+            self.requests += requests
+            self.bytes += nbytes
+
+    def snapshot(self) -> tuple[int, int]:
+        with self._lock:
+            return self.requests, self.bytes
+
+
 class StrictStore(WrapperStore):
-    """Wrapper raising :class:`MissingChunk` instead of returning nothing for a chunk key."""
+    """Wrapper raising :class:`MissingChunk` instead of returning nothing for a chunk key,
+    and counting the requests and bytes that go through it (:attr:`counters`)."""
+
+    def __init__(self, store, counters: IOCounters | None = None) -> None:
+        super().__init__(store)
+        self.counters = counters or IOCounters()
+
+    def _with_store(self, store):
+        return type(self)(store, self.counters)
 
     async def get(self, key, prototype, byte_range=None):
         value = await self._store.get(key, prototype, byte_range)
+        self.counters.add(1, 0 if value is None else len(value))
         if value is None and is_chunk_key(key):
             raise MissingChunk(key)
         return value
@@ -39,6 +67,7 @@ class StrictStore(WrapperStore):
     async def get_partial_values(self, prototype, key_ranges):
         key_ranges = list(key_ranges)
         values = await self._store.get_partial_values(prototype, key_ranges)
+        self.counters.add(len(key_ranges), sum(len(v) for v in values if v is not None))
         for (key, _), value in zip(key_ranges, values):
             if value is None and is_chunk_key(key):
                 raise MissingChunk(key)

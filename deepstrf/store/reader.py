@@ -24,7 +24,7 @@ from ..datasets.views import RawRow
 from ..errors import IncompleteStoreError, IntegrityError, StoreError, StoreNotFoundError
 from . import format as fmt
 from .atomic import store_state
-from .integrity import MissingChunk, StrictStore
+from .integrity import IOCounters, MissingChunk, StrictStore
 from .jsonmeta import decode_meta
 from .location import Location
 from .shards import ShardedArray
@@ -98,7 +98,15 @@ class SourceReader:
                     f"{self.url}: array {name!r} is missing from the store; it is damaged or was not "
                     "written by deepstrf. Re-create it from its source.") from None
         sharded = {name: reader for name in fmt.SHARDED if (reader := ShardedArray.of(handles[name])) is not None}
+        store = group.store_path.store
+        self._counters = store.counters if isinstance(store, StrictStore) else IOCounters()
         self._handles = (os.getpid(), handles, sharded)
+
+    def io_counters(self) -> tuple[int, int]:
+        """``(requests, bytes)`` this process has read from the store (bytes as stored)."""
+        if self._handles is None or self._handles[0] != os.getpid():
+            return 0, 0  # not opened in this process yet
+        return self._counters.snapshot()
 
     def _bound(self) -> tuple[int, dict[str, Any], dict[str, ShardedArray]]:
         if self._handles is None or self._handles[0] != os.getpid():

@@ -22,11 +22,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..datasets import views
 from ..datasets.neural_dataset import NeuralDataset
+from ..store.dataset import storage_io
 from . import partition, reader, shuffle
 from .cache import RowCache
 from .prefetch import Prefetcher
 from .retry import RetryPolicy, call_with_retries
-from .stats import StreamCounters, summarize
+from .stats import StorageIO, StreamCounters, summarize
 
 Collate = Literal["compact", "dense"]
 STATE_VERSION = 1
@@ -43,6 +44,7 @@ class Opened:
     pos_of: np.ndarray            # global neuron id -> position in the selection, or -1
     read_neurons: list[int] | None  # what to pass to read_raw_rows (None: all neurons)
     stim_pool: ThreadPoolExecutor   # reads a batch's stimuli concurrently with its responses
+    io: StorageIO | None            # storage requests/bytes of a store-backed dataset, else None
 
 
 class StreamingNeuralDataset(IterableDataset):
@@ -149,7 +151,8 @@ class StreamingNeuralDataset(IterableDataset):
                                   selection.positions(ds.N_neurons),
                                   None if everything else selection.neurons.tolist(),
                                   ThreadPoolExecutor(max_workers=self.read_threads,
-                                                     thread_name_prefix="deepstrf-stims"))
+                                                     thread_name_prefix="deepstrf-stims"),
+                                  None if (io := storage_io(ds)) is None else StorageIO(io))
         return self._opened
 
     def _open(self) -> NeuralDataset:
@@ -302,7 +305,7 @@ class StreamingNeuralDataset(IterableDataset):
         ds = st.ds
         stims = st.visible[positions].tolist()
         start = time.perf_counter()
-        pending = st.stim_pool.submit(self._read_stims, ds, stims)
+        pending = st.stim_pool.submit(self._read_stims, st, stims)
         rows = self._read_rows(st, stims)
         stim_tensors = pending.result()
         ordered = [reader.order_cells(r, st.pos_of) for r in rows]
@@ -319,13 +322,22 @@ class StreamingNeuralDataset(IterableDataset):
             return reader.build_compact(ordered, stim_tensors, metas, shared)
         return reader.build_dense(ordered, stim_tensors, metas, n_selected, shared)
 
-    def _read_stims(self, ds: NeuralDataset, stims: list[int]) -> list[torch.Tensor]:
+    def _read_stims(self, st: Opened, stims: list[int]) -> list[torch.Tensor]:
         """The batch's stimuli in one batched (retried) read."""
-        xs = call_with_retries(lambda: views.read_many(ds.stims, stims),
+        xs = call_with_retries(lambda: views.read_many(st.ds.stims, stims),
                                what=f"stimuli {stims} from {self._where()}",
                                policy=self.retry, on_retry=lambda exc: self.counters.add(retries=1))
-        self.counters.add(requests=1, bytes_fetched=sum(x.numel() * x.element_size() for x in xs))
+        self._count_io(st, sum(x.numel() * x.element_size() for x in xs))
         return xs
+
+    def _count_io(self, st: Opened, nbytes: int) -> None:
+        """Count a batched read: the storage requests and bytes (as stored) it caused for a
+        store-backed dataset, else one read call and the bytes it returned."""
+        if st.io is None:
+            self.counters.add(requests=1, bytes_fetched=nbytes)
+            return
+        requests, fetched = st.io.delta(storage_io(st.ds))
+        self.counters.add(requests=requests, bytes_fetched=fetched)
 
     def _read_rows(self, st: Opened, stims: list[int]) -> list[views.RawRow]:
         """Rows of ``stims`` from the cache, else in one batched (retried) read."""
@@ -338,7 +350,7 @@ class StreamingNeuralDataset(IterableDataset):
             rows = call_with_retries(lambda: views.read_raw_rows(st.ds.responses, todo, st.read_neurons),
                                      what=f"responses of stims {todo} from {self._where()}", policy=self.retry,
                                      on_retry=lambda exc: self.counters.add(retries=1))
-            self.counters.add(requests=1, bytes_fetched=sum(r.values.nbytes for r in rows))
+            self._count_io(st, sum(r.values.nbytes for r in rows))
             for row in rows:
                 found[row.stim] = row
                 if cache is not None:
@@ -355,11 +367,13 @@ class StreamingNeuralDataset(IterableDataset):
     def stats(self, seconds: float | None = None) -> dict[str, float]:
         """Counters of the current pass (summed over this rank's DataLoader workers).
 
-        ``requests``: read calls made to the dataset (one batched response
-        read and one batched stimulus read per batch; cache hits make none);
-        ``bytes_fetched``: bytes those reads returned, as stored (integer
-        counts); ``bytes_used``: bytes of counts and stimuli put into batches
-        (cache hits included). With ``seconds``, rates are added.
+        ``requests`` and ``bytes_fetched``: for a store URL or store-backed
+        dataset, the requests made to storage and the bytes it returned as
+        stored (compressed), opening excluded; for an in-memory dataset, the
+        read calls made to it (one batched response read and one batched
+        stimulus read per batch) and the bytes they returned. Cache hits make
+        none. ``bytes_used``: bytes of counts and stimuli put into batches
+        (decoded; cache hits included). With ``seconds``, rates are added.
         """
         return summarize(self.counters.totals(), seconds)
 

@@ -64,6 +64,23 @@ class StreamCounters:
         return dict(zip(FIELDS, total))
 
 
+class StorageIO:
+    """Turns a store's running ``(requests, bytes)`` totals into per-read increments.
+
+    One per opened dataset and process; safe to call from several read threads
+    (each increment is attributed once, whichever thread observes it).
+    """
+
+    def __init__(self, start: tuple[int, int]) -> None:
+        self._last = start
+        self._lock = threading.Lock()
+
+    def delta(self, now: tuple[int, int]) -> tuple[int, int]:
+        with self._lock:
+            last, self._last = self._last, (max(now[0], self._last[0]), max(now[1], self._last[1]))
+        return max(0, now[0] - last[0]), max(0, now[1] - last[1])
+
+
 def summarize(totals: Mapping[str, int], seconds: float | None = None) -> dict[str, float]:
     """Counters plus derived figures (reads per item, fraction of fetched bytes used, rates)."""
     out: dict[str, float] = dict(totals)
