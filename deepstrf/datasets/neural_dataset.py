@@ -115,13 +115,13 @@ class NeuralDataset(Dataset):
     def nrn_masks(self) -> torch.Tensor:
         """``(S, N)`` bool tensor, True where the (stim, neuron) pair has data."""
         if self._nrn_masks_cache is None:
-            if len(self.responses) == 0:
-                self._nrn_masks_cache = torch.zeros((0, self.N_neurons), dtype=torch.bool)
-            else:
-                self._nrn_masks_cache = views.grid_mask(self.responses, self.N_neurons)
+            self._nrn_masks_cache = self._compute_nrn_masks()
         return self._nrn_masks_cache
 
     def _compute_nrn_masks(self) -> torch.Tensor:
+        """The mask from ``responses`` (a scan of list grids; the view's own mask otherwise)."""
+        if len(self.responses) == 0:
+            return torch.zeros((0, self.N_neurons), dtype=torch.bool)
         return views.grid_mask(self.responses, self.N_neurons)
 
     def _invalidate_nrn_masks(self) -> None:
