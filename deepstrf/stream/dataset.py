@@ -73,7 +73,9 @@ class StreamingNeuralDataset(IterableDataset):
     Order is a pure function of ``(seed, epoch)``: call :meth:`set_epoch`.
 
     Reading: one ``read_raw_rows`` call per batch (concurrent range reads in
-    store-backed grids), ``prefetch`` batches read ahead by ``read_threads``
+    store-backed grids), ``prefetch`` batches read ahead (default 2 in the
+    main process, 1 in a DataLoader worker, whose ``prefetch_factor`` already
+    reads ahead) by ``read_threads``
     threads (default 2 for a store URL, so one batch's round trips overlap
     another's decoding; 1 for a dataset object, whose reads may not be
     thread-safe), retries per ``retry``, an optional LRU row cache of at
@@ -86,7 +88,7 @@ class StreamingNeuralDataset(IterableDataset):
                  stims: Sequence[int] | None = None, neurons: Sequence[int] | None = None,
                  select: Callable[[NeuralDataset], Any] | None = None,
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
-                 block_size: int = 8, shuffle_buffer: int = 256, prefetch: int = 2,
+                 block_size: int = 8, shuffle_buffer: int = 256, prefetch: int | None = None,
                  read_threads: int | None = None, cache_dir: str | os.PathLike | None = None,
                  cache_bytes: int = 2 << 30, retry: RetryPolicy = RetryPolicy()) -> None:
         super().__init__()
@@ -280,7 +282,7 @@ class StreamingNeuralDataset(IterableDataset):
         batches = partition.rank_batches(len(units), self._offset, world, rank, self._unit_batch(), self.drop_last)
         mine = partition.worker_batches(batches, worker_id, num_workers)
         tasks = [np.concatenate([units[p] for p in positions]) for _, positions in mine]
-        fetch = Prefetcher(self._read_batch, depth=self.prefetch, threads=self.read_threads)
+        fetch = Prefetcher(self._read_batch, depth=self._prefetch_depth(info is not None), threads=self.read_threads)
         self.last_prefetcher = fetch
         for out in fetch.map(tasks):
             if in_process:
@@ -298,6 +300,11 @@ class StreamingNeuralDataset(IterableDataset):
 
     def _end_pass(self) -> None:
         self.epoch, self._offset, self._steps = self.epoch + 1, 0, 0
+
+    def _prefetch_depth(self, in_worker: bool) -> int:
+        if self.prefetch is not None:
+            return self.prefetch
+        return 1 if in_worker else 2
 
     def _read_batch(self, positions: np.ndarray) -> Any:
         """Read the items at ``positions`` of the visible list: one batched row read."""
