@@ -10,8 +10,6 @@ dataset ``concat_neural_datasets`` gives on the opened sources.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -29,8 +27,10 @@ from ..errors import IntegrityError, SourceChangedError, StoreNotFoundError
 from . import format as fmt
 from .atomic import consolidate, staged_write
 from .dataset import OPENERS, open_dataset
+from .integrity import fingerprint
 from .location import Location
 from .references import make_reference, pool_root, resolve_reference
+from .writer import dataset_kind
 
 POOL_FORMAT = "deepstrf.pool"
 COVERAGE = "coverage"
@@ -63,16 +63,16 @@ def write_pool(datasets: Sequence[NeuralDataset], url: str | os.PathLike, *, nam
         "fingerprint": part.fingerprint,
         "n_stims": part.get_S(),
         "n_neurons": part.N_neurons,
-        "kind": _kind(part),
+        "kind": dataset_kind(part),
         "card": getattr(part, "card", None),
     } for part, name in zip(parts, part_names)]
     attrs: dict[str, Any] = {
-        "format": POOL_FORMAT, "format_version": fmt.POOL_FORMAT_VERSION, "kind": _kind(pooled),
+        "format": POOL_FORMAT, "format_version": fmt.POOL_FORMAT_VERSION, "kind": dataset_kind(pooled),
         "class_name": type(pooled).__name__, "dt_ms": float(pooled.dt),
         "n_stims": pooled.get_S(), "n_neurons": pooled.N_neurons, "sources": sources,
     }
     attrs.update({k: getattr(pooled, k) for k in MODALITY_ATTRS if getattr(pooled, k, None) is not None})
-    attrs["fingerprint"] = _pool_fingerprint(attrs)
+    attrs["fingerprint"] = fingerprint(attrs)
     coverage = pooled.nrn_masks.numpy()
     with staged_write(loc, overwrite=overwrite, own_top_level=POOL_TOP_LEVEL) as staging:
         group = zarr.create_group(staging.store, attributes=attrs, zarr_format=3)
@@ -156,11 +156,6 @@ def _require_store_backed(ds: NeuralDataset, name: str) -> None:
             "Pool the unmodified opened sources and apply the transforms to the opened pool.")
 
 
-def _kind(ds: NeuralDataset) -> str:
-    names = {c.__name__ for c in type(ds).__mro__}
-    return "audio" if "AudioNeuralDataset" in names else "video" if "VideoNeuralDataset" in names else "neural"
-
-
 def _index_maps(parts: Sequence[NeuralDataset]) -> list[np.ndarray]:
     src_dtype = fmt.smallest_int(0, max(len(parts) - 1, 0))
     stim_source = np.concatenate([np.full(p.get_S(), k) for k, p in enumerate(parts)]).astype(src_dtype)
@@ -178,11 +173,6 @@ def _coverage_chunks(shape: tuple[int, int]) -> tuple[int, int]:
 def _write_array(group: zarr.Group, name: str, data: np.ndarray, chunks: tuple[int, ...]) -> None:
     arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, **fmt.codecs(data.dtype))
     arr[...] = data
-
-
-def _pool_fingerprint(attrs: dict[str, Any]) -> str:
-    doc = json.dumps(attrs, sort_keys=True, separators=(",", ":"), default=str)
-    return "sha256:" + hashlib.sha256(doc.encode()).hexdigest()
 
 
 def _same_protocol_options(loc: Location, url: str) -> dict | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,11 +192,9 @@ class SourceReader:
         idx = self.index()
         ids = np.asarray(list(stims), dtype=np.int64)
         starts, ends = idx.stim_offsets[ids], idx.stim_offsets[ids + 1]
-        spans, results = self.read_spans(fmt.STIM_VALUES, starts, ends)
-        for (a, b), res in zip(spans, results):
-            if isinstance(res, BaseException):
-                raise self.error(res, f"stims {ids.tolist()} ({fmt.STIM_VALUES}[{a}:{b}])") from res
-        span_starts = np.array([a for a, _ in spans], dtype=np.int64)
+        span_starts, spans, results = self.fetch(
+            fmt.STIM_VALUES, starts, ends,
+            lambda e, a, b: self.error(e, f"stims {ids.tolist()} ({fmt.STIM_VALUES}[{a}:{b}])"))
         dtype = self.arrays()[fmt.STIM_VALUES].dtype
         return [_assemble(starts[i:i + 1], ends[i:i + 1], span_starts, spans, results, dtype)
                 .reshape(tuple(idx.stim_shapes[s])) for i, s in enumerate(ids.tolist())]
@@ -207,6 +205,16 @@ class SourceReader:
         its values or the exception its read raised."""
         spans = _coalesce(starts, ends, self.arrays()[name].chunks[0])
         return spans, self.gather([(name, slice(a, b)) for a, b in spans])
+
+    def fetch(self, name: str, starts: np.ndarray, ends: np.ndarray,
+              error: Callable[[BaseException, int, int], StoreError]) -> tuple[np.ndarray, list, list]:
+        """:meth:`read_spans`, raising ``error(exc, a, b)`` for the first span that failed;
+        returns the spans' starts, the spans and their values."""
+        spans, results = self.read_spans(name, starts, ends)
+        for (a, b), res in zip(spans, results):
+            if isinstance(res, BaseException):
+                raise error(res, a, b) from res
+        return np.array([a for a, _ in spans], dtype=np.int64), spans, results
 
     def read_rows(self, stims: Sequence[int], neurons: Sequence[int] | None = None) -> list[RawRow]:
         """Valid cells of each stim in ``stims`` among ``neurons`` (all by default), in stored dtype.
@@ -224,17 +232,14 @@ class SourceReader:
             plans.append((s, keep, idx.offsets[ids], idx.offsets[ids + 1]))
         starts = np.concatenate([p[2] for p in plans]) if plans else np.zeros(0, np.int64)
         ends = np.concatenate([p[3] for p in plans]) if plans else np.zeros(0, np.int64)
-        spans, results = self.read_spans(fmt.VALUES, starts, ends)
-        for (a, b), res in zip(spans, results):
-            if isinstance(res, BaseException):
-                raise self.cell_error(res, a, b) from res
-        span_starts = np.array([a for a, _ in spans], dtype=np.int64)
+        span_starts, spans, results = self.fetch(fmt.VALUES, starts, ends, self.cell_error)
+        dtype = self.arrays()[fmt.VALUES].dtype
         rows = []
         for s, keep, st, en in plans:
             reps = idx.repeats[s, keep]
             lengths = np.where(reps > 0, (en - st) // np.maximum(reps, 1), 0)
             rows.append(RawRow(stim=int(s), neurons=keep, repeats=reps, lengths=lengths,
-                               values=_assemble(st, en, span_starts, spans, results, self.arrays()[fmt.VALUES].dtype)))
+                               values=_assemble(st, en, span_starts, spans, results, dtype)))
         return rows
 
     def cell_error(self, e: BaseException, a: int, b: int) -> StoreError:

@@ -53,13 +53,7 @@ def describe(ds: Any) -> dict[str, Any]:
             raise ValueError(f"save_dataset: len({what}) is {n}, expected {want} (S={S} stims, N={N} neurons)")
     if S == 0 or N == 0:
         raise ValueError(f"save_dataset: nothing to save (S={S} stims, N={N} neurons)")
-    mro = {c.__name__ for c in type(ds).__mro__}
-    if "VideoNeuralDataset" in mro or ("AudioNeuralDataset" not in mro and _positive(ds, "H", "W")):
-        kind = "video"
-    elif "AudioNeuralDataset" in mro or _positive(ds, "F"):
-        kind = "audio"
-    else:
-        kind = "neural"
+    kind = dataset_kind(ds)
     attrs: dict[str, Any] = {
         "format": fmt.SOURCE_FORMAT, "format_version": fmt.FORMAT_VERSION, "kind": kind,
         "class_name": getattr(ds, "class_name", None) or type(ds).__name__,
@@ -75,6 +69,16 @@ def describe(ds: Any) -> dict[str, Any]:
     card = getattr(ds, "card", None)
     attrs["card"] = _json_card(card) if isinstance(card, dict) else None
     return attrs
+
+
+def dataset_kind(ds: Any) -> str:
+    """``"audio"``, ``"video"`` or ``"neural"``, from class names in ``ds``'s ancestry, else its attributes."""
+    mro = {c.__name__ for c in type(ds).__mro__}
+    if "VideoNeuralDataset" in mro or ("AudioNeuralDataset" not in mro and _positive(ds, "H", "W")):
+        return "video"
+    if "AudioNeuralDataset" in mro or _positive(ds, "F"):
+        return "audio"
+    return "neural"
 
 
 def _positive(ds: Any, *names: str) -> bool:
