@@ -349,6 +349,43 @@ def test_format_10_and_11_stores_read_identically(tmp_path, monkeypatch):
     assert cli_main(["verify", str(tmp_path / "v11")]) == 0 and cli_main(["verify", str(tmp_path / "v10")]) == 0
 
 
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+def test_rows_decode_into_caller_buffers(tmp_path, monkeypatch, version):
+    monkeypatch.setattr(fmt, "CHUNK_BYTES", 512)  # rows start and end inside chunks; rows share chunks
+    src = audio_source()
+    if version == "1.0":
+        write_v10(monkeypatch)
+    save_dataset(src, tmp_path / "s")
+    grid = open_dataset(tmp_path / "s").responses
+    for stims, neurons in (([2, 0, 1], None), ([1, 1, 0], None), ([2, 1], [0, 4, 9]), ([0], [])):
+        expected = grid.read_raw_rows(stims, neurons)
+        sizes, dtype = grid.row_sizes(stims, neurons)
+        assert sizes.tolist() == [len(r.values) for r in expected] and dtype == np.uint8
+        for buf_dtype in (np.uint8, np.int32):  # the stored dtype decodes in place, others are cast
+            buf = np.full(int(sizes.sum()), 255, dtype=buf_dtype)
+            out = np.split(buf, np.cumsum(sizes)[:-1])
+            rows = grid.read_raw_rows(stims, neurons, out)
+            assert np.array_equal(buf, np.concatenate([r.values for r in expected]).astype(buf_dtype))
+            assert all(r.values is o and r.neurons.tolist() == e.neurons.tolist()
+                       for r, o, e in zip(rows, out, expected, strict=True))
+    with pytest.raises(ValueError, match="one array per stim, of sizes"):
+        grid.read_raw_rows([0, 1], None, [np.zeros(1, np.uint8), np.zeros(1, np.uint8)])
+    grid.set_cell(0, 0, torch.zeros(1, 3))  # overrides: sizes not known ahead
+    assert grid.row_sizes([0]) is None
+
+
+def test_pool_row_sizes_need_every_source_sized(saved):
+    url, so, src, _ = saved
+    ds = open_dataset(url, storage_options=so)
+    with pytest.warns(DuplicateUIDWarning):
+        stored = concat_neural_datasets([ds, open_dataset(url, storage_options=so)], names=["a", "b"])
+    stims, neurons = [4, 0, 3], list(range(0, stored.N_neurons, 3))
+    sizes, _ = stored.responses.row_sizes(stims, neurons)
+    assert sizes.tolist() == [len(r.values) for r in stored.responses.read_raw_rows(stims, neurons)]
+    mixed = concat_neural_datasets([ds, SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02)], names=["a", "b"])
+    assert mixed.responses.row_sizes([0, mixed.get_S() - 1]) is None  # an in-memory source cannot size rows without reading
+
+
 def _so_args(so) -> list[str]:
     return [] if not so else ["-S", f"client_kwargs.endpoint_url={so['client_kwargs']['endpoint_url']}"]
 

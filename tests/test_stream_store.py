@@ -3,6 +3,7 @@
 import pickle
 from collections import Counter
 
+import numpy as np
 import pytest
 from torch.utils.data import DataLoader
 
@@ -150,3 +151,19 @@ def test_counters_for_a_local_store(local_pool):
     list(s)
     stats = s.stats()
     assert stats["requests"] > 0 and 0 < stats["bytes_fetched"] < stats["bytes_used"]
+
+
+@pytest.mark.parametrize("neurons", [None, [7, 2, 5, 1]])
+def test_worker_batches_are_built_in_shared_memory(local_pool, monkeypatch, neurons):
+    """In a worker, every tensor of a batch is allocated in shared memory (decoded straight into it
+    when rows need no reordering), so handing it to the main process copies nothing."""
+    import deepstrf.stream.dataset as stream_dataset
+
+    monkeypatch.setattr(stream_dataset, "get_worker_info", lambda: object())
+    s = StreamingNeuralDataset(local_pool, shuffle=False, batch_size=4, neurons=neurons)
+    ref = s.dataset()
+    n = min(4, len(ref))
+    batch = s._read_batch(np.arange(n))
+    tensors = [getattr(batch, k) for k in batch.keys() if k != "stim_meta"]
+    assert all(t.is_shared() for t in tensors)
+    assert compact_equal(batch, compact_collate([ref[i] for i in range(n)], neuron_index=ref.selected_neurons()))

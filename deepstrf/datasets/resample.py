@@ -79,12 +79,13 @@ class RebinnedGrid(views.ResponseGrid):
     def _mask(self) -> torch.Tensor:
         return self.source_mask.clone()
 
-    def read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None = None) -> list[views.RawRow]:
+    def read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None = None,
+                      out: Sequence[np.ndarray] | None = None) -> list[views.RawRow]:
         """The source's batched raw reads, re-binned in their stored dtype."""
         if self._transforms or self._overrides:
-            return super().read_raw_rows(stims, neurons)
+            return super().read_raw_rows(stims, neurons, out)
         k = self.factor
-        out = []
+        rows = []
         for row in views.read_raw_rows(self.source, stims, neurons):
             cells, lengths = [], []
             for (r, t), cell in zip(zip(row.repeats.tolist(), row.lengths.tolist()), row.cells()):
@@ -96,9 +97,9 @@ class RebinnedGrid(views.ResponseGrid):
                 cells.append(cell[:, :tk * k].reshape(r, tk, k).sum(axis=-1, dtype=dtype).reshape(-1))
                 lengths.append(tk)
             values = np.concatenate(cells) if cells else row.values
-            out.append(views.RawRow(row.stim, row.neurons, row.repeats, np.asarray(lengths, dtype=np.int64)
-                                    if cells else row.lengths, values))
-        return out
+            rows.append(views.RawRow(row.stim, row.neurons, row.repeats, np.asarray(lengths, dtype=np.int64)
+                                     if cells else row.lengths, values))
+        return views.fill_rows(rows, out)
 
 
 def rebin_dataset(ds: NeuralDataset, dt_ms: float) -> NeuralDataset:
@@ -229,10 +230,17 @@ class _PassThroughGrid(views.ResponseGrid):
     def _mask(self) -> torch.Tensor:
         return self.source_mask.clone()
 
-    def read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None = None) -> list[views.RawRow]:
+    def read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None = None,
+                      out: Sequence[np.ndarray] | None = None) -> list[views.RawRow]:
         if self._transforms or self._overrides:
-            return super().read_raw_rows(stims, neurons)
-        return views.read_raw_rows(self.source, stims, neurons)
+            return super().read_raw_rows(stims, neurons, out)
+        return views.read_raw_rows(self.source, stims, neurons, out)
+
+    def row_sizes(self, stims: Sequence[int], neurons: Sequence[int] | None = None
+                  ) -> tuple[np.ndarray, np.dtype] | None:
+        if self._transforms or self._overrides:
+            return None
+        return views.raw_row_sizes(self.source, stims, neurons)
 
 
 def _generic_class(ds: NeuralDataset) -> type:

@@ -259,14 +259,24 @@ class ResponseGrid(Sequence):
             out.append(cell)
         return out
 
-    def read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None = None) -> list[RawRow]:
+    def read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None = None,
+                      out: Sequence[np.ndarray] | None = None) -> list[RawRow]:
         """Valid cells of several stims (restricted to ``neurons``), batched.
 
-        Store-backed grids override this with one concurrent read per batch;
-        this generic version reads row by row through :meth:`row`.
+        With ``out`` (one 1-D array per stim, sized by :meth:`row_sizes`), row
+        ``i``'s values are written into ``out[i]``, which becomes its ``values``.
+        Store-backed grids override this with one concurrent read per batch
+        that decodes straight into ``out``; this generic version reads row by
+        row through :meth:`row` and copies.
         """
         neurons = range(self.n_neurons) if neurons is None else neurons
-        return [raw_row_from_cells(s, neurons, self.row(s, neurons)) for s in stims]
+        return fill_rows([raw_row_from_cells(s, neurons, self.row(s, neurons)) for s in stims], out)
+
+    def row_sizes(self, stims: Sequence[int], neurons: Sequence[int] | None = None
+                  ) -> tuple[np.ndarray, np.dtype] | None:
+        """Number of values of each row :meth:`read_raw_rows` would return, and their dtype,
+        when known without reading the data (store-backed grids), else None."""
+        return None
 
     def mask(self) -> torch.Tensor:
         """``(S, N)`` bool tensor, True where the pair holds data."""
@@ -319,23 +329,44 @@ class BlockDiagonalGrid(ResponseGrid):
         cells = iter(read_row(self.sources[k].responses, s - self.stim_offsets[k], inside))
         return [next(cells) if lo <= n < hi else missing_sentinel() for n in neurons]
 
-    def read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None = None) -> list[RawRow]:
-        """Delegate to each source's batched read, one call per source."""
-        if self._transforms or self._overrides:
-            return super().read_raw_rows(stims, neurons)
+    def _by_source(self, stims: Sequence[int], neurons: Sequence[int] | None
+                   ) -> Iterator[tuple[int, list[int], list[int], list[int] | None]]:
+        """Per source ``k``: positions in ``stims``, its local stims and local neurons."""
         wanted = None if neurons is None else np.asarray(sorted(set(neurons)), dtype=np.int64)
-        by_source: dict[int, list[int]] = {}
-        for s in stims:
-            by_source.setdefault(self.source_of_stim(s), []).append(s)
-        rows: dict[int, RawRow] = {}
-        for k, group in by_source.items():
+        positions: dict[int, list[int]] = {}
+        for i, s in enumerate(stims):
+            positions.setdefault(self.source_of_stim(s), []).append(i)
+        for k, where in positions.items():
             lo, hi = self.neuron_offsets[k], self.neuron_offsets[k + 1]
             local = None if wanted is None else (wanted[(wanted >= lo) & (wanted < hi)] - lo).tolist()
-            for row in read_raw_rows(self.sources[k].responses, [s - self.stim_offsets[k] for s in group], local):
+            yield k, where, [stims[i] - self.stim_offsets[k] for i in where], local
+
+    def read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None = None,
+                      out: Sequence[np.ndarray] | None = None) -> list[RawRow]:
+        """Delegate to each source's batched read, one call per source."""
+        if self._transforms or self._overrides:
+            return super().read_raw_rows(stims, neurons, out)
+        rows: list[RawRow | None] = [None] * len(stims)
+        for k, where, local_stims, local in self._by_source(stims, neurons):
+            bufs = None if out is None else [out[i] for i in where]
+            for i, row in zip(where, read_raw_rows(self.sources[k].responses, local_stims, local, bufs)):
                 row.stim += self.stim_offsets[k]
-                row.neurons = row.neurons + lo
-                rows[row.stim] = row
-        return [rows[s] for s in stims]
+                row.neurons = row.neurons + self.neuron_offsets[k]
+                rows[i] = row
+        return rows
+
+    def row_sizes(self, stims: Sequence[int], neurons: Sequence[int] | None = None
+                  ) -> tuple[np.ndarray, np.dtype] | None:
+        if self._transforms or self._overrides:
+            return None
+        sizes, dtypes = np.zeros(len(stims), dtype=np.int64), []
+        for k, where, local_stims, local in self._by_source(stims, neurons):
+            known = raw_row_sizes(self.sources[k].responses, local_stims, local)
+            if known is None:
+                return None
+            sizes[where] = known[0]
+            dtypes.append(known[1])
+        return sizes, np.result_type(*dtypes) if dtypes else np.dtype(np.float32)
 
     def _mask(self) -> torch.Tensor:
         m = torch.zeros((self.n_stims, self.n_neurons), dtype=torch.bool)
@@ -360,15 +391,37 @@ def read_row(responses: Any, s: int, neurons: Sequence[int]) -> list[torch.Tenso
     return [row[n] for n in neurons]
 
 
-def read_raw_rows(responses: Any, stims: Sequence[int], neurons: Sequence[int] | None = None) -> list[RawRow]:
-    """Batched raw read from a view, or row by row from a list grid."""
+def read_raw_rows(responses: Any, stims: Sequence[int], neurons: Sequence[int] | None = None,
+                  out: Sequence[np.ndarray] | None = None) -> list[RawRow]:
+    """Batched raw read from a view, or row by row from a list grid (``out``: see
+    :meth:`ResponseGrid.read_raw_rows`)."""
     if isinstance(responses, ResponseGrid):
-        return responses.read_raw_rows(stims, neurons)
-    out = []
+        # grids that cannot size their rows ahead (row_sizes() is None) are never given out
+        return responses.read_raw_rows(stims, neurons) if out is None else responses.read_raw_rows(stims, neurons, out)
+    rows = []
     for s in stims:
         ids = range(len(responses[s])) if neurons is None else neurons
-        out.append(raw_row_from_cells(s, ids, read_row(responses, s, ids)))
-    return out
+        rows.append(raw_row_from_cells(s, ids, read_row(responses, s, ids)))
+    return fill_rows(rows, out)
+
+
+def raw_row_sizes(responses: Any, stims: Sequence[int], neurons: Sequence[int] | None = None
+                  ) -> tuple[np.ndarray, np.dtype] | None:
+    """:meth:`ResponseGrid.row_sizes` of a view; None for a list grid."""
+    return responses.row_sizes(stims, neurons) if isinstance(responses, ResponseGrid) else None
+
+
+def fill_rows(rows: list[RawRow], out: Sequence[np.ndarray] | None) -> list[RawRow]:
+    """Copy each row's values into its ``out`` array (which becomes its ``values``)."""
+    if out is None:
+        return rows
+    if len(out) != len(rows) or any(len(o) != len(r.values) for o, r in zip(out, rows)):
+        raise ValueError(f"out must hold one array per stim, of sizes {[len(r.values) for r in rows]}; "
+                         f"got sizes {[len(o) for o in out]}")
+    for row, buf in zip(rows, out):
+        buf[...] = row.values
+        row.values = buf
+    return rows
 
 
 def grid_mask(responses: Any, n_neurons: int) -> torch.Tensor:

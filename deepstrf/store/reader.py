@@ -3,9 +3,10 @@
 :class:`SourceReader` is the only object that talks to zarr. It pickles as
 its URL, ``storage_options`` and attributes, and reopens its zarr handles
 lazily in each process (fsspec/s3fs clients are not fork-safe). All reads of
-response cells and stimuli go through :meth:`SourceReader.read_spans`
+response cells and stimuli go through :meth:`SourceReader.read_ranges`
 (:meth:`~SourceReader.read_rows`, :meth:`~SourceReader.read_stims`): one
-concurrent group of coalesced range reads for any number of stims.
+concurrent group of coalesced range reads for any number of stims, decoded
+into the caller's arrays (a streamed batch's buffer) when it gives them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .atomic import store_state
 from .integrity import IOCounters, MissingChunk, StrictStore
 from .jsonmeta import decode_meta
 from .location import Location
-from .shards import ShardedArray
+from .shards import ShardedArray, Target
 
 _TRANSPORT_ERRORS = (OSError, TimeoutError, asyncio.TimeoutError)
 
@@ -52,6 +53,36 @@ def open_group(loc: Location) -> zarr.Group:
 
 def _is_transport_error(e: BaseException) -> bool:
     return isinstance(e, _TRANSPORT_ERRORS) and not isinstance(e, MissingChunk)
+
+
+@dataclass
+class RowPlan:
+    """Where one stim's valid cells are stored: ``values[starts[i]:ends[i]]`` for ``neurons[i]``."""
+
+    stim: int
+    neurons: np.ndarray
+    repeats: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+
+    @property
+    def size(self) -> int:
+        """Number of values of the row."""
+        return int((self.ends - self.starts).sum())
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.where(self.repeats > 0, (self.ends - self.starts) // np.maximum(self.repeats, 1), 0)
+
+    def runs(self) -> list[tuple[int, int, int]]:
+        """Maximal runs of cells stored back to back, as ``(start, end, position in the row)``."""
+        if not len(self.starts):
+            return []
+        breaks = np.flatnonzero(self.starts[1:] != self.ends[:-1]) + 1
+        first = np.concatenate([[0], breaks])
+        last = np.concatenate([breaks - 1, [len(self.starts) - 1]])
+        pos = np.concatenate([[0], np.cumsum(self.ends - self.starts)])[first]
+        return list(zip(self.starts[first].tolist(), self.ends[last].tolist(), pos.tolist()))
 
 
 @dataclass
@@ -192,36 +223,41 @@ class SourceReader:
         idx = self.index()
         ids = np.asarray(list(stims), dtype=np.int64)
         starts, ends = idx.stim_offsets[ids], idx.stim_offsets[ids + 1]
-        span_starts, spans, results = self.fetch(
-            fmt.STIM_VALUES, starts, ends,
-            lambda e, a, b: self.error(e, f"stims {ids.tolist()} ({fmt.STIM_VALUES}[{a}:{b}])"))
         dtype = self.arrays()[fmt.STIM_VALUES].dtype
-        return [_assemble(starts[i:i + 1], ends[i:i + 1], span_starts, spans, results, dtype)
-                .reshape(tuple(idx.stim_shapes[s])) for i, s in enumerate(ids.tolist())]
+        out = [np.empty(int(n), dtype=dtype) for n in (ends - starts).tolist()]
+        self.read_ranges(fmt.STIM_VALUES, starts, ends, out,
+                         lambda e, a, b: self.error(e, f"stims {ids.tolist()} ({fmt.STIM_VALUES}[{a}:{b}])"))
+        return [x.reshape(tuple(idx.stim_shapes[s])) for x, s in zip(out, ids.tolist())]
 
-    def read_spans(self, name: str, starts: np.ndarray, ends: np.ndarray) -> tuple[list[tuple[int, int]], list[Any]]:
-        """Ranges ``[starts[i], ends[i])`` of array ``name`` coalesced into spans (ranges sharing or
-        touching a chunk merge) and fetched in one concurrent group: the spans and, for each,
-        its values or the exception its read raised."""
-        spans = _coalesce(starts, ends, self.arrays()[name].chunks[0])
-        return spans, self.gather([(name, slice(a, b)) for a, b in spans])
+    def read_ranges(self, name: str, starts: np.ndarray, ends: np.ndarray, dests: Sequence[np.ndarray],
+                    error: Callable[[BaseException, int, int], StoreError]) -> None:
+        """Read ``[starts[i], ends[i])`` of array ``name`` into ``dests[i]``.
 
-    def fetch(self, name: str, starts: np.ndarray, ends: np.ndarray,
-              error: Callable[[BaseException, int, int], StoreError]) -> tuple[np.ndarray, list, list]:
-        """:meth:`read_spans`, raising ``error(exc, a, b)`` for the first span that failed;
-        returns the spans' starts, the spans and their values."""
-        spans, results = self.read_spans(name, starts, ends)
-        for (a, b), res in zip(spans, results):
+        Ranges sharing or touching a chunk are fetched as one span, all spans
+        in one concurrent group; sharded arrays decode straight into ``dests``.
+        Raises ``error(exc, a, b)`` for the first span whose read failed.
+        """
+        targets = sorted(((int(a), int(b), d) for a, b, d in zip(starts, ends, dests) if b > a),
+                         key=lambda t: t[0])
+        spans = _coalesce(targets, self.arrays()[name].chunks[0])
+        array, sharded = self.arrays()[name], self.sharded().get(name)
+
+        async def read(a: int, b: int, inside: list[Target]) -> None:
+            if sharded is not None:
+                return await sharded.read_into(a, b, inside)
+            data = await array.getitem(slice(a, b))
+            for x, y, dest in inside:
+                dest[...] = data[x - a:y - a]
+
+        async def run():
+            return await asyncio.gather(*(read(*span) for span in spans), return_exceptions=True)
+
+        for (a, b, _), res in zip(spans, sync(run())):
             if isinstance(res, BaseException):
                 raise error(res, a, b) from res
-        return np.array([a for a, _ in spans], dtype=np.int64), spans, results
 
-    def read_rows(self, stims: Sequence[int], neurons: Sequence[int] | None = None) -> list[RawRow]:
-        """Valid cells of each stim in ``stims`` among ``neurons`` (all by default), in stored dtype.
-
-        All needed byte ranges are coalesced (cells sharing or touching a
-        chunk become one range) and fetched in one concurrent group.
-        """
+    def row_plan(self, stims: Sequence[int], neurons: Sequence[int] | None = None) -> list[RowPlan]:
+        """Where the valid cells of each stim among ``neurons`` (all by default) are stored."""
         idx = self.index()
         N = self.n_neurons
         nrn = np.arange(N, dtype=np.int64) if neurons is None else np.asarray(list(neurons), dtype=np.int64)
@@ -229,18 +265,36 @@ class SourceReader:
         for s in stims:
             keep = nrn[idx.repeats[s, nrn] > 0] if nrn.size else nrn
             ids = s * N + keep
-            plans.append((s, keep, idx.offsets[ids], idx.offsets[ids + 1]))
-        starts = np.concatenate([p[2] for p in plans]) if plans else np.zeros(0, np.int64)
-        ends = np.concatenate([p[3] for p in plans]) if plans else np.zeros(0, np.int64)
-        span_starts, spans, results = self.fetch(fmt.VALUES, starts, ends, self.cell_error)
+            plans.append(RowPlan(int(s), keep, idx.repeats[s, keep], idx.offsets[ids], idx.offsets[ids + 1]))
+        return plans
+
+    def read_rows(self, stims: Sequence[int], neurons: Sequence[int] | None = None,
+                  out: Sequence[np.ndarray] | None = None) -> list[RawRow]:
+        """Valid cells of each stim in ``stims`` among ``neurons`` (all by default), in stored dtype.
+
+        All needed byte ranges are coalesced (cells sharing or touching a
+        chunk become one range) and fetched in one concurrent group. With
+        ``out`` (one 1-D array per stim, of :meth:`row_plan` ``.size``
+        elements, any dtype), row ``i`` is decoded into ``out[i]``, which
+        becomes its ``values``.
+        """
+        plans = self.row_plan(stims, neurons)
         dtype = self.arrays()[fmt.VALUES].dtype
-        rows = []
-        for s, keep, st, en in plans:
-            reps = idx.repeats[s, keep]
-            lengths = np.where(reps > 0, (en - st) // np.maximum(reps, 1), 0)
-            rows.append(RawRow(stim=int(s), neurons=keep, repeats=reps, lengths=lengths,
-                               values=_assemble(st, en, span_starts, spans, results, dtype)))
-        return rows
+        if out is None:
+            out = [np.empty(p.size, dtype=dtype) for p in plans]
+        elif len(out) != len(plans) or any(len(o) != p.size for o, p in zip(out, plans)):
+            raise ValueError(f"out must hold one array per stim, of sizes {[p.size for p in plans]}; "
+                             f"got sizes {[len(o) for o in out]}")
+        starts, ends, dests = [], [], []
+        for plan, buf in zip(plans, out):
+            for a, b, pos in plan.runs():
+                starts.append(a)
+                ends.append(b)
+                dests.append(buf[pos:pos + b - a])
+        self.read_ranges(fmt.VALUES, np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64), dests,
+                         self.cell_error)
+        return [RawRow(stim=p.stim, neurons=p.neurons, repeats=p.repeats, lengths=p.lengths, values=buf)
+                for p, buf in zip(plans, out)]
 
     def cell_error(self, e: BaseException, a: int, b: int) -> StoreError:
         """Error for a failed read of values[a:b], naming the bad chunk(s) and the cells they hold."""
@@ -260,41 +314,17 @@ class SourceReader:
             f"Run `deepstrf verify {self.url}` and re-create the store from its source.")
 
 
-def _coalesce(starts: np.ndarray, ends: np.ndarray, chunk: int) -> list[tuple[int, int]]:
-    """Merge ranges that share or touch a chunk into contiguous spans (empty ranges dropped)."""
-    keep = ends > starts
-    if not keep.any():
-        return []
-    order = np.argsort(starts[keep], kind="stable")
-    st, en = starts[keep][order], ends[keep][order]
-    spans = []
-    a, b = int(st[0]), int(en[0])
-    for x, y in zip(st[1:].tolist(), en[1:].tolist()):
-        if x // chunk <= (b - 1) // chunk + 1:
-            b = max(b, y)
+def _coalesce(targets: Sequence[Target], chunk: int) -> list[tuple[int, int, list[Target]]]:
+    """Group targets (sorted by start) that share or touch a chunk into spans ``(a, b, targets)``."""
+    spans: list[tuple[int, int, list[Target]]] = []
+    for t in targets:
+        x, y, _ = t
+        if spans and x // chunk <= (spans[-1][1] - 1) // chunk + 1:
+            a, b, inside = spans[-1]
+            spans[-1] = (a, max(b, y), inside + [t])
         else:
-            spans.append((a, b))
-            a, b = x, y
-    spans.append((a, b))
+            spans.append((x, y, [t]))
     return spans
-
-
-def _assemble(st: np.ndarray, en: np.ndarray, span_starts: np.ndarray, spans: list[tuple[int, int]],
-              results: list[Any], dtype: np.dtype) -> np.ndarray:
-    """Values of cells ``[st[i], en[i])`` concatenated, as a view when they are contiguous."""
-    nonempty = en > st
-    if not nonempty.any():
-        return np.zeros(0, dtype=dtype)
-    first = int(st[nonempty][0])
-    k = int(np.searchsorted(span_starts, first, side="right") - 1)
-    a, b = spans[k]
-    if np.array_equal(st[nonempty][1:], en[nonempty][:-1]) and int(en[nonempty][-1]) <= b:
-        return np.asarray(results[k])[first - a:int(en[nonempty][-1]) - a]
-    pieces = []
-    for x, y in zip(st[nonempty].tolist(), en[nonempty].tolist()):
-        k = int(np.searchsorted(span_starts, x, side="right") - 1)
-        pieces.append(np.asarray(results[k])[x - spans[k][0]:y - spans[k][0]])
-    return np.concatenate(pieces)
 
 
 def index_problem(idx: Index, S: int, N: int, n_values: int, n_stim_values: int) -> str | None:

@@ -6,7 +6,8 @@ have a fixed layout (``docs/format.md``): 1-D, shard index first (``bytes`` ->
 ``crc32c``), inner chunks ``bytes`` -> ``blosc`` -> ``crc32c``. For such an
 array :class:`ShardedArray` reads ``[a, b)`` with the shard indexes cached per
 process, one range GET per shard covering the needed run of inner chunks, and
-decodes the inner chunks in a worker thread straight into the output array.
+decodes the inner chunks in a worker thread straight into the caller's arrays
+(:meth:`ShardedArray.read_into`: a streamed batch decodes into its own buffer).
 Arrays laid out any other way are left to zarr (:meth:`ShardedArray.of` is None).
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import google_crc32c
@@ -28,6 +29,8 @@ from zarr.core.buffer import default_buffer_prototype
 from .integrity import MissingChunk
 
 _EMPTY = np.uint64(2**64 - 1)  # shard index entry of an absent inner chunk
+
+Target = tuple[int, int, np.ndarray]  # (x, y, dest): elements [x, y) of the array go into dest
 
 
 def _is_codecs(codecs: Iterable, kinds: tuple[type, ...]) -> bool:
@@ -130,10 +133,16 @@ class ShardedArray:
     async def read(self, a: int, b: int) -> np.ndarray:
         """Elements ``[a, b)``: one range GET per shard, decoded into one new array."""
         out = np.empty(max(b - a, 0), dtype=self.layout.dtype)
-        await asyncio.gather(*(self._read_shard(s, a, b, out) for s in self.layout.shards_of(a, b)))
+        await self.read_into(a, b, [(a, b, out)])
         return out
 
-    async def _read_shard(self, shard: int, a: int, b: int, out: np.ndarray) -> None:
+    async def read_into(self, a: int, b: int, targets: Sequence[Target]) -> None:
+        """Decode elements ``[a, b)`` into ``targets``: ``(x, y, dest)`` puts ``[x, y)`` into
+        ``dest`` (``y - x`` elements). One range GET per shard; an inner chunk that one target
+        covers whole is decoded straight into it, others once into a scratch buffer."""
+        await asyncio.gather(*(self._read_shard(s, a, b, targets) for s in self.layout.shards_of(a, b)))
+
+    async def _read_shard(self, shard: int, a: int, b: int, targets: Sequence[Target]) -> None:
         chunks = self.layout.chunks_in(shard, a, b)
         first = chunks.start - shard * self.layout.per_shard
         table = (await self.shard_index(shard))[first:first + len(chunks)]
@@ -141,17 +150,23 @@ class ShardedArray:
             raise MissingChunk(f"{self.key(shard)}: an inner chunk is absent from the shard index")
         lo, hi = int(table[:, 0].min()), int((table[:, 0] + table[:, 1]).max())
         data = await self._get(shard, lo, hi)
-        await asyncio.to_thread(self._decode, data, lo, table, chunks, a, b, out)
+        await asyncio.to_thread(self._decode, data, lo, table, chunks, a, b, targets)
 
     def _decode(self, data: np.ndarray, lo: int, table: np.ndarray, chunks: range, a: int, b: int,
-                out: np.ndarray) -> None:
+                targets: Sequence[Target]) -> None:
         C = self.layout.chunk
+        xs = np.array([t[0] for t in targets], dtype=np.int64)
+        ys = np.array([t[1] for t in targets], dtype=np.int64)
         for k, (offset, nbytes) in zip(chunks, table.tolist()):
             body = check_crc(data[offset - lo:offset - lo + nbytes], f"{self.key(k // self.layout.per_shard)} "
                                                                     f"inner chunk {k % self.layout.per_shard}")
-            x, y = max(k * C, a), min((k + 1) * C, b)
-            if (x, y) == (k * C, (k + 1) * C):
-                blosc.decompress(body, out[x - a:y - a])
-            else:
-                whole = np.frombuffer(blosc.decompress(body), dtype=self.layout.dtype)
-                out[x - a:y - a] = whole[x - k * C:y - k * C]
+            cx, cy = max(k * C, a), min((k + 1) * C, b)
+            pieces = [(max(x, cx), min(y, cy), x, dest) for x, y, dest in
+                      (targets[i] for i in np.flatnonzero((xs < cy) & (ys > cx)).tolist())]
+            if len(pieces) == 1 and pieces[0][:2] == (k * C, (k + 1) * C) and pieces[0][3].dtype == self.layout.dtype:
+                px, py, x, dest = pieces[0]
+                blosc.decompress(body, dest[px - x:py - x])
+                continue
+            whole = np.frombuffer(blosc.decompress(body), dtype=self.layout.dtype)
+            for px, py, x, dest in pieces:
+                dest[px - x:py - x] = whole[px - k * C:py - k * C]

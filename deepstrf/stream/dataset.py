@@ -43,6 +43,7 @@ class Opened:
     selection: reader.Selection   # global neuron ids items expose, in item order
     pos_of: np.ndarray            # global neuron id -> position in the selection, or -1
     read_neurons: list[int] | None  # what to pass to read_raw_rows (None: all neurons)
+    in_order: bool                  # the selection lists neurons in stored order: rows need no reordering
     stim_pool: ThreadPoolExecutor   # reads a batch's stimuli concurrently with its responses
     io: StorageIO | None            # storage requests/bytes of a store-backed dataset, else None
 
@@ -147,11 +148,11 @@ class StreamingNeuralDataset(IterableDataset):
         if self._opened is None or self._opened.pid != os.getpid():
             ds = self._open()
             selection = reader.Selection.of(ds.selected_neurons())
-            everything = (len(selection.neurons) == ds.N_neurons
-                          and bool((np.diff(selection.neurons) > 0).all()))
+            in_order = bool((np.diff(selection.neurons) > 0).all())
+            everything = in_order and len(selection.neurons) == ds.N_neurons
             self._opened = Opened(os.getpid(), ds, np.asarray(ds.visible_stims(), dtype=np.int64), selection,
                                   selection.positions(ds.N_neurons),
-                                  None if everything else selection.neurons.tolist(),
+                                  None if everything else selection.neurons.tolist(), in_order,
                                   ThreadPoolExecutor(max_workers=self.read_threads,
                                                      thread_name_prefix="deepstrf-stims"),
                                   None if (io := storage_io(ds)) is None else StorageIO(io))
@@ -311,9 +312,11 @@ class StreamingNeuralDataset(IterableDataset):
         st = self._state()
         ds = st.ds
         stims = st.visible[positions].tolist()
+        shared = get_worker_info() is not None  # build in shared memory: no copy to the main process
         start = time.perf_counter()
         pending = st.stim_pool.submit(self._read_stims, st, stims)
-        rows = self._read_rows(st, stims)
+        values, out = self._batch_buffer(st, stims, shared)
+        rows = self._read_rows(st, stims, out)
         stim_tensors = pending.result()
         ordered = [reader.order_cells(r, st.pos_of) for r in rows]
         used = sum(r.values.nbytes for r in ordered) + sum(t.numel() * t.element_size() for t in stim_tensors)
@@ -324,9 +327,8 @@ class StreamingNeuralDataset(IterableDataset):
         if self.batch_size is None:
             masks = ds.nrn_masks[stims][:, st.selection.neurons]
             return reader.build_items(ordered, stim_tensors, metas, masks, n_selected)
-        shared = get_worker_info() is not None  # build in shared memory: no copy to the main process
         if self.collate == "compact":
-            return reader.build_compact(ordered, stim_tensors, metas, shared)
+            return reader.build_compact(ordered, stim_tensors, metas, shared, values)
         return reader.build_dense(ordered, stim_tensors, metas, n_selected, shared)
 
     def _read_stims(self, st: Opened, stims: list[int]) -> list[torch.Tensor]:
@@ -346,17 +348,36 @@ class StreamingNeuralDataset(IterableDataset):
         requests, fetched = st.io.delta(storage_io(st.ds))
         self.counters.add(requests=requests, bytes_fetched=fetched)
 
-    def _read_rows(self, st: Opened, stims: list[int]) -> list[views.RawRow]:
-        """Rows of ``stims`` from the cache, else in one batched (retried) read."""
+    def _batch_buffer(self, st: Opened, stims: list[int], shared: bool
+                      ) -> tuple[torch.Tensor | None, list[np.ndarray] | None]:
+        """The compact batch's ``values`` and its per-row views, for rows to be decoded straight
+        into (store-backed grids know the sizes before reading); ``(None, None)`` otherwise."""
+        if self.batch_size is None or self.collate != "compact" or not st.in_order:
+            return None, None
+        layout = views.raw_row_sizes(st.ds.responses, stims, st.read_neurons)
+        if layout is None:
+            return None, None
+        sizes, dtype = layout
+        values = reader.alloc((int(sizes.sum()),), dtype, shared)
+        return values, np.split(values.numpy(), np.cumsum(sizes)[:-1])
+
+    def _read_rows(self, st: Opened, stims: list[int], out: list[np.ndarray] | None = None) -> list[views.RawRow]:
+        """Rows of ``stims`` from the cache, else in one batched (retried) read; with ``out``,
+        row ``i``'s values land in ``out[i]``."""
         cache = self._cache(st.ds, st.read_neurons)
         found = {} if cache is None else {s: r for s in stims if (r := cache.get(s)) is not None}
-        todo = [s for s in stims if s not in found]
+        todo = [i for i, s in enumerate(stims) if s not in found]
         if found:
             self.counters.add(cache_hits=len(found))
+            if out is not None:
+                views.fill_rows([found[s] for s in stims if s in found], [out[i] for i, s in enumerate(stims)
+                                                                          if s in found])
         if todo:
-            rows = call_with_retries(lambda: views.read_raw_rows(st.ds.responses, todo, st.read_neurons),
-                                     what=f"responses of stims {todo} from {self._where()}", policy=self.retry,
-                                     on_retry=lambda exc: self.counters.add(retries=1))
+            bufs = None if out is None else [out[i] for i in todo]
+            rows = call_with_retries(lambda: views.read_raw_rows(st.ds.responses, [stims[i] for i in todo],
+                                                                 st.read_neurons, bufs),
+                                     what=f"responses of stims {[stims[i] for i in todo]} from {self._where()}",
+                                     policy=self.retry, on_retry=lambda exc: self.counters.add(retries=1))
             self._count_io(st, sum(r.values.nbytes for r in rows))
             for row in rows:
                 found[row.stim] = row

@@ -7,10 +7,12 @@ no per-item float tensors are made; dense batches are filled from the rows
 directly too. Both equal what ``neural_collate`` / ``compact_collate`` make
 of the map-style items (compact: up to the dtype of ``values``).
 
-Batches are assembled with numpy (one copy of the counts per batch; torch's
-intra-op threads make many small copies slow) into buffers that, inside a
-DataLoader worker, live in shared memory already, so handing the batch to
-the main process copies nothing more (the trick ``default_collate`` uses).
+Batches are assembled with numpy (torch's intra-op threads make many small
+copies slow) into tensors that, inside a DataLoader worker, live in shared
+memory already, so handing the batch to the main process copies nothing more
+(the trick ``default_collate`` uses). The counts of a compact batch from a
+store are decoded straight into its buffer (see ``StreamingNeuralDataset``);
+other rows are copied into it once.
 """
 
 from __future__ import annotations
@@ -69,14 +71,28 @@ def as_response(cell: np.ndarray) -> torch.Tensor:
     return t if t.is_floating_point() else t.to(torch.float32)
 
 
-def alloc(shape: tuple[int, ...], dtype: np.dtype, shared: bool) -> np.ndarray:
-    """An uninitialised array, backed by a shared-memory torch storage when ``shared``."""
-    dtype = np.dtype(dtype)
+def alloc(shape: tuple[int, ...], dtype: np.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor, in shared memory when ``shared``; fill it through ``.numpy()``.
+
+    Hand the tensor itself to the DataLoader: a ``torch.from_numpy`` wrapper of
+    its memory would not be known as shared and would be copied again.
+    """
+    numel = int(np.prod(shape))
+    empty = torch.from_numpy(np.empty(0, dtype=np.dtype(dtype)))
     if not shared:
-        return np.empty(shape, dtype=dtype)
-    elem = torch.from_numpy(np.empty(0, dtype=dtype))
-    storage = elem._typed_storage()._new_shared(int(np.prod(shape)), device="cpu")
-    return elem.new(storage).view(shape).numpy()
+        return torch.empty(shape, dtype=empty.dtype)
+    storage = empty._typed_storage()._new_shared(numel, device="cpu")
+    return empty.new(storage).view(shape)
+
+
+def pack_int64(arrays: Sequence[np.ndarray], shared: bool) -> list[torch.Tensor]:
+    """``arrays`` as int64 tensors that are views of one buffer (one shared segment per batch, not one each)."""
+    sizes = [len(a) for a in arrays]
+    buf = alloc((sum(sizes),), np.int64, shared)
+    parts = list(torch.split(buf, sizes))
+    for part, a in zip(parts, arrays):
+        part.numpy()[...] = a
+    return parts
 
 
 def pad_stims(stims: Sequence[torch.Tensor], shared: bool = False) -> torch.Tensor:
@@ -84,11 +100,12 @@ def pad_stims(stims: Sequence[torch.Tensor], shared: bool = False) -> torch.Tens
     first = stims[0]
     T = max(int(x.shape[-1]) for x in stims)
     out = alloc((len(stims), *first.shape[:-1], T), first.numpy().dtype, shared)
+    view = out.numpy()
     for i, x in enumerate(stims):
         t = int(x.shape[-1])
-        out[i, ..., :t] = x.numpy()
-        out[i, ..., t:] = 0
-    return torch.from_numpy(out)
+        view[i, ..., :t] = x.numpy()
+        view[i, ..., t:] = 0
+    return out
 
 
 def build_items(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor], metas: Sequence[dict],
@@ -109,22 +126,27 @@ def build_items(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor], met
 
 
 def build_compact(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor],
-                  metas: Sequence[dict], shared: bool = False) -> CompactBatch:
-    """A :class:`CompactBatch` straight from the rows; ``values`` keeps the stored dtype."""
+                  metas: Sequence[dict], shared: bool = False, values: torch.Tensor | None = None) -> CompactBatch:
+    """A :class:`CompactBatch` straight from the rows; ``values`` keeps the stored dtype.
+
+    ``values``: the rows' values already laid out back to back (they were
+    decoded into it), else they are copied into a new buffer.
+    """
     sizes = np.concatenate([r.sizes for r in rows]).astype(np.int64)
-    dtype = np.result_type(*[r.values.dtype for r in rows])
-    values = alloc((int(sizes.sum()),), dtype, shared)
-    np.concatenate([r.values for r in rows], out=values)
-    return CompactBatch(
-        stims=pad_stims(stims, shared),
-        values=torch.from_numpy(values),
-        offsets=torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)),
-        repeats=torch.from_numpy(np.concatenate([r.repeats for r in rows]).astype(np.int64)),
-        lengths=torch.from_numpy(np.concatenate([r.lengths for r in rows]).astype(np.int64)),
-        item_index=torch.from_numpy(np.repeat(np.arange(len(rows)), [len(r.neurons) for r in rows])),
-        neuron_index=torch.from_numpy(np.concatenate([r.neurons for r in rows]).astype(np.int64)),
-        stim_lengths=torch.tensor([s.shape[-1] for s in stims], dtype=torch.int64),
-        stim_meta=list(metas))
+    if values is None:
+        dtype = np.result_type(*[r.values.dtype for r in rows])
+        values = alloc((int(sizes.sum()),), dtype, shared)
+        np.concatenate([r.values for r in rows], out=values.numpy())
+    offsets, repeats, lengths, item_index, neuron_index, stim_lengths = pack_int64([
+        np.concatenate([[0], np.cumsum(sizes)]),
+        np.concatenate([r.repeats for r in rows]),
+        np.concatenate([r.lengths for r in rows]),
+        np.repeat(np.arange(len(rows)), [len(r.neurons) for r in rows]),
+        np.concatenate([r.neurons for r in rows]),
+        np.array([s.shape[-1] for s in stims])], shared)
+    return CompactBatch(stims=pad_stims(stims, shared), values=values, offsets=offsets, repeats=repeats,
+                        lengths=lengths, item_index=item_index, neuron_index=neuron_index,
+                        stim_lengths=stim_lengths, stim_meta=list(metas))
 
 
 def build_dense(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor], metas: Sequence[dict],
@@ -134,13 +156,14 @@ def build_dense(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor], met
     some_missing = any(len(r.neurons) < n_selected for r in rows)
     R = max([int(r.repeats.max()) for r in rows if len(r.repeats)] + [1 if some_missing else 0])
     T = max([int(r.lengths.max()) for r in rows if len(r.lengths)] + [1 if some_missing else 0])
-    out = alloc((len(rows), n_selected, R, T), x.numpy().dtype, shared)
+    responses = alloc((len(rows), n_selected, R, T), x.numpy().dtype, shared)
+    out = responses.numpy()
     out.fill(np.nan)
     for b, row in enumerate(rows):
         for p, cell in zip(row.positions.tolist(), row.cells()):
             out[b, p, :cell.shape[0], :cell.shape[1]] = cell
-    mask = alloc(out.shape, np.bool_, shared)
+    valid = alloc(out.shape, np.bool_, shared)
+    mask = valid.numpy()
     np.isnan(out, out=mask)
     np.logical_not(mask, out=mask)
-    return {"stims": x, "responses": torch.from_numpy(out), "valid_mask": torch.from_numpy(mask),
-            "stim_meta": list(metas)}
+    return {"stims": x, "responses": responses, "valid_mask": valid, "stim_meta": list(metas)}
