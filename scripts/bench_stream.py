@@ -199,7 +199,9 @@ def build_stores(workdir: Path, scale: float, time_scale: float) -> tuple[str, l
     from deepstrf import concat_neural_datasets, open_dataset, save_dataset
     from deepstrf.datasets.synthetic import SyntheticAudioDataset
 
-    root = workdir / f"stores-s{scale}-t{time_scale}"
+    from deepstrf.store.format import FORMAT_VERSION
+
+    root = workdir / f"stores-v{FORMAT_VERSION}-s{scale}-t{time_scale}"  # a new format is written afresh
     pool = root / "pool"
     sources = [str(root / "aa1"), str(root / "aa2")]
     start = time.perf_counter()

@@ -17,6 +17,9 @@ other rows are copied into it once.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -82,7 +85,40 @@ def alloc(shape: tuple[int, ...], dtype: np.dtype, shared: bool) -> torch.Tensor
     if not shared:
         return torch.empty(shape, dtype=empty.dtype)
     storage = empty._typed_storage()._new_shared(numel, device="cpu")
-    return empty.new(storage).view(shape)
+    out = empty.new(storage).view(shape)
+    prefault(out)
+    return out
+
+
+def prefault(t: torch.Tensor) -> None:
+    """Map all pages of ``t`` now, in one system call (Linux >= 5.14; a no-op elsewhere).
+
+    Shared memory gets no transparent huge pages, so filling a fresh batch
+    buffer page by page costs one fault per 4 KiB; populating it at once
+    costs about a third less.
+    """
+    if _madvise is None or t.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    addr = t.data_ptr()
+    start = addr - addr % page
+    length = addr + t.numel() * t.element_size() - start
+    _madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_POPULATE_WRITE)  # failure: pages fault later
+
+
+def _libc_madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+_MADV_POPULATE_WRITE = 23
+_madvise = _libc_madvise()
 
 
 def pack_int64(arrays: Sequence[np.ndarray], shared: bool) -> list[torch.Tensor]:
