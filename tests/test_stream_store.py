@@ -1,5 +1,6 @@
 """Streaming from Zarr stores by URL: local folder and S3 (moto on 127.0.0.1) with injected faults."""
 
+import os
 import pickle
 from collections import Counter
 
@@ -167,3 +168,30 @@ def test_worker_batches_are_built_in_shared_memory(local_pool, monkeypatch, neur
     tensors = [getattr(batch, k) for k in batch.keys() if k != "stim_meta"]
     assert all(t.is_shared() for t in tensors)
     assert compact_equal(batch, compact_collate([ref[i] for i in range(n)], neuron_index=ref.selected_neurons()))
+
+
+def test_url_is_opened_at_construction_and_reused_by_forked_workers(local_pool, monkeypatch):
+    with pytest.raises(StreamReadError, match="nowhere"):
+        StreamingNeuralDataset(local_pool + "-nowhere", retry=FAST)  # a bad URL fails at once
+    s = StreamingNeuralDataset(local_pool, batch_size=4, shuffle=False)
+    opened = s.dataset()
+    monkeypatch.setattr("deepstrf.store.open_dataset", lambda *a, **k: pytest.fail("reopened"))
+    s._opened.pid = -1  # as seen from a forked worker: same objects, another process
+    assert s.dataset() is opened  # the parent's dataset (and its index) is reused...
+    assert s._opened.pid == os.getpid()  # ...with this process's thread pool and counters
+    assert compact_equal(next(iter(s)), compact_collate([opened[i] for i in range(4)],
+                                                        neuron_index=opened.selected_neurons()))
+
+
+def test_shard_indexes_survive_rebinding_in_another_process(local_pool):
+    reader = open_dataset(local_pool).responses.sources[1].responses.reader
+    reader.read_rows([0])
+    requests = reader.io_counters()[0]
+    reader.read_rows([0])
+    per_read = reader.io_counters()[0] - requests  # data only: the shard index is cached
+    pid, handles, sharded = reader._handles
+    reader._handles = (-1, handles, sharded)  # as seen from a forked worker
+    assert reader.sharded()["responses/values"].indexes.keys() == sharded["responses/values"].indexes.keys()
+    reader.read_rows([0])
+    assert reader._handles[0] == os.getpid()
+    assert reader.io_counters()[0] == 1 + per_read  # the group's metadata, then data: no shard index read

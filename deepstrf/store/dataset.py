@@ -9,6 +9,7 @@ The dataset is an ordinary ``AudioNeuralDataset`` / ``VideoNeuralDataset`` /
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -78,17 +79,35 @@ class ZarrResponseGrid(ResponseGrid):
         return torch.from_numpy(self.reader.mask())
 
 
+def source_readers(ds: NeuralDataset) -> list[SourceReader] | None:
+    """The readers of the source stores behind ``ds`` (a pool's sources in order); None if
+    any part of ``ds`` is not store-backed."""
+    grid = ds.responses
+    if isinstance(grid, ZarrResponseGrid):
+        return [grid.reader]
+    if isinstance(grid, BlockDiagonalGrid):
+        parts = [source_readers(d) for d in grid.sources]
+        if all(p is not None for p in parts):
+            return [r for p in parts for r in p]
+    return None
+
+
 def storage_io(ds: NeuralDataset) -> tuple[int, int] | None:
     """``(requests, bytes as stored)`` read so far in this process by a store-backed dataset,
     summed over a pool's sources; None if any part of ``ds`` is not store-backed."""
-    grid = ds.responses
-    if isinstance(grid, ZarrResponseGrid):
-        return grid.reader.io_counters()
-    if isinstance(grid, BlockDiagonalGrid):
-        parts = [storage_io(d) for d in grid.sources]
-        if all(p is not None for p in parts):
-            return sum(p[0] for p in parts), sum(p[1] for p in parts)
-    return None
+    readers = source_readers(ds)
+    if readers is None:
+        return None
+    counts = [r.io_counters() for r in readers]
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+
+def load_indexes(ds: NeuralDataset) -> None:
+    """Read the cell index of every source store behind ``ds`` now (concurrently), e.g. before
+    forking DataLoader workers, which then share it instead of each reading it."""
+    readers = source_readers(ds) or []
+    with ThreadPoolExecutor(max_workers=min(8, max(len(readers), 1))) as pool:
+        list(pool.map(SourceReader.index, readers))
 
 
 def open_source(loc: Location, group: Any, **kw: Any) -> NeuralDataset:

@@ -129,6 +129,10 @@ class SourceReader:
                     f"{self.url}: array {name!r} is missing from the store; it is damaged or was not "
                     "written by deepstrf. Re-create it from its source.") from None
         sharded = {name: reader for name in fmt.SHARDED if (reader := ShardedArray.of(handles[name])) is not None}
+        if self._handles is not None:  # rebinding (another process): shard indexes already read stay valid
+            for name, reader in sharded.items():
+                if name in self._handles[2]:
+                    reader.indexes.update(self._handles[2][name].indexes)
         store = group.store_path.store
         self._counters = store.counters if isinstance(store, StrictStore) else IOCounters()
         self._handles = (os.getpid(), handles, sharded)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..datasets import views
 from ..datasets.neural_dataset import NeuralDataset
-from ..store.dataset import storage_io
+from ..store.dataset import load_indexes, storage_io
 from . import partition, reader, shuffle
 from .cache import RowCache
 from .prefetch import Prefetcher
@@ -51,8 +51,8 @@ class Opened:
 class StreamingNeuralDataset(IterableDataset):
     """Stream the visible items of a source or pool into PyTorch, sharded and shuffled.
 
-    ``source`` is a store URL (opened lazily, in every process that reads,
-    with :func:`deepstrf.open_dataset` and ``storage_options``) or a dataset
+    ``source`` is a store URL (opened here, and again in every other process
+    that reads, with :func:`deepstrf.open_dataset` and ``storage_options``) or a dataset
     object (any ``NeuralDataset``: in memory, a concatenation, store-backed).
 
     Without ``batch_size`` it yields items equal to map-style ``ds[i]``; with
@@ -132,8 +132,13 @@ class StreamingNeuralDataset(IterableDataset):
         self.rank_world()
         self._opened: Opened | None = None
         self.last_prefetcher: Prefetcher | None = None
+        if self.url is not None:
+            # open here too: a bad URL fails now, and forked DataLoader workers inherit the
+            # storage client's modules and the sources' cell index instead of each importing
+            # and reading them before their first batch
+            self._state()
 
-    # -- opening (lazily, once per process) ------------------------------------
+    # -- opening (once per process) ------------------------------------------------
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_opened"] = None  # reopened (URL) or re-derived from the source in the new process
@@ -146,7 +151,9 @@ class StreamingNeuralDataset(IterableDataset):
 
     def _state(self) -> Opened:
         if self._opened is None or self._opened.pid != os.getpid():
-            ds = self._open()
+            # a forked worker reuses the dataset its parent opened: store-backed parts reopen
+            # their storage handles in this process on first use, the loaded index is kept
+            ds = self._open() if self._opened is None else self._opened.ds
             selection = reader.Selection.of(ds.selected_neurons())
             in_order = bool((np.diff(selection.neurons) > 0).all())
             everything = in_order and len(selection.neurons) == ds.N_neurons
@@ -162,8 +169,12 @@ class StreamingNeuralDataset(IterableDataset):
         if self.url is not None:
             from ..store import open_dataset
 
-            ds = call_with_retries(lambda: open_dataset(self.url, storage_options=self.storage_options),
-                                   what=f"store {self.url}", policy=self.retry)
+            def open_with_index() -> NeuralDataset:
+                ds = open_dataset(self.url, storage_options=self.storage_options)
+                load_indexes(ds)
+                return ds
+
+            ds = call_with_retries(open_with_index, what=f"store {self.url}", policy=self.retry)
         else:
             ds = copy.copy(self._source)
         stims, neurons, select = self._selection_args
