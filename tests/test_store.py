@@ -374,6 +374,24 @@ def test_rows_decode_into_caller_buffers(tmp_path, monkeypatch, version):
     assert grid.row_sizes([0]) is None
 
 
+def test_one_request_per_shard_per_batched_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(fmt, "CHUNK_BYTES", 1024)
+    monkeypatch.setattr(fmt, "SHARD_CHUNKS", 64)  # several rows per shard
+    save_dataset(SyntheticAudioDataset("aa1", scale=0.3, time_scale=0.02, seed=3), tmp_path / "s")
+    reader = open_dataset(tmp_path / "s").responses.reader
+    layout = reader.sharded()[fmt.VALUES].layout
+    stims = [6, 0, 2, 4]  # not neighbours: separate spans, some in the same shard
+    plans = reader.row_plan(stims)
+    shards = {k for p in plans for a, b, _ in p.runs() for k in layout.shards_of(a, b)}
+    assert len(shards) < sum(len(layout.shards_of(a, b)) for p in plans for a, b, _ in p.runs())
+    reader.read_rows(stims)  # loads the shard indexes
+    before = reader.io_counters()[0]
+    rows = reader.read_rows(stims)
+    assert reader.io_counters()[0] - before == len(shards)
+    assert all(np.array_equal(r.values, e.values) for r, e in
+               zip(rows, ResponseGrid.read_raw_rows(open_dataset(tmp_path / "s").responses, stims), strict=True))
+
+
 def test_pool_row_sizes_need_every_source_sized(saved):
     url, so, src, _ = saved
     ds = open_dataset(url, storage_options=so)

@@ -237,14 +237,15 @@ class SourceReader:
                     error: Callable[[BaseException, int, int], StoreError]) -> None:
         """Read ``[starts[i], ends[i])`` of array ``name`` into ``dests[i]``.
 
-        Ranges sharing or touching a chunk are fetched as one span, all spans
-        in one concurrent group; sharded arrays decode straight into ``dests``.
+        All spans are fetched in one concurrent group: for a sharded array one
+        span (one GET) per shard holding any range, decoded straight into
+        ``dests``; otherwise ranges sharing or touching a chunk make a span.
         Raises ``error(exc, a, b)`` for the first span whose read failed.
         """
         targets = sorted(((int(a), int(b), d) for a, b, d in zip(starts, ends, dests) if b > a),
                          key=lambda t: t[0])
-        spans = _coalesce(targets, self.arrays()[name].chunks[0])
         array, sharded = self.arrays()[name], self.sharded().get(name)
+        spans = sharded.layout.by_shard(targets) if sharded is not None else _coalesce(targets, array.chunks[0])
 
         async def read(a: int, b: int, inside: list[Target]) -> None:
             if sharded is not None:

@@ -32,6 +32,10 @@ _EMPTY = np.uint64(2**64 - 1)  # shard index entry of an absent inner chunk
 
 Target = tuple[int, int, np.ndarray]  # (x, y, dest): elements [x, y) of the array go into dest
 
+# Needed chunks of a shard further apart than this are fetched by separate GETs. Reading
+# 1 MiB more costs about what a request does (the default of Rust's object_store too).
+MAX_GAP_BYTES = 1 << 20
+
 
 def _is_codecs(codecs: Iterable, kinds: tuple[type, ...]) -> bool:
     codecs = tuple(codecs)
@@ -64,6 +68,18 @@ class ShardLayout:
         if b <= a:
             return range(0)
         return range(a // self.chunk // self.per_shard, (b - 1) // self.chunk // self.per_shard + 1)
+
+    def by_shard(self, targets: Iterable[Target]) -> list[tuple[int, int, list[Target]]]:
+        """Targets split at shard boundaries and grouped per shard, as ``(a, b, targets)`` spans:
+        reading a span is one GET, whatever the gaps between its targets."""
+        size = self.chunk * self.per_shard
+        groups: dict[int, list[Target]] = {}
+        for x, y, dest in targets:
+            while x < y:
+                end = min(y, (x // size + 1) * size)
+                groups.setdefault(x // size, []).append((x, end, dest[:end - x]))
+                x, dest = end, dest[end - x:]
+        return [(min(t[0] for t in g), max(t[1] for t in g), g) for _, g in sorted(groups.items())]
 
     def chunks_in(self, shard: int, a: int, b: int) -> range:
         """Inner chunks (global numbers) of ``shard`` holding elements of ``[a, b)``."""
@@ -138,7 +154,8 @@ class ShardedArray:
 
     async def read_into(self, a: int, b: int, targets: Sequence[Target]) -> None:
         """Decode elements ``[a, b)`` into ``targets``: ``(x, y, dest)`` puts ``[x, y)`` into
-        ``dest`` (``y - x`` elements). One range GET per shard; an inner chunk that one target
+        ``dest`` (``y - x`` elements). Per shard, the inner chunks the targets need are fetched
+        in range GETs that span gaps of up to ``MAX_GAP_BYTES``; an inner chunk that one target
         covers whole is decoded straight into it, others once into a scratch buffer."""
         await asyncio.gather(*(self._read_shard(s, a, b, targets) for s in self.layout.shards_of(a, b)))
 
@@ -148,6 +165,22 @@ class ShardedArray:
         table = (await self.shard_index(shard))[first:first + len(chunks)]
         if (table == _EMPTY).any():
             raise MissingChunk(f"{self.key(shard)}: an inner chunk is absent from the shard index")
+        C = self.layout.chunk
+        starts = np.arange(chunks.start, chunks.stop, dtype=np.int64) * C
+        xs = np.array([t[0] for t in targets], dtype=np.int64)
+        ys = np.array([t[1] for t in targets], dtype=np.int64)
+        needed = ((xs[None, :] < starts[:, None] + C) & (ys[None, :] > starts[:, None])).any(axis=1)
+        runs: list[list[int]] = []  # positions in `chunks`, fetched by one GET each
+        for i in np.flatnonzero(needed).tolist():
+            if runs and int(table[i, 0]) - int(table[runs[-1][-1]].sum()) <= MAX_GAP_BYTES:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        await asyncio.gather(*(self._read_run(shard, table[run[0]:run[-1] + 1], chunks[run[0]:run[-1] + 1], a, b,
+                                              targets) for run in runs))
+
+    async def _read_run(self, shard: int, table: np.ndarray, chunks: range, a: int, b: int,
+                        targets: Sequence[Target]) -> None:
         lo, hi = int(table[:, 0].min()), int((table[:, 0] + table[:, 1]).max())
         data = await self._get(shard, lo, hi)
         await asyncio.to_thread(self._decode, data, lo, table, chunks, a, b, targets)
@@ -163,6 +196,8 @@ class ShardedArray:
             cx, cy = max(k * C, a), min((k + 1) * C, b)
             pieces = [(max(x, cx), min(y, cy), x, dest) for x, y, dest in
                       (targets[i] for i in np.flatnonzero((xs < cy) & (ys > cx)).tolist())]
+            if not pieces:  # a gap between targets, fetched with them but not needed
+                continue
             if len(pieces) == 1 and pieces[0][:2] == (k * C, (k + 1) * C) and pieces[0][3].dtype == self.layout.dtype:
                 px, py, x, dest = pieces[0]
                 blosc.decompress(body, dest[px - x:py - x])
