@@ -199,9 +199,10 @@ def build_stores(workdir: Path, scale: float, time_scale: float) -> tuple[str, l
     from deepstrf import concat_neural_datasets, open_dataset, save_dataset
     from deepstrf.datasets.synthetic import SyntheticAudioDataset
 
-    from deepstrf.store.format import FORMAT_VERSION
+    from deepstrf.store import format as fmt
 
-    root = workdir / f"stores-v{FORMAT_VERSION}-s{scale}-t{time_scale}"  # a new format is written afresh
+    layout = f"v{fmt.FORMAT_VERSION}-c{fmt.CHUNK_BYTES}-{fmt.STIM_CHUNK_BYTES}-{fmt.SHARD_CHUNKS}"
+    root = workdir / f"stores-{layout}-s{scale}-t{time_scale}"  # a new format or layout is written afresh
     pool = root / "pool"
     sources = [str(root / "aa1"), str(root / "aa2")]
     start = time.perf_counter()

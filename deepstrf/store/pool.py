@@ -167,7 +167,7 @@ def _index_maps(parts: Sequence[NeuralDataset]) -> list[np.ndarray]:
 
 def _coverage_chunks(shape: tuple[int, int]) -> tuple[int, int]:
     cols = min(shape[1], 4096)
-    return (max(1, min(shape[0], fmt.CHUNK_BYTES // max(cols, 1))), cols)
+    return (max(1, min(shape[0], fmt.INDEX_CHUNK_BYTES // max(cols, 1))), cols)
 
 
 def _write_array(group: zarr.Group, name: str, data: np.ndarray, chunks: tuple[int, ...]) -> None:

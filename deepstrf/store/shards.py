@@ -14,6 +14,7 @@ Arrays laid out any other way are left to zarr (:meth:`ShardedArray.of` is None)
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -153,8 +154,8 @@ class ShardedArray:
         return out
 
     async def read_into(self, a: int, b: int, targets: Sequence[Target]) -> None:
-        """Decode elements ``[a, b)`` into ``targets``: ``(x, y, dest)`` puts ``[x, y)`` into
-        ``dest`` (``y - x`` elements). Per shard, the inner chunks the targets need are fetched
+        """Decode elements ``[a, b)`` into ``targets`` (sorted by start): ``(x, y, dest)`` puts
+        ``[x, y)`` into ``dest`` (``y - x`` elements). Per shard, the inner chunks the targets need are fetched
         in range GETs that span gaps of up to ``MAX_GAP_BYTES``; an inner chunk that one target
         covers whole is decoded straight into it, others once into a scratch buffer."""
         await asyncio.gather(*(self._read_shard(s, a, b, targets) for s in self.layout.shards_of(a, b)))
@@ -188,16 +189,19 @@ class ShardedArray:
     def _decode(self, data: np.ndarray, lo: int, table: np.ndarray, chunks: range, a: int, b: int,
                 targets: Sequence[Target]) -> None:
         C = self.layout.chunk
-        xs = np.array([t[0] for t in targets], dtype=np.int64)
-        ys = np.array([t[1] for t in targets], dtype=np.int64)
+        first = 0  # targets (sorted by start) before this one end before the current chunk
         for k, (offset, nbytes) in zip(chunks, table.tolist()):
-            body = check_crc(data[offset - lo:offset - lo + nbytes], f"{self.key(k // self.layout.per_shard)} "
-                                                                    f"inner chunk {k % self.layout.per_shard}")
             cx, cy = max(k * C, a), min((k + 1) * C, b)
-            pieces = [(max(x, cx), min(y, cy), x, dest) for x, y, dest in
-                      (targets[i] for i in np.flatnonzero((xs < cy) & (ys > cx)).tolist())]
+            while first < len(targets) and targets[first][1] <= cx:
+                first += 1
+            pieces = []
+            for x, y, dest in itertools.takewhile(lambda t: t[0] < cy, itertools.islice(targets, first, None)):
+                if y > cx:
+                    pieces.append((max(x, cx), min(y, cy), x, dest))
             if not pieces:  # a gap between targets, fetched with them but not needed
                 continue
+            body = check_crc(data[offset - lo:offset - lo + nbytes], f"{self.key(k // self.layout.per_shard)} "
+                                                                    f"inner chunk {k % self.layout.per_shard}")
             if len(pieces) == 1 and pieces[0][:2] == (k * C, (k + 1) * C) and pieces[0][3].dtype == self.layout.dtype:
                 px, py, x, dest = pieces[0]
                 blosc.decompress(body, dest[px - x:py - x])

@@ -106,7 +106,7 @@ class _Appender:
 
     def __init__(self, group: zarr.Group, name: str, dtype: np.dtype) -> None:
         self.dtype = np.dtype(dtype)
-        chunk = fmt.chunk_elems(self.dtype, target=fmt.STIM_CHUNK_BYTES if name == fmt.STIM_VALUES else None)
+        chunk = fmt.data_chunk_elems(name, self.dtype)
         self.array = group.create_array(name, shape=(0,), dtype=self.dtype, chunks=(chunk,), overwrite=True,
                                         **fmt.shards(chunk), **fmt.codecs(self.dtype))
         self.unit = chunk * fmt.SHARD_CHUNKS  # writes are whole shards (no read-modify-write)
