@@ -21,7 +21,7 @@ from deepstrf.datasets import views
 from deepstrf.datasets.views import ResponseGrid, is_missing, missing_sentinel
 from deepstrf.errors import (FormatVersionError, IncompleteStoreError, IntegrityError, ReadOnlyStoreError,
                              StoreExistsError, StoreNotFoundError)
-from deepstrf.store import ZarrResponseGrid, ZarrStims, format as fmt, open_dataset, save_dataset
+from deepstrf.store import ZarrResponseGrid, ZarrStims, format as fmt, open_dataset, save_dataset, shards
 from deepstrf.store.location import Location, shared_s3_session
 from deepstrf.utils.data import concat_neural_datasets, neural_collate
 
@@ -390,6 +390,46 @@ def test_one_request_per_shard_per_batched_read(tmp_path, monkeypatch):
     assert reader.io_counters()[0] - before == len(shards)
     assert all(np.array_equal(r.values, e.values) for r, e in
                zip(rows, ResponseGrid.read_raw_rows(open_dataset(tmp_path / "s").responses, stims), strict=True))
+
+
+def test_remote_shards_are_fetched_whole_once_and_cached(store_url, monkeypatch):
+    url, so = store_url
+    monkeypatch.setattr(fmt, "CHUNK_BYTES", 512)
+    monkeypatch.setattr(fmt, "SHARD_CHUNKS", 8)  # several shards, several rows in each
+    monkeypatch.setattr(shards, "SHARD_CACHE", shards.ShardCache(1 << 30))
+    src = SyntheticAudioDataset("aa1", scale=0.3, time_scale=0.05, seed=3)
+    save_dataset(src, url, storage_options=so)
+    ds = open_dataset(url, storage_options=so)
+    reader, stims = ds.responses.reader, list(range(ds.get_S()))
+    expected = ResponseGrid.read_raw_rows(ds.responses, stims)
+    values = reader.sharded()[fmt.VALUES]
+    n_shards = -(-values.layout.length // (values.layout.chunk * values.layout.per_shard))
+    assert n_shards > 2
+    before = reader.io_counters()[0]
+    rows = reader.read_rows(stims)
+    requests = reader.io_counters()[0] - before
+    assert all(np.array_equal(r.values, e.values) for r, e in zip(rows, expected, strict=True))
+    if Location.parse(url).is_local:  # range reads: the page cache keeps what was read
+        assert values.whole is False and not shards.SHARD_CACHE.blobs
+        return
+    # one shard index decides; then one GET per shard, its index included
+    assert values.whole is True and requests <= n_shards + 1
+    before = reader.io_counters()[0]
+    reader.read_rows(stims[::-1])
+    assert reader.io_counters()[0] == before  # every shard came from the cache
+    assert all(k.startswith(f"{reader.url}#{reader.attrs['fingerprint']}/") for k in shards.SHARD_CACHE.blobs)
+
+
+def test_shard_cache_is_bounded_least_recently_used():
+    cache = shards.ShardCache(100)
+    for key in "abc":
+        cache.put(key, np.zeros(40, np.uint8))
+    assert list(cache.blobs) == ["b", "c"] and cache.nbytes == 80  # "a" evicted
+    assert cache.get("b") is not None
+    cache.put("d", np.zeros(40, np.uint8))
+    assert list(cache.blobs) == ["b", "d"]  # "c" was the least recently used
+    cache.put("huge", np.zeros(101, np.uint8))
+    assert cache.get("huge") is None and cache.nbytes == 80
 
 
 def test_pool_row_sizes_need_every_source_sized(saved):

@@ -128,14 +128,21 @@ class SourceReader:
                 raise IntegrityError(
                     f"{self.url}: array {name!r} is missing from the store; it is damaged or was not "
                     "written by deepstrf. Re-create it from its source.") from None
-        sharded = {name: reader for name in fmt.SHARDED if (reader := ShardedArray.of(handles[name])) is not None}
-        if self._handles is not None:  # rebinding (another process): shard indexes already read stay valid
+        sharded = {name: reader for name in fmt.SHARDED
+                   if (reader := ShardedArray.of(handles[name], self._cache_name(name), not self.loc.is_local))}
+        if self._handles is not None:  # rebinding (another process): what was learnt of the shards holds
             for name, reader in sharded.items():
                 if name in self._handles[2]:
                     reader.indexes.update(self._handles[2][name].indexes)
+                    reader.whole = self._handles[2][name].whole
         store = group.store_path.store
         self._counters = store.counters if isinstance(store, StrictStore) else IOCounters()
         self._handles = (os.getpid(), handles, sharded)
+
+    def _cache_name(self, name: str) -> str:
+        """Names array ``name`` in shard caches: URL and content fingerprint, so a store written
+        again at the same URL is never served from an older copy."""
+        return f"{self.url}#{self.attrs.get('fingerprint', '')}/{name}"
 
     def io_counters(self) -> tuple[int, int]:
         """``(requests, bytes)`` this process has read from the store (bytes as stored)."""

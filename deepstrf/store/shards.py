@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +38,10 @@ Target = tuple[int, int, np.ndarray]  # (x, y, dest): elements [x, y) of the arr
 # Needed chunks of a shard further apart than this are fetched by separate GETs. Reading
 # 1 MiB more costs about what a request does (the default of Rust's object_store too).
 MAX_GAP_BYTES = 1 << 20
+# Remote shards up to this size are fetched whole and cached (compressed, per process, LRU up to
+# SHARD_CACHE_BYTES): on object stores a request costs about what a few MiB of transfer do.
+WHOLE_SHARD_BYTES = 8 << 20
+SHARD_CACHE_BYTES = 256 << 20
 
 
 def _is_codecs(codecs: Iterable, kinds: tuple[type, ...]) -> bool:
@@ -88,18 +94,55 @@ class ShardLayout:
         return range(max(lo, a // self.chunk), min(hi, (b - 1) // self.chunk) + 1)
 
 
-class ShardedArray:
-    """Reads ``[a, b)`` of a sharded 1-D array written the deepstrf way (see the module doc)."""
+class ShardCache:
+    """Least recently used whole shards, compressed, at most ``max_bytes`` in all (one per process)."""
 
-    def __init__(self, array, layout: ShardLayout) -> None:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.blobs: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: str) -> np.ndarray | None:
+        with self.lock:
+            blob = self.blobs.get(key)
+            if blob is not None:
+                self.blobs.move_to_end(key)
+            return blob
+
+    def put(self, key: str, blob: np.ndarray) -> None:
+        with self.lock:
+            if key in self.blobs or blob.nbytes > self.max_bytes:
+                return
+            self.blobs[key] = blob
+            self.nbytes += blob.nbytes
+            while self.nbytes > self.max_bytes:
+                self.nbytes -= self.blobs.popitem(last=False)[1].nbytes
+
+
+SHARD_CACHE = ShardCache(SHARD_CACHE_BYTES)
+
+
+class ShardedArray:
+    """Reads ``[a, b)`` of a sharded 1-D array written the deepstrf way (see the module doc).
+
+    ``url`` names the array (cache keys, messages). For a ``remote`` store, once a
+    shard index shows shards of at most ``WHOLE_SHARD_BYTES``, shards are fetched
+    whole in one GET (their index included) and kept in :data:`SHARD_CACHE`: a
+    shard holds several rows, read at different times of an epoch.
+    """
+
+    def __init__(self, array, layout: ShardLayout, url: str = "", remote: bool = False) -> None:
         self.store = array.store_path.store
         self.prefix = array.store_path.path
+        self.url = url or self.prefix
         self.layout = layout
         self.indexes: dict[int, np.ndarray] = {}  # shard -> (per_shard, 2) uint64 (offset, nbytes)
-        self.loading: dict[int, asyncio.Future] = {}  # shard -> its index read in flight
+        self.loading: dict[int, asyncio.Future] = {}  # shard -> its index (or whole shard) read in flight
+        self.whole: bool | None = None if remote else False  # fetch whole shards? decided on the first index
 
     @classmethod
-    def of(cls, array) -> "ShardedArray | None":
+    def of(cls, array, url: str = "", remote: bool = False) -> "ShardedArray | None":
         """A reader for ``array`` (a zarr ``AsyncArray``) if it has the deepstrf shard layout, else None."""
         codecs = array.metadata.codecs
         if array.ndim != 1 or sys.byteorder != "little" or not _is_codecs(codecs, (ShardingCodec,)):
@@ -112,7 +155,7 @@ class ShardedArray:
         chunk = int(sharding.chunk_shape[0])
         shard = int(array.metadata.chunk_grid.chunk_shape[0])
         dtype = np.dtype(array.metadata.dtype.to_native_dtype())
-        return cls(array, ShardLayout(chunk, shard // chunk, int(array.shape[0]), dtype))
+        return cls(array, ShardLayout(chunk, shard // chunk, int(array.shape[0]), dtype), url, remote)
 
     def key(self, shard: int) -> str:
         return f"{self.prefix}/c/{shard}"
@@ -135,17 +178,50 @@ class ShardedArray:
         (concurrent callers share one request; a failed read is not cached)."""
         if shard in self.indexes:
             return self.indexes[shard]
+        await self._once(shard, self._load_whole if self.whole else self._load_index)
+        return self.indexes[shard]
+
+    async def _once(self, shard: int, load) -> None:
+        """Run ``load(shard)``, sharing one run between concurrent callers (a failure is not kept)."""
         task = self.loading.get(shard)
         if task is None:
-            task = self.loading[shard] = asyncio.ensure_future(self._load_index(shard))
+            task = self.loading[shard] = asyncio.ensure_future(load(shard))
             task.add_done_callback(lambda _: self.loading.pop(shard, None))
-        return await task
+        await task
 
-    async def _load_index(self, shard: int) -> np.ndarray:
-        blob = await self._get(shard, 0, self.layout.index_bytes)
-        body = check_crc(blob, f"{self.key(shard)} shard index")
-        self.indexes[shard] = np.frombuffer(body, dtype="<u8").reshape(self.layout.per_shard, 2)
-        return self.indexes[shard]
+    def _parse_index(self, shard: int, blob: np.ndarray) -> np.ndarray:
+        body = check_crc(blob[:self.layout.index_bytes], f"{self.key(shard)} shard index")
+        self.indexes[shard] = table = np.frombuffer(body, dtype="<u8").reshape(self.layout.per_shard, 2)
+        if self.whole is None:
+            present = table[table[:, 0] != _EMPTY]
+            self.whole = len(present) > 0 and int((present[:, 0] + present[:, 1]).max()) <= WHOLE_SHARD_BYTES
+        return table
+
+    async def _load_index(self, shard: int) -> None:
+        self._parse_index(shard, await self._get(shard, 0, self.layout.index_bytes))
+
+    async def _load_whole(self, shard: int) -> None:
+        buf = await self.store.get(self.key(shard), default_buffer_prototype())
+        if buf is None:
+            raise MissingChunk(self.key(shard))
+        blob = np.asarray(buf.as_numpy_array()).view(np.uint8)
+        table = self._parse_index(shard, blob)
+        present = table[table[:, 0] != _EMPTY]
+        if len(present) and len(blob) < int((present[:, 0] + present[:, 1]).max()):
+            raise ValueError(f"{self.key(shard)}: truncated ({len(blob)} bytes, its index needs more)")
+        SHARD_CACHE.put(f"{self.url}/c/{shard}", blob)
+
+    async def _whole_shard(self, shard: int) -> np.ndarray:
+        """The whole shard object, from :data:`SHARD_CACHE` or one GET."""
+        key = f"{self.url}/c/{shard}"
+        blob = SHARD_CACHE.get(key)
+        if blob is None:
+            await self._once(shard, self._load_whole)
+            blob = SHARD_CACHE.get(key)
+            if blob is None:  # larger than the whole cache: read again next time
+                buf = await self.store.get(self.key(shard), default_buffer_prototype())
+                blob = np.asarray(buf.as_numpy_array()).view(np.uint8)
+        return blob
 
     async def read(self, a: int, b: int) -> np.ndarray:
         """Elements ``[a, b)``: one range GET per shard, decoded into one new array."""
@@ -166,6 +242,10 @@ class ShardedArray:
         table = (await self.shard_index(shard))[first:first + len(chunks)]
         if (table == _EMPTY).any():
             raise MissingChunk(f"{self.key(shard)}: an inner chunk is absent from the shard index")
+        if self.whole:
+            blob = await self._whole_shard(shard)
+            await asyncio.to_thread(self._decode, blob, 0, table, chunks, a, b, targets)
+            return
         C = self.layout.chunk
         starts = np.arange(chunks.start, chunks.stop, dtype=np.int64) * C
         xs = np.array([t[0] for t in targets], dtype=np.int64)
