@@ -129,8 +129,9 @@ def test_s3_permanent_failure_is_a_clear_error(s3, s3_pool, no_s3fs_retries):
 
 
 def test_missing_store_is_a_clear_error(tmp_path):
-    with pytest.raises(StreamReadError, match="store .*nowhere"):
+    with pytest.raises(StreamReadError, match="store .*nowhere") as err:
         len(StreamingNeuralDataset(str(tmp_path / "nowhere"), retry=FAST))
+    assert str(err.value).count("Check") == 1  # the store's own advice, not a generic one besides
 
 
 def test_counters_are_storage_requests_and_stored_bytes(s3, s3_pool):

@@ -120,11 +120,15 @@ def call_with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy = Retr
             if not transient or attempt + 1 == policy.attempts:
                 kind = (f"transient error persisted after {policy.attempts} attempts" if transient
                         else "permanent error")
-                raise StreamReadError(
-                    f"reading {what} failed ({kind}): {type(exc).__name__}: {str(exc).rstrip('.')}. "
-                    + ("Check the network or raise the retry budget (retry=RetryPolicy(attempts=...))."
-                       if transient else "Check that the store exists, is complete and readable "
-                                         "with these storage_options (deepstrf verify URL).")) from exc
+                if transient:
+                    advice = " Check the network or raise the retry budget (retry=RetryPolicy(attempts=...))."
+                elif isinstance(exc, StoreError):
+                    advice = ""  # deepstrf's store errors say what to do already
+                else:
+                    advice = (" Check that the store exists, is complete and readable with these "
+                              "storage_options (deepstrf verify URL).")
+                raise StreamReadError(f"reading {what} failed ({kind}): {type(exc).__name__}: "
+                                      f"{str(exc).rstrip('.')}.{advice}") from exc
             if on_retry is not None:
                 on_retry(exc)
             time.sleep(policy.delay(attempt))
