@@ -138,7 +138,8 @@ class ShardedArray:
         self.url = url or self.prefix
         self.layout = layout
         self.indexes: dict[int, np.ndarray] = {}  # shard -> (per_shard, 2) uint64 (offset, nbytes)
-        self.loading: dict[int, asyncio.Future] = {}  # shard -> its index (or whole shard) read in flight
+        self.loading: dict[int, asyncio.Future] = {}  # shard -> its index read in flight
+        self.fetching: dict[int, asyncio.Future] = {}  # shard -> its whole-object read in flight
         self.whole: bool | None = None if remote else False  # fetch whole shards? decided on the first index
 
     @classmethod
@@ -178,16 +179,20 @@ class ShardedArray:
         (concurrent callers share one request; a failed read is not cached)."""
         if shard in self.indexes:
             return self.indexes[shard]
-        await self._once(shard, self._load_whole if self.whole else self._load_index)
+        if self.whole:
+            await self._whole_shard(shard)
+        else:
+            await self._once(self.loading, shard, self._load_index)
         return self.indexes[shard]
 
-    async def _once(self, shard: int, load) -> None:
-        """Run ``load(shard)``, sharing one run between concurrent callers (a failure is not kept)."""
-        task = self.loading.get(shard)
+    @staticmethod
+    async def _once(in_flight: dict[int, asyncio.Future], shard: int, load):
+        """``await load(shard)``, one run shared by concurrent callers (a failure is not kept)."""
+        task = in_flight.get(shard)
         if task is None:
-            task = self.loading[shard] = asyncio.ensure_future(load(shard))
-            task.add_done_callback(lambda _: self.loading.pop(shard, None))
-        await task
+            task = in_flight[shard] = asyncio.ensure_future(load(shard))
+            task.add_done_callback(lambda _: in_flight.pop(shard, None))
+        return await task
 
     def _parse_index(self, shard: int, blob: np.ndarray) -> np.ndarray:
         body = check_crc(blob[:self.layout.index_bytes], f"{self.key(shard)} shard index")
@@ -200,7 +205,7 @@ class ShardedArray:
     async def _load_index(self, shard: int) -> None:
         self._parse_index(shard, await self._get(shard, 0, self.layout.index_bytes))
 
-    async def _load_whole(self, shard: int) -> None:
+    async def _load_whole(self, shard: int) -> np.ndarray:
         buf = await self.store.get(self.key(shard), default_buffer_prototype())
         if buf is None:
             raise MissingChunk(self.key(shard))
@@ -210,18 +215,12 @@ class ShardedArray:
         if len(present) and len(blob) < int((present[:, 0] + present[:, 1]).max()):
             raise ValueError(f"{self.key(shard)}: truncated ({len(blob)} bytes, its index needs more)")
         SHARD_CACHE.put(f"{self.url}/c/{shard}", blob)
+        return blob
 
     async def _whole_shard(self, shard: int) -> np.ndarray:
         """The whole shard object, from :data:`SHARD_CACHE` or one GET."""
-        key = f"{self.url}/c/{shard}"
-        blob = SHARD_CACHE.get(key)
-        if blob is None:
-            await self._once(shard, self._load_whole)
-            blob = SHARD_CACHE.get(key)
-            if blob is None:  # larger than the whole cache: read again next time
-                buf = await self.store.get(self.key(shard), default_buffer_prototype())
-                blob = np.asarray(buf.as_numpy_array()).view(np.uint8)
-        return blob
+        blob = SHARD_CACHE.get(f"{self.url}/c/{shard}")
+        return blob if blob is not None else await self._once(self.fetching, shard, self._load_whole)
 
     async def read(self, a: int, b: int) -> np.ndarray:
         """Elements ``[a, b)``: one range GET per shard, decoded into one new array."""
