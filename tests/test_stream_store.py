@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 
 from deepstrf import concat_neural_datasets
 from deepstrf.datasets.collate import compact_collate
-from deepstrf.store import open_dataset, save_dataset
+from deepstrf.store import open_dataset, save_dataset, shards
+from deepstrf.store.dataset import source_readers
 from deepstrf.stream import RetryPolicy, StreamingNeuralDataset, StreamReadError
 
 from stream_helpers import batch_keys, compact_equal, item_key, items_equal, small_pool
@@ -78,7 +79,7 @@ def test_url_dataset_pickles_without_open_handles(local_pool):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_s3_exactly_once(s3_pool, workers):
+def test_s3_exactly_once(s3_pool, workers, no_cached_shards):
     url, options = s3_pool
     s = StreamingNeuralDataset(url, storage_options=options, batch_size=3, seed=1, retry=FAST)
     keys = [k for b in DataLoader(s, batch_size=None, num_workers=workers) for k in batch_keys(b)]
@@ -102,12 +103,16 @@ def _only_aa2(ds):
     ds.select_pop_by_nrn_attr("dataset", "AA2")
 
 
-def test_s3_transient_failures_are_survived(s3, s3_pool, no_s3fs_retries):
+@pytest.fixture
+def no_cached_shards(monkeypatch):
+    monkeypatch.setattr(shards, "SHARD_CACHE", shards.ShardCache(1 << 30))  # nothing cached by earlier tests
+
+
+def test_s3_transient_failures_are_survived(s3, s3_pool, no_s3fs_retries, no_cached_shards):
     url, options = s3_pool
+    s = StreamingNeuralDataset(url, storage_options=options, batch_size=4, retry=FAST, prefetch=1, read_threads=1)
     fault = s3.fail("/responses/values/c/", status=503, times=3)
     try:
-        s = StreamingNeuralDataset(url, storage_options=options, batch_size=4, retry=FAST, prefetch=1,
-                                   read_threads=1)
         keys = [k for b in s for k in batch_keys(b)]
     finally:
         s3.clear_faults()
@@ -116,11 +121,11 @@ def test_s3_transient_failures_are_survived(s3, s3_pool, no_s3fs_retries):
     assert len(keys) == len(set(keys)) == len(open_dataset(url, storage_options=options))
 
 
-def test_s3_permanent_failure_is_a_clear_error(s3, s3_pool, no_s3fs_retries):
+def test_s3_permanent_failure_is_a_clear_error(s3, s3_pool, no_s3fs_retries, no_cached_shards):
     url, options = s3_pool
+    s = StreamingNeuralDataset(url, storage_options=options, batch_size=4, retry=FAST, shuffle=False)
     s3.fail("aa2/responses/values/c/0", status=403, times=None)
     try:
-        s = StreamingNeuralDataset(url, storage_options=options, batch_size=4, retry=FAST, shuffle=False)
         with pytest.raises(StreamReadError, match=r"responses of stims \[\d+(, \d+)*\] from s3://stream-test/pool "
                                                   r"failed \(permanent error\).*s3://stream-test/aa2"):
             list(s)
@@ -195,4 +200,13 @@ def test_shard_indexes_survive_rebinding_in_another_process(local_pool):
     assert reader.sharded()["responses/values"].indexes.keys() == sharded["responses/values"].indexes.keys()
     reader.read_rows([0])
     assert reader._handles[0] == os.getpid()
-    assert reader.io_counters()[0] == 1 + per_read  # the group's metadata, then data: no shard index read
+    assert reader.io_counters()[0] == per_read  # data only: neither the group's metadata nor a shard index
+
+
+def test_s3_open_learns_the_shard_layout(s3_pool):
+    """Opening reads each data array's first shard index, so forked workers know at once that
+    shards are fetched whole (small shards on an object store)."""
+    url, options = s3_pool
+    s = StreamingNeuralDataset(url, storage_options=options)
+    arrays = [a for r in source_readers(s.dataset()) for a in r.sharded().values()]
+    assert arrays and all(a.whole is True and 0 in a.indexes for a in arrays)

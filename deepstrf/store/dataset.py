@@ -103,11 +103,16 @@ def storage_io(ds: NeuralDataset) -> tuple[int, int] | None:
 
 
 def load_indexes(ds: NeuralDataset) -> None:
-    """Read the cell index of every source store behind ``ds`` now (concurrently), e.g. before
-    forking DataLoader workers, which then share it instead of each reading it."""
+    """Read the cell index (and, on object stores, the shard layout) of every source store
+    behind ``ds`` now, concurrently, e.g. before forking DataLoader workers, which then share
+    them instead of each reading them before its first batch."""
+    def load(reader: SourceReader) -> None:
+        reader.index()
+        reader.learn_shard_layout()
+
     readers = source_readers(ds) or []
     with ThreadPoolExecutor(max_workers=min(8, max(len(readers), 1))) as pool:
-        list(pool.map(SourceReader.index, readers))
+        list(pool.map(load, readers))
 
 
 def open_source(loc: Location, group: Any, **kw: Any) -> NeuralDataset:

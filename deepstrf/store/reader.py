@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.group import AsyncGroup
 from zarr.core.sync import sync
+from zarr.storage import StorePath
 
 from ..datasets.views import RawRow
 from ..errors import IncompleteStoreError, IntegrityError, StoreError, StoreNotFoundError
@@ -137,6 +139,7 @@ class SourceReader:
                     reader.whole = self._handles[2][name].whole
         store = group.store_path.store
         self._counters = store.counters if isinstance(store, StrictStore) else IOCounters()
+        self._group_metadata = group.metadata
         self._handles = (os.getpid(), handles, sharded)
 
     def _cache_name(self, name: str) -> str:
@@ -151,8 +154,11 @@ class SourceReader:
         return self._counters.snapshot()
 
     def _bound(self) -> tuple[int, dict[str, Any], dict[str, ShardedArray]]:
-        if self._handles is None or self._handles[0] != os.getpid():
+        if self._handles is None:
             self.bind(open_group(self.loc))
+        elif self._handles[0] != os.getpid():  # forked: a new store client, the metadata already read
+            store = StrictStore(self.loc.zarr_store(read_only=True))
+            self.bind(zarr.Group(AsyncGroup(metadata=self._group_metadata, store_path=StorePath(store))))
         return self._handles
 
     def arrays(self) -> dict[str, Any]:
@@ -220,6 +226,17 @@ class SourceReader:
                                      "damaged. Re-create it from its source.")
             self._index = index
         return self._index
+
+    def learn_shard_layout(self) -> None:
+        """Read the index of each data array's first shard (object stores only): it tells
+        whether this store's shards are fetched whole (see :class:`ShardedArray`) before the
+        first read needs to know, and processes forked afterwards inherit the answer."""
+        probes = [s for s in self.sharded().values() if s.whole is None and s.layout.length]
+        if probes:
+            async def run():
+                await asyncio.gather(*(s.shard_index(0) for s in probes))
+
+            sync(run())
 
     def mask(self) -> np.ndarray:
         """``(S, N)`` bool: True where the cell holds data."""
