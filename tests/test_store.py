@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from deepstrf.errors import (FormatVersionError, IncompleteStoreError, Integrity
                              StoreExistsError, StoreNotFoundError)
 from deepstrf.store import ZarrResponseGrid, ZarrStims, format as fmt, open_dataset, save_dataset, shards
 from deepstrf.store.location import Location, shared_s3_session
+from deepstrf.store.reader import SourceReader
 from deepstrf.utils.data import concat_neural_datasets, neural_collate
 
 
@@ -418,6 +420,40 @@ def test_remote_shards_are_fetched_whole_once_and_cached(store_url, monkeypatch)
     reader.read_rows(stims[::-1])
     assert reader.io_counters()[0] == before  # every shard came from the cache
     assert all(k.startswith(f"{reader.url}#{reader.attrs['fingerprint']}/") for k in shards.SHARD_CACHE.blobs)
+
+
+def test_readers_of_one_remote_store_share_cached_shards(store_url, monkeypatch):
+    url, so = store_url
+    if Location.parse(url).is_local:
+        pytest.skip("local stores use range reads, no shard cache")
+    monkeypatch.setattr(fmt, "CHUNK_BYTES", 512)
+    monkeypatch.setattr(fmt, "SHARD_CHUNKS", 8)
+    monkeypatch.setattr(shards, "SHARD_CACHE", shards.ShardCache(1 << 30))
+    save_dataset(SyntheticAudioDataset("aa1", scale=0.3, time_scale=0.05, seed=3), url, storage_options=so)
+    first, second = (open_dataset(url, storage_options=so).responses.reader for _ in range(2))
+    last = first.n_stims - 1
+    first.read_rows([last])  # caches the shards of the last row
+    second.index()
+    second.learn_shard_layout()  # knows shards are fetched whole, has read only shard 0's index
+    assert second.sharded()[fmt.VALUES].whole is True
+    before = second.io_counters()[0]
+    (row,) = second.read_rows([last])  # from the cache: this reader parses the shard's index itself
+    assert second.io_counters()[0] == before
+    assert np.array_equal(row.values, first.read_rows([last])[0].values)
+
+
+def test_threads_of_a_forked_process_bind_once(saved, monkeypatch):
+    url, so, src, _ = saved
+    reader = open_dataset(url, storage_options=so).responses.reader
+    reader.read_stims([0])
+    reader._handles = (-1, *reader._handles[1:])  # as seen from a freshly forked worker
+    binds = []
+    bind = SourceReader.bind
+    monkeypatch.setattr(SourceReader, "bind", lambda self, group: (binds.append(1), bind(self, group))[1])
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: reader.read_stims([i % 3, 2]), range(8)))
+    assert len(binds) == 1
+    assert all(np.array_equal(x[0], src.stims[i % 3].numpy()) for i, x in enumerate(got))
 
 
 def test_shard_cache_is_bounded_least_recently_used():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,16 @@ from .location import Location
 from .shards import ShardedArray, Target
 
 _TRANSPORT_ERRORS = (OSError, TimeoutError, asyncio.TimeoutError)
+_BIND_LOCK = threading.RLock()
+
+
+def _new_bind_lock() -> None:
+    global _BIND_LOCK
+    _BIND_LOCK = threading.RLock()  # a lock held by a thread of the parent would never be released
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_bind_lock)
 
 
 def open_group(loc: Location) -> zarr.Group:
@@ -154,12 +165,16 @@ class SourceReader:
         return self._counters.snapshot()
 
     def _bound(self) -> tuple[int, dict[str, Any], dict[str, ShardedArray]]:
-        if self._handles is None:
-            self.bind(open_group(self.loc))
-        elif self._handles[0] != os.getpid():  # forked: a new store client, the metadata already read
-            store = StrictStore(self.loc.zarr_store(read_only=True))
-            self.bind(zarr.Group(AsyncGroup(metadata=self._group_metadata, store_path=StorePath(store))))
-        return self._handles
+        handles = self._handles
+        if handles is not None and handles[0] == os.getpid():
+            return handles
+        with _BIND_LOCK:  # a process's reading threads bind once, and share what they learn
+            if self._handles is None:
+                self.bind(open_group(self.loc))
+            elif self._handles[0] != os.getpid():  # forked: a new store client, the metadata already read
+                store = StrictStore(self.loc.zarr_store(read_only=True))
+                self.bind(zarr.Group(AsyncGroup(metadata=self._group_metadata, store_path=StorePath(store))))
+            return self._handles
 
     def arrays(self) -> dict[str, Any]:
         return self._bound()[1]

@@ -220,7 +220,11 @@ class ShardedArray:
     async def _whole_shard(self, shard: int) -> np.ndarray:
         """The whole shard object, from :data:`SHARD_CACHE` or one GET."""
         blob = SHARD_CACHE.get(f"{self.url}/c/{shard}")
-        return blob if blob is not None else await self._once(self.fetching, shard, self._load_whole)
+        if blob is None:
+            return await self._once(self.fetching, shard, self._load_whole)
+        if shard not in self.indexes:  # cached by another reader of the same array in this process
+            self._parse_index(shard, blob)
+        return blob
 
     async def read(self, a: int, b: int) -> np.ndarray:
         """Elements ``[a, b)``: one range GET per shard, decoded into one new array."""
