@@ -316,8 +316,8 @@ class SourceReader:
                   out: Sequence[np.ndarray] | None = None) -> list[RawRow]:
         """Valid cells of each stim in ``stims`` among ``neurons`` (all by default), in stored dtype.
 
-        All needed byte ranges are coalesced (cells sharing or touching a
-        chunk become one range) and fetched in one concurrent group. With
+        All needed byte ranges are fetched in one concurrent group (see
+        :meth:`read_ranges`). With
         ``out`` (one 1-D array per stim, of :meth:`row_plan` ``.size``
         elements, any dtype), row ``i`` is decoded into ``out[i]``, which
         becomes its ``values``.
@@ -365,7 +365,8 @@ def _coalesce(targets: Sequence[Target], chunk: int) -> list[tuple[int, int, lis
         x, y, _ = t
         if spans and x // chunk <= (spans[-1][1] - 1) // chunk + 1:
             a, b, inside = spans[-1]
-            spans[-1] = (a, max(b, y), inside + [t])
+            inside.append(t)
+            spans[-1] = (a, max(b, y), inside)
         else:
             spans.append((x, y, [t]))
     return spans

@@ -5,9 +5,11 @@ request per inner chunk, awaited one after the other. deepstrf's data arrays
 have a fixed layout (``docs/format.md``): 1-D, shard index first (``bytes`` ->
 ``crc32c``), inner chunks ``bytes`` -> ``blosc`` -> ``crc32c``. For such an
 array :class:`ShardedArray` reads ``[a, b)`` with the shard indexes cached per
-process, one range GET per shard covering the needed run of inner chunks, and
-decodes the inner chunks in a worker thread straight into the caller's arrays
-(:meth:`ShardedArray.read_into`: a streamed batch decodes into its own buffer).
+process: per shard, range GETs of the needed inner chunks (gaps of up to
+``MAX_GAP_BYTES`` read along) or, on an object store, the whole shard object,
+kept in a per-process cache; it decodes the inner chunks in a worker thread
+straight into the caller's arrays (:meth:`ShardedArray.read_into`: a streamed
+batch decodes into its own buffer).
 Arrays laid out any other way are left to zarr (:meth:`ShardedArray.of` is None).
 """
 
@@ -77,8 +79,8 @@ class ShardLayout:
         return range(a // self.chunk // self.per_shard, (b - 1) // self.chunk // self.per_shard + 1)
 
     def by_shard(self, targets: Iterable[Target]) -> list[tuple[int, int, list[Target]]]:
-        """Targets split at shard boundaries and grouped per shard, as ``(a, b, targets)`` spans:
-        reading a span is one GET, whatever the gaps between its targets."""
+        """Targets split at shard boundaries and grouped per shard, as ``(a, b, targets)`` spans
+        for :meth:`ShardedArray.read_into`."""
         size = self.chunk * self.per_shard
         groups: dict[int, list[Target]] = {}
         for x, y, dest in targets:
