@@ -422,10 +422,9 @@ def test_remote_shards_are_fetched_whole_once_and_cached(store_url, monkeypatch)
     assert all(k.startswith(f"{reader.url}#{reader.attrs['fingerprint']}/") for k in shards.SHARD_CACHE.blobs)
 
 
+@pytest.mark.parametrize("store_url", ["memory", "s3"], indirect=True)  # local stores have no shard cache
 def test_readers_of_one_remote_store_share_cached_shards(store_url, monkeypatch):
     url, so = store_url
-    if Location.parse(url).is_local:
-        pytest.skip("local stores use range reads, no shard cache")
     monkeypatch.setattr(fmt, "CHUNK_BYTES", 512)
     monkeypatch.setattr(fmt, "SHARD_CHUNKS", 8)
     monkeypatch.setattr(shards, "SHARD_CACHE", shards.ShardCache(1 << 30))
