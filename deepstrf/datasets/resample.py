@@ -79,11 +79,9 @@ class RebinnedGrid(views.ResponseGrid):
     def _mask(self) -> torch.Tensor:
         return self.source_mask.clone()
 
-    def read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None = None,
-                      out: Sequence[np.ndarray] | None = None) -> list[views.RawRow]:
+    def _read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None,
+                       out: Sequence[np.ndarray] | None) -> list[views.RawRow]:
         """The source's batched raw reads, re-binned in their stored dtype."""
-        if self._transforms or self._overrides:
-            return super().read_raw_rows(stims, neurons, out)
         k = self.factor
         rows = []
         for row in views.read_raw_rows(self.source, stims, neurons):
@@ -230,16 +228,11 @@ class _PassThroughGrid(views.ResponseGrid):
     def _mask(self) -> torch.Tensor:
         return self.source_mask.clone()
 
-    def read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None = None,
-                      out: Sequence[np.ndarray] | None = None) -> list[views.RawRow]:
-        if self._transforms or self._overrides:
-            return super().read_raw_rows(stims, neurons, out)
+    def _read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None,
+                       out: Sequence[np.ndarray] | None) -> list[views.RawRow]:
         return views.read_raw_rows(self.source, stims, neurons, out)
 
-    def row_sizes(self, stims: Sequence[int], neurons: Sequence[int] | None = None
-                  ) -> tuple[np.ndarray, np.dtype] | None:
-        if self._transforms or self._overrides:
-            return None
+    def _row_sizes(self, stims: Sequence[int], neurons: Sequence[int] | None) -> tuple[np.ndarray, np.dtype] | None:
         return views.raw_row_sizes(self.source, stims, neurons)
 
 

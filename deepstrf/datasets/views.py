@@ -265,17 +265,33 @@ class ResponseGrid(Sequence):
 
         With ``out`` (one 1-D array per stim, sized by :meth:`row_sizes`), row
         ``i``'s values are written into ``out[i]``, which becomes its ``values``.
-        Store-backed grids override this with one concurrent read per batch
-        that decodes straight into ``out``; this generic version reads row by
-        row through :meth:`row` and copies.
+        Recorded transforms and overrides are applied by reading row by row;
+        otherwise :meth:`_read_raw_rows` answers (store-backed grids: one
+        concurrent read per batch that decodes straight into ``out``).
         """
+        if self._transforms or self._overrides:
+            return self._rows_one_by_one(stims, neurons, out)
+        return self._read_raw_rows(stims, neurons, out)
+
+    def _read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None,
+                       out: Sequence[np.ndarray] | None) -> list[RawRow]:
+        """The stored rows (no transform, no override); subclasses with a batched read override it."""
+        return self._rows_one_by_one(stims, neurons, out)
+
+    def _rows_one_by_one(self, stims: Sequence[int], neurons: Sequence[int] | None,
+                         out: Sequence[np.ndarray] | None) -> list[RawRow]:
         neurons = range(self.n_neurons) if neurons is None else neurons
         return fill_rows([raw_row_from_cells(s, neurons, self.row(s, neurons)) for s in stims], out)
 
     def row_sizes(self, stims: Sequence[int], neurons: Sequence[int] | None = None
                   ) -> tuple[np.ndarray, np.dtype] | None:
         """Number of values of each row :meth:`read_raw_rows` would return, and their dtype,
-        when known without reading the data (store-backed grids), else None."""
+        when known without reading the data (store-backed grids, no transform or override),
+        else None."""
+        return None if self._transforms or self._overrides else self._row_sizes(stims, neurons)
+
+    def _row_sizes(self, stims: Sequence[int], neurons: Sequence[int] | None) -> tuple[np.ndarray, np.dtype] | None:
+        """:meth:`row_sizes` of the stored rows; None where only reading tells."""
         return None
 
     def mask(self) -> torch.Tensor:
@@ -341,11 +357,9 @@ class BlockDiagonalGrid(ResponseGrid):
             local = None if wanted is None else (wanted[(wanted >= lo) & (wanted < hi)] - lo).tolist()
             yield k, where, [stims[i] - self.stim_offsets[k] for i in where], local
 
-    def read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None = None,
-                      out: Sequence[np.ndarray] | None = None) -> list[RawRow]:
+    def _read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None,
+                       out: Sequence[np.ndarray] | None) -> list[RawRow]:
         """Delegate to each source's batched read, one call per source."""
-        if self._transforms or self._overrides:
-            return super().read_raw_rows(stims, neurons, out)
         rows: list[RawRow | None] = [None] * len(stims)
         for k, where, local_stims, local in self._by_source(stims, neurons):
             bufs = None if out is None else [out[i] for i in where]
@@ -355,10 +369,7 @@ class BlockDiagonalGrid(ResponseGrid):
                 rows[i] = row
         return rows
 
-    def row_sizes(self, stims: Sequence[int], neurons: Sequence[int] | None = None
-                  ) -> tuple[np.ndarray, np.dtype] | None:
-        if self._transforms or self._overrides:
-            return None
+    def _row_sizes(self, stims: Sequence[int], neurons: Sequence[int] | None) -> tuple[np.ndarray, np.dtype] | None:
         sizes, dtypes = np.zeros(len(stims), dtype=np.int64), []
         for k, where, local_stims, local in self._by_source(stims, neurons):
             known = raw_row_sizes(self.sources[k].responses, local_stims, local)

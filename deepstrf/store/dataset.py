@@ -60,18 +60,13 @@ class ZarrResponseGrid(ResponseGrid):
             pos += r * t
         return [cells[n] if n in cells else missing_sentinel() for n in neurons]
 
-    def read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None = None,
-                      out: Sequence[np.ndarray] | None = None) -> list[RawRow]:
+    def _read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None,
+                       out: Sequence[np.ndarray] | None) -> list[RawRow]:
         """Valid cells of several stims in one concurrent read (decoded into ``out`` if given);
         values keep the stored dtype."""
-        if self._transforms or self._overrides:
-            return super().read_raw_rows(stims, neurons, out)
         return self.reader.read_rows(stims, neurons, out)
 
-    def row_sizes(self, stims: Sequence[int], neurons: Sequence[int] | None = None
-                  ) -> tuple[np.ndarray, np.dtype] | None:
-        if self._transforms or self._overrides:
-            return None
+    def _row_sizes(self, stims: Sequence[int], neurons: Sequence[int] | None) -> tuple[np.ndarray, np.dtype]:
         sizes = np.array([p.size for p in self.reader.row_plan(stims, neurons)], dtype=np.int64)
         return sizes, np.dtype(self.reader.arrays()[fmt.VALUES].dtype)
 
