@@ -31,6 +31,12 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
 def clean(obj: Any) -> Any:
     """JSON-safe copy: numpy scalars/arrays to Python, non-finite floats to ``None``."""
     if isinstance(obj, dict):
@@ -60,9 +66,7 @@ def plot_coverage(rep: dict, path: Path) -> None:
     ax.set_xlabel("neuron (global id)")
     ax.set_ylabel("stimulus (global index)")
     ax.set_title(f"Pool coverage: {cov['valid_fraction'] * 100:.1f}% of (stim, neuron) pairs recorded", pad=16)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_scores(rep: dict, path: Path) -> None:
@@ -84,9 +88,7 @@ def plot_scores(rep: dict, path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("per-neuron score (held-out stims)")
     fig.suptitle("Pooled model, held-out stimuli, per source")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_learning_curves(rep: dict, path: Path) -> None:
@@ -112,9 +114,7 @@ def plot_learning_curves(rep: dict, path: Path) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle("Learning curves (train: each model's own training stims; held-out: monitored only, never "
                  "used for selection)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_pooling(rep: dict, path: Path) -> None:
@@ -141,9 +141,7 @@ def plot_pooling(rep: dict, path: Path) -> None:
         ax.set_title(f"{pool['source']} neurons, CC vs ground truth", fontsize=9)
         ax.set_aspect("equal")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_example(rep: dict, path: Path) -> None:
@@ -161,9 +159,7 @@ def plot_example(rep: dict, path: Path) -> None:
     ax.set_title(f"{ex['source']} neuron {ex['neuron_uid']} on held-out stim {ex['stim_uid']} "
                  f"(median neuron by pooled CC vs truth: {ex['cc_truth_pooled']:.2f})", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_figures(rep: dict, out: Path) -> dict[str, str]:
