@@ -422,13 +422,18 @@ def raw_row_sizes(responses: Any, stims: Sequence[int], neurons: Sequence[int] |
     return responses.row_sizes(stims, neurons) if isinstance(responses, ResponseGrid) else None
 
 
+def check_out(out: Sequence[np.ndarray], sizes: Sequence[int]) -> None:
+    """Refuse ``out`` arrays that are not one per row of exactly ``sizes`` elements."""
+    if len(out) != len(sizes) or any(len(o) != n for o, n in zip(out, sizes)):
+        raise ValueError(f"out must hold one array per stim, of sizes {list(sizes)}; "
+                         f"got sizes {[len(o) for o in out]}")
+
+
 def fill_rows(rows: list[RawRow], out: Sequence[np.ndarray] | None) -> list[RawRow]:
     """Copy each row's values into its ``out`` array (which becomes its ``values``)."""
     if out is None:
         return rows
-    if len(out) != len(rows) or any(len(o) != len(r.values) for o, r in zip(out, rows)):
-        raise ValueError(f"out must hold one array per stim, of sizes {[len(r.values) for r in rows]}; "
-                         f"got sizes {[len(o) for o in out]}")
+    check_out(out, [len(r.values) for r in rows])
     for row, buf in zip(rows, out):
         buf[...] = row.values
         row.values = buf

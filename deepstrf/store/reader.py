@@ -24,7 +24,7 @@ from zarr.core.group import AsyncGroup
 from zarr.core.sync import sync
 from zarr.storage import StorePath
 
-from ..datasets.views import RawRow
+from ..datasets.views import RawRow, check_out
 from ..errors import IncompleteStoreError, IntegrityError, StoreError, StoreNotFoundError
 from . import format as fmt
 from .atomic import store_state
@@ -185,7 +185,7 @@ class SourceReader:
 
     def gather(self, requests: Sequence[tuple[str, Any]]) -> list[Any]:
         """Results of ``array[selection]`` for each ``(name, selection)``, in one concurrent group
-        (exceptions returned, not raised). Slices of sharded arrays read one GET per shard."""
+        (exceptions returned, not raised). Slices of sharded arrays go through their ShardedArray."""
         arrays, sharded = self.arrays(), self.sharded()
 
         def read(name: str, sel: Any):
@@ -272,13 +272,14 @@ class SourceReader:
                          lambda e, a, b: self.error(e, f"stims {ids.tolist()} ({fmt.STIM_VALUES}[{a}:{b}])"))
         return [x.reshape(tuple(idx.stim_shapes[s])) for x, s in zip(out, ids.tolist())]
 
-    def read_ranges(self, name: str, starts: np.ndarray, ends: np.ndarray, dests: Sequence[np.ndarray],
+    def read_ranges(self, name: str, starts: Sequence[int], ends: Sequence[int], dests: Sequence[np.ndarray],
                     error: Callable[[BaseException, int, int], StoreError]) -> None:
         """Read ``[starts[i], ends[i])`` of array ``name`` into ``dests[i]``.
 
         All spans are fetched in one concurrent group: for a sharded array one
-        span (one GET) per shard holding any range, decoded straight into
-        ``dests``; otherwise ranges sharing or touching a chunk make a span.
+        span per shard holding any range, read and decoded straight into
+        ``dests`` as :meth:`ShardedArray.read_into` does; otherwise ranges
+        sharing or touching a chunk make a span.
         Raises ``error(exc, a, b)`` for the first span whose read failed.
         """
         targets = sorted(((int(a), int(b), d) for a, b, d in zip(starts, ends, dests) if b > a),
@@ -326,17 +327,15 @@ class SourceReader:
         dtype = self.arrays()[fmt.VALUES].dtype
         if out is None:
             out = [np.empty(p.size, dtype=dtype) for p in plans]
-        elif len(out) != len(plans) or any(len(o) != p.size for o, p in zip(out, plans)):
-            raise ValueError(f"out must hold one array per stim, of sizes {[p.size for p in plans]}; "
-                             f"got sizes {[len(o) for o in out]}")
+        else:
+            check_out(out, [p.size for p in plans])
         starts, ends, dests = [], [], []
         for plan, buf in zip(plans, out):
             for a, b, pos in plan.runs():
                 starts.append(a)
                 ends.append(b)
                 dests.append(buf[pos:pos + b - a])
-        self.read_ranges(fmt.VALUES, np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64), dests,
-                         self.cell_error)
+        self.read_ranges(fmt.VALUES, starts, ends, dests, self.cell_error)
         return [RawRow(stim=p.stim, neurons=p.neurons, repeats=p.repeats, lengths=p.lengths, values=buf)
                 for p, buf in zip(plans, out)]
 

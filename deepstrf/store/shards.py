@@ -51,6 +51,12 @@ def _is_codecs(codecs: Iterable, kinds: tuple[type, ...]) -> bool:
     return len(codecs) == len(kinds) and all(isinstance(c, k) for c, k in zip(codecs, kinds))
 
 
+def _stored_end(table: np.ndarray) -> int:
+    """Byte where the last inner chunk listed in a shard index ends (0 if it lists none)."""
+    present = table[table[:, 0] != _EMPTY]
+    return int((present[:, 0] + present[:, 1]).max()) if len(present) else 0
+
+
 def check_crc(blob: np.ndarray, where: str) -> np.ndarray:
     """``blob`` (uint8) without its trailing CRC32C, after checking it."""
     body = blob[:-4]
@@ -200,8 +206,7 @@ class ShardedArray:
         body = check_crc(blob[:self.layout.index_bytes], f"{self.key(shard)} shard index")
         self.indexes[shard] = table = np.frombuffer(body, dtype="<u8").reshape(self.layout.per_shard, 2)
         if self.whole is None:
-            present = table[table[:, 0] != _EMPTY]
-            self.whole = len(present) > 0 and int((present[:, 0] + present[:, 1]).max()) <= WHOLE_SHARD_BYTES
+            self.whole = 0 < _stored_end(table) <= WHOLE_SHARD_BYTES
         return table
 
     async def _load_index(self, shard: int) -> None:
@@ -212,16 +217,17 @@ class ShardedArray:
         if buf is None:
             raise MissingChunk(self.key(shard))
         blob = np.asarray(buf.as_numpy_array()).view(np.uint8)
-        table = self._parse_index(shard, blob)
-        present = table[table[:, 0] != _EMPTY]
-        if len(present) and len(blob) < int((present[:, 0] + present[:, 1]).max()):
+        if len(blob) < _stored_end(self._parse_index(shard, blob)):
             raise ValueError(f"{self.key(shard)}: truncated ({len(blob)} bytes, its index needs more)")
-        SHARD_CACHE.put(f"{self.url}/c/{shard}", blob)
+        SHARD_CACHE.put(self._cache_key(shard), blob)
         return blob
+
+    def _cache_key(self, shard: int) -> str:
+        return f"{self.url}/c/{shard}"
 
     async def _whole_shard(self, shard: int) -> np.ndarray:
         """The whole shard object, from :data:`SHARD_CACHE` or one GET."""
-        blob = SHARD_CACHE.get(f"{self.url}/c/{shard}")
+        blob = SHARD_CACHE.get(self._cache_key(shard))
         if blob is None:
             return await self._once(self.fetching, shard, self._load_whole)
         if shard not in self.indexes:  # cached by another reader of the same array in this process
@@ -229,16 +235,17 @@ class ShardedArray:
         return blob
 
     async def read(self, a: int, b: int) -> np.ndarray:
-        """Elements ``[a, b)``: one range GET per shard, decoded into one new array."""
+        """Elements ``[a, b)``, decoded into one new array (see :meth:`read_into`)."""
         out = np.empty(max(b - a, 0), dtype=self.layout.dtype)
         await self.read_into(a, b, [(a, b, out)])
         return out
 
     async def read_into(self, a: int, b: int, targets: Sequence[Target]) -> None:
         """Decode elements ``[a, b)`` into ``targets`` (sorted by start): ``(x, y, dest)`` puts
-        ``[x, y)`` into ``dest`` (``y - x`` elements). Per shard, the inner chunks the targets need are fetched
-        in range GETs that span gaps of up to ``MAX_GAP_BYTES``; an inner chunk that one target
-        covers whole is decoded straight into it, others once into a scratch buffer."""
+        ``[x, y)`` into ``dest`` (``y - x`` elements). Per shard, the whole object when shards are
+        fetched whole, else the inner chunks the targets need, in range GETs that span gaps of up
+        to ``MAX_GAP_BYTES``; an inner chunk that one target covers whole is decoded straight into
+        it, others once into a scratch buffer."""
         await asyncio.gather(*(self._read_shard(s, a, b, targets) for s in self.layout.shards_of(a, b)))
 
     async def _read_shard(self, shard: int, a: int, b: int, targets: Sequence[Target]) -> None:
