@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from deepstrf.datasets.collate import CompactBatch
+from deepstrf import concat_neural_datasets
 from deepstrf.datasets.synthetic import SyntheticAudioDataset
+from deepstrf.store import open_dataset, save_dataset
 
 
 def small_pool(scale: float = 0.1, time_scale: float = 0.02):
@@ -13,6 +15,17 @@ def small_pool(scale: float = 0.1, time_scale: float = 0.02):
     a = SyntheticAudioDataset("aa1", scale=scale, time_scale=time_scale, seed=1)
     b = SyntheticAudioDataset("aa2", scale=scale, time_scale=time_scale, seed=2)
     return a + b
+
+
+def write_pool(root: str, storage_options: dict | None = None) -> str:
+    """``small_pool()``'s sources saved under ``root`` and pooled at ``root/pool`` (returned)."""
+    pool = small_pool()
+    for d in pool.responses.sources:
+        save_dataset(d, f"{root}/{d.name.lower()}", storage_options=storage_options)
+    opened = [open_dataset(f"{root}/{d.name.lower()}", storage_options=storage_options)
+              for d in pool.responses.sources]
+    concat_neural_datasets(opened, names=pool.source_names, store=f"{root}/pool", storage_options=storage_options)
+    return f"{root}/pool"
 
 
 def item_key(item: dict) -> str:

@@ -8,30 +8,19 @@ import numpy as np
 import pytest
 from torch.utils.data import DataLoader
 
-from deepstrf import concat_neural_datasets
 from deepstrf.datasets.collate import compact_collate
-from deepstrf.store import open_dataset, save_dataset, shards
+from deepstrf.store import open_dataset, shards
 from deepstrf.store.dataset import source_readers
 from deepstrf.stream import RetryPolicy, StreamingNeuralDataset, StreamReadError
 
-from stream_helpers import batch_keys, compact_equal, item_key, items_equal, small_pool
+from stream_helpers import batch_keys, compact_equal, item_key, items_equal, write_pool
 
 FAST = RetryPolicy(attempts=5, base_delay=0.01, max_delay=0.05)
 
 
-def _write_pool(root: str, storage_options: dict | None) -> str:
-    pool = small_pool()
-    for d in pool.responses.sources:
-        save_dataset(d, f"{root}/{d.name.lower()}", storage_options=storage_options)
-    opened = [open_dataset(f"{root}/{d.name.lower()}", storage_options=storage_options)
-              for d in pool.responses.sources]
-    concat_neural_datasets(opened, names=pool.source_names, store=f"{root}/pool", storage_options=storage_options)
-    return f"{root}/pool"
-
-
 @pytest.fixture(scope="module")
 def local_pool(tmp_path_factory):
-    return _write_pool(str(tmp_path_factory.mktemp("stores")), None)
+    return write_pool(str(tmp_path_factory.mktemp("stores")), None)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +32,7 @@ def s3(s3_server):
 def s3_pool(s3):
     # one botocore attempt: the streaming layer's own retries are what is tested
     options = s3.storage_options(botocore_attempts=1)
-    return _write_pool(s3.make_bucket("stream-test"), options), options
+    return write_pool(s3.make_bucket("stream-test"), options), options
 
 
 @pytest.fixture
@@ -161,16 +150,13 @@ def test_counters_for_a_local_store(local_pool):
 
 
 @pytest.mark.parametrize("neurons", [None, [7, 2, 5, 1]])
-def test_worker_batches_are_built_in_shared_memory(local_pool, monkeypatch, neurons):
+def test_worker_batches_are_built_in_shared_memory(local_pool, neurons):
     """In a worker, every tensor of a batch is allocated in shared memory (decoded straight into it
     when rows need no reordering), so handing it to the main process copies nothing."""
-    import deepstrf.stream.dataset as stream_dataset
-
-    monkeypatch.setattr(stream_dataset, "get_worker_info", lambda: object())
     s = StreamingNeuralDataset(local_pool, shuffle=False, batch_size=4, neurons=neurons)
     ref = s.dataset()
     n = min(4, len(ref))
-    batch = s._read_batch(np.arange(n))
+    batch = s._read_batch(np.arange(n), s._buffer_pool(shared=True))
     tensors = [getattr(batch, k) for k in batch.keys() if k != "stim_meta"]
     assert all(t.is_shared() for t in tensors)
     assert compact_equal(batch, compact_collate([ref[i] for i in range(n)], neuron_index=ref.selected_neurons()))

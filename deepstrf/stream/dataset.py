@@ -24,6 +24,7 @@ from ..datasets import views
 from ..datasets.neural_dataset import NeuralDataset
 from ..store.dataset import load_indexes, storage_io
 from . import partition, reader, shuffle
+from .buffers import DEFAULT_SLOTS, BufferPool
 from .cache import RowCache
 from .prefetch import Prefetcher
 from .retry import RetryPolicy, call_with_retries
@@ -81,6 +82,12 @@ class StreamingNeuralDataset(IterableDataset):
     another's decoding; 1 for a dataset object, whose reads may not be
     thread-safe), retries per ``retry``, an optional LRU row cache of at
     most ``cache_bytes`` in ``cache_dir``.
+
+    Batch buffers: with ``reuse_buffers`` (default), the large buffers of a
+    batch are reused for a later batch once nothing refers to it any more
+    (:mod:`deepstrf.stream.buffers`); a batch you keep is never overwritten.
+    Turn it off if tensors of batches from DataLoader workers are sent on to
+    other processes one by one.
     """
 
     def __init__(self, source: str | os.PathLike | NeuralDataset, *, storage_options: dict | None = None,
@@ -91,7 +98,7 @@ class StreamingNeuralDataset(IterableDataset):
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
                  block_size: int = 8, shuffle_buffer: int = 256, prefetch: int | None = None,
                  read_threads: int | None = None, cache_dir: str | os.PathLike | None = None,
-                 cache_bytes: int = 2 << 30, retry: RetryPolicy = RetryPolicy()) -> None:
+                 cache_bytes: int = 2 << 30, retry: RetryPolicy = RetryPolicy(), reuse_buffers: bool = True) -> None:
         super().__init__()
         if isinstance(source, NeuralDataset):
             self.url: str | None = None
@@ -125,6 +132,7 @@ class StreamingNeuralDataset(IterableDataset):
         self.read_threads = read_threads if read_threads is not None else (2 if self.url is not None else 1)
         self.cache_dir, self.cache_bytes = cache_dir, cache_bytes
         self.retry = retry
+        self.reuse_buffers = reuse_buffers
         self.epoch = 0
         self._offset = 0        # units of this epoch consumed before this pass (resume)
         self._steps = 0         # batches yielded by this rank since the offset
@@ -294,7 +302,9 @@ class StreamingNeuralDataset(IterableDataset):
         batches = partition.rank_batches(len(units), self._offset, world, rank, self._unit_batch(), self.drop_last)
         mine = partition.worker_batches(batches, worker_id, num_workers)
         tasks = [np.concatenate([units[p] for p in positions]) for _, positions in mine]
-        fetch = Prefetcher(self._read_batch, depth=self._prefetch_depth(info is not None), threads=self.read_threads)
+        pool = self._buffer_pool(shared=not in_process)
+        fetch = Prefetcher(lambda positions: self._read_batch(positions, pool),
+                           depth=self._prefetch_depth(info is not None), threads=self.read_threads)
         self.last_prefetcher = fetch
         for out in fetch.map(tasks):
             if in_process:
@@ -318,15 +328,21 @@ class StreamingNeuralDataset(IterableDataset):
             return self.prefetch
         return 1 if in_worker else 2
 
-    def _read_batch(self, positions: np.ndarray) -> Any:
+    def _buffer_pool(self, shared: bool) -> BufferPool:
+        """Where this pass's batches are built: shared memory in a DataLoader worker (no copy to the
+        main process), reused buffers unless turned off (a dense dict cannot carry the leases
+        that return a worker's buffers)."""
+        reuse = self.reuse_buffers and self.batch_size is not None and not (shared and self.collate == "dense")
+        return BufferPool(shared, slots=DEFAULT_SLOTS if reuse else 0)
+
+    def _read_batch(self, positions: np.ndarray, pool: BufferPool) -> Any:
         """Read the items at ``positions`` of the visible list: one batched row read."""
         st = self._state()
         ds = st.ds
         stims = st.visible[positions].tolist()
-        shared = get_worker_info() is not None  # build in shared memory: no copy to the main process
         start = time.perf_counter()
         pending = st.stim_pool.submit(self._read_stims, st, stims)
-        values, out = self._batch_buffer(st, stims, shared)
+        values, out = self._batch_buffer(st, stims, pool)
         rows = self._read_rows(st, stims, out)
         stim_tensors = pending.result()
         ordered = [reader.order_cells(r, st.pos_of) for r in rows]
@@ -339,8 +355,8 @@ class StreamingNeuralDataset(IterableDataset):
             masks = ds.nrn_masks[stims][:, st.selection.neurons]
             return reader.build_items(ordered, stim_tensors, metas, masks, n_selected)
         if self.collate == "compact":
-            return reader.build_compact(ordered, stim_tensors, metas, shared, values)
-        return reader.build_dense(ordered, stim_tensors, metas, n_selected, shared)
+            return reader.build_compact(ordered, stim_tensors, metas, pool, values)
+        return reader.build_dense(ordered, stim_tensors, metas, n_selected, pool)
 
     def _read_stims(self, st: Opened, stims: list[int]) -> list[torch.Tensor]:
         """The batch's stimuli in one batched (retried) read."""
@@ -359,7 +375,7 @@ class StreamingNeuralDataset(IterableDataset):
         requests, fetched = st.io.delta(storage_io(st.ds))
         self.counters.add(requests=requests, bytes_fetched=fetched)
 
-    def _batch_buffer(self, st: Opened, stims: list[int], shared: bool
+    def _batch_buffer(self, st: Opened, stims: list[int], pool: BufferPool
                       ) -> tuple[torch.Tensor | None, list[np.ndarray] | None]:
         """The compact batch's ``values`` and its per-row views, for rows to be decoded straight
         into (store-backed grids know the sizes before reading); ``(None, None)`` otherwise."""
@@ -369,7 +385,7 @@ class StreamingNeuralDataset(IterableDataset):
         if layout is None:
             return None, None
         sizes, dtype = layout
-        values = reader.alloc((int(sizes.sum()),), dtype, shared)
+        values = pool.alloc((int(sizes.sum()),), dtype)
         return values, np.split(values.numpy(), np.cumsum(sizes)[:-1])
 
     def _read_rows(self, st: Opened, stims: list[int], out: list[np.ndarray] | None = None) -> list[views.RawRow]:

@@ -12,14 +12,13 @@ copies slow) into tensors that, inside a DataLoader worker, live in shared
 memory already, so handing the batch to the main process copies nothing more
 (the trick ``default_collate`` uses). The counts of a compact batch from a
 store are decoded straight into its buffer (see ``StreamingNeuralDataset``);
-other rows are copied into it once.
+other rows are copied into it once. Large buffers come from a
+:class:`~deepstrf.stream.buffers.BufferPool`, which reuses them once the
+consumer has dropped the batch.
 """
 
 from __future__ import annotations
 
-import ctypes
-import mmap
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ import torch
 
 from ..datasets.collate import CompactBatch
 from ..datasets.views import RawRow, missing_sentinel
+from .buffers import BufferPool
 
 
 @dataclass(frozen=True)
@@ -74,68 +74,21 @@ def as_response(cell: np.ndarray) -> torch.Tensor:
     return t if t.is_floating_point() else t.to(torch.float32)
 
 
-def alloc(shape: tuple[int, ...], dtype: np.dtype, shared: bool) -> torch.Tensor:
-    """An uninitialised tensor, in shared memory when ``shared``; fill it through ``.numpy()``.
-
-    Hand the tensor itself to the DataLoader: a ``torch.from_numpy`` wrapper of
-    its memory would not be known as shared and would be copied again.
-    """
-    numel = int(np.prod(shape))
-    empty = torch.from_numpy(np.empty(0, dtype=np.dtype(dtype)))
-    if not shared:
-        return torch.empty(shape, dtype=empty.dtype)
-    storage = empty._typed_storage()._new_shared(numel, device="cpu")
-    out = empty.new(storage).view(shape)
-    prefault(out)
-    return out
-
-
-def prefault(t: torch.Tensor) -> None:
-    """Map all pages of ``t`` now, in one system call (Linux >= 5.14; a no-op elsewhere).
-
-    Shared memory gets no transparent huge pages, so filling a fresh batch
-    buffer page by page costs one fault per 4 KiB; populating it at once
-    costs about a third less.
-    """
-    if _madvise is None or t.numel() == 0:
-        return
-    page = mmap.PAGESIZE
-    addr = t.data_ptr()
-    start = addr - addr % page
-    length = addr + t.numel() * t.element_size() - start
-    _madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_POPULATE_WRITE)  # failure: pages fault later
-
-
-def _libc_madvise():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return fn
-
-
-_MADV_POPULATE_WRITE = 23
-_madvise = _libc_madvise()
-
-
-def pack_int64(arrays: Sequence[np.ndarray], shared: bool) -> list[torch.Tensor]:
+def pack_int64(arrays: Sequence[np.ndarray], pool: BufferPool) -> list[torch.Tensor]:
     """``arrays`` as int64 tensors that are views of one buffer (one shared segment per batch, not one each)."""
     sizes = [len(a) for a in arrays]
-    buf = alloc((sum(sizes),), np.int64, shared)
+    buf = pool.alloc((sum(sizes),), np.int64)
     parts = list(torch.split(buf, sizes))
     for part, a in zip(parts, arrays):
         part.numpy()[...] = a
     return parts
 
 
-def pad_stims(stims: Sequence[torch.Tensor], shared: bool = False) -> torch.Tensor:
+def pad_stims(stims: Sequence[torch.Tensor], pool: BufferPool) -> torch.Tensor:
     """``fill_missing_data(stims, dims=-1, value=0)``: stack, zero-padding time to the longest."""
     first = stims[0]
     T = max(int(x.shape[-1]) for x in stims)
-    out = alloc((len(stims), *first.shape[:-1], T), first.numpy().dtype, shared)
+    out = pool.alloc((len(stims), *first.shape[:-1], T), first.numpy().dtype)
     view = out.numpy()
     for i, x in enumerate(stims):
         t = int(x.shape[-1])
@@ -162,16 +115,17 @@ def build_items(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor], met
 
 
 def build_compact(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor],
-                  metas: Sequence[dict], shared: bool = False, values: torch.Tensor | None = None) -> CompactBatch:
+                  metas: Sequence[dict], pool: BufferPool, values: torch.Tensor | None = None) -> CompactBatch:
     """A :class:`CompactBatch` straight from the rows; ``values`` keeps the stored dtype.
 
     ``values``: the rows' values already laid out back to back (they were
-    decoded into it), else they are copied into a new buffer.
+    decoded into it, from ``pool``), else they are copied into a buffer of
+    ``pool``. The batch carries the leases of its pooled shared buffers.
     """
     sizes = np.concatenate([r.sizes for r in rows]).astype(np.int64)
     if values is None:
         dtype = np.result_type(*[r.values.dtype for r in rows])
-        values = alloc((int(sizes.sum()),), dtype, shared)
+        values = pool.alloc((int(sizes.sum()),), dtype)
         np.concatenate([r.values for r in rows], out=values.numpy())
     offsets, repeats, lengths, item_index, neuron_index, stim_lengths = pack_int64([
         np.concatenate([[0], np.cumsum(sizes)]),
@@ -179,26 +133,33 @@ def build_compact(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor],
         np.concatenate([r.lengths for r in rows]),
         np.repeat(np.arange(len(rows)), [len(r.neurons) for r in rows]),
         np.concatenate([r.neurons for r in rows]),
-        np.array([s.shape[-1] for s in stims])], shared)
-    return CompactBatch(stims=pad_stims(stims, shared), values=values, offsets=offsets, repeats=repeats,
-                        lengths=lengths, item_index=item_index, neuron_index=neuron_index,
-                        stim_lengths=stim_lengths, stim_meta=list(metas))
+        np.array([s.shape[-1] for s in stims])], pool)
+    batch = CompactBatch(stims=pad_stims(stims, pool), values=values, offsets=offsets, repeats=repeats,
+                         lengths=lengths, item_index=item_index, neuron_index=neuron_index,
+                         stim_lengths=stim_lengths, stim_meta=list(metas))
+    if pool.shared:
+        batch._leases = pool.leases([batch.stims, values, offsets])  # offsets: the int64 buffer
+    return batch
 
 
 def build_dense(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor], metas: Sequence[dict],
-                n_selected: int, shared: bool = False) -> dict:
-    """The ``neural_collate`` dict, filled from the rows without per-item tensors."""
-    x = pad_stims(stims, shared)
+                n_selected: int, pool: BufferPool) -> dict:
+    """The ``neural_collate`` dict, filled from the rows without per-item tensors.
+
+    A dict cannot carry the leases of pooled shared buffers: in a DataLoader
+    worker, give it a pool without slots.
+    """
+    x = pad_stims(stims, pool)
     some_missing = any(len(r.neurons) < n_selected for r in rows)
     R = max([int(r.repeats.max()) for r in rows if len(r.repeats)] + [1 if some_missing else 0])
     T = max([int(r.lengths.max()) for r in rows if len(r.lengths)] + [1 if some_missing else 0])
-    responses = alloc((len(rows), n_selected, R, T), x.numpy().dtype, shared)
+    responses = pool.alloc((len(rows), n_selected, R, T), x.numpy().dtype)
     out = responses.numpy()
     out.fill(np.nan)
     for b, row in enumerate(rows):
         for p, cell in zip(row.positions.tolist(), row.cells()):
             out[b, p, :cell.shape[0], :cell.shape[1]] = cell
-    valid = alloc(out.shape, np.bool_, shared)
+    valid = pool.alloc(out.shape, np.bool_)
     mask = valid.numpy()
     np.isnan(out, out=mask)
     np.logical_not(mask, out=mask)

@@ -1,0 +1,203 @@
+"""Batch buffers that are reused once the consumer has dropped the batch.
+
+A batch of counts is tens of MB. Fresh memory for every batch makes the
+kernel map and zero it page by page (shared memory, which DataLoader workers
+build batches in, gets no huge pages), which costs about as much as
+decompressing the counts. A :class:`BufferPool` keeps the large buffers of a
+pass and hands one out again only when nothing refers to the batch that used
+it any more:
+
+- in the process that built the batch, a finalizer on the storage it handed
+  out marks the buffer free when the last tensor (or numpy view) of it dies;
+- in a DataLoader worker, the batch's tensors cross to the main process as
+  shared memory. A :class:`Lease` travels with the batch (a ``CompactBatch``
+  attribute); unpickled in the main process, it puts the same finalizer on the
+  main process's storage, which writes "released" into a small array the
+  worker shares. Pickled again (the batch forwarded to a third process), it
+  gives the buffer up for good.
+
+A buffer that is still referenced is never reused: when no free buffer fits,
+a fresh one is allocated, so keeping batches (``list(loader)``) is safe and
+only costs the fresh memory it always cost. One gap remains: a tensor of a
+worker's batch sent on to another process by itself (not the whole batch)
+can be overwritten once the main process drops it; clone it, send the whole
+batch, or turn reuse off (``StreamingNeuralDataset(..., reuse_buffers=False)``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import sys
+import threading
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Smaller arrays (a batch's stimuli, its index arrays) are allocated fresh: their pages cost little,
+# while every pooled buffer stays allocated for the whole pass. Three buffers let a worker build a
+# batch while the DataLoader queues one and the consumer holds one (measured: more add memory, not speed).
+MIN_POOLED_BYTES = 8 << 20
+DEFAULT_SLOTS = 3
+# A new buffer is made this much larger than asked (batches vary in size), in whole GRANULEs.
+SLACK = 1 / 8
+GRANULE = 1 << 20
+
+
+def torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
+
+
+def fresh(shape: tuple[int, ...], dtype: np.dtype, shared: bool) -> torch.Tensor:
+    """A new uninitialised tensor, in shared memory when ``shared``; fill it through ``.numpy()``.
+
+    Private buffers come from numpy, which asks for huge pages on large
+    arrays (torch's allocator does not). Shared ones are made by torch, so
+    that a DataLoader hands them over without a copy: a ``torch.from_numpy``
+    wrapper of shared memory is not known as shared and would be copied.
+    """
+    if not shared:
+        return torch.from_numpy(np.empty(shape, dtype=np.dtype(dtype)))
+    numel = int(np.prod(shape))
+    storage = torch.UntypedStorage._new_shared(numel * np.dtype(dtype).itemsize, device="cpu")
+    out = torch.empty(0, dtype=torch_dtype(dtype)).set_(storage).view(shape)
+    prefault(out)
+    return out
+
+
+def prefault(t: torch.Tensor, start: int = 0) -> None:
+    """Map the pages of ``t`` from byte ``start`` on now, in one system call (Linux >= 5.14;
+    a no-op elsewhere): cheaper than faulting them in one by one while filling it."""
+    nbytes = t.numel() * t.element_size()
+    if _madvise is None or nbytes <= start:
+        return
+    page = mmap.PAGESIZE
+    addr = t.data_ptr() + start
+    first = addr - addr % page
+    _madvise(ctypes.c_void_p(first), ctypes.c_size_t(t.data_ptr() + nbytes - first),
+             _MADV_POPULATE_WRITE)  # on failure, the pages fault in later
+
+
+def _libc_madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+_MADV_POPULATE_WRITE = 23
+_madvise = _libc_madvise()
+
+
+def _release(released: np.ndarray, slot: int, generation: int) -> None:
+    released[slot] = generation
+
+
+class Lease:
+    """A pooled buffer of a worker's batch, carried by the batch to the main process.
+
+    ``state``: ``"outbound"`` in the worker (inert); ``"watching"`` once
+    unpickled in the main process, where it returns the buffer to the worker's
+    pool when the main process's storage of ``tensor`` dies; ``"kept"`` once
+    pickled again from there (the batch forwarded to a third process, which
+    the pool cannot watch): the buffer is then never given back.
+    ``generation`` counts the uses of the buffer.
+    """
+
+    def __init__(self, tensor: torch.Tensor, released: torch.Tensor, slot: int, generation: int,
+                 state: str = "outbound") -> None:
+        self.tensor, self.released, self.slot, self.generation = tensor, released, slot, generation
+        self.state = state
+        self._finalizer: weakref.finalize | None = None
+        if state == "watching":
+            self._finalizer = weakref.finalize(tensor.untyped_storage(), _release, released.numpy(), slot,
+                                               generation)
+            self._finalizer.atexit = False
+
+    def __reduce__(self):
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        state = "watching" if self.state == "outbound" else "kept"
+        return (Lease, (self.tensor, self.released, self.slot, self.generation, state))
+
+
+@dataclass
+class _Slot:
+    buffer: torch.Tensor  # uint8, the whole capacity
+    generation: int = 0   # uses so far; free when the pool's released[slot] equals it
+    touched: int = 0      # bytes already pre-faulted (shared memory)
+
+
+class BufferPool:
+    """Large batch buffers of one pass, reused once released (see the module doc).
+
+    :meth:`alloc` is thread-safe. ``slots=0`` turns reuse off (every buffer fresh).
+    In shared mode, :meth:`leases` gives the leases a batch must carry.
+    """
+
+    def __init__(self, shared: bool, slots: int = DEFAULT_SLOTS) -> None:
+        self.shared = shared
+        self.max_slots = slots
+        self.slots: list[_Slot] = []
+        # generation of each slot's last use that the consumer dropped
+        self.released = fresh((max(slots, 1),), np.int64, shared)
+        self._released = self.released.numpy()
+        self._released[:] = 0
+        self._pending: dict[int, Lease] = {}  # data_ptr -> lease of a shared buffer handed out
+        self._lock = threading.Lock()
+        self.reuses = 0  # buffers handed out again (diagnostics, tests)
+
+    def alloc(self, shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
+        """An uninitialised tensor (shared memory in shared mode): a free pooled buffer if one
+        fits, else a new pooled buffer while there are fewer than ``slots``, else fresh memory."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if nbytes < MIN_POOLED_BYTES or self.max_slots == 0:
+            return fresh(shape, dtype, self.shared)
+        with self._lock:
+            i = self._take(nbytes)
+            if i is None:
+                return fresh(shape, dtype, self.shared)
+            slot = self.slots[i]
+            slot.generation += 1
+            self.reuses += slot.generation > 1
+            view = slot.buffer[:nbytes]
+            if self.shared and nbytes > slot.touched:
+                prefault(view, slot.touched)
+                slot.touched = nbytes
+            out = view.view(torch_dtype(dtype)).view(shape)
+            if self.shared:
+                self._pending[out.data_ptr()] = Lease(out, self.released, i, slot.generation)
+                return out
+        # a storage of its own, whose death (the consumer's last reference) frees the slot
+        mine = torch.from_numpy(out.numpy())
+        weakref.finalize(mine.untyped_storage(), _release, self._released, i, slot.generation).atexit = False
+        return mine
+
+    def _take(self, nbytes: int) -> int | None:
+        """Index of the slot to use for ``nbytes``, allocating or growing one if needed."""
+        free = [i for i, s in enumerate(self.slots) if self._released[i] == s.generation]
+        fits = [i for i in free if self.slots[i].buffer.numel() >= nbytes]
+        if fits:
+            return min(fits, key=lambda i: self.slots[i].buffer.numel())
+        capacity = -(-int(nbytes * (1 + SLACK)) // GRANULE) * GRANULE
+        if len(self.slots) < self.max_slots:
+            self.slots.append(_Slot(fresh((capacity,), np.uint8, self.shared)))
+            return len(self.slots) - 1
+        if free:  # too small: replace the largest free buffer by a larger one
+            i = max(free, key=lambda i: self.slots[i].buffer.numel())
+            self.slots[i] = _Slot(fresh((capacity,), np.uint8, self.shared), self.slots[i].generation)
+            return i
+        return None
+
+    def leases(self, tensors: Iterable[torch.Tensor]) -> list[Lease]:
+        """The leases of those of ``tensors`` that are pooled shared buffers (each given once)."""
+        with self._lock:
+            return [lease for t in tensors if (lease := self._pending.pop(t.data_ptr(), None)) is not None]

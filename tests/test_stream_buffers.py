@@ -1,0 +1,117 @@
+"""Reused batch buffers: a buffer comes back only once nothing refers to the batch that used it,
+in the process that built it and across DataLoader worker processes."""
+
+import numpy as np
+import torch.multiprocessing  # noqa: F401  (registers the shared-memory reductions of tensors)
+import pytest
+from multiprocessing.reduction import ForkingPickler
+from torch.utils.data import DataLoader
+
+from deepstrf.stream import StreamingNeuralDataset, buffers
+from deepstrf.stream.buffers import BufferPool
+
+from stream_helpers import compact_equal, write_pool
+
+MB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def local_pool(tmp_path_factory):
+    return write_pool(str(tmp_path_factory.mktemp("stores")))
+
+
+@pytest.fixture
+def pool_everything(monkeypatch):
+    """Pool buffers of any size (the test data's batches are small); forked workers inherit it."""
+    monkeypatch.setattr(buffers, "MIN_POOLED_BYTES", 0)
+
+
+def test_a_buffer_is_reused_only_once_every_view_of_it_is_gone():
+    pool = BufferPool(shared=False, slots=2)
+    a = pool.alloc((2 * MB,), np.uint8)
+    first = a.data_ptr()
+    b = pool.alloc((MB,), np.float32)
+    assert b.data_ptr() != first and b.shape == (MB,)
+    view, array = a[10:], None
+    del a
+    held = pool.alloc((2 * MB,), np.uint8)  # the view keeps a's buffer: another one (the third: fresh)
+    assert held.data_ptr() != first and pool.reuses == 0
+    array = view.numpy()
+    del view, held
+    assert pool.alloc((2 * MB,), np.uint8).data_ptr() != first  # a numpy view keeps it too
+    del array
+    again = pool.alloc((MB, 2), np.int8)  # now free: handed out again, in any shape and dtype that fits
+    assert again.data_ptr() == first and again.shape == (MB, 2) and pool.reuses == 1
+
+
+def test_a_full_pool_grows_a_free_buffer_or_falls_back_to_fresh_memory():
+    pool = BufferPool(shared=False, slots=1)
+    small = pool.alloc((2 * MB,), np.uint8)
+    assert pool.slots[0].buffer.numel() >= 2 * MB
+    other = pool.alloc((2 * MB,), np.uint8)  # the only slot is taken: fresh memory, not pooled
+    assert len(pool.slots) == 1 and other.data_ptr() != small.data_ptr()
+    del small
+    big = pool.alloc((5 * MB,), np.uint8)  # the free slot is too small: replaced by a larger one
+    assert len(pool.slots) == 1 and pool.slots[0].buffer.numel() >= 5 * MB
+    assert big.data_ptr() == pool.slots[0].buffer.data_ptr()
+
+
+def test_small_arrays_and_a_pool_without_slots_are_never_pooled():
+    pool = BufferPool(shared=False)
+    pool.alloc((16,), np.int64)
+    assert not pool.slots
+    off = BufferPool(shared=False, slots=0)
+    off.alloc((4 * MB,), np.uint8)
+    assert not off.slots
+
+
+def _reference(url):
+    ds = StreamingNeuralDataset(url, batch_size=2, shuffle=True, seed=3, reuse_buffers=False)
+    return list(ds)
+
+
+def test_in_process_batches_reuse_buffers_and_kept_batches_stay_intact(local_pool, pool_everything):
+    expected = _reference(local_pool)
+    ds = StreamingNeuralDataset(local_pool, batch_size=2, shuffle=True, seed=3, prefetch=1, read_threads=1)
+    seen = set()
+    for batch, ref in zip(ds, expected):
+        assert compact_equal(batch, ref)
+        seen.add(batch.values.data_ptr())
+    assert len(seen) < len(expected)  # dropped batches' buffers came back
+    ds.set_epoch(0)
+    kept = list(ds)
+    assert len({b.values.data_ptr() for b in kept}) == len(kept)
+    assert all(compact_equal(b, r) for b, r in zip(kept, expected, strict=True))
+
+
+def test_worker_buffers_come_back_from_the_main_process(local_pool, pool_everything):
+    """Real worker processes: the main process's finalizer returns each buffer once its batch
+    is dropped, and batches that are kept (list(loader)) are never overwritten."""
+    expected = sorted(_reference(local_pool), key=lambda b: b.stim_meta[0]["uid"])
+    ds = StreamingNeuralDataset(local_pool, batch_size=2, shuffle=True, seed=3)
+    generations = []
+    for batch in DataLoader(ds, batch_size=None, num_workers=2):
+        assert batch.values.is_shared() and batch._leases
+        assert all(lease.state == "watching" for lease in batch._leases)
+        generations += [lease.generation for lease in batch._leases]
+        assert any(compact_equal(batch, ref) for ref in expected)
+    assert max(generations) > 1  # some buffer served a second batch
+    kept = sorted(DataLoader(ds, batch_size=None, num_workers=2), key=lambda b: b.stim_meta[0]["uid"])
+    assert all(compact_equal(b, r) for b, r in zip(kept, expected, strict=True))
+    assert max(lease.generation for b in kept for lease in b._leases) == 1  # nothing was dropped: no reuse
+
+
+def test_a_batch_sent_on_to_another_process_keeps_its_buffers(local_pool, pool_everything):
+    ds = StreamingNeuralDataset(local_pool, batch_size=2, shuffle=False)
+    batch = next(iter(DataLoader(ds, batch_size=None, num_workers=1)))
+    lease = batch._leases[0]
+    assert lease._finalizer.alive
+    forwarded = ForkingPickler.loads(ForkingPickler.dumps(batch))
+    assert not lease._finalizer.alive  # the worker will never get this buffer back
+    assert all(lease.state == "kept" for lease in forwarded._leases)
+
+
+def test_reuse_can_be_turned_off(local_pool, pool_everything):
+    ds = StreamingNeuralDataset(local_pool, batch_size=2, shuffle=False, reuse_buffers=False)
+    assert next(iter(DataLoader(ds, batch_size=None, num_workers=1)))._leases == []
+    assert ds._buffer_pool(shared=False).max_slots == 0 and ds._buffer_pool(shared=True).max_slots == 0
