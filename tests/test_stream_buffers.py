@@ -26,7 +26,7 @@ def pool_everything(monkeypatch):
     monkeypatch.setattr(buffers, "MIN_POOLED_BYTES", 0)
 
 
-def test_a_buffer_is_reused_only_once_every_view_of_it_is_gone():
+def test_a_buffer_is_reused_only_once_every_view_of_it_is_gone(pool_everything):
     pool = BufferPool(shared=False, slots=2)
     a = pool.alloc((2 * MB,), np.uint8)
     first = a.data_ptr()
@@ -44,7 +44,7 @@ def test_a_buffer_is_reused_only_once_every_view_of_it_is_gone():
     assert again.data_ptr() == first and again.shape == (MB, 2) and pool.reuses == 1
 
 
-def test_a_full_pool_grows_a_free_buffer_or_falls_back_to_fresh_memory():
+def test_a_full_pool_grows_a_free_buffer_or_falls_back_to_fresh_memory(pool_everything):
     pool = BufferPool(shared=False, slots=1)
     small = pool.alloc((2 * MB,), np.uint8)
     assert pool.slots[0].buffer.numel() >= 2 * MB
@@ -58,10 +58,10 @@ def test_a_full_pool_grows_a_free_buffer_or_falls_back_to_fresh_memory():
 
 def test_small_arrays_and_a_pool_without_slots_are_never_pooled():
     pool = BufferPool(shared=False)
-    pool.alloc((16,), np.int64)
+    pool.alloc((buffers.MIN_POOLED_BYTES // 8 - 1,), np.int64)
     assert not pool.slots
     off = BufferPool(shared=False, slots=0)
-    off.alloc((4 * MB,), np.uint8)
+    off.alloc((buffers.MIN_POOLED_BYTES,), np.uint8)
     assert not off.slots
 
 
@@ -91,7 +91,7 @@ def test_worker_buffers_come_back_from_the_main_process(local_pool, pool_everyth
     ds = StreamingNeuralDataset(local_pool, batch_size=2, shuffle=True, seed=3)
     generations = []
     for batch in DataLoader(ds, batch_size=None, num_workers=2):
-        assert batch.values.is_shared() and batch._leases
+        assert batch.values.is_shared()  # pooled, or fresh when every buffer of the pool was in use
         assert all(lease.state == "watching" for lease in batch._leases)
         generations += [lease.generation for lease in batch._leases]
         assert any(compact_equal(batch, ref) for ref in expected)
@@ -99,6 +99,7 @@ def test_worker_buffers_come_back_from_the_main_process(local_pool, pool_everyth
     kept = sorted(DataLoader(ds, batch_size=None, num_workers=2), key=lambda b: b.stim_meta[0]["uid"])
     assert all(compact_equal(b, r) for b, r in zip(kept, expected, strict=True))
     assert max(lease.generation for b in kept for lease in b._leases) == 1  # nothing was dropped: no reuse
+    assert sum(len(b._leases) for b in kept) == 2 * buffers.DEFAULT_SLOTS  # each worker's pool, then fresh memory
 
 
 def test_a_batch_sent_on_to_another_process_keeps_its_buffers(local_pool, pool_everything):
