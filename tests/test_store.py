@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
 
@@ -615,3 +616,63 @@ def test_s3_read_defaults_and_caller_options_win():
     # ...unless the caller brings a session or names a profile
     assert Location.parse("s3://b/s", {"session": "theirs"}).fsspec_options()["session"] == "theirs"
     assert "session" not in Location.parse("s3://b/s", {"profile": "lab"}).fsspec_options()
+
+
+@pytest.mark.parametrize("store_url", ["memory", "s3"], indirect=True)  # local stores read ranges, not shards
+def test_processes_share_fetched_shards_through_a_directory(store_url, monkeypatch, tmp_path):
+    """A shard one process fetched is read from the shared directory by the next, not fetched."""
+    url, so = store_url
+    monkeypatch.setattr(fmt, "CHUNK_BYTES", 512)
+    monkeypatch.setattr(fmt, "SHARD_CHUNKS", 8)
+    save_dataset(SyntheticAudioDataset("aa1", scale=0.3, time_scale=0.05, seed=3), url, storage_options=so)
+    stims = list(range(3))
+    for process in ("first", "second"):  # each with an empty memory cache of its own
+        monkeypatch.setattr(shards, "SHARD_CACHE", shards.ShardCache(1 << 30))
+        shards.SHARD_CACHE.share(str(tmp_path))
+        reader = open_dataset(url, storage_options=so).responses.reader
+        reader.index()
+        reader.learn_shard_layout()
+        before = reader.io_counters()[0]
+        rows = reader.read_rows(stims)
+        fetched = reader.io_counters()[0] - before
+        if process == "first":
+            expected = rows
+            assert fetched > 0 and len(list(tmp_path.iterdir())) == fetched
+        else:
+            assert fetched == 0
+            assert all(np.array_equal(r.values, e.values) for r, e in zip(rows, expected, strict=True))
+    for f in tmp_path.iterdir():  # a damaged file is not trusted: the shard is fetched again
+        f.write_bytes(b"not a shard")
+    monkeypatch.setattr(shards, "SHARD_CACHE", shards.ShardCache(1 << 30))
+    shards.SHARD_CACHE.share(str(tmp_path))
+    reader = open_dataset(url, storage_options=so).responses.reader
+    assert all(np.array_equal(r.values, e.values) for r, e in zip(reader.read_rows(stims), expected, strict=True))
+
+
+def test_a_claimed_shard_is_awaited_not_fetched_twice(tmp_path):
+    import asyncio
+    import threading
+
+    directory = shards.ShardDirectory(str(tmp_path), wait_s=5)
+    assert directory.claim("k") and not directory.claim("k")  # the second process waits instead
+    blob = np.arange(10, dtype=np.uint8)
+    writer = threading.Timer(0.05, lambda: (directory.put("k", blob), directory.unclaim("k")))
+    writer.start()
+    assert np.array_equal(asyncio.run(directory.wait("k")), blob)
+    writer.join()
+    assert directory.claim("j")
+    threading.Timer(0.05, directory.unclaim, ["j"]).start()  # its fetch failed: nothing to wait for
+    assert asyncio.run(directory.wait("j")) is None
+
+
+def test_shard_directory_is_bounded_and_never_recreated(tmp_path):
+    directory = shards.ShardDirectory(str(tmp_path / "d"), max_bytes=100)
+    directory.put("a", np.zeros(10, np.uint8))
+    assert not (tmp_path / "d").exists()  # removed by its owner (here: never made): not recreated
+    (tmp_path / "d").mkdir()
+    for age, key in enumerate("ab"):
+        directory.put(key, np.zeros(40, np.uint8))
+        os.utime(directory._file(key), (age, age))  # "a" is the oldest
+    directory.put("c", np.zeros(40, np.uint8))
+    assert directory.get("a") is None and directory.get("c") is not None  # oldest removed first
+    assert sum(f.stat().st_size for f in (tmp_path / "d").iterdir()) <= 100

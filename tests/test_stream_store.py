@@ -122,6 +122,31 @@ def test_s3_permanent_failure_is_a_clear_error(s3, s3_pool, no_s3fs_retries, no_
         s3.clear_faults()
 
 
+def test_workers_fetch_each_s3_shard_once_between_them(s3_pool, monkeypatch):
+    url, options = s3_pool
+    requests = {}
+    for workers in (0, 2):
+        monkeypatch.setattr(shards, "SHARD_CACHE", shards.ShardCache(1 << 30))  # forked workers start empty
+        s = StreamingNeuralDataset(url, storage_options=options, batch_size=2, retry=FAST)
+        assert len([k for b in s.loader(num_workers=workers) for k in batch_keys(b)]) == len(s.dataset())
+        requests[workers] = s.stats()["requests"]
+    assert requests[2] == requests[0]  # a shard one worker fetched, the other read from the shared directory
+
+
+def test_the_shared_shard_directory_goes_with_the_dataset(local_pool):
+    import gc
+
+    from deepstrf.stream.dataset import _remove_owned_dir
+
+    s = StreamingNeuralDataset(local_pool)
+    path = s._shard_dir
+    _remove_owned_dir(path, owner=-1)  # what a forked worker's copy of the finalizer does
+    assert os.path.isdir(path)
+    del s
+    gc.collect()
+    assert not os.path.exists(path)
+
+
 def test_missing_store_is_a_clear_error(tmp_path):
     with pytest.raises(StreamReadError, match="store .*nowhere") as err:
         len(StreamingNeuralDataset(str(tmp_path / "nowhere"), retry=FAST))

@@ -7,7 +7,8 @@ have a fixed layout (``docs/format.md``): 1-D, shard index first (``bytes`` ->
 array :class:`ShardedArray` reads ``[a, b)`` with the shard indexes cached per
 process: per shard, range GETs of the needed inner chunks (gaps of up to
 ``MAX_GAP_BYTES`` read along) or, on an object store, the whole shard object,
-kept in a per-process cache; it decodes the inner chunks in a worker thread
+kept in a per-process cache (and in a directory that the DataLoader workers of
+a streaming dataset share: :class:`ShardDirectory`); it decodes the inner chunks in a worker thread
 straight into the caller's arrays (:meth:`ShardedArray.read_into`: a streamed
 batch decodes into its own buffer).
 Arrays laid out any other way are left to zarr (:meth:`ShardedArray.of` is None).
@@ -16,7 +17,10 @@ Arrays laid out any other way are left to zarr (:meth:`ShardedArray.of` is None)
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import itertools
+import os
 import sys
 import threading
 from collections import OrderedDict
@@ -44,6 +48,8 @@ MAX_GAP_BYTES = 1 << 20
 # SHARD_CACHE_BYTES): on object stores a request costs about what a few MiB of transfer do.
 WHOLE_SHARD_BYTES = 8 << 20
 SHARD_CACHE_BYTES = 256 << 20
+# Whole shards shared between the processes of one machine (see ShardDirectory), on disk.
+SHARED_SHARD_BYTES = 1 << 30
 
 
 def _is_codecs(codecs: Iterable, kinds: tuple[type, ...]) -> bool:
@@ -102,14 +108,98 @@ class ShardLayout:
         return range(max(lo, a // self.chunk), min(hi, (b - 1) // self.chunk) + 1)
 
 
+class ShardDirectory:
+    """Whole shards as files in a directory that several processes share (the DataLoader workers
+    of one streaming dataset), so that a shard one worker fetched is not fetched again by
+    another. A process about to fetch a shard claims it first (a lock file), and the others
+    wait for its file instead of fetching it too (up to ``wait_s``; a failed fetch drops the
+    claim). At most ``max_bytes``, the oldest files removed first; files appear whole (written
+    aside, then renamed). A directory that is gone (its owner cleaned it up) is not recreated.
+    """
+
+    POLL_S = 0.005
+
+    def __init__(self, path: str, max_bytes: int = SHARED_SHARD_BYTES, wait_s: float = 30.0) -> None:
+        self.path, self.max_bytes, self.wait_s = path, max_bytes, wait_s
+
+    def _file(self, key: str) -> str:
+        return os.path.join(self.path, hashlib.sha1(key.encode()).hexdigest())
+
+    def get(self, key: str) -> np.ndarray | None:
+        try:
+            return np.fromfile(self._file(key), dtype=np.uint8)
+        except FileNotFoundError:
+            return None
+
+    def claim(self, key: str) -> bool:
+        """Take the right to fetch ``key`` (False: another process holds it)."""
+        try:
+            os.close(os.open(self._file(key) + ".claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        except OSError:  # no directory: nobody to share with
+            return True
+        return True
+
+    def unclaim(self, key: str) -> None:
+        with contextlib.suppress(OSError):
+            os.remove(self._file(key) + ".claim")
+
+    async def wait(self, key: str) -> np.ndarray | None:
+        """The file of ``key`` once the process that claimed it wrote it; None if that process
+        dropped its claim (or took longer than ``wait_s``)."""
+        claim = self._file(key) + ".claim"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
+        while loop.time() < deadline:
+            claimed = os.path.exists(claim)  # before looking: a fetcher writes, then drops its claim
+            blob = await asyncio.to_thread(self.get, key)
+            if blob is not None or not claimed:
+                return blob
+            await asyncio.sleep(self.POLL_S)
+        return None
+
+    def put(self, key: str, blob: np.ndarray) -> None:
+        final = self._file(key)
+        if os.path.exists(final) or not os.path.isdir(self.path):
+            return
+        aside = f"{final}.{os.getpid()}.{threading.get_ident()}.part"
+        try:
+            blob.tofile(aside)
+            os.replace(aside, final)
+        except OSError:  # disk full, directory removed: sharing is an optimisation only
+            with contextlib.suppress(OSError):
+                os.remove(aside)
+            return
+        self._trim()
+
+    def _trim(self) -> None:
+        with contextlib.suppress(OSError):
+            files = [(e.stat().st_mtime, e.stat().st_size, e.path) for e in os.scandir(self.path)
+                     if "." not in e.name]
+            total = sum(size for _, size, _ in files)
+            for _, size, path in sorted(files):
+                if total <= self.max_bytes:
+                    break
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                total -= size
+
+
 class ShardCache:
-    """Least recently used whole shards, compressed, at most ``max_bytes`` in all (one per process)."""
+    """Least recently used whole shards, compressed, at most ``max_bytes`` in all (one per process),
+    backed by a :class:`ShardDirectory` once :meth:`share` names one."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.nbytes = 0
         self.blobs: OrderedDict[str, np.ndarray] = OrderedDict()
         self.lock = threading.Lock()
+        self.directory: ShardDirectory | None = None
+
+    def share(self, path: str | None) -> None:
+        """Look up and keep fetched shards in the directory ``path`` too (None: stop sharing)."""
+        self.directory = None if path is None else ShardDirectory(path)
 
     def get(self, key: str) -> np.ndarray | None:
         with self.lock:
@@ -213,6 +303,28 @@ class ShardedArray:
         self._parse_index(shard, await self._get(shard, 0, self.layout.index_bytes))
 
     async def _load_whole(self, shard: int) -> np.ndarray:
+        """Shard ``shard`` whole: from the directory shared with other processes when one is set
+        and has it (or once the process fetching it has written it), else fetched here."""
+        key, shared = self._cache_key(shard), SHARD_CACHE.directory
+        if shared is None:
+            return await self._fetch_whole(shard)
+        blob = await asyncio.to_thread(shared.get, key)
+        if blob is None:
+            if shared.claim(key):
+                try:
+                    blob = await self._fetch_whole(shard)
+                    await asyncio.to_thread(shared.put, key, blob)
+                    return blob
+                finally:
+                    shared.unclaim(key)
+            blob = await shared.wait(key)  # another process is fetching it
+        if blob is not None and self._is_whole(shard, blob):
+            SHARD_CACHE.put(key, blob)
+            return blob
+        return await self._fetch_whole(shard)  # not shared after all, or damaged
+
+    async def _fetch_whole(self, shard: int) -> np.ndarray:
+        """Shard ``shard`` in one GET, its index parsed, kept in :data:`SHARD_CACHE`."""
         buf = await self.store.get(self.key(shard), default_buffer_prototype())
         if buf is None:
             raise MissingChunk(self.key(shard))
@@ -221,6 +333,13 @@ class ShardedArray:
             raise ValueError(f"{self.key(shard)}: truncated ({len(blob)} bytes, its index needs more)")
         SHARD_CACHE.put(self._cache_key(shard), blob)
         return blob
+
+    def _is_whole(self, shard: int, blob: np.ndarray) -> bool:
+        """Does ``blob`` (from a shared directory) hold shard ``shard`` whole? Parses its index if so."""
+        try:
+            return len(blob) >= _stored_end(self._parse_index(shard, blob))
+        except ValueError:  # its index fails its checksum: fetch the shard instead
+            return False
 
     def _cache_key(self, shard: int) -> str:
         return f"{self.url}/c/{shard}"

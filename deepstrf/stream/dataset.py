@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import tempfile
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..datasets import views
 from ..datasets.neural_dataset import NeuralDataset
+from ..store import shards
 from ..store.dataset import load_indexes, storage_io
 from . import partition, reader, shuffle
 from .buffers import DEFAULT_SLOTS, BufferPool
@@ -133,6 +137,10 @@ class StreamingNeuralDataset(IterableDataset):
         self.cache_dir, self.cache_bytes = cache_dir, cache_bytes
         self.retry = retry
         self.reuse_buffers = reuse_buffers
+        # whole shards of an object store that one DataLoader worker fetched, for the others;
+        # removed with this object in the process that made it (workers never remove it)
+        self._shard_dir = tempfile.mkdtemp(prefix="deepstrf-shards-")
+        weakref.finalize(self, _remove_owned_dir, self._shard_dir, os.getpid())
         self.epoch = 0
         self._offset = 0        # units of this epoch consumed before this pass (resume)
         self._steps = 0         # batches yielded by this rank since the offset
@@ -296,6 +304,8 @@ class StreamingNeuralDataset(IterableDataset):
         in_process = info is None
         if in_process:
             self._begin_pass()
+        else:
+            shards.SHARD_CACHE.share(self._shard_dir)
         self.counters.use_slot(worker_id + 1 if info is not None else 0)
         self.counters.reset_slot()
         units = self._units(st)
@@ -439,6 +449,12 @@ class StreamingNeuralDataset(IterableDataset):
     def __repr__(self) -> str:
         return (f"StreamingNeuralDataset({self._where()!r}, batch_size={self.batch_size}, "
                 f"collate={self.collate!r}, shuffle={self.shuffle}, seed={self.seed}, epoch={self.epoch})")
+
+
+def _remove_owned_dir(path: str, owner: int) -> None:
+    """Remove ``path`` if this is the process that made it (a forked worker inherits finalizers)."""
+    if os.getpid() == owner:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class StreamingDataLoader(DataLoader):
