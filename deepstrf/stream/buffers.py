@@ -51,20 +51,22 @@ def torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
 
 
-def fresh(shape: tuple[int, ...], dtype: np.dtype, shared: bool) -> torch.Tensor:
+def fresh(shape: tuple[int, ...], dtype: np.dtype, shared: bool, populate: bool = True) -> torch.Tensor:
     """A new uninitialised tensor, in shared memory when ``shared``; fill it through ``.numpy()``.
 
     Private buffers come from numpy, which asks for huge pages on large
     arrays (torch's allocator does not). Shared ones are made by torch, so
     that a DataLoader hands them over without a copy: a ``torch.from_numpy``
     wrapper of shared memory is not known as shared and would be copied.
+    They are mapped at once (:func:`prefault`) unless ``populate`` is False.
     """
     if not shared:
         return torch.from_numpy(np.empty(shape, dtype=np.dtype(dtype)))
     numel = int(np.prod(shape))
     storage = torch.UntypedStorage._new_shared(numel * np.dtype(dtype).itemsize, device="cpu")
     out = torch.empty(0, dtype=torch_dtype(dtype)).set_(storage).view(shape)
-    prefault(out)
+    if populate:
+        prefault(out)
     return out
 
 
@@ -187,15 +189,20 @@ class BufferPool:
         fits = [i for i in free if self.slots[i].buffer.numel() >= nbytes]
         if fits:
             return min(fits, key=lambda i: self.slots[i].buffer.numel())
-        capacity = -(-int(nbytes * (1 + SLACK)) // GRANULE) * GRANULE
         if len(self.slots) < self.max_slots:
-            self.slots.append(_Slot(fresh((capacity,), np.uint8, self.shared)))
+            self.slots.append(_Slot(self._new_buffer(nbytes)))
             return len(self.slots) - 1
         if free:  # too small: replace the largest free buffer by a larger one
             i = max(free, key=lambda i: self.slots[i].buffer.numel())
-            self.slots[i] = _Slot(fresh((capacity,), np.uint8, self.shared), self.slots[i].generation)
+            self.slots[i] = _Slot(self._new_buffer(nbytes), self.slots[i].generation)
             return i
         return None
+
+    def _new_buffer(self, nbytes: int) -> torch.Tensor:
+        """A slot's buffer for at least ``nbytes``, with room to spare; :meth:`alloc` maps the part
+        it hands out."""
+        capacity = -(-int(nbytes * (1 + SLACK)) // GRANULE) * GRANULE
+        return fresh((capacity,), np.uint8, self.shared, populate=False)
 
     def leases(self, tensors: Iterable[torch.Tensor]) -> list[Lease]:
         """The leases of those of ``tensors`` that are pooled shared buffers (each given once)."""
