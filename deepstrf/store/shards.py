@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import itertools
 import os
+import shutil
 import sys
 import threading
 from collections import OrderedDict
@@ -48,7 +49,8 @@ MAX_GAP_BYTES = 1 << 20
 # SHARD_CACHE_BYTES): on object stores a request costs about what a few MiB of transfer do.
 WHOLE_SHARD_BYTES = 8 << 20
 SHARD_CACHE_BYTES = 256 << 20
-# Whole shards shared between the processes of one machine (see ShardDirectory), on disk.
+# Whole shards shared between the processes of one machine (see ShardDirectory), on disk: at
+# most this much, and at most a quarter of the free space where the directory is.
 SHARED_SHARD_BYTES = 1 << 30
 
 
@@ -199,7 +201,14 @@ class ShardCache:
 
     def share(self, path: str | None) -> None:
         """Look up and keep fetched shards in the directory ``path`` too (None: stop sharing)."""
-        self.directory = None if path is None else ShardDirectory(path)
+        if path is None:
+            self.directory = None
+            return
+        try:
+            free = shutil.disk_usage(path).free
+        except OSError:  # gone: nothing to share
+            free = 0
+        self.directory = ShardDirectory(path, min(SHARED_SHARD_BYTES, free // 4))
 
     def get(self, key: str) -> np.ndarray | None:
         with self.lock:
