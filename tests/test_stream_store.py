@@ -122,7 +122,7 @@ def test_s3_permanent_failure_is_a_clear_error(s3, s3_pool, no_s3fs_retries, no_
         s3.clear_faults()
 
 
-def test_workers_fetch_each_s3_shard_once_between_them(s3_pool, monkeypatch):
+def test_workers_fetch_each_s3_shard_once_between_them_and_across_epochs(s3_pool, monkeypatch):
     url, options = s3_pool
     requests = {}
     for workers in (0, 2):
@@ -131,6 +131,9 @@ def test_workers_fetch_each_s3_shard_once_between_them(s3_pool, monkeypatch):
         assert len([k for b in s.loader(num_workers=workers) for k in batch_keys(b)]) == len(s.dataset())
         requests[workers] = s.stats()["requests"]
     assert requests[2] == requests[0]  # a shard one worker fetched, the other read from the shared directory
+    s.set_epoch(1)  # new worker processes, empty memory caches: the directory outlives them
+    assert len([k for b in s.loader(num_workers=2) for k in batch_keys(b)]) == len(s.dataset())
+    assert s.stats()["requests"] == 0
 
 
 def test_the_shared_shard_directory_goes_with_the_dataset(local_pool):
