@@ -112,6 +112,29 @@ def test_dataloader_workers_exactly_once(pool, workers):
     assert keys == [k for b in s for k in batch_keys(b)]
 
 
+def test_persistent_workers_follow_epochs_and_resumption(pool):
+    """Persistent workers keep their copy of the dataset between epochs; the epoch and the resume
+    offset they read are shared with the main process."""
+    def order(epoch):
+        ref = StreamingNeuralDataset(pool, batch_size=2, seed=4)
+        ref.set_epoch(epoch)
+        return [k for b in ref for k in batch_keys(b)]
+
+    s = StreamingNeuralDataset(pool, batch_size=2, seed=4)
+    loader = s.loader(num_workers=2, persistent_workers=True)
+    assert [k for b in loader for k in batch_keys(b)] == order(0)
+    assert s.epoch == 1  # a full pass through loader() advances the epoch, in the workers too
+    assert [k for b in loader for k in batch_keys(b)] == order(1)
+    s.set_epoch(5)
+    seen = []
+    for i, b in enumerate(loader):
+        seen += batch_keys(b)
+        if i == 1:
+            break
+    s.load_state_dict(s.state_dict())  # resume where the interrupted pass stopped, same workers
+    assert seen + [k for b in loader for k in batch_keys(b)] == order(5)
+
+
 def test_items_with_dataloader_batching(pool):
     s = StreamingNeuralDataset(pool, seed=2)
     loader = DataLoader(s, batch_size=4, collate_fn=neural_collate, num_workers=2)

@@ -141,8 +141,9 @@ class StreamingNeuralDataset(IterableDataset):
         # removed with this object in the process that made it (workers never remove it)
         self._shard_dir = tempfile.mkdtemp(prefix="deepstrf-shards-")
         weakref.finalize(self, _remove_owned_dir, self._shard_dir, os.getpid())
-        self.epoch = 0
-        self._offset = 0        # units of this epoch consumed before this pass (resume)
+        # the epoch and the units of it consumed before this pass (resume) live in shared memory:
+        # persistent DataLoader workers see set_epoch, load_state_dict and the end of a pass
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._steps = 0         # batches yielded by this rank since the offset
         self.counters = StreamCounters()
         self.rank_world()
@@ -249,6 +250,23 @@ class StreamingNeuralDataset(IterableDataset):
                                      self.drop_last)
 
     # -- epochs and resumption ---------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """The epoch whose order is streamed (see :meth:`set_epoch`)."""
+        return int(self._position[0])
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._position[0] = value
+
+    @property
+    def _offset(self) -> int:
+        return int(self._position[1])
+
+    @_offset.setter
+    def _offset(self, value: int) -> None:
+        self._position[1] = value
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order to stream; a new epoch starts from its beginning
         and zeroes the counters (a resumed epoch keeps its offset)."""
@@ -465,8 +483,6 @@ class StreamingDataLoader(DataLoader):
         if dataset.batch_size is None and kwargs.get("num_workers", 0) > 0:
             raise ValueError("StreamingNeuralDataset.loader with worker processes needs the dataset to "
                              "build batches: pass batch_size to StreamingNeuralDataset")
-        if kwargs.get("persistent_workers"):
-            raise ValueError("persistent_workers would keep each worker's epoch and offset; leave it off")
         kwargs.setdefault("batch_size", None)
         super().__init__(dataset, **kwargs)
 
