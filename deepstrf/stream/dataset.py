@@ -53,6 +53,20 @@ class Opened:
     io: StorageIO | None            # storage requests/bytes of a store-backed dataset, else None
 
 
+class _SharedPosition:
+    """An int attribute kept in the dataset's shared-memory ``_position`` tensor, so that
+    persistent DataLoader workers read the value the main process set."""
+
+    def __init__(self, index: int, doc: str) -> None:
+        self.index, self.__doc__ = index, doc
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self if obj is None else int(obj._position[self.index])
+
+    def __set__(self, obj: Any, value: int) -> None:
+        obj._position[self.index] = value
+
+
 class StreamingNeuralDataset(IterableDataset):
     """Stream the visible items of a source or pool into PyTorch, sharded and shuffled.
 
@@ -250,22 +264,8 @@ class StreamingNeuralDataset(IterableDataset):
                                      self.drop_last)
 
     # -- epochs and resumption ---------------------------------------------------
-    @property
-    def epoch(self) -> int:
-        """The epoch whose order is streamed (see :meth:`set_epoch`)."""
-        return int(self._position[0])
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        self._position[0] = value
-
-    @property
-    def _offset(self) -> int:
-        return int(self._position[1])
-
-    @_offset.setter
-    def _offset(self, value: int) -> None:
-        self._position[1] = value
+    epoch = _SharedPosition(0, "The epoch whose order is streamed (see :meth:`set_epoch`).")
+    _offset = _SharedPosition(1, "Units of this epoch consumed before this pass (resume).")
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order to stream; a new epoch starts from its beginning
