@@ -91,6 +91,8 @@ class StreamingNeuralDataset(IterableDataset):
     with ``drop_last``; see :mod:`deepstrf.stream.partition`). ``rank`` and
     ``world_size`` default to ``torch.distributed`` when it is initialised.
     Order is a pure function of ``(seed, epoch)``: call :meth:`set_epoch`.
+    The epoch and the resume position are shared with DataLoader workers, so
+    ``persistent_workers=True`` follows them too.
 
     Reading: one ``read_raw_rows`` call per batch (concurrent range reads in
     store-backed grids), ``prefetch`` batches read ahead (default 2 in the
