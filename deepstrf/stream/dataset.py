@@ -362,7 +362,7 @@ class StreamingNeuralDataset(IterableDataset):
         """Where this pass's batches are built: shared memory in a DataLoader worker (no copy to the
         main process), reused buffers unless turned off (a dense dict cannot carry the leases
         that return a worker's buffers)."""
-        reuse = self.reuse_buffers and self.batch_size is not None and not (shared and self.collate == "dense")
+        reuse = self.reuse_buffers and not (shared and self.collate == "dense")
         return BufferPool(shared, slots=DEFAULT_SLOTS if reuse else 0)
 
     def _read_batch(self, positions: np.ndarray, pool: BufferPool) -> Any:

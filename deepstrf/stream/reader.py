@@ -138,7 +138,7 @@ def build_compact(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor],
                          lengths=lengths, item_index=item_index, neuron_index=neuron_index,
                          stim_lengths=stim_lengths, stim_meta=list(metas))
     if pool.shared:
-        batch._leases = pool.leases([batch.stims, values, offsets])  # offsets: the int64 buffer
+        batch._leases = pool.leases(getattr(batch, k) for k in batch.keys() if k != "stim_meta")
     return batch
 
 
