@@ -318,15 +318,17 @@ class ShardedArray:
         if shared is None:
             return await self._fetch_whole(shard)
         blob = await asyncio.to_thread(shared.get, key)
-        if blob is None:
-            if shared.claim(key):
-                try:
+        if blob is None and not shared.claim(key):
+            blob = await shared.wait(key)  # another process is fetching it
+        elif blob is None:
+            try:  # look again: its fetcher may have written it and dropped its claim since we looked
+                blob = await asyncio.to_thread(shared.get, key)
+                if blob is None:
                     blob = await self._fetch_whole(shard)
                     await asyncio.to_thread(shared.put, key, blob)
                     return blob
-                finally:
-                    shared.unclaim(key)
-            blob = await shared.wait(key)  # another process is fetching it
+            finally:
+                shared.unclaim(key)
         if blob is not None and self._is_whole(shard, blob):
             SHARD_CACHE.put(key, blob)
             return blob
