@@ -22,6 +22,14 @@ COMMANDS = {
 }
 
 
+EXIT_CODES = """exit codes:
+  0    success (verify: no problem found)
+  1    the command stopped on an error, or verify found problems; the message (what, where, what
+       to do) is on stderr, without a traceback
+  2    the command line is wrong (unknown command or option, missing argument)
+  130  interrupted (Ctrl-C)"""
+
+
 def _storage_options(pairs: Sequence[str]) -> dict | None:
     """``["key=value", ...]`` -> dict (values parsed as JSON when possible)."""
     import json
@@ -49,7 +57,8 @@ def _storage_options(pairs: Sequence[str]) -> dict | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepstrf", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="deepstrf", description=__doc__.splitlines()[0], epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     so = argparse.ArgumentParser(add_help=False)
     so.add_argument("--storage-option", "-S", action="append", default=[], metavar="KEY=VALUE",
@@ -103,7 +112,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(["demo", *(argv or [])])
     args.storage_options = _storage_options(getattr(args, "storage_option", []))
     module, func = COMMANDS[args.command].split(":")
-    return int(getattr(importlib.import_module(module), func)(args) or 0)
+    from . import errors
+
+    expected = tuple(e for e in vars(errors).values() if isinstance(e, type) and issubclass(e, Exception))
+    try:
+        return int(getattr(importlib.import_module(module), func)(args) or 0)
+    except expected as e:  # what went wrong and what to do is in the message: no traceback
+        print(f"deepstrf {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"deepstrf {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

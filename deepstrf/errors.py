@@ -47,3 +47,8 @@ class SourceChangedError(IntegrityError):
 
 class UntrustedReferenceError(StoreError, PermissionError):
     """A pool references a location outside its own root and the allowed roots."""
+
+
+class StreamStalledError(StoreError, TimeoutError):
+    """DataLoader workers stopped delivering batches (stuck or dead); the message names each
+    worker, what it was reading and for how long."""

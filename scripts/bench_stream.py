@@ -11,7 +11,9 @@ sampling itself slows the measured processes by 10-15 %:
 - ``memory``: the pool loaded in RAM (``to_memory()``), ``DataLoader(batch_size=8,
   shuffle=True, collate_fn=neural_collate)``: what a deepSTRF user does today;
 - ``local_w0_compact`` / ``local_w2_compact`` / ``local_w2_dense``: the pool
-  streamed from local Zarr by ``StreamingNeuralDataset``, 0 or 2 workers;
+  streamed from local Zarr by ``StreamingNeuralDataset.loader()``, 0 or 2 workers
+  (started by its default, ``forkserver``); ``local_w2_compact_fork``: the same with
+  forked workers;
 - ``s3_w0_compact`` / ``s3_w2_compact``: the same stores on a local S3 (moto,
   served by this process) with ``--latency-ms`` added to every request;
 - ``mds_w2``: mosaicml-streaming reading the same items from uncompressed
@@ -69,8 +71,6 @@ def child_memory(args) -> dict:
 
 
 def child_stream(args) -> dict:
-    from torch.utils.data import DataLoader
-
     from deepstrf.stream import StreamingNeuralDataset
 
     options = json.loads(args.storage_options) if args.storage_options else None
@@ -78,7 +78,8 @@ def child_stream(args) -> dict:
     ds = StreamingNeuralDataset(args.pool, storage_options=options, batch_size=BATCH, collate=args.collate,
                                 shuffle=True, seed=0)
     opened = time.perf_counter() - start  # the URL is opened (with its sources' index) at construction
-    loader = DataLoader(ds, batch_size=None, num_workers=args.workers)
+    loader = ds.loader(num_workers=args.workers,
+                       multiprocessing_context=None if args.start_method == "default" else args.start_method)
     out = _timed_epoch(loader, lambda b: len(b["stim_meta"]))
     stats = ds.stats()
     return {**out, "open_s": round(opened, 3), **{k: stats[k] for k in ("requests", "bytes_fetched", "bytes_used")}}
@@ -276,6 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--collate", default="compact", help=argparse.SUPPRESS)
     p.add_argument("--storage-options", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--start-method", default="default", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         result = CHILDREN[args.child](args)
@@ -303,6 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
     for workers, collate in ((0, "compact"), (2, "compact"), (2, "dense")):
         if want(name := f"local_w{workers}_{collate}"):
             configs.append((name, me + ["--child", "stream", "--workers", str(workers), "--collate", collate]))
+    if want("local_w2_compact_fork"):  # the start method loader() used before it defaulted to forkserver
+        configs.append(("local_w2_compact_fork", me + ["--child", "stream", "--workers", "2", "--start-method", "fork"]))
     server = None
     if want("s3"):
         server, s3_pool, options = upload_to_s3(Path(pool).parent, args.latency_ms / 1000)

@@ -20,8 +20,13 @@ def hanning_smooth(response: torch.Tensor, window_ms: float, dt_ms: float) -> to
     if K % 2 == 0:
         K += 1
     dtype = response.dtype if response.is_floating_point() else torch.float32
-    kernel = torch.tensor(np.hanning(K), dtype=dtype, device=response.device).view(1, 1, K)
     pad = (K - 1) // 2
-    shape = response.shape
-    flat = F.pad(response.to(dtype).reshape(-1, 1, shape[-1]), (pad, pad))
-    return F.conv1d(flat, kernel).view(shape)
+    x = F.pad(response.to(dtype), (pad, pad))
+    T = response.shape[-1]
+    # one multiply-add per tap instead of conv1d: no BLAS call, which DataLoader workers forked from
+    # a trainer running torch BLAS in other threads must avoid (docs/streaming.md)
+    out = torch.zeros(response.shape, dtype=dtype, device=response.device)
+    for j, w in enumerate(np.hanning(K).tolist()):
+        if w:
+            out.add_(x[..., j:j + T], alpha=w)
+    return out

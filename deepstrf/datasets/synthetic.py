@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .audio import AudioNeuralDataset
 from .views import LazySequence, ResponseGrid, missing_sentinel
@@ -108,13 +107,23 @@ class SyntheticAudioDataset(AudioNeuralDataset):
         return torch.from_numpy(x.astype(np.float32))[None]
 
     def true_rate(self, s: int) -> torch.Tensor:
-        """Expected spike count per bin, ``(N, T_s)``, for every neuron."""
+        """Expected spike count per bin, ``(N, T_s)``, for every neuron.
+
+        Computed with numpy, not torch: it runs in DataLoader workers, where torch's BLAS (MKL)
+        may hold a lock copied half-way from a trainer's thread at fork (``docs/streaming.md``).
+        """
         gt = self.ground_truth
-        x = self.stim(s)  # (1, F, T)
-        L = gt["strf"].shape[-1]
-        drive = F.conv1d(F.pad(x, (L - 1, 0)), gt["strf"].flip(-1))[0]  # causal: uses stim up to t
-        rate_hz = gt["peak_hz"][:, None] * F.softplus(drive + gt["bias"][:, None])
-        return rate_hz * (self.dt / 1000.0)
+        x = self.stim(s)[0].numpy()  # (F, T)
+        strf = gt["strf"].numpy()    # (N, F, L)
+        N, n_bands, L = strf.shape
+        T = x.shape[1]
+        # causal: drive[n, t] = sum_{f, l} strf[n, f, l] * x[f, t - l], as one matrix product
+        padded = np.concatenate([np.zeros((n_bands, L - 1), dtype=x.dtype), x], axis=1)
+        lagged = np.lib.stride_tricks.sliding_window_view(padded, L, axis=1)[:, :, ::-1]  # (F, T, L): x[f, t - l]
+        drive = strf.reshape(N, -1) @ lagged.transpose(0, 2, 1).reshape(n_bands * L, T)
+        z = drive + gt["bias"].numpy()[:, None]
+        rate_hz = gt["peak_hz"].numpy()[:, None] * np.logaddexp(0.0, z, dtype=np.float32)
+        return torch.from_numpy(rate_hz * np.float32(self.dt / 1000.0))
 
     def counts(self, s: int) -> list[torch.Tensor]:
         """Poisson counts of row ``s``: one ``(R, T)`` float tensor or sentinel per neuron."""

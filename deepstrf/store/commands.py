@@ -15,11 +15,6 @@ from .pool import POOL_FORMAT
 from .verify import verify_source
 
 
-def _fail(command: str, err: Exception) -> int:
-    print(f"deepstrf {command}: error: {err}", file=sys.stderr)
-    return 1
-
-
 def describe_source(attrs: dict[str, Any], url: str) -> dict[str, Any]:
     """Plain-dict summary of a source store's attributes (no data read)."""
     stats = attrs.get("stats", {})
@@ -79,17 +74,14 @@ def info_main(args: Namespace) -> int:
     from .pool_commands import describe_pool, print_pool
 
     loc = Location.parse(args.url, args.storage_options)
-    try:
-        attrs = dict(open_group(loc).attrs)
-        fmt.check_format(attrs, loc.url, expected=None)
-    except StoreError as e:
-        return _fail("info", e)
+    attrs = dict(open_group(loc).attrs)
+    fmt.check_format(attrs, loc.url, expected=None)
     if attrs["format"] == fmt.SOURCE_FORMAT:
         summary, show = describe_source(attrs, loc.url), _print_source
     elif attrs["format"] == POOL_FORMAT:
         summary, show = describe_pool(attrs, loc.url), print_pool
     else:
-        return _fail("info", StoreError(f"{loc.url} holds a {attrs['format']!r} group; upgrade deepstrf to read it"))
+        raise StoreError(f"{loc.url} holds a {attrs['format']!r} group; upgrade deepstrf to read it")
     if args.json:
         print(json.dumps(summary))
     else:
@@ -106,10 +98,7 @@ def verify_main(args: Namespace) -> int:
     from .pool_commands import verify_pool
 
     loc = Location.parse(args.url, args.storage_options)
-    try:
-        is_pool = dict(open_group(loc).attrs).get("format") == POOL_FORMAT
-    except StoreError as e:
-        return _fail("verify", e)
+    is_pool = dict(open_group(loc).attrs).get("format") == POOL_FORMAT
     problems = (verify_pool(loc, allowed_roots=args.allow_root, data=args.data) if is_pool
                 else verify_source(loc))
     for p in problems:

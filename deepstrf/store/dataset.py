@@ -9,7 +9,6 @@ The dataset is an ordinary ``AudioNeuralDataset`` / ``VideoNeuralDataset`` /
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +20,7 @@ from ..datasets.neural_dataset import NeuralDataset
 from ..datasets.video import VideoNeuralDataset
 from ..datasets.views import BlockDiagonalGrid, LazySequence, RawRow, ResponseGrid, missing_sentinel
 from ..errors import StoreError
+from ..forksafe import thread_map
 from . import format as fmt
 from .location import Location
 from .reader import SourceReader, open_group
@@ -105,9 +105,7 @@ def load_indexes(ds: NeuralDataset) -> None:
         reader.index()
         reader.learn_shard_layout()
 
-    readers = source_readers(ds) or []
-    with ThreadPoolExecutor(max_workers=min(8, max(len(readers), 1))) as pool:
-        list(pool.map(load, readers))
+    thread_map(load, source_readers(ds) or [], max_workers=8, name="deepstrf-index")
 
 
 def open_source(loc: Location, group: Any, **kw: Any) -> NeuralDataset:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ from ..datasets.concat import concat_datasets
 from ..datasets.neural_dataset import NeuralDataset
 from ..datasets.views import BlockDiagonalGrid, LazySequence, MappedSequence, ResponseGrid
 from ..errors import IntegrityError, SourceChangedError, StoreNotFoundError
+from ..forksafe import thread_map
 from . import format as fmt
 from .atomic import consolidate, staged_write
 from .dataset import OPENERS, open_dataset
@@ -109,8 +109,7 @@ def open_pool(loc: Location, group: zarr.Group, *, allowed_roots: Sequence[str] 
                 f"{entry['ref']!r}); restore it there or rewrite the pool. ({e})") from e
 
     # sources are opened concurrently: over a remote store each open is a few round trips
-    with ThreadPoolExecutor(max_workers=min(16, len(entries))) as pool_threads:
-        opened = list(pool_threads.map(open_source, entries))
+    opened = thread_map(open_source, entries, max_workers=16, name="deepstrf-open")
     unchanged = all([_check_fingerprint(loc, e, src, accept_changed_sources) for e, src in zip(entries, opened)])
     names = [e["name"] for e in entries]
     pooled = concat_datasets(opened, names) if len(opened) > 1 else _single(opened[0], names[0])

@@ -120,23 +120,33 @@ def print_pool(d: dict) -> None:
 
 
 def verify_pool(loc, *, allowed_roots=(), data: bool = False) -> list[str]:
-    """Problems found in a pool: version, coverage, references, fingerprints (and sources' data)."""
+    """Problems found in a pool: metadata, version, references, fingerprints, coverage against each
+    source's index (and, with ``data``, every chunk of every source). A damaged source is a
+    problem named after it; the other sources are still checked."""
     from ..errors import StoreError
-    from .verify import verify_source
+    from .location import Location
+    from .reader import open_group
+    from .verify import metadata_problems, verify_source
 
     try:
+        problems = metadata_problems(loc, open_group(loc))
         pool = open_dataset(loc.url, storage_options=loc.storage_options, allowed_roots=allowed_roots)
+        stored = pool.nrn_masks
     except (StoreError, ValueError) as e:
         return [str(e)]
-    problems = []
-    expected = torch.zeros_like(pool.nrn_masks)
-    for k, (name, stims, neurons) in enumerate(pool.source_blocks()):
-        expected[stims.start:stims.stop, neurons.start:neurons.stop] = pool.responses.sources[k].nrn_masks
-    if not torch.equal(expected, pool.nrn_masks):
-        problems.append(f"pool {loc.url}: the stored coverage mask differs from the sources' masks")
-    if data:
-        from .location import Location
-
-        for src in pool.responses.sources:
-            problems += verify_source(Location.parse(src.store_url, src.storage_options))
+    for src, (name, stims, neurons) in zip(pool.responses.sources, pool.source_blocks()):
+        if data:
+            found = verify_source(Location.parse(src.store_url, src.storage_options), progress=False)
+            problems += [f"pool {loc.url}: source {name!r}: {p}" for p in found]
+            if found:
+                continue
+        try:
+            recorded = src.nrn_masks
+        except StoreError as e:
+            problems.append(f"pool {loc.url}: source {name!r} ({src.store_url}): {e}")
+            continue
+        if not torch.equal(stored[stims.start:stims.stop, neurons.start:neurons.stop], recorded):
+            problems.append(f"pool {loc.url}: the stored coverage of source {name!r} (stims {stims.start}-"
+                            f"{stims.stop - 1}, neurons {neurons.start}-{neurons.stop - 1}) differs from its "
+                            f"index at {src.store_url}; rewrite the pool with deepstrf concat")
     return problems

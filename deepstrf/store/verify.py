@@ -1,8 +1,13 @@
-"""Full check of a source store: every chunk decoded, every digest and the fingerprint recomputed."""
+"""Full check of a source store: every chunk decoded, every digest and the fingerprint recomputed;
+and, for sources and pools, every array's own ``zarr.json`` against the consolidated metadata."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+import zarr
+from zarr.core.buffer import default_buffer_prototype
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -26,7 +31,7 @@ def verify_source(loc: Location, *, progress: bool | None = None) -> list[str]:
         reader.bind(group)
     except StoreError as e:
         return [str(e)]
-    problems: list[str] = []
+    problems = metadata_problems(loc, group)
     arrays = reader.arrays()
     total = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in arrays.values())
     recorded = attrs.get("arrays", {})
@@ -72,3 +77,40 @@ def _describe(reader: SourceReader, name: str, a: int, b: int, err: BaseExceptio
         except StoreError as e:  # the index itself is unreadable
             return str(e)
     return str(reader.error(err, f"array {name!r} rows {a}-{b - 1}"))
+
+
+def metadata_problems(loc: Location, group: zarr.Group) -> list[str]:
+    """Each array's own ``zarr.json`` must exist, parse and say what the consolidated copy says.
+
+    deepstrf opens a store from the consolidated metadata alone, but any other Zarr reader (and
+    a rewrite of the consolidation) uses the per-array documents: a damaged one is a damaged store.
+    """
+    consolidated = group.metadata.consolidated_metadata
+    if consolidated is None:
+        return [f"{loc.url}: the root zarr.json holds no consolidated metadata; the store was not written "
+                "by deepstrf or was rewritten. Re-create it from its source."]
+    fs, root = loc.filesystem()
+    problems = []
+    for name, meta in sorted(consolidated.flattened_metadata.items()):
+        key = f"{name}/zarr.json"
+        where = f"{loc.url}: {key}"
+        try:
+            own = json.loads(fs.cat_file(f"{root}/{key}"))
+        except FileNotFoundError:
+            problems.append(f"{where} is missing (other Zarr readers cannot open {name!r}); re-create the store.")
+            continue
+        except (ValueError, UnicodeDecodeError) as e:
+            problems.append(f"{where} cannot be parsed ({e}); other Zarr readers fail on it. Re-create the store.")
+            continue
+        if not isinstance(own, dict) or own.get("node_type") != meta.node_type:
+            problems.append(f"{where} does not describe the {meta.node_type} the consolidated metadata lists; "
+                            "re-create the store.")
+        elif meta.node_type == "array" and own != _as_written(meta):
+            problems.append(f"{where} differs from the consolidated metadata (shape, codecs or attributes); "
+                            "the store was modified after it was written. Re-create it.")
+    return problems
+
+
+def _as_written(meta: Any) -> dict:
+    """The JSON document zarr writes for ``meta``, parsed."""
+    return json.loads(meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())

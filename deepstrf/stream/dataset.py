@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 import shutil
 import tempfile
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,6 +26,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..datasets import views
 from ..datasets.neural_dataset import NeuralDataset
+from ..errors import StreamStalledError
+from ..forksafe import run_gated
 from ..store import shards
 from ..store.dataset import load_indexes, storage_io
 from . import partition, reader, shuffle
@@ -33,6 +36,7 @@ from .cache import RowCache
 from .prefetch import Prefetcher
 from .retry import RetryPolicy, call_with_retries
 from .stats import StorageIO, StreamCounters, summarize
+from .workers import DEFAULT_TIMEOUT_S, WorkerActivity, context_method, worker_context
 
 Collate = Literal["compact", "dense"]
 STATE_VERSION = 1
@@ -162,6 +166,7 @@ class StreamingNeuralDataset(IterableDataset):
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._steps = 0         # batches yielded by this rank since the offset
         self.counters = StreamCounters()
+        self.activity = WorkerActivity()
         self.rank_world()
         self._opened: Opened | None = None
         self.last_prefetcher: Prefetcher | None = None
@@ -328,6 +333,7 @@ class StreamingNeuralDataset(IterableDataset):
             shards.SHARD_CACHE.share(self._shard_dir)
         self.counters.use_slot(worker_id + 1 if info is not None else 0)
         self.counters.reset_slot()
+        self.activity.use_slot(worker_id + 1 if info is not None else 0)
         units = self._units(st)
         batches = partition.rank_batches(len(units), self._offset, world, rank, self._unit_batch(), self.drop_last)
         mine = partition.worker_batches(batches, worker_id, num_workers)
@@ -368,10 +374,17 @@ class StreamingNeuralDataset(IterableDataset):
     def _read_batch(self, positions: np.ndarray, pool: BufferPool) -> Any:
         """Read the items at ``positions`` of the visible list: one batched row read."""
         st = self._state()
-        ds = st.ds
         stims = st.visible[positions].tolist()
+        self.activity.begin(stims)
+        try:
+            return self._read_stim_batch(st, stims, pool)
+        finally:
+            self.activity.end()
+
+    def _read_stim_batch(self, st: Opened, stims: list[int], pool: BufferPool) -> Any:
+        ds = st.ds
         start = time.perf_counter()
-        pending = st.stim_pool.submit(self._read_stims, st, stims)
+        pending = st.stim_pool.submit(run_gated, self._read_stims, st, stims)
         values, out = self._batch_buffer(st, stims, pool)
         rows = self._read_rows(st, stims, out)
         stim_tensors = pending.result()
@@ -463,7 +476,8 @@ class StreamingNeuralDataset(IterableDataset):
         return summarize(self.counters.totals(), seconds)
 
     def loader(self, num_workers: int = 0, **kwargs: Any) -> "StreamingDataLoader":
-        """A ``DataLoader`` over this dataset that tracks progress for :meth:`state_dict`."""
+        """A ``DataLoader`` over this dataset that tracks progress for :meth:`state_dict`, starts
+        worker processes safely and reports stalled ones (see :class:`StreamingDataLoader`)."""
         return StreamingDataLoader(self, num_workers=num_workers, **kwargs)
 
     def __repr__(self) -> str:
@@ -478,14 +492,31 @@ def _remove_owned_dir(path: str, owner: int) -> None:
 
 
 class StreamingDataLoader(DataLoader):
-    """``DataLoader(batch_size=None)`` over a :class:`StreamingNeuralDataset` that counts the
-    batches it hands out, so ``state_dict()`` is exact with worker processes too."""
+    """``DataLoader(batch_size=None)`` over a :class:`StreamingNeuralDataset`.
+
+    - It counts the batches it hands out, so ``state_dict()`` is exact with worker processes.
+    - Worker processes start with ``multiprocessing_context`` = ``forkserver`` by default
+      (``spawn`` where there is none): a forked copy of a trainer whose other threads hold
+      locks (torch BLAS, its RNG) can hang at its first torch call. Pass
+      ``multiprocessing_context="fork"`` to fork anyway (faster start, inherits the opened
+      store) when no thread of yours runs torch code while workers start.
+    - ``timeout`` (default 300 s with workers): when no batch arrives for that long, or a worker
+      dies, the pass ends with :class:`~deepstrf.errors.StreamStalledError` naming every worker,
+      what it was reading and for how long, and the workers are stopped.
+    """
 
     def __init__(self, dataset: StreamingNeuralDataset, **kwargs: Any) -> None:
-        if dataset.batch_size is None and kwargs.get("num_workers", 0) > 0:
+        workers = kwargs.get("num_workers", 0)
+        if dataset.batch_size is None and workers > 0:
             raise ValueError("StreamingNeuralDataset.loader with worker processes needs the dataset to "
                              "build batches: pass batch_size to StreamingNeuralDataset")
         kwargs.setdefault("batch_size", None)
+        if workers > 0:
+            kwargs.setdefault("timeout", DEFAULT_TIMEOUT_S)
+            if kwargs.get("multiprocessing_context") is None:
+                kwargs["multiprocessing_context"] = worker_context()
+            if context_method(kwargs["multiprocessing_context"]) != "fork":
+                _check_picklable_selection(dataset)
         super().__init__(dataset, **kwargs)
 
     def __iter__(self) -> Iterator[Any]:
@@ -494,7 +525,49 @@ class StreamingDataLoader(DataLoader):
             yield from super().__iter__()
             return
         ds._begin_pass()
-        for batch in super().__iter__():
+        ds.activity.reset()
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except RuntimeError as exc:
+                if "timed out" not in str(exc) and "exited unexpectedly" not in str(exc):
+                    raise
+                raise self._stalled(batches, exc) from exc
             ds._steps += 1
             yield batch
         ds._end_pass()
+
+    def _stalled(self, batches: Any, exc: RuntimeError) -> StreamStalledError:
+        """The error for workers that stopped delivering; stops them first (a stuck worker would
+        otherwise outlive the pass as long as the traceback keeps the iterator)."""
+        ds: StreamingNeuralDataset = self.dataset
+        pids = [w.pid for w in getattr(batches, "_workers", [])]
+        report = ds.activity.describe(self.num_workers, pids, ds._where())
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._iterator = None  # persistent workers: the next pass starts new ones
+        method = context_method(self.multiprocessing_context)
+        hint = ("a forked worker can hang on a lock held by another thread of this process at fork: use "
+                "the default start method (forkserver)" if method == "fork"
+                else "look for a read that never returns (a dead server, a lock in your transform)")
+        return StreamStalledError(f"streaming {ds._where()}: {exc}. Epoch {ds.epoch}, pass stopped; "
+                                  f"the workers were:\n{report}\nWhat to do: {hint}, or raise "
+                                  f"loader(timeout=...) if reads are just slow (now {self.timeout:g} s).")
+
+
+def _check_picklable_selection(ds: StreamingNeuralDataset) -> None:
+    """Workers that are not forked receive the dataset pickled: refuse an unpicklable ``select``
+    now, with what to do, instead of a pickling traceback from the DataLoader."""
+    select = ds._selection_args[2]
+    if select is None:
+        return
+    try:
+        pickle.dumps(select)
+    except Exception as e:  # noqa: BLE001 - any pickling failure means the same to the user
+        raise ValueError(f"select={select!r} cannot be pickled ({e}), so worker processes that are not "
+                         "forked cannot receive it: pass a module-level function (or functools.partial "
+                         "of one), or stims=/neurons= lists") from e

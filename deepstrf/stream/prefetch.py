@@ -2,7 +2,8 @@
 
 At most ``depth`` results are read ahead at any time (running, or finished
 and waiting), plus the one the consumer holds, so memory is bounded by
-``depth + 1`` batches whatever the size of the dataset.
+``depth + 1`` batches whatever the size of the dataset. Each read is a gated
+task (:mod:`deepstrf.forksafe`): a fork never copies one half-way.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
+
+from ..forksafe import run_gated
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -39,7 +42,7 @@ class Prefetcher:
             for task in tasks:
                 while len(pending) >= self.depth:
                     yield pending.popleft().result()
-                pending.append(pool.submit(self.fn, task))
+                pending.append(pool.submit(run_gated, self.fn, task))
                 self.max_outstanding = max(self.max_outstanding, len(pending))
             while pending:
                 yield pending.popleft().result()

@@ -1,0 +1,113 @@
+"""Threads that never straddle a fork.
+
+``os.fork()`` copies only the forking thread. Anything another thread was in
+the middle of at that instant stays half-done forever in the child: a lock
+it held (ours, zarr's, blosc's, MKL's allocator's, torch's RNG mutex) is
+held by no one and never released, and the child's first attempt to take it
+hangs. DataLoader workers are forked that way on Linux.
+
+deepstrf's own background threads run their work as *gated tasks*
+(:func:`run_gated`, :func:`thread_map`). A handler registered with
+``os.register_at_fork`` makes every ``os.fork()`` in the process wait until
+no gated task is running (new ones wait until the fork is done), so a child
+never inherits a deepstrf thread half-way through a read, a decode or a
+user's lazy transform. Threads of the user's own (a trainer running torch
+BLAS in helper threads) are outside this gate: against those only a start
+method that does not fork the trainer helps, which is why
+:meth:`~deepstrf.stream.StreamingNeuralDataset.loader` starts its workers
+with ``forkserver`` by default (see ``docs/streaming.md``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# How long a fork waits for running tasks before it goes ahead anyway (with a warning): a task
+# stuck on a dead server must not freeze the process that wants to fork.
+FORK_WAIT_SECONDS = 60.0
+
+
+class ForkGate:
+    """Counts running gated tasks; a fork waits for zero and holds new tasks back meanwhile."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._running = 0
+        self._forking = False
+        self._mine = threading.local()  # tasks running in this thread (a task may fork, or nest)
+
+    def run(self, fn: Callable[..., R], *args: object) -> R:
+        """``fn(*args)``, counted as a running task."""
+        with self._cond:
+            while self._forking:
+                self._cond.wait()
+            self._running += 1
+        self._mine.depth = getattr(self._mine, "depth", 0) + 1
+        try:
+            return fn(*args)
+        finally:
+            self._mine.depth -= 1
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    def running(self) -> int:
+        """Gated tasks running now (in any thread of this process)."""
+        with self._cond:
+            return self._running
+
+    def before_fork(self) -> None:
+        own = getattr(self._mine, "depth", 0)  # a task that forks cannot wait for itself
+        deadline = time.monotonic() + FORK_WAIT_SECONDS
+        # New tasks are held back only once none runs: a running task may be waiting for one it
+        # submitted (a batch read waits for its stimulus read), which must be able to start.
+        with self._cond:
+            while self._running > own and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            self._forking = True
+            stuck = self._running - own
+        if stuck:
+            warnings.warn(f"forking while {stuck} deepstrf read thread(s) are still busy after "
+                          f"{FORK_WAIT_SECONDS:.0f} s; the child may hang on a lock they hold. Start "
+                          "DataLoader workers with multiprocessing_context='forkserver' or 'spawn'.",
+                          RuntimeWarning, stacklevel=2)
+
+    def after_fork_in_parent(self) -> None:
+        with self._cond:
+            self._forking = False
+            self._cond.notify_all()
+
+    def after_fork_in_child(self) -> None:
+        self._reset()  # the parent's threads do not exist here; neither do their tasks
+
+
+GATE = ForkGate()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=GATE.before_fork, after_in_parent=GATE.after_fork_in_parent,
+                        after_in_child=GATE.after_fork_in_child)
+
+
+def run_gated(fn: Callable[..., R], *args: object) -> R:
+    """Run ``fn(*args)`` as a task a fork waits for; use it for every job given to a thread."""
+    return GATE.run(fn, *args)
+
+
+def thread_map(fn: Callable[[T], R], items: Iterable[T], max_workers: int, name: str = "deepstrf") -> list[R]:
+    """``list(map(fn, items))`` in a short-lived pool of gated threads."""
+    items = list(items)
+    if len(items) <= 1 or max_workers <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(max_workers, len(items)), thread_name_prefix=name) as pool:
+        return list(pool.map(lambda x: run_gated(fn, x), items))
