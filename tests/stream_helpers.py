@@ -10,6 +10,16 @@ from deepstrf.datasets.synthetic import SyntheticAudioDataset
 from deepstrf.store import open_dataset, save_dataset
 
 
+# every DataLoader with worker processes in the tests waits at most this long for a batch: a stuck
+# worker fails its test instead of hanging the suite
+LOADER_TIMEOUT_S = 60
+
+
+def loader_timeout(workers: int) -> float:
+    """``DataLoader(timeout=...)`` for ``workers`` processes (0 without: torch refuses a timeout then)."""
+    return LOADER_TIMEOUT_S if workers else 0
+
+
 def small_pool(scale: float = 0.1, time_scale: float = 0.02):
     """An AA1 + AA2-shaped synthetic pool, tiny: ~3 + ~12 stims, ~10 + ~49 neurons, T ~ 40."""
     a = SyntheticAudioDataset("aa1", scale=scale, time_scale=time_scale, seed=1)

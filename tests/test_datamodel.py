@@ -4,6 +4,7 @@ import functools
 
 import pytest
 import torch
+from stream_helpers import LOADER_TIMEOUT_S
 from toydata import ToyAudio, ToyVideo, cells_equal
 from torch.utils.data import DataLoader
 
@@ -166,13 +167,13 @@ def test_dataloader_with_workers_over_selected_pool():
     a, pool = _worker_pool()
     pool.select_pop_by_nrn_attr("dataset", "AA1")
     assert len(pool) == a.get_S()
-    loader = DataLoader(pool, batch_size=2, num_workers=2, collate_fn=neural_collate)
+    loader = DataLoader(pool, batch_size=2, num_workers=2, collate_fn=neural_collate, timeout=LOADER_TIMEOUT_S)
     seen = [m["uid"] for batch in loader for m in batch["stim_meta"]]
     assert sorted(seen) == sorted(m["uid"] for m in a.stim_meta)
     batch = next(iter(loader))
     assert batch["responses"].shape[1] == a.N_neurons
     assert torch.equal(batch["valid_mask"], ~batch["responses"].isnan())
-    compact = DataLoader(pool, batch_size=3, num_workers=2,
+    compact = DataLoader(pool, batch_size=3, num_workers=2, timeout=LOADER_TIMEOUT_S,
                          collate_fn=functools.partial(compact_collate, neuron_index=pool.selected_neurons()))
     total = sum(int(b.n_cells) for b in compact)
     assert total == int(pool.nrn_masks[:, : a.N_neurons].sum())

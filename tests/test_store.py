@@ -28,6 +28,8 @@ from deepstrf.store.location import Location, shared_s3_session
 from deepstrf.store.reader import SourceReader
 from deepstrf.utils.data import concat_neural_datasets, neural_collate
 
+from stream_helpers import LOADER_TIMEOUT_S
+
 
 # -- small sources made here ------------------------------------------------------------
 def audio_source() -> NeuralDataset:
@@ -267,7 +269,7 @@ def test_pickle_by_url_and_dataloader_workers(saved):
     assert len(blob) < 20_000  # URL + metadata, no data or handles
     clone = pickle.loads(blob)
     assert items_equal(clone[1], src[1])
-    loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=neural_collate,
+    loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=neural_collate, timeout=LOADER_TIMEOUT_S,
                         multiprocessing_context="fork")
     uids = [m["uid"] for b in loader for m in b["stim_meta"]]
     assert uids == [src.stim_meta[s]["uid"] for s in src.visible_stims()]

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from deepstrf.stream import StreamingNeuralDataset, buffers
 from deepstrf.stream.buffers import BufferPool
 
-from stream_helpers import compact_equal, write_pool
+from stream_helpers import LOADER_TIMEOUT_S, compact_equal, write_pool
 
 MB = 1 << 20
 
@@ -90,13 +90,13 @@ def test_worker_buffers_come_back_from_the_main_process(local_pool, pool_everyth
     expected = sorted(_reference(local_pool), key=lambda b: b.stim_meta[0]["uid"])
     ds = StreamingNeuralDataset(local_pool, batch_size=2, shuffle=True, seed=3)
     generations = []
-    for batch in DataLoader(ds, batch_size=None, num_workers=2):
+    for batch in DataLoader(ds, batch_size=None, num_workers=2, timeout=LOADER_TIMEOUT_S):
         assert batch.values.is_shared()  # pooled, or fresh when every buffer of the pool was in use
         assert all(lease.state == "watching" for lease in batch._leases)
         generations += [lease.generation for lease in batch._leases]
         assert any(compact_equal(batch, ref) for ref in expected)
     assert max(generations) > 1  # some buffer served a second batch
-    kept = sorted(DataLoader(ds, batch_size=None, num_workers=2), key=lambda b: b.stim_meta[0]["uid"])
+    kept = sorted(DataLoader(ds, batch_size=None, num_workers=2, timeout=LOADER_TIMEOUT_S), key=lambda b: b.stim_meta[0]["uid"])
     assert all(compact_equal(b, r) for b, r in zip(kept, expected, strict=True))
     assert max(lease.generation for b in kept for lease in b._leases) == 1  # nothing was dropped: no reuse
     assert sum(len(b._leases) for b in kept) == 2 * buffers.DEFAULT_SLOTS  # each worker's pool, then fresh memory
@@ -104,7 +104,7 @@ def test_worker_buffers_come_back_from_the_main_process(local_pool, pool_everyth
 
 def test_a_batch_sent_on_to_another_process_keeps_its_buffers(local_pool, pool_everything):
     ds = StreamingNeuralDataset(local_pool, batch_size=2, shuffle=False)
-    batch = next(iter(DataLoader(ds, batch_size=None, num_workers=1)))
+    batch = next(iter(DataLoader(ds, batch_size=None, num_workers=1, timeout=LOADER_TIMEOUT_S)))
     lease = batch._leases[0]
     assert lease._finalizer.alive
     forwarded = ForkingPickler.loads(ForkingPickler.dumps(batch))
@@ -114,5 +114,5 @@ def test_a_batch_sent_on_to_another_process_keeps_its_buffers(local_pool, pool_e
 
 def test_reuse_can_be_turned_off(local_pool, pool_everything):
     ds = StreamingNeuralDataset(local_pool, batch_size=2, shuffle=False, reuse_buffers=False)
-    assert next(iter(DataLoader(ds, batch_size=None, num_workers=1)))._leases == []
+    assert next(iter(DataLoader(ds, batch_size=None, num_workers=1, timeout=LOADER_TIMEOUT_S)))._leases == []
     assert ds._buffer_pool(shared=False).max_slots == 0 and ds._buffer_pool(shared=True).max_slots == 0

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from deepstrf.datasets.collate import CompactBatch, compact_collate, neural_collate
 from deepstrf.stream import StreamingNeuralDataset
 
-from stream_helpers import batch_keys, compact_equal, item_key, items_equal, small_pool, tensors_equal
+from stream_helpers import LOADER_TIMEOUT_S, loader_timeout, batch_keys, compact_equal, item_key, items_equal, small_pool, tensors_equal
 from toydata import ToyAudio
 
 
@@ -103,7 +103,7 @@ def test_full_pass_advances_epoch(pool):
 @pytest.mark.parametrize("workers", [0, 1, 2])
 def test_dataloader_workers_exactly_once(pool, workers):
     s = StreamingNeuralDataset(pool, batch_size=3, seed=5)
-    loader = DataLoader(s, batch_size=None, num_workers=workers)
+    loader = DataLoader(s, batch_size=None, num_workers=workers, timeout=loader_timeout(workers))
     keys = [k for b in loader for k in batch_keys(b)]
     assert Counter(keys) == Counter(item_key(pool[i]) for i in range(len(pool)))
     assert len(keys) == len(pool)
@@ -137,7 +137,7 @@ def test_persistent_workers_follow_epochs_and_resumption(pool):
 
 def test_items_with_dataloader_batching(pool):
     s = StreamingNeuralDataset(pool, seed=2)
-    loader = DataLoader(s, batch_size=4, collate_fn=neural_collate, num_workers=2)
+    loader = DataLoader(s, batch_size=4, collate_fn=neural_collate, num_workers=2, timeout=LOADER_TIMEOUT_S)
     keys = [m["uid"] for b in loader for m in b["stim_meta"]]
     assert sorted(keys) == sorted(item_key(pool[i]) for i in range(len(pool)))
 
@@ -205,7 +205,7 @@ def test_ranks_given_explicitly(pool):
 
 def test_stats_count_items_and_batches(pool):
     s = StreamingNeuralDataset(pool, batch_size=4)
-    list(DataLoader(s, batch_size=None, num_workers=2))
+    list(DataLoader(s, batch_size=None, num_workers=2, timeout=LOADER_TIMEOUT_S))
     st = s.stats(seconds=1.0)
     assert st["items"] == len(pool) and st["batches"] == -(-len(pool) // 4)
     assert st["bytes_used"] > 0 and st["requests"] >= st["batches"]
@@ -226,7 +226,7 @@ def test_bad_arguments(pool):
 def test_batches_from_workers_equal_in_process_batches(pool, collate):
     s = StreamingNeuralDataset(pool, batch_size=4, collate=collate, shuffle=False)
     here = list(s)
-    there = list(DataLoader(s, batch_size=None, num_workers=2))
+    there = list(DataLoader(s, batch_size=None, num_workers=2, timeout=LOADER_TIMEOUT_S))
     assert len(here) == len(there)
     for a, b in zip(here, there):
         for k in ("stims", "values", "offsets", "neuron_index") if collate == "compact" else \

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from deepstrf.stream import StreamingNeuralDataset
 
-from stream_helpers import batch_keys, item_key, small_pool
+from stream_helpers import loader_timeout, batch_keys, item_key, small_pool
 
 
 def _free_port() -> int:
@@ -31,7 +31,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, workers: int) -> 
         for epoch in (0, 1):
             s.set_epoch(epoch)
             keys, steps = [], 0
-            for batch in DataLoader(s, batch_size=None, num_workers=workers):
+            for batch in DataLoader(s, batch_size=None, num_workers=workers, timeout=loader_timeout(workers)):
                 keys += batch_keys(batch)
                 steps += 1
                 t = torch.ones(1)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import pickle
 import shutil
 import tempfile
 import time
@@ -87,8 +86,10 @@ class StreamingNeuralDataset(IterableDataset):
 
     Selection: ``stims`` (stim indices, as ``select_stims``), ``neurons``
     (as ``select_population``) and ``select`` (a callable applying any
-    ``select_*`` to the opened dataset; picklable if workers are spawned)
-    replace the dataset's own selection; the §3 visibility rule applies.
+    ``select_*`` to the opened dataset) replace the dataset's own selection;
+    the §3 visibility rule applies. ``select`` runs where the dataset is
+    built; worker processes that are not forked receive the stims and
+    neurons it selected (so it need not be picklable).
 
     Every visible item is read once per epoch across all ranks and workers
     (ranks: padded by repeating up to ``world_size - 1`` items, or dropped
@@ -179,6 +180,10 @@ class StreamingNeuralDataset(IterableDataset):
     # -- opening (once per process) ------------------------------------------------
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
+        if self._selection_args[2] is not None:
+            # a select callable (a lambda, say) need not pickle: other processes get what it selected
+            ds = self._state().ds
+            state["_selection_args"] = (ds.S_sel, ds.I or None, None)
         state["_opened"] = None  # reopened (URL) or re-derived from the source in the new process
         state["last_prefetcher"] = None
         return state
@@ -515,8 +520,6 @@ class StreamingDataLoader(DataLoader):
             kwargs.setdefault("timeout", DEFAULT_TIMEOUT_S)
             if kwargs.get("multiprocessing_context") is None:
                 kwargs["multiprocessing_context"] = worker_context()
-            if context_method(kwargs["multiprocessing_context"]) != "fork":
-                _check_picklable_selection(dataset)
         super().__init__(dataset, **kwargs)
 
     def __iter__(self) -> Iterator[Any]:
@@ -557,17 +560,3 @@ class StreamingDataLoader(DataLoader):
         return StreamStalledError(f"streaming {ds._where()}: {exc}. Epoch {ds.epoch}, pass stopped; "
                                   f"the workers were:\n{report}\nWhat to do: {hint}, or raise "
                                   f"loader(timeout=...) if reads are just slow (now {self.timeout:g} s).")
-
-
-def _check_picklable_selection(ds: StreamingNeuralDataset) -> None:
-    """Workers that are not forked receive the dataset pickled: refuse an unpicklable ``select``
-    now, with what to do, instead of a pickling traceback from the DataLoader."""
-    select = ds._selection_args[2]
-    if select is None:
-        return
-    try:
-        pickle.dumps(select)
-    except Exception as e:  # noqa: BLE001 - any pickling failure means the same to the user
-        raise ValueError(f"select={select!r} cannot be pickled ({e}), so worker processes that are not "
-                         "forked cannot receive it: pass a module-level function (or functools.partial "
-                         "of one), or stims=/neurons= lists") from e

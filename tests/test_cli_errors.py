@@ -1,0 +1,126 @@
+"""The command line on damaged stores and bad input: problems listed, no traceback, documented exit codes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import os
+from pathlib import Path
+
+import pytest
+
+from deepstrf import concat_neural_datasets, open_dataset, save_dataset
+from deepstrf.cli import main as cli_main
+from deepstrf.datasets.synthetic import SyntheticAudioDataset
+from deepstrf.store import format as fmt
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run(capsys):
+    """Run ``deepstrf ARGS...`` in this process from folder ``cwd``; an exception escaping the
+    command (a traceback for a user) fails the test."""
+    def run(cwd, *args) -> Result:
+        here = os.getcwd()
+        os.chdir(cwd)
+        try:
+            code = cli_main(list(args))
+        finally:
+            os.chdir(here)
+        out = capsys.readouterr()
+        return Result(code, out.out, out.err)
+    return run
+
+
+@pytest.fixture
+def pool(tmp_path) -> Path:
+    """Two small sources under ``tmp_path`` and their pool ``tmp_path/pool.zarr``."""
+    urls = []
+    for name, seed in (("aa1", 1), ("aa2", 2)):
+        urls.append(str(tmp_path / f"{name}.zarr"))
+        save_dataset(SyntheticAudioDataset(name, scale=0.1, time_scale=0.02, seed=seed), urls[-1], progress=False)
+    concat_neural_datasets([open_dataset(u) for u in urls], names=["AA1", "AA2"], store=str(tmp_path / "pool.zarr"))
+    return tmp_path / "pool.zarr"
+
+
+def flip_byte(path: Path, at: int) -> None:
+    blob = bytearray(path.read_bytes())
+    blob[at] ^= 0xFF
+    path.write_bytes(bytes(blob))
+
+
+def test_verify_pool_lists_a_corrupt_chunk_of_one_source(pool, run):
+    root = pool.parent
+    assert run(root, "verify", "pool.zarr").returncode == 0
+    chunk = next((root / "aa2.zarr" / fmt.REPEATS / "c").rglob("*"))
+    while chunk.is_dir():
+        chunk = next(chunk.iterdir())
+    flip_byte(chunk, chunk.stat().st_size // 2)  # the cell index of AA2: the pool's coverage check reads it
+    for args in (("verify", "pool.zarr"), ("verify", "pool.zarr", "--data")):
+        out = run(root, *args)
+        assert out.returncode == 1, out.stderr
+        assert "source 'AA2'" in out.stderr and "aa2.zarr" in out.stderr and "problem(s) found" in out.stderr
+        assert "'AA1'" not in out.stderr  # the sound source is checked, and passes
+    source = run(root, "verify", "aa2.zarr")
+    assert source.returncode == 1 and "aa2.zarr" in source.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "edit"])
+def test_verify_checks_each_arrays_own_metadata(pool, damage, run):
+    root = pool.parent
+    doc = root / "aa1.zarr" / fmt.VALUES / "zarr.json"
+    text = doc.read_text()
+    if damage == "truncate":
+        doc.write_text(text[: len(text) // 2])
+    elif damage == "delete":
+        doc.unlink()
+    else:
+        doc.write_text(text.replace('"shape": [', '"shape": [1').replace('"shape":[', '"shape":[1'))
+    assert open_dataset(str(root / "aa1.zarr")).get_S() > 0  # deepstrf reads the consolidated copy only
+    for url, name in (("aa1.zarr", f"{fmt.VALUES}/zarr.json"), ("pool.zarr", "source 'AA1'")):
+        out = run(root, "verify", url, *(["--data"] if url == "pool.zarr" else []))
+        assert out.returncode == 1, (url, out.stdout, out.stderr)
+        assert name in out.stderr and f"{fmt.VALUES}/zarr.json" in out.stderr
+
+
+def test_verify_checks_the_pools_own_array_metadata(pool, run):
+    doc = next(p for p in pool.rglob("zarr.json") if p.parent != pool)
+    doc.write_text("{")
+    out = run(pool.parent, "verify", "pool.zarr")
+    assert out.returncode == 1 and "cannot be parsed" in out.stderr
+
+
+def test_expected_errors_print_no_traceback(pool, tmp_path, run):
+    root = pool.parent
+    cases = [
+        (("info", "nothing-here.zarr"), "nothing-here.zarr"),
+        (("verify", "nothing-here.zarr"), "nothing-here.zarr"),
+        (("plot", "nothing-here.zarr"), "nothing-here.zarr"),
+        (("concat", "pool.zarr", "aa1.zarr", "aa2.zarr"), "overwrite"),
+    ]
+    ns1 = str(tmp_path / "ns1.zarr")
+    save_dataset(SyntheticAudioDataset("ns1", scale=0.1, time_scale=0.02, seed=3), ns1, progress=False)
+    cases.append((("concat", "mixed.zarr", "aa1.zarr", "ns1.zarr"), "mismatch"))
+    for args, what in cases:
+        out = run(root, *args)
+        assert out.returncode == 1, (args, out.stderr)
+        assert f"deepstrf {args[0]}: error:" in out.stderr and what in out.stderr, (args, out.stderr)
+    assert not (root / "mixed.zarr").exists()
+
+
+def test_exit_codes_are_documented_and_kept(capsys):
+    with pytest.raises(SystemExit) as usage:
+        cli_main(["no-such-command"])
+    assert usage.value.code == 2
+    with pytest.raises(SystemExit) as help_exit:
+        cli_main(["--help"])
+    assert help_exit.value.code == 0
+    text = capsys.readouterr().out
+    assert "exit codes" in text
+    for code in ("0", "1", "2", "130"):
+        assert f"\n  {code} " in text

@@ -1,0 +1,95 @@
+"""DataLoader workers started by ``loader()``: the safe default start method, and a stuck or dead
+worker reported by name with what it was reading, instead of a silent wait."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from deepstrf.datasets.views import LazySequence
+from deepstrf.errors import StreamStalledError
+from deepstrf.stream import StreamingNeuralDataset
+from deepstrf.stream.workers import context_method, worker_context
+
+from stream_helpers import batch_keys, item_key, small_pool
+from toydata import ToyAudio
+
+
+class SlowStims(LazySequence):
+    """A dataset's stimuli whose stim ``slow`` takes ``seconds`` to read (or kills the reader)."""
+
+    def __init__(self, stims: list, slow: int, seconds: float = 0.0, die: bool = False) -> None:
+        super().__init__(len(stims))
+        self.stims, self.slow, self.seconds, self.die = stims, slow, seconds, die
+
+    def _get(self, i: int):
+        if i == self.slow:
+            if self.die:
+                os._exit(3)
+            time.sleep(self.seconds)
+        return self.stims[i]
+
+
+def toy_with_slow_stim(**kw) -> ToyAudio:
+    ds = ToyAudio(seed=1, S=8, N=3)
+    ds.stims = SlowStims(list(ds.stims), slow=5, **kw)
+    return ds
+
+
+def test_default_start_method_is_not_fork():
+    ctx = worker_context()
+    assert context_method(ctx) in ("forkserver", "spawn")
+    loader = StreamingNeuralDataset(small_pool(), batch_size=4).loader(num_workers=2)
+    assert context_method(loader.multiprocessing_context) == context_method(ctx)
+    assert loader.timeout > 0
+
+
+def test_forkserver_workers_read_every_item_once():
+    pool = small_pool()
+    s = StreamingNeuralDataset(pool, batch_size=3, seed=2)
+    keys = [k for b in s.loader(num_workers=2) for k in batch_keys(b)]
+    assert sorted(keys) == sorted(item_key(pool[i]) for i in range(len(pool)))
+    assert s.epoch == 1
+
+
+def test_a_lambda_selection_reaches_workers_that_are_not_forked():
+    pool = small_pool()
+    s = StreamingNeuralDataset(pool, batch_size=4, select=lambda d: d.select_pop_by_nrn_attr("dataset", "AA1"))
+    keys = [k for b in s.loader(num_workers=2) for k in batch_keys(b)]
+    pool.select_pop_by_nrn_attr("dataset", "AA1")
+    assert sorted(keys) == sorted(item_key(pool[i]) for i in range(len(pool)))
+    assert len(keys) < len(small_pool())
+
+
+def test_stuck_worker_is_named_with_what_it_reads():
+    s = StreamingNeuralDataset(toy_with_slow_stim(seconds=60), batch_size=2, shuffle=False)
+    start = time.monotonic()
+    with pytest.raises(StreamStalledError) as err:
+        for _ in s.loader(num_workers=2, timeout=3):
+            pass
+    msg = str(err.value)
+    assert time.monotonic() - start < 30  # the stuck worker was stopped, not waited for
+    # stims 4 and 5 are batch 2, which worker 0 reads (batches go round-robin)
+    assert "worker 0" in msg and "reading stims [4, 5]" in msg and "worker 1" in msg
+    assert "timeout" in msg and "3 s" in msg
+
+
+def test_dead_worker_is_reported_with_what_it_was_reading():
+    s = StreamingNeuralDataset(toy_with_slow_stim(die=True), batch_size=2, shuffle=False)
+    with pytest.raises(StreamStalledError) as err:
+        list(s.loader(num_workers=2, timeout=20))
+    msg = str(err.value)
+    assert "exited unexpectedly" in msg and "dead" in msg and "reading stims [4, 5]" in msg
+
+
+def test_loader_after_a_stall_starts_new_workers():
+    ds = toy_with_slow_stim(seconds=60)
+    s = StreamingNeuralDataset(ds, batch_size=2, shuffle=False)
+    loader = s.loader(num_workers=2, timeout=3, persistent_workers=True)
+    with pytest.raises(StreamStalledError):
+        list(loader)
+    ds.stims.seconds = 0.0  # the next pass pickles the dataset again, now fast
+    s.load_state_dict({**s.state_dict(), "consumed": 0})
+    assert sum(len(batch_keys(b)) for b in loader) == len(ds)
