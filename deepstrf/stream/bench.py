@@ -7,7 +7,6 @@ import json
 import tempfile
 import time
 
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .dataset import StreamingNeuralDataset
@@ -32,7 +31,7 @@ def run(url: str, *, storage_options: dict | None = None, batch_size: int = 8, w
         epochs: int = 1, progress: bool = True) -> list[dict]:
     """Stream ``url`` for ``epochs`` epochs; one dict of counters and rates per epoch."""
     ds = StreamingNeuralDataset(url, storage_options=storage_options, batch_size=batch_size, shuffle=True)
-    loader = DataLoader(ds, batch_size=None, num_workers=workers)
+    loader = ds.loader(num_workers=workers)
     report = []
     for epoch in range(epochs):
         ds.set_epoch(epoch)
