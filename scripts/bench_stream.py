@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
         if want(name := f"local_w{workers}_{collate}"):
             configs.append((name, me + ["--child", "stream", "--workers", str(workers), "--collate", collate]))
     if want("local_w2_compact_fork"):  # the start method loader() used before it defaulted to forkserver
-        configs.append(("local_w2_compact_fork", me + ["--child", "stream", "--workers", "2", "--start-method", "fork"]))
+        configs.append(("local_w2_compact_fork",
+                        me + ["--child", "stream", "--workers", "2", "--start-method", "fork"]))
     server = None
     if want("s3"):
         server, s3_pool, options = upload_to_s3(Path(pool).parent, args.latency_ms / 1000)

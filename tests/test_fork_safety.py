@@ -141,14 +141,12 @@ def _stress(stream: StreamingNeuralDataset, expected: list[str]) -> None:
                 t.join(10)
 
 
-@pytest.mark.timeout(240)
 def test_forked_workers_of_an_in_memory_pool_survive_a_busy_trainer():
     pool = small_pool()
     _stress(StreamingNeuralDataset(pool, batch_size=3, seed=1, prefetch=4, read_threads=2),
             sorted(item_key(pool[i]) for i in range(len(pool))))
 
 
-@pytest.mark.timeout(240)
 def test_forked_workers_of_a_store_pool_survive_a_busy_trainer(tmp_path):
     url = write_pool(str(tmp_path))
     pool = small_pool()

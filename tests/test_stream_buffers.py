@@ -96,7 +96,8 @@ def test_worker_buffers_come_back_from_the_main_process(local_pool, pool_everyth
         generations += [lease.generation for lease in batch._leases]
         assert any(compact_equal(batch, ref) for ref in expected)
     assert max(generations) > 1  # some buffer served a second batch
-    kept = sorted(DataLoader(ds, batch_size=None, num_workers=2, timeout=LOADER_TIMEOUT_S), key=lambda b: b.stim_meta[0]["uid"])
+    kept = sorted(DataLoader(ds, batch_size=None, num_workers=2, timeout=LOADER_TIMEOUT_S),
+                  key=lambda b: b.stim_meta[0]["uid"])
     assert all(compact_equal(b, r) for b, r in zip(kept, expected, strict=True))
     assert max(lease.generation for b in kept for lease in b._leases) == 1  # nothing was dropped: no reuse
     assert sum(len(b._leases) for b in kept) == 2 * buffers.DEFAULT_SLOTS  # each worker's pool, then fresh memory

@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader
 from deepstrf.datasets.collate import CompactBatch, compact_collate, neural_collate
 from deepstrf.stream import StreamingNeuralDataset
 
-from stream_helpers import LOADER_TIMEOUT_S, loader_timeout, batch_keys, compact_equal, item_key, items_equal, small_pool, tensors_equal
+from stream_helpers import (LOADER_TIMEOUT_S, batch_keys, compact_equal, item_key, items_equal, loader_timeout,
+                            small_pool, tensors_equal)
 from toydata import ToyAudio
 
 

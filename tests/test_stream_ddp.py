@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from deepstrf.stream import StreamingNeuralDataset
 
-from stream_helpers import loader_timeout, batch_keys, item_key, small_pool
+from stream_helpers import batch_keys, item_key, loader_timeout, small_pool
 
 
 def _free_port() -> int:

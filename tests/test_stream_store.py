@@ -13,7 +13,7 @@ from deepstrf.store import open_dataset, shards
 from deepstrf.store.dataset import source_readers
 from deepstrf.stream import RetryPolicy, StreamingNeuralDataset, StreamReadError
 
-from stream_helpers import loader_timeout, batch_keys, compact_equal, item_key, items_equal, write_pool
+from stream_helpers import batch_keys, compact_equal, item_key, items_equal, loader_timeout, write_pool
 
 FAST = RetryPolicy(attempts=5, base_delay=0.01, max_delay=0.05)
 
@@ -71,7 +71,8 @@ def test_url_dataset_pickles_without_open_handles(local_pool):
 def test_s3_exactly_once(s3_pool, workers, no_cached_shards):
     url, options = s3_pool
     s = StreamingNeuralDataset(url, storage_options=options, batch_size=3, seed=1, retry=FAST)
-    keys = [k for b in DataLoader(s, batch_size=None, num_workers=workers, timeout=loader_timeout(workers)) for k in batch_keys(b)]
+    loader = DataLoader(s, batch_size=None, num_workers=workers, timeout=loader_timeout(workers))
+    keys = [k for b in loader for k in batch_keys(b)]
     ref = open_dataset(url, storage_options=options)
     assert Counter(keys) == Counter(item_key(ref[i]) for i in range(len(ref)))
     stats = s.stats()
