@@ -37,7 +37,8 @@ FORK_WAIT_SECONDS = 60.0
 
 
 class ForkGate:
-    """Counts running gated tasks; a fork waits for zero and holds new tasks back meanwhile."""
+    """Counts running gated tasks; a fork waits until none runs, then holds new ones back until
+    it is done."""
 
     def __init__(self) -> None:
         self._reset()
@@ -50,18 +51,21 @@ class ForkGate:
 
     def run(self, fn: Callable[..., R], *args: object) -> R:
         """``fn(*args)``, counted as a running task."""
-        with self._cond:
+        cond = self._cond
+        with cond:
             while self._forking:
-                self._cond.wait()
+                cond.wait()
             self._running += 1
         self._mine.depth = getattr(self._mine, "depth", 0) + 1
         try:
             return fn(*args)
         finally:
-            self._mine.depth -= 1
-            with self._cond:
-                self._running -= 1
-                self._cond.notify_all()
+            # a task that forked and goes on in the child finds the gate reset there: nothing to undo
+            self._mine.depth = max(getattr(self._mine, "depth", 1) - 1, 0)
+            if cond is self._cond:
+                with cond:
+                    self._running -= 1
+                    cond.notify_all()
 
     def running(self) -> int:
         """Gated tasks running now (in any thread of this process)."""

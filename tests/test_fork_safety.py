@@ -195,3 +195,13 @@ def test_worker_read_path_makes_no_torch_blas_call():
         neural_collate(items)
     assert sum(r.values.size for r in rows) > 0 and "aten::add_" in log.ops  # smoothing ran here
     assert not log.ops & BLAS_OPS
+
+
+def test_a_task_that_forks_goes_on_in_the_child():
+    def fork_inside():
+        return os.fork()
+
+    pid = forksafe.run_gated(fork_inside)
+    if pid == 0:  # the child finishes the task with a fresh gate, which counts nothing
+        os._exit(0 if forksafe.GATE.running() == 0 and forksafe.run_gated(lambda: 1) == 1 else 1)
+    assert _child_exit_code(pid) == 0 and forksafe.GATE.running() == 0
