@@ -4,6 +4,8 @@ worker reported by name with what it was reading, instead of a silent wait."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -13,7 +15,7 @@ from deepstrf.errors import StreamStalledError
 from deepstrf.stream import StreamingNeuralDataset
 from deepstrf.stream.workers import context_method, worker_context
 
-from stream_helpers import batch_keys, item_key, small_pool
+from stream_helpers import batch_keys, item_key, small_pool, write_pool
 from toydata import ToyAudio
 
 
@@ -93,3 +95,24 @@ def test_loader_after_a_stall_starts_new_workers():
     ds.stims.seconds = 0.0  # the next pass pickles the dataset again, now fast
     s.load_state_dict({**s.state_dict(), "consumed": 0})
     assert sum(len(batch_keys(b)) for b in loader) == len(ds)
+
+
+def test_persistent_workers_alive_at_exit_leak_nothing(tmp_path):
+    """Persistent workers still running when the interpreter exits are stopped before
+    multiprocessing kills them, so what they registered (numcodecs' blosc semaphore, made when a
+    worker first decodes) is released, not reported as leaked by the resource tracker."""
+    url = write_pool(str(tmp_path))
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys\n"
+        "from deepstrf.stream import StreamingNeuralDataset\n"
+        "if __name__ == '__main__':\n"
+        "    ds = StreamingNeuralDataset(sys.argv[1], batch_size=4)\n"
+        "    loader = ds.loader(num_workers=2, persistent_workers=True)\n"
+        "    for epoch in range(2):\n"
+        "        n = sum(len(b.stim_meta) for b in loader)\n"
+        "    print(n)\n")  # the loader is still alive when the interpreter exits
+    out = subprocess.run([sys.executable, str(script), url], capture_output=True, text=True, timeout=100)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == len(small_pool())
+    assert "leaked" not in out.stderr and "resource_tracker" not in out.stderr, out.stderr

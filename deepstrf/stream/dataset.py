@@ -8,6 +8,7 @@ retries). See ``docs/streaming.md`` for the semantics.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
 import shutil
@@ -496,6 +497,31 @@ def _remove_owned_dir(path: str, owner: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+_PERSISTENT: weakref.WeakSet = weakref.WeakSet()  # loaders whose workers may outlive a pass
+
+
+def _stop_at_exit(loader: "StreamingDataLoader") -> None:
+    # registered (again: unregister first) after multiprocessing's own exit handler, so that it runs
+    # before it (last in, first out)
+    atexit.unregister(_stop_persistent_workers)
+    atexit.register(_stop_persistent_workers)
+    _PERSISTENT.add(loader)
+
+
+def _stop_persistent_workers() -> None:
+    """At interpreter exit, stop the persistent workers of live loaders the normal way (they leave
+    their loop and run their own exit handlers) before multiprocessing kills the daemonic children
+    that are left. A killed worker never unregisters what it registered with multiprocessing's
+    resource tracker: numcodecs' blosc makes one named semaphore per process that decodes, so two
+    spawned or forkserver workers used to be reported as "2 leaked semaphore objects" at exit."""
+    for loader in list(_PERSISTENT):
+        batches, loader._iterator = loader._iterator, None
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+    _PERSISTENT.clear()
+
+
 class StreamingDataLoader(DataLoader):
     """``DataLoader(batch_size=None)`` over a :class:`StreamingNeuralDataset`.
 
@@ -521,6 +547,8 @@ class StreamingDataLoader(DataLoader):
             if kwargs.get("multiprocessing_context") is None:
                 kwargs["multiprocessing_context"] = worker_context()
         super().__init__(dataset, **kwargs)
+        if self.persistent_workers:
+            _stop_at_exit(self)
 
     def __iter__(self) -> Iterator[Any]:
         ds: StreamingNeuralDataset = self.dataset
