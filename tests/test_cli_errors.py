@@ -124,3 +124,14 @@ def test_exit_codes_are_documented_and_kept(capsys):
     assert "exit codes" in text
     for code in ("0", "1", "2", "130"):
         assert f"\n  {code} " in text
+
+
+def test_verify_pool_finds_coverage_outside_the_sources_blocks(pool, run):
+    import zarr
+
+    coverage = zarr.open_array(str(pool / "coverage"), mode="r+")
+    cells = coverage[:]
+    cells[0, -1] = True  # AA1's first stim x AA2's last neuron: never recorded together
+    coverage[:] = cells
+    out = run(pool.parent, "verify", "pool.zarr")
+    assert out.returncode == 1 and "1 pair(s) outside" in out.stderr

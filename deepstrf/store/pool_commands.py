@@ -134,7 +134,12 @@ def verify_pool(loc, *, allowed_roots=(), data: bool = False) -> list[str]:
         stored = pool.nrn_masks
     except (StoreError, ValueError) as e:
         return [str(e)]
-    for src, (name, stims, neurons) in zip(pool.responses.sources, pool.source_blocks()):
+    blocks = pool.source_blocks()
+    inside = sum(int(stored[s.start:s.stop, n.start:n.stop].sum()) for _, s, n in blocks)
+    if int(stored.sum()) != inside:
+        problems.append(f"pool {loc.url}: the stored coverage marks {int(stored.sum()) - inside} pair(s) outside "
+                        "the sources' blocks; rewrite the pool with deepstrf concat")
+    for src, (name, stims, neurons) in zip(pool.responses.sources, blocks):
         if data:
             found = verify_source(Location.parse(src.store_url, src.storage_options), progress=False)
             problems += [f"pool {loc.url}: source {name!r}: {p}" for p in found]
