@@ -83,7 +83,7 @@ def test_dead_worker_is_reported_with_what_it_was_reading():
     with pytest.raises(StreamStalledError) as err:
         list(s.loader(num_workers=2, timeout=20))
     msg = str(err.value)
-    assert "exited unexpectedly" in msg and "dead" in msg and "reading stims [4, 5]" in msg
+    assert "dead: exit code 3" in msg and "reading stims [4, 5]" in msg
 
 
 def test_loader_after_a_stall_starts_new_workers():

@@ -515,10 +515,7 @@ def _stop_persistent_workers() -> None:
     resource tracker: numcodecs' blosc makes one named semaphore per process that decodes, so two
     spawned or forkserver workers used to be reported as "2 leaked semaphore objects" at exit."""
     for loader in list(_PERSISTENT):
-        batches, loader._iterator = loader._iterator, None
-        shutdown = getattr(batches, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        loader._stop_workers(loader._iterator)
     _PERSISTENT.clear()
 
 
@@ -563,28 +560,35 @@ class StreamingDataLoader(DataLoader):
                 batch = next(batches)
             except StopIteration:
                 break
-            except RuntimeError as exc:
-                if "timed out" not in str(exc) and "exited unexpectedly" not in str(exc):
+            except (RuntimeError, EOFError, ConnectionError) as exc:
+                # the DataLoader's timeout, or a worker that died: reported as such (a batch a dead
+                # worker had queued fails to unpickle with EOFError or ConnectionRefusedError)
+                dead = any(not w.is_alive() for w in getattr(batches, "_workers", []))
+                if not dead and "timed out" not in str(exc):
                     raise
                 raise self._stalled(batches, exc) from exc
             ds._steps += 1
             yield batch
         ds._end_pass()
 
-    def _stalled(self, batches: Any, exc: RuntimeError) -> StreamStalledError:
-        """The error for workers that stopped delivering; stops them first (a stuck worker would
-        otherwise outlive the pass as long as the traceback keeps the iterator)."""
-        ds: StreamingNeuralDataset = self.dataset
-        pids = [w.pid for w in getattr(batches, "_workers", [])]
-        report = ds.activity.describe(self.num_workers, pids, ds._where())
+    def _stop_workers(self, batches: Any) -> None:
+        """Stop the worker processes behind ``batches`` (the DataLoader's own shutdown: stop
+        signal, join, terminate what is left) and forget them; the next pass starts new ones."""
+        self._iterator = None
         shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
-        self._iterator = None  # persistent workers: the next pass starts new ones
+
+    def _stalled(self, batches: Any, exc: Exception) -> StreamStalledError:
+        """The error for workers that stopped delivering; stops them first (a stuck worker would
+        otherwise outlive the pass as long as the traceback keeps the iterator)."""
+        ds: StreamingNeuralDataset = self.dataset
+        report = ds.activity.describe(self.num_workers, getattr(batches, "_workers", []), ds._where())
+        self._stop_workers(batches)
         method = context_method(self.multiprocessing_context)
         hint = ("a forked worker can hang on a lock held by another thread of this process at fork: use "
                 "the default start method (forkserver)" if method == "fork"
                 else "look for a read that never returns (a dead server, a lock in your transform)")
-        return StreamStalledError(f"streaming {ds._where()}: {exc}. Epoch {ds.epoch}, pass stopped; "
-                                  f"the workers were:\n{report}\nWhat to do: {hint}, or raise "
+        return StreamStalledError(f"streaming {ds._where()}: {type(exc).__name__}: {exc}. Epoch {ds.epoch}, "
+                                  f"pass stopped; the workers were:\n{report}\nWhat to do: {hint}, or raise "
                                   f"loader(timeout=...) if reads are just slow (now {self.timeout:g} s).")

@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Sequence
 from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
 
 import torch
 
@@ -97,15 +98,17 @@ class WorkerActivity:
         """Forget every slot (a new pass starts new workers)."""
         self._table.zero_()
 
-    def describe(self, num_workers: int, pids: Sequence[int | None] = (), where: str = "") -> str:
-        """One line per worker: its pid, the batches it delivered, and what it reads now, for how long."""
+    def describe(self, num_workers: int, processes: Sequence[BaseProcess] = (), where: str = "") -> str:
+        """One line per worker: its pid (and exit code if it died), the batches it delivered, and
+        what it reads now, for how long. ``processes``: the DataLoader's worker processes."""
         now = time.monotonic_ns()
         lines = []
         for k in range(num_workers):
             row = self._table[k + 1].tolist() if k + 1 < MAX_SLOTS else None
-            pid = row[_PID] if row and row[_PID] else (pids[k] if k < len(pids) else None)
-            alive = _alive(pid)
-            head = f"worker {k} (pid {pid or '?'}{'' if alive else ', dead'})"
+            proc = processes[k] if k < len(processes) else None
+            pid = row[_PID] if row and row[_PID] else (proc.pid if proc is not None else None)
+            dead = "" if proc is None or proc.is_alive() else f", dead: exit code {proc.exitcode}"
+            head = f"worker {k} (pid {pid or '?'}{dead})"
             if row is None:
                 lines.append(f"{head}: not tracked (more than {MAX_SLOTS - 1} workers)")
             elif not row[_PID]:
@@ -121,14 +124,3 @@ class WorkerActivity:
                 lines.append(f"{head}: idle after {row[_BATCHES]} batch(es)")
         return "\n".join(lines)
 
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
