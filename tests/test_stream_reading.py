@@ -116,3 +116,40 @@ def test_prefetch_bound_and_order():
     fetch = Prefetcher(lambda x: x * 2, depth=3, threads=2)
     assert list(fetch.map(range(50))) == [2 * x for x in range(50)]
     assert fetch.max_outstanding <= 3
+
+
+def test_a_failed_batch_leaves_no_stimulus_read_behind():
+    """When a batch's responses fail, its stimulus read (running alongside) is finished before
+    the error is raised: nothing of the failed pass reads on in the background."""
+    import threading
+    import time
+
+    from toydata import ToyAudio
+
+    from deepstrf.datasets.views import LazySequence
+
+    class SlowStims(LazySequence):
+        def __init__(self, stims):
+            super().__init__(len(stims))
+            self.stims, self.done = stims, threading.Event()
+
+        def _get(self, i):
+            time.sleep(0.3)
+            self.done.set()
+            return self.stims[i]
+
+    class Broken(Exception):
+        pass
+
+    ds = ToyAudio(seed=2, S=4, N=3)
+    ds.stims = SlowStims(list(ds.stims))
+    s = StreamingNeuralDataset(ds, batch_size=2, shuffle=False, prefetch=1,
+                               retry=RetryPolicy(attempts=1))
+
+    def fail(*args, **kwargs):
+        raise Broken("responses unreadable")
+
+    s._read_rows = fail
+    with pytest.raises(Exception, match="responses unreadable"):
+        next(iter(s))
+    assert ds.stims.done.is_set()  # the stimulus read had finished when the error came out

@@ -16,6 +16,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -391,8 +392,15 @@ class StreamingNeuralDataset(IterableDataset):
         ds = st.ds
         start = time.perf_counter()
         pending = st.stim_pool.submit(run_gated, self._read_stims, st, stims)
-        values, out = self._batch_buffer(st, stims, pool)
-        rows = self._read_rows(st, stims, out)
+        try:
+            values, out = self._batch_buffer(st, stims, pool)
+            rows = self._read_rows(st, stims, out)
+        except BaseException:
+            # the batch has failed: its stimulus read must not go on behind the caller's back (into
+            # caches, counters, a later pass); its own outcome no longer matters
+            pending.cancel()
+            futures.wait([pending])
+            raise
         stim_tensors = pending.result()
         ordered = [reader.order_cells(r, st.pos_of) for r in rows]
         used = sum(r.values.nbytes for r in ordered) + sum(t.numel() * t.element_size() for t in stim_tensors)
