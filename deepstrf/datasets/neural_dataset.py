@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from ..errors import IncompatibleDatasetsError
 from . import views
 from .coverage import Coverage
+from .metatable import matching_attr
 from .smoothing import hanning_smooth
 
 
@@ -224,7 +225,11 @@ class NeuralDataset(Dataset):
     def select_pop_by_nrn_attr(self, attribute_name: str, value: Any) -> list[int]:
         """Select neurons whose ``nrn_meta[attribute_name] == value``; a neuron
         without the key does not match."""
-        return self.select_pop_by_nrn_predicate(lambda m: m[attribute_name] == value)
+        fast = matching_attr(self.nrn_meta, attribute_name, value)
+        if fast is None:
+            return self.select_pop_by_nrn_predicate(lambda m: m[attribute_name] == value)
+        self.I = fast
+        return self.I
 
     def select_pop_by_nrn_predicate(self, predicate: Callable[[dict], Any]) -> list[int]:
         """Select neurons whose metadata satisfies ``predicate``; a neuron on
@@ -259,7 +264,11 @@ class NeuralDataset(Dataset):
 
     def select_stims_by_attr(self, attribute_name: str, value: Any) -> list[int]:
         """Restrict iteration to stims whose ``stim_meta[attribute_name] == value``."""
-        return self.select_stims_by_predicate(lambda m: m[attribute_name] == value)
+        fast = matching_attr(self.stim_meta, attribute_name, value)
+        if fast is None:
+            return self.select_stims_by_predicate(lambda m: m[attribute_name] == value)
+        self.S_sel = fast
+        return self.S_sel
 
     def select_stims_by_predicate(self, predicate: Callable[[dict], Any]) -> list[int]:
         """Restrict iteration to stims whose metadata satisfies ``predicate``."""

@@ -75,11 +75,14 @@ class ZarrResponseGrid(ResponseGrid):
 
 
 def source_readers(ds: NeuralDataset) -> list[SourceReader] | None:
-    """The readers of the source stores behind ``ds`` (a pool's sources in order); None if
-    any part of ``ds`` is not store-backed."""
+    """The readers of the source stores behind ``ds`` (a pool's sources in order; of a
+    format-2 pool, those opened in this process so far); None if any part of ``ds`` is not
+    store-backed."""
     grid = ds.responses
     if isinstance(grid, ZarrResponseGrid):
         return [grid.reader]
+    if hasattr(grid, "opened_readers"):  # a pooled source opened on first read (store.lazy)
+        return grid.opened_readers()
     if isinstance(grid, BlockDiagonalGrid):
         parts = [source_readers(d) for d in grid.sources]
         if all(p is not None for p in parts):
@@ -156,9 +159,9 @@ def open_dataset(url: str | os.PathLike, *, storage_options: dict | None = None,
     loc = Location.parse(url, storage_options)
     group = open_group(loc)
     attrs = dict(group.attrs)
-    fmt.check_format(attrs, loc.url, expected=None)
+    fmt.check_format(attrs, loc.url, expected=None, supported=(*fmt.POOL_SUPPORTED_MAJORS, fmt.SUPPORTED_MAJOR))
     opener = OPENERS.get(attrs["format"])
     if opener is None:
         raise StoreError(f"{loc.url} holds a {attrs['format']!r} group, which this version of deepstrf "
                          "cannot open. Upgrade deepstrf.")
-    return opener(loc, group, **kw)
+    return opener(loc, group, **kw)  # each opener checks its own format's versions

@@ -94,15 +94,17 @@ def _reduce(mask: torch.Tensor) -> tuple[np.ndarray, int, int]:
     return image.numpy(), fs, fn
 
 
-def describe_pool(attrs: dict, url: str) -> dict:
-    """Plain-dict summary of a pool from its root attributes, with the dataset card per source."""
-    from .pool import pool_card
+def describe_pool(attrs: dict, loc, group) -> dict:
+    """Plain-dict summary of a pool from its root attributes and source table, with the dataset
+    card per source."""
+    from .pool import pool_card, read_sources
 
+    url = loc.url
     return {"url": url, "format": attrs["format"], "format_version": attrs["format_version"],
             "kind": attrs["kind"], "class_name": attrs.get("class_name"), "S": attrs["n_stims"],
             "N": attrs["n_neurons"], "dt_ms": attrs["dt_ms"],
             **{k: attrs[k] for k in ("F", "H", "W") if attrs.get(k) is not None},
-            "fingerprint": attrs["fingerprint"], "sources": pool_card(attrs)}
+            "fingerprint": attrs["fingerprint"], "sources": pool_card(read_sources(loc, group, attrs))}
 
 
 def print_pool(d: dict) -> None:
@@ -120,10 +122,12 @@ def print_pool(d: dict) -> None:
 
 
 def verify_pool(loc, *, allowed_roots=(), data: bool = False) -> list[str]:
-    """Problems found in a pool: metadata, version, references, fingerprints, coverage against each
-    source's index (and, with ``data``, every chunk of every source). A damaged source is a
-    problem named after it; the other sources are still checked."""
+    """Problems found in a pool: metadata, version, references, tables against their digests,
+    each source's fingerprint and its coverage block against the source's own index (and, with
+    ``data``, every chunk of every source). A damaged source is a problem named after it; the
+    other sources are still checked."""
     from ..errors import StoreError
+    from .lazy import LazySourceGrid
     from .location import Location
     from .reader import open_group
     from .verify import metadata_problems, verify_source
@@ -131,27 +135,25 @@ def verify_pool(loc, *, allowed_roots=(), data: bool = False) -> list[str]:
     try:
         problems = metadata_problems(loc, open_group(loc))
         pool = open_dataset(loc.url, storage_options=loc.storage_options, allowed_roots=allowed_roots)
-        stored = pool.nrn_masks
+        coverage = pool.coverage
+        pool.stim_meta[0], pool.nrn_meta[0]  # noqa: B018 - loads (and checks) the metadata tables
     except (StoreError, ValueError) as e:
         return [str(e)]
-    blocks = pool.source_blocks()
-    inside = sum(int(stored[s.start:s.stop, n.start:n.stop].sum()) for _, s, n in blocks)
-    if int(stored.sum()) != inside:
-        problems.append(f"pool {loc.url}: the stored coverage marks {int(stored.sum()) - inside} pair(s) outside "
-                        "the sources' blocks; rewrite the pool with deepstrf concat")
-    for src, (name, stims, neurons) in zip(pool.responses.sources, blocks):
+    for k, (src, (name, stims, neurons)) in enumerate(zip(pool.responses.sources, pool.source_blocks())):
+        url = getattr(src, "store_url", None)
         if data:
-            found = verify_source(Location.parse(src.store_url, src.storage_options), progress=False)
+            found = verify_source(Location.parse(url, src.storage_options), progress=False)
             problems += [f"pool {loc.url}: source {name!r}: {p}" for p in found]
             if found:
                 continue
         try:
-            recorded = src.nrn_masks
+            opened = src.responses.handle.dataset() if isinstance(src.responses, LazySourceGrid) else src
+            recorded = opened.coverage.to_dense()
         except StoreError as e:
-            problems.append(f"pool {loc.url}: source {name!r} ({src.store_url}): {e}")
+            problems.append(f"pool {loc.url}: source {name!r} ({url}): {e}")
             continue
-        if not torch.equal(stored[stims.start:stims.stop, neurons.start:neurons.stop], recorded):
+        if not torch.equal(torch.from_numpy(coverage.block_mask(k)), recorded):
             problems.append(f"pool {loc.url}: the stored coverage of source {name!r} (stims {stims.start}-"
                             f"{stims.stop - 1}, neurons {neurons.start}-{neurons.stop - 1}) differs from its "
-                            f"index at {src.store_url}; rewrite the pool with deepstrf concat")
+                            f"index at {url}; rewrite the pool with deepstrf concat")
     return problems
