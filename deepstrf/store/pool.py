@@ -33,7 +33,7 @@ from .dataset import _CLASSES, OPENERS, open_dataset
 from .integrity import array_digest, content_hasher, fingerprint, update
 from .jsonmeta import decode_columns, encode_columns
 from .lazy import LazySourceGrid, LazySourceStims, SourceChangedWarning, SourceHandle
-from .location import Location
+from .location import Location, _protocol
 from .reader import open_group
 from .references import make_reference, pool_root, resolve_reference
 from .writer import dataset_kind
@@ -324,7 +324,7 @@ def _write_array(group: zarr.Group, name: str, data: np.ndarray, text: bool = Fa
 
 def _same_protocol_options(loc: Location, url: str) -> dict | None:
     """The caller's storage options apply to sources reached over the pool's own protocol."""
-    return loc.storage_options if Location.parse(url).protocol == loc.protocol else None
+    return loc.storage_options if _protocol(url) == loc.protocol else None
 
 
 OPENERS[POOL_FORMAT] = open_pool
