@@ -53,7 +53,7 @@ def test_every_query_agrees_with_the_dense_mask(seed):
     assert (cov.stims_with_data(sel_n) == dense[:, sel_n].any(1)).all()
     assert (cov.neurons_with_data(sel_s) == dense[sel_s].any(0)).all()
     if S and N:
-        a, b, c, d = sorted(rng.integers(0, S + 1, 2)), None, *sorted(rng.integers(0, N + 1, 2))
+        a, (c, d) = sorted(rng.integers(0, S + 1, 2)), sorted(rng.integers(0, N + 1, 2))
         assert torch.equal(cov.to_dense(slice(*a), slice(c, d)), torch.from_numpy(dense[a[0]:a[1], c:d]))
     round_trip = Coverage.block_diagonal([cov, Coverage.dense(dense)])
     assert torch.equal(round_trip.to_dense(), torch.from_numpy(np.block(
