@@ -21,8 +21,16 @@ class MetaTable(Sequence):
     def __init__(self, n: int, load: Callable[[], Columns]) -> None:
         self._n = n
         self._load = load
+        self._load_rows: Callable[[], list[dict]] | None = None
         self._columns: Columns | None = None
         self._rows: list[dict] | None = None
+
+    @classmethod
+    def from_rows(cls, n: int, load_rows: Callable[[], list[dict]]) -> "MetaTable":
+        """A table whose ``n`` rows ``load_rows()`` returns on first use."""
+        table = cls(n, load=lambda: {})
+        table._load_rows = load_rows
+        return table
 
     def columns(self) -> Columns:
         if self._columns is None:
@@ -31,6 +39,8 @@ class MetaTable(Sequence):
 
     def rows(self) -> list[dict]:
         """The metadata as a list of dicts (built once)."""
+        if self._rows is None and self._load_rows is not None:
+            self._rows = self._load_rows()
         if self._rows is None:
             cols = self.columns()
             rows: list[dict] = [{} for _ in range(self._n)]
@@ -43,8 +53,8 @@ class MetaTable(Sequence):
 
     def matching(self, key: str, value: Any) -> list[int] | None:
         """Rows whose ``key`` equals ``value`` (rows without the key never match); None when rows
-        were built (they may have been edited: the caller then tests them)."""
-        if self._rows is not None:
+        were built (they may have been edited) or come as rows: the caller then tests them."""
+        if self._rows is not None or self._load_rows is not None:
             return None
         if key not in self.columns():
             return []

@@ -171,3 +171,20 @@ class LazySourceGrid(ResponseGrid):
         from .dataset import source_readers
 
         return (source_readers(self.handle._ds) or []) if self.handle.is_open() else []
+
+
+def open_now(ds: NeuralDataset, max_sources: int) -> int:
+    """Open the lazily opened sources behind ``ds`` now, concurrently, if there are at most
+    ``max_sources`` of them (a small pool: reading then starts at once, and processes forked
+    afterwards inherit them); return how many were opened."""
+    from ..datasets.views import BlockDiagonalGrid
+    from ..forksafe import thread_map
+
+    grid = ds.responses
+    if not isinstance(grid, BlockDiagonalGrid):
+        return 0
+    handles = [p.responses.handle for p in grid.sources if isinstance(p.responses, LazySourceGrid)]
+    if not handles or len(handles) > max_sources:
+        return 0
+    thread_map(SourceHandle.dataset, handles, max_workers=16, name="deepstrf-open")
+    return len(handles)

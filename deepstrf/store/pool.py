@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.group import AsyncGroup
+from zarr.storage import StorePath
 
 from ..datasets.concat import concat_datasets
 from ..datasets.coverage import Coverage
@@ -29,8 +31,8 @@ from ..datasets.views import BlockDiagonalGrid, ConcatSequence, LazySequence, Ma
 from ..errors import IntegrityError
 from . import format as fmt
 from .atomic import consolidate, staged_write
-from .dataset import _CLASSES, OPENERS, open_dataset
-from .integrity import array_digest, content_hasher, fingerprint, update
+from .dataset import _CLASSES, OPENERS, load_indexes, open_dataset
+from .integrity import StrictStore, array_digest, content_hasher, fingerprint, update
 from .jsonmeta import decode_columns, encode_columns
 from .lazy import LazySourceGrid, LazySourceStims, SourceChangedWarning, SourceHandle
 from .location import Location, _protocol
@@ -76,6 +78,7 @@ def write_pool(datasets: Sequence[NeuralDataset], url: str | os.PathLike, *, nam
     tables = {SOURCES_TABLE: json.dumps(sources, separators=(",", ":"), allow_nan=False).encode("utf-8"),
               STIM_TABLE: encode_columns(list(pooled.stim_meta), "stim_meta"),
               NRN_TABLE: encode_columns(list(pooled.nrn_meta), "nrn_meta")}
+    load_indexes(pooled)  # every source's index in one concurrent batch: the coverage comes from them
     coverage = _coverage_arrays(pooled.coverage)
     attrs: dict[str, Any] = {
         "format": POOL_FORMAT, "format_version": fmt.POOL_FORMAT_VERSION, "kind": dataset_kind(pooled),
@@ -124,7 +127,7 @@ def open_pool(loc: Location, group: zarr.Group, *, allowed_roots: Sequence[str] 
     parts = []
     for k, e in enumerate(entries):
         options = source_storage_options if source_storage_options is not None else _same_protocol_options(loc, e["url"])
-        handle = SourceHandle(loc.url, e, partial(open_dataset, storage_options=options), accept_changed_sources)
+        handle = SourceHandle(loc.url, e, partial(open_dataset, storage_options=options, lazy_metadata=True), accept_changed_sources)
         part = _CLASSES[e["kind"]].__new__(_CLASSES[e["kind"]])
         _fill(part, attrs, e["url"], LazySourceStims(handle), LazySourceGrid(handle, partial(tables.block, k)),
               MetaSlice(stim_meta, *tables.stim_range(k)), MetaSlice(nrn_meta, *tables.neuron_range(k)))
@@ -163,6 +166,7 @@ class PoolTables:
             raise IntegrityError(f"pool {loc.url}: its sources add up to {self.stim_offsets[-1]} stims x "
                                  f"{self.neuron_offsets[-1]} neurons, the pool says {attrs['n_stims']} x "
                                  f"{attrs['n_neurons']}; the pool is damaged: rewrite it with deepstrf concat")
+        self._pid = os.getpid()
         self._coverage: Coverage | None = None
         self._lock = threading.Lock()
 
@@ -174,8 +178,14 @@ class PoolTables:
         self._lock = threading.Lock()
 
     def _group(self) -> zarr.Group:
+        """The pool's group, for this process: a forked process gets its own storage client
+        (a client is bound to its process's event loop), the metadata it already has."""
         if self.group is None:
-            self.group = open_group(self.loc)
+            self.group, self._pid = open_group(self.loc), os.getpid()
+        elif self._pid != os.getpid():
+            store = StrictStore(self.loc.zarr_store(read_only=True))
+            self.group = zarr.Group(AsyncGroup(metadata=self.group.metadata, store_path=StorePath(store)))
+            self._pid = os.getpid()
         return self.group
 
     def read(self, name: str) -> np.ndarray:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..datasets.neural_dataset import NeuralDataset
+from ..forksafe import thread_map
 from ..utils.data import concat_neural_datasets
 from .dataset import open_dataset
 
@@ -19,7 +20,8 @@ def concat_main(args: argparse.Namespace) -> int:
     if args.name is not None and len(args.name) != len(args.sources):
         raise SystemExit(f"deepstrf concat: got {len(args.name)} --name for {len(args.sources)} sources; "
                          "give one --name per source or none")
-    opened = [open_dataset(u, storage_options=args.storage_options, **_open_kw(args, u)) for u in args.sources]
+    opened = thread_map(lambda u: open_dataset(u, storage_options=args.storage_options, **_open_kw(args, u)),
+                        args.sources, max_workers=16, name="deepstrf-open")
     pool = concat_neural_datasets(opened, names=args.name, store=args.out, storage_options=args.storage_options,
                                   overwrite=args.overwrite, allowed_roots=args.allow_root)
     info = pool.summary()
