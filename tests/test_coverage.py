@@ -169,3 +169,22 @@ def test_a_format_2_pool_opens_no_source_and_streams(sources, tmp_path):
     ds = StreamingNeuralDataset(url, batch_size=4, seed=1)
     seen = [m["uid"] for batch in ds.loader(num_workers=2, timeout=loader_timeout(2)) for m in batch.stim_meta]
     assert sorted(seen) == sorted(m["uid"] for m in deepstrf.open_dataset(url).stim_meta)
+
+
+def test_coverage_plot_needs_no_dense_mask(monkeypatch, tmp_path):
+    from deepstrf.store import pool_commands
+
+    rng = np.random.default_rng(7)
+    ds = concat_neural_datasets([_masked_toy(k, rng) for k in range(4)])
+    dense = ds.nrn_masks.numpy().astype(float)
+    ds._invalidate_nrn_masks()
+    monkeypatch.setattr(coverage_module, "MAX_DENSE_BYTES", 1)
+    monkeypatch.setattr(pool_commands, "MAX_PIXELS", 3)
+    image, fs, fn = pool_commands._reduce(ds.coverage)
+    S, N = dense.shape
+    padded = np.zeros((image.shape[0] * fs, image.shape[1] * fn))
+    padded[:S, :N] = dense
+    expected = padded.reshape(image.shape[0], fs, image.shape[1], fn).mean(axis=(1, 3))
+    assert fs * fn > 1 and np.allclose(image, expected)
+    pool_commands.plot_coverage(ds, str(tmp_path / "coverage.png"))
+    assert (tmp_path / "coverage.png").stat().st_size > 0

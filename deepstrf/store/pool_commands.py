@@ -7,12 +7,15 @@ import argparse
 import numpy as np
 import torch
 
+from ..datasets.coverage import Coverage
 from ..datasets.neural_dataset import NeuralDataset
 from ..forksafe import thread_map
 from ..utils.data import concat_neural_datasets
 from .dataset import open_dataset
 
 MAX_PIXELS = 1500  # coverage images are block-reduced to at most this many rows/columns
+MAX_LABELLED_SOURCES = 40  # blocks outlined and named in a coverage plot
+MAX_LISTED_SOURCES = 40  # sources listed by `concat` and `info` (text)
 
 
 def concat_main(args: argparse.Namespace) -> int:
@@ -27,8 +30,10 @@ def concat_main(args: argparse.Namespace) -> int:
     info = pool.summary()
     print(f"wrote pool {args.out}: {info['S']} stims x {info['N']} neurons from {len(info['sources'])} sources, "
           f"coverage {info['coverage']:.1%}")
-    for src in pool.pool_sources:
+    for src in pool.pool_sources[:MAX_LISTED_SOURCES]:
         print(f"  {src['name']}: {src['ref']} ({src['n_stims']} x {src['n_neurons']})")
+    if len(pool.pool_sources) > MAX_LISTED_SOURCES:
+        print(f"  ... and {len(pool.pool_sources) - MAX_LISTED_SOURCES} more (deepstrf info --json lists them)")
     return 0
 
 
@@ -55,20 +60,22 @@ def plot_main(args: argparse.Namespace) -> int:
 
 
 def plot_coverage(ds: NeuralDataset, path: str, title: str | None = None) -> None:
-    """Draw ``ds.nrn_masks`` (stims x neurons) with each source's block outlined and labelled."""
+    """Draw ``ds.coverage`` (stims x neurons) with each source's block outlined (and labelled,
+    up to ``MAX_LABELLED_SOURCES``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    mask = ds.nrn_masks
-    image, fs, fn = _reduce(mask)
+    coverage = ds.coverage
+    S, N = coverage.shape
+    image, fs, fn = _reduce(coverage)
     fig, ax = plt.subplots(figsize=(8, 6), dpi=120)
-    ax.imshow(image, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1,
-              extent=(0, mask.shape[1], mask.shape[0], 0))
+    ax.imshow(image, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1, extent=(0, N, S, 0))
     colors = plt.get_cmap("tab10")
-    for k, (name, stims, neurons) in enumerate(ds.source_blocks()):
+    blocks = ds.source_blocks()
+    for k, (name, stims, neurons) in enumerate(blocks[:MAX_LABELLED_SOURCES]):
         ax.add_patch(Rectangle((neurons.start, stims.start), len(neurons), len(stims), fill=False,
                                edgecolor=colors(k % 10), linewidth=1.5))
         ax.text(neurons.start + 0.5, stims.start + 0.5, f"{name}\n{len(stims)}x{len(neurons)}",
@@ -76,24 +83,25 @@ def plot_coverage(ds: NeuralDataset, path: str, title: str | None = None) -> Non
                 bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none"})
     ax.set_xlabel("neuron")
     ax.set_ylabel("stimulus")
-    cov = float(mask.float().mean()) if mask.numel() else 0.0
-    ax.set_title(f"{title or 'coverage'}\n{mask.shape[0]} stims x {mask.shape[1]} neurons, "
-                 f"{cov:.1%} recorded" + (f" (shown {fs}x{fn}-reduced)" if fs * fn > 1 else ""), fontsize=9)
+    ax.set_title(f"{title or 'coverage'}\n{S} stims x {N} neurons from {len(blocks)} sources, "
+                 f"{coverage.fraction():.1%} recorded" + (f" (shown {fs}x{fn}-reduced)" if fs * fn > 1 else ""),
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def _reduce(mask: torch.Tensor) -> tuple[np.ndarray, int, int]:
-    """Fraction recorded per block, so that huge pools still plot in bounded memory."""
-    S, N = mask.shape
+def _reduce(coverage: Coverage) -> tuple[np.ndarray, int, int]:
+    """Fraction recorded per tile of at most ``MAX_PIXELS`` x ``MAX_PIXELS`` tiles, summed block
+    by block: a pool of 10^4 sources plots without its dense mask."""
+    S, N = coverage.shape
     fs, fn = max(1, -(-S // MAX_PIXELS)), max(1, -(-N // MAX_PIXELS))
-    if fs == fn == 1:
-        return mask.numpy().astype(np.float32), 1, 1
-    padded = torch.zeros((-(-S // fs) * fs, -(-N // fn) * fn))
-    padded[:S, :N] = mask.float()
-    image = padded.view(padded.shape[0] // fs, fs, padded.shape[1] // fn, fn).mean(dim=(1, 3))
-    return image.numpy(), fs, fn
+    recorded = np.zeros((-(-S // fs), -(-N // fn)))
+    for k in range(coverage.n_blocks):
+        stims, neurons = coverage.block(k)
+        rows, cols = np.nonzero(coverage.block_mask(k))
+        np.add.at(recorded, ((rows + stims.start) // fs, (cols + neurons.start) // fn), 1)
+    return (recorded / (fs * fn)).astype(np.float32), fs, fn
 
 
 def describe_pool(attrs: dict, loc, group) -> dict:
@@ -116,11 +124,13 @@ def print_pool(d: dict) -> None:
           f"S x N        {d['S']} stims x {d['N']} neurons, dt {d['dt_ms']} ms{shape}\n"
           f"fingerprint  {d['fingerprint']}\n"
           f"sources      {len(d['sources'])} (dataset card below)")
-    for src in d["sources"]:
+    for src in d["sources"][:MAX_LISTED_SOURCES]:
         print(f"  - {src['name']}: {src['ref']} ({src['stims']} stims x {src['neurons']} neurons)")
         for key in ("license", "citation", "description"):
             if src.get(key):
                 print(f"      {key}: {src[key]}")
+    if len(d["sources"]) > MAX_LISTED_SOURCES:
+        print(f"  ... and {len(d['sources']) - MAX_LISTED_SOURCES} more (--json lists every source)")
 
 
 def verify_pool(loc, *, allowed_roots=(), data: bool = False) -> list[str]:
