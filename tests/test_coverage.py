@@ -153,22 +153,24 @@ def test_format_1_pools_still_open(sources, tmp_path):
     assert rewritten.source_names == ["a", "b", "c"] and torch.equal(rewritten.nrn_masks, new.nrn_masks)
 
 
-def test_a_format_2_pool_opens_no_source_and_streams(sources, tmp_path):
+def test_a_lazy_pool_opens_no_source_and_streams(sources, tmp_path):
     from deepstrf.store.dataset import storage_io
     from deepstrf.stream import StreamingNeuralDataset
     from stream_helpers import loader_timeout
 
     url = str(tmp_path / "pool.zarr")
     concat_neural_datasets([deepstrf.open_dataset(u) for u in sources], names=["a", "b", "c"], store=url)
-    pool = deepstrf.open_dataset(url)
+    pool = deepstrf.open_dataset(url, check_sources=False)  # as a pool of more than 64 sources opens
     assert not any(p.responses.handle.is_open() for p in pool.responses.sources)
     assert storage_io(pool) == (0, 0)
     pool.select_pop_by_nrn_attr("dataset", "b")
     assert pool.selected_neurons() == list(pool.source_blocks()[1][2])
     assert not any(p.responses.handle.is_open() for p in pool.responses.sources)  # selection reads no source
-    ds = StreamingNeuralDataset(url, batch_size=4, seed=1)
+    pool.reset_pop_selection()
+    ds = StreamingNeuralDataset(pool, batch_size=4, seed=1)  # workers receive it unopened and open what they read
     seen = [m["uid"] for batch in ds.loader(num_workers=2, timeout=loader_timeout(2)) for m in batch.stim_meta]
     assert sorted(seen) == sorted(m["uid"] for m in deepstrf.open_dataset(url).stim_meta)
+    assert not any(p.responses.handle.is_open() for p in pool.responses.sources)  # not in this process
 
 
 def test_coverage_plot_needs_no_dense_mask(monkeypatch, tmp_path):

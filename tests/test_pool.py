@@ -103,27 +103,30 @@ def test_changed_source_is_refused_unless_accepted(sources, tmp_path):
     url = str(tmp_path / "pool.zarr")
     concat_neural_datasets([deepstrf.open_dataset(u) for u in sources], names=["x", "y"], store=url)
     deepstrf.save_dataset(SyntheticAudioDataset("aa2", scale=0.03, time_scale=0.02, seed=9), sources[1], overwrite=True)
-    pool = deepstrf.open_dataset(url)  # sources open on first read: the change is found there
-    assert len(pool) == 7 and pool.coverage.shape == (7, 25)
-    pool[0]  # source x is unchanged
     with pytest.raises(SourceChangedError, match=r"source 'y' at .*aa2-2.zarr changed after pooling"):
-        pool.stims[3]
-    with pytest.raises(SourceChangedError, match=r"source 'y' at .*aa2-2.zarr changed after pooling"):
-        pool.responses[3][10]
-    accepted = deepstrf.open_dataset(url, accept_changed_sources=True)
+        deepstrf.open_dataset(url)  # a small pool checks every source when it opens
     with pytest.warns(SourceChangedWarning):
-        accepted.stims[3]
+        deepstrf.open_dataset(url, accept_changed_sources=True)
+    lazy = deepstrf.open_dataset(url, check_sources=False)  # as a pool of more than 64 sources opens
+    assert len(lazy) == 7 and lazy.coverage.shape == (7, 25)
+    lazy[0]  # source x is unchanged
+    with pytest.raises(SourceChangedError, match=r"source 'y' at .*aa2-2.zarr changed after pooling"):
+        lazy.stims[3]
+    with pytest.raises(SourceChangedError, match=r"source 'y' at .*aa2-2.zarr changed after pooling"):
+        lazy.responses[3][10]
 
 
 def test_missing_source_names_its_url(sources, tmp_path):
     url = str(tmp_path / "pool.zarr")
     concat_neural_datasets([deepstrf.open_dataset(u) for u in sources], store=url)
     shutil.rmtree(sources[0])
-    pool = deepstrf.open_dataset(url)  # opens from the pool alone; AA1 is found missing at its first read
-    assert pool.get_S() == 7 and pool.nrn_meta[0]["dataset"] == "AA1"
-    pool.stims[3]  # AA2 still reads
     with pytest.raises(StoreNotFoundError, match=r"source 'AA1' is missing at .*aa1-1.zarr"):
-        pool[0]
+        deepstrf.open_dataset(url)
+    lazy = deepstrf.open_dataset(url, check_sources=False)  # from the pool alone; AA1 missing at first read
+    assert lazy.get_S() == 7 and lazy.nrn_meta[0]["dataset"] == "AA1"
+    lazy.stims[3]  # AA2 still reads
+    with pytest.raises(StoreNotFoundError, match=r"source 'AA1' is missing at .*aa1-1.zarr"):
+        lazy[0]
 
 
 def test_references_outside_the_root_need_trust(tmp_path):

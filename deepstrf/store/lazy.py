@@ -30,6 +30,8 @@ from ..errors import SourceChangedError, StoreNotFoundError
 
 MAX_OPEN_SOURCES = 256
 """Sources kept open per process; an epoch's block-shuffled windows touch far fewer at a time."""
+EAGER_CHECK_MAX_SOURCES = 64
+"""Pools with at most this many sources open and check all of them when the pool is opened."""
 
 
 class SourceChangedWarning(UserWarning):
@@ -173,18 +175,14 @@ class LazySourceGrid(ResponseGrid):
         return (source_readers(self.handle._ds) or []) if self.handle.is_open() else []
 
 
-def open_now(ds: NeuralDataset, max_sources: int) -> int:
-    """Open the lazily opened sources behind ``ds`` now, concurrently, if there are at most
-    ``max_sources`` of them (a small pool: reading then starts at once, and processes forked
-    afterwards inherit them); return how many were opened."""
+def open_now(ds: NeuralDataset) -> None:
+    """Open (and check) every lazily opened source behind ``ds`` now, concurrently: a missing or
+    changed source fails here, reading starts at once, and processes forked afterwards inherit
+    the opened sources."""
     from ..datasets.views import BlockDiagonalGrid
     from ..forksafe import thread_map
 
     grid = ds.responses
-    if not isinstance(grid, BlockDiagonalGrid):
-        return 0
-    handles = [p.responses.handle for p in grid.sources if isinstance(p.responses, LazySourceGrid)]
-    if not handles or len(handles) > max_sources:
-        return 0
-    thread_map(SourceHandle.dataset, handles, max_workers=16, name="deepstrf-open")
-    return len(handles)
+    if isinstance(grid, BlockDiagonalGrid):
+        handles = [p.responses.handle for p in grid.sources if isinstance(p.responses, LazySourceGrid)]
+        thread_map(SourceHandle.dataset, handles, max_workers=16, name="deepstrf-open")

@@ -34,7 +34,7 @@ from .atomic import consolidate, staged_write
 from .dataset import _CLASSES, OPENERS, load_indexes, open_dataset
 from .integrity import StrictStore, array_digest, content_hasher, fingerprint, update
 from .jsonmeta import decode_columns, encode_columns
-from .lazy import LazySourceGrid, LazySourceStims, SourceChangedWarning, SourceHandle
+from .lazy import EAGER_CHECK_MAX_SOURCES, LazySourceGrid, LazySourceStims, SourceChangedWarning, SourceHandle, open_now
 from .location import Location, _protocol
 from .reader import open_group
 from .references import make_reference, pool_root, resolve_reference
@@ -103,9 +103,14 @@ def write_pool(datasets: Sequence[NeuralDataset], url: str | os.PathLike, *, nam
 
 
 def open_pool(loc: Location, group: zarr.Group, *, allowed_roots: Sequence[str] = (), trust: bool = False,
-              accept_changed_sources: bool = False, source_storage_options: dict | None = None) -> NeuralDataset:
-    """Open a pool group. No source is opened here: each opens on its first data read, in the
-    process that reads it, and its fingerprint is checked then.
+              accept_changed_sources: bool = False, source_storage_options: dict | None = None,
+              check_sources: bool | None = None) -> NeuralDataset:
+    """Open a pool group from its own tables.
+
+    ``check_sources``: open every source now (concurrently) and check it is there and
+    unchanged; default: when the pool has at most ``EAGER_CHECK_MAX_SOURCES`` (64) sources.
+    Otherwise each source opens on its first data read, in the process that reads it, and is
+    checked then (a pool of 10^4 sources then opens in a constant number of requests).
 
     ``allowed_roots`` lists extra folders/prefixes references may point into
     (``trust=True`` allows anything); ``accept_changed_sources`` turns a
@@ -140,6 +145,8 @@ def open_pool(loc: Location, group: zarr.Group, *, allowed_roots: Sequence[str] 
     pooled.pool_sources = entries
     pooled.source_names = [e["name"] for e in entries]
     pooled.duplicate_uids = attrs.get("duplicate_uids")
+    if check_sources or (check_sources is None and len(entries) <= EAGER_CHECK_MAX_SOURCES):
+        open_now(pooled)
     return pooled
 
 

@@ -31,7 +31,6 @@ from ..errors import StreamStalledError
 from ..forksafe import run_gated
 from ..store import shards
 from ..store.dataset import load_indexes, storage_io
-from ..store.lazy import open_now
 from . import partition, reader, shuffle
 from .buffers import DEFAULT_SLOTS, BufferPool
 from .cache import RowCache
@@ -42,7 +41,6 @@ from .workers import DEFAULT_TIMEOUT_S, WorkerActivity, context_method, worker_c
 
 Collate = Literal["compact", "dense"]
 STATE_VERSION = 1
-EAGER_OPEN_MAX_SOURCES = 64  # pools with more sources open each one in the process that first reads it
 
 
 @dataclass
@@ -218,7 +216,6 @@ class StreamingNeuralDataset(IterableDataset):
 
             def open_with_index() -> NeuralDataset:
                 ds = open_dataset(self.url, storage_options=self.storage_options)
-                open_now(ds, EAGER_OPEN_MAX_SOURCES)  # a large pool's sources open on first read
                 load_indexes(ds)
                 return ds
 
