@@ -45,10 +45,11 @@ class Coverage:
         if len(self.stim_offsets) != K + 1 or len(self.neuron_offsets) != K + 1:
             raise ValueError(f"coverage: {K} blocks need {K + 1} stim and neuron offsets, got "
                              f"{len(self.stim_offsets)} and {len(self.neuron_offsets)}")
+        heights, widths = np.diff(self.stim_offsets), np.diff(self.neuron_offsets)
         for k, m in enumerate(self.masks):
-            want = (int(np.diff(self.stim_offsets)[k]), int(np.diff(self.neuron_offsets)[k]))
-            if m is not None and m.shape != want:
-                raise ValueError(f"coverage: block {k}'s mask has shape {m.shape}, expected {want}")
+            if m is not None and m.shape != (heights[k], widths[k]):
+                raise ValueError(f"coverage: block {k}'s mask has shape {m.shape}, "
+                                 f"expected {(int(heights[k]), int(widths[k]))}")
         self._stim_block = np.repeat(np.arange(K), np.diff(self.stim_offsets))
         self._neuron_block = np.repeat(np.arange(K), np.diff(self.neuron_offsets))
         self._partial = [k for k, m in enumerate(self.masks) if m is not None]

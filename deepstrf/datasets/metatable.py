@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from ..bulk import gc_paused
+
 Columns = dict[str, tuple[list, set[int]]]
 
 
@@ -43,11 +45,12 @@ class MetaTable(Sequence):
             self._rows = self._load_rows()
         if self._rows is None:
             cols = self.columns()
-            rows: list[dict] = [{} for _ in range(self._n)]
-            for key, (values, absent) in cols.items():
-                for i, (row, v) in enumerate(zip(rows, values)):
-                    if i not in absent:
-                        row[key] = v
+            with gc_paused():
+                rows: list[dict] = [{} for _ in range(self._n)]
+                for key, (values, absent) in cols.items():
+                    for i, (row, v) in enumerate(zip(rows, values)):
+                        if i not in absent:
+                            row[key] = v
             self._rows = rows
         return self._rows
 

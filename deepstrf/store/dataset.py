@@ -96,6 +96,9 @@ def source_readers(ds: NeuralDataset) -> list[SourceReader] | None:
 def storage_io(ds: NeuralDataset) -> tuple[int, int] | None:
     """``(requests, bytes as stored)`` read so far in this process by a store-backed dataset,
     summed over a pool's sources; None if any part of ``ds`` is not store-backed."""
+    total = getattr(ds.responses, "io", None)
+    if total is not None:  # a format-2 pool counts its sources' reads itself: O(1), whatever K
+        return total.snapshot()
     readers = source_readers(ds)
     if readers is None:
         return None

@@ -29,17 +29,28 @@ def is_chunk_key(key: str) -> bool:
 
 
 class IOCounters:
-    """Requests made to a store and bytes it returned (as stored: compressed), in this process."""
+    """Requests made to a store and bytes it returned (as stored: compressed), in this process;
+    also added to ``parent`` (a pool's total over the sources it opened) when one is set."""
 
     def __init__(self) -> None:
         self.requests = 0
         self.bytes = 0
+        self.parent: IOCounters | None = None
         self._lock = threading.Lock()  # zarr's event loop and read threads both count
+
+    def __getstate__(self) -> dict:  # a new process counts from zero
+        return {"parent": self.parent}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        self.parent = state["parent"]
 
     def add(self, requests: int, nbytes: int) -> None:
         with self._lock:
             self.requests += requests
             self.bytes += nbytes
+        if self.parent is not None:
+            self.parent.add(requests, nbytes)
 
     def snapshot(self) -> tuple[int, int]:
         with self._lock:

@@ -27,6 +27,8 @@ from ..datasets.neural_dataset import NeuralDataset
 from ..datasets.views import (LazySequence, RawRow, ResponseGrid, raw_row_sizes, read_many, read_raw_rows,
                               read_row)
 from ..errors import SourceChangedError, StoreNotFoundError
+from .dataset import source_readers
+from .integrity import IOCounters
 
 MAX_OPEN_SOURCES = 256
 """Sources kept open per process; an epoch's block-shuffled windows touch far fewer at a time."""
@@ -65,10 +67,11 @@ class SourceHandle:
     """One pooled source: its pool entry, opened on first :meth:`dataset` call in a process."""
 
     def __init__(self, pool_url: str, entry: dict[str, Any], opener: Callable[[str], NeuralDataset],
-                 accept_changed: bool = False) -> None:
+                 io: IOCounters, accept_changed: bool = False) -> None:
         self.pool_url = pool_url
         self.entry = entry
         self.opener = opener
+        self.io = io  # the pool's total of requests and bytes, over the sources opened here
         self.accept_changed = accept_changed
         self._ds: NeuralDataset | None = None
         self._lock = threading.Lock()
@@ -114,6 +117,8 @@ class SourceHandle:
                 f"pool {self.pool_url}: source {e['name']!r} is missing at {e['url']} (reference "
                 f"{e['ref']!r}); restore it there or rewrite the pool. ({err})") from err
         check_fingerprint(self.pool_url, e, ds, self.accept_changed)
+        for reader in source_readers(ds) or []:
+            reader.count_into(self.io)
         return ds
 
 
@@ -170,8 +175,6 @@ class LazySourceGrid(ResponseGrid):
 
     def opened_readers(self) -> list[Any]:
         """Store readers of the source if it is open in this process (none are opened here)."""
-        from .dataset import source_readers
-
         return (source_readers(self.handle._ds) or []) if self.handle.is_open() else []
 
 

@@ -27,12 +27,13 @@ from ..datasets.concat import concat_datasets
 from ..datasets.coverage import Coverage
 from ..datasets.metatable import MetaSlice, MetaTable
 from ..datasets.neural_dataset import NeuralDataset
+from ..bulk import gc_paused
 from ..datasets.views import BlockDiagonalGrid, ConcatSequence, LazySequence, MappedSequence, ResponseGrid
 from ..errors import IntegrityError
 from . import format as fmt
 from .atomic import consolidate, staged_write
 from .dataset import _CLASSES, OPENERS, load_indexes, open_dataset
-from .integrity import StrictStore, array_digest, content_hasher, fingerprint, update
+from .integrity import IOCounters, StrictStore, array_digest, content_hasher, fingerprint, update
 from .jsonmeta import decode_columns, encode_columns
 from .lazy import EAGER_CHECK_MAX_SOURCES, LazySourceGrid, LazySourceStims, SourceChangedWarning, SourceHandle, open_now
 from .location import Location, _protocol
@@ -118,9 +119,19 @@ def open_pool(loc: Location, group: zarr.Group, *, allowed_roots: Sequence[str] 
     the pool's own options for every source. Format-1 pools open through
     :mod:`deepstrf.store.pool_v1` (read only).
     """
+    with gc_paused():
+        pooled = _open(loc, group, allowed_roots, trust, accept_changed_sources, source_storage_options)
+    if check_sources or (check_sources is None and len(pooled.pool_sources) <= EAGER_CHECK_MAX_SOURCES):
+        open_now(pooled)
+    return pooled
+
+
+def _open(loc: Location, group: zarr.Group, allowed_roots: Sequence[str], trust: bool, accept_changed_sources: bool,
+          source_storage_options: dict | None) -> NeuralDataset:
     attrs = dict(group.attrs)
     fmt.check_format(attrs, loc.url, POOL_FORMAT, supported=fmt.POOL_SUPPORTED_MAJORS)
-    entries = [dict(e, url=resolve_reference(loc, e["ref"], allowed_roots, trust))
+    root = pool_root(loc)
+    entries = [dict(e, url=resolve_reference(loc, e["ref"], allowed_roots, trust, root))
                for e in read_sources(loc, group, attrs)]
     if attrs["format_version"].startswith("1."):
         from .pool_v1 import open_pool_v1
@@ -129,33 +140,34 @@ def open_pool(loc: Location, group: zarr.Group, *, allowed_roots: Sequence[str] 
     tables = PoolTables(loc, group, attrs, [(e["n_stims"], e["n_neurons"]) for e in entries])
     cls = _CLASSES[attrs["kind"]]
     stim_meta, nrn_meta = MetaTable(attrs["n_stims"], tables.stim_columns), MetaTable(attrs["n_neurons"], tables.nrn_columns)
-    parts = []
+    parts, io = [], IOCounters()
     for k, e in enumerate(entries):
         options = source_storage_options if source_storage_options is not None else _same_protocol_options(loc, e["url"])
-        handle = SourceHandle(loc.url, e, partial(open_dataset, storage_options=options, lazy_metadata=True), accept_changed_sources)
+        handle = SourceHandle(loc.url, e, partial(open_dataset, storage_options=options, lazy_metadata=True), io,
+                              accept_changed_sources)
         part = _CLASSES[e["kind"]].__new__(_CLASSES[e["kind"]])
         _fill(part, attrs, e["url"], LazySourceStims(handle), LazySourceGrid(handle, partial(tables.block, k)),
               MetaSlice(stim_meta, *tables.stim_range(k)), MetaSlice(nrn_meta, *tables.neuron_range(k)))
         part.name, part.fingerprint, part.card, part.storage_options = e["name"], e["fingerprint"], e.get("card"), options
         parts.append(part)
     pooled = cls.__new__(cls)
-    _fill(pooled, attrs, loc.url, ConcatSequence([p.stims for p in parts]), PoolGrid(parts, tables.coverage),
+    _fill(pooled, attrs, loc.url, ConcatSequence([p.stims for p in parts]), PoolGrid(parts, tables.coverage, io),
           stim_meta, nrn_meta)
     pooled.fingerprint = attrs["fingerprint"]
     pooled.pool_sources = entries
     pooled.source_names = [e["name"] for e in entries]
     pooled.duplicate_uids = attrs.get("duplicate_uids")
-    if check_sources or (check_sources is None and len(entries) <= EAGER_CHECK_MAX_SOURCES):
-        open_now(pooled)
     return pooled
 
 
 class PoolGrid(BlockDiagonalGrid):
-    """The block-diagonal grid of a format-2 pool: its coverage is the pool's stored one."""
+    """The block-diagonal grid of a format-2 pool: its coverage is the pool's stored one, and
+    ``io`` totals the requests and bytes of the sources opened in this process."""
 
-    def __init__(self, sources: Sequence[NeuralDataset], coverage: Callable[[], Coverage]) -> None:
+    def __init__(self, sources: Sequence[NeuralDataset], coverage: Callable[[], Coverage], io: IOCounters) -> None:
         super().__init__(sources)
         self._stored_coverage = coverage
+        self.io = io
 
     def _coverage(self) -> Coverage:
         return self._stored_coverage()
@@ -212,7 +224,8 @@ class PoolTables:
         return self._columns(NRN_TABLE, self.attrs["n_neurons"])
 
     def _columns(self, name: str, n: int):
-        found, columns = decode_columns(self.read(name).tobytes())
+        with gc_paused():
+            found, columns = decode_columns(self.read(name).tobytes())
         if found != n:
             raise IntegrityError(f"pool {self.loc.url}: {name} has {found} rows, expected {n}; rewrite the pool")
         return columns

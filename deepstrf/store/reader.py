@@ -121,6 +121,7 @@ class SourceReader:
         self.n_neurons = int(attrs["n_neurons"])
         self._handles: tuple[int, dict[str, Any], dict[str, ShardedArray]] | None = None
         self._index: Index | None = None
+        self.io_parent: IOCounters | None = None  # also counts this store's reads (a pool's total)
 
     @property
     def url(self) -> str:
@@ -158,6 +159,7 @@ class SourceReader:
                     reader.whole = self._handles[2][name].whole
         store = group.store_path.store
         self._counters = store.counters if isinstance(store, StrictStore) else IOCounters()
+        self._counters.parent = self.io_parent
         self._group_metadata = group.metadata
         self._handles = (os.getpid(), handles, sharded)
 
@@ -165,6 +167,12 @@ class SourceReader:
         """Names array ``name`` in shard caches: URL and content fingerprint, so a store written
         again at the same URL is never served from an older copy."""
         return f"{self.url}#{self.attrs.get('fingerprint', '')}/{name}"
+
+    def count_into(self, parent: IOCounters) -> None:
+        """Add this store's future reads in this process to ``parent`` too."""
+        self.io_parent = parent
+        if self._handles is not None and self._handles[0] == os.getpid():
+            self._counters.parent = parent
 
     def io_counters(self) -> tuple[int, int]:
         """``(requests, bytes)`` this process has read from the store (bytes as stored)."""

@@ -65,14 +65,15 @@ def _plainly_inside(ref: str) -> bool:
         part not in ("", ".", "..") for part in ref.split("/"))
 
 
-def resolve_reference(pool: Location, ref: str, allowed_roots: Sequence[str] = (), trust: bool = False) -> str:
+def resolve_reference(pool: Location, ref: str, allowed_roots: Sequence[str] = (), trust: bool = False,
+                      root: str | None = None) -> str:
     """Absolute URL of reference ``ref`` stored in ``pool``, after the trust check.
 
     Raises :class:`UntrustedReferenceError` naming the pool, the reference and
     the way to allow it when it points outside the pool's root and every
     allowed root.
     """
-    root = pool_root(pool)
+    root = root or pool_root(pool)  # given by a caller resolving many references of one pool
     if _plainly_inside(ref):  # the common case, made cheap for pools of 10^4 sources
         return f"{root}/{ref}" if not pool.is_local else os.path.join(root, ref)
     if "://" in ref or os.path.isabs(ref):
