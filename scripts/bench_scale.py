@@ -6,14 +6,15 @@
 Each source is 10 stims x 20 neurons, T = 100 bins, 3 repeats (every pair
 recorded but a few per source). Sources are made once (the first with
 ``save_dataset``, the others as copies of it given their own name, uids and
-fingerprint) and cached in ``--cache``. For each K, in a fresh process:
+fingerprint) and cached in ``--cache``. For each K:
 
-- ``sources_open_s`` + ``pool_write_s``: open the K sources and write their pool
-  (``deepstrf concat``); ``pool_bytes`` against ``sources_bytes``;
+- in one process, ``sources_open_s`` + ``pool_write_s``: open the K sources and write their
+  pool (``deepstrf concat``); ``pool_bytes`` against ``sources_bytes``; ``write_peak_rss_mib``;
+- in another (``read_peak_rss_mib``):
 - ``open_s``, ``len_s``, ``select_s`` (``select_pop_by_nrn_attr`` over all N
   neurons), ``stream_open_s`` (``StreamingNeuralDataset(url)``), ``first_batch_s``
-  and ``items_per_s`` (2 DataLoader workers, batch 8, the first
-  ``--epoch-items`` items of an epoch; ``loader_s`` starts the workers' forkserver),
+  and ``items_per_s`` (2 persistent DataLoader workers, batch 8, ``--epoch-items`` items after
+  the first batch, over as many epochs as that takes; ``loader_s`` starts the workers' forkserver),
   peak RSS of the process and the workers' RSS (sampled every 50 batches);
 - over S3 (the local moto server, 20 ms added to every request): ``open_s``,
   ``len_s``, ``select_s``, ``stream_open_s`` with only the pool uploaded (a
@@ -89,20 +90,18 @@ def peak_rss_mib() -> float:
 
 
 def workers_rss_mib() -> float:
-    """RSS of this process's worker processes (forkserver children included), MiB."""
+    """RSS of this process's DataLoader workers (children of the forkserver, or forked), MiB."""
     import psutil
 
-    me = psutil.Process()
-    workers = [p for p in psutil.process_iter(["ppid", "cmdline"]) if p.info["ppid"] != me.pid
-               and "forkserver" not in " ".join(p.info["cmdline"] or []) and _descends(p, me.pid)]
-    return sum(p.memory_info().rss for p in workers) / 2**20
-
-
-def _descends(p, pid: int) -> bool:
-    try:
-        return any(a.pid == pid for a in p.parents())
-    except Exception:  # a process gone while we looked
-        return False
+    me, total = psutil.Process(), 0
+    for p in me.children(recursive=True):
+        try:
+            if p.ppid() == me.pid and "forkserver" in " ".join(p.cmdline()):
+                continue  # the idle server the workers are forked from
+            total += p.memory_info().rss
+        except psutil.Error:  # a worker gone while we looked
+            continue
+    return total / 2**20
 
 
 def timed(fn):
@@ -125,44 +124,52 @@ def measure_reads(url: str, storage_options: dict | None, epoch_items: int, stre
                                                                      batch_size=8, seed=0))
     if not stream:
         return out
-    loader, out["loader_s"] = timed(lambda: ds.loader(num_workers=2, timeout=600))
+    loader, out["loader_s"] = timed(lambda: ds.loader(num_workers=2, timeout=600, persistent_workers=True))
     t0 = time.perf_counter()
-    items, workers_peak = 0, 0.0
-    for i, batch in enumerate(loader):
-        if i % 50 == 1:
-            workers_peak = max(workers_peak, workers_rss_mib())
-        if i == 0:
-            out["first_batch_s"] = round(time.perf_counter() - t0, 3)
-            t1 = time.perf_counter()
-        else:
+    items, batches, workers_peak = 0, 0, 0.0
+    while items < epoch_items:  # epochs follow one another (small pools have fewer items than that)
+        for batch in loader:
+            batches += 1
+            if batches == 1:
+                out["first_batch_s"] = round(time.perf_counter() - t0, 3)
+                t1 = time.perf_counter()
+                continue
             items += len(batch.stim_meta)
-        if items >= epoch_items:
-            break
+            if batches % 50 == 2:
+                workers_peak = max(workers_peak, workers_rss_mib())
+            if items >= epoch_items:
+                break
     out["items_per_s"] = round(items / (time.perf_counter() - t1), 1)
     out["items_read"] = items
     out["workers_peak_rss_mib"] = round(workers_peak)
     return out
 
 
-def one(k: int, args: argparse.Namespace) -> dict:
-    """All figures for ``k`` sources (run in a fresh process)."""
+def write(k: int, args: argparse.Namespace) -> dict:
+    """Open ``k`` sources and write their pool (run in a fresh process)."""
     import deepstrf
     from deepstrf.forksafe import thread_map
     from deepstrf.store.atomic import stored_bytes
     from deepstrf.store.location import Location
 
-    folder = os.path.join(args.cache, "sources")
-    urls = make_sources(folder, k)[:k]
+    urls = make_sources(os.path.join(args.cache, "sources"), k)[:k]
     pool_url = os.path.join(args.cache, f"pool-{k}.zarr")
     opened, open_sources_s = timed(lambda: thread_map(deepstrf.open_dataset, urls, max_workers=8, name="bench"))
     _, write_s = timed(lambda: deepstrf.concat_neural_datasets(opened, store=pool_url, overwrite=True))
     out = {"K": k, "sources_open_s": open_sources_s, "pool_write_s": write_s,
-           "pool_bytes": stored_bytes(Location.parse(pool_url)),
-           "sources_bytes": stored_bytes(Location.parse(urls[0])) * k}
+           "pool_bytes": stored_bytes(Location.parse(pool_url)), "sources_bytes": stored_bytes(Location.parse(urls[0])) * k,
+           "write_peak_rss_mib": round(peak_rss_mib())}
     out["pool_fraction_of_sources"] = round(out["pool_bytes"] / out["sources_bytes"], 6)
-    out["local"] = measure_reads(pool_url, None, args.epoch_items, stream=True)
-    out["peak_rss_mib"] = round(peak_rss_mib())
+    return out
+
+
+def read(k: int, args: argparse.Namespace) -> dict:
+    """Open, select and stream the pool of ``k`` sources, locally and over S3 (a fresh process)."""
+    pool_url = os.path.join(args.cache, f"pool-{k}.zarr")
+    out = {"local": measure_reads(pool_url, None, args.epoch_items, stream=True)}
+    out["read_peak_rss_mib"] = round(peak_rss_mib())
     if args.s3:
+        urls = [source_url(os.path.join(args.cache, "sources"), i) for i in range(k)]
         out["s3"] = measure_s3(k, pool_url, urls, args)
     return out
 
@@ -194,16 +201,21 @@ def main() -> None:
     p.add_argument("--s3-sources-max", type=int, default=100, help="upload the sources too up to this K")
     p.add_argument("--no-s3", dest="s3", action="store_false")
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "deepstrf-bench-scale"))
-    p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--phase", choices=("write", "read"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--k", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.one is not None:
-        print(json.dumps(one(args.one, args)), flush=True)
+    if args.phase is not None:
+        print(json.dumps((write if args.phase == "write" else read)(args.k, args)), flush=True)
         return
-    for k in args.ks:  # one fresh process per K: peak RSS and caches are K's own
-        cmd = [sys.executable, __file__, "--one", str(k), "--epoch-items", str(args.epoch_items),
-               "--s3-epoch-items", str(args.s3_epoch_items), "--s3-sources-max", str(args.s3_sources_max),
-               "--cache", args.cache] + ([] if args.s3 else ["--no-s3"])
-        subprocess.run(cmd, check=True)
+    for k in args.ks:  # fresh processes per K and phase: peak RSS and caches are that phase's own
+        line: dict = {}
+        for phase in ("write", "read"):
+            cmd = [sys.executable, __file__, "--phase", phase, "--k", str(k), "--epoch-items", str(args.epoch_items),
+                   "--s3-epoch-items", str(args.s3_epoch_items), "--s3-sources-max", str(args.s3_sources_max),
+                   "--cache", args.cache] + ([] if args.s3 else ["--no-s3"])
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            line.update(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

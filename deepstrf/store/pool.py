@@ -32,7 +32,7 @@ from ..datasets.views import BlockDiagonalGrid, ConcatSequence, LazySequence, Ma
 from ..errors import IntegrityError
 from . import format as fmt
 from .atomic import consolidate, staged_write
-from .dataset import _CLASSES, OPENERS, load_indexes, open_dataset
+from .dataset import _CLASSES, OPENERS, open_dataset
 from .integrity import IOCounters, StrictStore, array_digest, content_hasher, fingerprint, update
 from .jsonmeta import decode_columns, encode_columns
 from .lazy import EAGER_CHECK_MAX_SOURCES, LazySourceGrid, LazySourceStims, SourceChangedWarning, SourceHandle, open_now
@@ -76,11 +76,12 @@ def write_pool(datasets: Sequence[NeuralDataset], url: str | os.PathLike, *, nam
         "kind": dataset_kind(part),
         "card": getattr(part, "card", None),
     } for part, name in zip(parts, part_names)]
-    tables = {SOURCES_TABLE: json.dumps(sources, separators=(",", ":"), allow_nan=False).encode("utf-8"),
-              STIM_TABLE: encode_columns(list(pooled.stim_meta), "stim_meta"),
-              NRN_TABLE: encode_columns(list(pooled.nrn_meta), "nrn_meta")}
-    load_indexes(pooled)  # every source's index in one concurrent batch: the coverage comes from them
-    coverage = _coverage_arrays(pooled.coverage)
+    with gc_paused():
+        tables = {SOURCES_TABLE: json.dumps(sources, separators=(",", ":"), allow_nan=False).encode("utf-8"),
+                  STIM_TABLE: encode_columns(list(pooled.stim_meta), "stim_meta"),
+                  NRN_TABLE: encode_columns(list(pooled.nrn_meta), "nrn_meta")}
+    with gc_paused():  # 10^4 sources' masks and metadata rows
+        coverage = _coverage_arrays(pooled.coverage)
     attrs: dict[str, Any] = {
         "format": POOL_FORMAT, "format_version": fmt.POOL_FORMAT_VERSION, "kind": dataset_kind(pooled),
         "class_name": type(pooled).__name__, "dt_ms": float(pooled.dt),

@@ -284,8 +284,15 @@ class SourceReader:
         await asyncio.gather(*(s.shard_index(0) for s in probes))
 
     def mask(self) -> np.ndarray:
-        """``(S, N)`` bool: True where the cell holds data."""
-        return self.index().repeats > 0
+        """``(S, N)`` bool: True where the cell holds data (reads only ``repeats`` when the index
+        is not loaded: pooling 10^4 sources needs their masks, not their indexes)."""
+        if self._index is not None:
+            return self._index.repeats > 0
+        (repeats,) = self.read_whole([fmt.REPEATS])
+        if repeats.shape != (self.n_stims, self.n_neurons):
+            raise IntegrityError(f"{self.url}: {fmt.REPEATS} has shape {repeats.shape}, expected "
+                                 f"{(self.n_stims, self.n_neurons)}; the store is damaged. Re-create it from its source.")
+        return repeats > 0
 
     # -- data --------------------------------------------------------------------
     def read_stim(self, s: int) -> np.ndarray:
