@@ -1,20 +1,11 @@
 """Reading recording formats into deepstrf datasets.
 
 :func:`from_nwb` reads one NWB session (local, ``s3://``, ``https://``) into an
-``AudioNeuralDataset`` / ``VideoNeuralDataset``; ``deepstrf import-nwb`` (:mod:`.nwb_import`)
-writes one source store per session. pynwb is imported on first use.
+``AudioNeuralDataset`` / ``VideoNeuralDataset``; :func:`import_sessions` (``deepstrf import-nwb``)
+writes one source store per session. pynwb itself is imported when a file is opened.
 """
 
-from __future__ import annotations
+from .nwb import NWBConversion, from_nwb
+from .nwb_import import ImportResult, import_sessions
 
-from typing import Any
-
-
-def from_nwb(path_or_url: Any, **kwargs: Any) -> Any:
-    """See :func:`deepstrf.io.nwb.from_nwb`."""
-    from .nwb import from_nwb as _from_nwb
-
-    return _from_nwb(path_or_url, **kwargs)
-
-
-__all__ = ["from_nwb"]
+__all__ = ["ImportResult", "NWBConversion", "from_nwb", "import_sessions"]

@@ -84,7 +84,7 @@ def from_nwb(path_or_url: str | os.PathLike, *, dt_ms: float, presentations: str
       ``window_ms``), a 2-D series ``(time, F)`` a precomputed spectrogram, an ``ImageSeries`` a
       video; both averaged over each bin. ``stim_kind`` forces one reading.
     - ``unit_filter``: ``{column: value or [values]}`` of the units table; units whose value is not
-      listed are dropped. ``use_obs_intervals``: a unit counts as recorded during a presentation
+      listed (compared as text) are dropped. ``use_obs_intervals``: a unit counts as recorded during a presentation
       only if the presentation lies inside one of its ``obs_intervals``; stim x unit pairs never
       recorded are missing (the sentinel), never zeros.
     - ``name``, ``license``: the dataset's name (default: the session id) and the card's license.
@@ -96,6 +96,13 @@ def from_nwb(path_or_url: str | os.PathLike, *, dt_ms: float, presentations: str
                          mel=MelSpec(bands=bands, f_min=f_min, f_max=f_max, window_ms=window_ms),
                          pre_ms=pre_ms, post_ms=post_ms, unit_filter=unit_filter,
                          use_obs_intervals=use_obs_intervals)
+    return read_nwb(path_or_url, conv, name=name, license=license, storage_options=storage_options,
+                    progress=progress)
+
+
+def read_nwb(path_or_url: str | os.PathLike, conv: NWBConversion, *, name: str | None = None,
+             license: str | None = None, storage_options: dict | None = None, progress: bool = False) -> NeuralDataset:
+    """:func:`from_nwb` with the conversion given as one :class:`NWBConversion`."""
     identity = input_identity(path_or_url, storage_options)
     with open_nwb(path_or_url, storage_options) as nwb:
         return _Session(nwb, identity["url"], conv).dataset(identity, name=name, license=license,
@@ -284,7 +291,7 @@ class _Session:
             if values is None:
                 raise NWBImportError(f"{self.url}: the units table has no scalar column {col!r} (its columns: "
                                      f"{list(units.colnames)}). Fix unit_filter= (--unit-filter COLUMN=VALUE).")
-            keep &= np.isin(values.astype(str) if values.dtype.kind == "O" else values, allowed)
+            keep &= np.isin(values.astype(str), [str(a) for a in allowed])  # compared as text
         if not keep.any():
             raise NWBImportError(f"{self.url}: no unit left after unit_filter={self.conv.unit_filter}; "
                                  "loosen the filter (--unit-filter).")

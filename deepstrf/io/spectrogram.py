@@ -9,7 +9,7 @@ The transform (``docs/format.md``, "NWB import"):
    ``center=False`` on the waveform zero-padded so that frame ``t`` is centred on sample
    ``(t + 0.5) * hop``; power ``|X|^2``.
 3. ``bands`` triangular filters equally spaced on the HTK mel scale (``2595 log10(1 + f / 700)``)
-   between ``f_min`` and ``f_max`` (default ``fs / 2``), unnormalised.
+   between ``f_min`` and ``f_max`` (default: half the (resampled) rate), unnormalised.
 4. ``log(mel + eps)``.
 """
 
@@ -40,7 +40,7 @@ class MelSpec:
         fs_used = hop * 1000.0 / dt_ms
         win = max(hop, round(self.window_ms * fs_used / 1000.0))
         return {**asdict(self), "transform": "log-mel (HTK mel, Hann window, torch.stft)",
-                "f_max": float(self.f_max or fs / 2), "fs": float(fs), "fs_resampled": fs_used,
+                "f_max": float(self.f_max or fs_used / 2), "fs": float(fs), "fs_resampled": fs_used,
                 "hop_samples": hop, "win_samples": win, "n_fft": 1 << (win - 1).bit_length()}
 
 

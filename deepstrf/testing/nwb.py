@@ -115,7 +115,7 @@ def write_session(path: str | os.PathLike, spec: SessionSpec) -> SessionTruth:
     group = nwb.create_electrode_group("shank0", description="shank", location="A1", device=device)
     for e in range(4):
         nwb.add_electrode(group=group, location=("A1", "AAF")[e % 2], x=0.0, y=100.0 * e, z=0.0)
-    for col in spec.unit_columns:
+    for col in spec.unit_columns if spec.n_units else ():  # no unit: the file has no units table
         nwb.add_unit_column(col, f"unit {col}")
     spikes, obs = [], []
     for u in range(spec.n_units):
