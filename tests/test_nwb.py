@@ -81,7 +81,8 @@ def test_precomputed_spectrogram_and_custom_intervals(sessions):
     np.testing.assert_allclose(ds.stims[0][0].numpy(), want, rtol=1e-5)
     n_bins = want.shape[1]
     s_truth = truth.stim_names.index(ds.stim_meta[0]["stim"])
-    np.testing.assert_array_equal(ds.responses[0][2].numpy(), expected_cell(truth, LAB_B, s_truth, 2, DT / 1000, n_bins))
+    want_counts = expected_cell(truth, LAB_B, s_truth, 2, DT / 1000, n_bins)
+    np.testing.assert_array_equal(ds.responses[0][2].numpy(), want_counts)
 
 
 def test_metadata_card_and_unit_filter(sessions):

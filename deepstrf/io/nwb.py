@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..datasets.audio import AudioNeuralDataset
 from ..datasets.neural_dataset import NeuralDataset
 from ..datasets.video import VideoNeuralDataset
-from ..errors import NWBImportError
+from ..errors import NWBImportError, NWBReadError
 from .binning import bin_average, bin_edges, count_spikes, recorded
 from .counts import PresentationCounts
 from .nwbfile import fingerprint, input_identity, open_nwb
@@ -105,14 +105,30 @@ def read_nwb(path_or_url: str | os.PathLike, conv: NWBConversion, *, name: str |
     """:func:`from_nwb` with the conversion given as one :class:`NWBConversion`."""
     identity = input_identity(path_or_url, storage_options)
     with open_nwb(path_or_url, storage_options) as nwb:
-        return _Session(nwb, identity["url"], conv).dataset(identity, name=name, license=license,
-                                                             progress=progress)
+        try:
+            return _Session(nwb, identity["url"], conv).dataset(identity, name=name, license=license,
+                                                                 progress=progress)
+        except OSError as e:  # h5py / fsspec failing part-way through the file
+            raise NWBReadError(f"{identity['url']}: reading failed ({type(e).__name__}: {e}). Check that the "
+                               "file is complete and reachable, then run the import again.") from e
 
 
 def _decode(values: np.ndarray) -> np.ndarray:
     if values.dtype.kind == "S" or (values.dtype.kind == "O" and any(isinstance(v, bytes) for v in values[:1])):
         return np.array([v.decode() if isinstance(v, bytes) else v for v in values], dtype=object)
     return values
+
+
+def sample_rate(series: Any) -> float:
+    """Samples per second of a series (its ``rate``, else from its median timestamp step)."""
+    return float(series.rate) if series.rate else 1.0 / float(np.median(np.diff(series.timestamps[:])))
+
+
+def _strings(value: Any) -> list[str]:
+    """An NWB text field that may be one string or a list of them, as a list."""
+    if value is None:
+        return []
+    return [str(value)] if isinstance(value, (str, bytes)) else [str(v) for v in value]
 
 
 def scalar_column(table: Any, col: str) -> np.ndarray | None:
@@ -249,8 +265,9 @@ class _Session:
         """Stimulus over ``[t0, t0 + n_bins * dt)`` of ``series`` (its own time axis)."""
         t1 = t0 + n_bins * self.dt_s
         if kind == "waveform":
-            fs = float(series.rate) if series.rate else 1.0 / float(np.median(np.diff(series.timestamps[:])))
-            j0 = round((t0 - float(series.starting_time or 0.0)) * fs)
+            fs = sample_rate(series)
+            first = float(series.timestamps[0]) if series.timestamps is not None else float(series.starting_time or 0)
+            j0 = round((t0 - first) * fs)
             n = round((t1 - t0) * fs)
             a, b = min(max(j0, 0), len(series.data)), min(max(j0 + n, 0), len(series.data))
             wave = np.asarray(series.data[a:b], dtype=np.float64).reshape(-1)
@@ -383,9 +400,7 @@ class _Session:
         ds.stim_meta = self.stim_meta(table, stim_ids, stim_of, kind, n_bins)
         resolved: dict[str, Any] = {"stim_kind": kind, "pre_bins": self.pre_bins, "post_bins": self.post_bins}
         if kind == "waveform":
-            ser = series[0]
-            fs = float(ser.rate) if ser.rate else 1.0 / float(np.median(np.diff(ser.timestamps[:])))
-            resolved["mel"] = conv.mel.resolved(fs, conv.dt_ms)
+            resolved["mel"] = conv.mel.resolved(sample_rate(series[0]), conv.dt_ms)
         ds.card = self.card(identity, resolved, ds.name, name, license)
         ds.validate()
         return ds
@@ -442,13 +457,13 @@ class _Session:
 
     def card(self, identity: dict, resolved: dict, name: str, name_arg: str | None, license: str | None) -> dict:
         nwb = self.nwb
-        pubs = [str(p) for p in (nwb.related_publications or [])]
+        pubs = _strings(nwb.related_publications)
         return {
             "name": name, "license": license, "citation": "; ".join(pubs) or None,
             "description": str(nwb.session_description),
             "lab": None if nwb.lab is None else str(nwb.lab),
             "institution": None if nwb.institution is None else str(nwb.institution),
-            "experimenter": [str(e) for e in (nwb.experimenter or [])],
+            "experimenter": _strings(nwb.experimenter),
             "related_publications": pubs, "doi": [p for p in pubs if "10." in p and "/" in p],
             "identifier": str(nwb.identifier), "session_id": self.session_id,
             "session_start_time": nwb.session_start_time.isoformat() if nwb.session_start_time else None,
