@@ -120,6 +120,32 @@ def test_video_from_index_series(sessions):
     assert torch.equal(x[..., 0], x[..., -1])
 
 
+def test_video_from_image_series_templates(tmp_path):
+    path = tmp_path / "movies.nwb"
+    write_session(path, SessionSpec(session_id="lab-v", n_units=2, n_stims=2, repeats=2, stim_kind="video"))
+    ds = from_nwb(path, dt_ms=DT)
+    assert isinstance(ds, VideoNeuralDataset) and ds.stims[0].shape == (1, 6, 8, 50)
+    with h5py.File(path, "r") as f:
+        frames = f[f"stimulus/templates/{ds.stim_meta[0]['stim']}/data"][:].astype(np.float32)
+    # 30 Hz frames in 10 ms bins: bin 4 ([40, 50) ms) lies in frame 1 ([33.3, 66.7) ms); bin 3 straddles 0 and 1
+    np.testing.assert_allclose(ds.stims[0][0, :, :, 4].numpy(), frames[1], rtol=1e-6)
+    w = (100 / 3 - 30) / 10
+    np.testing.assert_allclose(ds.stims[0][0, :, :, 3].numpy(), w * frames[0] + (1 - w) * frames[1], rtol=1e-5)
+
+
+def test_stimuli_cut_from_the_presented_series(tmp_path):
+    path = tmp_path / "played.nwb"
+    write_session(path, SessionSpec(session_id="lab-p", n_units=2, n_stims=3, repeats=2, presented_series=True))
+    from_templates = from_nwb(path, dt_ms=DT)
+    from_played = from_nwb(path, dt_ms=DT, stim_series="presented_audio")
+    assert from_played.card["nwb_import"]["options"]["stim_series"] == "presented_audio"
+    for a, b in zip(from_templates.stims, from_played.stims):
+        assert a.shape == b.shape
+        # the same sound, cut at its first presentation (to the nearest sample)
+        assert torch.corrcoef(torch.stack([a.exp().flatten(), b.exp().flatten()]))[0, 1] > 0.99
+    assert torch.equal(from_templates.responses[1][1], from_played.responses[1][1])
+
+
 def test_pre_post_window_and_waveform_transform(sessions):
     path, truth = sessions["a"]
     ds = from_nwb(path, dt_ms=DT, pre_ms=50, post_ms=20)

@@ -16,7 +16,9 @@ import numpy as np
 @dataclass
 class SessionSpec:
     """What to write. ``stim_kind``: ``"waveform"`` (1-D templates), ``"spectrogram"`` (``(time, F)``
-    templates) or ``"images"`` (an IndexSeries into an ``Images`` container)."""
+    templates), ``"video"`` (``ImageSeries`` templates) or ``"images"`` (an IndexSeries into an
+    ``Images`` container). ``presented_series`` also writes the waveforms as played over the
+    session (``/stimulus/presented_audio``)."""
 
     session_id: str = "lab-a-session-1"
     lab: str = "Lab A"
@@ -27,6 +29,8 @@ class SessionSpec:
     gap_s: float = 0.2
     stim_kind: str = "waveform"
     audio_fs: float = 8000.0
+    video_rate: float = 30.0
+    presented_series: bool = False
     spec_rate: float = 200.0
     spec_bands: int = 16
     table: str = "trials"                # or a custom /intervals table name
@@ -57,7 +61,7 @@ def write_session(path: str | os.PathLike, spec: SessionSpec) -> SessionTruth:
     from pynwb import NWBHDF5IO, NWBFile, TimeSeries
     from pynwb.base import ImageReferences, Images
     from pynwb.epoch import TimeIntervals
-    from pynwb.image import GrayscaleImage, IndexSeries
+    from pynwb.image import GrayscaleImage, ImageSeries, IndexSeries
 
     rng = np.random.default_rng(spec.seed)
     nwb = NWBFile(session_description=f"synthetic auditory session of {spec.lab}", identifier=spec.session_id,
@@ -80,16 +84,30 @@ def write_session(path: str | os.PathLike, spec: SessionSpec) -> SessionTruth:
         nwb.add_stimulus(IndexSeries(name="image_index", data=order.astype(np.uint32), unit="N/A",
                                      indexed_images=images, timestamps=starts))
     else:
+        waves = []
         for s, name in enumerate(names):
+            if spec.stim_kind == "video":
+                frames = rng.integers(0, 255, (int(spec.stim_s * spec.video_rate), 6, 8), dtype=np.uint8)
+                nwb.add_stimulus_template(ImageSeries(name=name, data=frames, unit="n.a.", rate=spec.video_rate,
+                                                      starting_time=0.0, description=f"movie {s}"))
+                continue
             if spec.stim_kind == "waveform":
                 t = np.arange(int(spec.stim_s * spec.audio_fs)) / spec.audio_fs
                 data = np.sin(2 * np.pi * (300 + 200 * s) * t) * rng.uniform(0.5, 1.0)
                 rate = spec.audio_fs
+                waves.append(data)
             else:
                 data = rng.random((int(spec.stim_s * spec.spec_rate), spec.spec_bands))
                 rate = spec.spec_rate
             nwb.add_stimulus_template(TimeSeries(name=name, data=data.astype(np.float32), unit="a.u.", rate=rate,
                                                  starting_time=0.0, description=f"stimulus {s}"))
+        if spec.presented_series and waves:
+            played = np.zeros(int((stops[-1] + 1.0) * spec.audio_fs), dtype=np.float32)
+            for p, s in enumerate(order.tolist()):
+                j = round(starts[p] * spec.audio_fs)
+                played[j:j + len(waves[s])] = waves[s]
+            nwb.add_stimulus(TimeSeries(name="presented_audio", data=played, unit="a.u.", rate=spec.audio_fs,
+                                        starting_time=0.0, description="the sound as played"))
     if spec.extra_bytes:
         n = spec.extra_bytes // (2 * 32)
         nwb.add_acquisition(TimeSeries(name="lfp_like", data=rng.integers(-500, 500, (n, 32), dtype=np.int16),
