@@ -140,11 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(["demo", *(argv or [])])
     args.storage_options = _storage_options(getattr(args, "storage_option", []))
     module, func = COMMANDS[args.command].split(":")
-    from .errors import error_types
+    from . import errors
 
+    expected = tuple(e for e in vars(errors).values() if isinstance(e, type) and issubclass(e, Exception))
     try:
         return int(getattr(importlib.import_module(module), func)(args) or 0)
-    except error_types() as e:  # what went wrong and what to do is in the message: no traceback
+    except expected as e:  # what went wrong and what to do is in the message: no traceback
         print(f"deepstrf {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

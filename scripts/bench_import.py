@@ -35,8 +35,16 @@ def measure(args) -> dict:
     wall = time.perf_counter() - t0
     if r.status != "imported":
         raise SystemExit(f"import {r.status}: {r.error}")
-    return {"wall_s": round(wall, 2), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "n_stims": r.n_stims, "n_neurons": r.n_neurons}
+    return {"wall_s": round(wall, 2), "peak_rss_mib": peak_rss_mib(), "n_stims": r.n_stims, "n_neurons": r.n_neurons}
+
+
+def peak_rss_mib() -> int:
+    """This process's peak RSS: ``VmHWM`` (getrusage's ``ru_maxrss`` would count the parent's RSS at fork)."""
+    try:
+        with open("/proc/self/status") as f:
+            return round(next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024)
+    except OSError:
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def run_child(args, source: str, out: str, storage_options: dict | None = None) -> dict:

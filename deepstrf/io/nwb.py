@@ -345,7 +345,7 @@ class _Session:
         starts = np.asarray(table["start_time"].data[:], dtype=np.float64)
         stops = np.asarray(table["stop_time"].data[:], dtype=np.float64)
         ids = self.identities(table, starts)
-        values, first, stim_of = np.unique(ids.astype(str) if ids.dtype.kind == "O" else ids,
+        _, first, stim_of = np.unique(ids.astype(str) if ids.dtype.kind == "O" else ids,
                                            return_index=True, return_inverse=True)
         order_of_stims = np.argsort(first, kind="stable")          # stims in order of first presentation
         rank = np.empty_like(order_of_stims)
