@@ -14,6 +14,7 @@ from deepstrf.datasets.video import VideoNeuralDataset
 from deepstrf.datasets.views import is_missing
 from deepstrf.errors import NWBImportError, NWBReadError
 from deepstrf.io import from_nwb
+from deepstrf.io.binning import BinPlan
 from deepstrf.io.spectrogram import MelSpec, log_mel
 from deepstrf.testing.nwb import SessionSpec, write_session
 
@@ -205,3 +206,16 @@ def test_https_byte_ranges(sessions, http_server):
     assert torch.equal(remote.nrn_masks, local.nrn_masks)
     assert torch.equal(remote.responses[1][2], local.responses[1][2]) and torch.equal(remote.stims[1], local.stims[1])
     assert remote.card["source"] == http_server.url("lab-a.nwb")
+
+
+def test_bin_plan_overlapping_windows_and_spikes_on_edges():
+    rng = np.random.default_rng(5)
+    dt = 0.01
+    starts = np.array([0.0, 0.03, 0.5, 0.52, 0.51, 0.9])
+    n_bins = np.array([10, 10, 4, 6, 3, 1])
+    spikes = np.sort(np.concatenate([rng.uniform(-0.1, 1.0, 400), starts + 3 * dt, starts + n_bins * dt]))
+    want = np.concatenate([[np.sum((spikes >= a + k * dt) & (spikes < a + (k + 1) * dt)) for k in range(n)]
+                           for a, n in zip(starts, n_bins)])
+    plan = BinPlan(starts, n_bins, dt)
+    assert len(plan.layers) == 3
+    np.testing.assert_array_equal(plan.count(spikes), want)

@@ -7,20 +7,50 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def bin_edges(starts: np.ndarray, n_bins: np.ndarray, dt_s: float) -> np.ndarray:
-    """Concatenated bin edges of every presentation: ``starts[p] + k * dt_s`` for ``k = 0..n_bins[p]``."""
-    k = np.concatenate([np.arange(n + 1) for n in n_bins.tolist()]) if len(n_bins) else np.zeros(0)
-    return np.repeat(starts, n_bins + 1) + k * dt_s
+class BinPlan:
+    """The bins of every presentation, prepared once to count the spikes of many units.
 
+    Presentation ``p`` has bins ``[starts[p] + k * dt_s, starts[p] + (k + 1) * dt_s)`` for
+    ``k < n_bins[p]``; :meth:`count` returns their counts concatenated, presentation after
+    presentation. Each spike finds its presentation by a binary search over the (few thousand)
+    window starts and its bin by arithmetic, so a unit costs O(spikes), not O(bins). Overlapping
+    windows (long pre/post windows) are split into layers of disjoint windows: a spike then
+    counts in each window that holds it.
+    """
 
-def count_spikes(spikes: np.ndarray, edges: np.ndarray, n_bins: np.ndarray) -> np.ndarray:
-    """Counts in the half-open bins ``[edge_k, edge_k+1)`` of every presentation, concatenated
-    (``sum(n_bins)`` values, presentation after presentation). ``spikes`` must be sorted."""
-    pos = np.searchsorted(spikes, edges, side="left")
-    steps = np.diff(pos)
-    # drop the step from one presentation's last edge to the next one's first edge
-    boundaries = np.cumsum(n_bins + 1)[:-1] - 1
-    return np.delete(steps, boundaries)
+    def __init__(self, starts: np.ndarray, n_bins: np.ndarray, dt_s: float) -> None:
+        self.dt_s = dt_s
+        self.n_values = int(n_bins.sum())
+        offsets = np.concatenate([[0], np.cumsum(n_bins)[:-1]]).astype(np.int64)
+        self.layers: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        ends: list[float] = []
+        members: list[list[int]] = []
+        for p in np.argsort(starts, kind="stable").tolist():
+            layer = next((i for i, end in enumerate(ends) if end <= starts[p]), len(ends))
+            if layer == len(ends):
+                ends.append(0.0)
+                members.append([])
+            ends[layer] = starts[p] + n_bins[p] * dt_s
+            members[layer].append(p)
+        for idx in members:
+            i = np.array(idx, dtype=np.int64)
+            self.layers.append((starts[i], n_bins[i].astype(np.int64), offsets[i]))
+
+    def count(self, spikes: np.ndarray) -> np.ndarray:
+        """Counts in every bin (``sum(n_bins)`` int64 values)."""
+        out = np.zeros(self.n_values, dtype=np.int64)
+        for starts, n_bins, offsets in self.layers:
+            p = np.searchsorted(starts, spikes, side="right") - 1
+            inside = p >= 0
+            t, p = spikes[inside], p[inside]
+            a = starts[p]
+            k = np.floor((t - a) / self.dt_s).astype(np.int64)
+            # the bins are defined by their edges a + k * dt: undo rounding of the division
+            k -= t < a + k * self.dt_s
+            k += t >= a + (k + 1) * self.dt_s
+            ok = (k >= 0) & (k < n_bins[p])
+            out += np.bincount(offsets[p[ok]] + k[ok], minlength=self.n_values)
+        return out
 
 
 def recorded(windows: np.ndarray, intervals: Sequence[np.ndarray] | None) -> np.ndarray:

@@ -20,7 +20,7 @@ from ..datasets.audio import AudioNeuralDataset
 from ..datasets.neural_dataset import NeuralDataset
 from ..datasets.video import VideoNeuralDataset
 from ..errors import NWBImportError, NWBReadError
-from .binning import bin_average, bin_edges, count_spikes, recorded
+from .binning import BinPlan, bin_average, recorded
 from .counts import PresentationCounts
 from .nwbfile import fingerprint, input_identity, open_nwb
 from .spectrogram import MelSpec, log_mel
@@ -410,7 +410,7 @@ class _Session:
                    progress: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Counts ``(N, P_s, T_s)`` and recorded ``(P_s, N)`` per stim, one unit at a time."""
         S, N = len(n_bins), len(rows)
-        edges = bin_edges(win_start, nb, self.dt_s)
+        plan = BinPlan(win_start, nb, self.dt_s)
         ends = np.asarray(units.spike_times_index.data[:], dtype=np.int64)
         begins = np.concatenate([[0], ends[:-1]])
         spike_data = units.spike_times.data
@@ -426,7 +426,7 @@ class _Session:
             spikes = np.asarray(spike_data[begins[r]:ends[r]], dtype=np.float64)
             if spikes.size > 1 and (np.diff(spikes) < 0).any():
                 spikes = np.sort(spikes)
-            flat = count_spikes(spikes, edges, nb)
+            flat = plan.count(spikes)
             top = int(flat.max()) if flat.size else 0
             if top > np.iinfo(dtype).max:
                 dtype = np.min_scalar_type(top)

@@ -17,7 +17,7 @@ from ..errors import NWBReadError
 from ..store.location import Location
 
 BLOCK_SIZE = 4 << 20     # bytes per range request from remote files
-MAX_BLOCKS = 32          # at most 128 MiB of a remote file cached per open file
+MAX_BLOCKS = 16          # at most 64 MiB of a remote file cached per open file
 
 
 def _fs_path(loc: Location) -> tuple[Any, str]:
