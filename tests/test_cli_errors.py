@@ -126,12 +126,10 @@ def test_exit_codes_are_documented_and_kept(capsys):
         assert f"\n  {code} " in text
 
 
-def test_verify_pool_finds_coverage_outside_the_sources_blocks(pool, run):
+def test_verify_pool_finds_an_edited_coverage_table(pool, run):
     import zarr
 
-    coverage = zarr.open_array(str(pool / "coverage"), mode="r+")
-    cells = coverage[:]
-    cells[0, -1] = True  # AA1's first stim x AA2's last neuron: never recorded together
-    coverage[:] = cells
+    bits = zarr.open_array(str(pool / "coverage" / "bits"), mode="r+")
+    bits[:] = ~bits[:]  # every pair of the partial blocks flipped; the recorded digest no longer matches
     out = run(pool.parent, "verify", "pool.zarr")
-    assert out.returncode == 1 and "1 pair(s) outside" in out.stderr
+    assert out.returncode == 1 and "'coverage/bits' does not match its recorded digest" in out.stderr

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import zarr
@@ -103,10 +104,16 @@ def test_changed_source_is_refused_unless_accepted(sources, tmp_path):
     concat_neural_datasets([deepstrf.open_dataset(u) for u in sources], names=["x", "y"], store=url)
     deepstrf.save_dataset(SyntheticAudioDataset("aa2", scale=0.03, time_scale=0.02, seed=9), sources[1], overwrite=True)
     with pytest.raises(SourceChangedError, match=r"source 'y' at .*aa2-2.zarr changed after pooling"):
-        deepstrf.open_dataset(url)
+        deepstrf.open_dataset(url)  # a small pool checks every source when it opens
     with pytest.warns(SourceChangedWarning):
-        pool = deepstrf.open_dataset(url, accept_changed_sources=True)
-    assert torch.equal(pool.nrn_masks[3:, 10:], deepstrf.open_dataset(sources[1]).nrn_masks)
+        deepstrf.open_dataset(url, accept_changed_sources=True)
+    lazy = deepstrf.open_dataset(url, check_sources=False)  # as a pool of more than 64 sources opens
+    assert len(lazy) == 7 and lazy.coverage.shape == (7, 25)
+    lazy[0]  # source x is unchanged
+    with pytest.raises(SourceChangedError, match=r"source 'y' at .*aa2-2.zarr changed after pooling"):
+        lazy.stims[3]
+    with pytest.raises(SourceChangedError, match=r"source 'y' at .*aa2-2.zarr changed after pooling"):
+        lazy.responses[3][10]
 
 
 def test_missing_source_names_its_url(sources, tmp_path):
@@ -115,6 +122,11 @@ def test_missing_source_names_its_url(sources, tmp_path):
     shutil.rmtree(sources[0])
     with pytest.raises(StoreNotFoundError, match=r"source 'AA1' is missing at .*aa1-1.zarr"):
         deepstrf.open_dataset(url)
+    lazy = deepstrf.open_dataset(url, check_sources=False)  # from the pool alone; AA1 missing at first read
+    assert lazy.get_S() == 7 and lazy.nrn_meta[0]["dataset"] == "AA1"
+    lazy.stims[3]  # AA2 still reads
+    with pytest.raises(StoreNotFoundError, match=r"source 'AA1' is missing at .*aa1-1.zarr"):
+        lazy[0]
 
 
 def test_references_outside_the_root_need_trust(tmp_path):
@@ -140,12 +152,25 @@ def _edit_root(url, fn):
 def test_escaping_reference_and_unknown_version_refused(sources, tmp_path):
     url = str(tmp_path / "pool.zarr")
     concat_neural_datasets([deepstrf.open_dataset(u) for u in sources], store=url)
-    _edit_root(url, lambda a: a["sources"][0].update(ref="../../etc/aa1.zarr"))
+    _edit_sources_table(url, lambda entries: entries[0].update(ref="../../etc/aa1.zarr"))
     with pytest.raises(UntrustedReferenceError, match=r"references '../../etc/aa1.zarr'"):
         deepstrf.open_dataset(url)
-    _edit_root(url, lambda a: a.update(format_version="2.0"))
-    with pytest.raises(FormatVersionError, match="version '2.0'"):
+    _edit_root(url, lambda a: a.update(format_version="3.0"))
+    with pytest.raises(FormatVersionError, match="version '3.0'"):
         deepstrf.open_dataset(url)
+
+
+def _edit_sources_table(url, fn):
+    """Rewrite a pool's source table as a malicious publisher would: digest recorded to match."""
+    from deepstrf.store.pool import SOURCES_TABLE, _digest, _write_array
+
+    group = zarr.open_group(url, mode="r+")
+    entries = json.loads(bytes(group[SOURCES_TABLE][...]).decode())
+    fn(entries)
+    data = np.frombuffer(json.dumps(entries).encode(), dtype=np.uint8)
+    del group[SOURCES_TABLE]
+    _write_array(group, SOURCES_TABLE, data, text=True)
+    _edit_root(url, lambda a: a["digests"].update({SOURCES_TABLE: _digest(data)}))
 
 
 def test_overwrite_and_interrupted_write(sources, tmp_path, monkeypatch):

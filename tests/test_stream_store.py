@@ -205,7 +205,7 @@ def test_url_is_opened_at_construction_and_reused_by_forked_workers(local_pool, 
 
 
 def test_shard_indexes_survive_rebinding_in_another_process(local_pool):
-    reader = open_dataset(local_pool).responses.sources[1].responses.reader
+    reader = open_dataset(local_pool).responses.sources[1].responses.handle.dataset().responses.reader
     reader.read_rows([0])
     requests = reader.io_counters()[0]
     reader.read_rows([0])

@@ -6,6 +6,7 @@ import warnings
 from collections import Counter
 from collections.abc import Sequence
 
+from ..errors import IncompatibleDatasetsError
 from .neural_dataset import NeuralDataset
 from .views import BlockDiagonalGrid, ConcatSequence
 
@@ -38,9 +39,7 @@ def concat_datasets(datasets: Sequence[NeuralDataset], names: Sequence[str] | No
     if len(datasets) == 1:
         return datasets[0]
     labels = names if names is not None else [_default_name(d) for d in datasets]
-    for i in range(len(datasets)):
-        for j in range(i + 1, len(datasets)):
-            datasets[i]._concat_check_compat(datasets[j], names=(str(labels[i]), str(labels[j])))
+    _check_compatible(datasets, [str(x) for x in labels])
 
     parts, part_names = _flatten(datasets, names)
     out_cls = _common_ancestor(datasets)
@@ -59,6 +58,38 @@ def concat_datasets(datasets: Sequence[NeuralDataset], names: Sequence[str] | No
     out.duplicate_uids = _report_duplicates(parts, part_names)
     out.validate()
     return out
+
+
+def _signature(d: NeuralDataset) -> tuple:
+    """What compatibility depends on: class, bin width and stimulus geometry."""
+    return (type(d), d.dt, *(getattr(d, k, None) for k in ("F", "audio_fs", "H", "W")))
+
+
+def _check_compatible(datasets: Sequence[NeuralDataset], labels: Sequence[str]) -> None:
+    """O(K): group the inputs by :func:`_signature`, check the first of each group against the
+    first of every other (a handful of groups), and report every mismatch, naming both sides
+    and how many inputs share each side."""
+    groups: dict[tuple, list[int]] = {}
+    for i, d in enumerate(datasets):
+        groups.setdefault(_signature(d), []).append(i)
+    firsts = [members[0] for members in groups.values()]
+    sizes = {members[0]: len(members) for members in groups.values()}
+    errors = []
+    for x, a in enumerate(firsts):
+        for b in firsts[x + 1:]:
+            try:
+                datasets[a]._concat_check_compat(datasets[b], names=(_label(labels, a, sizes), _label(labels, b, sizes)))
+            except IncompatibleDatasetsError as e:
+                errors.append(str(e))
+    if len(errors) == 1:
+        raise IncompatibleDatasetsError(errors[0])
+    if errors:
+        raise IncompatibleDatasetsError(f"{len(errors)} incompatibilities:\n" + "\n".join(f"- {e}" for e in errors))
+
+
+def _label(labels: Sequence[str], i: int, sizes: dict[int, int]) -> str:
+    more = sizes[i] - 1
+    return labels[i] if not more else f"{labels[i]} (and {more} more input(s) like it)"
 
 
 def _default_name(d: NeuralDataset) -> str:

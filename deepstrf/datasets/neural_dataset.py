@@ -15,11 +15,14 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ..errors import IncompatibleDatasetsError
 from . import views
+from .coverage import Coverage
+from .metatable import matching_attr
 from .smoothing import hanning_smooth
 
 
@@ -41,8 +44,9 @@ class NeuralDataset(Dataset):
 
     A subclass sets ``stims``, ``responses``, ``stim_meta``, ``nrn_meta`` and
     ``N_neurons`` in its ``__init__`` and then calls :meth:`validate`.
-    ``nrn_masks`` is derived from ``responses`` and cached; call
-    :meth:`_invalidate_nrn_masks` after replacing cells by hand.
+    ``coverage`` (block-sparse) and ``nrn_masks`` (its dense form) are
+    derived from ``responses`` and cached; call :meth:`_invalidate_nrn_masks`
+    after replacing cells by hand.
     """
 
     def __init__(self, path: str, dt_ms: float):
@@ -55,6 +59,7 @@ class NeuralDataset(Dataset):
         self.nrn_meta: list[dict] = []
         self.N_neurons = 0
         self._nrn_masks_cache: torch.Tensor | None = None
+        self._coverage_cache: Coverage | None = None
         self._iter_cache: tuple | None = None
         self._I: list[int] = []
         self._S_sel: list[int] | None = None
@@ -112,21 +117,37 @@ class NeuralDataset(Dataset):
 
     # -- masks -------------------------------------------------------------
     @property
+    def coverage(self) -> Coverage:
+        """Which (stim, neuron) pairs have data, per source block, without an S x N grid
+        (see :class:`~deepstrf.datasets.coverage.Coverage`)."""
+        if getattr(self, "_coverage_cache", None) is None:
+            if isinstance(self.responses, views.ResponseGrid):
+                self._coverage_cache = self.responses.coverage()
+            elif len(self.responses) == 0:
+                self._coverage_cache = Coverage.dense(np.zeros((0, self.N_neurons), dtype=bool))
+            else:
+                self._coverage_cache = Coverage.dense(views.grid_mask(self.responses, self.N_neurons))
+        return self._coverage_cache
+
+    @property
     def nrn_masks(self) -> torch.Tensor:
-        """``(S, N)`` bool tensor, True where the (stim, neuron) pair has data."""
+        """``(S, N)`` bool tensor, True where the (stim, neuron) pair has data.
+
+        Built from :attr:`coverage`; above ``coverage.MAX_DENSE_BYTES`` (256 MiB)
+        it raises ``CoverageTooLargeError``: query :attr:`coverage` instead.
+        """
         if self._nrn_masks_cache is None:
             self._nrn_masks_cache = self._compute_nrn_masks()
         return self._nrn_masks_cache
 
     def _compute_nrn_masks(self) -> torch.Tensor:
-        """The mask from ``responses`` (a scan of list grids; the view's own mask otherwise)."""
-        if len(self.responses) == 0:
-            return torch.zeros((0, self.N_neurons), dtype=torch.bool)
-        return views.grid_mask(self.responses, self.N_neurons)
+        """The dense mask of :attr:`coverage`."""
+        return self.coverage.to_dense()
 
     def _invalidate_nrn_masks(self) -> None:
-        """Forget the cached ``nrn_masks``; the next access recomputes it."""
+        """Forget the cached ``coverage`` and ``nrn_masks``; the next access recomputes them."""
         self._nrn_masks_cache = None
+        self._coverage_cache = None
         self._iter_cache = None
 
     # -- selection ---------------------------------------------------------
@@ -146,29 +167,27 @@ class NeuralDataset(Dataset):
         if self.S_sel is None:
             return base
         stims = self._selected_stims()
-        masks = self.nrn_masks
-        if not stims or masks.shape[0] == 0 or not base:
+        if not stims or self.get_S() == 0 or not base:
             return []
-        keep = masks[stims][:, base].any(dim=0)
-        return [n for n, k in zip(base, keep.tolist()) if k]
+        keep = self.coverage.neurons_with_data(_flags(stims, self.get_S()))
+        return [n for n in base if keep[n]]
 
     @property
     def _iter_idx(self) -> list[int]:
         """Stims visible to ``len`` / ``ds[i]``: in the stim selection and with
         at least one valid response among the selected neurons."""
-        masks = self.nrn_masks
-        key = (id(masks),)
+        coverage = self.coverage
+        key = (id(coverage),)
         if self._iter_cache is not None and self._iter_cache[0] == key:
             return self._iter_cache[1]
         idx: list[int] = []
         selected = self._selected()
-        if masks.shape[0] and selected:
-            visible = masks[:, selected].any(dim=1)
+        if self.get_S() and selected:
+            everyone = not self.I and self.S_sel is None
+            visible = coverage.stims_with_data(None if everyone else _flags(selected, self.N_neurons))
             if self.S_sel is not None:
-                allowed = torch.zeros_like(visible)
-                allowed[self.S_sel] = True
-                visible &= allowed
-            idx = visible.nonzero(as_tuple=True)[0].tolist()
+                visible &= _flags(self.S_sel, self.get_S())
+            idx = np.flatnonzero(visible).tolist()
         self._iter_cache = (key, idx)
         return idx
 
@@ -206,7 +225,11 @@ class NeuralDataset(Dataset):
     def select_pop_by_nrn_attr(self, attribute_name: str, value: Any) -> list[int]:
         """Select neurons whose ``nrn_meta[attribute_name] == value``; a neuron
         without the key does not match."""
-        return self.select_pop_by_nrn_predicate(lambda m: m[attribute_name] == value)
+        fast = matching_attr(self.nrn_meta, attribute_name, value)
+        if fast is None:
+            return self.select_pop_by_nrn_predicate(lambda m: m[attribute_name] == value)
+        self.I = fast
+        return self.I
 
     def select_pop_by_nrn_predicate(self, predicate: Callable[[dict], Any]) -> list[int]:
         """Select neurons whose metadata satisfies ``predicate``; a neuron on
@@ -225,7 +248,7 @@ class NeuralDataset(Dataset):
         if not stims:
             self.I = []
             return []
-        self.I = self.nrn_masks[stims].any(dim=0).nonzero(as_tuple=True)[0].tolist()
+        self.I = np.flatnonzero(self.coverage.neurons_with_data(_flags(stims, self.get_S()))).tolist()
         return self.I
 
     def select_stim(self, stim_index: int) -> None:
@@ -241,7 +264,11 @@ class NeuralDataset(Dataset):
 
     def select_stims_by_attr(self, attribute_name: str, value: Any) -> list[int]:
         """Restrict iteration to stims whose ``stim_meta[attribute_name] == value``."""
-        return self.select_stims_by_predicate(lambda m: m[attribute_name] == value)
+        fast = matching_attr(self.stim_meta, attribute_name, value)
+        if fast is None:
+            return self.select_stims_by_predicate(lambda m: m[attribute_name] == value)
+        self.S_sel = fast
+        return self.S_sel
 
     def select_stims_by_predicate(self, predicate: Callable[[dict], Any]) -> list[int]:
         """Restrict iteration to stims whose metadata satisfies ``predicate``."""
@@ -279,7 +306,7 @@ class NeuralDataset(Dataset):
         return {
             "stims": self.stims[s],
             "responses": views.read_row(self.responses, s, selected),
-            "valid_mask": self.nrn_masks[s, selected],
+            "valid_mask": torch.from_numpy(self.coverage.cells([s], selected)[0]),
             "stim_meta": self.stim_meta[s],
         }
 
@@ -417,9 +444,9 @@ class NeuralDataset(Dataset):
 
     def _stream_valid_cells(self, stims: Sequence[int]):
         """Yield ``(s, neurons, cells)`` with the valid cells of each stim, one stim at a time."""
-        masks = self.nrn_masks
+        coverage = self.coverage
         for s in stims:
-            neurons = masks[s].nonzero(as_tuple=True)[0].tolist()
+            neurons = coverage.row(s).tolist()
             if neurons:
                 yield s, neurons, views.read_row(self.responses, s, neurons)
 
@@ -458,13 +485,12 @@ class NeuralDataset(Dataset):
 
     def summary(self) -> dict:
         """Plain-dict description: kind, sizes, coverage and per-source blocks."""
-        masks = self.nrn_masks
         out = {
             "kind": type(self).__name__,
             "S": self.get_S(),
             "N": self.N_neurons,
             "dt_ms": self.dt,
-            "coverage": float(masks.float().mean()) if masks.numel() else 0.0,
+            "coverage": self.coverage.fraction(),
             "visible_items": len(self),
             "sources": [
                 {"name": name, "stims": [s.start, s.stop], "neurons": [n.start, n.stop]}
@@ -521,6 +547,13 @@ class NeuralDataset(Dataset):
                 _check(isinstance(r, torch.Tensor) and r.dim() == 2,
                        f"responses[{s}][{n}] must be a 2-D (R, T) tensor "
                        f"(got {getattr(r, 'shape', type(r).__name__)})")
+
+
+def _flags(indices: Sequence[int], size: int) -> np.ndarray:
+    """``(size,)`` bool, True at ``indices``."""
+    out = np.zeros(size, dtype=bool)
+    out[list(indices)] = True
+    return out
 
 
 def _matching(metas: Sequence[dict], predicate: Callable[[dict], Any]) -> list[int]:

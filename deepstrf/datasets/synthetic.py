@@ -81,8 +81,8 @@ class SyntheticAudioDataset(AudioNeuralDataset):
         self.nrn_meta = [{"uid": f"{spec.name}-{seed}-nrn{n:04d}", "area": spec.areas[n % len(spec.areas)],
                           "species": spec.species} for n in range(N)]
         self.N_neurons = N
-        self.coverage = _coverage(rng, S, N, spec.coverage)
-        self.cell_repeats = np.where(self.coverage, rng.integers(max(2, spec.repeats - 2), spec.repeats + 1,
+        self.recorded = _coverage(rng, S, N, spec.coverage)
+        self.cell_repeats = np.where(self.recorded, rng.integers(max(2, spec.repeats - 2), spec.repeats + 1,
                                                                  size=(S, N)), 0)
         self.ground_truth = _receptive_fields(rng, N, spec)
         self.card = {"name": spec.name, "license": "CC0-1.0", "citation": "synthetic (deepstrf)",
@@ -159,7 +159,7 @@ class _SyntheticResponses(ResponseGrid):
         return [row[n] for n in neurons]
 
     def _mask(self) -> torch.Tensor:
-        return torch.from_numpy(self.ds.coverage.copy())
+        return torch.from_numpy(self.ds.recorded.copy())
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_cached": None}

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .coverage import Coverage
+
 CellTransform = Callable[[torch.Tensor, int, int], torch.Tensor]
 StimTransform = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -207,7 +209,7 @@ class ResponseGrid(Sequence):
     """An S x N grid of response tensors produced on access.
 
     Subclasses implement :meth:`_read_row` (raw cells of one stim for a list
-    of neurons) and :meth:`_mask`. The base class adds recorded transforms
+    of neurons) and :meth:`_mask` or :meth:`_coverage`. The base class adds recorded transforms
     (applied to every non-missing cell on read) and copy-on-write overrides.
     """
 
@@ -222,9 +224,13 @@ class ResponseGrid(Sequence):
     def _read_row(self, s: int, neurons: Sequence[int]) -> list[torch.Tensor]:
         """Raw cells ``(s, n)`` for ``n`` in ``neurons`` (sentinel where missing)."""
 
-    @abstractmethod
     def _mask(self) -> torch.Tensor:
-        """``(S, N)`` validity of the raw cells."""
+        """``(S, N)`` validity of the raw cells (grids that know their blocks override :meth:`_coverage`)."""
+        return self._coverage().to_dense()
+
+    def _coverage(self) -> Coverage:
+        """Validity of the raw cells, block-sparse."""
+        return Coverage.dense(self._mask())
 
     # -- public ------------------------------------------------------------
     def __len__(self) -> int:
@@ -300,6 +306,11 @@ class ResponseGrid(Sequence):
         for (s, n), cell in self._overrides.items():
             m[s, n] = not is_missing(cell)
         return m
+
+    def coverage(self) -> Coverage:
+        """Validity of the pairs, block-sparse; a grid with cells set by hand falls back to one
+        dense block (see :meth:`set_cell`)."""
+        return Coverage.dense(self.mask()) if self._overrides else self._coverage()
 
     def set_cell(self, s: int, n: int, value: torch.Tensor) -> None:
         self._overrides[(s, n)] = value
@@ -379,12 +390,8 @@ class BlockDiagonalGrid(ResponseGrid):
             dtypes.append(known[1])
         return sizes, np.result_type(*dtypes) if dtypes else np.dtype(np.float32)
 
-    def _mask(self) -> torch.Tensor:
-        m = torch.zeros((self.n_stims, self.n_neurons), dtype=torch.bool)
-        for k, d in enumerate(self.sources):
-            m[self.stim_offsets[k]:self.stim_offsets[k + 1],
-              self.neuron_offsets[k]:self.neuron_offsets[k + 1]] = d.nrn_masks
-        return m
+    def _coverage(self) -> Coverage:
+        return Coverage.block_diagonal([d.coverage for d in self.sources])
 
 
 def read_many(seq: Sequence, indices: Sequence[int]) -> list[Any]:

@@ -74,14 +74,16 @@ def info_main(args: Namespace) -> int:
     from .pool_commands import describe_pool, print_pool
 
     loc = Location.parse(args.url, args.storage_options)
-    attrs = dict(open_group(loc).attrs)
-    fmt.check_format(attrs, loc.url, expected=None)
-    if attrs["format"] == fmt.SOURCE_FORMAT:
-        summary, show = describe_source(attrs, loc.url), _print_source
-    elif attrs["format"] == POOL_FORMAT:
-        summary, show = describe_pool(attrs, loc.url), print_pool
+    group = open_group(loc)
+    attrs = dict(group.attrs)
+    if attrs.get("format") == POOL_FORMAT:
+        fmt.check_format(attrs, loc.url, POOL_FORMAT, supported=fmt.POOL_SUPPORTED_MAJORS)
+        summary, show = describe_pool(attrs, loc, group), print_pool
     else:
-        raise StoreError(f"{loc.url} holds a {attrs['format']!r} group; upgrade deepstrf to read it")
+        fmt.check_format(attrs, loc.url, expected=None)
+        if attrs["format"] != fmt.SOURCE_FORMAT:
+            raise StoreError(f"{loc.url} holds a {attrs['format']!r} group; upgrade deepstrf to read it")
+        summary, show = describe_source(attrs, loc.url), _print_source
     if args.json:
         print(json.dumps(summary))
     else:

@@ -8,6 +8,8 @@ The dataset is an ordinary ``AudioNeuralDataset`` / ``VideoNeuralDataset`` /
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,14 +18,15 @@ import numpy as np
 import torch
 
 from ..datasets.audio import AudioNeuralDataset
+from ..datasets.metatable import MetaTable
 from ..datasets.neural_dataset import NeuralDataset
 from ..datasets.video import VideoNeuralDataset
 from ..datasets.views import BlockDiagonalGrid, LazySequence, RawRow, ResponseGrid, missing_sentinel
 from ..errors import StoreError
-from ..forksafe import thread_map
+from ..forksafe import run_gated
 from . import format as fmt
 from .location import Location
-from .reader import SourceReader, open_group
+from .reader import SourceReader, open_group, sync
 
 _CLASSES: dict[str, type[NeuralDataset]] = {
     "audio": AudioNeuralDataset, "video": VideoNeuralDataset, "neural": NeuralDataset}
@@ -75,11 +78,14 @@ class ZarrResponseGrid(ResponseGrid):
 
 
 def source_readers(ds: NeuralDataset) -> list[SourceReader] | None:
-    """The readers of the source stores behind ``ds`` (a pool's sources in order); None if
-    any part of ``ds`` is not store-backed."""
+    """The readers of the source stores behind ``ds`` (a pool's sources in order; of a
+    format-2 pool, those opened in this process so far); None if any part of ``ds`` is not
+    store-backed."""
     grid = ds.responses
     if isinstance(grid, ZarrResponseGrid):
         return [grid.reader]
+    if hasattr(grid, "opened_readers"):  # a pooled source opened on first read (store.lazy)
+        return grid.opened_readers()
     if isinstance(grid, BlockDiagonalGrid):
         parts = [source_readers(d) for d in grid.sources]
         if all(p is not None for p in parts):
@@ -99,24 +105,39 @@ def storage_io(ds: NeuralDataset) -> tuple[int, int] | None:
 
 def load_indexes(ds: NeuralDataset) -> None:
     """Read the cell index (and, on object stores, the shard layout) of every source store
-    behind ``ds`` now, concurrently, e.g. before forking DataLoader workers, which then share
-    them instead of each reading them before its first batch."""
-    def load(reader: SourceReader) -> None:
-        reader.index()
-        reader.learn_shard_layout()
+    behind ``ds`` that is open in this process, in one concurrent batch: before computing a
+    pool's coverage, or before forking DataLoader workers, which then share them instead of
+    each reading them before its first batch."""
+    readers = source_readers(ds) or []
+    for reader in readers:
+        reader.arrays()  # bound in this process (no read for a store opened here)
 
-    thread_map(load, source_readers(ds) or [], max_workers=8, name="deepstrf-index")
+    async def load() -> None:
+        await asyncio.gather(*(r.load_index_async() for r in readers))
+        await asyncio.gather(*(r.learn_shard_layout_async() for r in readers))
+
+    if readers:
+        run_gated(sync, load())
 
 
-def open_source(loc: Location, group: Any, **kw: Any) -> NeuralDataset:
-    """Open a ``deepstrf.source`` group as a lazy dataset of the recorded kind."""
+def open_source(loc: Location, group: Any, *, lazy_metadata: bool = False, **kw: Any) -> NeuralDataset:
+    """Open a ``deepstrf.source`` group as a lazy dataset of the recorded kind.
+
+    ``lazy_metadata`` reads ``stim_meta`` / ``nrn_meta`` on first use instead of now (a pool
+    that opens a source to read its data already holds its metadata).
+    """
     if kw:
         raise TypeError(f"open_dataset: unexpected keyword argument(s) {sorted(kw)} for the source store {loc.url}")
     attrs = dict(group.attrs)
     fmt.check_format(attrs, loc.url, fmt.SOURCE_FORMAT)
     reader = SourceReader(loc, attrs)
     reader.bind(group)
-    stim_meta, nrn_meta = reader.read_meta()
+    if lazy_metadata:
+        metas = functools.cache(reader.read_meta)
+        stim_meta = MetaTable.from_rows(reader.n_stims, lambda: metas()[0])
+        nrn_meta = MetaTable.from_rows(reader.n_neurons, lambda: metas()[1])
+    else:
+        stim_meta, nrn_meta = reader.read_meta()
     kind = attrs.get("kind")
     if kind not in _CLASSES:
         raise StoreError(f"{loc.url}: unknown dataset kind {kind!r} (expected one of {list(_CLASSES)})")
@@ -156,9 +177,9 @@ def open_dataset(url: str | os.PathLike, *, storage_options: dict | None = None,
     loc = Location.parse(url, storage_options)
     group = open_group(loc)
     attrs = dict(group.attrs)
-    fmt.check_format(attrs, loc.url, expected=None)
+    fmt.check_format(attrs, loc.url, expected=None, supported=(*fmt.POOL_SUPPORTED_MAJORS, fmt.SUPPORTED_MAJOR))
     opener = OPENERS.get(attrs["format"])
     if opener is None:
         raise StoreError(f"{loc.url} holds a {attrs['format']!r} group, which this version of deepstrf "
                          "cannot open. Upgrade deepstrf.")
-    return opener(loc, group, **kw)
+    return opener(loc, group, **kw)  # each opener checks its own format's versions

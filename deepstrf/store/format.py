@@ -11,8 +11,10 @@ from ..errors import FormatVersionError, StoreError
 
 SOURCE_FORMAT = "deepstrf.source"
 FORMAT_VERSION = "1.1"       # 1.1: responses/values and stims/values sharded (1.0 stores still read)
-POOL_FORMAT_VERSION = "1.0"
+POOL_FORMAT_VERSION = "2.0"
 SUPPORTED_MAJOR = 1
+POOL_SUPPORTED_MAJORS = (1, 2)  # format-1 pools are read, never written
+POOL_CHUNK_BYTES = 64 << 20  # a pool's tables and coverage bits: one chunk (one request) up to 64 MiB
 
 # Inner chunks of the data arrays. A row or stimulus rarely starts or ends on a chunk edge, and
 # its two edge chunks are decoded whole: small chunks waste little; below ~256 KiB (counts) or
@@ -121,7 +123,8 @@ def read_dtype(stored: np.dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(stored) == np.float64 else np.dtype(np.float32)
 
 
-def check_format(attrs: dict, url: str, expected: str | None = SOURCE_FORMAT) -> None:
+def check_format(attrs: dict, url: str, expected: str | None = SOURCE_FORMAT,
+                 supported: tuple[int, ...] = (SUPPORTED_MAJOR,)) -> None:
     """Refuse groups that are not deepstrf stores, or of an unknown major version."""
     fmt = attrs.get("format")
     if not isinstance(fmt, str) or not fmt.startswith("deepstrf."):
@@ -130,9 +133,9 @@ def check_format(attrs: dict, url: str, expected: str | None = SOURCE_FORMAT) ->
             "with 'deepstrf.'); create it with deepstrf.save_dataset.")
     version = str(attrs.get("format_version", ""))
     major = version.split(".")[0]
-    if not major.isdigit() or int(major) != SUPPORTED_MAJOR:
+    if not major.isdigit() or int(major) not in supported:
         raise FormatVersionError(
             f"{url} was written in deepstrf format version {version!r} ({fmt}); this reader "
-            f"understands major version {SUPPORTED_MAJOR} only. Upgrade deepstrf to read it.")
+            f"understands major version(s) {', '.join(map(str, supported))} only. Upgrade deepstrf to read it.")
     if expected is not None and fmt != expected:
         raise StoreError(f"{url} holds a {fmt!r} group, expected {expected!r}.")

@@ -96,3 +96,34 @@ def encode_meta(items: list[dict], name: str) -> bytes:
 def decode_meta(data: bytes) -> list[dict]:
     """Inverse of :func:`encode_meta`."""
     return [_decode(m) for m in json.loads(data.decode("utf-8"))]
+
+
+def encode_columns(items: list[dict], name: str) -> bytes:
+    """Metadata dicts as UTF-8 JSON *columns*: ``{"n": len, "columns": [{"key", "values",
+    "absent", "tagged"}]}``. Columns decode in one ``json.loads`` each without a per-value
+    walk unless they hold tagged values, and answer ``m[key] == value`` without building rows."""
+    keys: dict[str, None] = {}
+    for i, m in enumerate(items):
+        if not isinstance(m, dict):
+            raise TypeError(f"{name}[{i}] must be a dict, got {type(m).__name__}")
+        keys.update(dict.fromkeys(m))
+    columns = []
+    for key in keys:
+        if not isinstance(key, str):
+            raise TypeError(f"{name}: key {key!r} is not a string; pooled metadata needs string keys")
+        absent = [i for i, m in enumerate(items) if key not in m]
+        values = [_encode(m[key], f"{name}[{i}][{key!r}]") if key in m else None for i, m in enumerate(items)]
+        tagged = any(isinstance(v, (dict, list)) for v in values)
+        columns.append({"key": key, "values": values, "absent": absent, "tagged": tagged})
+    doc = {"n": len(items), "columns": columns}
+    return json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+def decode_columns(data: bytes) -> tuple[int, dict[str, tuple[list, set[int]]]]:
+    """Inverse of :func:`encode_columns`: ``(n, {key: (values, absent rows)})``."""
+    doc = json.loads(data.decode("utf-8"))
+    out = {}
+    for col in doc["columns"]:
+        values = [_decode(v) for v in col["values"]] if col["tagged"] else col["values"]
+        out[col["key"]] = (values, set(col["absent"]))
+    return doc["n"], out

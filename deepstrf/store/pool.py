@@ -1,46 +1,55 @@
-"""Pool stores: a concatenation written as references plus a coverage mask.
+"""Pool stores: a concatenation written as references plus its coverage (format 2).
 
-A pool group copies no stimulus or response data. It records, per source,
-a reference (relative when under the pool's root), the source's fingerprint
-and shape and its dataset card, plus the ``(S, N)`` coverage mask and the
-stim/neuron index maps. Opening a pool opens each source (checking trust and
-fingerprints) and concatenates them lazily in memory, which gives exactly the
-dataset ``concat_neural_datasets`` gives on the opened sources.
+A pool group copies no stimulus or response data. It records, per source, a
+reference (relative when under the pool's root), the source's fingerprint,
+shape, kind and dataset card; the pooled stim and neuron metadata as column
+tables; and the coverage as block-sparse bits (only the blocks in which some
+pair was not recorded). Everything is read in a constant number of requests
+whatever the number of sources K, and no source is opened until its data is
+read (:mod:`deepstrf.store.lazy`). ``docs/format.md`` describes the layout.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import warnings
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
+from zarr.core.group import AsyncGroup
+from zarr.storage import StorePath
 
 from ..datasets.concat import concat_datasets
+from ..datasets.coverage import Coverage
+from ..datasets.metatable import MetaSlice, MetaTable
 from ..datasets.neural_dataset import NeuralDataset
-from ..datasets.views import BlockDiagonalGrid, LazySequence, MappedSequence, ResponseGrid
-from ..errors import IntegrityError, SourceChangedError, StoreNotFoundError
-from ..forksafe import thread_map
+from ..datasets.views import BlockDiagonalGrid, ConcatSequence, LazySequence, MappedSequence, ResponseGrid
+from ..errors import IntegrityError
 from . import format as fmt
 from .atomic import consolidate, staged_write
-from .dataset import OPENERS, open_dataset
-from .integrity import fingerprint
-from .location import Location
+from .dataset import _CLASSES, OPENERS, load_indexes, open_dataset
+from .integrity import StrictStore, array_digest, content_hasher, fingerprint, update
+from .jsonmeta import decode_columns, encode_columns
+from .lazy import EAGER_CHECK_MAX_SOURCES, LazySourceGrid, LazySourceStims, SourceChangedWarning, SourceHandle, open_now
+from .location import Location, _protocol
+from .reader import open_group
 from .references import make_reference, pool_root, resolve_reference
 from .writer import dataset_kind
 
+__all__ = ["PoolGrid", "SourceChangedWarning", "open_pool", "pool_card", "write_pool"]
+
 POOL_FORMAT = "deepstrf.pool"
-COVERAGE = "coverage"
-INDEX_ARRAYS = ("index/stim_source", "index/stim_local", "index/neuron_source", "index/neuron_local")
-POOL_TOP_LEVEL = ("coverage", "index")
+POOL_TOP_LEVEL = ("coverage", "index", "tables")
 MODALITY_ATTRS = ("F", "audio_fs", "H", "W")
-
-
-class SourceChangedWarning(UserWarning):
-    """A pooled source changed after pooling and the caller accepted it."""
+# format 2: per-source entries and metadata as JSON tables, coverage as the partial blocks' bits
+SOURCES_TABLE, STIM_TABLE, NRN_TABLE = "tables/sources", "tables/stim_meta", "tables/nrn_meta"
+PARTIAL, BIT_OFFSETS, BITS = "coverage/partial", "coverage/bit_offsets", "coverage/bits"
+# format 1 (read only): a dense (S, N) coverage array and four index maps
+COVERAGE_V1 = "coverage"
 
 
 def write_pool(datasets: Sequence[NeuralDataset], url: str | os.PathLike, *, names: Sequence[str] | None = None,
@@ -66,19 +75,27 @@ def write_pool(datasets: Sequence[NeuralDataset], url: str | os.PathLike, *, nam
         "kind": dataset_kind(part),
         "card": getattr(part, "card", None),
     } for part, name in zip(parts, part_names)]
+    tables = {SOURCES_TABLE: json.dumps(sources, separators=(",", ":"), allow_nan=False).encode("utf-8"),
+              STIM_TABLE: encode_columns(list(pooled.stim_meta), "stim_meta"),
+              NRN_TABLE: encode_columns(list(pooled.nrn_meta), "nrn_meta")}
+    load_indexes(pooled)  # every source's index in one concurrent batch: the coverage comes from them
+    coverage = _coverage_arrays(pooled.coverage)
     attrs: dict[str, Any] = {
         "format": POOL_FORMAT, "format_version": fmt.POOL_FORMAT_VERSION, "kind": dataset_kind(pooled),
         "class_name": type(pooled).__name__, "dt_ms": float(pooled.dt),
-        "n_stims": pooled.get_S(), "n_neurons": pooled.N_neurons, "sources": sources,
+        "n_stims": pooled.get_S(), "n_neurons": pooled.N_neurons, "n_sources": len(parts),
+        "duplicate_uids": getattr(pooled, "duplicate_uids", None) or {"stim": [], "neuron": []},
+        "digests": {name: _digest(np.frombuffer(data, dtype=np.uint8)) for name, data in tables.items()}
+        | {name: _digest(data) for name, data in coverage.items()},
     }
     attrs.update({k: getattr(pooled, k) for k in MODALITY_ATTRS if getattr(pooled, k, None) is not None})
     attrs["fingerprint"] = fingerprint(attrs)
-    coverage = pooled.nrn_masks.numpy()
     with staged_write(loc, overwrite=overwrite, own_top_level=POOL_TOP_LEVEL) as staging:
         group = zarr.create_group(staging.store, attributes=attrs, zarr_format=3)
-        _write_array(group, COVERAGE, coverage, chunks=_coverage_chunks(coverage.shape))
-        for name, data in zip(INDEX_ARRAYS, _index_maps(parts)):
-            _write_array(group, name, data, chunks=(fmt.chunk_elems(data.dtype),))
+        for name, data in tables.items():
+            _write_array(group, name, np.frombuffer(data, dtype=np.uint8), text=True)
+        for name, data in coverage.items():
+            _write_array(group, name, data)
         consolidate(staging.store)
     roots = [pool_root(Location.parse(p.store_url)) for p in parts]
     return open_dataset(loc.url, storage_options=loc.storage_options,
@@ -86,46 +103,205 @@ def write_pool(datasets: Sequence[NeuralDataset], url: str | os.PathLike, *, nam
 
 
 def open_pool(loc: Location, group: zarr.Group, *, allowed_roots: Sequence[str] = (), trust: bool = False,
-              accept_changed_sources: bool = False, source_storage_options: dict | None = None) -> NeuralDataset:
-    """Open a pool group: each source opened lazily, trust and fingerprint checked, then concatenated.
+              accept_changed_sources: bool = False, source_storage_options: dict | None = None,
+              check_sources: bool | None = None) -> NeuralDataset:
+    """Open a pool group from its own tables.
+
+    ``check_sources``: open every source now (concurrently) and check it is there and
+    unchanged; default: when the pool has at most ``EAGER_CHECK_MAX_SOURCES`` (64) sources.
+    Otherwise each source opens on its first data read, in the process that reads it, and is
+    checked then (a pool of 10^4 sources then opens in a constant number of requests).
 
     ``allowed_roots`` lists extra folders/prefixes references may point into
     (``trust=True`` allows anything); ``accept_changed_sources`` turns a
     changed-source error into a warning; ``source_storage_options`` replaces
-    the pool's own options for every source.
+    the pool's own options for every source. Format-1 pools open through
+    :mod:`deepstrf.store.pool_v1` (read only).
     """
     attrs = dict(group.attrs)
-    fmt.check_format(attrs, loc.url, POOL_FORMAT)
-    entries = [dict(e, url=resolve_reference(loc, e["ref"], allowed_roots, trust)) for e in attrs["sources"]]
+    fmt.check_format(attrs, loc.url, POOL_FORMAT, supported=fmt.POOL_SUPPORTED_MAJORS)
+    entries = [dict(e, url=resolve_reference(loc, e["ref"], allowed_roots, trust))
+               for e in read_sources(loc, group, attrs)]
+    if attrs["format_version"].startswith("1."):
+        from .pool_v1 import open_pool_v1
 
-    def open_source(entry: dict) -> NeuralDataset:
-        options = (source_storage_options if source_storage_options is not None
-                   else _same_protocol_options(loc, entry["url"]))
-        try:
-            return open_dataset(entry["url"], storage_options=options)
-        except StoreNotFoundError as e:
-            raise StoreNotFoundError(
-                f"pool {loc.url}: source {entry['name']!r} is missing at {entry['url']} (reference "
-                f"{entry['ref']!r}); restore it there or rewrite the pool. ({e})") from e
-
-    # sources are opened concurrently: over a remote store each open is a few round trips
-    opened = thread_map(open_source, entries, max_workers=16, name="deepstrf-open")
-    unchanged = all([_check_fingerprint(loc, e, src, accept_changed_sources) for e, src in zip(entries, opened)])
-    names = [e["name"] for e in entries]
-    pooled = concat_datasets(opened, names) if len(opened) > 1 else _single(opened[0], names[0])
-    pooled.path = loc.url
-    pooled.store_url = loc.url
+        return open_pool_v1(loc, group, attrs, entries, accept_changed_sources, source_storage_options)
+    tables = PoolTables(loc, group, attrs, [(e["n_stims"], e["n_neurons"]) for e in entries])
+    cls = _CLASSES[attrs["kind"]]
+    stim_meta, nrn_meta = MetaTable(attrs["n_stims"], tables.stim_columns), MetaTable(attrs["n_neurons"], tables.nrn_columns)
+    parts = []
+    for k, e in enumerate(entries):
+        options = source_storage_options if source_storage_options is not None else _same_protocol_options(loc, e["url"])
+        handle = SourceHandle(loc.url, e, partial(open_dataset, storage_options=options, lazy_metadata=True), accept_changed_sources)
+        part = _CLASSES[e["kind"]].__new__(_CLASSES[e["kind"]])
+        _fill(part, attrs, e["url"], LazySourceStims(handle), LazySourceGrid(handle, partial(tables.block, k)),
+              MetaSlice(stim_meta, *tables.stim_range(k)), MetaSlice(nrn_meta, *tables.neuron_range(k)))
+        part.name, part.fingerprint, part.card, part.storage_options = e["name"], e["fingerprint"], e.get("card"), options
+        parts.append(part)
+    pooled = cls.__new__(cls)
+    _fill(pooled, attrs, loc.url, ConcatSequence([p.stims for p in parts]), PoolGrid(parts, tables.coverage),
+          stim_meta, nrn_meta)
     pooled.fingerprint = attrs["fingerprint"]
     pooled.pool_sources = entries
-    if unchanged:  # the stored mask is exact; a changed source's mask comes from the source itself
-        pooled._nrn_masks_cache = _read_coverage(loc, group, pooled)
+    pooled.source_names = [e["name"] for e in entries]
+    pooled.duplicate_uids = attrs.get("duplicate_uids")
+    if check_sources or (check_sources is None and len(entries) <= EAGER_CHECK_MAX_SOURCES):
+        open_now(pooled)
     return pooled
 
 
-def pool_card(attrs: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per source: name, reference, shape and the attribution fields of its dataset card."""
+class PoolGrid(BlockDiagonalGrid):
+    """The block-diagonal grid of a format-2 pool: its coverage is the pool's stored one."""
+
+    def __init__(self, sources: Sequence[NeuralDataset], coverage: Callable[[], Coverage]) -> None:
+        super().__init__(sources)
+        self._stored_coverage = coverage
+
+    def _coverage(self) -> Coverage:
+        return self._stored_coverage()
+
+
+class PoolTables:
+    """The tables of a format-2 pool, each read (and checked against its digest) on first use."""
+
+    def __init__(self, loc: Location, group: zarr.Group, attrs: dict, shapes: Sequence[tuple[int, int]]) -> None:
+        self.loc, self.group, self.attrs = loc, group, attrs
+        sizes = np.asarray(shapes, dtype=np.int64).reshape(-1, 2)
+        self.stim_offsets = np.concatenate([[0], np.cumsum(sizes[:, 0])])
+        self.neuron_offsets = np.concatenate([[0], np.cumsum(sizes[:, 1])])
+        if (self.stim_offsets[-1], self.neuron_offsets[-1]) != (attrs["n_stims"], attrs["n_neurons"]):
+            raise IntegrityError(f"pool {loc.url}: its sources add up to {self.stim_offsets[-1]} stims x "
+                                 f"{self.neuron_offsets[-1]} neurons, the pool says {attrs['n_stims']} x "
+                                 f"{attrs['n_neurons']}; the pool is damaged: rewrite it with deepstrf concat")
+        self._pid = os.getpid()
+        self._coverage: Coverage | None = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "group": None, "_lock": None, "_coverage": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _group(self) -> zarr.Group:
+        """The pool's group, for this process: a forked process gets its own storage client
+        (a client is bound to its process's event loop), the metadata it already has."""
+        if self.group is None:
+            self.group, self._pid = open_group(self.loc), os.getpid()
+        elif self._pid != os.getpid():
+            store = StrictStore(self.loc.zarr_store(read_only=True))
+            self.group = zarr.Group(AsyncGroup(metadata=self.group.metadata, store_path=StorePath(store)))
+            self._pid = os.getpid()
+        return self.group
+
+    def read(self, name: str) -> np.ndarray:
+        data = read_checked(self.loc, self._group(), name, self.attrs["digests"][name])
+        return data
+
+    def stim_range(self, k: int) -> tuple[int, int]:
+        return int(self.stim_offsets[k]), int(self.stim_offsets[k + 1])
+
+    def neuron_range(self, k: int) -> tuple[int, int]:
+        return int(self.neuron_offsets[k]), int(self.neuron_offsets[k + 1])
+
+    def stim_columns(self):
+        return self._columns(STIM_TABLE, self.attrs["n_stims"])
+
+    def nrn_columns(self):
+        return self._columns(NRN_TABLE, self.attrs["n_neurons"])
+
+    def _columns(self, name: str, n: int):
+        found, columns = decode_columns(self.read(name).tobytes())
+        if found != n:
+            raise IntegrityError(f"pool {self.loc.url}: {name} has {found} rows, expected {n}; rewrite the pool")
+        return columns
+
+    def coverage(self) -> Coverage:
+        with self._lock:
+            if self._coverage is None:
+                self._coverage = _coverage_from_arrays(
+                    self.loc, self.stim_offsets, self.neuron_offsets, *(self.read(n) for n in (PARTIAL, BIT_OFFSETS, BITS)))
+            return self._coverage
+
+    def block(self, k: int) -> Coverage:
+        """Source ``k``'s own coverage (its block of the pool's)."""
+        return Coverage.dense(self.coverage().block_mask(k))
+
+
+def read_sources(loc: Location, group: zarr.Group, attrs: dict) -> list[dict]:
+    """The pool's source entries (name, ref, fingerprint, n_stims, n_neurons, kind, card)."""
+    if "sources" in attrs:  # format 1 keeps them in the attributes
+        return attrs["sources"]
+    raw = read_checked(loc, group, SOURCES_TABLE, attrs["digests"][SOURCES_TABLE])
+    try:
+        return json.loads(raw.tobytes().decode("utf-8"))
+    except ValueError as e:
+        raise IntegrityError(f"pool {loc.url}: {SOURCES_TABLE} is not valid JSON ({e}); rewrite the pool") from e
+
+
+def read_checked(loc: Location, group: zarr.Group, name: str, digest: str) -> np.ndarray:
+    """A whole pool array, refused if it does not match the digest its fingerprinted attributes record."""
+    try:
+        data = np.asarray(group[name][...])
+    except KeyError as e:
+        raise IntegrityError(f"pool {loc.url}: array {name!r} is missing; the pool is damaged: rewrite it "
+                             "with deepstrf concat") from e
+    if _digest(data) != digest:
+        raise IntegrityError(f"pool {loc.url}: array {name!r} does not match its recorded digest; the pool is "
+                             "damaged or was edited: rewrite it with deepstrf concat")
+    return data
+
+
+def _digest(data: np.ndarray) -> str:
+    hasher = content_hasher()
+    update(hasher, data)
+    return array_digest(hasher)
+
+
+def _fill(ds: NeuralDataset, attrs: dict, url: str, stims: Any, responses: Any, stim_meta: Any, nrn_meta: Any) -> None:
+    NeuralDataset.__init__(ds, path=url, dt_ms=attrs["dt_ms"])
+    if attrs["kind"] == "audio":
+        ds.F, ds.audio_fs, ds.hearing_range_hz = attrs["F"], attrs.get("audio_fs"), None
+    elif attrs["kind"] == "video":
+        ds.H, ds.W = attrs["H"], attrs["W"]
+    ds.stims, ds.responses, ds.stim_meta, ds.nrn_meta = stims, responses, stim_meta, nrn_meta
+    ds.N_neurons = responses.n_neurons
+    ds.store_url = url
+
+
+def _coverage_arrays(coverage: Coverage) -> dict[str, np.ndarray]:
+    """Format 2 coverage: the partial blocks' indices, and their masks' bits concatenated."""
+    partial_blocks = [k for k, m in enumerate(coverage.masks) if m is not None]
+    sizes = [coverage.masks[k].size for k in partial_blocks]
+    flat = np.concatenate([coverage.masks[k].reshape(-1) for k in partial_blocks]) if partial_blocks \
+        else np.zeros(0, dtype=bool)
+    return {PARTIAL: np.asarray(partial_blocks, dtype=np.int64),
+            BIT_OFFSETS: np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64),
+            BITS: np.packbits(flat)}
+
+
+def _coverage_from_arrays(loc: Location, stim_offsets: np.ndarray, neuron_offsets: np.ndarray,
+                          partial_blocks: np.ndarray, bit_offsets: np.ndarray, bits: np.ndarray) -> Coverage:
+    K = len(stim_offsets) - 1
+    heights, widths = np.diff(stim_offsets), np.diff(neuron_offsets)
+    ok = (len(bit_offsets) == len(partial_blocks) + 1 and (partial_blocks >= 0).all() and (partial_blocks < K).all()
+          and np.array_equal(np.diff(bit_offsets), heights[partial_blocks] * widths[partial_blocks])
+          and len(bits) == -(-int(bit_offsets[-1]) // 8))
+    if not ok:
+        raise IntegrityError(f"pool {loc.url}: its coverage arrays do not match its sources' shapes; "
+                             "rewrite the pool with deepstrf concat")
+    flat = np.unpackbits(bits, count=int(bit_offsets[-1])).astype(bool)
+    masks: list[np.ndarray | None] = [None] * K
+    for i, k in enumerate(partial_blocks.tolist()):
+        masks[k] = flat[bit_offsets[i]:bit_offsets[i + 1]].reshape(int(heights[k]), int(widths[k]))
+    return Coverage(stim_offsets, neuron_offsets, masks)
+
+
+def pool_card(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per source entry: name, reference, shape and the attribution fields of its dataset card."""
     out = []
-    for e in attrs["sources"]:
+    for e in entries:
         card = e.get("card") or {}
         out.append({"name": e["name"], "ref": e["ref"], "stims": e["n_stims"], "neurons": e["n_neurons"],
                     **{k: card.get(k) for k in ("license", "citation", "description") if card.get(k)}})
@@ -155,58 +331,17 @@ def _require_store_backed(ds: NeuralDataset, name: str) -> None:
             "Pool the unmodified opened sources and apply the transforms to the opened pool.")
 
 
-def _index_maps(parts: Sequence[NeuralDataset]) -> list[np.ndarray]:
-    src_dtype = fmt.smallest_int(0, max(len(parts) - 1, 0))
-    stim_source = np.concatenate([np.full(p.get_S(), k) for k, p in enumerate(parts)]).astype(src_dtype)
-    stim_local = np.concatenate([np.arange(p.get_S()) for p in parts]).astype(np.int64)
-    nrn_source = np.concatenate([np.full(p.N_neurons, k) for k, p in enumerate(parts)]).astype(src_dtype)
-    nrn_local = np.concatenate([np.arange(p.N_neurons) for p in parts]).astype(np.int64)
-    return [stim_source, stim_local, nrn_source, nrn_local]
-
-
-def _coverage_chunks(shape: tuple[int, int]) -> tuple[int, int]:
-    cols = min(shape[1], 4096)
-    return (max(1, min(shape[0], fmt.INDEX_CHUNK_BYTES // max(cols, 1))), cols)
-
-
-def _write_array(group: zarr.Group, name: str, data: np.ndarray, chunks: tuple[int, ...]) -> None:
-    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, **fmt.codecs(data.dtype))
+def _write_array(group: zarr.Group, name: str, data: np.ndarray, text: bool = False) -> None:
+    """One whole-array chunk (up to ``fmt.POOL_CHUNK_BYTES``): a table is one request to read."""
+    chunk = max(1, min(len(data), fmt.POOL_CHUNK_BYTES // data.dtype.itemsize))
+    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(chunk,),
+                             **fmt.codecs(data.dtype, text=text))
     arr[...] = data
 
 
 def _same_protocol_options(loc: Location, url: str) -> dict | None:
     """The caller's storage options apply to sources reached over the pool's own protocol."""
-    return loc.storage_options if Location.parse(url).protocol == loc.protocol else None
-
-
-def _check_fingerprint(loc: Location, entry: dict, src: NeuralDataset, accept: bool) -> bool:
-    """True if the source is as pooled; warn (``accept``) or raise if it changed."""
-    if src.fingerprint == entry["fingerprint"]:
-        return True
-    msg = (f"pool {loc.url}: source {entry['name']!r} at {entry['url']} changed after pooling "
-           f"(fingerprint {src.fingerprint}, pooled {entry['fingerprint']})")
-    if not accept:
-        raise SourceChangedError(
-            f"{msg}. Rewrite the pool with deepstrf concat, or open it with accept_changed_sources=True "
-            "if the change is intended.")
-    if (src.get_S(), src.N_neurons) != (entry["n_stims"], entry["n_neurons"]):
-        raise SourceChangedError(f"{msg}, and its shape changed too, so the pool cannot be used. Rewrite it.")
-    warnings.warn(msg, SourceChangedWarning, stacklevel=3)
-    return False
-
-
-def _single(ds: NeuralDataset, name: str) -> NeuralDataset:
-    ds.stim_meta = [{**m, "dataset": name} for m in ds.stim_meta]
-    ds.nrn_meta = [{**m, "dataset": name} for m in ds.nrn_meta]
-    return ds
-
-
-def _read_coverage(loc: Location, group: zarr.Group, pooled: NeuralDataset) -> torch.Tensor:
-    coverage = torch.from_numpy(np.asarray(group[COVERAGE][...], dtype=bool))
-    if tuple(coverage.shape) != (pooled.get_S(), pooled.N_neurons):
-        raise IntegrityError(f"pool {loc.url}: coverage has shape {tuple(coverage.shape)}, "
-                                 f"expected {(pooled.get_S(), pooled.N_neurons)}")
-    return coverage
+    return loc.storage_options if _protocol(url) == loc.protocol else None
 
 
 OPENERS[POOL_FORMAT] = open_pool

@@ -7,11 +7,15 @@ import argparse
 import numpy as np
 import torch
 
+from ..datasets.coverage import Coverage
 from ..datasets.neural_dataset import NeuralDataset
+from ..forksafe import thread_map
 from ..utils.data import concat_neural_datasets
 from .dataset import open_dataset
 
 MAX_PIXELS = 1500  # coverage images are block-reduced to at most this many rows/columns
+MAX_LABELLED_SOURCES = 40  # blocks outlined and named in a coverage plot
+MAX_LISTED_SOURCES = 40  # sources listed by `concat` and `info` (text)
 
 
 def concat_main(args: argparse.Namespace) -> int:
@@ -19,14 +23,17 @@ def concat_main(args: argparse.Namespace) -> int:
     if args.name is not None and len(args.name) != len(args.sources):
         raise SystemExit(f"deepstrf concat: got {len(args.name)} --name for {len(args.sources)} sources; "
                          "give one --name per source or none")
-    opened = [open_dataset(u, storage_options=args.storage_options, **_open_kw(args, u)) for u in args.sources]
+    opened = thread_map(lambda u: open_dataset(u, storage_options=args.storage_options, **_open_kw(args, u)),
+                        args.sources, max_workers=16, name="deepstrf-open")
     pool = concat_neural_datasets(opened, names=args.name, store=args.out, storage_options=args.storage_options,
                                   overwrite=args.overwrite, allowed_roots=args.allow_root)
     info = pool.summary()
     print(f"wrote pool {args.out}: {info['S']} stims x {info['N']} neurons from {len(info['sources'])} sources, "
           f"coverage {info['coverage']:.1%}")
-    for src in pool.pool_sources:
+    for src in pool.pool_sources[:MAX_LISTED_SOURCES]:
         print(f"  {src['name']}: {src['ref']} ({src['n_stims']} x {src['n_neurons']})")
+    if len(pool.pool_sources) > MAX_LISTED_SOURCES:
+        print(f"  ... and {len(pool.pool_sources) - MAX_LISTED_SOURCES} more (deepstrf info --json lists them)")
     return 0
 
 
@@ -53,20 +60,22 @@ def plot_main(args: argparse.Namespace) -> int:
 
 
 def plot_coverage(ds: NeuralDataset, path: str, title: str | None = None) -> None:
-    """Draw ``ds.nrn_masks`` (stims x neurons) with each source's block outlined and labelled."""
+    """Draw ``ds.coverage`` (stims x neurons) with each source's block outlined (and labelled,
+    up to ``MAX_LABELLED_SOURCES``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    mask = ds.nrn_masks
-    image, fs, fn = _reduce(mask)
+    coverage = ds.coverage
+    S, N = coverage.shape
+    image, fs, fn = _reduce(coverage)
     fig, ax = plt.subplots(figsize=(8, 6), dpi=120)
-    ax.imshow(image, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1,
-              extent=(0, mask.shape[1], mask.shape[0], 0))
+    ax.imshow(image, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1, extent=(0, N, S, 0))
     colors = plt.get_cmap("tab10")
-    for k, (name, stims, neurons) in enumerate(ds.source_blocks()):
+    blocks = ds.source_blocks()
+    for k, (name, stims, neurons) in enumerate(blocks[:MAX_LABELLED_SOURCES]):
         ax.add_patch(Rectangle((neurons.start, stims.start), len(neurons), len(stims), fill=False,
                                edgecolor=colors(k % 10), linewidth=1.5))
         ax.text(neurons.start + 0.5, stims.start + 0.5, f"{name}\n{len(stims)}x{len(neurons)}",
@@ -74,35 +83,38 @@ def plot_coverage(ds: NeuralDataset, path: str, title: str | None = None) -> Non
                 bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none"})
     ax.set_xlabel("neuron")
     ax.set_ylabel("stimulus")
-    cov = float(mask.float().mean()) if mask.numel() else 0.0
-    ax.set_title(f"{title or 'coverage'}\n{mask.shape[0]} stims x {mask.shape[1]} neurons, "
-                 f"{cov:.1%} recorded" + (f" (shown {fs}x{fn}-reduced)" if fs * fn > 1 else ""), fontsize=9)
+    ax.set_title(f"{title or 'coverage'}\n{S} stims x {N} neurons from {len(blocks)} sources, "
+                 f"{coverage.fraction():.1%} recorded" + (f" (shown {fs}x{fn}-reduced)" if fs * fn > 1 else ""),
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def _reduce(mask: torch.Tensor) -> tuple[np.ndarray, int, int]:
-    """Fraction recorded per block, so that huge pools still plot in bounded memory."""
-    S, N = mask.shape
+def _reduce(coverage: Coverage) -> tuple[np.ndarray, int, int]:
+    """Fraction recorded per tile of at most ``MAX_PIXELS`` x ``MAX_PIXELS`` tiles, summed block
+    by block: a pool of 10^4 sources plots without its dense mask."""
+    S, N = coverage.shape
     fs, fn = max(1, -(-S // MAX_PIXELS)), max(1, -(-N // MAX_PIXELS))
-    if fs == fn == 1:
-        return mask.numpy().astype(np.float32), 1, 1
-    padded = torch.zeros((-(-S // fs) * fs, -(-N // fn) * fn))
-    padded[:S, :N] = mask.float()
-    image = padded.view(padded.shape[0] // fs, fs, padded.shape[1] // fn, fn).mean(dim=(1, 3))
-    return image.numpy(), fs, fn
+    recorded = np.zeros((-(-S // fs), -(-N // fn)))
+    for k in range(coverage.n_blocks):
+        stims, neurons = coverage.block(k)
+        rows, cols = np.nonzero(coverage.block_mask(k))
+        np.add.at(recorded, ((rows + stims.start) // fs, (cols + neurons.start) // fn), 1)
+    return (recorded / (fs * fn)).astype(np.float32), fs, fn
 
 
-def describe_pool(attrs: dict, url: str) -> dict:
-    """Plain-dict summary of a pool from its root attributes, with the dataset card per source."""
-    from .pool import pool_card
+def describe_pool(attrs: dict, loc, group) -> dict:
+    """Plain-dict summary of a pool from its root attributes and source table, with the dataset
+    card per source."""
+    from .pool import pool_card, read_sources
 
+    url = loc.url
     return {"url": url, "format": attrs["format"], "format_version": attrs["format_version"],
             "kind": attrs["kind"], "class_name": attrs.get("class_name"), "S": attrs["n_stims"],
             "N": attrs["n_neurons"], "dt_ms": attrs["dt_ms"],
             **{k: attrs[k] for k in ("F", "H", "W") if attrs.get(k) is not None},
-            "fingerprint": attrs["fingerprint"], "sources": pool_card(attrs)}
+            "fingerprint": attrs["fingerprint"], "sources": pool_card(read_sources(loc, group, attrs))}
 
 
 def print_pool(d: dict) -> None:
@@ -112,18 +124,22 @@ def print_pool(d: dict) -> None:
           f"S x N        {d['S']} stims x {d['N']} neurons, dt {d['dt_ms']} ms{shape}\n"
           f"fingerprint  {d['fingerprint']}\n"
           f"sources      {len(d['sources'])} (dataset card below)")
-    for src in d["sources"]:
+    for src in d["sources"][:MAX_LISTED_SOURCES]:
         print(f"  - {src['name']}: {src['ref']} ({src['stims']} stims x {src['neurons']} neurons)")
         for key in ("license", "citation", "description"):
             if src.get(key):
                 print(f"      {key}: {src[key]}")
+    if len(d["sources"]) > MAX_LISTED_SOURCES:
+        print(f"  ... and {len(d['sources']) - MAX_LISTED_SOURCES} more (--json lists every source)")
 
 
 def verify_pool(loc, *, allowed_roots=(), data: bool = False) -> list[str]:
-    """Problems found in a pool: metadata, version, references, fingerprints, coverage against each
-    source's index (and, with ``data``, every chunk of every source). A damaged source is a
-    problem named after it; the other sources are still checked."""
+    """Problems found in a pool: metadata, version, references, tables against their digests,
+    each source's fingerprint and its coverage block against the source's own index (and, with
+    ``data``, every chunk of every source). A damaged source is a problem named after it; the
+    other sources are still checked."""
     from ..errors import StoreError
+    from .lazy import LazySourceGrid
     from .location import Location
     from .reader import open_group
     from .verify import metadata_problems, verify_source
@@ -131,27 +147,25 @@ def verify_pool(loc, *, allowed_roots=(), data: bool = False) -> list[str]:
     try:
         problems = metadata_problems(loc, open_group(loc))
         pool = open_dataset(loc.url, storage_options=loc.storage_options, allowed_roots=allowed_roots)
-        stored = pool.nrn_masks
+        coverage = pool.coverage
+        pool.stim_meta[0], pool.nrn_meta[0]  # noqa: B018 - loads (and checks) the metadata tables
     except (StoreError, ValueError) as e:
         return [str(e)]
-    blocks = pool.source_blocks()
-    inside = sum(int(stored[s.start:s.stop, n.start:n.stop].sum()) for _, s, n in blocks)
-    if int(stored.sum()) != inside:
-        problems.append(f"pool {loc.url}: the stored coverage marks {int(stored.sum()) - inside} pair(s) outside "
-                        "the sources' blocks; rewrite the pool with deepstrf concat")
-    for src, (name, stims, neurons) in zip(pool.responses.sources, blocks):
+    for k, (src, (name, stims, neurons)) in enumerate(zip(pool.responses.sources, pool.source_blocks())):
+        url = getattr(src, "store_url", None)
         if data:
-            found = verify_source(Location.parse(src.store_url, src.storage_options), progress=False)
+            found = verify_source(Location.parse(url, src.storage_options), progress=False)
             problems += [f"pool {loc.url}: source {name!r}: {p}" for p in found]
             if found:
                 continue
         try:
-            recorded = src.nrn_masks
+            opened = src.responses.handle.dataset() if isinstance(src.responses, LazySourceGrid) else src
+            recorded = opened.coverage.to_dense()
         except StoreError as e:
-            problems.append(f"pool {loc.url}: source {name!r} ({src.store_url}): {e}")
+            problems.append(f"pool {loc.url}: source {name!r} ({url}): {e}")
             continue
-        if not torch.equal(stored[stims.start:stims.stop, neurons.start:neurons.stop], recorded):
+        if not torch.equal(torch.from_numpy(coverage.block_mask(k)), recorded):
             problems.append(f"pool {loc.url}: the stored coverage of source {name!r} (stims {stims.start}-"
                             f"{stims.stop - 1}, neurons {neurons.start}-{neurons.stop - 1}) differs from its "
-                            f"index at {src.store_url}; rewrite the pool with deepstrf concat")
+                            f"index at {url}; rewrite the pool with deepstrf concat")
     return problems

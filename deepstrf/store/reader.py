@@ -68,6 +68,9 @@ def _is_transport_error(e: BaseException) -> bool:
     return isinstance(e, _TRANSPORT_ERRORS) and not isinstance(e, MissingChunk)
 
 
+INDEX_ARRAYS = (fmt.OFFSETS, fmt.REPEATS, fmt.STIM_OFFSETS, fmt.STIM_SHAPES)
+
+
 @dataclass
 class RowPlan:
     """Where one stim's valid cells are stored: ``values[starts[i]:ends[i]]`` for ``neurons[i]``."""
@@ -133,14 +136,19 @@ class SourceReader:
     # -- handles ---------------------------------------------------------------
     def bind(self, group: zarr.Group) -> None:
         """Use an already opened group for this process (saves a read at open)."""
+        async def lookup():  # one trip to zarr's event loop for every array, not one each
+            return await asyncio.gather(*(group._async_group.getitem(name) for name in fmt.ARRAYS),
+                                        return_exceptions=True)
+
         handles = {}
-        for name in fmt.ARRAYS:
-            try:
-                handles[name] = group[name]._async_array
-            except KeyError:
+        for name, found in zip(fmt.ARRAYS, sync(lookup())):
+            if isinstance(found, KeyError):
                 raise IntegrityError(
                     f"{self.url}: array {name!r} is missing from the store; it is damaged or was not "
                     "written by deepstrf. Re-create it from its source.") from None
+            if isinstance(found, BaseException):
+                raise found
+            handles[name] = found
         sharded = {name: reader for name in fmt.SHARDED
                    if (reader := ShardedArray.of(handles[name], self._cache_name(name), not self.loc.is_local))}
         if self._handles is not None:  # rebinding (another process): what was learnt of the shards holds
@@ -200,11 +208,13 @@ class SourceReader:
 
     def read_whole(self, names: Sequence[str]) -> list[np.ndarray]:
         """Whole arrays, read concurrently; errors name the array."""
-        out = self.gather([(n, Ellipsis) for n in names])
-        for name, res in zip(names, out):
+        return self._checked_whole(names, self.gather([(n, Ellipsis) for n in names]))
+
+    def _checked_whole(self, names: Sequence[str], results: Sequence[Any]) -> list[np.ndarray]:
+        for name, res in zip(names, results):
             if isinstance(res, BaseException):
                 raise self.error(res, f"array {name!r}") from res
-        return [np.asarray(r) for r in out]
+        return [np.asarray(r) for r in results]
 
     def error(self, e: BaseException, what: str) -> StoreError:
         if _is_transport_error(e):
@@ -230,28 +240,40 @@ class SourceReader:
 
     def index(self) -> Index:
         if self._index is None:
-            offsets, repeats, stim_offsets, stim_shapes = self.read_whole(
-                [fmt.OFFSETS, fmt.REPEATS, fmt.STIM_OFFSETS, fmt.STIM_SHAPES])
-            index = Index(offsets.astype(np.int64, copy=False), repeats.astype(np.int64),
-                          stim_offsets.astype(np.int64, copy=False), stim_shapes.astype(np.int64, copy=False))
-            problem = index_problem(index, self.n_stims, self.n_neurons,
-                                    self.arrays()[fmt.VALUES].shape[0], self.arrays()[fmt.STIM_VALUES].shape[0])
-            if problem:
-                raise IntegrityError(f"{self.url}: the index arrays are inconsistent ({problem}); the store is "
-                                     "damaged. Re-create it from its source.")
-            self._index = index
+            self._set_index(self.read_whole(INDEX_ARRAYS))
         return self._index
 
+    async def load_index_async(self) -> None:
+        """Read the index in a coroutine (many stores' indexes in one trip to zarr's event
+        loop, see :func:`load_indexes`); the store must be bound in this process already."""
+        if self._index is None:
+            arrays = self._handles[1]
+            found = await asyncio.gather(*(arrays[n].getitem(Ellipsis) for n in INDEX_ARRAYS), return_exceptions=True)
+            self._set_index(self._checked_whole(INDEX_ARRAYS, found))
+
+    def _set_index(self, found: list[np.ndarray]) -> None:
+        offsets, repeats, stim_offsets, stim_shapes = found
+        index = Index(offsets.astype(np.int64, copy=False), repeats.astype(np.int64),
+                      stim_offsets.astype(np.int64, copy=False), stim_shapes.astype(np.int64, copy=False))
+        problem = index_problem(index, self.n_stims, self.n_neurons,
+                                self.arrays()[fmt.VALUES].shape[0], self.arrays()[fmt.STIM_VALUES].shape[0])
+        if problem:
+            raise IntegrityError(f"{self.url}: the index arrays are inconsistent ({problem}); the store is "
+                                 "damaged. Re-create it from its source.")
+        self._index = index
+
     def learn_shard_layout(self) -> None:
+        """:meth:`learn_shard_layout_async` for this store alone."""
+        self.arrays()
+        sync(self.learn_shard_layout_async())
+
+    async def learn_shard_layout_async(self) -> None:
         """Read the index of each data array's first shard (object stores only): it tells
         whether this store's shards are fetched whole (see :class:`ShardedArray`) before the
-        first read needs to know, and processes forked afterwards inherit the answer."""
-        probes = [s for s in self.sharded().values() if s.whole is None and s.layout.length]
-        if probes:
-            async def run():
-                await asyncio.gather(*(s.shard_index(0) for s in probes))
-
-            sync(run())
+        first read needs to know, and processes forked afterwards inherit the answer. The
+        store must be bound in this process already."""
+        probes = [s for s in self._handles[2].values() if s.whole is None and s.layout.length]
+        await asyncio.gather(*(s.shard_index(0) for s in probes))
 
     def mask(self) -> np.ndarray:
         """``(S, N)`` bool: True where the cell holds data."""

@@ -409,7 +409,7 @@ class StreamingNeuralDataset(IterableDataset):
         metas = [ds.stim_meta[s] for s in stims]
         n_selected = len(st.selection.neurons)
         if self.batch_size is None:
-            masks = ds.nrn_masks[stims][:, st.selection.neurons]
+            masks = torch.from_numpy(ds.coverage.cells(stims, st.selection.neurons))
             return reader.build_items(ordered, stim_tensors, metas, masks, n_selected)
         if self.collate == "compact":
             return reader.build_compact(ordered, stim_tensors, metas, pool, values)

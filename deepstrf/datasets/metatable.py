@@ -1,0 +1,110 @@
+"""Stim or neuron metadata of a large pool: a list of dicts, loaded on first use.
+
+A pool of 10^4 sessions has 10^5 stims and 2·10^5 neurons. Its metadata is
+stored as columns (one list per key) and read only when asked for;
+:meth:`MetaTable.matching` answers ``meta[key] == value`` from a column,
+without building 2·10^5 dicts. Any other access builds the rows once, and
+from then on the table is an ordinary list of dicts (edits stick, as on a list).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+Columns = dict[str, tuple[list, set[int]]]
+
+
+class MetaTable(Sequence):
+    """``n`` metadata dicts whose columns ``load()`` returns (``{key: (values, absent rows)}``)."""
+
+    def __init__(self, n: int, load: Callable[[], Columns]) -> None:
+        self._n = n
+        self._load = load
+        self._load_rows: Callable[[], list[dict]] | None = None
+        self._columns: Columns | None = None
+        self._rows: list[dict] | None = None
+
+    @classmethod
+    def from_rows(cls, n: int, load_rows: Callable[[], list[dict]]) -> "MetaTable":
+        """A table whose ``n`` rows ``load_rows()`` returns on first use."""
+        table = cls(n, load=lambda: {})
+        table._load_rows = load_rows
+        return table
+
+    def columns(self) -> Columns:
+        if self._columns is None:
+            self._columns = self._load()
+        return self._columns
+
+    def rows(self) -> list[dict]:
+        """The metadata as a list of dicts (built once)."""
+        if self._rows is None and self._load_rows is not None:
+            self._rows = self._load_rows()
+        if self._rows is None:
+            cols = self.columns()
+            rows: list[dict] = [{} for _ in range(self._n)]
+            for key, (values, absent) in cols.items():
+                for i, (row, v) in enumerate(zip(rows, values)):
+                    if i not in absent:
+                        row[key] = v
+            self._rows = rows
+        return self._rows
+
+    def matching(self, key: str, value: Any) -> list[int] | None:
+        """Rows whose ``key`` equals ``value`` (rows without the key never match); None when rows
+        were built (they may have been edited) or come as rows: the caller then tests them."""
+        if self._rows is not None or self._load_rows is not None:
+            return None
+        if key not in self.columns():
+            return []
+        values, absent = self.columns()[key]
+        return [i for i, v in enumerate(values) if v == value and i not in absent]
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        return self.rows()[i]
+
+    def __setitem__(self, i: int, value: dict) -> None:
+        self.rows()[i] = value
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.rows())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(self) == len(other) and list(self) == list(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"MetaTable(n={self._n}, loaded={self._rows is not None or self._columns is not None})"
+
+
+class MetaSlice(Sequence):
+    """Rows ``[start, stop)`` of a :class:`MetaTable` (a pooled source's own metadata)."""
+
+    def __init__(self, table: MetaTable, start: int, stop: int) -> None:
+        self.table, self.start, self.stop = table, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        j = i + len(self) if i < 0 else i
+        if not 0 <= j < len(self):
+            raise IndexError(f"metadata index {i} out of range for size {len(self)}")
+        return self.table[self.start + j]
+
+    def __iter__(self) -> Iterator[dict]:
+        rows = self.table.rows()
+        return iter(rows[self.start:self.stop])
+
+
+def matching_attr(metas: Sequence[dict], key: str, value: Any) -> list[int] | None:
+    """Fast ``[i for i, m in enumerate(metas) if m.get(key) == value]`` for a table not yet
+    built into rows; None when the caller must test the rows."""
+    return metas.matching(key, value) if isinstance(metas, MetaTable) else None

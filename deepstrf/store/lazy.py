@@ -1,0 +1,188 @@
+"""Pooled sources opened on first read, by the process that reads them.
+
+A format-2 pool holds everything needed to open, select and plan reading
+(shapes, metadata, coverage), so opening it opens no source. Each source is a
+:class:`SourceHandle`; its stims and responses are views
+(:class:`LazySourceStims`, :class:`LazySourceGrid`) that open the source store
+on their first data read, check its fingerprint there (a missing or changed
+source is an error naming it), and keep at most :data:`MAX_OPEN_SOURCES` opened
+per process (least recently used first out), so an epoch over 10^4 sources
+stays within bounded memory.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..datasets.coverage import Coverage
+from ..datasets.neural_dataset import NeuralDataset
+from ..datasets.views import (LazySequence, RawRow, ResponseGrid, raw_row_sizes, read_many, read_raw_rows,
+                              read_row)
+from ..errors import SourceChangedError, StoreNotFoundError
+
+MAX_OPEN_SOURCES = 256
+"""Sources kept open per process; an epoch's block-shuffled windows touch far fewer at a time."""
+EAGER_CHECK_MAX_SOURCES = 64
+"""Pools with at most this many sources open and check all of them when the pool is opened."""
+
+
+class SourceChangedWarning(UserWarning):
+    """A pooled source changed after pooling and the caller accepted it."""
+
+
+class _OpenSources:
+    """LRU of the handles holding an opened source in this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._handles: OrderedDict[int, SourceHandle] = OrderedDict()
+
+    def touch(self, handle: "SourceHandle") -> None:
+        with self._lock:
+            self._handles[id(handle)] = handle
+            self._handles.move_to_end(id(handle))
+            while len(self._handles) > MAX_OPEN_SOURCES:
+                _, oldest = self._handles.popitem(last=False)
+                oldest.close()
+
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()
+
+
+OPEN_SOURCES = _OpenSources()
+os.register_at_fork(after_in_child=OPEN_SOURCES.after_fork)
+
+
+class SourceHandle:
+    """One pooled source: its pool entry, opened on first :meth:`dataset` call in a process."""
+
+    def __init__(self, pool_url: str, entry: dict[str, Any], opener: Callable[[str], NeuralDataset],
+                 accept_changed: bool = False) -> None:
+        self.pool_url = pool_url
+        self.entry = entry
+        self.opener = opener
+        self.accept_changed = accept_changed
+        self._ds: NeuralDataset | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.entry["name"]
+
+    @property
+    def url(self) -> str:
+        return self.entry["url"]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_ds": None, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def is_open(self) -> bool:
+        return self._ds is not None
+
+    def dataset(self) -> NeuralDataset:
+        """The opened source store (opened now if needed, fingerprint checked)."""
+        ds = self._ds
+        if ds is None:
+            with self._lock:
+                if self._ds is None:
+                    self._ds = self._open()
+                ds = self._ds
+        OPEN_SOURCES.touch(self)
+        return ds
+
+    def close(self) -> None:
+        self._ds = None
+
+    def _open(self) -> NeuralDataset:
+        e = self.entry
+        try:
+            ds = self.opener(e["url"])
+        except StoreNotFoundError as err:
+            raise StoreNotFoundError(
+                f"pool {self.pool_url}: source {e['name']!r} is missing at {e['url']} (reference "
+                f"{e['ref']!r}); restore it there or rewrite the pool. ({err})") from err
+        check_fingerprint(self.pool_url, e, ds, self.accept_changed)
+        return ds
+
+
+def check_fingerprint(pool_url: str, entry: dict, src: NeuralDataset, accept: bool) -> bool:
+    """True if the source is as pooled; warn (``accept``) or raise if it changed."""
+    if src.fingerprint == entry["fingerprint"]:
+        return True
+    msg = (f"pool {pool_url}: source {entry['name']!r} at {entry['url']} changed after pooling "
+           f"(fingerprint {src.fingerprint}, pooled {entry['fingerprint']})")
+    if not accept:
+        raise SourceChangedError(
+            f"{msg}. Rewrite the pool with deepstrf concat, or open it with accept_changed_sources=True "
+            "if the change is intended.")
+    if (src.get_S(), src.N_neurons) != (entry["n_stims"], entry["n_neurons"]):
+        raise SourceChangedError(f"{msg}, and its shape changed too, so the pool cannot be used. Rewrite it.")
+    warnings.warn(msg, SourceChangedWarning, stacklevel=4)
+    return False
+
+
+class LazySourceStims(LazySequence):
+    """A pooled source's stimuli: reads open the source."""
+
+    def __init__(self, handle: SourceHandle) -> None:
+        super().__init__(handle.entry["n_stims"])
+        self.handle = handle
+
+    def _get(self, i: int) -> torch.Tensor:
+        return self.handle.dataset().stims[i]
+
+    def _get_many(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        return read_many(self.handle.dataset().stims, indices)
+
+
+class LazySourceGrid(ResponseGrid):
+    """A pooled source's responses: its coverage comes from the pool, reads open the source."""
+
+    def __init__(self, handle: SourceHandle, coverage: Callable[[], Coverage]) -> None:
+        super().__init__(handle.entry["n_stims"], handle.entry["n_neurons"])
+        self.handle = handle
+        self._stored_coverage = coverage
+
+    def _read_row(self, s: int, neurons: Sequence[int]) -> list[torch.Tensor]:
+        return read_row(self.handle.dataset().responses, s, neurons)
+
+    def _read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None,
+                       out: Sequence[np.ndarray] | None) -> list[RawRow]:
+        return read_raw_rows(self.handle.dataset().responses, stims, neurons, out)
+
+    def _row_sizes(self, stims: Sequence[int], neurons: Sequence[int] | None) -> tuple[np.ndarray, np.dtype] | None:
+        return raw_row_sizes(self.handle.dataset().responses, stims, neurons)
+
+    def _coverage(self) -> Coverage:
+        return self._stored_coverage()
+
+    def opened_readers(self) -> list[Any]:
+        """Store readers of the source if it is open in this process (none are opened here)."""
+        from .dataset import source_readers
+
+        return (source_readers(self.handle._ds) or []) if self.handle.is_open() else []
+
+
+def open_now(ds: NeuralDataset) -> None:
+    """Open (and check) every lazily opened source behind ``ds`` now, concurrently: a missing or
+    changed source fails here, reading starts at once, and processes forked afterwards inherit
+    the opened sources."""
+    from ..datasets.views import BlockDiagonalGrid
+    from ..forksafe import thread_map
+
+    grid = ds.responses
+    if isinstance(grid, BlockDiagonalGrid):
+        handles = [p.responses.handle for p in grid.sources if isinstance(p.responses, LazySourceGrid)]
+        thread_map(SourceHandle.dataset, handles, max_workers=16, name="deepstrf-open")
