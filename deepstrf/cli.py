@@ -19,6 +19,7 @@ COMMANDS = {
     "verify": "deepstrf.store.commands:verify_main",
     "plot": "deepstrf.store.pool_commands:plot_main",
     "bench": "deepstrf.stream.bench:main",
+    "import-nwb": "deepstrf.io.nwb_import:main",
 }
 
 
@@ -102,7 +103,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--epochs", type=int, default=1)
+    _add_import_nwb(sub, so)
     return parser
+
+
+def _add_import_nwb(sub: argparse._SubParsersAction, so: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("import-nwb", parents=[so], help="import NWB sessions (local, s3://, https://) as source stores")
+    p.add_argument("out_dir", help="folder or URL prefix; each session becomes OUT_DIR/<file stem>.zarr")
+    p.add_argument("sources", nargs="+", metavar="FILE_OR_URL", help="NWB files (paths, s3://, https://)")
+    p.add_argument("--dt-ms", type=float, default=5.0, help="bin width in ms (default 5)")
+    p.add_argument("--presentations", default="trials", help="presentation table: trials or a table in /intervals")
+    p.add_argument("--stim-column", default="stim_name", help="column of that table naming the stimulus")
+    p.add_argument("--stim-index-series", default=None, help="IndexSeries in /stimulus giving the stimulus instead")
+    p.add_argument("--stim-series", default=None,
+                   help="series presented over the session to cut stimuli from (default: /stimulus_template by name)")
+    p.add_argument("--stim-kind", default="auto", choices=["auto", "waveform", "spectrogram", "video"])
+    p.add_argument("--bands", type=int, default=32, help="mel bands of waveform stimuli (default 32)")
+    p.add_argument("--f-min", type=float, default=50.0, help="lowest mel band edge in Hz (default 50)")
+    p.add_argument("--f-max", type=float, default=None, help="highest mel band edge in Hz (default fs/2)")
+    p.add_argument("--window-ms", type=float, default=25.0, help="STFT window of waveform stimuli (default 25 ms)")
+    p.add_argument("--pre-ms", type=float, default=0.0, help="time kept before each presentation's start")
+    p.add_argument("--post-ms", type=float, default=0.0, help="time kept after the stimulus")
+    p.add_argument("--unit-filter", action="append", default=[], metavar="COLUMN=VALUE",
+                   help="keep units whose COLUMN is VALUE (repeatable; values of one column are alternatives)")
+    p.add_argument("--ignore-obs-intervals", action="store_true",
+                   help="count every unit as recorded during the whole session")
+    p.add_argument("--license", default=None, help="license written into each store's dataset card")
+    p.add_argument("--jobs", "-j", type=int, default=1, help="files imported in parallel worker processes")
+    p.add_argument("--overwrite", action="store_true", help="replace stores imported with other inputs or arguments")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -52,3 +52,17 @@ class UntrustedReferenceError(StoreError, PermissionError):
 class StreamStalledError(StoreError, TimeoutError):
     """DataLoader workers stopped delivering batches (stuck or dead); the message names each
     worker, what it was reading and for how long."""
+
+
+class NWBImportError(ValueError):
+    """An NWB file cannot be imported as asked: a table, column or series is missing, or its layout is
+    not supported. The message names what is missing and the argument that selects another one."""
+
+
+class NWBReadError(OSError):
+    """An NWB file cannot be opened or read (missing, not HDF5/NWB, unreachable)."""
+
+
+def error_types() -> tuple[type[Exception], ...]:
+    """Every exception type of this module (what the CLI reports as a message, without a traceback)."""
+    return tuple(e for e in globals().values() if isinstance(e, type) and issubclass(e, Exception))

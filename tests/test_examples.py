@@ -22,7 +22,8 @@ def run_example(name: str, *args: str, timeout: int = 120) -> subprocess.Complet
 
 def test_every_example_is_tested():
     scripts = {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")}
-    assert scripts == {"pool_two_stores.py", "stream_from_s3.py", "share_pool.py", "train_evaluate.py"}
+    assert scripts == {"pool_two_stores.py", "stream_from_s3.py", "share_pool.py", "train_evaluate.py",
+                       "import_nwb.py"}
 
 
 def test_pool_two_stores(tmp_path):
@@ -48,3 +49,9 @@ def test_s3_examples(s3_server, script):
         assert "epoch 1:" in out.stdout
     else:
         assert "refused as expected" in out.stdout
+
+
+def test_import_nwb(tmp_path):
+    out = run_example("import_nwb.py", "--root", str(tmp_path))
+    assert out.stdout.count("imported: ") == 2 and "pool 9 stims x 13 neurons" in out.stdout
+    assert "trained " in out.stdout and (tmp_path / "stores" / "lab-b-session.zarr").is_dir()

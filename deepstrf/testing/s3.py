@@ -39,6 +39,7 @@ class _FaultyApp:
         self.latency_s = latency_s
         self.faults: list[Fault] = []
         self.requests = 0
+        self.bytes_sent = 0  # body bytes of answers to GET requests (Content-Length)
         self.lock = threading.Lock()
 
     def _fault_for(self, method: str, path: str) -> Fault | None:
@@ -50,12 +51,21 @@ class _FaultyApp:
                     return f
         return None
 
+    def _counting(self, method: str, start_response: Callable) -> Callable:
+        def counted(status: str, headers: list, *exc_info: Any) -> Callable:
+            if method == "GET":
+                size = next((int(v) for k, v in headers if k.lower() == "content-length"), 0)
+                with self.lock:
+                    self.bytes_sent += size
+            return start_response(status, headers, *exc_info)
+        return counted
+
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         if self.latency_s:
             time.sleep(self.latency_s)
         fault = self._fault_for(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""))
         if fault is None:
-            return self.app(environ, start_response)
+            return self.app(environ, self._counting(environ["REQUEST_METHOD"], start_response))
         reason, code = _REASONS.get(fault.status, ("Error", "InternalError"))
         body = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
                 f"<Message>injected fault</Message></Error>").encode()
@@ -109,6 +119,11 @@ class LocalS3:
     def requests(self) -> int:
         """Requests served so far (faults included)."""
         return self._app.requests
+
+    @property
+    def bytes_sent(self) -> int:
+        """Body bytes served to GET requests so far (what clients fetched)."""
+        return self._app.bytes_sent
 
     def set_latency(self, seconds: float) -> None:
         self._app.latency_s = seconds

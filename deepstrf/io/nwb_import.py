@@ -1,0 +1,151 @@
+"""``deepstrf import-nwb``: NWB sessions -> one source store each, in parallel, skipping done ones.
+
+A session's store is ``OUT_DIR/<file name without .nwb>.zarr``, written by
+:func:`deepstrf.store.save_dataset` (atomic) with the dataset card filled from the file. Its card
+records the import's fingerprint (the input's URL, size and version plus every conversion
+argument); a re-run skips a session whose store records the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import sys
+import time
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..errors import NWBImportError, StoreExistsError, StoreNotFoundError, error_types
+from ..store import save_dataset
+from ..store.location import Location
+from .nwb import NWBConversion, import_fingerprint, read_nwb
+
+
+@dataclass
+class ImportResult:
+    """What happened to one input: ``status`` is ``"imported"``, ``"skipped"`` (already imported
+    with the same fingerprint) or ``"failed"`` (``error`` says why)."""
+
+    source: str
+    store: str
+    status: str
+    fingerprint: str | None = None
+    n_stims: int | None = None
+    n_neurons: int | None = None
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def store_url(out_dir: str, source: str) -> str:
+    """``OUT_DIR/<stem>.zarr`` for the NWB file at ``source``."""
+    stem = posixpath.basename(str(source).rstrip("/").split("?")[0])
+    stem = stem[:-4] if stem.lower().endswith(".nwb") else stem
+    out = str(out_dir)
+    return f"{out.rstrip('/')}/{stem}.zarr" if "://" in out else os.path.join(out, f"{stem}.zarr")
+
+
+def recorded_fingerprint(url: str, storage_options: dict | None) -> str | None:
+    """The import fingerprint in the card of the store at ``url``; None if there is no store."""
+    from ..store.reader import open_group
+
+    try:
+        card = open_group(Location.parse(url, storage_options)).attrs.get("card") or {}
+    except StoreNotFoundError:
+        return None
+    return (card.get("nwb_import") or {}).get("fingerprint") or ""
+
+
+def import_one(source: str, out_url: str, conversion: dict[str, Any], *, license: str | None = None,
+               storage_options: dict | None = None, overwrite: bool = False) -> ImportResult:
+    """Import one session unless its store already records the same fingerprint."""
+    t0 = time.perf_counter()
+    conv = NWBConversion(**conversion)
+    fp = import_fingerprint(source, storage_options, conv, None, license)
+    existing = recorded_fingerprint(out_url, storage_options)
+    if existing == fp:
+        return ImportResult(source, out_url, "skipped", fp, seconds=time.perf_counter() - t0)
+    if existing is not None and not overwrite:
+        raise StoreExistsError(f"{out_url} already holds a store that was not imported from {source} with these "
+                               "arguments (its recorded import fingerprint differs). Pass --overwrite "
+                               "(overwrite=True) to replace it, or choose another OUT_DIR.")
+    ds = read_nwb(source, conv, license=license, storage_options=storage_options)
+    save_dataset(ds, out_url, storage_options=storage_options, overwrite=overwrite, progress=False)
+    return ImportResult(source, out_url, "imported", fp, ds.get_S(), ds.N_neurons, time.perf_counter() - t0)
+
+
+def _guarded(source: str, out_url: str, conversion: dict, **kw: Any) -> ImportResult:
+    """:func:`import_one` with a refusal or read error turned into a ``"failed"`` result."""
+    try:
+        return import_one(source, out_url, conversion, **kw)
+    except error_types() as e:
+        return ImportResult(source, out_url, "failed", error=str(e))
+
+
+def import_sessions(out_dir: str | os.PathLike, sources: list[str], *, dt_ms: float, jobs: int = 1,
+                    license: str | None = None, storage_options: dict | None = None, overwrite: bool = False,
+                    progress: bool | None = None, **conversion: Any) -> list[ImportResult]:
+    """Import each NWB file in ``sources`` into ``OUT_DIR/<stem>.zarr`` (``conversion``: the
+    keyword arguments of :class:`NWBConversion`, e.g. ``presentations``, ``stim_column``, ``mel``).
+
+    ``jobs > 1`` imports files in that many worker processes (forkserver, else spawn). A file that
+    cannot be imported gives a ``"failed"`` result with the reason; the others still run.
+    """
+    out_dir = os.fspath(out_dir)
+    NWBConversion(dt_ms=dt_ms, **conversion)  # refuse bad arguments before starting anything
+    conversion = {"dt_ms": dt_ms, **conversion}
+    targets = [store_url(out_dir, s) for s in sources]
+    seen: dict[str, str] = {}
+    for s, t in zip(sources, targets):
+        if t in seen:
+            raise NWBImportError(f"{seen[t]} and {s} would both be imported into {t} (same file name); "
+                                 "import them into different OUT_DIRs.")
+        seen[t] = s
+    kw = {"license": license, "storage_options": storage_options, "overwrite": overwrite}
+    bar = tqdm(total=len(sources), desc="import-nwb", unit="session", disable=progress is False, dynamic_ncols=True)
+    results: dict[str, ImportResult] = {}
+    try:
+        if jobs <= 1 or len(sources) <= 1:
+            for s, t in zip(sources, targets):
+                results[s] = _guarded(s, t, conversion, **kw)
+                bar.update(1)
+        else:
+            from ..stream.workers import worker_context
+
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=worker_context()) as pool:
+                futures: dict[Future, str] = {pool.submit(_guarded, s, t, conversion, **kw): s
+                                              for s, t in zip(sources, targets)}
+                for f in as_completed(futures):
+                    results[futures[f]] = f.result()
+                    bar.update(1)
+    finally:
+        bar.close()
+    return [results[s] for s in sources]
+
+
+def main(args: Any) -> int:
+    """``deepstrf import-nwb`` (arguments parsed in :mod:`deepstrf.cli`)."""
+    from .spectrogram import MelSpec
+
+    unit_filter: dict[str, list[str]] = {}
+    for pair in args.unit_filter:
+        col, sep, value = pair.partition("=")
+        if not sep:
+            raise NWBImportError(f"--unit-filter expects COLUMN=VALUE, got {pair!r}")
+        unit_filter.setdefault(col, []).append(value)
+    results = import_sessions(
+        args.out_dir, args.sources, dt_ms=args.dt_ms, jobs=args.jobs, license=args.license,
+        storage_options=args.storage_options, overwrite=args.overwrite, presentations=args.presentations,
+        stim_column=args.stim_column, stim_index_series=args.stim_index_series, stim_series=args.stim_series,
+        stim_kind=args.stim_kind, pre_ms=args.pre_ms, post_ms=args.post_ms, unit_filter=unit_filter or None,
+        use_obs_intervals=not args.ignore_obs_intervals,
+        mel=MelSpec(bands=args.bands, f_min=args.f_min, f_max=args.f_max, window_ms=args.window_ms))
+    for r in results:
+        if r.status == "failed":
+            print(f"deepstrf import-nwb: error: {r.error}", file=sys.stderr)
+        else:
+            shape = f" ({r.n_stims} stims x {r.n_neurons} neurons, {r.seconds:.1f} s)" if r.status == "imported" else ""
+            print(f"{r.status:9s} {r.source} -> {r.store}{shape}")
+    return 1 if any(r.status == "failed" for r in results) else 0

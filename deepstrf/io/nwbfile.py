@@ -1,0 +1,75 @@
+"""Opening an NWB file, local or remote, and identifying its content without reading it.
+
+Remote files (``s3://``, ``https://``, any fsspec protocol) are opened as fsspec byte-range files
+with a block cache and handed to h5py, so only the HDF5 objects actually read are fetched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from ..errors import NWBReadError
+from ..store.location import Location
+
+BLOCK_SIZE = 4 << 20     # bytes per range request from remote files
+MAX_BLOCKS = 16          # at most 64 MiB of a remote file cached per open file
+
+
+def _fs_path(loc: Location) -> tuple[Any, str]:
+    import fsspec
+
+    if loc.is_local:
+        return fsspec.filesystem("file"), loc.url
+    return fsspec.url_to_fs(loc.url, **(loc.fsspec_options() or {}))
+
+
+def input_identity(url: str | os.PathLike, storage_options: dict | None = None) -> dict[str, Any]:
+    """URL, size and version (ETag or modification time) of the file: one metadata request."""
+    loc = Location.parse(url, storage_options)
+    try:
+        fs, path = _fs_path(loc)
+        info = fs.info(path)
+    except FileNotFoundError as e:
+        raise NWBReadError(f"no NWB file at {loc.url}: check the path or URL (and storage_options).") from e
+    except OSError as e:
+        raise NWBReadError(f"cannot reach {loc.url}: {e}. Check the URL and storage_options.") from e
+    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+    return {"url": loc.url, "size": int(info.get("size") or 0), "version": str(version)}
+
+
+def fingerprint(identity: dict[str, Any], options: dict[str, Any]) -> str:
+    """``sha256:<hex>`` of the input's identity and the conversion options (what decides the output)."""
+    doc = json.dumps({"input": identity, "options": options}, sort_keys=True, separators=(",", ":"), default=str)
+    return "sha256:" + hashlib.sha256(doc.encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def open_nwb(url: str | os.PathLike, storage_options: dict | None = None) -> Iterator[Any]:
+    """Yield the ``pynwb.NWBFile`` at ``url`` (read-only); remote files are read by byte ranges."""
+    import h5py
+    import pynwb
+
+    loc = Location.parse(url, storage_options)
+    with contextlib.ExitStack() as stack:
+        try:
+            if loc.is_local:
+                h5 = stack.enter_context(h5py.File(loc.url, "r"))
+            else:
+                fs, path = _fs_path(loc)
+                raw = stack.enter_context(fs.open(path, "rb", block_size=BLOCK_SIZE, cache_type="blockcache",
+                                                  cache_options={"maxblocks": MAX_BLOCKS}))
+                h5 = stack.enter_context(h5py.File(raw, "r"))
+            io = stack.enter_context(pynwb.NWBHDF5IO(file=h5, mode="r", load_namespaces=True))
+            nwb = io.read()
+        except FileNotFoundError as e:
+            raise NWBReadError(f"no NWB file at {loc.url}: check the path or URL (and storage_options).") from e
+        except OSError as e:
+            raise NWBReadError(f"{loc.url} cannot be read as an NWB (HDF5) file: {e}") from e
+        except Exception as e:  # pynwb/hdmf raise many types for a file that is HDF5 but not NWB
+            raise NWBReadError(f"{loc.url} is not a readable NWB file ({type(e).__name__}: {e}).") from e
+        yield nwb
