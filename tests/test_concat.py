@@ -167,3 +167,18 @@ def test_duplicate_uids_warned_and_reported():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert "duplicate_uids" not in (a + ToyAudio(2)).summary()
+
+
+def test_compatibility_of_many_inputs_is_checked_by_group_and_every_mismatch_reported():
+    inputs = [ToyAudio(i, S=1, N=1, F=8) for i in range(300)] + [ToyAudio(i, S=1, N=1, F=9) for i in range(300)]
+    inputs.append(ToyAudio(0, S=1, N=1, F=8, dt_ms=2.0))
+    names = [f"s{i}" for i in range(len(inputs))]
+    with pytest.raises(IncompatibleDatasetsError) as e:
+        concat_neural_datasets(inputs, names=names)
+    message = str(e.value)
+    assert message.startswith("3 incompatibilities")
+    assert "F mismatch: s0 (and 299 more input(s) like it) has F=8, s300 (and 299 more input(s) like it) has F=9" in message
+    assert "dt mismatch: s0 (and 299 more input(s) like it) has dt_ms=1.0, s600 has dt_ms=2.0" in message
+    assert "s300 (and 299 more input(s) like it) has dt_ms=1.0, s600 has dt_ms=2.0" in message
+    pooled = concat_neural_datasets(inputs[:300], names=names[:300])  # one group: nothing to compare
+    assert pooled.get_S() == 300
