@@ -2,6 +2,7 @@
 
     python scripts/bench_scale.py                      # K = 10, 100, 1000, 10000
     python scripts/bench_scale.py --ks 10 1000 --epoch-items 5000
+    python scripts/bench_scale.py --plot lines.jsonl docs/scale.png   # the figure of saved lines
 
 Each source is 10 stims x 20 neurons, T = 100 bins, 3 repeats (every pair
 recorded but a few per source). Sources are made once (the first with
@@ -15,7 +16,8 @@ fingerprint) and cached in ``--cache``. For each K:
   neurons), ``stream_open_s`` (``StreamingNeuralDataset(url)``), ``first_batch_s``
   and ``items_per_s`` (2 persistent DataLoader workers, batch 8, ``--epoch-items`` items after
   the first batch, over as many epochs as that takes; ``loader_s`` starts the workers' forkserver),
-  peak RSS of the process and the workers' RSS (sampled every 50 batches);
+  peak RSS of the process and the peak PSS of it and its workers together (sampled every 50
+  batches);
 - over S3 (the local moto server, 20 ms added to every request): ``open_s``,
   ``len_s``, ``select_s``, ``stream_open_s`` with only the pool uploaded (a
   format-2 pool opens no source), and ``first_batch_s`` where the sources are
@@ -89,16 +91,18 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def workers_rss_mib() -> float:
-    """RSS of this process's DataLoader workers (children of the forkserver, or forked), MiB."""
+def pss_mib() -> float:
+    """Proportional set size of this process and its DataLoader workers together (shared pages
+    counted once, split between the processes that share them; the idle forkserver left out), MiB."""
     import psutil
 
-    me, total = psutil.Process(), 0
+    me = psutil.Process()
+    total = me.memory_full_info().pss
     for p in me.children(recursive=True):
         try:
             if p.ppid() == me.pid and "forkserver" in " ".join(p.cmdline()):
                 continue  # the idle server the workers are forked from
-            total += p.memory_info().rss
+            total += p.memory_full_info().pss
         except psutil.Error:  # a worker gone while we looked
             continue
     return total / 2**20
@@ -126,7 +130,7 @@ def measure_reads(url: str, storage_options: dict | None, epoch_items: int, stre
         return out
     loader, out["loader_s"] = timed(lambda: ds.loader(num_workers=2, timeout=600, persistent_workers=True))
     t0 = time.perf_counter()
-    items, batches, workers_peak = 0, 0, 0.0
+    items, batches, peak_pss = 0, 0, 0.0
     while items < epoch_items:  # epochs follow one another (small pools have fewer items than that)
         for batch in loader:
             batches += 1
@@ -136,12 +140,12 @@ def measure_reads(url: str, storage_options: dict | None, epoch_items: int, stre
                 continue
             items += len(batch.stim_meta)
             if batches % 50 == 2:
-                workers_peak = max(workers_peak, workers_rss_mib())
+                peak_pss = max(peak_pss, pss_mib())
             if items >= epoch_items:
                 break
     out["items_per_s"] = round(items / (time.perf_counter() - t1), 1)
     out["items_read"] = items
-    out["workers_peak_rss_mib"] = round(workers_peak)
+    out["peak_pss_with_workers_mib"] = round(peak_pss)
     return out
 
 
@@ -193,6 +197,32 @@ def measure_s3(k: int, pool_url: str, urls: list[str], args: argparse.Namespace)
         return out
 
 
+def plot(lines_path: str, out: str) -> None:
+    """Log-log figure of the JSON lines in ``lines_path`` (one per K): times against K."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in open(lines_path) if x.startswith("{")]
+    ks = [r["K"] for r in rows]
+    series = {"pool write (opened sources)": [r["pool_write_s"] for r in rows],
+              "open the K sources (to pool them)": [r["sources_open_s"] for r in rows],
+              "pool open, local": [r["local"]["open_s"] for r in rows],
+              "pool open, S3 20 ms": [r["s3"]["open_s"] for r in rows if "s3" in r],
+              "len + selection by neuron attribute": [r["local"]["len_s"] + r["local"]["select_s"] for r in rows],
+              "StreamingNeuralDataset open": [r["local"]["stream_open_s"] for r in rows]}
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for label, ys in series.items():
+        ax.loglog(ks[:len(ys)], ys, marker="o", label=label)
+    ax.set_xlabel("sources K (10 stims x 20 neurons each)")
+    ax.set_ylabel("seconds")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ks", type=int, nargs="+", default=[10, 100, 1000, 10000])
@@ -201,9 +231,13 @@ def main() -> None:
     p.add_argument("--s3-sources-max", type=int, default=100, help="upload the sources too up to this K")
     p.add_argument("--no-s3", dest="s3", action="store_false")
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "deepstrf-bench-scale"))
+    p.add_argument("--plot", nargs=2, metavar=("LINES", "PNG"), help="draw the figure of saved output lines")
     p.add_argument("--phase", choices=("write", "read"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--k", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.plot:
+        plot(*args.plot)
+        return
     if args.phase is not None:
         print(json.dumps((write if args.phase == "write" else read)(args.k, args)), flush=True)
         return
