@@ -98,19 +98,21 @@ class Coverage:
     # -- counts ---------------------------------------------------------------------
     def stim_counts(self) -> np.ndarray:
         """Number of neurons with data, per stim."""
-        width = np.diff(self.neuron_offsets)[self._stim_block]
-        for k in self._partial:
-            stims, _ = self.block(k)
-            width[stims.start:stims.stop] = self.masks[k].sum(axis=1)
-        return width
+        return self._counts(per_stim=True)
 
     def neuron_counts(self) -> np.ndarray:
         """Number of stims with data, per neuron."""
-        height = np.diff(self.stim_offsets)[self._neuron_block]
+        return self._counts(per_stim=False)
+
+    def _counts(self, per_stim: bool) -> np.ndarray:
+        """A full block's size across, or a partial block's mask summed across, per row (column)."""
+        own_block, other_offsets = ((self._stim_block, self.neuron_offsets) if per_stim
+                                    else (self._neuron_block, self.stim_offsets))
+        out = np.diff(other_offsets)[own_block]
         for k in self._partial:
-            _, neurons = self.block(k)
-            height[neurons.start:neurons.stop] = self.masks[k].sum(axis=0)
-        return height
+            own = self.block(k)[0 if per_stim else 1]
+            out[own.start:own.stop] = self.masks[k].sum(axis=1 if per_stim else 0)
+        return out
 
     def count(self) -> int:
         """Number of pairs with data."""
@@ -157,23 +159,26 @@ class Coverage:
     def stims_with_data(self, neurons: np.ndarray | None = None) -> np.ndarray:
         """``(S,)`` bool: stims with data for at least one neuron of the ``(N,)`` bool ``neurons``
         (all neurons when None)."""
-        if neurons is None:
-            return self.stim_counts() > 0
-        out = _any_per_block(neurons, self.neuron_offsets)[self._stim_block]
-        for k in self._partial:
-            stims, nrn = self.block(k)
-            out[stims.start:stims.stop] = self.masks[k][:, neurons[nrn.start:nrn.stop]].any(axis=1)
-        return out
+        return self._with_data(neurons, per_stim=True)
 
     def neurons_with_data(self, stims: np.ndarray | None = None) -> np.ndarray:
         """``(N,)`` bool: neurons with data for at least one stim of the ``(S,)`` bool ``stims``
         (all stims when None)."""
-        if stims is None:
-            return self.neuron_counts() > 0
-        out = _any_per_block(stims, self.stim_offsets)[self._neuron_block]
+        return self._with_data(stims, per_stim=False)
+
+    def _with_data(self, selected: np.ndarray | None, per_stim: bool) -> np.ndarray:
+        """Per stim (or per neuron): any pair with data among the ``selected`` of the other axis.
+        Full blocks answer from a cumulative sum; partial ones from their masks."""
+        if selected is None:
+            return (self.stim_counts() if per_stim else self.neuron_counts()) > 0
+        own_block, other_offsets = ((self._stim_block, self.neuron_offsets) if per_stim
+                                    else (self._neuron_block, self.stim_offsets))
+        out = _any_per_block(selected, other_offsets)[own_block]
         for k in self._partial:
-            st, nrn = self.block(k)
-            out[nrn.start:nrn.stop] = self.masks[k][stims[st.start:st.stop]].any(axis=0)
+            stims, neurons = self.block(k)
+            own, other = (stims, neurons) if per_stim else (neurons, stims)
+            mask = self.masks[k] if per_stim else self.masks[k].T
+            out[own.start:own.stop] = mask[:, selected[other.start:other.stop]].any(axis=1)
         return out
 
     # -- dense ----------------------------------------------------------------------
