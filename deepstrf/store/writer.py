@@ -162,7 +162,8 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 def _write_small(group: zarr.Group, name: str, data: np.ndarray, digests: dict, text: bool = False) -> None:
     rows = int(np.prod(data.shape[1:])) if data.ndim > 1 else 1
-    chunks = (fmt.chunk_elems(data.dtype, rows), *data.shape[1:])
+    # never longer than the array: a small array's one chunk then holds (and decodes) only its data
+    chunks = (max(1, min(data.shape[0], fmt.chunk_elems(data.dtype, rows))), *data.shape[1:])
     arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
                              **fmt.codecs(data.dtype, text=text))
     if data.size:
