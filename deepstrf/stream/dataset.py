@@ -291,10 +291,18 @@ class StreamingNeuralDataset(IterableDataset):
 
     def __len__(self) -> int:
         """Batches (or items, without ``batch_size``) this rank yields in the rest of this epoch."""
+        return self._remaining(self._offset)
+
+    def batches_per_epoch(self) -> int:
+        """Batches (or items, without ``batch_size``) this rank yields in a whole epoch, whatever part
+        of the current one was consumed before a resume (a trainer counting an epoch's batches)."""
+        return self._remaining(0)
+
+    def _remaining(self, offset: int) -> int:
         _, world = self.rank_world()
         if self.batch_size is None:
-            return partition.units_per_rank(self._n_units(self._state()), self._offset, world, self.drop_last)
-        return partition.num_batches(self._n_units(self._state()), self._offset, world, self._unit_batch(),
+            return partition.units_per_rank(self._n_units(self._state()), offset, world, self.drop_last)
+        return partition.num_batches(self._n_units(self._state()), offset, world, self._unit_batch(),
                                      self.drop_last)
 
     # -- epochs and resumption ---------------------------------------------------
@@ -309,16 +317,20 @@ class StreamingNeuralDataset(IterableDataset):
             self.epoch, self._offset, self._steps = epoch, 0, 0
             self.counters.reset()
 
-    def state_dict(self) -> dict:
+    def state_dict(self, batches: int | None = None) -> dict:
         """Position in the epoch, as units of the global order consumed by all ranks.
 
         Counted from the batches this rank received: by iterating in this
-        process, or through :meth:`loader` with worker processes. All ranks
-        agree (they advance in lockstep), so any rank's state resumes all.
+        process, or through :meth:`loader` with worker processes; or, with
+        ``batches``, as if only the first ``batches`` batches of this pass had
+        been (a consumer that reads ahead, as Lightning's trainer does, has
+        received more than it used). All ranks agree (they advance in
+        lockstep), so any rank's state resumes all.
         """
         _, world = self.rank_world()
         n_units = self._n_units(self._state())
-        consumed = partition.consumed_after(n_units, self._offset, world, self._unit_batch(), self._steps,
+        steps = self._steps if batches is None else batches
+        consumed = partition.consumed_after(n_units, self._offset, world, self._unit_batch(), steps,
                                             self.drop_last)
         return {"version": STATE_VERSION, "epoch": self.epoch, "seed": self.seed, "shuffle": self.shuffle,
                 "source_homogeneous": self.source_homogeneous, "batch_size": self.batch_size,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..datasets.collate import CompactBatch
-from ..datasets.views import RawRow, missing_sentinel
+from ..datasets.views import RawRow
 from .buffers import BufferPool
 
 
