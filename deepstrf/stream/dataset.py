@@ -43,6 +43,8 @@ Collate = Literal["compact", "dense"]
 STATE_VERSION = 1
 # Without batch_size (and without loader_batch_size), a process reads this many of its items at once.
 ITEM_READ_GROUP = 8
+# DataLoader prefetch_factor of loader() for dense batches (torch's default, 2, for compact ones)
+DENSE_PREFETCH_FACTOR = 1
 
 
 @dataclass
@@ -395,6 +397,8 @@ class StreamingNeuralDataset(IterableDataset):
                 if in_process and k % unit == 0:  # a planned batch counts when its first item is handed over
                     self._steps += 1
                 yield item
+            # let the consumer's dropping these items free their read buffer before the next read
+            out = item = None
         if in_process:
             self._end_pass()
 
@@ -592,6 +596,9 @@ class StreamingDataLoader(DataLoader):
         kwargs.setdefault("batch_size", None)
         if workers > 0:
             kwargs.setdefault("timeout", DEFAULT_TIMEOUT_S)
+            if dataset.collate == "dense" and dataset.batch_size is not None:
+                # a dense batch is hundreds of MB on a pool: one per worker in flight, not two
+                kwargs.setdefault("prefetch_factor", DENSE_PREFETCH_FACTOR)
             if kwargs.get("multiprocessing_context") is None:
                 kwargs["multiprocessing_context"] = worker_context()
         super().__init__(dataset, **kwargs)
