@@ -14,8 +14,8 @@ Resuming: :meth:`~PoolDataModule.state_dict` (saved in Lightning checkpoints)
 records how far the training epoch went, counting the batches the trainer
 took (its fetcher reads one ahead), so a checkpoint taken mid-epoch resumes
 with the same remaining order. Counting uses this module's
-``on_before_batch_transfer`` hook: a LightningModule that overrides that
-hook takes it over, and mid-epoch resumption then restarts the epoch.
+``on_before_batch_transfer`` hook, which Lightning calls instead of the
+LightningModule's: it passes the batch on to the LightningModule's own hook.
 
 Needs the ``lightning`` package: ``pip install "deepstrf-pool[lightning]"``.
 """
@@ -32,6 +32,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError('deepstrf.lightning needs the "lightning" package: pip install "deepstrf-pool[lightning]"'
                       ) from exc
 
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
 from .datasets.neural_dataset import NeuralDataset
 from .datasets.splits import train_val_test_split
 from .stream.dataset import Collate, StreamingDataLoader, StreamingNeuralDataset
@@ -46,7 +48,8 @@ class PoolDataModule(lightning.LightningDataModule):
     :func:`~deepstrf.datasets.splits.heldout_split`, by ``split_seed``), ``val_fraction`` of
     each source's remaining stims for validation. Batches are built by the dataset:
     ``collate="compact"`` (:class:`~deepstrf.utils.data.CompactBatch`) or ``"dense"``
-    (deepSTRF's ``neural_collate`` dict), ``batch_size`` items each; training order is
+    (deepSTRF's ``neural_collate`` dict), ``batch_size`` items each, over one neuron axis in
+    every part (the parts are ``subset``\ s of one selection); training order is
     shuffled by ``(seed, epoch)``. ``num_workers`` and ``loader_options`` go to
     :meth:`StreamingNeuralDataset.loader`, other keyword arguments (``cache_dir``,
     ``drop_last``, ``select``...) to every :class:`StreamingNeuralDataset`.
@@ -96,7 +99,7 @@ class PoolDataModule(lightning.LightningDataModule):
                 self.setup()
             ds = StreamingNeuralDataset(self.source, storage_options=self.storage_options,
                                         batch_size=self.batch_size, collate=self.collate, shuffle=part == "train",
-                                        seed=self.seed, stims=self.split[part], **self.stream_options)
+                                        seed=self.seed, subset=self.split[part], **self.stream_options)
             self.streams[part] = ds
             if part == "train" and self._resume is not None:
                 ds.load_state_dict(self._resume)
@@ -121,8 +124,14 @@ class PoolDataModule(lightning.LightningDataModule):
 
     # -- resumption ----------------------------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer is not None and self.trainer.training:
+        """Counts the training batches the trainer takes, then runs the LightningModule's hook."""
+        if self.trainer is None:
+            return batch
+        if self.trainer.training:
             self._trained += 1
+        module = self.trainer.lightning_module
+        if is_overridden("on_before_batch_transfer", module):  # Lightning calls only this one
+            batch = module.on_before_batch_transfer(batch, dataloader_idx)
         return batch
 
     def state_dict(self) -> dict[str, Any]:

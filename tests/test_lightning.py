@@ -26,6 +26,12 @@ class Recorder(lightning.LightningModule):
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.seen: list[tuple[int, list[str]]] = []
         self.evaluated: dict[str, list[str]] = {"val": [], "test": []}
+        self.widths: set[int] = set()  # neurons of the dense batches, every part
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        if isinstance(batch, dict):
+            self.widths.add(batch["responses"].shape[1])
+        return batch
 
     def training_step(self, batch, batch_idx):
         self.seen.append((self.current_epoch, batch_keys(batch)))
@@ -69,6 +75,7 @@ def test_trains_validates_and_tests_on_per_source_heldout_stims(tmp_path):
     assert orders[0] != orders[1]
     assert sorted(set(model.evaluated["val"])) == uids(pool, split["val"])
     assert sorted(model.evaluated["test"]) == uids(pool, split["test"])
+    assert model.widths == {pool.N_neurons}  # one neuron axis in every part: one model fits all
     with pytest.raises(TypeError, match="store URL or a NeuralDataset"):
         PoolDataModule(42)
 

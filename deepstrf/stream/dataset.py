@@ -101,7 +101,11 @@ class StreamingNeuralDataset(IterableDataset):
     ``select_*`` to the opened dataset) replace the dataset's own selection;
     the §3 visibility rule applies. ``select`` runs where the dataset is
     built; worker processes that are not forked receive the stims and
-    neurons it selected (so it need not be picklable).
+    neurons it selected (so it need not be picklable). ``subset`` (global
+    stim indices) streams only those of the visible items, like a torch
+    ``Subset``: unlike ``stims``, it leaves the neurons items expose as they
+    are, so train / val / test subsets share one neuron axis (dense batches of
+    one shape for one model).
 
     Every visible item is read once per epoch across all ranks and workers
     (ranks: padded by repeating up to ``world_size - 1`` items, or dropped
@@ -136,7 +140,7 @@ class StreamingNeuralDataset(IterableDataset):
                  block_size: int = 8, shuffle_buffer: int = 256, prefetch: int | None = None,
                  read_threads: int | None = None, cache_dir: str | os.PathLike | None = None,
                  cache_bytes: int = 2 << 30, retry: RetryPolicy = RetryPolicy(), reuse_buffers: bool = True,
-                 loader_batch_size: int | None = None) -> None:
+                 loader_batch_size: int | None = None, subset: Sequence[int] | None = None) -> None:
         super().__init__()
         if isinstance(source, NeuralDataset):
             self.url: str | None = None
@@ -164,6 +168,7 @@ class StreamingNeuralDataset(IterableDataset):
         self.loader_batch_size = loader_batch_size
         self.collate = collate
         self.source_homogeneous = source_homogeneous
+        self.subset = None if subset is None else sorted({int(s) for s in subset})
         self._selection_args = (None if stims is None else list(stims),
                                 None if neurons is None else list(neurons), select)
         self._rank, self._world_size = rank, world_size
@@ -218,13 +223,23 @@ class StreamingNeuralDataset(IterableDataset):
             selection = reader.Selection.of(ds.selected_neurons())
             in_order = bool((np.diff(selection.neurons) > 0).all())
             everything = in_order and len(selection.neurons) == ds.N_neurons
-            self._opened = Opened(os.getpid(), ds, np.asarray(ds.visible_stims(), dtype=np.int64), selection,
+            self._opened = Opened(os.getpid(), ds, self._visible(ds), selection,
                                   selection.positions(ds.N_neurons),
                                   None if everything else selection.neurons.tolist(), in_order,
                                   ThreadPoolExecutor(max_workers=self.read_threads,
                                                      thread_name_prefix="deepstrf-stims"),
                                   None if (io := storage_io(ds)) is None else StorageIO(io))
         return self._opened
+
+    def _visible(self, ds: NeuralDataset) -> np.ndarray:
+        """Global stim index of each item this dataset streams: the visible stims (in ``subset``)."""
+        visible = np.asarray(ds.visible_stims(), dtype=np.int64)
+        if self.subset is None:
+            return visible
+        if self.subset and not 0 <= self.subset[0] <= self.subset[-1] < ds.get_S():
+            raise IndexError(f"subset: stim indices must be in [0, {ds.get_S()}) for {self._where()}, got "
+                             f"{self.subset[0]}..{self.subset[-1]}")
+        return visible[np.isin(visible, self.subset)]
 
     def _open(self) -> NeuralDataset:
         if self.url is not None:
