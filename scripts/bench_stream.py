@@ -18,7 +18,8 @@ sampling itself slows the measured processes by 10-15 %:
 - ``local_w2_items_compact`` / ``local_w2_items_dense``: the dataset yields items
   (``batch_size=None``, ``loader_batch_size=8``) and a plain ``DataLoader(batch_size=8,
   collate_fn=compact_collate or neural_collate, num_workers=2)`` (forkserver workers) batches
-  them: PyTorch's usual pattern;
+  them: PyTorch's usual pattern (dense: ``prefetch_factor=1``, as ``loader()`` sets for dense
+  batches, so that both dense configurations keep the same number of batches in flight);
 - ``s3_w0_compact`` / ``s3_w2_compact``: the same stores on a local S3 (moto,
   served by this process) with ``--latency-ms`` added to every request;
 - ``mds_w2``: mosaicml-streaming reading the same items from uncompressed
@@ -94,7 +95,8 @@ def child_stream(args) -> dict:
     if args.itemwise:  # items batched by a plain DataLoader, as PyTorch users write it
         loader = DataLoader(ds, batch_size=BATCH, num_workers=args.workers,
                             collate_fn=compact_collate if args.collate == "compact" else neural_collate,
-                            multiprocessing_context=worker_context() if args.workers else None)
+                            multiprocessing_context=worker_context() if args.workers else None,
+                            prefetch_factor=1 if args.collate == "dense" and args.workers else None)
     else:
         loader = ds.loader(num_workers=args.workers,
                            multiprocessing_context=None if args.start_method == "default" else args.start_method)
