@@ -426,6 +426,15 @@ def goals(r: dict) -> dict:
             fmt = name.rsplit("_", 1)[1]
             out[f"items_{fmt}_vs_batches"] = round(rate(name) / built, 2)
             out[f"items_{fmt}_70pct_batches"] = rate(name) >= 0.7 * built
+    def later(name: str) -> float | None:  # median of the epochs after a loader's first (worker start-up paid)
+        epochs = r.get(name, {}).get("later_epochs_items_per_s")
+        return statistics.median(epochs) if epochs else None
+
+    if later("local_w2_dense") and a:
+        out["dense_later_epochs_vs_memory"] = round(later("local_w2_dense") / a, 2)
+    for fmt, built in (("compact", later("local_w2_compact")), ("dense", later("local_w2_dense"))):
+        if later(f"local_w2_items_{fmt}") and built:
+            out[f"items_{fmt}_later_epochs_vs_batches"] = round(later(f"local_w2_items_{fmt}") / built, 2)
     for name in ("local_w2_dense", "local_w2_items_compact", "local_w2_items_dense"):
         if "peak_pss_mib" in r.get(name, {}):
             out[f"{name}_peak_le_1gib"] = r[name]["peak_pss_mib"] <= 1024
