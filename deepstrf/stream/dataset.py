@@ -434,13 +434,14 @@ class StreamingNeuralDataset(IterableDataset):
         main process), reused buffers unless turned off."""
         return BufferPool(shared, slots=slots_for(self.collate) if self.reuse_buffers else 0)
 
-    def _read_batch(self, positions: np.ndarray, pool: BufferPool, scratch: BufferPool) -> Any:
-        """Read the items at ``positions`` of the visible list: one batched row read."""
+    def _read_batch(self, positions: np.ndarray, pool: BufferPool, scratch: BufferPool | None = None) -> Any:
+        """Read the items at ``positions`` of the visible list: one batched row read (``scratch``: where
+        counts that do not go straight into the batch are decoded; default: fresh memory)."""
         st = self._state()
         stims = st.visible[positions].tolist()
         self.activity.begin(stims)
         try:
-            return self._read_stim_batch(st, stims, pool, scratch)
+            return self._read_stim_batch(st, stims, pool, scratch or BufferPool(shared=False, slots=0))
         finally:
             self.activity.end()
 
