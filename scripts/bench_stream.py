@@ -15,6 +15,11 @@ sampling itself slows the measured processes by 10-15 %:
   (started by its default, ``forkserver``); ``local_w2_compact_fork``: the same with
   forked workers. With workers, ``later_epochs_*`` time two more epochs with the same
   loader (new workers each epoch): the forkserver starts once per process;
+- ``local_w2_items_compact`` / ``local_w2_items_dense``: the dataset yields items
+  (``batch_size=None``, ``loader_batch_size=8``) and a plain ``DataLoader(batch_size=8,
+  collate_fn=compact_collate or neural_collate, num_workers=2)`` (forkserver workers) batches
+  them: PyTorch's usual pattern (dense: ``prefetch_factor=1``, as ``loader()`` sets for dense
+  batches, so that both dense configurations keep the same number of batches in flight);
 - ``s3_w0_compact`` / ``s3_w2_compact``: the same stores on a local S3 (moto,
   served by this process) with ``--latency-ms`` added to every request;
 - ``mds_w2``: mosaicml-streaming reading the same items from uncompressed
@@ -76,19 +81,32 @@ def child_memory(args) -> dict:
 
 
 def child_stream(args) -> dict:
+    from torch.utils.data import DataLoader
+
     from deepstrf.stream import StreamingNeuralDataset
+    from deepstrf.stream.workers import worker_context
+    from deepstrf.utils.data import compact_collate, neural_collate
 
     options = json.loads(args.storage_options) if args.storage_options else None
     start = time.perf_counter()
-    ds = StreamingNeuralDataset(args.pool, storage_options=options, batch_size=BATCH, collate=args.collate,
-                                shuffle=True, seed=0)
+    batching = {"loader_batch_size": BATCH} if args.itemwise else {"batch_size": BATCH, "collate": args.collate}
+    ds = StreamingNeuralDataset(args.pool, storage_options=options, shuffle=True, seed=0, **batching)
     opened = time.perf_counter() - start  # the URL is opened (with its sources' index) at construction
-    loader = ds.loader(num_workers=args.workers,
-                       multiprocessing_context=None if args.start_method == "default" else args.start_method)
+    if args.itemwise:  # items batched by a plain DataLoader, as PyTorch users write it
+        loader = DataLoader(ds, batch_size=BATCH, num_workers=args.workers,
+                            collate_fn=compact_collate if args.collate == "compact" else neural_collate,
+                            multiprocessing_context=worker_context() if args.workers else None,
+                            prefetch_factor=1 if args.collate == "dense" and args.workers else None)
+    else:
+        loader = ds.loader(num_workers=args.workers,
+                           multiprocessing_context=None if args.start_method == "default" else args.start_method)
     out = _timed_epoch(loader, lambda b: len(b["stim_meta"]))
     stats = ds.stats()
     if args.later_epochs:  # the same loader again: what every epoch after a process's first costs
-        later = [_timed_epoch(loader, lambda b: len(b["stim_meta"])) for _ in range(args.later_epochs)]
+        later = []
+        for epoch in range(1, args.later_epochs + 1):
+            ds.set_epoch(epoch)  # a plain DataLoader does not advance the epoch (loader() does)
+            later.append(_timed_epoch(loader, lambda b: len(b["stim_meta"])))
         out["later_epochs_items_per_s"] = [e["items_per_s"] for e in later]
         out["later_epochs_first_batch_s"] = [e["first_batch_s"] for e in later]
     return {**out, "open_s": round(opened, 3), **{k: stats[k] for k in ("requests", "bytes_fetched", "bytes_used")}}
@@ -288,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--storage-options", default=None, help=argparse.SUPPRESS)
     p.add_argument("--start-method", default="default", help=argparse.SUPPRESS)
     p.add_argument("--later-epochs", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--itemwise", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         result = CHILDREN[args.child](args)
@@ -316,6 +335,10 @@ def main(argv: list[str] | None = None) -> dict:
         if want(name := f"local_w{workers}_{collate}"):
             configs.append((name, me + ["--child", "stream", "--workers", str(workers), "--collate", collate,
                                         "--later-epochs", str(LATER_EPOCHS if workers else 0)]))
+    for collate in ("compact", "dense"):
+        if want(name := f"local_w2_items_{collate}"):
+            configs.append((name, me + ["--child", "stream", "--itemwise", "--workers", "2", "--collate", collate,
+                                        "--later-epochs", str(LATER_EPOCHS)]))
     if want("local_w2_compact_fork"):  # the start method loader() used before it defaulted to forkserver
         configs.append(("local_w2_compact_fork", me + ["--child", "stream", "--workers", "2", "--start-method",
                                                        "fork", "--later-epochs", str(LATER_EPOCHS)]))
@@ -394,6 +417,27 @@ def goals(r: dict) -> dict:
     if b and rate("mds_w2"):
         out["stream_vs_mds"] = round(b / rate("mds_w2"), 2)
         out["stream_ge_mds"] = b >= rate("mds_w2")
+    dense = rate("local_w2_dense")
+    if dense and a:
+        out["dense_vs_memory"] = round(dense / a, 2)
+        out["dense_3x_memory"] = dense >= 3 * a
+    for name, built in (("local_w2_items_compact", b), ("local_w2_items_dense", dense)):
+        if rate(name) and built:
+            fmt = name.rsplit("_", 1)[1]
+            out[f"items_{fmt}_vs_batches"] = round(rate(name) / built, 2)
+            out[f"items_{fmt}_70pct_batches"] = rate(name) >= 0.7 * built
+    def later(name: str) -> float | None:  # median of the epochs after a loader's first (worker start-up paid)
+        epochs = r.get(name, {}).get("later_epochs_items_per_s")
+        return statistics.median(epochs) if epochs else None
+
+    if later("local_w2_dense") and a:
+        out["dense_later_epochs_vs_memory"] = round(later("local_w2_dense") / a, 2)
+    for fmt, built in (("compact", later("local_w2_compact")), ("dense", later("local_w2_dense"))):
+        if later(f"local_w2_items_{fmt}") and built:
+            out[f"items_{fmt}_later_epochs_vs_batches"] = round(later(f"local_w2_items_{fmt}") / built, 2)
+    for name in ("local_w2_dense", "local_w2_items_compact", "local_w2_items_dense"):
+        if "peak_pss_mib" in r.get(name, {}):
+            out[f"{name}_peak_le_1gib"] = r[name]["peak_pss_mib"] <= 1024
     firsts = [r[k]["first_batch_s"] for k in ("local_w0_compact", "local_w2_compact") if "first_batch_s" in r.get(k, {})]
     if firsts:
         out["first_batch_le_1s_local"] = max(firsts) <= 1.0

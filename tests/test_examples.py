@@ -23,7 +23,7 @@ def run_example(name: str, *args: str, timeout: int = 120) -> subprocess.Complet
 def test_every_example_is_tested():
     scripts = {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")}
     assert scripts == {"pool_two_stores.py", "stream_from_s3.py", "share_pool.py", "train_evaluate.py",
-                       "import_nwb.py"}
+                       "import_nwb.py", "train_lightning.py"}
 
 
 def test_pool_two_stores(tmp_path):
@@ -39,6 +39,12 @@ def test_share_pool_local(tmp_path):
 def test_train_evaluate(tmp_path):
     out = run_example("train_evaluate.py", "--root", str(tmp_path))
     assert "AA1:" in out.stdout and "NS1:" in out.stdout
+
+
+def test_train_lightning(tmp_path):
+    pytest.importorskip("lightning")
+    out = run_example("train_lightning.py", "--root", str(tmp_path))
+    assert "trained 2 epochs" in out.stdout and "test loss" in out.stdout
 
 
 @pytest.mark.parametrize("script", ["stream_from_s3.py", "share_pool.py"])

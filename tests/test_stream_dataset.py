@@ -233,3 +233,13 @@ def test_batches_from_workers_equal_in_process_batches(pool, collate):
         for k in ("stims", "values", "offsets", "neuron_index") if collate == "compact" else \
                 ("stims", "responses", "valid_mask"):
             assert tensors_equal(a[k], b[k]) and a[k].dtype == b[k].dtype
+
+
+def test_subset_streams_some_stims_over_the_whole_neuron_axis(pool):
+    stims = [0, 1, len(pool) - 1]
+    s = StreamingNeuralDataset(pool, subset=stims, batch_size=3, collate="dense", shuffle=False)
+    (batch,) = list(s)
+    assert batch["responses"].shape[1] == pool.N_neurons  # stims= would hide neurons without data in them
+    assert [m["uid"] for m in batch["stim_meta"]] == [item_key(pool[i]) for i in stims]
+    with pytest.raises(IndexError, match="subset"):
+        len(StreamingNeuralDataset(pool, subset=[10 ** 6]))  # a URL is checked at construction

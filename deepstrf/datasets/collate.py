@@ -44,13 +44,25 @@ def fill_missing_data(stims: Sequence[torch.Tensor], dims: int | Sequence[int], 
     return out
 
 
+def _self_collated(batch: Sequence[Any], fmt: str, **options: Any) -> Any:
+    """The batch built by the items' own ``collate_items`` (streamed items), or None."""
+    hook = getattr(type(batch[0]), "collate_items", None) if len(batch) else None
+    return None if hook is None else hook(batch, fmt, **options)
+
+
 _ITEM_KEYS = ("stims", "responses", "valid_mask", "stim_meta")
 
 
 def neural_collate(batch: Sequence[dict]) -> dict:
     """deepSTRF's collate: ``stims`` zero-padded to ``(B, ..., T_max)``;
     ``responses`` NaN-padded to ``(B, N, R_max, T_max)``; ``valid_mask`` is
-    ``~isnan(responses)``; ``stim_meta`` a list; other keys passed as lists."""
+    ``~isnan(responses)``; ``stim_meta`` a list; other keys passed as lists.
+
+    Items that batch themselves (those of ``StreamingNeuralDataset``) are
+    built from their stored rows, without per-cell tensors."""
+    fast = _self_collated(batch, "dense")
+    if fast is not None:
+        return fast
     stims = fill_missing_data([it["stims"] for it in batch], dims=-1, value=0.0)
     resps = [it["responses"] for it in batch]
     B, N = len(batch), len(resps[0])
@@ -152,8 +164,13 @@ def compact_collate(batch: Sequence[dict], neuron_index: Sequence[int] | None = 
 
     ``neuron_index`` maps an item's response position to a global neuron id
     (``ds.selected_neurons()``); items may instead carry it under
-    ``"neuron_index"``. Without either, positions are used.
+    ``"neuron_index"``. Without either, positions are used, except for items
+    of ``StreamingNeuralDataset``, which know their neurons' global ids: they
+    are batched from their stored rows, counts kept in their stored dtype.
     """
+    fast = _self_collated(batch, "compact", neuron_index=neuron_index)
+    if fast is not None:
+        return fast
     stims = fill_missing_data([it["stims"] for it in batch], dims=-1, value=0.0)
     flat, repeats, lengths, items, neurons = [], [], [], [], []
     for b, it in enumerate(batch):

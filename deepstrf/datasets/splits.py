@@ -110,3 +110,23 @@ def _key(meta: dict, key: str):
     except TypeError:
         return repr(v)
     return v
+
+
+def train_val_test_split(ds: NeuralDataset, test_fraction: float = 0.2, val_fraction: float = 0.1,
+                         seed: int = 0, *, group_by: str | None = None) -> dict[str, list[int]]:
+    """Global stim indices ``{"train", "val", "test"}``, all held out within each source.
+
+    ``test`` is :func:`heldout_split` (the demo's split: the same stims for the same
+    ``seed``); ``val`` is ``val_fraction`` of each source's remaining training stims (at
+    least one, while one is left to train on; none from a source with fewer than 2), chosen
+    the same way; ``train`` is the rest. ``val_fraction=0`` gives an empty ``val``.
+    """
+    split = heldout_split(ds, test_fraction, seed=seed, group_by=group_by)
+    val: list[int] = []
+    if val_fraction:
+        for name, part in split.by_source.items():
+            if len(part["train"]) >= 2:
+                val += [part["train"][i] for i in source_test_indices(len(part["train"]), f"{name}/val", seed,
+                                                                      val_fraction)]
+    held = set(val)
+    return {"train": [s for s in split.train if s not in held], "val": val, "test": split.test}

@@ -42,9 +42,19 @@ import torch
 # batch while the DataLoader queues one and the consumer holds one (measured: more add memory, not speed).
 MIN_POOLED_BYTES = 8 << 20
 DEFAULT_SLOTS = 3
+# pooled buffers per batch of each format (a compact batch's counts; a dense batch's responses and valid_mask),
+# and batches kept: a dense batch of a pool is hundreds of MB, and with one in flight per DataLoader worker a
+# worker needs two (the one the consumer still holds, the one it builds)
+_POOLED_PER_BATCH = {"compact": 1, "dense": 2}
+_BATCHES_KEPT = {"compact": DEFAULT_SLOTS, "dense": 2}
 # A new buffer is made this much larger than asked (batches vary in size), in whole GRANULEs.
 SLACK = 1 / 8
 GRANULE = 1 << 20
+
+
+def slots_for(collate: str) -> int:
+    """Pooled buffers to keep for batches of format ``collate`` (``"compact"`` or ``"dense"``)."""
+    return _BATCHES_KEPT[collate] * _POOLED_PER_BATCH[collate]
 
 
 def torch_dtype(dtype: np.dtype) -> torch.dtype:

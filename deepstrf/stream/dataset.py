@@ -31,8 +31,8 @@ from ..errors import StreamStalledError
 from ..forksafe import run_gated
 from ..store import shards
 from ..store.dataset import load_indexes, storage_io
-from . import partition, reader, shuffle
-from .buffers import DEFAULT_SLOTS, BufferPool
+from . import items, partition, reader, shuffle
+from .buffers import DEFAULT_SLOTS, BufferPool, slots_for
 from .cache import RowCache
 from .prefetch import Prefetcher
 from .retry import RetryPolicy, call_with_retries
@@ -41,6 +41,10 @@ from .workers import DEFAULT_TIMEOUT_S, WorkerActivity, context_method, worker_c
 
 Collate = Literal["compact", "dense"]
 STATE_VERSION = 1
+# Without batch_size (and without loader_batch_size), a process reads this many of its items at once.
+ITEM_READ_GROUP = 8
+# DataLoader prefetch_factor of loader() for dense batches (torch's default, 2, for compact ones)
+DENSE_PREFETCH_FACTOR = 1
 
 
 @dataclass
@@ -79,8 +83,14 @@ class StreamingNeuralDataset(IterableDataset):
     that reads, with :func:`deepstrf.open_dataset` and ``storage_options``) or a dataset
     object (any ``NeuralDataset``: in memory, a concatenation, store-backed).
 
-    Without ``batch_size`` it yields items equal to map-style ``ds[i]``; with
-    ``batch_size`` it yields whole batches, ``collate="compact"``
+    Without ``batch_size`` it yields items equal to map-style ``ds[i]``,
+    whose responses stay compact until accessed
+    (:class:`~deepstrf.stream.items.StreamItem`): batch them with
+    ``DataLoader(ds, batch_size=B, collate_fn=compact_collate)`` or
+    ``collate_fn=neural_collate``; ``loader_batch_size=B`` plans the epoch in
+    batches of ``B`` items (one read each, one DataLoader worker each), so those
+    batches equal the ones the dataset builds itself. With ``batch_size`` it
+    yields whole batches, ``collate="compact"``
     (:class:`~deepstrf.utils.data.CompactBatch`, counts in their stored
     integer dtype) or ``"dense"`` (the ``neural_collate`` dict); use
     ``DataLoader(ds, batch_size=None)`` or :meth:`loader` then.
@@ -91,7 +101,11 @@ class StreamingNeuralDataset(IterableDataset):
     ``select_*`` to the opened dataset) replace the dataset's own selection;
     the §3 visibility rule applies. ``select`` runs where the dataset is
     built; worker processes that are not forked receive the stims and
-    neurons it selected (so it need not be picklable).
+    neurons it selected (so it need not be picklable). ``subset`` (global
+    stim indices) streams only those of the visible items, like a torch
+    ``Subset``: unlike ``stims``, it leaves the neurons items expose as they
+    are, so train / val / test subsets share one neuron axis (dense batches of
+    one shape for one model).
 
     Every visible item is read once per epoch across all ranks and workers
     (ranks: padded by repeating up to ``world_size - 1`` items, or dropped
@@ -125,7 +139,8 @@ class StreamingNeuralDataset(IterableDataset):
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
                  block_size: int = 8, shuffle_buffer: int = 256, prefetch: int | None = None,
                  read_threads: int | None = None, cache_dir: str | os.PathLike | None = None,
-                 cache_bytes: int = 2 << 30, retry: RetryPolicy = RetryPolicy(), reuse_buffers: bool = True) -> None:
+                 cache_bytes: int = 2 << 30, retry: RetryPolicy = RetryPolicy(), reuse_buffers: bool = True,
+                 loader_batch_size: int | None = None, subset: Sequence[int] | None = None) -> None:
         super().__init__()
         if isinstance(source, NeuralDataset):
             self.url: str | None = None
@@ -138,6 +153,10 @@ class StreamingNeuralDataset(IterableDataset):
             raise ValueError(f"collate must be 'compact' or 'dense', got {collate!r}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+        if loader_batch_size is not None and (batch_size is not None or loader_batch_size < 1):
+            raise ValueError(f"loader_batch_size={loader_batch_size!r} plans items for a DataLoader's batches: it "
+                             "needs batch_size=None (the dataset yields items) and must be >= 1; with batch_size "
+                             "the dataset builds the batches itself")
         if source_homogeneous and batch_size is None:
             raise ValueError("source_homogeneous=True needs a batch_size (batches are built by the dataset)")
         if (rank is None) != (world_size is None):
@@ -146,8 +165,10 @@ class StreamingNeuralDataset(IterableDataset):
         self.shuffle = shuffle
         self.seed = seed
         self.batch_size = batch_size
+        self.loader_batch_size = loader_batch_size
         self.collate = collate
         self.source_homogeneous = source_homogeneous
+        self.subset = None if subset is None else sorted({int(s) for s in subset})
         self._selection_args = (None if stims is None else list(stims),
                                 None if neurons is None else list(neurons), select)
         self._rank, self._world_size = rank, world_size
@@ -202,13 +223,23 @@ class StreamingNeuralDataset(IterableDataset):
             selection = reader.Selection.of(ds.selected_neurons())
             in_order = bool((np.diff(selection.neurons) > 0).all())
             everything = in_order and len(selection.neurons) == ds.N_neurons
-            self._opened = Opened(os.getpid(), ds, np.asarray(ds.visible_stims(), dtype=np.int64), selection,
+            self._opened = Opened(os.getpid(), ds, self._visible(ds), selection,
                                   selection.positions(ds.N_neurons),
                                   None if everything else selection.neurons.tolist(), in_order,
                                   ThreadPoolExecutor(max_workers=self.read_threads,
                                                      thread_name_prefix="deepstrf-stims"),
                                   None if (io := storage_io(ds)) is None else StorageIO(io))
         return self._opened
+
+    def _visible(self, ds: NeuralDataset) -> np.ndarray:
+        """Global stim index of each item this dataset streams: the visible stims (in ``subset``)."""
+        visible = np.asarray(ds.visible_stims(), dtype=np.int64)
+        if self.subset is None:
+            return visible
+        if self.subset and not 0 <= self.subset[0] <= self.subset[-1] < ds.get_S():
+            raise IndexError(f"subset: stim indices must be in [0, {ds.get_S()}) for {self._where()}, got "
+                             f"{self.subset[0]}..{self.subset[-1]}")
+        return visible[np.isin(visible, self.subset)]
 
     def _open(self) -> NeuralDataset:
         if self.url is not None:
@@ -264,7 +295,11 @@ class StreamingNeuralDataset(IterableDataset):
 
     def _unit_batch(self) -> int:
         """Units per batch in the partition (homogeneous units are whole batches already)."""
-        return 1 if self.source_homogeneous or self.batch_size is None else self.batch_size
+        if self.source_homogeneous:
+            return 1
+        if self.batch_size is None:
+            return self.loader_batch_size or 1
+        return self.batch_size
 
     def _n_units(self, st: Opened) -> int:
         if not self.source_homogeneous:
@@ -273,8 +308,18 @@ class StreamingNeuralDataset(IterableDataset):
 
     def __len__(self) -> int:
         """Batches (or items, without ``batch_size``) this rank yields in the rest of this epoch."""
+        return self._remaining(self._offset)
+
+    def batches_per_epoch(self) -> int:
+        """Batches (or items, without ``batch_size``) this rank yields in a whole epoch, whatever part
+        of the current one was consumed before a resume (a trainer counting an epoch's batches)."""
+        return self._remaining(0)
+
+    def _remaining(self, offset: int) -> int:
         _, world = self.rank_world()
-        return partition.num_batches(self._n_units(self._state()), self._offset, world, self._unit_batch(),
+        if self.batch_size is None:
+            return partition.units_per_rank(self._n_units(self._state()), offset, world, self.drop_last)
+        return partition.num_batches(self._n_units(self._state()), offset, world, self._unit_batch(),
                                      self.drop_last)
 
     # -- epochs and resumption ---------------------------------------------------
@@ -289,16 +334,20 @@ class StreamingNeuralDataset(IterableDataset):
             self.epoch, self._offset, self._steps = epoch, 0, 0
             self.counters.reset()
 
-    def state_dict(self) -> dict:
+    def state_dict(self, batches: int | None = None) -> dict:
         """Position in the epoch, as units of the global order consumed by all ranks.
 
         Counted from the batches this rank received: by iterating in this
-        process, or through :meth:`loader` with worker processes. All ranks
-        agree (they advance in lockstep), so any rank's state resumes all.
+        process, or through :meth:`loader` with worker processes; or, with
+        ``batches``, as if only the first ``batches`` batches of this pass had
+        been (a consumer that reads ahead, as Lightning's trainer does, has
+        received more than it used). All ranks agree (they advance in
+        lockstep), so any rank's state resumes all.
         """
         _, world = self.rank_world()
         n_units = self._n_units(self._state())
-        consumed = partition.consumed_after(n_units, self._offset, world, self._unit_batch(), self._steps,
+        steps = self._steps if batches is None else batches
+        consumed = partition.consumed_after(n_units, self._offset, world, self._unit_batch(), steps,
                                             self.drop_last)
         return {"version": STATE_VERSION, "epoch": self.epoch, "seed": self.seed, "shuffle": self.shuffle,
                 "source_homogeneous": self.source_homogeneous, "batch_size": self.batch_size,
@@ -345,17 +394,26 @@ class StreamingNeuralDataset(IterableDataset):
         batches = partition.rank_batches(len(units), self._offset, world, rank, self._unit_batch(), self.drop_last)
         mine = partition.worker_batches(batches, worker_id, num_workers)
         tasks = [np.concatenate([units[p] for p in positions]) for _, positions in mine]
+        unit = self._unit_batch()
+        if self.batch_size is None and unit == 1:  # single items: read a few of this process's at once
+            tasks = [np.concatenate(tasks[i:i + ITEM_READ_GROUP]) for i in range(0, len(tasks), ITEM_READ_GROUP)]
         pool = self._buffer_pool(shared=not in_process)
-        fetch = Prefetcher(lambda positions: self._read_batch(positions, pool),
+        scratch = BufferPool(shared=False, slots=DEFAULT_SLOTS if self.reuse_buffers else 0)
+        fetch = Prefetcher(lambda positions: self._read_batch(positions, pool, scratch),
                            depth=self._prefetch_depth(info is not None), threads=self.read_threads)
         self.last_prefetcher = fetch
         for out in fetch.map(tasks):
-            if in_process:
-                self._steps += 1  # counted before the hand-over: the consumer holds it from here
-            if self.batch_size is None:
-                yield from out
-            else:
+            if self.batch_size is not None:
+                if in_process:
+                    self._steps += 1  # counted before the hand-over: the consumer holds it from here
                 yield out
+                continue
+            for k, item in enumerate(out):
+                if in_process and k % unit == 0:  # a planned batch counts when its first item is handed over
+                    self._steps += 1
+                yield item
+            # let the consumer's dropping these items free their read buffer before the next read
+            out = item = None
         if in_process:
             self._end_pass()
 
@@ -373,27 +431,30 @@ class StreamingNeuralDataset(IterableDataset):
 
     def _buffer_pool(self, shared: bool) -> BufferPool:
         """Where this pass's batches are built: shared memory in a DataLoader worker (no copy to the
-        main process), reused buffers unless turned off (a dense dict cannot carry the leases
-        that return a worker's buffers)."""
-        reuse = self.reuse_buffers and not (shared and self.collate == "dense")
-        return BufferPool(shared, slots=DEFAULT_SLOTS if reuse else 0)
+        main process), reused buffers unless turned off."""
+        return BufferPool(shared, slots=slots_for(self.collate) if self.reuse_buffers else 0)
 
-    def _read_batch(self, positions: np.ndarray, pool: BufferPool) -> Any:
-        """Read the items at ``positions`` of the visible list: one batched row read."""
+    def _read_batch(self, positions: np.ndarray, pool: BufferPool, scratch: BufferPool | None = None) -> Any:
+        """Read the items at ``positions`` of the visible list: one batched row read (``scratch``: where
+        counts that do not go straight into the batch are decoded; default: fresh memory)."""
         st = self._state()
         stims = st.visible[positions].tolist()
         self.activity.begin(stims)
         try:
-            return self._read_stim_batch(st, stims, pool)
+            return self._read_stim_batch(st, stims, pool, scratch or BufferPool(shared=False, slots=0))
         finally:
             self.activity.end()
 
-    def _read_stim_batch(self, st: Opened, stims: list[int], pool: BufferPool) -> Any:
+    def _read_stim_batch(self, st: Opened, stims: list[int], pool: BufferPool, scratch: BufferPool) -> Any:
+        """The batch (or items) of ``stims``. Counts are decoded straight into the compact batch's
+        buffer, else into a reused private ``scratch`` buffer (dense batches cast them from there;
+        items keep views of it)."""
         ds = st.ds
         start = time.perf_counter()
         pending = st.stim_pool.submit(run_gated, self._read_stims, st, stims)
+        compact_batch = self.batch_size is not None and self.collate == "compact"
         try:
-            values, out = self._batch_buffer(st, stims, pool)
+            values, out = self._batch_buffer(st, stims, pool if compact_batch else scratch)
             rows = self._read_rows(st, stims, out)
         except BaseException:
             # the batch has failed: its stimulus read must not go on behind the caller's back (into
@@ -410,8 +471,8 @@ class StreamingNeuralDataset(IterableDataset):
         n_selected = len(st.selection.neurons)
         if self.batch_size is None:
             masks = torch.from_numpy(ds.coverage.cells(stims, st.selection.neurons))
-            return reader.build_items(ordered, stim_tensors, metas, masks, n_selected)
-        if self.collate == "compact":
+            return items.make_items(ordered, stim_tensors, metas, masks, n_selected)
+        if compact_batch:
             return reader.build_compact(ordered, stim_tensors, metas, pool, values)
         return reader.build_dense(ordered, stim_tensors, metas, n_selected, pool)
 
@@ -434,9 +495,9 @@ class StreamingNeuralDataset(IterableDataset):
 
     def _batch_buffer(self, st: Opened, stims: list[int], pool: BufferPool
                       ) -> tuple[torch.Tensor | None, list[np.ndarray] | None]:
-        """The compact batch's ``values`` and its per-row views, for rows to be decoded straight
-        into (store-backed grids know the sizes before reading); ``(None, None)`` otherwise."""
-        if self.batch_size is None or self.collate != "compact" or not st.in_order:
+        """A buffer of ``pool`` for the batch's counts and its per-row views, for rows to be decoded
+        straight into (store-backed grids know the sizes before reading); ``(None, None)`` otherwise."""
+        if not st.in_order:
             return None, None
         layout = views.raw_row_sizes(st.ds.responses, stims, st.read_neurons)
         if layout is None:
@@ -545,10 +606,15 @@ class StreamingDataLoader(DataLoader):
         workers = kwargs.get("num_workers", 0)
         if dataset.batch_size is None and workers > 0:
             raise ValueError("StreamingNeuralDataset.loader with worker processes needs the dataset to "
-                             "build batches: pass batch_size to StreamingNeuralDataset")
+                             "build batches: pass batch_size to StreamingNeuralDataset, or batch its items with "
+                             "DataLoader(ds, batch_size=B, collate_fn=compact_collate, num_workers=k) (and "
+                             "loader_batch_size=B on the dataset; call ds.set_epoch every epoch)")
         kwargs.setdefault("batch_size", None)
         if workers > 0:
             kwargs.setdefault("timeout", DEFAULT_TIMEOUT_S)
+            if dataset.collate == "dense" and dataset.batch_size is not None:
+                # a dense batch is hundreds of MB on a pool: one per worker in flight, not two
+                kwargs.setdefault("prefetch_factor", DENSE_PREFETCH_FACTOR)
             if kwargs.get("multiprocessing_context") is None:
                 kwargs["multiprocessing_context"] = worker_context()
         super().__init__(dataset, **kwargs)

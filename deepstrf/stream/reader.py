@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..datasets.collate import CompactBatch
-from ..datasets.views import RawRow, missing_sentinel
+from ..datasets.views import RawRow
 from .buffers import BufferPool
 
 
@@ -97,23 +97,6 @@ def pad_stims(stims: Sequence[torch.Tensor], pool: BufferPool) -> torch.Tensor:
     return out
 
 
-def build_items(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor], metas: Sequence[dict],
-                masks: torch.Tensor, n_selected: int) -> list[dict]:
-    """Items identical to ``ds[i]``: responses listed over the selected neurons, sentinel where missing."""
-    items = []
-    for b, row in enumerate(rows):
-        responses: list[torch.Tensor | None] = [None] * n_selected
-        for p, cell in zip(row.positions.tolist(), row.cells()):
-            responses[p] = as_response(cell)
-        items.append({
-            "stims": stims[b],
-            "responses": [r if r is not None else missing_sentinel() for r in responses],
-            "valid_mask": masks[b],
-            "stim_meta": metas[b],
-        })
-    return items
-
-
 def build_compact(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor],
                   metas: Sequence[dict], pool: BufferPool, values: torch.Tensor | None = None) -> CompactBatch:
     """A :class:`CompactBatch` straight from the rows; ``values`` keeps the stored dtype.
@@ -142,25 +125,69 @@ def build_compact(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor],
     return batch
 
 
-def build_dense(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor], metas: Sequence[dict],
-                n_selected: int, pool: BufferPool) -> dict:
-    """The ``neural_collate`` dict, filled from the rows without per-item tensors.
+class DenseBatch(dict):
+    """The ``neural_collate`` dict, as built by the streaming layer: a plain dict to its consumer,
+    which can carry the leases of the reused shared buffers it was built in (``_leases``)."""
 
-    A dict cannot carry the leases of pooled shared buffers: in a DataLoader
-    worker, give it a pool without slots.
+
+def build_dense(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor], metas: Sequence[dict],
+                n_selected: int, pool: BufferPool) -> DenseBatch:
+    """The ``neural_collate`` dict, filled from the rows without per-item or per-cell tensors.
+
+    Every byte of ``responses`` and ``valid_mask`` is written once: the cells' counts (cast to
+    the stimuli's float dtype), NaN / False only where there is no data (missing neurons, and
+    the repeats and time bins beyond a cell's own). Nothing is read back (no ``isnan`` pass).
     """
     x = pad_stims(stims, pool)
     some_missing = any(len(r.neurons) < n_selected for r in rows)
     R = max([int(r.repeats.max()) for r in rows if len(r.repeats)] + [1 if some_missing else 0])
     T = max([int(r.lengths.max()) for r in rows if len(r.lengths)] + [1 if some_missing else 0])
     responses = pool.alloc((len(rows), n_selected, R, T), x.numpy().dtype)
-    out = responses.numpy()
-    out.fill(np.nan)
+    valid = pool.alloc((len(rows), n_selected, R, T), np.bool_)
+    out, mask = responses.numpy(), valid.numpy()
     for b, row in enumerate(rows):
-        for p, cell in zip(row.positions.tolist(), row.cells()):
-            out[b, p, :cell.shape[0], :cell.shape[1]] = cell
-    valid = pool.alloc(out.shape, np.bool_)
-    mask = valid.numpy()
-    np.isnan(out, out=mask)
-    np.logical_not(mask, out=mask)
-    return {"stims": x, "responses": responses, "valid_mask": valid, "stim_meta": list(metas)}
+        fill_dense_row(row, out[b], mask[b])
+    batch = DenseBatch(stims=x, responses=responses, valid_mask=valid, stim_meta=list(metas))
+    if pool.shared:
+        batch._leases = pool.leases((x, responses, valid))
+    return batch
+
+
+def fill_dense_row(row: OrderedCells, out: np.ndarray, mask: np.ndarray) -> None:
+    """Write one item's ``(N, R, T)`` block of a dense batch: runs of cells at consecutive
+    positions with the same shape are copied in one assignment each (a source's row is
+    usually one run), the positions without a cell are NaN / False."""
+    n, R, T = out.shape
+    covered = np.zeros(n + 1, dtype=np.int64)  # +1 at each run's start, -1 at its end
+    for p, r, t, vals in _cell_runs(row):
+        k = len(vals)
+        out[p:p + k, :r, :t] = vals
+        mask[p:p + k, :r, :t] = True
+        if t < T:
+            out[p:p + k, :r, t:] = np.nan
+            mask[p:p + k, :r, t:] = False
+        if r < R:
+            out[p:p + k, r:] = np.nan
+            mask[p:p + k, r:] = False
+        covered[p] += 1
+        covered[p + k] -= 1
+    uncovered = (np.cumsum(covered[:n]) == 0).astype(np.int8)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], uncovered, [0]])))
+    for lo, hi in zip(edges[::2].tolist(), edges[1::2].tolist()):
+        out[lo:hi] = np.nan
+        mask[lo:hi] = False
+
+
+def _cell_runs(row: OrderedCells):
+    """``(position, R, T, values (k, R, T))`` for maximal runs of cells at consecutive positions
+    with equal shapes, in order."""
+    pos, reps, lens = row.positions, row.repeats, row.lengths
+    if not len(pos):
+        return
+    breaks = np.flatnonzero((np.diff(pos) != 1) | (np.diff(reps) != 0) | (np.diff(lens) != 0)) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(pos)]])
+    offsets = np.concatenate([[0], np.cumsum(row.sizes)])
+    for a, b in zip(starts.tolist(), stops.tolist()):
+        r, t = int(reps[a]), int(lens[a])
+        yield int(pos[a]), r, t, row.values[offsets[a]:offsets[b]].reshape(b - a, r, t)
