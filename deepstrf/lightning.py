@@ -49,7 +49,7 @@ class PoolDataModule(lightning.LightningDataModule):
     each source's remaining stims for validation. Batches are built by the dataset:
     ``collate="compact"`` (:class:`~deepstrf.utils.data.CompactBatch`) or ``"dense"``
     (deepSTRF's ``neural_collate`` dict), ``batch_size`` items each, over one neuron axis in
-    every part (the parts are ``subset``\ s of one selection); training order is
+    every part (each part is a ``subset`` of one selection); training order is
     shuffled by ``(seed, epoch)``. ``num_workers`` and ``loader_options`` go to
     :meth:`StreamingNeuralDataset.loader`, other keyword arguments (``cache_dir``,
     ``drop_last``, ``select``...) to every :class:`StreamingNeuralDataset`.
