@@ -24,9 +24,10 @@ import torch
 
 from ..datasets.coverage import Coverage
 from ..datasets.neural_dataset import NeuralDataset
-from ..datasets.views import (LazySequence, RawRow, ResponseGrid, raw_row_sizes, read_many, read_raw_rows,
-                              read_row)
+from ..datasets.views import (BlockDiagonalGrid, LazySequence, RawRow, ResponseGrid, raw_row_sizes, read_many,
+                              read_raw_rows, read_row)
 from ..errors import SourceChangedError, StoreNotFoundError
+from ..forksafe import thread_map
 from .dataset import source_readers
 from .integrity import IOCounters
 
@@ -182,9 +183,6 @@ def open_now(ds: NeuralDataset) -> None:
     """Open (and check) every lazily opened source behind ``ds`` now, concurrently: a missing or
     changed source fails here, reading starts at once, and processes forked afterwards inherit
     the opened sources."""
-    from ..datasets.views import BlockDiagonalGrid
-    from ..forksafe import thread_map
-
     grid = ds.responses
     if isinstance(grid, BlockDiagonalGrid):
         handles = [p.responses.handle for p in grid.sources if isinstance(p.responses, LazySourceGrid)]

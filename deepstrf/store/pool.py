@@ -209,8 +209,7 @@ class PoolTables:
         return self.group
 
     def read(self, name: str) -> np.ndarray:
-        data = read_checked(self.loc, self._group(), name, self.attrs["digests"][name])
-        return data
+        return read_checked(self.loc, self._group(), name, self.attrs["digests"][name])
 
     def stim_range(self, k: int) -> tuple[int, int]:
         return int(self.stim_offsets[k]), int(self.stim_offsets[k + 1])

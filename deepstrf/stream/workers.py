@@ -41,11 +41,10 @@ _PID, _BATCHES, _READING_SINCE_NS, _N_STIMS, _STIMS = 0, 1, 2, 3, 4
 _SHOWN_STIMS = 8  # stims of the current read kept for the report
 
 
-def worker_context(method: str | None = None) -> BaseContext:
-    """The multiprocessing context for DataLoader workers: ``method`` if given, else
-    ``forkserver`` (preloaded with deepstrf) where available, else ``spawn``."""
-    if method is None:
-        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+def worker_context() -> BaseContext:
+    """The multiprocessing context for DataLoader workers: ``forkserver`` (preloaded with
+    deepstrf) where available, else ``spawn``."""
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload(PRELOAD)  # no effect once this process's server runs
