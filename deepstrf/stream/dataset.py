@@ -387,9 +387,10 @@ class StreamingNeuralDataset(IterableDataset):
             self._begin_pass()
         else:
             shards.SHARD_CACHE.share(self._shard_dir)
-        self.counters.use_slot(worker_id + 1 if info is not None else 0)
+        slot = 0 if in_process else worker_id + 1
+        self.counters.use_slot(slot)
         self.counters.reset_slot()
-        self.activity.use_slot(worker_id + 1 if info is not None else 0)
+        self.activity.use_slot(slot)
         units = self._units(st)
         batches = partition.rank_batches(len(units), self._offset, world, rank, self._unit_batch(), self.drop_last)
         mine = partition.worker_batches(batches, worker_id, num_workers)
