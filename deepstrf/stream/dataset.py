@@ -41,6 +41,7 @@ from .workers import DEFAULT_TIMEOUT_S, WorkerActivity, context_method, worker_c
 
 Collate = Literal["compact", "dense"]
 STATE_VERSION = 1
+DEATH_WAIT_S = 5.0  # how long a batch that failed to unpickle waits to see its worker dead
 # Without batch_size (and without loader_batch_size), a process reads this many of its items at once.
 ITEM_READ_GROUP = 8
 # DataLoader prefetch_factor of loader() for dense batches (torch's default, 2, for compact ones)
@@ -561,6 +562,16 @@ class StreamingNeuralDataset(IterableDataset):
                 f"collate={self.collate!r}, shuffle={self.shuffle}, seed={self.seed}, epoch={self.epoch})")
 
 
+def _any_dead(workers: Sequence[Any], wait_s: float) -> bool:
+    """True once any of ``workers`` is seen dead, within ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    while not any(not w.is_alive() for w in workers):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _remove_owned_dir(path: str, owner: int) -> None:
     """Remove ``path`` if this is the process that made it (a forked worker inherits finalizers)."""
     if os.getpid() == owner:
@@ -637,8 +648,10 @@ class StreamingDataLoader(DataLoader):
                 break
             except (RuntimeError, EOFError, ConnectionError) as exc:
                 # the DataLoader's timeout, or a worker that died: reported as such (a batch a dead
-                # worker had queued fails to unpickle with EOFError or ConnectionRefusedError)
-                dead = any(not w.is_alive() for w in getattr(batches, "_workers", []))
+                # worker had queued fails to unpickle with EOFError or a ConnectionError, possibly
+                # before the dying worker is seen as dead: give it a moment)
+                lost_sender = isinstance(exc, (EOFError, ConnectionError))
+                dead = _any_dead(getattr(batches, "_workers", []), wait_s=DEATH_WAIT_S if lost_sender else 0.0)
                 if not dead and "timed out" not in str(exc):
                     raise
                 raise self._stalled(batches, exc) from exc
