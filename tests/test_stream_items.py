@@ -75,11 +75,11 @@ def test_default_collate_says_which_collate_to_pass(pool):
     with pytest.raises(TypeError, match="collate_fn=compact_collate"):
         default_collate(items)
     with pytest.raises(TypeError, match="neural_collate"):
-        next(iter(DataLoader(StreamingNeuralDataset(pool), batch_size=2)))
+        next(iter(DataLoader(StreamingNeuralDataset(pool), batch_size=2, num_workers=0)))  # no worker, no timeout
 
 
 def test_items_cross_to_the_main_process(pool):
-    """DataLoader(batch_size=None) with a worker: items pickled whole, still equal to ds[i]."""
+    """A DataLoader with batch_size=None and a worker: items pickled whole, still equal to ds[i]."""
     s = StreamingNeuralDataset(pool, shuffle=False)
     got = list(DataLoader(s, batch_size=None, num_workers=1, timeout=LOADER_TIMEOUT_S,
                           multiprocessing_context=worker_context()))
