@@ -302,3 +302,19 @@ def assert_same_dataset_items(a, b):
         x, y = a[i], b[i]
         assert torch.equal(x["stims"], y["stims"]) and torch.equal(x["valid_mask"], y["valid_mask"])
         assert all(cells_equal(p, q) for p, q in zip(x["responses"], y["responses"]))
+
+
+def test_sources_of_a_mixed_pool_keep_their_modality(tmp_path):
+    from toydata import ToyAudio, ToyVideo
+
+    urls = []
+    for name, ds in (("v1", ToyVideo(1)), ("a1", ToyAudio(3))):
+        urls.append(str(tmp_path / f"{name}.zarr"))
+        deepstrf.save_dataset(ds, urls[-1])
+    concat_neural_datasets([deepstrf.open_dataset(u) for u in urls], names=["v", "a"], store=str(tmp_path / "mixed.zarr"))
+    for check_sources in (True, False):
+        mixed = deepstrf.open_dataset(str(tmp_path / "mixed.zarr"), check_sources=check_sources)
+        video, audio = mixed.responses.sources
+        assert (video.H, video.W, audio.F) == (6, 5, 8)
+        again = concat_neural_datasets([mixed], store=str(tmp_path / f"again-{check_sources}.zarr"))  # re-pooled
+        assert again.source_names == ["v", "a"] and again.get_S() == mixed.get_S()

@@ -75,6 +75,7 @@ def write_pool(datasets: Sequence[NeuralDataset], url: str | os.PathLike, *, nam
         "n_neurons": part.N_neurons,
         "kind": dataset_kind(part),
         "card": getattr(part, "card", None),
+        **{k: getattr(part, k) for k in MODALITY_ATTRS if getattr(part, k, None) is not None},
     } for part, name in zip(parts, part_names)]
     with gc_paused():
         tables = {SOURCES_TABLE: json.dumps(sources, separators=(",", ":"), allow_nan=False).encode("utf-8"),
@@ -147,7 +148,8 @@ def _open(loc: Location, group: zarr.Group, allowed_roots: Sequence[str], trust:
         handle = SourceHandle(loc.url, e, partial(open_dataset, storage_options=options, lazy_metadata=True), io,
                               accept_changed_sources)
         part = _CLASSES[e["kind"]].__new__(_CLASSES[e["kind"]])
-        _fill(part, attrs, e["url"], LazySourceStims(handle), LazySourceGrid(handle, partial(tables.block, k)),
+        own = {"dt_ms": attrs["dt_ms"], "kind": e["kind"], **{k: e[k] for k in MODALITY_ATTRS if k in e}}
+        _fill(part, own, e["url"], LazySourceStims(handle), LazySourceGrid(handle, partial(tables.block, k)),
               MetaSlice(stim_meta, *tables.stim_range(k)), MetaSlice(nrn_meta, *tables.neuron_range(k)))
         part.name, part.fingerprint, part.card, part.storage_options = e["name"], e["fingerprint"], e.get("card"), options
         parts.append(part)
