@@ -30,11 +30,12 @@ class MetaTable(Sequence):
     @classmethod
     def from_rows(cls, n: int, load_rows: Callable[[], list[dict]]) -> "MetaTable":
         """A table whose ``n`` rows ``load_rows()`` returns on first use."""
-        table = cls(n, load=lambda: {})
+        table = cls(n, load=lambda: {})  # never called: rows() and matching() test _load_rows first
         table._load_rows = load_rows
         return table
 
-    def columns(self) -> Columns:
+    def _loaded_columns(self) -> Columns:
+        """The columns of a column-backed table (a row-backed one has none: callers check first)."""
         if self._columns is None:
             self._columns = self._load()
         return self._columns
@@ -44,7 +45,7 @@ class MetaTable(Sequence):
         if self._rows is None and self._load_rows is not None:
             self._rows = self._load_rows()
         if self._rows is None:
-            cols = self.columns()
+            cols = self._loaded_columns()
             with gc_paused():
                 rows: list[dict] = [{} for _ in range(self._n)]
                 for key, (values, absent) in cols.items():
@@ -59,9 +60,9 @@ class MetaTable(Sequence):
         were built (they may have been edited) or come as rows: the caller then tests them."""
         if self._rows is not None or self._load_rows is not None:
             return None
-        if key not in self.columns():
+        if key not in self._loaded_columns():
             return []
-        values, absent = self.columns()[key]
+        values, absent = self._loaded_columns()[key]
         return [i for i, v in enumerate(values) if v == value and i not in absent]
 
     def __len__(self) -> int:

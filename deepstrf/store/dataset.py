@@ -108,9 +108,9 @@ def storage_io(ds: NeuralDataset) -> tuple[int, int] | None:
 
 def load_indexes(ds: NeuralDataset) -> None:
     """Read the cell index (and, on object stores, the shard layout) of every source store
-    behind ``ds`` that is open in this process, in one concurrent batch: before computing a
-    pool's coverage, or before forking DataLoader workers, which then share them instead of
-    each reading them before its first batch."""
+    behind ``ds`` that is open in this process, in one concurrent batch: before forking
+    DataLoader workers, which then share them instead of each reading them before its first
+    batch."""
     readers = source_readers(ds) or []
     for reader in readers:
         reader.arrays()  # bound in this process (no read for a store opened here)
