@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -454,10 +455,10 @@ def test_threads_of_a_forked_process_bind_once(saved, monkeypatch):
     url, so, src, _ = saved
     reader = open_dataset(url, storage_options=so).responses.reader
     reader.read_stims([0])
-    reader._handles = (-1, *reader._handles[1:])  # as seen from a freshly forked worker
+    reader._handles = dataclasses.replace(reader._handles, pid=-1)  # as seen from a freshly forked worker
     binds = []
-    bind = SourceReader.bind
-    monkeypatch.setattr(SourceReader, "bind", lambda self, group: (binds.append(1), bind(self, group))[1])
+    bind = SourceReader._bind
+    monkeypatch.setattr(SourceReader, "_bind", lambda self, before: (binds.append(1), bind(self, before))[1])
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda i: reader.read_stims([i % 3, 2]), range(8)))
     assert len(binds) == 1

@@ -1,5 +1,6 @@
 """Streaming from Zarr stores by URL: local folder and S3 (moto on 127.0.0.1) with injected faults."""
 
+import dataclasses
 import os
 import pickle
 from collections import Counter
@@ -210,11 +211,11 @@ def test_shard_indexes_survive_rebinding_in_another_process(local_pool):
     requests = reader.io_counters()[0]
     reader.read_rows([0])
     per_read = reader.io_counters()[0] - requests  # data only: the shard index is cached
-    pid, handles, sharded = reader._handles
-    reader._handles = (-1, handles, sharded)  # as seen from a forked worker
+    sharded = reader._handles.sharded
+    reader._handles = dataclasses.replace(reader._handles, pid=-1)  # as seen from a forked worker
     assert reader.sharded()["responses/values"].indexes.keys() == sharded["responses/values"].indexes.keys()
     reader.read_rows([0])
-    assert reader._handles[0] == os.getpid()
+    assert reader._handles.pid == os.getpid()
     assert reader.io_counters()[0] == per_read  # data only: neither the group's metadata nor a shard index
 
 

@@ -26,7 +26,7 @@ from ..errors import StoreError
 from ..forksafe import run_gated
 from . import format as fmt
 from .location import Location
-from .reader import SourceReader, open_group, sync
+from .reader import SourceReader, consolidated_arrays, read_root, sync
 
 _CLASSES: dict[str, type[NeuralDataset]] = {
     "audio": AudioNeuralDataset, "video": VideoNeuralDataset, "neural": NeuralDataset}
@@ -71,7 +71,7 @@ class ZarrResponseGrid(ResponseGrid):
 
     def _row_sizes(self, stims: Sequence[int], neurons: Sequence[int] | None) -> tuple[np.ndarray, np.dtype]:
         sizes = np.array([p.size for p in self.reader.row_plan(stims, neurons)], dtype=np.int64)
-        return sizes, np.dtype(self.reader.arrays()[fmt.VALUES].dtype)
+        return sizes, self.reader.dtype(fmt.VALUES)
 
     def _mask(self) -> torch.Tensor:
         return torch.from_numpy(self.reader.mask())
@@ -113,7 +113,7 @@ def load_indexes(ds: NeuralDataset) -> None:
     batch."""
     readers = source_readers(ds) or []
     for reader in readers:
-        reader.arrays()  # bound in this process (no read for a store opened here)
+        reader.prepare()
 
     async def load() -> None:
         await asyncio.gather(*(r.load_index_async() for r in readers))
@@ -123,18 +123,18 @@ def load_indexes(ds: NeuralDataset) -> None:
         run_gated(sync, load())
 
 
-def open_source(loc: Location, group: Any, *, lazy_metadata: bool = False, **kw: Any) -> NeuralDataset:
-    """Open a ``deepstrf.source`` group as a lazy dataset of the recorded kind.
+def open_source(loc: Location, root: dict[str, Any], *, lazy_metadata: bool = False, **kw: Any) -> NeuralDataset:
+    """Open a ``deepstrf.source`` store, given its root ``zarr.json`` document, as a lazy dataset
+    of the recorded kind.
 
     ``lazy_metadata`` reads ``stim_meta`` / ``nrn_meta`` on first use instead of now (a pool
     that opens a source to read its data already holds its metadata).
     """
     if kw:
         raise TypeError(f"open_dataset: unexpected keyword argument(s) {sorted(kw)} for the source store {loc.url}")
-    attrs = dict(group.attrs)
+    attrs = dict(root.get("attributes") or {})
     fmt.check_format(attrs, loc.url, fmt.SOURCE_FORMAT)
-    reader = SourceReader(loc, attrs)
-    reader.bind(group)
+    reader = SourceReader(loc, attrs, consolidated_arrays(root))
     if lazy_metadata:
         metas = functools.cache(reader.read_meta)
         stim_meta = MetaTable.from_rows(reader.n_stims, lambda: metas()[0])
@@ -178,11 +178,11 @@ def open_dataset(url: str | os.PathLike, *, storage_options: dict | None = None,
     metadata and the stim/neuron metadata; the index is read on first use.
     """
     loc = Location.parse(url, storage_options)
-    group = open_group(loc)
-    attrs = dict(group.attrs)
+    root = read_root(loc)
+    attrs = root.get("attributes") or {}
     fmt.check_format(attrs, loc.url, expected=None, supported=(*fmt.POOL_SUPPORTED_MAJORS, fmt.SUPPORTED_MAJOR))
     opener = OPENERS.get(attrs["format"])
     if opener is None:
         raise StoreError(f"{loc.url} holds a {attrs['format']!r} group, which this version of deepstrf "
                          "cannot open. Upgrade deepstrf.")
-    return opener(loc, group, **kw)  # each opener checks its own format's versions
+    return opener(loc, root, **kw)  # each opener checks its own format's versions

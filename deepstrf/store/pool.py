@@ -37,7 +37,7 @@ from .integrity import IOCounters, StrictStore, array_digest, content_hasher, fi
 from .jsonmeta import decode_columns, encode_columns
 from .lazy import EAGER_CHECK_MAX_SOURCES, LazySourceGrid, LazySourceStims, SourceChangedWarning, SourceHandle, open_now
 from .location import Location, _protocol
-from .reader import open_group
+from .reader import group_of, open_group
 from .references import make_reference, pool_root, resolve_reference
 from .writer import dataset_kind
 
@@ -148,7 +148,9 @@ def _open(loc: Location, group: zarr.Group, allowed_roots: Sequence[str], trust:
         handle = SourceHandle(loc.url, e, partial(open_dataset, storage_options=options, lazy_metadata=True), io,
                               accept_changed_sources)
         part = _CLASSES[e["kind"]].__new__(_CLASSES[e["kind"]])
-        own = {"dt_ms": attrs["dt_ms"], "kind": e["kind"], **{k: e[k] for k in MODALITY_ATTRS if k in e}}
+        # a pool written before its entries recorded their own F / frame size has a single kind: use the pool's
+        own = {"dt_ms": attrs["dt_ms"], "kind": e["kind"],
+               **{k: src[k] for src in (attrs, e) for k in MODALITY_ATTRS if k in src}}
         _fill(part, own, e["url"], LazySourceStims(handle), LazySourceGrid(handle, partial(tables.block, k)),
               MetaSlice(stim_meta, *tables.stim_range(k)), MetaSlice(nrn_meta, *tables.neuron_range(k)))
         part.name, part.fingerprint, part.card, part.storage_options = e["name"], e["fingerprint"], e.get("card"), options
@@ -359,4 +361,8 @@ def _same_protocol_options(loc: Location, url: str) -> dict | None:
     return loc.storage_options if _protocol(url) == loc.protocol else None
 
 
-OPENERS[POOL_FORMAT] = open_pool
+def _open_root(loc: Location, root: dict, **kw: Any) -> NeuralDataset:
+    return open_pool(loc, group_of(loc, root), **kw)
+
+
+OPENERS[POOL_FORMAT] = _open_root

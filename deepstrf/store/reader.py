@@ -12,6 +12,8 @@ into the caller's arrays (a streamed batch's buffer) when it gives them.
 from __future__ import annotations
 
 import asyncio
+import copy
+import json
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -20,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.group import AsyncGroup
 from zarr.core.sync import sync
 from zarr.storage import StorePath
@@ -31,6 +34,7 @@ from .atomic import store_state
 from .integrity import IOCounters, MissingChunk, StrictStore
 from .jsonmeta import decode_meta
 from .location import Location
+from .direct import SmallArray
 from .shards import ShardedArray, Target
 
 _TRANSPORT_ERRORS = (OSError, TimeoutError, asyncio.TimeoutError)
@@ -46,22 +50,61 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_bind_lock)
 
 
-def open_group(loc: Location) -> zarr.Group:
-    """Open the zarr group at ``loc`` read-only (one small read with consolidated metadata)."""
+def read_root(loc: Location, store: StrictStore | None = None) -> dict[str, Any]:
+    """The root ``zarr.json`` document of the store at ``loc`` (one small read; with consolidated
+    metadata it describes every array too)."""
     if loc.is_local and not os.path.isdir(loc.url):
         raise StoreNotFoundError(f"no store at {loc.url}: the folder does not exist. Check the path.")
+    store = store or StrictStore(loc.zarr_store(read_only=True))
     try:
-        return zarr.open_group(StrictStore(loc.zarr_store(read_only=True)), mode="r", zarr_format=3)
+        raw = sync(store.get("zarr.json", default_buffer_prototype()))
     except FileNotFoundError:
-        pass
-    except ValueError as e:
-        raise IntegrityError(f"{loc.url}: the root zarr.json cannot be parsed ({e}); the store is damaged. "
-                             "Re-create it from its source.") from e
+        raw = None
+    if raw is not None:
+        try:
+            doc = json.loads(raw.to_bytes())
+            if not isinstance(doc, dict) or doc.get("zarr_format") != 3 or doc.get("node_type") != "group":
+                raise ValueError("not the zarr.json of a zarr v3 group")
+            return doc
+        except ValueError as e:
+            raise IntegrityError(f"{loc.url}: the root zarr.json cannot be parsed ({e}); the store is damaged. "
+                                 "Re-create it from its source.") from e
     if not loc.read_only and store_state(loc) == "partial":
         raise IncompleteStoreError(
             f"{loc.url} holds an incomplete store (no root zarr.json: an interrupted write?). "
             "Write it again with save_dataset(..., overwrite=True).")
     raise StoreNotFoundError(f"no store at {loc.url} (no root zarr.json). Check the URL and storage_options.")
+
+
+def group_of(loc: Location, doc: dict[str, Any], store: StrictStore | None = None) -> zarr.Group:
+    """The read-only zarr group whose root document ``doc`` was read from ``loc``."""
+    store = store or StrictStore(loc.zarr_store(read_only=True))
+    try:
+        return zarr.Group(AsyncGroup.from_dict(StorePath(store), copy.deepcopy(doc)))  # from_dict pops keys
+    except (ValueError, TypeError, KeyError) as e:
+        raise IntegrityError(f"{loc.url}: the root zarr.json cannot be parsed ({e}); the store is damaged. "
+                             "Re-create it from its source.") from e
+
+
+def open_group(loc: Location) -> zarr.Group:
+    """Open the zarr group at ``loc`` read-only (one small read with consolidated metadata)."""
+    store = StrictStore(loc.zarr_store(read_only=True))
+    return group_of(loc, read_root(loc, store), store)
+
+
+def consolidated_arrays(doc: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """The metadata document of every array, by path, from a root document with consolidated
+    metadata; None without."""
+    consolidated = doc.get("consolidated_metadata") or {}
+    nodes = consolidated.get("metadata")
+    if not isinstance(nodes, dict):
+        return None
+    return {path: node for path, node in nodes.items() if isinstance(node, dict) and node.get("node_type") == "array"}
+
+
+def _direct(handles: _Handles, name: str, sel: Any) -> bool:
+    """Is ``array[sel]`` read without zarr (a sharded array's slice, a small array whole)?"""
+    return (name in handles.sharded and isinstance(sel, slice)) or (name in handles.small and sel is Ellipsis)
 
 
 def _is_transport_error(e: BaseException) -> bool:
@@ -111,15 +154,32 @@ class Index:
     stim_shapes: np.ndarray   # (S, ndim) int64
 
 
-class SourceReader:
-    """Lazy access to one source store's arrays."""
+@dataclass
+class _Handles:
+    """What one process reads a store through: its storage client and the readers of its arrays."""
 
-    def __init__(self, loc: Location, attrs: dict[str, Any]) -> None:
+    pid: int
+    store: StrictStore
+    small: dict[str, SmallArray]  # whole reads of deepstrf's small arrays (index, metadata)
+    sharded: dict[str, ShardedArray]  # range reads of the sharded data arrays (format 1.1)
+    zarr: dict[str, Any] | None = None  # zarr's handles, opened when a read needs them
+
+
+class SourceReader:
+    """Lazy access to one source store's arrays.
+
+    ``arrays_meta`` maps each array's path to its ``zarr.json`` document (from the root's
+    consolidated metadata): with it, reading needs no zarr group; without it, the group is
+    opened on first read.
+    """
+
+    def __init__(self, loc: Location, attrs: dict[str, Any], arrays_meta: dict[str, dict] | None = None) -> None:
         self.loc = loc
         self.attrs = attrs
+        self.arrays_meta = arrays_meta
         self.n_stims = int(attrs["n_stims"])
         self.n_neurons = int(attrs["n_neurons"])
-        self._handles: tuple[int, dict[str, Any], dict[str, ShardedArray]] | None = None
+        self._handles: _Handles | None = None
         self._index: Index | None = None
         self.io_parent: IOCounters | None = None  # also counts this store's reads (a pool's total)
 
@@ -127,16 +187,48 @@ class SourceReader:
     def url(self) -> str:
         return self.loc.url
 
-    # -- pickling: by URL, reopened lazily -------------------------------------
+    # -- pickling: by URL and metadata, reopened lazily ---------------------------
     def __getstate__(self) -> dict:
-        return {"loc": self.loc, "attrs": self.attrs}
+        return {"loc": self.loc, "attrs": self.attrs, "arrays_meta": self.arrays_meta}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["loc"], state["attrs"])
+        self.__init__(state["loc"], state["attrs"], state.get("arrays_meta"))
 
     # -- handles ---------------------------------------------------------------
-    def bind(self, group: zarr.Group) -> None:
-        """Use an already opened group for this process (saves a read at open)."""
+    def _bound(self) -> _Handles:
+        handles = self._handles
+        if handles is not None and handles.pid == os.getpid():
+            return handles
+        with _BIND_LOCK:  # a process's reading threads bind once, and share what they learn
+            if self._handles is None or self._handles.pid != os.getpid():  # new, or forked: a new client
+                self._handles = self._bind(self._handles)
+            return self._handles
+
+    def _bind(self, before: _Handles | None) -> _Handles:
+        store = StrictStore(self.loc.zarr_store(read_only=True))
+        store.counters.parent = self.io_parent
+        zarr_handles = None
+        if self.arrays_meta is None:  # a root without consolidated metadata: ask zarr
+            zarr_handles = self._lookup(zarr.open_group(store, mode="r", zarr_format=3))
+            self.arrays_meta = {name: h.metadata.to_dict() for name, h in zarr_handles.items()}
+        missing = [name for name in fmt.ARRAYS if name not in self.arrays_meta]
+        if missing:
+            raise IntegrityError(
+                f"{self.url}: array {missing[0]!r} is missing from the store; it is damaged or was not "
+                "written by deepstrf. Re-create it from its source.")
+        remote = not self.loc.is_local
+        sharded = {name: reader for name in fmt.SHARDED
+                   if (reader := ShardedArray.of(store, name, self.arrays_meta[name], self._cache_name(name), remote))}
+        small = {name: reader for name in fmt.ARRAYS
+                 if name not in sharded and (reader := SmallArray.of(store, name, self.arrays_meta[name]))}
+        if before is not None:  # rebinding (another process): what was learnt of the shards holds
+            for name, reader in sharded.items():
+                if name in before.sharded:
+                    reader.indexes.update(before.sharded[name].indexes)
+                    reader.whole = before.sharded[name].whole
+        return _Handles(os.getpid(), store, small, sharded, zarr_handles)
+
+    def _lookup(self, group: zarr.Group) -> dict[str, Any]:
         async def lookup():  # one trip to zarr's event loop for every array, not one each
             return await asyncio.gather(*(group._async_group.getitem(name) for name in fmt.ARRAYS),
                                         return_exceptions=True)
@@ -150,18 +242,7 @@ class SourceReader:
             if isinstance(found, BaseException):
                 raise found
             handles[name] = found
-        sharded = {name: reader for name in fmt.SHARDED
-                   if (reader := ShardedArray.of(handles[name], self._cache_name(name), not self.loc.is_local))}
-        if self._handles is not None:  # rebinding (another process): what was learnt of the shards holds
-            for name, reader in sharded.items():
-                if name in self._handles[2]:
-                    reader.indexes.update(self._handles[2][name].indexes)
-                    reader.whole = self._handles[2][name].whole
-        store = group.store_path.store
-        self._counters = store.counters if isinstance(store, StrictStore) else IOCounters()
-        self._counters.parent = self.io_parent
-        self._group_metadata = group.metadata
-        self._handles = (os.getpid(), handles, sharded)
+        return handles
 
     def _cache_name(self, name: str) -> str:
         """Names array ``name`` in shard caches: URL and content fingerprint, so a store written
@@ -171,48 +252,75 @@ class SourceReader:
     def count_into(self, parent: IOCounters) -> None:
         """Add this store's future reads in this process to ``parent`` too."""
         self.io_parent = parent
-        if self._handles is not None and self._handles[0] == os.getpid():
-            self._counters.parent = parent
+        if self._handles is not None and self._handles.pid == os.getpid():
+            self._handles.store.counters.parent = parent
 
     def io_counters(self) -> tuple[int, int]:
         """``(requests, bytes)`` this process has read from the store (bytes as stored)."""
-        if self._handles is None or self._handles[0] != os.getpid():
+        if self._handles is None or self._handles.pid != os.getpid():
             return 0, 0  # not opened in this process yet
-        return self._counters.snapshot()
-
-    def _bound(self) -> tuple[int, dict[str, Any], dict[str, ShardedArray]]:
-        handles = self._handles
-        if handles is not None and handles[0] == os.getpid():
-            return handles
-        with _BIND_LOCK:  # a process's reading threads bind once, and share what they learn
-            if self._handles is None:
-                self.bind(open_group(self.loc))
-            elif self._handles[0] != os.getpid():  # forked: a new store client, the metadata already read
-                store = StrictStore(self.loc.zarr_store(read_only=True))
-                self.bind(zarr.Group(AsyncGroup(metadata=self._group_metadata, store_path=StorePath(store))))
-            return self._handles
+        return self._handles.store.counters.snapshot()
 
     def arrays(self) -> dict[str, Any]:
-        return self._bound()[1]
+        """zarr's handles of the store's arrays (zarr's group is opened for them on first call)."""
+        handles = self._bound()
+        if handles.zarr is None:
+            with _BIND_LOCK:
+                if handles.zarr is None:
+                    handles.zarr = self._lookup(zarr.open_group(handles.store, mode="r", zarr_format=3))
+        return handles.zarr
 
     def sharded(self) -> dict[str, ShardedArray]:
         """Readers of the arrays stored sharded (format 1.1), by name; empty for a 1.0 store."""
-        return self._bound()[2]
+        return self._bound().sharded
+
+    def prepare(self) -> None:
+        """Make this process's readers of the store now, ready to read its index (no read when
+        the store's metadata is known)."""
+        self._ready_for([(name, Ellipsis) for name in INDEX_ARRAYS])
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(self._meta(name)["data_type"])
+
+    def length(self, name: str) -> int:
+        """Length of array ``name`` along its first axis."""
+        return int(self._meta(name)["shape"][0])
+
+    def _meta(self, name: str) -> dict[str, Any]:
+        self._bound()  # knows every array's metadata once bound
+        return self.arrays_meta[name]
+
+    def chunk_length(self, name: str) -> int:
+        """Elements per chunk along the first axis (per inner chunk of a sharded array)."""
+        sharded = self.sharded().get(name)
+        return sharded.layout.chunk if sharded is not None else self.arrays()[name].chunks[0]
 
     def gather(self, requests: Sequence[tuple[str, Any]]) -> list[Any]:
         """Results of ``array[selection]`` for each ``(name, selection)``, in one concurrent group
-        (exceptions returned, not raised). Slices of sharded arrays go through their ShardedArray."""
-        arrays, sharded = self.arrays(), self.sharded()
+        (exceptions returned, not raised). Slices of sharded arrays go through their ShardedArray,
+        whole small arrays through their SmallArray, anything else through zarr."""
+        self._ready_for(requests)
+        return sync(self.gather_async(requests))
+
+    def _ready_for(self, requests: Sequence[tuple[str, Any]]) -> None:
+        """Bind in this process, and open zarr's handles if a request needs them (which cannot be
+        done from inside the event loop)."""
+        handles = self._bound()
+        if not all(_direct(handles, name, sel) for name, sel in requests):
+            self.arrays()
+
+    async def gather_async(self, requests: Sequence[tuple[str, Any]]) -> list[Any]:
+        """:meth:`gather` in a coroutine; the store must be ready for these requests in this process."""
+        handles = self._handles
 
         def read(name: str, sel: Any):
-            if name in sharded and isinstance(sel, slice):
-                return sharded[name].read(sel.start, sel.stop)
-            return arrays[name].getitem(sel)
+            if name in handles.sharded and isinstance(sel, slice):
+                return handles.sharded[name].read(sel.start, sel.stop)
+            if name in handles.small and sel is Ellipsis:
+                return handles.small[name].read()
+            return handles.zarr[name].getitem(sel)
 
-        async def run():
-            return await asyncio.gather(*(read(name, sel) for name, sel in requests), return_exceptions=True)
-
-        return sync(run())
+        return await asyncio.gather(*(read(name, sel) for name, sel in requests), return_exceptions=True)
 
     def read_whole(self, names: Sequence[str]) -> list[np.ndarray]:
         """Whole arrays, read concurrently; errors name the array."""
@@ -253,18 +361,16 @@ class SourceReader:
 
     async def load_index_async(self) -> None:
         """Read the index in a coroutine (many stores' indexes in one trip to zarr's event
-        loop, see :func:`load_indexes`); the store must be bound in this process already."""
+        loop, see :func:`load_indexes`); :meth:`prepare` must have run in this process."""
         if self._index is None:
-            arrays = self._handles[1]
-            found = await asyncio.gather(*(arrays[n].getitem(Ellipsis) for n in INDEX_ARRAYS), return_exceptions=True)
+            found = await self.gather_async([(name, Ellipsis) for name in INDEX_ARRAYS])
             self._set_index(self._checked_whole(INDEX_ARRAYS, found))
 
     def _set_index(self, found: list[np.ndarray]) -> None:
         offsets, repeats, stim_offsets, stim_shapes = found
         index = Index(offsets.astype(np.int64, copy=False), repeats.astype(np.int64),
                       stim_offsets.astype(np.int64, copy=False), stim_shapes.astype(np.int64, copy=False))
-        problem = index_problem(index, self.n_stims, self.n_neurons,
-                                self.arrays()[fmt.VALUES].shape[0], self.arrays()[fmt.STIM_VALUES].shape[0])
+        problem = index_problem(index, self.n_stims, self.n_neurons, self.length(fmt.VALUES), self.length(fmt.STIM_VALUES))
         if problem:
             raise IntegrityError(f"{self.url}: the index arrays are inconsistent ({problem}); the store is "
                                  "damaged. Re-create it from its source.")
@@ -272,7 +378,7 @@ class SourceReader:
 
     def learn_shard_layout(self) -> None:
         """:meth:`learn_shard_layout_async` for this store alone."""
-        self.arrays()
+        self._bound()
         sync(self.learn_shard_layout_async())
 
     async def learn_shard_layout_async(self) -> None:
@@ -280,7 +386,7 @@ class SourceReader:
         whether this store's shards are fetched whole (see :class:`ShardedArray`) before the
         first read needs to know, and processes forked afterwards inherit the answer. The
         store must be bound in this process already."""
-        probes = [s for s in self._handles[2].values() if s.whole is None and s.layout.length]
+        probes = [s for s in self._handles.sharded.values() if s.whole is None and s.layout.length]
         await asyncio.gather(*(s.shard_index(0) for s in probes))
 
     def mask(self) -> np.ndarray:
@@ -303,7 +409,7 @@ class SourceReader:
         idx = self.index()
         ids = np.asarray(list(stims), dtype=np.int64)
         starts, ends = idx.stim_offsets[ids], idx.stim_offsets[ids + 1]
-        dtype = self.arrays()[fmt.STIM_VALUES].dtype
+        dtype = self.dtype(fmt.STIM_VALUES)
         out = [np.empty(int(n), dtype=dtype) for n in (ends - starts).tolist()]
         self.read_ranges(fmt.STIM_VALUES, starts, ends, out,
                          lambda e, a, b: self.error(e, f"stims {ids.tolist()} ({fmt.STIM_VALUES}[{a}:{b}])"))
@@ -321,7 +427,8 @@ class SourceReader:
         """
         targets = sorted(((int(a), int(b), d) for a, b, d in zip(starts, ends, dests) if b > a),
                          key=lambda t: t[0])
-        array, sharded = self.arrays()[name], self.sharded().get(name)
+        sharded = self.sharded().get(name)
+        array = self.arrays()[name] if sharded is None else None  # a format 1.0 store: zarr reads it
         spans = sharded.layout.by_shard(targets) if sharded is not None else _coalesce(targets, array.chunks[0])
 
         async def read(a: int, b: int, inside: list[Target]) -> None:
@@ -361,7 +468,7 @@ class SourceReader:
         becomes its ``values``.
         """
         plans = self.row_plan(stims, neurons)
-        dtype = self.arrays()[fmt.VALUES].dtype
+        dtype = self.dtype(fmt.VALUES)
         if out is None:
             out = [np.empty(p.size, dtype=dtype) for p in plans]
         else:
@@ -380,8 +487,7 @@ class SourceReader:
         """Error for a failed read of values[a:b], naming the bad chunk(s) and the cells they hold."""
         if _is_transport_error(e):
             return self.error(e, f"{fmt.VALUES}[{a}:{b}]")
-        C = self.arrays()[fmt.VALUES].chunks[0]
-        L = self.arrays()[fmt.VALUES].shape[0]
+        C, L = self.chunk_length(fmt.VALUES), self.length(fmt.VALUES)
         chunks = list(range(a // C, (b - 1) // C + 1))
         results = self.gather([(fmt.VALUES, slice(k * C, min((k + 1) * C, L))) for k in chunks])
         bad = [k for k, r in zip(chunks, results) if isinstance(r, BaseException)] or chunks

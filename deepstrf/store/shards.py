@@ -22,21 +22,18 @@ import hashlib
 import itertools
 import os
 import shutil
-import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import google_crc32c
 import numpy as np
 from numcodecs import blosc
 from zarr.abc.store import RangeByteRequest
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
-from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.buffer import default_buffer_prototype
 
 from .integrity import MissingChunk
+from .layout import check_crc, chunk_shape, codec_names, compressed_chunks, native_bytes, plain_dtype, slash_chunk_keys
 
 _EMPTY = np.uint64(2**64 - 1)  # shard index entry of an absent inner chunk
 
@@ -54,23 +51,10 @@ SHARD_CACHE_BYTES = 256 << 20
 SHARED_SHARD_BYTES = 1 << 30
 
 
-def _is_codecs(codecs: Iterable, kinds: tuple[type, ...]) -> bool:
-    codecs = tuple(codecs)
-    return len(codecs) == len(kinds) and all(isinstance(c, k) for c, k in zip(codecs, kinds))
-
-
 def _stored_end(table: np.ndarray) -> int:
     """Byte where the last inner chunk listed in a shard index ends (0 if it lists none)."""
     present = table[table[:, 0] != _EMPTY]
     return int((present[:, 0] + present[:, 1]).max()) if len(present) else 0
-
-
-def check_crc(blob: np.ndarray, where: str) -> np.ndarray:
-    """``blob`` (uint8) without its trailing CRC32C, after checking it."""
-    body = blob[:-4]
-    if len(blob) < 4 or np.uint32(google_crc32c.value(body)).tobytes() != blob[-4:].tobytes():
-        raise ValueError(f"{where}: stored and computed crc32c checksums do not match")
-    return body
 
 
 @dataclass(frozen=True)
@@ -239,10 +223,10 @@ class ShardedArray:
     shard holds several rows, read at different times of an epoch.
     """
 
-    def __init__(self, array, layout: ShardLayout, url: str = "", remote: bool = False) -> None:
-        self.store = array.store_path.store
-        self.prefix = array.store_path.path
-        self.url = url or self.prefix
+    def __init__(self, store, path: str, layout: ShardLayout, url: str = "", remote: bool = False) -> None:
+        self.store = store
+        self.prefix = path
+        self.url = url or path
         self.layout = layout
         self.indexes: dict[int, np.ndarray] = {}  # shard -> (per_shard, 2) uint64 (offset, nbytes)
         self.loading: dict[int, asyncio.Future] = {}  # shard -> its index read in flight
@@ -250,20 +234,21 @@ class ShardedArray:
         self.whole: bool | None = None if remote else False  # fetch whole shards? decided on the first index
 
     @classmethod
-    def of(cls, array, url: str = "", remote: bool = False) -> "ShardedArray | None":
-        """A reader for ``array`` (a zarr ``AsyncArray``) if it has the deepstrf shard layout, else None."""
-        codecs = array.metadata.codecs
-        if array.ndim != 1 or sys.byteorder != "little" or not _is_codecs(codecs, (ShardingCodec,)):
+    def of(cls, store, path: str, meta: dict, url: str = "", remote: bool = False) -> "ShardedArray | None":
+        """A reader of the array at ``path`` of ``store``, described by ``meta`` (its ``zarr.json``),
+        if it has the deepstrf shard layout, else None."""
+        dtype, shape, codecs = plain_dtype(meta), meta.get("shape") or (), meta.get("codecs") or []
+        if dtype is None or len(shape) != 1 or codec_names(codecs) != ["sharding_indexed"] or not slash_chunk_keys(meta):
             return None
-        sharding = codecs[0]
-        if (sharding.index_location != ShardingCodecIndexLocation.start
-                or not _is_codecs(sharding.codecs, (BytesCodec, BloscCodec, Crc32cCodec))
-                or not _is_codecs(sharding.index_codecs, (BytesCodec, Crc32cCodec))):
+        conf = codecs[0].get("configuration") or {}
+        index_codecs = conf.get("index_codecs") or []
+        shard = chunk_shape(meta)
+        if (conf.get("index_location", "end") != "start" or not compressed_chunks(conf.get("codecs") or [], dtype)
+                or codec_names(index_codecs) != ["bytes", "crc32c"] or not native_bytes(index_codecs[0], np.dtype("<u8"))
+                or shard is None or len(conf.get("chunk_shape") or ()) != 1):
             return None
-        chunk = int(sharding.chunk_shape[0])
-        shard = int(array.metadata.chunk_grid.chunk_shape[0])
-        dtype = np.dtype(array.metadata.dtype.to_native_dtype())
-        return cls(array, ShardLayout(chunk, shard // chunk, int(array.shape[0]), dtype), url, remote)
+        chunk = int(conf["chunk_shape"][0])
+        return cls(store, path, ShardLayout(chunk, shard[0] // chunk, int(shape[0]), dtype), url, remote)
 
     def key(self, shard: int) -> str:
         return f"{self.prefix}/c/{shard}"

@@ -16,7 +16,7 @@ from ..errors import StoreError
 from . import format as fmt
 from .integrity import array_digest, content_hasher, fingerprint, update
 from .location import Location
-from .reader import SourceReader, open_group
+from .reader import SourceReader, consolidated_arrays, group_of, read_root
 
 BLOCK_CHUNKS = 16  # chunks read per concurrent request group
 
@@ -24,11 +24,11 @@ BLOCK_CHUNKS = 16  # chunks read per concurrent request group
 def verify_source(loc: Location, *, progress: bool | None = None) -> list[str]:
     """Problems found in the store at ``loc`` (an empty list means it is sound)."""
     try:
-        group = open_group(loc)
+        root = read_root(loc)
+        group = group_of(loc, root)
         attrs = dict(group.attrs)
         fmt.check_format(attrs, loc.url, fmt.SOURCE_FORMAT)
-        reader = SourceReader(loc, attrs)
-        reader.bind(group)
+        reader = SourceReader(loc, attrs, consolidated_arrays(root))
     except StoreError as e:
         return [str(e)]
     problems = metadata_problems(loc, group)

@@ -102,14 +102,18 @@ class _Widen(Exception):
 
 
 class _Appender:
-    """Appends 1-D pieces to a growing sharded zarr array, in whole shards, hashing the content."""
+    """Appends 1-D pieces to a growing sharded zarr array, in whole shards, hashing the content.
+
+    The array is created at the first write: an array shorter than one inner chunk gets a
+    chunk of its own length, so reading part of it decodes no padding.
+    """
 
     def __init__(self, group: zarr.Group, name: str, dtype: np.dtype) -> None:
+        self.group, self.name = group, name
         self.dtype = np.dtype(dtype)
-        chunk = fmt.data_chunk_elems(name, self.dtype)
-        self.array = group.create_array(name, shape=(0,), dtype=self.dtype, chunks=(chunk,), overwrite=True,
-                                        **fmt.shards(chunk), **fmt.codecs(self.dtype))
-        self.unit = chunk * fmt.SHARD_CHUNKS  # writes are whole shards (no read-modify-write)
+        self.chunk = fmt.data_chunk_elems(name, self.dtype)
+        self.unit = self.chunk * fmt.SHARD_CHUNKS  # writes are whole shards (no read-modify-write)
+        self.array: zarr.Array | None = None
         self.hasher = content_hasher()
         self.pending: list[np.ndarray] = []
         self.n_pending = 0
@@ -125,9 +129,16 @@ class _Appender:
         if self.n_pending >= self.unit:
             self._flush(final=False)
 
+    def _create(self, length: int) -> zarr.Array:
+        chunk = min(self.chunk, max(1, length))
+        return self.group.create_array(self.name, shape=(0,), dtype=self.dtype, chunks=(chunk,), overwrite=True,
+                                       **fmt.shards(chunk), **fmt.codecs(self.dtype))
+
     def _flush(self, final: bool) -> None:
         data = np.concatenate(self.pending) if self.pending else np.zeros(0, self.dtype)
         n = data.size if final else data.size - data.size % self.unit
+        if self.array is None:  # the whole array when final, else at least a shard
+            self.array = self._create(n)
         if n:
             self.array.resize((self.written + n,))
             self.array[self.written:self.written + n] = data[:n]
