@@ -90,8 +90,10 @@ class Location:
         """A zarr v3 store rooted at this location (LocalStore or FsspecStore)."""
         from zarr.storage import FsspecStore, LocalStore
 
+        from .localfiles import InlineLocalStore
+
         if self.is_local:
-            return LocalStore(self.url, read_only=read_only)
+            return InlineLocalStore(self.url, read_only=True) if read_only else LocalStore(self.url, read_only=False)
         return FsspecStore.from_url(self.url, storage_options=self.fsspec_options(), read_only=read_only)
 
     def fsspec_options(self) -> dict[str, Any] | None:

@@ -46,6 +46,8 @@ MAX_GAP_BYTES = 1 << 20
 # SHARD_CACHE_BYTES): on object stores a request costs about what a few MiB of transfer do.
 WHOLE_SHARD_BYTES = 8 << 20
 SHARD_CACHE_BYTES = 256 << 20
+# Compressed inner chunks up to this size in all are decoded in the event loop's thread.
+INLINE_DECODE_BYTES = 64 << 10
 # Whole shards shared between the processes of one machine (see ShardDirectory), on disk: at
 # most this much, and at most a quarter of the free space where the directory is.
 SHARED_SHARD_BYTES = 1 << 30
@@ -371,7 +373,7 @@ class ShardedArray:
             raise MissingChunk(f"{self.key(shard)}: an inner chunk is absent from the shard index")
         if self.whole:
             blob = await self._whole_shard(shard)
-            await asyncio.to_thread(self._decode, blob, 0, table, chunks, a, b, targets)
+            await self._decode_soon(int(table[:, 1].sum()), blob, 0, table, chunks, a, b, targets)
             return
         C = self.layout.chunk
         starts = np.arange(chunks.start, chunks.stop, dtype=np.int64) * C
@@ -391,7 +393,15 @@ class ShardedArray:
                         targets: Sequence[Target]) -> None:
         lo, hi = int(table[:, 0].min()), int((table[:, 0] + table[:, 1]).max())
         data = await self._get(shard, lo, hi)
-        await asyncio.to_thread(self._decode, data, lo, table, chunks, a, b, targets)
+        await self._decode_soon(hi - lo, data, lo, table, chunks, a, b, targets)
+
+    async def _decode_soon(self, nbytes: int, *args) -> None:
+        """:meth:`_decode` here when its input is small (a thread hop would cost more than the
+        decoding), else in a worker thread, not to hold the event loop up."""
+        if nbytes <= INLINE_DECODE_BYTES:
+            self._decode(*args)
+        else:
+            await asyncio.to_thread(self._decode, *args)
 
     def _decode(self, data: np.ndarray, lo: int, table: np.ndarray, chunks: range, a: int, b: int,
                 targets: Sequence[Target]) -> None:
