@@ -52,15 +52,27 @@ class SmallArray:
         """The whole array: its chunk objects fetched concurrently, checked and decoded."""
         out = np.empty(self.shape, dtype=self.dtype)
         if out.size:
-            await asyncio.gather(*(self._read_chunk(k, out) for k in range(-(-self.shape[0] // self.chunk))))
+            await asyncio.gather(*(self._read_chunk(k, out) for k in range(self._n_chunks())))
         return out
 
+    def read_here(self) -> np.ndarray:
+        """:meth:`read` in the calling thread, for a store that reads there (local files)."""
+        out = np.empty(self.shape, dtype=self.dtype)
+        for k in range(self._n_chunks() if out.size else 0):
+            self._decode_chunk(k, self.store.read_here(self.key(k)), out)
+        return out
+
+    def _n_chunks(self) -> int:
+        return -(-self.shape[0] // self.chunk)
+
     async def _read_chunk(self, k: int, out: np.ndarray) -> None:
-        key = self.key(k)
-        buf = await self.store.get(key, default_buffer_prototype())
-        if buf is None:
-            raise MissingChunk(key)
-        body = check_crc(np.asarray(buf.as_numpy_array()).view(np.uint8), key)
+        buf = await self.store.get(self.key(k), default_buffer_prototype())
+        self._decode_chunk(k, None if buf is None else buf.as_numpy_array(), out)
+
+    def _decode_chunk(self, k: int, data: np.ndarray | None, out: np.ndarray) -> None:
+        if data is None:
+            raise MissingChunk(self.key(k))
+        body = check_crc(np.asarray(data).view(np.uint8), self.key(k))
         chunk = np.frombuffer(blosc.decompress(body), dtype=self.dtype).reshape(self.chunk, *self.shape[1:])
         part = out[k * self.chunk:(k + 1) * self.chunk]
         part[...] = chunk[:len(part)]  # the last chunk is stored whole, padded past the array's end

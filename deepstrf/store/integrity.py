@@ -75,6 +75,19 @@ class StrictStore(WrapperStore):
             raise MissingChunk(key)
         return value
 
+    @property
+    def reads_here(self) -> bool:
+        """Can :meth:`read_here` read in the calling thread (a local store)?"""
+        return hasattr(self._store, "read_here")
+
+    def read_here(self, key: str, byte_range=None):
+        """Object ``key`` (uint8) read in the calling thread, for stores that can (:attr:`reads_here`)."""
+        value = self._store.read_here(key, byte_range)
+        self.counters.add(1, 0 if value is None else len(value))
+        if value is None and is_chunk_key(key):
+            raise MissingChunk(key)
+        return value
+
     async def get_partial_values(self, prototype, key_ranges):
         key_ranges = list(key_ranges)
         values = await self._store.get_partial_values(prototype, key_ranges)

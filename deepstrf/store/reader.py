@@ -57,12 +57,16 @@ def read_root(loc: Location, store: StrictStore | None = None) -> dict[str, Any]
         raise StoreNotFoundError(f"no store at {loc.url}: the folder does not exist. Check the path.")
     store = store or StrictStore(loc.zarr_store(read_only=True))
     try:
-        raw = sync(store.get("zarr.json", default_buffer_prototype()))
+        if store.reads_here:
+            raw = store.read_here("zarr.json")
+        else:
+            raw = sync(store.get("zarr.json", default_buffer_prototype()))
+            raw = None if raw is None else raw.as_numpy_array()
     except FileNotFoundError:
         raw = None
     if raw is not None:
         try:
-            doc = json.loads(raw.to_bytes())
+            doc = json.loads(raw.tobytes())
             if not isinstance(doc, dict) or doc.get("zarr_format") != 3 or doc.get("node_type") != "group":
                 raise ValueError("not the zarr.json of a zarr v3 group")
             return doc
@@ -105,6 +109,14 @@ def consolidated_arrays(doc: dict[str, Any]) -> dict[str, dict[str, Any]] | None
 def _direct(handles: _Handles, name: str, sel: Any) -> bool:
     """Is ``array[sel]`` read without zarr (a sharded array's slice, a small array whole)?"""
     return (name in handles.sharded and isinstance(sel, slice)) or (name in handles.small and sel is Ellipsis)
+
+
+def _outcome(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, or the exception it raised (as ``asyncio.gather(..., return_exceptions=True)`` gives)."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - reported by the caller, naming what was read
+        return e
 
 
 def _is_transport_error(e: BaseException) -> bool:
@@ -300,7 +312,18 @@ class SourceReader:
         (exceptions returned, not raised). Slices of sharded arrays go through their ShardedArray,
         whole small arrays through their SmallArray, anything else through zarr."""
         self._ready_for(requests)
+        handles = self._handles
+        if handles.store.reads_here and all(_direct(handles, name, sel) for name, sel in requests):
+            return [_outcome(self._read_here, handles, name, sel) for name, sel in requests]
         return sync(self.gather_async(requests))
+
+    @staticmethod
+    def _read_here(handles: _Handles, name: str, sel: Any) -> np.ndarray:
+        if name in handles.small and sel is Ellipsis:
+            return handles.small[name].read_here()
+        out = np.empty(max(sel.stop - sel.start, 0), dtype=handles.sharded[name].layout.dtype)
+        handles.sharded[name].read_into_here(sel.start, sel.stop, [(sel.start, sel.stop, out)])
+        return out
 
     def _ready_for(self, requests: Sequence[tuple[str, Any]]) -> None:
         """Bind in this process, and open zarr's handles if a request needs them (which cannot be
@@ -430,6 +453,12 @@ class SourceReader:
         sharded = self.sharded().get(name)
         array = self.arrays()[name] if sharded is None else None  # a format 1.0 store: zarr reads it
         spans = sharded.layout.by_shard(targets) if sharded is not None else _coalesce(targets, array.chunks[0])
+
+        if sharded is not None and self._handles.store.reads_here:  # local files: no event loop
+            for a, b, inside in spans:
+                if isinstance(res := _outcome(sharded.read_into_here, a, b, inside), BaseException):
+                    raise error(res, a, b) from res
+            return
 
         async def read(a: int, b: int, inside: list[Target]) -> None:
             if sharded is not None:

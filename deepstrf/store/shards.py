@@ -53,6 +53,11 @@ INLINE_DECODE_BYTES = 64 << 10
 SHARED_SHARD_BYTES = 1 << 30
 
 
+def _span(table: np.ndarray) -> tuple[int, int]:
+    """Bytes ``[lo, hi)`` of a shard holding the inner chunks listed in ``table``."""
+    return int(table[:, 0].min()), int((table[:, 0] + table[:, 1]).max())
+
+
 def _stored_end(table: np.ndarray) -> int:
     """Byte where the last inner chunk listed in a shard index ends (0 if it lists none)."""
     present = table[table[:, 0] != _EMPTY]
@@ -261,9 +266,15 @@ class ShardedArray:
 
     async def _get(self, shard: int, lo: int, hi: int) -> np.ndarray:
         buf = await self.store.get(self.key(shard), default_buffer_prototype(), RangeByteRequest(lo, hi))
-        if buf is None:
+        return self._received(shard, lo, hi, None if buf is None else buf.as_numpy_array())
+
+    def _get_here(self, shard: int, lo: int, hi: int) -> np.ndarray:
+        return self._received(shard, lo, hi, self.store.read_here(self.key(shard), RangeByteRequest(lo, hi)))
+
+    def _received(self, shard: int, lo: int, hi: int, data: np.ndarray | None) -> np.ndarray:
+        if data is None:
             raise MissingChunk(self.key(shard))
-        data = np.asarray(buf.as_numpy_array()).view(np.uint8)
+        data = np.asarray(data).view(np.uint8)
         if len(data) != hi - lo:
             raise ValueError(f"{self.key(shard)}: truncated (bytes {lo}-{hi} requested, {len(data)} returned)")
         return data
@@ -365,16 +376,37 @@ class ShardedArray:
         it, others once into a scratch buffer."""
         await asyncio.gather(*(self._read_shard(s, a, b, targets) for s in self.layout.shards_of(a, b)))
 
+    def read_into_here(self, a: int, b: int, targets: Sequence[Target]) -> None:
+        """:meth:`read_into` in the calling thread, for a store that reads there (local files:
+        no event loop, no thread hop)."""
+        for shard in self.layout.shards_of(a, b):
+            if shard not in self.indexes:
+                self._parse_index(shard, self._get_here(shard, 0, self.layout.index_bytes))
+            for table, chunks in self._runs(shard, a, b, targets):
+                lo, hi = _span(table)
+                self._decode(self._get_here(shard, lo, hi), lo, table, chunks, a, b, targets)
+
     async def _read_shard(self, shard: int, a: int, b: int, targets: Sequence[Target]) -> None:
-        chunks = self.layout.chunks_in(shard, a, b)
-        first = chunks.start - shard * self.layout.per_shard
-        table = (await self.shard_index(shard))[first:first + len(chunks)]
-        if (table == _EMPTY).any():
-            raise MissingChunk(f"{self.key(shard)}: an inner chunk is absent from the shard index")
+        await self.shard_index(shard)
         if self.whole:
+            ((table, chunks),) = self._runs(shard, a, b, targets, whole=True)
             blob = await self._whole_shard(shard)
             await self._decode_soon(int(table[:, 1].sum()), blob, 0, table, chunks, a, b, targets)
             return
+        await asyncio.gather(*(self._read_run(shard, table, chunks, a, b, targets)
+                               for table, chunks in self._runs(shard, a, b, targets)))
+
+    def _runs(self, shard: int, a: int, b: int, targets: Sequence[Target], whole: bool = False
+              ) -> list[tuple[np.ndarray, range]]:
+        """The inner chunks of ``shard`` to fetch for ``targets``, as runs fetched by one GET each
+        (``whole``: all of them in one), each as its rows of the shard index and its chunks."""
+        chunks = self.layout.chunks_in(shard, a, b)
+        first = chunks.start - shard * self.layout.per_shard
+        table = self.indexes[shard][first:first + len(chunks)]
+        if (table == _EMPTY).any():
+            raise MissingChunk(f"{self.key(shard)}: an inner chunk is absent from the shard index")
+        if whole:
+            return [(table, chunks)]
         C = self.layout.chunk
         starts = np.arange(chunks.start, chunks.stop, dtype=np.int64) * C
         xs = np.array([t[0] for t in targets], dtype=np.int64)
@@ -386,12 +418,11 @@ class ShardedArray:
                 runs[-1].append(i)
             else:
                 runs.append([i])
-        await asyncio.gather(*(self._read_run(shard, table[run[0]:run[-1] + 1], chunks[run[0]:run[-1] + 1], a, b,
-                                              targets) for run in runs))
+        return [(table[run[0]:run[-1] + 1], chunks[run[0]:run[-1] + 1]) for run in runs]
 
     async def _read_run(self, shard: int, table: np.ndarray, chunks: range, a: int, b: int,
                         targets: Sequence[Target]) -> None:
-        lo, hi = int(table[:, 0].min()), int((table[:, 0] + table[:, 1]).max())
+        lo, hi = _span(table)
         data = await self._get(shard, lo, hi)
         await self._decode_soon(hi - lo, data, lo, table, chunks, a, b, targets)
 
