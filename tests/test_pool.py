@@ -318,3 +318,25 @@ def test_sources_of_a_mixed_pool_keep_their_modality(tmp_path):
         assert (video.H, video.W, audio.F) == (6, 5, 8)
         again = concat_neural_datasets([mixed], store=str(tmp_path / f"again-{check_sources}.zarr"))  # re-pooled
         assert again.source_names == ["v", "a"] and again.get_S() == mixed.get_S()
+
+
+def test_pool_whose_entries_lack_their_modality_attributes_opens(sources, tmp_path, monkeypatch):
+    """Format-2.0 pools written before each source entry recorded its own F / frame size (a
+    single-kind pool then) give their sources the pool's."""
+    from types import SimpleNamespace
+
+    import deepstrf.store.pool as pool_module
+
+    def older_dumps(obj, **kw):
+        if isinstance(obj, list):
+            obj = [{k: v for k, v in e.items() if k not in pool_module.MODALITY_ATTRS} for e in obj]
+        return json.dumps(obj, **kw)
+
+    monkeypatch.setattr(pool_module, "json", SimpleNamespace(dumps=older_dumps, loads=json.loads))
+    url = str(tmp_path / "pool.zarr")
+    concat_neural_datasets([deepstrf.open_dataset(u) for u in sources], store=url)
+    pool = deepstrf.open_dataset(url, check_sources=False)
+    assert "F" not in pool.pool_sources[0] and pool.F == 32
+    for part in pool.responses.sources:
+        assert part.F == pool.F and part.audio_fs == pool.audio_fs
+    assert torch.equal(pool.stims[0], deepstrf.open_dataset(sources[0]).stims[0])

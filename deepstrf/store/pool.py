@@ -174,6 +174,10 @@ class PoolGrid(BlockDiagonalGrid):
         self._stored_coverage = coverage
         self.io = io
 
+    def opened_readers(self) -> list[Any]:
+        """Store readers of the sources opened in this process (none are opened here)."""
+        return [r for part in self.sources if part.responses.handle.is_open() for r in part.responses.opened_readers()]
+
     def _coverage(self) -> Coverage:
         return self._stored_coverage()
 

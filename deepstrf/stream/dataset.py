@@ -37,7 +37,7 @@ from .cache import RowCache
 from .prefetch import Prefetcher
 from .retry import RetryPolicy, call_with_retries
 from .stats import StorageIO, StreamCounters, summarize
-from .workers import DEFAULT_TIMEOUT_S, WorkerActivity, context_method, worker_context
+from .workers import start_worker_server, DEFAULT_TIMEOUT_S, WorkerActivity, context_method, worker_context
 
 Collate = Literal["compact", "dense"]
 STATE_VERSION = 1
@@ -195,6 +195,8 @@ class StreamingNeuralDataset(IterableDataset):
         self.rank_world()
         self._opened: Opened | None = None
         self.last_prefetcher: Prefetcher | None = None
+        if get_worker_info() is None:
+            start_worker_server()
         if self.url is not None:
             # open here too: a bad URL fails now, and forked DataLoader workers inherit the
             # storage client's modules and the sources' cell index instead of each importing
