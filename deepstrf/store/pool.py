@@ -143,16 +143,24 @@ def _open(loc: Location, group: zarr.Group, allowed_roots: Sequence[str], trust:
     cls = _CLASSES[attrs["kind"]]
     stim_meta, nrn_meta = MetaTable(attrs["n_stims"], tables.stim_columns), MetaTable(attrs["n_neurons"], tables.nrn_columns)
     parts, io = [], IOCounters()
+    openers: dict[str, tuple[dict | None, Callable]] = {}  # by protocol: 10^4 sources share a few
+    # a pool written before its entries recorded their own F / frame size has a single kind: the pool's
+    pool_modality = {k: attrs[k] for k in MODALITY_ATTRS if k in attrs}
+    stim_offsets, neuron_offsets = tables.stim_offsets.tolist(), tables.neuron_offsets.tolist()
     for k, e in enumerate(entries):
-        options = source_storage_options if source_storage_options is not None else _same_protocol_options(loc, e["url"])
-        handle = SourceHandle(loc.url, e, partial(open_dataset, storage_options=options, lazy_metadata=True), io,
-                              accept_changed_sources)
+        protocol = _protocol(e["url"])
+        if protocol not in openers:
+            options = source_storage_options if source_storage_options is not None \
+                else _same_protocol_options(loc, e["url"])
+            openers[protocol] = options, partial(open_dataset, storage_options=options, lazy_metadata=True)
+        options, opener = openers[protocol]
+        handle = SourceHandle(loc.url, e, opener, io, accept_changed_sources)
         part = _CLASSES[e["kind"]].__new__(_CLASSES[e["kind"]])
-        # a pool written before its entries recorded their own F / frame size has a single kind: use the pool's
-        own = {"dt_ms": attrs["dt_ms"], "kind": e["kind"],
-               **{k: src[k] for src in (attrs, e) for k in MODALITY_ATTRS if k in src}}
+        own = {"dt_ms": attrs["dt_ms"], "kind": e["kind"], **pool_modality,
+               **{k: e[k] for k in MODALITY_ATTRS if k in e}}
         _fill(part, own, e["url"], LazySourceStims(handle), LazySourceGrid(handle, partial(tables.block, k)),
-              MetaSlice(stim_meta, *tables.stim_range(k)), MetaSlice(nrn_meta, *tables.neuron_range(k)))
+              MetaSlice(stim_meta, stim_offsets[k], stim_offsets[k + 1]),
+              MetaSlice(nrn_meta, neuron_offsets[k], neuron_offsets[k + 1]))
         part.name, part.fingerprint, part.card, part.storage_options = e["name"], e["fingerprint"], e.get("card"), options
         parts.append(part)
     pooled = cls.__new__(cls)
@@ -218,12 +226,6 @@ class PoolTables:
 
     def read(self, name: str) -> np.ndarray:
         return read_checked(self.loc, self._group(), name, self.attrs["digests"][name])
-
-    def stim_range(self, k: int) -> tuple[int, int]:
-        return int(self.stim_offsets[k]), int(self.stim_offsets[k + 1])
-
-    def neuron_range(self, k: int) -> tuple[int, int]:
-        return int(self.neuron_offsets[k]), int(self.neuron_offsets[k + 1])
 
     def stim_columns(self):
         return self._columns(STIM_TABLE, self.attrs["n_stims"])
