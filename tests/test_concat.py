@@ -2,6 +2,8 @@
 
 import subprocess
 import sys
+import threading
+import time
 import warnings
 
 import pytest
@@ -11,6 +13,7 @@ from toydata import OtherAudio, ToyAudio, ToyVideo, cells_equal
 from deepstrf.datasets import NeuralDataset
 from deepstrf.datasets.audio import AudioNeuralDataset
 from deepstrf.datasets.concat import DuplicateUIDWarning
+from deepstrf.datasets import views
 from deepstrf.datasets.views import ResponseGrid
 from deepstrf.errors import IncompatibleDatasetsError
 from deepstrf.utils.data import concat_neural_datasets
@@ -182,3 +185,34 @@ def test_compatibility_of_many_inputs_is_checked_by_group_and_every_mismatch_rep
     assert "s300 (and 299 more input(s) like it) has dt_ms=1.0, s600 has dt_ms=2.0" in message
     pooled = concat_neural_datasets(inputs[:300], names=names[:300])  # one group: nothing to compare
     assert pooled.get_S() == 300
+
+
+class _SlowPart(views.LazySequence):
+    """A part whose batched read waits 0.2 s (a remote store), recording the thread that read."""
+
+    def __init__(self, n, remote):
+        super().__init__(n)
+        self.waits_on_network, self.threads = remote, []
+
+    def _get(self, i):
+        return i
+
+    def _get_many(self, indices):
+        self.threads.append(threading.current_thread().name)
+        time.sleep(0.2)
+        return [10 * len(self) + i for i in indices]
+
+
+@pytest.mark.parametrize("remote", [True, False])
+def test_parts_that_wait_on_the_network_are_read_at_once(remote):
+    parts = [_SlowPart(3, remote), _SlowPart(4, remote), _SlowPart(5, remote)]
+    seq = views.ConcatSequence(parts)
+    start = time.perf_counter()
+    got = seq.read_many([11, 0, 4, 2, 7])
+    elapsed = time.perf_counter() - start
+    assert got == [50 + 4, 30, 40 + 1, 32, 50 + 0]  # in the order asked, whatever the reading order
+    threads = [t for p in parts for t in p.threads]
+    if remote:
+        assert elapsed < 0.45 and all(t.startswith("deepstrf-parts") for t in threads)
+    else:
+        assert elapsed >= 0.6 and set(threads) == {threading.current_thread().name}

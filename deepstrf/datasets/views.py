@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..forksafe import thread_map
 from .coverage import Coverage
 
 CellTransform = Callable[[torch.Tensor, int, int], torch.Tensor]
@@ -156,13 +157,15 @@ class ConcatSequence(LazySequence):
         return self.parts[k][i - self.offsets[k]]
 
     def _get_many(self, indices: Sequence[int]) -> list[Any]:
-        """One batched read per part."""
+        """One batched read per part (concurrently when parts wait on the network)."""
         by_part: dict[int, list[int]] = {}
         for i in indices:
             by_part.setdefault(bisect.bisect_right(self.offsets, i) - 1, []).append(i)
+        reads = map_parts(lambda k: read_many(self.parts[k], [i - self.offsets[k] for i in by_part[k]]),
+                          list(by_part), [self.parts[k] for k in by_part])
         got: dict[int, Any] = {}
-        for k, ids in by_part.items():
-            got.update(zip(ids, read_many(self.parts[k], [i - self.offsets[k] for i in ids])))
+        for k, items in zip(by_part, reads):
+            got.update(zip(by_part[k], items))
         return [got[i] for i in indices]
 
 
@@ -370,28 +373,53 @@ class BlockDiagonalGrid(ResponseGrid):
 
     def _read_raw_rows(self, stims: Sequence[int], neurons: Sequence[int] | None,
                        out: Sequence[np.ndarray] | None) -> list[RawRow]:
-        """Delegate to each source's batched read, one call per source."""
+        """Delegate to each source's batched read, one call per source (concurrently when
+        sources wait on the network)."""
+        parts = list(self._by_source(stims, neurons))
+
+        def read(part: tuple[int, list[int], list[int], list[int] | None]) -> list[RawRow]:
+            k, where, local_stims, local = part
+            return read_raw_rows(self.sources[k].responses, local_stims, local,
+                                 None if out is None else [out[i] for i in where])
+
         rows: list[RawRow | None] = [None] * len(stims)
-        for k, where, local_stims, local in self._by_source(stims, neurons):
-            bufs = None if out is None else [out[i] for i in where]
-            for i, row in zip(where, read_raw_rows(self.sources[k].responses, local_stims, local, bufs)):
+        for (k, where, _, _), got in zip(parts, map_parts(read, parts, self._grids(parts))):
+            for i, row in zip(where, got):
                 row.stim += self.stim_offsets[k]
                 row.neurons = row.neurons + self.neuron_offsets[k]
                 rows[i] = row
         return rows
 
     def _row_sizes(self, stims: Sequence[int], neurons: Sequence[int] | None) -> tuple[np.ndarray, np.dtype] | None:
-        sizes, dtypes = np.zeros(len(stims), dtype=np.int64), []
-        for k, where, local_stims, local in self._by_source(stims, neurons):
-            known = raw_row_sizes(self.sources[k].responses, local_stims, local)
-            if known is None:
-                return None
+        parts = list(self._by_source(stims, neurons))
+        found = map_parts(lambda part: raw_row_sizes(self.sources[part[0]].responses, part[2], part[3]), parts,
+                          self._grids(parts))
+        if any(known is None for known in found):
+            return None
+        sizes = np.zeros(len(stims), dtype=np.int64)
+        for (_, where, _, _), known in zip(parts, found):
             sizes[where] = known[0]
-            dtypes.append(known[1])
-        return sizes, np.result_type(*dtypes) if dtypes else np.dtype(np.float32)
+        return sizes, np.result_type(*[known[1] for known in found]) if found else np.dtype(np.float32)
+
+    def _grids(self, parts: Sequence[tuple]) -> list[Any]:
+        return [self.sources[part[0]].responses for part in parts]
 
     def _coverage(self) -> Coverage:
         return Coverage.block_diagonal([d.coverage for d in self.sources])
+
+
+NETWORK_READ_THREADS = 8
+"""Parts of a concatenation read at once when their reads wait on the network."""
+
+
+def map_parts(fn: Callable[[Any], Any], items: Sequence[Any], parts: Sequence[Any]) -> list[Any]:
+    """``[fn(x) for x in items]``, run concurrently (a few threads) when several of the
+    corresponding ``parts`` (grids or sequences of a concatenation) wait on the network: a
+    batch spanning many remote sources then costs a few round trips, not one per source.
+    Local reads stay in the calling thread (they are CPU-bound: threads only add hand-offs)."""
+    if len(items) > 1 and sum(bool(getattr(p, "waits_on_network", False)) for p in parts) > 1:
+        return thread_map(fn, items, max_workers=NETWORK_READ_THREADS, name="deepstrf-parts")
+    return [fn(x) for x in items]
 
 
 def read_many(seq: Sequence, indices: Sequence[int]) -> list[Any]:

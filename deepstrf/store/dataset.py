@@ -25,7 +25,7 @@ from ..datasets.views import BlockDiagonalGrid, LazySequence, RawRow, ResponseGr
 from ..errors import StoreError
 from ..forksafe import run_gated
 from . import format as fmt
-from .location import Location
+from .location import Location, on_network
 from .reader import SourceReader, consolidated_arrays, read_root, sync
 
 _CLASSES: dict[str, type[NeuralDataset]] = {
@@ -38,6 +38,7 @@ class ZarrStims(LazySequence):
     def __init__(self, reader: SourceReader) -> None:
         super().__init__(reader.n_stims)
         self.reader = reader
+        self.waits_on_network = on_network(reader.url)  # read with its neighbours at once (views.map_parts)
 
     def _get(self, i: int) -> torch.Tensor:
         return torch.from_numpy(self.reader.read_stim(i))
@@ -52,6 +53,7 @@ class ZarrResponseGrid(ResponseGrid):
     def __init__(self, reader: SourceReader) -> None:
         super().__init__(reader.n_stims, reader.n_neurons)
         self.reader = reader
+        self.waits_on_network = on_network(reader.url)
         self.read_dtype = fmt.read_dtype(np.dtype(reader.attrs["response_dtype"]))
 
     def _read_row(self, s: int, neurons: Sequence[int]) -> list[torch.Tensor]:

@@ -30,6 +30,7 @@ from ..errors import SourceChangedError, StoreNotFoundError
 from ..forksafe import thread_map
 from .dataset import source_readers
 from .integrity import IOCounters
+from .location import on_network
 
 MAX_OPEN_SOURCES = 256
 """Sources kept open per process; an epoch's block-shuffled windows touch far fewer at a time."""
@@ -74,6 +75,7 @@ class SourceHandle:
         self.opener = opener
         self.io = io  # the pool's total of requests and bytes, over the sources opened here
         self.accept_changed = accept_changed
+        self.remote = on_network(entry["url"])  # its reads wait on a network
         self._ds: NeuralDataset | None = None
         self._lock = threading.Lock()
 
@@ -145,6 +147,7 @@ class LazySourceStims(LazySequence):
     def __init__(self, handle: SourceHandle) -> None:
         super().__init__(handle.entry["n_stims"])
         self.handle = handle
+        self.waits_on_network = handle.remote
 
     def _get(self, i: int) -> torch.Tensor:
         return self.handle.dataset().stims[i]
@@ -159,6 +162,7 @@ class LazySourceGrid(ResponseGrid):
     def __init__(self, handle: SourceHandle, coverage: Callable[[], Coverage]) -> None:
         super().__init__(handle.entry["n_stims"], handle.entry["n_neurons"])
         self.handle = handle
+        self.waits_on_network = handle.remote
         self._stored_coverage = coverage
 
     def _read_row(self, s: int, neurons: Sequence[int]) -> list[torch.Tensor]:

@@ -48,6 +48,11 @@ def _protocol(url: str) -> str:
     return head.lower() if sep else "file"
 
 
+def on_network(url: str) -> bool:
+    """Do reads at ``url`` wait on a network (anything but a local folder or ``memory://``)?"""
+    return _protocol(url) not in ("file", "memory")
+
+
 def canonical_url(url: str) -> str:
     """Absolute local path for local URLs (``file://`` stripped), else the URL without a trailing ``/``."""
     url = os.fspath(url)
