@@ -1,14 +1,17 @@
-"""Reading a source store: open a group, load its index, fetch cells and stims.
+"""Reading a source store: its root document, its index, cells and stims.
 
-:class:`SourceReader` is the only object that talks to zarr. It pickles as
-its URL, ``storage_options`` and attributes, and reopens its zarr handles
-lazily in each process (fsspec/s3fs clients are not fork-safe). All reads of
-response cells and stimuli go through :meth:`SourceReader.read_ranges`
+:class:`SourceReader` is the one object that reads a source store. It takes
+every array's metadata from the root ``zarr.json`` (consolidated) and reads
+the arrays in deepstrf's own layouts itself (:mod:`.direct`, :mod:`.shards`;
+local files in the calling thread, :mod:`.localfiles`), leaving anything
+else to zarr. It pickles as its URL, ``storage_options``, attributes and
+array metadata, and makes its storage client again in each process
+(fsspec/s3fs clients are not fork-safe). All reads of response cells and
+stimuli go through :meth:`SourceReader.read_ranges`
 (:meth:`~SourceReader.read_rows`, :meth:`~SourceReader.read_stims`): one
 concurrent group of coalesced range reads for any number of stims, decoded
 into the caller's arrays (a streamed batch's buffer) when it gives them.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -31,10 +34,10 @@ from ..datasets.views import RawRow, check_out
 from ..errors import IncompleteStoreError, IntegrityError, StoreError, StoreNotFoundError
 from . import format as fmt
 from .atomic import store_state
+from .direct import SmallArray
 from .integrity import IOCounters, MissingChunk, StrictStore
 from .jsonmeta import decode_meta
 from .location import Location
-from .direct import SmallArray
 from .shards import ShardedArray, Target
 
 _TRANSPORT_ERRORS = (OSError, TimeoutError, asyncio.TimeoutError)
