@@ -33,8 +33,8 @@ class InlineLocalStore(LocalStore):
             with open(os.path.join(self.root, key), "rb") as f:
                 if byte_range is None:
                     return np.frombuffer(f.read(), dtype=np.uint8)
-                return np.frombuffer(os.pread(f.fileno(), byte_range.end - byte_range.start, byte_range.start),
-                                     dtype=np.uint8)
+                f.seek(byte_range.start)
+                return np.frombuffer(f.read(byte_range.end - byte_range.start), dtype=np.uint8)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
 
