@@ -64,7 +64,8 @@ def test_other_layouts_are_left_to_zarr(tmp_path):
     store = MemoryStore()
     data = np.arange(12, dtype=np.int32)
     plain = write(store, "plain", data, 4, serializer=BytesCodec(endian="little"), compressors=None)
-    big = write(store, "big", data, 4, serializer=BytesCodec(endian="big"), compressors=fmt.codecs(data.dtype)["compressors"])
+    big = write(store, "big", data, 4, serializer=BytesCodec(endian="big"),
+                compressors=fmt.codecs(data.dtype)["compressors"])
     group = zarr.open_group(store, mode="a", zarr_format=3)
     by_columns = group.create_array("by_columns", shape=(4, 6), dtype=np.int32, chunks=(4, 3), **fmt.codecs(np.int32))
     v2_keys = group.create_array("v2_keys", shape=(12,), dtype=np.int32, chunks=(4,), chunk_key_encoding={"name": "v2"},

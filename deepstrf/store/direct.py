@@ -41,7 +41,8 @@ class SmallArray:
         shape = tuple(int(n) for n in meta.get("shape") or ())
         chunks = chunk_shape(meta)
         if (dtype is None or not shape or chunks is None or len(chunks) != len(shape) or chunks[1:] != shape[1:]
-                or chunks[0] < 1 or not slash_chunk_keys(meta) or not compressed_chunks(meta.get("codecs") or [], dtype)):
+                or chunks[0] < 1 or not slash_chunk_keys(meta)
+                or not compressed_chunks(meta.get("codecs") or [], dtype)):
             return None
         return cls(store, path, shape, chunks[0], dtype)
 

@@ -396,7 +396,8 @@ class SourceReader:
         offsets, repeats, stim_offsets, stim_shapes = found
         index = Index(offsets.astype(np.int64, copy=False), repeats.astype(np.int64),
                       stim_offsets.astype(np.int64, copy=False), stim_shapes.astype(np.int64, copy=False))
-        problem = index_problem(index, self.n_stims, self.n_neurons, self.length(fmt.VALUES), self.length(fmt.STIM_VALUES))
+        problem = index_problem(index, self.n_stims, self.n_neurons, self.length(fmt.VALUES),
+                                self.length(fmt.STIM_VALUES))
         if problem:
             raise IntegrityError(f"{self.url}: the index arrays are inconsistent ({problem}); the store is "
                                  "damaged. Re-create it from its source.")

@@ -245,13 +245,15 @@ class ShardedArray:
         """A reader of the array at ``path`` of ``store``, described by ``meta`` (its ``zarr.json``),
         if it has the deepstrf shard layout, else None."""
         dtype, shape, codecs = plain_dtype(meta), meta.get("shape") or (), meta.get("codecs") or []
-        if dtype is None or len(shape) != 1 or codec_names(codecs) != ["sharding_indexed"] or not slash_chunk_keys(meta):
+        if (dtype is None or len(shape) != 1 or codec_names(codecs) != ["sharding_indexed"]
+                or not slash_chunk_keys(meta)):
             return None
         conf = codecs[0].get("configuration") or {}
         index_codecs = conf.get("index_codecs") or []
         shard = chunk_shape(meta)
         if (conf.get("index_location", "end") != "start" or not compressed_chunks(conf.get("codecs") or [], dtype)
-                or codec_names(index_codecs) != ["bytes", "crc32c"] or not native_bytes(index_codecs[0], np.dtype("<u8"))
+                or codec_names(index_codecs) != ["bytes", "crc32c"]
+                or not native_bytes(index_codecs[0], np.dtype("<u8"))
                 or shard is None or len(conf.get("chunk_shape") or ()) != 1):
             return None
         chunk = int(conf["chunk_shape"][0])

@@ -31,6 +31,7 @@ from ..errors import StreamStalledError
 from ..forksafe import run_gated
 from ..store import shards
 from ..store.dataset import load_indexes, storage_io
+from ..store.location import on_network
 from . import items, partition, reader, shuffle
 from .buffers import DEFAULT_SLOTS, BufferPool, slots_for
 from .cache import RowCache
@@ -59,7 +60,7 @@ class Opened:
     pos_of: np.ndarray            # global neuron id -> position in the selection, or -1
     read_neurons: list[int] | None  # what to pass to read_raw_rows (None: all neurons)
     in_order: bool                  # the selection lists neurons in stored order: rows need no reordering
-    stim_pool: ThreadPoolExecutor   # reads a batch's stimuli concurrently with its responses
+    stim_pool: ThreadPoolExecutor | None  # reads a batch's stimuli beside its responses (None: in line)
     io: StorageIO | None            # storage requests/bytes of a store-backed dataset, else None
 
 
@@ -122,8 +123,10 @@ class StreamingNeuralDataset(IterableDataset):
     reads ahead) by ``read_threads``
     threads (default 2 for a store URL, so one batch's round trips overlap
     another's decoding; 1 for a dataset object, whose reads may not be
-    thread-safe), retries per ``retry``, an optional LRU row cache of at
-    most ``cache_bytes`` in ``cache_dir``.
+    thread-safe), each batch's stimuli read beside its responses by one more
+    thread (in line for a store on local disk, whose reads are CPU work),
+    retries per ``retry``, an optional LRU row cache of at most
+    ``cache_bytes`` in ``cache_dir``.
 
     Batch buffers: with ``reuse_buffers`` (default), the large buffers of a
     batch are reused for a later batch once nothing refers to it any more
@@ -229,10 +232,16 @@ class StreamingNeuralDataset(IterableDataset):
             self._opened = Opened(os.getpid(), ds, self._visible(ds), selection,
                                   selection.positions(ds.N_neurons),
                                   None if everything else selection.neurons.tolist(), in_order,
-                                  ThreadPoolExecutor(max_workers=self.read_threads,
-                                                     thread_name_prefix="deepstrf-stims"),
+                                  None if self._reads_local_files(ds) else ThreadPoolExecutor(
+                                      max_workers=self.read_threads, thread_name_prefix="deepstrf-stims"),
                                   None if (io := storage_io(ds)) is None else StorageIO(io))
         return self._opened
+
+    def _reads_local_files(self, ds: NeuralDataset) -> bool:
+        """A store URL on a local disk (and a pool's sources too): its reads are CPU work in the
+        reading thread (:mod:`deepstrf.store.localfiles`), not waits a second thread could overlap."""
+        sources = [e["url"] for e in getattr(ds, "pool_sources", None) or []]
+        return self.url is not None and not any(on_network(u) for u in [self.url, *sources])
 
     def _visible(self, ds: NeuralDataset) -> np.ndarray:
         """Global stim index of each item this dataset streams: the visible stims (in ``subset``)."""
@@ -455,7 +464,10 @@ class StreamingNeuralDataset(IterableDataset):
         items keep views of it)."""
         ds = st.ds
         start = time.perf_counter()
-        pending = st.stim_pool.submit(run_gated, self._read_stims, st, stims)
+        if st.stim_pool is None:  # local files: reading is CPU work, another thread would only contend
+            stim_tensors, pending = self._read_stims(st, stims), None
+        else:
+            pending = st.stim_pool.submit(run_gated, self._read_stims, st, stims)
         compact_batch = self.batch_size is not None and self.collate == "compact"
         try:
             values, out = self._batch_buffer(st, stims, pool if compact_batch else scratch)
@@ -463,10 +475,12 @@ class StreamingNeuralDataset(IterableDataset):
         except BaseException:
             # the batch has failed: its stimulus read must not go on behind the caller's back (into
             # caches, counters, a later pass); its own outcome no longer matters
-            pending.cancel()
-            futures.wait([pending])
+            if pending is not None:
+                pending.cancel()
+                futures.wait([pending])
             raise
-        stim_tensors = pending.result()
+        if pending is not None:
+            stim_tensors = pending.result()
         ordered = [reader.order_cells(r, st.pos_of) for r in rows]
         used = sum(r.values.nbytes for r in ordered) + sum(t.numel() * t.element_size() for t in stim_tensors)
         self.counters.add(items=len(stims), batches=1, bytes_used=used,
