@@ -3,8 +3,10 @@
 A pool of 10^4 sessions has 10^5 stims and 2·10^5 neurons. Its metadata is
 stored as columns (one list per key) and read only when asked for;
 :meth:`MetaTable.matching` answers ``meta[key] == value`` from a column,
-without building 2·10^5 dicts. Any other access builds the rows once, and
-from then on the table is an ordinary list of dicts (edits stick, as on a list).
+without building 2·10^5 dicts, and ``meta[i]`` builds row ``i`` alone (a
+streamed batch needs its own items' rows, not 10^5 of them). A row, once
+handed out, is the same dict from then on, so edits stick as on a list;
+iterating builds every row once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from ..bulk import gc_paused
 
 Columns = dict[str, tuple[list, set[int]]]
+_ABSENT = object()
 
 
 class MetaTable(Sequence):
@@ -26,6 +29,7 @@ class MetaTable(Sequence):
         self._load_rows: Callable[[], list[dict]] | None = None
         self._columns: Columns | None = None
         self._rows: list[dict] | None = None
+        self._handed_out: dict[int, dict] = {}  # rows built one by one, before all were
 
     @classmethod
     def from_rows(cls, n: int, load_rows: Callable[[], list[dict]]) -> "MetaTable":
@@ -40,8 +44,12 @@ class MetaTable(Sequence):
             self._columns = self._load()
         return self._columns
 
+    def _by_columns(self) -> bool:
+        """Are rows still answered from the columns (not all built, not loaded as rows)?"""
+        return self._rows is None and self._load_rows is None
+
     def rows(self) -> list[dict]:
-        """The metadata as a list of dicts (built once)."""
+        """The metadata as a list of dicts (built once; rows already handed out are kept)."""
         if self._rows is None and self._load_rows is not None:
             self._rows = self._load_rows()
         if self._rows is None:
@@ -52,27 +60,54 @@ class MetaTable(Sequence):
                     for i, (row, v) in enumerate(zip(rows, values)):
                         if i not in absent:
                             row[key] = v
-            self._rows = rows
+                for i, row in self._handed_out.items():
+                    rows[i] = row
+            self._rows, self._handed_out = rows, {}
         return self._rows
+
+    def _row(self, i: int) -> dict:
+        """Row ``i`` (``0 <= i < n``), built from the columns alone on first access."""
+        if not self._by_columns():
+            return self.rows()[i]
+        row = self._handed_out.get(i)
+        if row is None:
+            row = {key: values[i] for key, (values, absent) in self._loaded_columns().items() if i not in absent}
+            self._handed_out[i] = row
+        return row
 
     def matching(self, key: str, value: Any) -> list[int] | None:
         """Rows whose ``key`` equals ``value`` (rows without the key never match); None when rows
-        were built (they may have been edited) or come as rows: the caller then tests them."""
-        if self._rows is not None or self._load_rows is not None:
+        were built (they may have been edited) or come as rows: the caller then tests them. Rows
+        handed out one by one are tested as they are now."""
+        if not self._by_columns():
             return None
-        if key not in self._loaded_columns():
-            return []
-        values, absent = self._loaded_columns()[key]
-        return [i for i, v in enumerate(values) if v == value and i not in absent]
+        cols = self._loaded_columns()
+        out = []
+        if key in cols:
+            values, absent = cols[key]
+            out = [i for i, v in enumerate(values) if v == value and i not in absent and i not in self._handed_out]
+        out += [i for i, row in self._handed_out.items() if row.get(key, _ABSENT) == value]
+        return sorted(out)
 
     def __len__(self) -> int:
         return self._n
 
     def __getitem__(self, i):
-        return self.rows()[i]
+        if isinstance(i, slice):
+            return [self._row(j) for j in range(*i.indices(self._n))]
+        j = i + self._n if i < 0 else i
+        if not 0 <= j < self._n:
+            raise IndexError(f"metadata index {i} out of range for size {self._n}")
+        return self._row(j)
 
     def __setitem__(self, i: int, value: dict) -> None:
-        self.rows()[i] = value
+        j = i + self._n if i < 0 else i
+        if not 0 <= j < self._n:
+            raise IndexError(f"metadata index {i} out of range for size {self._n}")
+        if self._by_columns():
+            self._handed_out[j] = value
+        else:
+            self.rows()[j] = value
 
     def __iter__(self) -> Iterator[dict]:
         return iter(self.rows())
@@ -104,8 +139,7 @@ class MetaSlice(Sequence):
         return self.table[self.start + j]
 
     def __iter__(self) -> Iterator[dict]:
-        rows = self.table.rows()
-        return iter(rows[self.start:self.stop])
+        return (self.table[i] for i in range(self.start, self.stop))
 
 
 def matching_attr(metas: Sequence[dict], key: str, value: Any) -> list[int] | None:
