@@ -406,7 +406,10 @@ class StreamingNeuralDataset(IterableDataset):
         units = self._units(st)
         batches = partition.rank_batches(len(units), self._offset, world, rank, self._unit_batch(), self.drop_last)
         mine = partition.worker_batches(batches, worker_id, num_workers)
-        tasks = [np.concatenate([units[p] for p in positions]) for _, positions in mine]
+        if isinstance(units, np.ndarray):  # units of one item each: one gather per batch
+            tasks = [units[positions].reshape(-1) for _, positions in mine]
+        else:
+            tasks = [np.concatenate([units[p] for p in positions]) for _, positions in mine]
         unit = self._unit_batch()
         if self.batch_size is None and unit == 1:  # single items: read a few of this process's at once
             tasks = [np.concatenate(tasks[i:i + ITEM_READ_GROUP]) for i in range(0, len(tasks), ITEM_READ_GROUP)]

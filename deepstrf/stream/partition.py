@@ -60,13 +60,12 @@ def rank_batches(n_units: int, offset: int, world_size: int, rank: int, batch_si
     _check(n_units, offset, world_size, rank, batch_size)
     remaining = n_units - offset
     m = units_per_rank(n_units, offset, world_size, drop_last)
-    out = []
-    for j in range(-(-m // batch_size)):
-        b = min(batch_size, m - j * batch_size)
-        start = j * world_size * batch_size + rank * b
-        padded = np.arange(start, start + b, dtype=np.int64)
-        out.append(offset + padded % remaining)  # positions past the end wrap: padding repeats
-    return out
+    steps = np.arange(-(-m // batch_size), dtype=np.int64)
+    sizes = np.minimum(batch_size, m - steps * batch_size)  # only the last batch may be shorter
+    starts = steps * world_size * batch_size + rank * sizes
+    padded = starts[:, None] + np.arange(batch_size, dtype=np.int64)
+    positions = offset + padded % max(remaining, 1)  # positions past the end wrap: padding repeats
+    return [row[:b] for row, b in zip(positions, sizes.tolist())]
 
 
 def worker_batches(batches: list[np.ndarray], worker_id: int, num_workers: int) -> list[tuple[int, np.ndarray]]:

@@ -31,9 +31,9 @@ def block_shuffle(n: int, seed: int, epoch: int, block_size: int = 8, buffer_siz
     if block_size < 1 or buffer_size < 1:
         raise ValueError(f"block_size and buffer_size must be >= 1, got {block_size}, {buffer_size}")
     rng = epoch_rng(seed, epoch, *stream)
-    starts = np.arange(0, n, block_size)
-    order = np.concatenate([np.arange(s, min(s + block_size, n)) for s in rng.permutation(starts)]
-                           or [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+    starts = rng.permutation(np.arange(0, n, block_size)).astype(np.int64)
+    runs = starts[:, None] + np.arange(block_size, dtype=np.int64)  # each run's items; only the last run
+    order = runs[runs < n]                                           # can pass the end
     for lo in range(0, n, buffer_size):
         window = order[lo:lo + buffer_size]
         order[lo:lo + buffer_size] = window[rng.permutation(len(window))]
