@@ -64,6 +64,18 @@ class Opened:
     io: StorageIO | None            # storage requests/bytes of a store-backed dataset, else None
 
 
+def _grouped(tasks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """Consecutive tasks concatenated ``size`` at a time (the last group may be smaller)."""
+    group: list[np.ndarray] = []
+    for task in tasks:
+        group.append(task)
+        if len(group) == size:
+            yield np.concatenate(group)
+            group = []
+    if group:
+        yield np.concatenate(group)
+
+
 class _SharedPosition:
     """An int attribute kept in the dataset's shared-memory ``_position`` tensor, so that
     persistent DataLoader workers read the value the main process set."""
@@ -406,13 +418,14 @@ class StreamingNeuralDataset(IterableDataset):
         units = self._units(st)
         batches = partition.rank_batches(len(units), self._offset, world, rank, self._unit_batch(), self.drop_last)
         mine = partition.worker_batches(batches, worker_id, num_workers)
+        # made as they are read: the first read starts without planning 10^4 batches' positions first
         if isinstance(units, np.ndarray):  # units of one item each: one gather per batch
-            tasks = [units[positions].reshape(-1) for _, positions in mine]
+            tasks: Iterator[np.ndarray] = (units[positions].reshape(-1) for _, positions in mine)
         else:
-            tasks = [np.concatenate([units[p] for p in positions]) for _, positions in mine]
+            tasks = (np.concatenate([units[p] for p in positions]) for _, positions in mine)
         unit = self._unit_batch()
         if self.batch_size is None and unit == 1:  # single items: read a few of this process's at once
-            tasks = [np.concatenate(tasks[i:i + ITEM_READ_GROUP]) for i in range(0, len(tasks), ITEM_READ_GROUP)]
+            tasks = _grouped(tasks, ITEM_READ_GROUP)
         pool = self._buffer_pool(shared=not in_process)
         scratch = BufferPool(shared=False, slots=DEFAULT_SLOTS if self.reuse_buffers else 0)
         fetch = Prefetcher(lambda positions: self._read_batch(positions, pool, scratch),
