@@ -69,7 +69,10 @@ class StrictStore(WrapperStore):
         return type(self)(store, self.counters)
 
     async def get(self, key, prototype, byte_range=None):
-        value = await self._store.get(key, prototype, byte_range)
+        return self._received(key, await self._store.get(key, prototype, byte_range))
+
+    def _received(self, key: str, value):
+        """``value`` as read for ``key``, counted; a missing chunk raises :class:`MissingChunk`."""
         self.counters.add(1, 0 if value is None else len(value))
         if value is None and is_chunk_key(key):
             raise MissingChunk(key)
@@ -82,11 +85,7 @@ class StrictStore(WrapperStore):
 
     def read_here(self, key: str, byte_range=None):
         """Object ``key`` (uint8) read in the calling thread, for stores that can (:attr:`reads_here`)."""
-        value = self._store.read_here(key, byte_range)
-        self.counters.add(1, 0 if value is None else len(value))
-        if value is None and is_chunk_key(key):
-            raise MissingChunk(key)
-        return value
+        return self._received(key, self._store.read_here(key, byte_range))
 
     async def get_partial_values(self, prototype, key_ranges):
         key_ranges = list(key_ranges)

@@ -38,7 +38,7 @@ from .cache import RowCache
 from .prefetch import Prefetcher
 from .retry import RetryPolicy, call_with_retries
 from .stats import StorageIO, StreamCounters, summarize
-from .workers import start_worker_server, DEFAULT_TIMEOUT_S, WorkerActivity, context_method, worker_context
+from .workers import DEFAULT_TIMEOUT_S, WorkerActivity, context_method, start_worker_server, worker_context
 
 Collate = Literal["compact", "dense"]
 STATE_VERSION = 1
