@@ -168,7 +168,8 @@ def test_a_lazy_pool_opens_no_source_and_streams(sources, tmp_path):
     assert not any(p.responses.handle.is_open() for p in pool.responses.sources)  # selection reads no source
     pool.reset_pop_selection()
     ds = StreamingNeuralDataset(pool, batch_size=4, seed=1)  # workers receive it unopened and open what they read
-    seen = [m["uid"] for batch in ds.loader(num_workers=2, timeout=loader_timeout(2)) for m in batch.stim_meta]
+    loader = ds.loader(num_workers=2, timeout=loader_timeout(2), read_while_starting=False)  # workers read all
+    seen = [m["uid"] for batch in loader for m in batch.stim_meta]
     assert sorted(seen) == sorted(m["uid"] for m in deepstrf.open_dataset(url).stim_meta)
     assert not any(p.responses.handle.is_open() for p in pool.responses.sources)  # not in this process
 

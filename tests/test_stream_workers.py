@@ -69,7 +69,7 @@ def test_stuck_worker_is_named_with_what_it_reads():
     s = StreamingNeuralDataset(toy_with_slow_stim(seconds=60), batch_size=2, shuffle=False)
     start = time.monotonic()
     with pytest.raises(StreamStalledError) as err:
-        for _ in s.loader(num_workers=2, timeout=3):
+        for _ in s.loader(num_workers=2, timeout=3, read_while_starting=False):
             pass
     msg = str(err.value)
     assert time.monotonic() - start < 30  # the stuck worker was stopped, not waited for
@@ -81,7 +81,7 @@ def test_stuck_worker_is_named_with_what_it_reads():
 def test_dead_worker_is_reported_with_what_it_was_reading():
     s = StreamingNeuralDataset(toy_with_slow_stim(die=True), batch_size=2, shuffle=False)
     with pytest.raises(StreamStalledError) as err:
-        list(s.loader(num_workers=2, timeout=20))
+        list(s.loader(num_workers=2, timeout=20, read_while_starting=False))
     msg = str(err.value)
     assert "dead: exit code 3" in msg and "reading stims [4, 5]" in msg
 
@@ -89,7 +89,7 @@ def test_dead_worker_is_reported_with_what_it_was_reading():
 def test_loader_after_a_stall_starts_new_workers():
     ds = toy_with_slow_stim(seconds=60)
     s = StreamingNeuralDataset(ds, batch_size=2, shuffle=False)
-    loader = s.loader(num_workers=2, timeout=3, persistent_workers=True)
+    loader = s.loader(num_workers=2, timeout=3, persistent_workers=True, read_while_starting=False)
     with pytest.raises(StreamStalledError):
         list(loader)
     ds.stims.seconds = 0.0  # the next pass pickles the dataset again, now fast

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data._utils import signal_handling
 
 from ..datasets import views
 from ..datasets.neural_dataset import NeuralDataset
@@ -35,7 +36,8 @@ from ..store.location import on_network
 from . import items, partition, reader, shuffle
 from .buffers import DEFAULT_SLOTS, BufferPool, slots_for
 from .cache import RowCache
-from .prefetch import Prefetcher
+from .lead import Lead
+from .prefetch import Prefetcher, ReadTimeout
 from .retry import RetryPolicy, call_with_retries
 from .stats import StorageIO, StreamCounters, summarize
 from .workers import DEFAULT_TIMEOUT_S, WorkerActivity, context_method, start_worker_server, worker_context
@@ -47,6 +49,7 @@ DEATH_WAIT_S = 5.0  # how long a batch that failed to unpickle waits to see its 
 ITEM_READ_GROUP = 8
 # DataLoader prefetch_factor of loader() for dense batches (torch's default, 2, for compact ones)
 DENSE_PREFETCH_FACTOR = 1
+_STARTED_POLL_S = 0.002  # how often the thread starting the workers looks for one that began its pass
 
 
 @dataclass
@@ -207,6 +210,7 @@ class StreamingNeuralDataset(IterableDataset):
         self._steps = 0         # batches yielded by this rank since the offset
         self.counters = StreamCounters()
         self.activity = WorkerActivity()
+        self._lead = Lead()
         self.rank_world()
         self._opened: Opened | None = None
         self.last_prefetcher: Prefetcher | None = None
@@ -403,7 +407,6 @@ class StreamingNeuralDataset(IterableDataset):
         cannot, so call :meth:`set_epoch`).
         """
         st = self._state()
-        rank, world = self.rank_world()
         info = get_worker_info()
         worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         in_process = info is None
@@ -415,23 +418,15 @@ class StreamingNeuralDataset(IterableDataset):
         self.counters.use_slot(slot)
         self.counters.reset_slot()
         self.activity.use_slot(slot)
-        units = self._units(st)
-        batches = partition.rank_batches(len(units), self._offset, world, rank, self._unit_batch(), self.drop_last)
+        units, batches = self._plan(st)
+        if not in_process:  # the pass's first batches may have been read by the main process (lead.py)
+            batches = batches[self._lead.wait_closed(DEFAULT_TIMEOUT_S, self._where()):]
         mine = partition.worker_batches(batches, worker_id, num_workers)
-        # made as they are read: the first read starts without planning 10^4 batches' positions first
-        if isinstance(units, np.ndarray):  # units of one item each: one gather per batch
-            tasks: Iterator[np.ndarray] = (units[positions].reshape(-1) for _, positions in mine)
-        else:
-            tasks = (np.concatenate([units[p] for p in positions]) for _, positions in mine)
+        tasks = self._tasks(units, (positions for _, positions in mine))
         unit = self._unit_batch()
         if self.batch_size is None and unit == 1:  # single items: read a few of this process's at once
             tasks = _grouped(tasks, ITEM_READ_GROUP)
-        pool = self._buffer_pool(shared=not in_process)
-        scratch = BufferPool(shared=False, slots=DEFAULT_SLOTS if self.reuse_buffers else 0)
-        fetch = Prefetcher(lambda positions: self._read_batch(positions, pool, scratch),
-                           depth=self._prefetch_depth(info is not None), threads=self.read_threads)
-        self.last_prefetcher = fetch
-        for out in fetch.map(tasks):
+        for out in self._read_ahead(tasks, shared=not in_process):
             if self.batch_size is not None:
                 if in_process:
                     self._steps += 1  # counted before the hand-over: the consumer holds it from here
@@ -445,6 +440,44 @@ class StreamingNeuralDataset(IterableDataset):
             out = item = None
         if in_process:
             self._end_pass()
+
+    def _plan(self, st: Opened) -> tuple[Any, list[np.ndarray]]:
+        """This rank's pass: the epoch's units and the positions (into them) of each of its batches."""
+        rank, world = self.rank_world()
+        units = self._units(st)
+        return units, partition.rank_batches(len(units), self._offset, world, rank, self._unit_batch(),
+                                             self.drop_last)
+
+    @staticmethod
+    def _tasks(units: Any, batches: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        """The item positions each batch reads, made as they are read (the first read starts without
+        gathering 10^4 batches' positions first)."""
+        if isinstance(units, np.ndarray):  # units of one item each: one gather per batch
+            return (units[positions].reshape(-1) for positions in batches)
+        return (np.concatenate([units[p] for p in positions]) for positions in batches)
+
+    def _read_ahead(self, tasks: Iterator[np.ndarray], shared: bool, timeout: float | None = None) -> Iterator[Any]:
+        """Read ``tasks`` in order, ahead of the consumer (``shared``: into shared memory, for a worker;
+        ``timeout``: see :meth:`Prefetcher.map`)."""
+        pool = self._buffer_pool(shared=shared)
+        scratch = BufferPool(shared=False, slots=DEFAULT_SLOTS if self.reuse_buffers else 0)
+        fetch = Prefetcher(lambda positions: self._read_batch(positions, pool, scratch),
+                           depth=self._prefetch_depth(in_worker=get_worker_info() is not None),
+                           threads=self.read_threads)
+        self.last_prefetcher = fetch
+        return fetch.map(tasks, timeout)
+
+    def _lead_batches(self, timeout: float | None) -> Iterator[Any]:
+        """The first batches of this rank's pass, read in the main process while a
+        :class:`StreamingDataLoader` starts its workers, until the first of them begins (lead.py);
+        a read that takes longer than ``timeout`` raises :class:`ReadTimeout`."""
+        st = self._state()
+        self.counters.use_slot(0)
+        self.activity.use_slot(0)
+        units, batches = self._plan(st)
+        claimed = iter(lambda: self._lead.claim(len(batches)), None)
+        yield from self._read_ahead(self._tasks(units, (batches[step] for step in claimed)), shared=False,
+                                    timeout=timeout)
 
     def _begin_pass(self) -> None:
         self._steps = 0
@@ -644,9 +677,14 @@ class StreamingDataLoader(DataLoader):
     - ``timeout`` (default 300 s with workers): when no batch arrives for that long, or a worker
       dies, the pass ends with :class:`~deepstrf.errors.StreamStalledError` naming every worker,
       what it was reading and for how long, and the workers are stopped.
+    - ``read_while_starting`` (default True): while workers that are not forked start (the worker
+      server's ``import torch``, each worker opening the dataset), the main process reads the
+      pass's first batches itself, until the first worker begins; the batches come in the same
+      order (:mod:`deepstrf.stream.lead`). ``lead_batches`` is how many it read in the last pass.
+      Those reads are not under ``timeout``. Forked workers start at once: no lead.
     """
 
-    def __init__(self, dataset: StreamingNeuralDataset, **kwargs: Any) -> None:
+    def __init__(self, dataset: StreamingNeuralDataset, *, read_while_starting: bool = True, **kwargs: Any) -> None:
         workers = kwargs.get("num_workers", 0)
         if dataset.batch_size is None and workers > 0:
             raise ValueError("StreamingNeuralDataset.loader with worker processes needs the dataset to "
@@ -662,6 +700,8 @@ class StreamingDataLoader(DataLoader):
             if kwargs.get("multiprocessing_context") is None:
                 kwargs["multiprocessing_context"] = worker_context()
         super().__init__(dataset, **kwargs)
+        self.read_while_starting = read_while_starting
+        self.lead_batches = 0
         if self.persistent_workers:
             _stop_at_exit(self)
 
@@ -672,7 +712,84 @@ class StreamingDataLoader(DataLoader):
             return
         ds._begin_pass()
         ds.activity.reset()
-        batches = super().__iter__()
+        self.lead_batches = 0
+        try:
+            if self._starts_workers_slowly():
+                batches = yield from self._read_while_starting()
+            else:
+                ds._lead.reset()
+                batches = super().__iter__()
+            yield from self._from_workers(batches)
+        finally:
+            ds._lead.reset()  # workers of any later DataLoader read their whole share
+
+    def _starts_workers_slowly(self) -> bool:
+        """Whether this pass starts workers that are not forked (persistent ones start once)."""
+        return (self.read_while_starting and self._iterator is None
+                and context_method(self.multiprocessing_context) != "fork")
+
+    def _read_while_starting(self) -> Generator[Any, None, Any]:
+        """Yield the pass's first batches, read here while a thread starts the workers; returns the
+        DataLoader's iterator over the rest (:mod:`deepstrf.stream.lead`)."""
+        ds: StreamingNeuralDataset = self.dataset
+        ds._state()  # opened here before the thread pickles the dataset for the workers
+        ds._lead.open()
+        # torch installs its handler for dead workers from the main thread only
+        signal_handling._set_SIGCHLD_handler()
+        # the workers' base seed is drawn here, as a plain DataLoader's is: the thread must not take
+        # it from the global generator at a moment that depends on the consumer's own draws
+        generator = self.generator or torch.Generator().manual_seed(
+            int(torch.empty((), dtype=torch.int64).random_().item()))
+        device = torch.accelerator.current_device_index() if self.pin_memory and torch.accelerator.is_available() \
+            else None
+        starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepstrf-start-workers")
+        starting = starter.submit(self._start_workers, generator, device)
+        try:
+            for batch in ds._lead_batches(self.timeout or None):
+                self.lead_batches += 1
+                ds._steps += 1
+                yield batch
+                if starting.done() and starting.exception() is not None:
+                    break
+        except ReadTimeout as exc:
+            ds._lead.close()
+            self._stop_workers(starting.result())
+            stims = ds._state().visible[exc.task].tolist()
+            raise StreamStalledError(
+                f"streaming {ds._where()}: the main process waited {self.timeout:g} s for its read of stims "
+                f"{stims} (it reads a pass's first batches while its workers start). "
+                f"Epoch {ds.epoch}, pass stopped. What to do: look for a read that never returns (a dead "
+                "server, a lock in your transform), or raise loader(timeout=...) if reads are just slow; "
+                "loader(read_while_starting=False) leaves every read to the workers.") from exc
+        finally:
+            ds._lead.close()
+            batches = starting.result()
+            starter.shutdown()
+        return batches
+
+    def _start_workers(self, generator: torch.Generator, device: int | None) -> Iterator[Any]:
+        """Start the workers (a thread: their start waits for the worker server); close the lead as
+        soon as one of them begins its pass."""
+        ds: StreamingNeuralDataset = self.dataset
+        if device is not None:  # the pin-memory thread pins for the current device of the thread starting it
+            torch.accelerator.set_device_index(device)
+        own, self.generator = self.generator, generator
+        try:
+            batches = super().__iter__()
+        finally:
+            self.generator = own
+        workers = getattr(batches, "_workers", [])
+        # a worker that died starting (a select callable that fails there, say) is reported by the
+        # DataLoader: the main process stops reading on its own then
+        while not (ds._lead.is_closed() or ds.activity.any_worker_started(self.num_workers)
+                   or any(not w.is_alive() for w in workers)):
+            time.sleep(_STARTED_POLL_S)
+        ds._lead.close()
+        return batches
+
+    def _from_workers(self, batches: Iterator[Any]) -> Iterator[Any]:
+        """The DataLoader's batches, with stalled or dead workers reported."""
+        ds: StreamingNeuralDataset = self.dataset
         while True:
             try:
                 batch = next(batches)

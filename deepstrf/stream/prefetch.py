@@ -19,6 +19,14 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+class ReadTimeout(TimeoutError):
+    """A read took longer than its timeout; ``task`` is what it was given."""
+
+    def __init__(self, task: object, timeout: float) -> None:
+        super().__init__(f"a read took longer than {timeout:g} s")
+        self.task = task
+
+
 class Prefetcher:
     """Ordered, bounded ``map(fn, tasks)`` over a small thread pool.
 
@@ -34,19 +42,33 @@ class Prefetcher:
         self.threads = threads
         self.max_outstanding = 0
 
-    def map(self, tasks: Iterable[T]) -> Iterator[R]:
-        """Yield ``fn(task)`` for each task, in order, reading up to ``depth`` ahead."""
-        pending: deque[Future] = deque()
+    def map(self, tasks: Iterable[T], timeout: float | None = None) -> Iterator[R]:
+        """Yield ``fn(task)`` for each task, in order, reading up to ``depth`` ahead.
+
+        ``timeout``: a result that takes longer raises :class:`ReadTimeout`; the read that is stuck
+        is left to finish in its thread (a thread cannot be stopped)."""
+        pending: deque[tuple[T, Future]] = deque()
         pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="deepstrf-prefetch")
+        stuck = False
+
+        def oldest() -> R:
+            nonlocal stuck
+            task, future = pending.popleft()
+            try:
+                return future.result(timeout)
+            except TimeoutError:
+                stuck = True
+                raise ReadTimeout(task, timeout) from None
+
         try:
             for task in tasks:
                 while len(pending) >= self.depth:
-                    yield pending.popleft().result()
-                pending.append(pool.submit(run_gated, self.fn, task))
+                    yield oldest()
+                pending.append((task, pool.submit(run_gated, self.fn, task)))
                 self.max_outstanding = max(self.max_outstanding, len(pending))
             while pending:
-                yield pending.popleft().result()
+                yield oldest()
         finally:
-            for f in pending:
+            for _, f in pending:
                 f.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=not stuck, cancel_futures=True)

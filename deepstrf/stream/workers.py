@@ -100,6 +100,10 @@ class WorkerActivity:
             row[_BATCHES] += 1
             row[_READING_SINCE_NS] = 0
 
+    def any_worker_started(self, num_workers: int) -> bool:
+        """Whether any of the first ``num_workers`` workers has begun its pass (opened the dataset)."""
+        return bool((self._table[1:min(num_workers, MAX_SLOTS - 1) + 1, _PID] != 0).any())
+
     def reset(self) -> None:
         """Forget every slot (a new pass starts new workers)."""
         self._table.zero_()

@@ -1,0 +1,139 @@
+"""``StreamingDataLoader`` reads a pass's first batches in the main process while its workers start
+(:mod:`deepstrf.stream.lead`): same batches, same order, same use of the global RNG, a stuck read
+reported, and workers of other DataLoaders unaffected."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from deepstrf.datasets.views import LazySequence
+from deepstrf.errors import StreamStalledError
+from deepstrf.stream import StreamingNeuralDataset
+from deepstrf.stream.dataset import StreamingDataLoader
+from deepstrf.stream.workers import worker_context
+
+from stream_helpers import LOADER_TIMEOUT_S, batch_keys
+from toydata import ToyAudio
+
+
+class Paced(LazySequence):
+    """Stimuli that take ``read_s`` each to read (stim ``stuck``: ``stuck_s``), and ``start_s`` to
+    arrive in a worker process (unpickling them there): a worker slow to begin its pass."""
+
+    def __init__(self, stims: list, read_s: float = 0.0, start_s: float = 0.0, stuck: int = -1,
+                 stuck_s: float = 0.0) -> None:
+        super().__init__(len(stims))
+        self.stims, self.read_s, self.start_s, self.stuck, self.stuck_s = stims, read_s, start_s, stuck, stuck_s
+        self.made_in = os.getpid()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if os.getpid() != self.made_in:
+            time.sleep(self.start_s)
+
+    def _get(self, i: int):
+        time.sleep(self.stuck_s if i == self.stuck else self.read_s)
+        return self.stims[i]
+
+
+def paced_toy(S: int = 24, **kw) -> ToyAudio:
+    ds = ToyAudio(seed=3, S=S, N=4)
+    ds.stims = Paced(list(ds.stims), **kw)
+    return ds
+
+
+def in_process_keys(S: int, epoch: int = 0, **kw) -> list[str]:
+    s = StreamingNeuralDataset(ToyAudio(seed=3, S=S, N=4), **kw)
+    s.set_epoch(epoch)
+    return [k for b in s for k in batch_keys(b)]
+
+
+def test_main_process_reads_until_a_worker_begins_and_the_order_is_kept():
+    # 12 batches of 2 stims, ~0.5 s each in the main process (two reading threads): 6 s for the
+    # whole pass, while the workers begin within 3 s (the worker server's start included)
+    s = StreamingNeuralDataset(paced_toy(read_s=0.5, start_s=0.5), batch_size=2, seed=7)
+    loader = s.loader(num_workers=2, timeout=LOADER_TIMEOUT_S)
+    keys = [k for b in loader for k in batch_keys(b)]
+    assert keys == in_process_keys(24, batch_size=2, seed=7)
+    assert 0 < loader.lead_batches < 12
+    assert s.epoch == 1 and s.state_dict()["consumed"] == 0
+
+
+def test_main_process_reads_the_whole_pass_when_the_workers_are_late():
+    s = StreamingNeuralDataset(paced_toy(S=6, start_s=2.0), batch_size=2, seed=1)
+    loader = s.loader(num_workers=2, timeout=LOADER_TIMEOUT_S, persistent_workers=True)
+    assert [k for b in loader for k in batch_keys(b)] == in_process_keys(6, batch_size=2, seed=1)
+    assert loader.lead_batches == 3
+    # the persistent workers read the next pass themselves, all of it
+    assert [k for b in loader for k in batch_keys(b)] == in_process_keys(6, epoch=1, batch_size=2, seed=1)
+    assert loader.lead_batches == 0
+
+
+def test_other_dataloaders_read_their_whole_share_after_a_pass_with_a_lead():
+    s = StreamingNeuralDataset(paced_toy(S=8, start_s=1.0), batch_size=2, seed=2)
+    first = [k for b in s.loader(num_workers=2, timeout=LOADER_TIMEOUT_S) for k in batch_keys(b)]
+    plain = DataLoader(s, batch_size=None, num_workers=2, timeout=LOADER_TIMEOUT_S,
+                       multiprocessing_context=worker_context())
+    second = [k for b in plain for k in batch_keys(b)]
+    assert first == in_process_keys(8, batch_size=2, seed=2)
+    assert second == in_process_keys(8, epoch=1, batch_size=2, seed=2)
+
+
+def test_resume_after_batches_read_by_the_main_process():
+    s = StreamingNeuralDataset(paced_toy(start_s=1.0), batch_size=2, seed=4)
+    loader = s.loader(num_workers=2, timeout=LOADER_TIMEOUT_S)
+    seen = []
+    for i, b in enumerate(loader):
+        seen += batch_keys(b)
+        if i == 1:
+            break
+    assert loader.lead_batches == 2
+    t = StreamingNeuralDataset(ToyAudio(seed=3, S=24, N=4), batch_size=2, seed=4)
+    t.load_state_dict(s.state_dict())
+    assert seen + [k for b in t for k in batch_keys(b)] == in_process_keys(24, batch_size=2, seed=4)
+
+
+def test_the_workers_seed_is_drawn_in_the_consumers_thread(monkeypatch):
+    """As by a plain DataLoader, one draw from the global generator when the pass starts, before
+    the first batch, however late the thread starting the workers is: a seeded run stays
+    reproducible whatever the consumer draws meanwhile."""
+    start_workers = StreamingDataLoader._start_workers
+
+    def late(self, *args):
+        time.sleep(0.5)
+        return start_workers(self, *args)
+
+    monkeypatch.setattr(StreamingDataLoader, "_start_workers", late)
+    torch.manual_seed(0)
+    torch.empty((), dtype=torch.int64).random_()
+    after_one_draw = torch.get_rng_state()
+    torch.manual_seed(0)
+    s = StreamingNeuralDataset(ToyAudio(seed=3, S=8, N=4), batch_size=2)
+    loader = s.loader(num_workers=2, timeout=LOADER_TIMEOUT_S)
+    batches = iter(loader)
+    first = next(batches)
+    assert torch.equal(torch.get_rng_state(), after_one_draw) and loader.lead_batches == 1
+    assert len(batch_keys(first)) + sum(len(batch_keys(b)) for b in batches) == 8
+
+
+def test_a_stuck_read_in_the_main_process_is_reported():
+    s = StreamingNeuralDataset(paced_toy(S=8, start_s=2.0, stuck=1, stuck_s=3.0), batch_size=2, shuffle=False)
+    start = time.monotonic()
+    with pytest.raises(StreamStalledError) as err:
+        list(s.loader(num_workers=2, timeout=1))
+    msg = str(err.value)
+    assert "main process waited 1 s for its read of stims [0, 1]" in msg and "read_while_starting=False" in msg
+    assert time.monotonic() - start < 30
+
+
+def test_no_lead_with_forked_workers_or_when_turned_off():
+    for kw in ({"multiprocessing_context": "fork"}, {"read_while_starting": False}):
+        s = StreamingNeuralDataset(ToyAudio(seed=3, S=8, N=4), batch_size=2, seed=5)
+        loader = s.loader(num_workers=2, timeout=LOADER_TIMEOUT_S, **kw)
+        assert [k for b in loader for k in batch_keys(b)] == in_process_keys(8, batch_size=2, seed=5)
+        assert loader.lead_batches == 0
