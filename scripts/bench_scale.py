@@ -14,8 +14,10 @@ fingerprint) and cached in ``--cache``. For each K:
 - in another (``read_peak_rss_mib``):
 - ``open_s``, ``len_s``, ``select_s`` (``select_pop_by_nrn_attr`` over all N
   neurons), ``stream_open_s`` (``StreamingNeuralDataset(url)``), ``first_batch_s``
-  and ``items_per_s`` (2 persistent DataLoader workers, batch 8, ``--epoch-items`` items after
-  the first batch, over as many epochs as that takes; ``loader_s`` starts the workers' forkserver),
+  and ``items_per_s`` (2 persistent DataLoader workers, batch 8: ``--epoch-items`` items timed
+  after ``--warm-items`` items that follow the first batch (``warm_items_per_s``), over as many
+  epochs as that takes; ``loader_s`` starts the workers' forkserver; ``lead_batches_first_pass``:
+  batches this process read itself while its workers started),
   peak RSS of the process and the peak PSS of it and its workers together (sampled every 50
   batches);
 - over S3 (the local moto server, 20 ms added to every request): ``open_s``,
@@ -114,7 +116,7 @@ def timed(fn):
     return out, round(time.perf_counter() - t0, 4)
 
 
-def measure_reads(url: str, storage_options: dict | None, epoch_items: int, stream: bool) -> dict:
+def measure_reads(url: str, storage_options: dict | None, epoch_items: int, stream: bool, warm_items: int = 0) -> dict:
     """Open, len, select, streaming open (and first batch / items/s when ``stream``) of the pool at ``url``."""
     import deepstrf
     from deepstrf.stream import StreamingNeuralDataset
@@ -130,20 +132,26 @@ def measure_reads(url: str, storage_options: dict | None, epoch_items: int, stre
         return out
     loader, out["loader_s"] = timed(lambda: ds.loader(num_workers=2, timeout=600, persistent_workers=True))
     t0 = time.perf_counter()
-    items, batches, peak_pss = 0, 0, 0.0
-    while items < epoch_items:  # epochs follow one another (small pools have fewer items than that)
+    items, batches, peak_pss, warm = 0, 0, 0.0, None
+    while items < warm_items + epoch_items:  # epochs follow one another (small pools have fewer items)
         for batch in loader:
             batches += 1
             if batches == 1:
                 out["first_batch_s"] = round(time.perf_counter() - t0, 3)
                 t1 = time.perf_counter()
+                warm = None if warm_items else (0, t1)
                 continue
             items += len(batch.stim_meta)
+            if warm is None and items >= warm_items:
+                warm = (items, time.perf_counter())
             if batches % 50 == 2:
                 peak_pss = max(peak_pss, pss_mib())
-            if items >= epoch_items:
+            if items >= warm_items + epoch_items:
                 break
-    out["items_per_s"] = round(items / (time.perf_counter() - t1), 1)
+        out.setdefault("lead_batches_first_pass", loader.lead_batches)
+    if warm_items:
+        out["warm_items_per_s"] = round(warm[0] / (warm[1] - t1), 1)
+    out["items_per_s"] = round((items - warm[0]) / (time.perf_counter() - warm[1]), 1)
     out["items_read"] = items
     out["peak_pss_with_workers_mib"] = round(peak_pss)
     return out
@@ -170,7 +178,7 @@ def write(k: int, args: argparse.Namespace) -> dict:
 def read(k: int, args: argparse.Namespace) -> dict:
     """Open, select and stream the pool of ``k`` sources, locally and over S3 (a fresh process)."""
     pool_url = os.path.join(args.cache, f"pool-{k}.zarr")
-    out = {"local": measure_reads(pool_url, None, args.epoch_items, stream=True)}
+    out = {"local": measure_reads(pool_url, None, args.epoch_items, stream=True, warm_items=args.warm_items)}
     out["read_peak_rss_mib"] = round(peak_rss_mib())
     if args.s3:
         urls = [source_url(os.path.join(args.cache, "sources"), i) for i in range(k)]
@@ -226,7 +234,9 @@ def plot(lines_path: str, out: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ks", type=int, nargs="+", default=[10, 100, 1000, 10000])
-    p.add_argument("--epoch-items", type=int, default=4000, help="items timed for items/s (after the first batch)")
+    p.add_argument("--epoch-items", type=int, default=4000, help="items timed for items/s (after the warm-up)")
+    p.add_argument("--warm-items", type=int, default=3000,
+                   help="items read after the first batch before items/s is timed (the workers start meanwhile)")
     p.add_argument("--s3-epoch-items", type=int, default=400)
     p.add_argument("--s3-sources-max", type=int, default=100, help="upload the sources too up to this K")
     p.add_argument("--no-s3", dest="s3", action="store_false")
@@ -245,6 +255,7 @@ def main() -> None:
         line: dict = {}
         for phase in ("write", "read"):
             cmd = [sys.executable, __file__, "--phase", phase, "--k", str(k), "--epoch-items", str(args.epoch_items),
+                   "--warm-items", str(args.warm_items),
                    "--s3-epoch-items", str(args.s3_epoch_items), "--s3-sources-max", str(args.s3_sources_max),
                    "--cache", args.cache] + ([] if args.s3 else ["--no-s3"])
             done = subprocess.run(cmd, check=True, capture_output=True, text=True)

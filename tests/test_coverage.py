@@ -174,6 +174,24 @@ def test_a_lazy_pool_opens_no_source_and_streams(sources, tmp_path):
     assert not any(p.responses.handle.is_open() for p in pool.responses.sources)  # not in this process
 
 
+def test_a_pool_makes_a_sources_objects_only_when_it_is_read(sources, tmp_path):
+    import pickle
+
+    url = str(tmp_path / "pool.zarr")
+    concat_neural_datasets([deepstrf.open_dataset(u) for u in sources], names=["a", "b", "c"], store=url)
+    pool = deepstrf.open_dataset(url, check_sources=False)
+    parts = pool.responses.sources
+    len(pool), pool.select_pop_by_nrn_attr("dataset", "b"), pool.reset_pop_selection(), pool.nrn_masks
+    assert parts.made() == []  # opening, counting, selecting and the coverage make none
+    _, stims_b, _ = pool.source_blocks()[1]
+    item = pool[pool.visible_stims().index(stims_b.start)]
+    assert [p.name for p in parts.made()] == ["b"]
+    assert pool.stims[stims_b.start].shape == item["stims"].shape and len(parts.made()) == 1
+    again = pickle.loads(pickle.dumps(pool))  # a pickled pool carries all its sources
+    assert len(again.responses.sources.made()) == 3
+    assert torch.equal(again.stims[0], deepstrf.open_dataset(url).stims[0])
+
+
 def test_coverage_plot_needs_no_dense_mask(monkeypatch, tmp_path):
     from deepstrf.store import pool_commands
 

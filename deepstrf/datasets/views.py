@@ -145,11 +145,15 @@ class LazySequence(Sequence):
 class ConcatSequence(LazySequence):
     """The concatenation of several sequences, without copying them."""
 
-    def __init__(self, parts: Sequence[Sequence]) -> None:
-        self.parts = list(parts)
-        self.offsets = [0]
-        for p in self.parts:
-            self.offsets.append(self.offsets[-1] + len(p))
+    def __init__(self, parts: Sequence[Sequence], offsets: Sequence[int] | None = None) -> None:
+        """``offsets``: where each part starts (and the total at the end), when known: the parts
+        are then left as given (a lazy sequence of them is not walked)."""
+        if offsets is None:
+            self.parts = list(parts)
+            offsets = np.cumsum([0, *(len(p) for p in self.parts)]).tolist()
+        else:
+            self.parts = parts
+        self.offsets = list(offsets)
         super().__init__(self.offsets[-1])
 
     def _get(self, i: int) -> Any:
@@ -340,13 +344,16 @@ class BlockDiagonalGrid(ResponseGrid):
     O(number of sources); nothing is copied.
     """
 
-    def __init__(self, sources: Sequence[Any]) -> None:
-        self.sources = list(sources)
-        self.stim_offsets = [0]
-        self.neuron_offsets = [0]
-        for d in self.sources:
-            self.stim_offsets.append(self.stim_offsets[-1] + d.get_S())
-            self.neuron_offsets.append(self.neuron_offsets[-1] + d.N_neurons)
+    def __init__(self, sources: Sequence[Any], offsets: tuple[Sequence[int], Sequence[int]] | None = None) -> None:
+        """``offsets``: ``(stim_offsets, neuron_offsets)`` of the sources, when known: the sources
+        are then left as given (a lazy sequence of them is not walked)."""
+        if offsets is None:
+            self.sources = list(sources)
+            offsets = (np.cumsum([0, *(d.get_S() for d in self.sources)]).tolist(),
+                       np.cumsum([0, *(d.N_neurons for d in self.sources)]).tolist())
+        else:
+            self.sources = sources
+        self.stim_offsets, self.neuron_offsets = list(offsets[0]), list(offsets[1])
         super().__init__(self.stim_offsets[-1], self.neuron_offsets[-1])
 
     def source_of_stim(self, s: int) -> int:

@@ -142,12 +142,14 @@ def _open(loc: Location, group: zarr.Group, allowed_roots: Sequence[str], trust:
     tables = PoolTables(loc, group, attrs, [(e["n_stims"], e["n_neurons"]) for e in entries])
     cls = _CLASSES[attrs["kind"]]
     stim_meta, nrn_meta = MetaTable(attrs["n_stims"], tables.stim_columns), MetaTable(attrs["n_neurons"], tables.nrn_columns)
-    parts, io = [], IOCounters()
+    io = IOCounters()
     openers: dict[str, tuple[dict | None, Callable]] = {}  # by protocol: 10^4 sources share a few
     # a pool written before its entries recorded their own F / frame size has a single kind: the pool's
     pool_modality = {k: attrs[k] for k in MODALITY_ATTRS if k in attrs}
     stim_offsets, neuron_offsets = tables.stim_offsets.tolist(), tables.neuron_offsets.tolist()
-    for k, e in enumerate(entries):
+
+    def make_part(k: int) -> NeuralDataset:
+        e = entries[k]
         protocol = _protocol(e["url"])
         if protocol not in openers:
             options = source_storage_options if source_storage_options is not None \
@@ -162,10 +164,12 @@ def _open(loc: Location, group: zarr.Group, allowed_roots: Sequence[str], trust:
               MetaSlice(stim_meta, stim_offsets[k], stim_offsets[k + 1]),
               MetaSlice(nrn_meta, neuron_offsets[k], neuron_offsets[k + 1]))
         part.name, part.fingerprint, part.card, part.storage_options = e["name"], e["fingerprint"], e.get("card"), options
-        parts.append(part)
+        return part
+
+    parts = PoolParts(len(entries), make_part)
     pooled = cls.__new__(cls)
-    _fill(pooled, attrs, loc.url, ConcatSequence([p.stims for p in parts]), PoolGrid(parts, tables.coverage, io),
-          stim_meta, nrn_meta)
+    _fill(pooled, attrs, loc.url, ConcatSequence(_PartStims(parts), stim_offsets),
+          PoolGrid(parts, (stim_offsets, neuron_offsets), tables.coverage, io), stim_meta, nrn_meta)
     pooled.fingerprint = attrs["fingerprint"]
     pooled.pool_sources = entries
     pooled.source_names = [e["name"] for e in entries]
@@ -173,18 +177,68 @@ def _open(loc: Location, group: zarr.Group, allowed_roots: Sequence[str], trust:
     return pooled
 
 
+class PoolParts(Sequence):
+    """A format-2 pool's sources as datasets, each made on first access: opening a pool of 10^4
+    sources makes none of their objects, a process makes those of the sources it reads."""
+
+    def __init__(self, n: int, make: Callable[[int], NeuralDataset]) -> None:
+        self._made: list[NeuralDataset | None] = [None] * n
+        self._make: Callable[[int], NeuralDataset] | None = make
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._made)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        part = self._made[k]
+        if part is None:
+            with self._lock:  # one part per source and process: two would open the source twice
+                part = self._made[k]
+                if part is None:
+                    part = self._made[k] = self._make(k)
+        return part
+
+    def made(self) -> list[NeuralDataset]:
+        """The parts made so far in this process."""
+        return [p for p in self._made if p is not None]
+
+    def __getstate__(self) -> dict:
+        return {"_made": list(self), "_make": None}  # every part, made now: the maker stays here
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+class _PartStims(Sequence):
+    """The stimuli of each part of a pool (``parts[k].stims``), made on access."""
+
+    def __init__(self, parts: Sequence[NeuralDataset]) -> None:
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __getitem__(self, k: int):
+        return self.parts[k].stims
+
+
 class PoolGrid(BlockDiagonalGrid):
     """The block-diagonal grid of a format-2 pool: its coverage is the pool's stored one, and
     ``io`` totals the requests and bytes of the sources opened in this process."""
 
-    def __init__(self, sources: Sequence[NeuralDataset], coverage: Callable[[], Coverage], io: IOCounters) -> None:
-        super().__init__(sources)
+    def __init__(self, sources: PoolParts, offsets: tuple[Sequence[int], Sequence[int]],
+                 coverage: Callable[[], Coverage], io: IOCounters) -> None:
+        super().__init__(sources, offsets)
         self._stored_coverage = coverage
         self.io = io
 
     def opened_readers(self) -> list[Any]:
         """Store readers of the sources opened in this process (none are opened here)."""
-        return [r for part in self.sources if part.responses.handle.is_open() for r in part.responses.opened_readers()]
+        return [r for part in self.sources.made() if part.responses.handle.is_open()
+                for r in part.responses.opened_readers()]
 
     def _coverage(self) -> Coverage:
         return self._stored_coverage()

@@ -677,11 +677,11 @@ class StreamingDataLoader(DataLoader):
     - ``timeout`` (default 300 s with workers): when no batch arrives for that long, or a worker
       dies, the pass ends with :class:`~deepstrf.errors.StreamStalledError` naming every worker,
       what it was reading and for how long, and the workers are stopped.
-    - ``read_while_starting`` (default True): while workers that are not forked start (the worker
-      server's ``import torch``, each worker opening the dataset), the main process reads the
-      pass's first batches itself, until the first worker begins; the batches come in the same
-      order (:mod:`deepstrf.stream.lead`). ``lead_batches`` is how many it read in the last pass.
-      Those reads are not under ``timeout``. Forked workers start at once: no lead.
+    - ``read_while_starting`` (default True): until the first worker begins the pass (workers that
+      are not forked take seconds to start: the worker server's ``import torch``, each worker
+      opening the dataset), the main process reads the pass's first batches itself; the batches
+      come in the same order (:mod:`deepstrf.stream.lead`). ``lead_batches`` is how many it read
+      in the last pass. Forked workers start at once: no lead.
     """
 
     def __init__(self, dataset: StreamingNeuralDataset, *, read_while_starting: bool = True, **kwargs: Any) -> None:
@@ -714,7 +714,7 @@ class StreamingDataLoader(DataLoader):
         ds.activity.reset()
         self.lead_batches = 0
         try:
-            if self._starts_workers_slowly():
+            if self.read_while_starting and context_method(self.multiprocessing_context) != "fork":
                 batches = yield from self._read_while_starting()
             else:
                 ds._lead.reset()
@@ -723,23 +723,20 @@ class StreamingDataLoader(DataLoader):
         finally:
             ds._lead.reset()  # workers of any later DataLoader read their whole share
 
-    def _starts_workers_slowly(self) -> bool:
-        """Whether this pass starts workers that are not forked (persistent ones start once)."""
-        return (self.read_while_starting and self._iterator is None
-                and context_method(self.multiprocessing_context) != "fork")
-
     def _read_while_starting(self) -> Generator[Any, None, Any]:
-        """Yield the pass's first batches, read here while a thread starts the workers; returns the
-        DataLoader's iterator over the rest (:mod:`deepstrf.stream.lead`)."""
+        """Yield the pass's first batches, read here while a thread starts the workers (or has
+        persistent ones begin a new pass); returns the DataLoader's iterator over the rest
+        (:mod:`deepstrf.stream.lead`)."""
         ds: StreamingNeuralDataset = self.dataset
         ds._state()  # opened here before the thread pickles the dataset for the workers
         ds._lead.open()
         # torch installs its handler for dead workers from the main thread only
         signal_handling._set_SIGCHLD_handler()
-        # the workers' base seed is drawn here, as a plain DataLoader's is: the thread must not take
+        # new workers' base seed is drawn here, as a plain DataLoader's is: the thread must not take
         # it from the global generator at a moment that depends on the consumer's own draws
-        generator = self.generator or torch.Generator().manual_seed(
-            int(torch.empty((), dtype=torch.int64).random_().item()))
+        generator = self.generator
+        if generator is None and (self._iterator is None or not self.persistent_workers):
+            generator = torch.Generator().manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
         device = torch.accelerator.current_device_index() if self.pin_memory and torch.accelerator.is_available() \
             else None
         starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepstrf-start-workers")
@@ -767,9 +764,10 @@ class StreamingDataLoader(DataLoader):
             starter.shutdown()
         return batches
 
-    def _start_workers(self, generator: torch.Generator, device: int | None) -> Iterator[Any]:
-        """Start the workers (a thread: their start waits for the worker server); close the lead as
-        soon as one of them begins its pass."""
+    def _start_workers(self, generator: torch.Generator | None, device: int | None) -> Iterator[Any]:
+        """Start the workers, or have persistent ones begin a new pass (a thread: a start waits for
+        the worker server, a new pass for the workers to finish the last); close the lead as soon as
+        one of them begins its pass."""
         ds: StreamingNeuralDataset = self.dataset
         if device is not None:  # the pin-memory thread pins for the current device of the thread starting it
             torch.accelerator.set_device_index(device)
