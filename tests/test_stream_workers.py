@@ -13,9 +13,10 @@ import pytest
 from deepstrf.datasets.views import LazySequence
 from deepstrf.errors import StreamStalledError
 from deepstrf.stream import StreamingNeuralDataset
+from deepstrf.stream.transfer import MAX_SHARED_TENSORS, count_tensors, for_new_process
 from deepstrf.stream.workers import context_method, worker_context
 
-from stream_helpers import batch_keys, item_key, small_pool, write_pool
+from stream_helpers import LOADER_TIMEOUT_S, batch_keys, item_key, small_pool, write_pool
 from toydata import ToyAudio
 
 
@@ -63,6 +64,18 @@ def test_a_lambda_selection_reaches_workers_that_are_not_forked():
     pool.select_pop_by_nrn_attr("dataset", "AA1")
     assert sorted(keys) == sorted(item_key(pool[i]) for i in range(len(pool)))
     assert len(keys) < len(small_pool())
+
+
+def test_an_in_memory_dataset_of_many_tensors_reaches_workers_that_are_not_forked():
+    """deepSTRF keeps one tensor per stim and per cell: 80 stims x 4 neurons are 400 tensors, more
+    than the forkserver passes as shared-memory descriptors; such a dataset is sent by value."""
+    ds = ToyAudio(seed=3, S=80, N=4)
+    assert count_tensors(ds) == 80 + 80 * 4 > MAX_SHARED_TENSORS
+    assert for_new_process(ds) is ds  # outside the start of a process: untouched
+    s = StreamingNeuralDataset(ds, batch_size=4, seed=1)
+    keys = [k for b in s.loader(num_workers=2, timeout=LOADER_TIMEOUT_S) for k in batch_keys(b)]
+    s.set_epoch(0)
+    assert keys == [k for b in s for k in batch_keys(b)]
 
 
 def test_stuck_worker_is_named_with_what_it_reads():

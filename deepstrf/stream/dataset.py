@@ -40,6 +40,7 @@ from .lead import Lead
 from .prefetch import Prefetcher, ReadTimeout
 from .retry import RetryPolicy, call_with_retries
 from .stats import StorageIO, StreamCounters, summarize
+from .transfer import for_new_process
 from .workers import DEFAULT_TIMEOUT_S, WorkerActivity, context_method, start_worker_server, worker_context
 
 Collate = Literal["compact", "dense"]
@@ -231,6 +232,7 @@ class StreamingNeuralDataset(IterableDataset):
             state["_selection_args"] = (ds.S_sel, ds.I or None, None)
         state["_opened"] = None  # reopened (URL) or re-derived from the source in the new process
         state["last_prefetcher"] = None
+        state["_source"] = for_new_process(self._source)
         return state
 
     def dataset(self) -> NeuralDataset:
