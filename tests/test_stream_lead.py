@@ -139,3 +139,13 @@ def test_no_lead_with_forked_workers_or_when_turned_off():
         loader = s.loader(num_workers=2, timeout=LOADER_TIMEOUT_S, **kw)
         assert [k for b in loader for k in batch_keys(b)] == in_process_keys(8, batch_size=2, seed=5)
         assert loader.lead_batches == 0
+
+
+def test_dense_batches_have_no_lead_unless_asked():
+    """A dense batch is hundreds of MB on a real pool: the main process's would add to the workers'."""
+    toy = ToyAudio(seed=3, S=8, N=4)
+    assert StreamingNeuralDataset(toy, batch_size=2).loader(num_workers=2).read_while_starting
+    dense = StreamingNeuralDataset(toy, batch_size=2, collate="dense", seed=6)
+    assert not dense.loader(num_workers=2).read_while_starting
+    loader = dense.loader(num_workers=2, timeout=LOADER_TIMEOUT_S, read_while_starting=True)
+    assert [k for b in loader for k in batch_keys(b)] == in_process_keys(8, batch_size=2, seed=6)
