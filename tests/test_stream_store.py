@@ -228,3 +228,12 @@ def test_s3_open_learns_the_shard_layout(s3_pool):
     s = StreamingNeuralDataset(url, storage_options=options)
     arrays = [a for r in source_readers(s.dataset()) for a in r.sharded().values()]
     assert arrays and all(a.whole is True and 0 in a.indexes for a in arrays)
+
+
+def test_the_main_process_reads_while_workers_start_from_local_stores_only(local_pool, s3_pool):
+    """Over a network the main process's first reads wait on round trips, and the workers' first
+    batches then wait behind them: no lead there by default."""
+    url, options = s3_pool
+    assert StreamingNeuralDataset(local_pool, batch_size=2).loader(num_workers=2).read_while_starting
+    assert not StreamingNeuralDataset(url, storage_options=options, batch_size=2).loader(
+        num_workers=2).read_while_starting
