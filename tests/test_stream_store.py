@@ -230,10 +230,14 @@ def test_s3_open_learns_the_shard_layout(s3_pool):
     assert arrays and all(a.whole is True and 0 in a.indexes for a in arrays)
 
 
-def test_the_main_process_reads_while_workers_start_from_local_stores_only(local_pool, s3_pool):
-    """Over a network the main process's first reads wait on round trips, and the workers' first
-    batches then wait behind them: no lead there by default."""
+def test_reading_defaults_follow_where_the_store_is(local_pool, s3_pool):
+    """Local reads are CPU work: one reading thread, and the main process reads while workers
+    start. Over a network two threads overlap round trips, and no lead: the main process's first
+    reads would wait on round trips that the workers' first batches then wait behind."""
     url, options = s3_pool
-    assert StreamingNeuralDataset(local_pool, batch_size=2).loader(num_workers=2).read_while_starting
-    assert not StreamingNeuralDataset(url, storage_options=options, batch_size=2).loader(
-        num_workers=2).read_while_starting
+    local = StreamingNeuralDataset(local_pool, batch_size=2)
+    remote = StreamingNeuralDataset(url, storage_options=options, batch_size=2)
+    assert local._state().read_threads == 1 and remote._state().read_threads == 2
+    assert StreamingNeuralDataset(local_pool, batch_size=2, read_threads=3)._state().read_threads == 3
+    assert local.loader(num_workers=2).read_while_starting
+    assert not remote.loader(num_workers=2).read_while_starting

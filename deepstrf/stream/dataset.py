@@ -66,6 +66,7 @@ class Opened:
     in_order: bool                  # the selection lists neurons in stored order: rows need no reordering
     stim_pool: ThreadPoolExecutor | None  # reads a batch's stimuli beside its responses (None: in line)
     io: StorageIO | None            # storage requests/bytes of a store-backed dataset, else None
+    read_threads: int               # threads reading ahead in this process
 
 
 def _grouped(tasks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
@@ -137,9 +138,10 @@ class StreamingNeuralDataset(IterableDataset):
     store-backed grids), ``prefetch`` batches read ahead (default 2 in the
     main process, 1 in a DataLoader worker, whose ``prefetch_factor`` already
     reads ahead) by ``read_threads``
-    threads (default 2 for a store URL, so one batch's round trips overlap
-    another's decoding; 1 for a dataset object, whose reads may not be
-    thread-safe), each batch's stimuli read beside its responses by one more
+    threads (default 2 for a store URL over a network, so one batch's round trips
+    overlap another's decoding; 1 for a store on local disk, whose reads are CPU
+    work a second thread only contends with, and for a dataset object, whose
+    reads may not be thread-safe), each batch's stimuli read beside its responses by one more
     thread (in line for a store on local disk, whose reads are CPU work),
     retries per ``retry``, an optional LRU row cache of at most
     ``cache_bytes`` in ``cache_dir``.
@@ -195,9 +197,8 @@ class StreamingNeuralDataset(IterableDataset):
         self._dist_seen = (0, 1)
         self.drop_last = drop_last
         self.block_size, self.shuffle_buffer = block_size, shuffle_buffer
-        # store reads are thread-safe (zarr's event loop); a dataset object's may not be
         self.prefetch = prefetch
-        self.read_threads = read_threads if read_threads is not None else (2 if self.url is not None else 1)
+        self.read_threads = read_threads  # None: chosen when opened (_read_threads)
         self.cache_dir, self.cache_bytes = cache_dir, cache_bytes
         self.retry = retry
         self.reuse_buffers = reuse_buffers
@@ -247,13 +248,24 @@ class StreamingNeuralDataset(IterableDataset):
             selection = reader.Selection.of(ds.selected_neurons())
             in_order = bool((np.diff(selection.neurons) > 0).all())
             everything = in_order and len(selection.neurons) == ds.N_neurons
+            local = self._reads_local_files(ds)
+            threads = self._read_threads(local)
             self._opened = Opened(os.getpid(), ds, self._visible(ds), selection,
                                   selection.positions(ds.N_neurons),
                                   None if everything else selection.neurons.tolist(), in_order,
-                                  None if self._reads_local_files(ds) else ThreadPoolExecutor(
-                                      max_workers=self.read_threads, thread_name_prefix="deepstrf-stims"),
-                                  None if (io := storage_io(ds)) is None else StorageIO(io))
+                                  None if local else ThreadPoolExecutor(max_workers=threads,
+                                                                        thread_name_prefix="deepstrf-stims"),
+                                  None if (io := storage_io(ds)) is None else StorageIO(io), threads)
         return self._opened
+
+    def _read_threads(self, local_files: bool) -> int:
+        """Threads reading ahead: as given, else 2 for a store over a network (one batch's round trips
+        overlap another's decoding) and 1 otherwise: local reads are CPU work, which a second thread
+        only contends with for the GIL (one process at K = 10^4: 889-998 -> 1,359-1,441 items/s),
+        and a dataset object's reads may not be thread-safe."""
+        if self.read_threads is not None:
+            return self.read_threads
+        return 2 if self.url is not None and not local_files else 1
 
     def _reads_local_files(self, ds: NeuralDataset) -> bool:
         """A store URL on a local disk (and a pool's sources too): its reads are CPU work in the
@@ -464,7 +476,7 @@ class StreamingNeuralDataset(IterableDataset):
         scratch = BufferPool(shared=False, slots=DEFAULT_SLOTS if self.reuse_buffers else 0)
         fetch = Prefetcher(lambda positions: self._read_batch(positions, pool, scratch),
                            depth=self._prefetch_depth(in_worker=get_worker_info() is not None),
-                           threads=self.read_threads)
+                           threads=self._state().read_threads)
         self.last_prefetcher = fetch
         return fetch.map(tasks, timeout)
 
