@@ -3,12 +3,14 @@ worker reported by name with what it was reading, instead of a silent wait."""
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
 from deepstrf.datasets.views import LazySequence
 from deepstrf.errors import StreamStalledError
@@ -76,6 +78,28 @@ def test_an_in_memory_dataset_of_many_tensors_reaches_workers_that_are_not_forke
     keys = [k for b in s.loader(num_workers=2, timeout=LOADER_TIMEOUT_S) for k in batch_keys(b)]
     s.set_epoch(0)
     assert keys == [k for b in s for k in batch_keys(b)]
+
+
+class FreezeCounts(LazySequence):
+    """Stimuli filled with the reading process's count of objects frozen out of the collector."""
+
+    def __init__(self, stims: list) -> None:
+        super().__init__(len(stims))
+        self.stims = stims
+
+    def _get(self, i: int):
+        return torch.full_like(self.stims[i], gc.get_freeze_count())
+
+
+def test_workers_freeze_their_long_lived_objects_and_the_main_process_does_not():
+    ds = ToyAudio(seed=1, S=8, N=3)
+    ds.stims = FreezeCounts(list(ds.stims))
+    before = gc.get_freeze_count()
+    s = StreamingNeuralDataset(ds, batch_size=2)
+    counts = [int(b.stims.flatten()[0]) for b in s.loader(num_workers=2, timeout=LOADER_TIMEOUT_S,
+                                                          read_while_starting=False)]
+    assert min(counts) > 10_000  # torch's objects at least
+    assert gc.get_freeze_count() == before
 
 
 def test_stuck_worker_is_named_with_what_it_reads():

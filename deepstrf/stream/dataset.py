@@ -41,7 +41,8 @@ from .prefetch import Prefetcher, ReadTimeout
 from .retry import RetryPolicy, call_with_retries
 from .stats import StorageIO, StreamCounters, summarize
 from .transfer import for_new_process
-from .workers import DEFAULT_TIMEOUT_S, WorkerActivity, context_method, start_worker_server, worker_context
+from .workers import (DEFAULT_TIMEOUT_S, WorkerActivity, context_method, freeze_long_lived, start_worker_server,
+                      worker_context)
 
 Collate = Literal["compact", "dense"]
 STATE_VERSION = 1
@@ -427,6 +428,7 @@ class StreamingNeuralDataset(IterableDataset):
             self._begin_pass()
         else:
             shards.SHARD_CACHE.share(self._shard_dir)
+            freeze_long_lived()
         slot = 0 if in_process else worker_id + 1
         self.counters.use_slot(slot)
         self.counters.reset_slot()

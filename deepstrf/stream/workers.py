@@ -18,6 +18,7 @@ stuck, on which stimuli, for how long, instead of waiting silently.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -58,6 +59,22 @@ def start_worker_server() -> None:
     while the caller opens the data and builds its model, instead of before the first batch."""
     if multiprocessing.parent_process() is None and "forkserver" in multiprocessing.get_all_start_methods():
         worker_context()
+
+
+_FROZEN_IN: int | None = None  # the pid of the process whose objects freeze_long_lived froze
+
+
+def freeze_long_lived() -> None:
+    """In a DataLoader worker, once its dataset is open: move every object alive now (torch and the
+    other imports, the opened dataset) out of the cyclic collector's reach, as the ``gc`` docs
+    advise for worker processes. Otherwise every full collection walks them again; over a pool of
+    10^4 sources, whose reads keep making long-lived objects, each worker paid 0.17 s per full
+    collection, one every few thousand items (2 workers: 937-983 -> 1,154-1,458 items/s).
+    Once per process: an object frozen is never collected if it later becomes cyclic garbage."""
+    global _FROZEN_IN
+    if _FROZEN_IN != os.getpid():
+        _FROZEN_IN = os.getpid()
+        gc.freeze()
 
 
 def context_method(ctx: str | BaseContext | None) -> str:
