@@ -68,6 +68,7 @@ class Opened:
     stim_pool: ThreadPoolExecutor | None  # reads a batch's stimuli beside its responses (None: in line)
     io: StorageIO | None            # storage requests/bytes of a store-backed dataset, else None
     read_threads: int               # threads reading ahead in this process
+    waits_on_network: bool          # its store, or a pool's sources, are not local
 
 
 def _grouped(tasks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
@@ -249,29 +250,27 @@ class StreamingNeuralDataset(IterableDataset):
             selection = reader.Selection.of(ds.selected_neurons())
             in_order = bool((np.diff(selection.neurons) > 0).all())
             everything = in_order and len(selection.neurons) == ds.N_neurons
-            local = self._reads_local_files(ds)
-            threads = self._read_threads(local)
+            remote = _waits_on_network(ds)
+            # a store URL on a local disk (and its pool's sources): reads are CPU work in the reading
+            # thread (store/localfiles.py), not waits a second thread could overlap
+            local_files = self.url is not None and not remote
+            threads = self._read_threads(remote)
             self._opened = Opened(os.getpid(), ds, self._visible(ds), selection,
                                   selection.positions(ds.N_neurons),
                                   None if everything else selection.neurons.tolist(), in_order,
-                                  None if local else ThreadPoolExecutor(max_workers=threads,
-                                                                        thread_name_prefix="deepstrf-stims"),
-                                  None if (io := storage_io(ds)) is None else StorageIO(io), threads)
+                                  None if local_files else ThreadPoolExecutor(max_workers=threads,
+                                                                              thread_name_prefix="deepstrf-stims"),
+                                  None if (io := storage_io(ds)) is None else StorageIO(io), threads, remote)
         return self._opened
 
-    def _read_threads(self, local_files: bool) -> int:
-        """Threads reading ahead: as given, else 2 for a store over a network (one batch's round trips
-        overlap another's decoding) and 1 otherwise: local reads are CPU work, which a second thread
-        only contends with for the GIL (one process at K = 10^4: 889-998 -> 1,359-1,441 items/s),
-        and a dataset object's reads may not be thread-safe."""
+    def _read_threads(self, remote: bool) -> int:
+        """Threads reading ahead: as given, else 2 for a store URL over a network (one batch's round
+        trips overlap another's decoding) and 1 otherwise: local reads are CPU work, which a second
+        thread only contends with for the GIL (one process at K = 10^4: 889-998 -> 1,359-1,441
+        items/s), and a dataset object's reads may not be thread-safe."""
         if self.read_threads is not None:
             return self.read_threads
-        return 2 if self.url is not None and not local_files else 1
-
-    def _reads_local_files(self, ds: NeuralDataset) -> bool:
-        """A store URL on a local disk (and a pool's sources too): its reads are CPU work in the
-        reading thread (:mod:`deepstrf.store.localfiles`), not waits a second thread could overlap."""
-        return self.url is not None and not _waits_on_network(ds)
+        return 2 if self.url is not None and remote else 1
 
     def _visible(self, ds: NeuralDataset) -> np.ndarray:
         """Global stim index of each item this dataset streams: the visible stims (in ``subset``)."""
@@ -728,7 +727,7 @@ class StreamingDataLoader(DataLoader):
         super().__init__(dataset, **kwargs)
         if read_while_starting is None:
             dense = dataset.collate == "dense" and dataset.batch_size is not None
-            read_while_starting = not dense and not _waits_on_network(dataset.dataset())
+            read_while_starting = not dense and not dataset._state().waits_on_network
         self.read_while_starting = read_while_starting
         self.lead_batches = 0
         if self.persistent_workers:

@@ -61,12 +61,11 @@ class Lead:
     def is_closed(self) -> bool:
         return int(self._closed_after[0]) != _OPEN
 
-    def close(self) -> int:
-        """Claim nothing more; returns the number of batches claimed."""
+    def close(self) -> None:
+        """Claim nothing more (workers then skip the batches claimed so far)."""
         with self._lock:
             if int(self._closed_after[0]) == _OPEN:
                 self._closed_after[0] = self._claimed + 1
-            return int(self._closed_after[0]) - 1
 
     def claim(self, n_batches: int) -> int | None:
         """The next batch for the main process to read, or None once the count is closed (it is
