@@ -55,13 +55,17 @@ PRELOAD = ["deepstrf.stream.dataset", "deepstrf.stream.worker_boot"]
 # A batch that takes longer than this to arrive from the workers ends the pass with a
 # StreamStalledError (``StreamingNeuralDataset.loader(timeout=...)``).
 DEFAULT_TIMEOUT_S = 300.0
-# Threads whose owners make a fork safe: deepstrf's (gated) and fsspec's event loop (reset in the child).
-FORK_SAFE_THREAD_PREFIXES = ("deepstrf", "fsspecIO")
+# Threads whose owners make a fork safe: deepstrf's (gated), and the I/O event loops of fsspec and
+# zarr with their executors, which those libraries reset in a forked child.
+FORK_SAFE_THREAD_PREFIXES = ("deepstrf", "fsspecIO", "zarr_io", "zarr_pool", "asyncio_")
 
 # columns of the activity table
 _PID, _BATCHES, _READING_SINCE_NS, _N_STIMS, _STIMS = 0, 1, 2, 3, 4
 _SHOWN_STIMS = 8  # stims of the current read kept for the report
 _TRACEBACK_LINES = 12  # last lines of a dead worker's traceback put in a report
+
+
+_WARNED: dict[str, bool] = {}  # forks with threads alive already warned of, by reason
 
 
 def start_method(runs_user_code: bool = True) -> str:
@@ -74,7 +78,8 @@ def start_method(runs_user_code: bool = True) -> str:
         if not can_fork:
             raise UnsafeMainError(f"DataLoader workers cannot start here: {problem}, and this platform has no "
                                   f"safe fork. What to do: {GUARD_FIX}.")
-        if threads := foreign_threads():
+        if (threads := foreign_threads()) and not _WARNED.get(problem):
+            _WARNED[problem] = True
             warnings.warn(f"DataLoader workers are forked ({problem}) while threads {threads} of this process "
                           f"run; a worker may hang on a lock one of them holds. To be safe: {GUARD_FIX}.",
                           RuntimeWarning, stacklevel=3)
@@ -85,8 +90,9 @@ def start_method(runs_user_code: bool = True) -> str:
 
 
 def foreign_threads() -> list[str]:
-    """Names of the live threads of this process other than the main thread, deepstrf's and
-    fsspec's: threads of the user's (or of other libraries) that a fork could catch holding a lock."""
+    """Names of the live threads of this process other than the main thread and those of
+    ``FORK_SAFE_THREAD_PREFIXES``: threads of the user's (or of other libraries) that a fork could
+    catch holding a lock."""
     main = threading.main_thread()
     return [t.name for t in threading.enumerate()
             if t is not main and t.is_alive() and not t.name.startswith(FORK_SAFE_THREAD_PREFIXES)]
