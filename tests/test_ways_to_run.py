@@ -173,3 +173,36 @@ def test_no_method_can_work_fails_before_any_worker_starts(tmp_path):
     out = _run(["mac.py"], str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "REFUSED" in out.stdout and 'if __name__ == "__main__":' in out.stdout and "mac.py" in out.stdout
+
+
+def test_an_unguarded_lightning_script(pool_url, tmp_path):
+    pytest.importorskip("lightning")
+    script = f"POOL = {pool_url!r}\n" + textwrap.dedent('''
+        import lightning, torch
+        from deepstrf.lightning import PoolDataModule
+
+        class Tiny(lightning.LightningModule):  # defined in an unguarded __main__
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.Parameter(torch.zeros(1))
+                self.items = 0
+            def training_step(self, batch, batch_idx):
+                self.items += len(batch["stim_meta"])
+                return ((self.w - batch["stims"].mean()) ** 2).sum()
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        data = PoolDataModule(POOL, batch_size=4, collate="dense", num_workers=2,
+                              loader_options={"timeout": 60})
+        model = Tiny()
+        lightning.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, enable_checkpointing=False,
+                          limit_val_batches=0).fit(model, data)
+        per_epoch = sum(len(b["stim_meta"]) for b in data.stream("train"))  # read here, no workers
+        print("RESULT_ITEMS", model.items, per_epoch)
+    ''')
+    (tmp_path / "fit.py").write_text(script)
+    out = _run(["fit.py"], str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    items, per_epoch = map(int, out.stdout.split("RESULT_ITEMS ", 1)[1].split()[:2])
+    assert per_epoch > 0 and items == 2 * per_epoch
