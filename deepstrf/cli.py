@@ -125,6 +125,10 @@ def _add_import_nwb(sub: argparse._SubParsersAction, so: argparse.ArgumentParser
     p.add_argument("--stim-index-series", default=None, help="IndexSeries in /stimulus giving the stimulus instead")
     p.add_argument("--stim-series", default=None,
                    help="series presented over the session to cut stimuli from (default: /stimulus_template by name)")
+    p.add_argument("--stim-dir", default=None, metavar="DIR_OR_URL",
+                   help="folder of stimulus files named after the stim column's values (.wav, .flac, .npy)")
+    p.add_argument("--stim-rate", type=float, default=None, metavar="HZ",
+                   help="samples (or spectrogram frames) per second of .npy stimulus files")
     p.add_argument("--stim-kind", default="auto", choices=["auto", "waveform", "spectrogram", "video"])
     p.add_argument("--bands", type=int, default=32, help="mel bands of waveform stimuli (default 32)")
     p.add_argument("--f-min", type=float, default=50.0, help="lowest mel band edge in Hz (default 50)")

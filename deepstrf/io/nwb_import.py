@@ -139,7 +139,7 @@ def main(args: Any) -> int:
         overwrite=args.overwrite, presentations=args.presentations, stim_column=args.stim_column,
         stim_index_series=args.stim_index_series, stim_series=args.stim_series, stim_kind=args.stim_kind,
         pre_ms=args.pre_ms, post_ms=args.post_ms, unit_filter=unit_filter or None,
-        use_obs_intervals=not args.ignore_obs_intervals,
+        use_obs_intervals=not args.ignore_obs_intervals, stim_dir=args.stim_dir, stim_rate=args.stim_rate,
         mel=MelSpec(bands=args.bands, f_min=args.f_min, f_max=args.f_max, window_ms=args.window_ms))
     with dask_client(args.dask) if args.dask else contextlib.nullcontext() as client:
         results = import_sessions(args.out_dir, sources, client=client, **options)
