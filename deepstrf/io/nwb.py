@@ -123,7 +123,7 @@ def read_nwb(path_or_url: str | os.PathLike, conv: NWBConversion, *, name: str |
     """:func:`from_nwb` with the conversion given as one :class:`NWBConversion`."""
     folder = stim_folder(conv, storage_options)
     identity = session_identity(path_or_url, storage_options, folder)
-    with open_nwb(path_or_url, storage_options) as nwb:
+    with open_nwb(path_or_url, storage_options, keep=(conv.stim_series,) if conv.stim_series else ()) as nwb:
         try:
             return _Session(nwb, identity["url"], conv, folder).dataset(identity, name=name, license=license,
                                                                          progress=progress)
