@@ -2,7 +2,7 @@
 the two batch engines side by side; prints one JSON line.
 
     python scripts/bench_import.py [--units 300] [--hours 2] [--presentations 5000] [--stims 100]
-                                   [--latency-ms 20] [--extra-mb 256] [--no-s3]
+                                   [--latency-ms 20] [--extra-mb 256] [--no-s3] [--zarr]
     python scripts/bench_import.py --sessions 40 [--workers 2]
 
 With ``--sessions N``: N small sessions (``--small-units`` units, 20 stims x 5 repeats of 0.5 s)
@@ -18,7 +18,8 @@ carry (the import never reads it). Then imports it into a local source store (``
 ``--dt-ms`` bins, 32 mel bands) twice, each in a fresh process so that its peak RSS is its own:
 from the local file, and from a moto S3 server in this process with ``--latency-ms`` added to every
 request (bytes fetched = body bytes the server sent). ``cpu_s`` is the importing process's CPU time
-(all its threads): on a shared machine it varies less than the wall time.
+(all its threads): on a shared machine it varies less than the wall time. ``--zarr`` also writes the
+session's NWB-Zarr twin (``deepstrf.testing.nwbzarr``) and imports it from the local folder.
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ def main(argv=None) -> int:
     p.add_argument("--latency-ms", type=float, default=20.0, help="latency added to every S3 request")
     p.add_argument("--extra-mb", type=int, default=256, help="size of the acquisition series nobody reads")
     p.add_argument("--no-s3", action="store_true")
+    p.add_argument("--zarr", action="store_true", help="also import the session's NWB-Zarr twin (local)")
     p.add_argument("--sessions", type=int, default=0, help="import this many small sessions with both engines")
     p.add_argument("--workers", type=int, default=2, help="worker processes of each engine (--sessions)")
     p.add_argument("--small-units", type=int, default=30, help="units per small session (--sessions)")
@@ -208,6 +210,12 @@ def main(argv=None) -> int:
         out["local"] = {**local, "spikes_per_s": round(out["spikes"] / local["wall_s"])}
         store = os.path.join(tmp, "local", "session.zarr")
         out["store_bytes"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(store) for f in fs)
+        if args.zarr:
+            from deepstrf.testing.nwbzarr import write_nwb_zarr
+
+            twin = os.path.join(tmp, "session.nwb.zarr")
+            write_nwb_zarr(path, twin)
+            out["nwb_zarr"] = run_child(args, twin, os.path.join(tmp, "zarr"))
         if not args.no_s3:
             from deepstrf.testing.s3 import LocalS3
 
@@ -225,7 +233,7 @@ def main(argv=None) -> int:
                 out["s3"] = {**remote, "spikes_per_s": round(out["spikes"] / remote["wall_s"]),
                              "latency_ms": args.latency_ms, "requests": sim.requests - requests,
                              "bytes_fetched": fetched, "fetched_fraction": round(fetched / out["file_bytes"], 3)}
-        out["rss_goal_met"] = all(out[k]["peak_rss_mib"] <= 1024 for k in ("local", "s3") if k in out)
+        out["rss_goal_met"] = all(out[k]["peak_rss_mib"] <= 1024 for k in ("local", "nwb_zarr", "s3") if k in out)
     print(json.dumps(out, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
     return 0
 
