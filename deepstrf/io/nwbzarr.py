@@ -35,6 +35,7 @@ from ..store.location import Location
 
 BULK_GROUPS = ("acquisition", "processing")  # raw data and LFP: not copied unless kept
 RESERVED_ATTRS = ("zarr_link", "zarr_dtype")
+READ_THREADS = 16
 
 
 def is_nwb_zarr(fs: Any, path: str) -> bool:
@@ -60,6 +61,7 @@ class _Hierarchy:
         else:
             keys = [p for p in fs.find(self.root) if posixpath.basename(p) in (".zgroup", ".zarray", ".zattrs")]
             docs = {k[len(self.root) + 1:]: json.loads(v) for k, v in fs.cat(keys).items()}
+        self.store = loc.zarr_store(read_only=True)
         self.nodes: dict[str, dict[str, Any]] = {}
         for key, doc in docs.items():
             node, _, kind = key.rpartition("/") if "/" in key else ("", "", key)
@@ -75,16 +77,26 @@ class _Hierarchy:
     def attrs(self, node: str) -> dict:
         return self.nodes[node].get(".zattrs", {})
 
+    def read_arrays(self, keep: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Every array the image holds values of, read concurrently (remote reads overlap)."""
+        from ..forksafe import thread_map
+
+        paths = [p for p, kinds in self.nodes.items() if ".zarray" in kinds
+                 and self.attrs(p).get("zarr_dtype") != "object" and not _skipped(p, keep)]
+        return dict(zip(paths, thread_map(lambda p: _read_array(self, p), paths, max_workers=READ_THREADS,
+                                          name="deepstrf-nwbzarr")))
+
 
 def hdf5_image(loc: Location, fs: Any, root: str, keep: tuple[str, ...] = ()) -> io.BytesIO:
     """The HDF5 bytes of the NWB-Zarr session at ``root`` (see the module docstring)."""
     import h5py
 
     tree = _Hierarchy(loc, fs, root)
+    values = tree.read_arrays(keep)
     buf = io.BytesIO()
     with h5py.File(buf, "w") as h5:
         late: list[tuple[Any, str, Any]] = []  # (h5 object, attribute name, reference path or attrs)
-        _copy_group(tree, "", h5, keep, late)
+        _copy_group(tree, "", h5, values, late)
         for obj, name, path in late:
             if name == "@links":
                 for link in path:
@@ -131,14 +143,14 @@ def _reference_path(tree: _Hierarchy, node: str, ref: Any) -> str:
     return "/" + ref["path"].lstrip("/")
 
 
-def _copy_group(tree: _Hierarchy, node: str, group: Any, keep: tuple[str, ...], late: list) -> None:
+def _copy_group(tree: _Hierarchy, node: str, group: Any, values: dict, late: list) -> None:
     for child in tree.children(node):
         name = posixpath.basename(child)
         kinds = tree.nodes[child]
         if ".zgroup" in kinds:
-            _copy_group(tree, child, group.create_group(name), keep, late)
+            _copy_group(tree, child, group.create_group(name), values, late)
         elif ".zarray" in kinds:
-            _copy_array(tree, child, group, name, keep, late)
+            _copy_array(tree, child, group, name, values.pop(child, None), late)
     links = tree.attrs(node).get("zarr_link") or []
     for link in links:
         link["path"] = _reference_path(tree, node, link)
@@ -147,7 +159,9 @@ def _copy_group(tree: _Hierarchy, node: str, group: Any, keep: tuple[str, ...], 
     _copy_attrs(tree, node, group, late)
 
 
-def _copy_array(tree: _Hierarchy, node: str, group: Any, name: str, keep: tuple[str, ...], late: list) -> None:
+def _copy_array(tree: _Hierarchy, node: str, group: Any, name: str, data: np.ndarray | None, late: list) -> None:
+    """One dataset of the image: references (filled in later), the values read, or (``data`` None)
+    an unfilled dataset of the same shape and dtype."""
     import h5py
 
     meta, attrs = tree.nodes[node][".zarray"], tree.attrs(node)
@@ -157,12 +171,11 @@ def _copy_array(tree: _Hierarchy, node: str, group: Any, name: str, keep: tuple[
         ds = group.create_dataset(name, shape=refs.shape, dtype=h5py.ref_dtype)
         late.append((ds, "@refs", np.vectorize(lambda r: _reference_path(tree, node, r), otypes=[object])(refs)
                      if refs.size else refs))
-    elif _skipped(node, keep):
+    elif data is None:
         dtype = np.dtype("float64") if meta["dtype"] == "|O" else _dtype(meta["dtype"])
         ds = group.create_dataset(name, shape=tuple(meta["shape"]), dtype=dtype,
                                   chunks=tuple(max(1, c) for c in meta["chunks"]) if meta["shape"] else None)
     else:
-        data = _read_array(tree, node)
         if kind == "scalar":
             data = data.reshape(-1)[0]
         if isinstance(data, str) or (isinstance(data, np.ndarray) and data.dtype.kind in "OUT"):
@@ -185,9 +198,8 @@ def _dtype(spec: Any) -> np.dtype:
 def _read_array(tree: _Hierarchy, node: str) -> np.ndarray:
     import zarr
 
-    store = tree.loc.zarr_store(read_only=True)
     try:
-        arr = zarr.open_array(store=store, path=node, mode="r", zarr_format=2)
+        arr = zarr.open_array(store=tree.store, path=node, mode="r", zarr_format=2)
         return np.asarray(arr[...])
     except (ValueError, TypeError, KeyError) as e:
         raise NWBReadError(f"{_where(tree, node)}: array cannot be read ({type(e).__name__}: {e}).") from e
