@@ -94,3 +94,12 @@ def test_pickled_references_are_refused(twins, tmp_path):
     (copy / ".zmetadata").unlink()  # read the documents themselves
     with pytest.raises(NWBReadError, match="only the JSON codec is read"):
         from_nwb(copy, dt_ms=DT)
+
+
+def test_zarr_session_over_https(twins, http_server):
+    import shutil
+
+    h5, zarr_dir = twins["images"]
+    shutil.copytree(zarr_dir, http_server.root / "images.nwb.zarr")
+    remote = from_nwb(http_server.url("images.nwb.zarr"), dt_ms=DT, stim_index_series="image_index")
+    assert_same(remote, from_nwb(h5, dt_ms=DT, stim_index_series="image_index"))

@@ -1,6 +1,8 @@
 """``deepstrf import-nwb``: NWB sessions -> one source store each, in parallel, skipping done ones.
 
-A session's store is ``OUT_DIR/<file name without .nwb>.zarr``, written by
+Sessions run as one task each on local worker processes (``--jobs``) or a Dask cluster
+(``--dask``), through :mod:`deepstrf.engine`; inputs may come from listings and patterns
+(:mod:`deepstrf.store.listing`). A session's store is ``OUT_DIR/<file name without .nwb>.zarr``, written by
 :func:`deepstrf.store.save_dataset` (atomic) with the dataset card filled from the file. Its card
 records the import's fingerprint (the input's URL, size and version plus every conversion
 argument); a re-run skips a session whose store records the same fingerprint.

@@ -12,7 +12,7 @@ for Zarr v2 files (hdmf-zarr < 0.14, what archives serve today):
   codec) and in attributes (``{"zarr_dtype": "object", "value": {"path": ...}}``);
 - scalar datasets (``zarr_dtype: "scalar"``); the cached specifications (root ``.specloc``);
 - consolidated metadata (``.zmetadata``: one request), else the ``.zgroup`` / ``.zarray`` /
-  ``.zattrs`` documents found by listing.
+  ``.zattrs`` documents found by listing (not over ``https://``, which cannot be listed).
 
 Refused with a clear error: links or references into another file, region references, object
 arrays encoded with the Pickle codec (never unpickled), and the Zarr v3 layout of hdmf-zarr >= 0.14.

@@ -197,5 +197,6 @@ def check_pooled_source(pool_url: str, name: str, url: str, storage_options: dic
 
 
 def _check_failed(task: tuple, error: BaseException) -> list[str]:
-    pool_url, name = task[0], task[1]
-    return [f"pool {pool_url}: source {name!r} could not be checked ({type(error).__name__}: {error})"]
+    pool_url, name, url = task[0], task[1], task[2]
+    return [f"pool {pool_url}: source {name!r} ({url}) could not be checked ({type(error).__name__}: {error}); "
+            "check that it is reachable, then run verify again"]
