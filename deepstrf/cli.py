@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("concat", parents=[so], help="write a pool of store references (no data copied)")
     p.add_argument("out", help="URL of the pool to write")
-    p.add_argument("sources", nargs="+", help="URLs of sources or pools")
+    p.add_argument("sources", nargs="*", help="URLs of sources or pools, or patterns (s3://bucket/stores/*.zarr)")
+    p.add_argument("--from-list", default=None, metavar="FILE",
+                   help="also pool the stores listed in FILE (one URL or pattern per line; # comments)")
     p.add_argument("--name", action="append", default=None, help="source label (one per source)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--allow-root", action="append", default=[], help="extra root the pool may reference")
@@ -92,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url")
     p.add_argument("--data", action="store_true", help="also read and checksum every data chunk (sources: always)")
     p.add_argument("--allow-root", action="append", default=[])
+    p.add_argument("--dask", default=None, metavar="ADDRESS",
+                   help="check every source's data, one task per source, on a Dask cluster (scheduler "
+                        "address or local:N)")
 
     p = sub.add_parser("plot", parents=[so], help="plot a store's coverage matrix")
     p.add_argument("url")
@@ -110,13 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_import_nwb(sub: argparse._SubParsersAction, so: argparse.ArgumentParser) -> None:
     p = sub.add_parser("import-nwb", parents=[so], help="import NWB sessions (local, s3://, https://) as source stores")
     p.add_argument("out_dir", help="folder or URL prefix; each session becomes OUT_DIR/<file stem>.zarr")
-    p.add_argument("sources", nargs="+", metavar="FILE_OR_URL", help="NWB files (paths, s3://, https://)")
+    p.add_argument("sources", nargs="*", metavar="FILE_OR_URL",
+                   help="NWB files or NWB-Zarr folders (paths, s3://, https://) or patterns (s3://b/p/**/*.nwb)")
+    p.add_argument("--from-list", default=None, metavar="FILE",
+                   help="also import the files listed in FILE (one path, URL or pattern per line; # comments)")
     p.add_argument("--dt-ms", type=float, default=5.0, help="bin width in ms (default 5)")
     p.add_argument("--presentations", default="trials", help="presentation table: trials or a table in /intervals")
     p.add_argument("--stim-column", default="stim_name", help="column of that table naming the stimulus")
     p.add_argument("--stim-index-series", default=None, help="IndexSeries in /stimulus giving the stimulus instead")
     p.add_argument("--stim-series", default=None,
                    help="series presented over the session to cut stimuli from (default: /stimulus_template by name)")
+    p.add_argument("--stim-dir", default=None, metavar="DIR_OR_URL",
+                   help="folder of stimulus files named after the stim column's values (.wav, .flac, .npy)")
+    p.add_argument("--stim-rate", type=float, default=None, metavar="HZ",
+                   help="samples (or spectrogram frames) per second of .npy stimulus files")
     p.add_argument("--stim-kind", default="auto", choices=["auto", "waveform", "spectrogram", "video"])
     p.add_argument("--bands", type=int, default=32, help="mel bands of waveform stimuli (default 32)")
     p.add_argument("--f-min", type=float, default=50.0, help="lowest mel band edge in Hz (default 50)")
@@ -130,6 +142,9 @@ def _add_import_nwb(sub: argparse._SubParsersAction, so: argparse.ArgumentParser
                    help="count every unit as recorded during the whole session")
     p.add_argument("--license", default=None, help="license written into each store's dataset card")
     p.add_argument("--jobs", "-j", type=int, default=1, help="files imported in parallel worker processes")
+    p.add_argument("--dask", default=None, metavar="ADDRESS",
+                   help="run one task per session on a Dask cluster: a scheduler address (tcp://host:8786) "
+                        "or local:N for N worker processes on this machine")
     p.add_argument("--overwrite", action="store_true", help="replace stores imported with other inputs or arguments")
 
 

@@ -63,6 +63,10 @@ class NWBReadError(OSError):
     """An NWB file cannot be opened or read (missing, not HDF5/NWB, unreachable)."""
 
 
+class ClusterError(OSError):
+    """The Dask cluster asked for (``--dask``) cannot be started or reached, or dask is not installed."""
+
+
 def error_types() -> tuple[type[Exception], ...]:
     """Every exception type of this module (what the CLI reports as a message, without a traceback)."""
     return tuple(e for e in globals().values() if isinstance(e, type) and issubclass(e, Exception))

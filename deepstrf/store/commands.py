@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from argparse import Namespace
@@ -96,19 +97,26 @@ def verify_main(args: Namespace) -> int:
 
     A source: every chunk read and checksummed, digests and fingerprint recomputed.
     A pool: references, fingerprints and coverage (with ``--data`` also every source's data).
+    With ``--dask ADDRESS`` each source is checked, data included, by one task on that cluster.
     """
+    from ..engine import dask_client, run_tasks
     from .pool_commands import verify_pool
 
     loc = Location.parse(args.url, args.storage_options)
     is_pool = dict(open_group(loc).attrs).get("format") == POOL_FORMAT
-    problems = (verify_pool(loc, allowed_roots=args.allow_root, data=args.data) if is_pool
-                else verify_source(loc))
+    data = args.data or bool(args.dask)
+    with dask_client(args.dask) if args.dask else contextlib.nullcontext() as client:
+        if is_pool:
+            problems = verify_pool(loc, allowed_roots=args.allow_root, data=data, client=client)
+        else:
+            [problems] = run_tasks(verify_source, [(loc,)], failed=lambda _, e: [f"{loc.url}: {e}"], client=client,
+                                   progress=False)
     for p in problems:
         print(f"deepstrf verify: problem: {p}", file=sys.stderr)
     if problems:
         print(f"{loc.url}: {len(problems)} problem(s) found", file=sys.stderr)
         return 1
-    what = ("references, fingerprints and coverage match" + (", every source chunk checksummed" if args.data else "")
+    what = ("references, fingerprints and coverage match" + (", every source chunk checksummed" if data else "")
             if is_pool else
             "every chunk read and checksummed, digests and fingerprint match")
     print(f"{loc.url}: OK ({what})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,12 +20,16 @@ MAX_LISTED_SOURCES = 40  # sources listed by `concat` and `info` (text)
 
 
 def concat_main(args: argparse.Namespace) -> int:
-    """Pool the stores at ``args.sources`` into a new pool at ``args.out``."""
-    if args.name is not None and len(args.name) != len(args.sources):
-        raise SystemExit(f"deepstrf concat: got {len(args.name)} --name for {len(args.sources)} sources; "
+    """Pool the stores at ``args.sources`` (and those listed in ``args.from_list``) into a new pool at
+    ``args.out``."""
+    from .listing import gather_inputs
+
+    sources = gather_inputs(args.sources, args.from_list, args.storage_options)
+    if args.name is not None and len(args.name) != len(sources):
+        raise SystemExit(f"deepstrf concat: got {len(args.name)} --name for {len(sources)} sources; "
                          "give one --name per source or none")
     opened = thread_map(lambda u: open_dataset(u, storage_options=args.storage_options, **_open_kw(args, u)),
-                        args.sources, max_workers=16, name="deepstrf-open")
+                        sources, max_workers=16, name="deepstrf-open")
     pool = concat_neural_datasets(opened, names=args.name, store=args.out, storage_options=args.storage_options,
                                   overwrite=args.overwrite, allowed_roots=args.allow_root)
     info = pool.summary()
@@ -133,16 +138,17 @@ def print_pool(d: dict) -> None:
         print(f"  ... and {len(d['sources']) - MAX_LISTED_SOURCES} more (--json lists every source)")
 
 
-def verify_pool(loc, *, allowed_roots=(), data: bool = False) -> list[str]:
+def verify_pool(loc, *, allowed_roots=(), data: bool = False, client: Any = None,
+                progress: bool | None = None) -> list[str]:
     """Problems found in a pool: metadata, version, references, tables against their digests,
     each source's fingerprint and its coverage block against the source's own index (and, with
     ``data``, every chunk of every source). A damaged source is a problem named after it; the
-    other sources are still checked."""
+    other sources are still checked. Sources are checked one task each by
+    :func:`deepstrf.engine.run_tasks`: on a Dask cluster with ``client``, else in this process."""
+    from ..engine import run_tasks
     from ..errors import StoreError
-    from .lazy import LazySourceGrid
-    from .location import Location
     from .reader import open_group
-    from .verify import metadata_problems, verify_source
+    from .verify import metadata_problems
 
     try:
         problems = metadata_problems(loc, open_group(loc))
@@ -151,21 +157,46 @@ def verify_pool(loc, *, allowed_roots=(), data: bool = False) -> list[str]:
         pool.stim_meta[0], pool.nrn_meta[0]  # noqa: B018 - loads (and checks) the metadata tables
     except (StoreError, ValueError) as e:
         return [str(e)]
-    for k, (src, (name, stims, neurons)) in enumerate(zip(pool.responses.sources, pool.source_blocks())):
-        url = getattr(src, "store_url", None)
-        if data:
-            found = verify_source(Location.parse(url, src.storage_options), progress=False)
-            problems += [f"pool {loc.url}: source {name!r}: {p}" for p in found]
-            if found:
-                continue
-        try:
-            opened = src.responses.handle.dataset() if isinstance(src.responses, LazySourceGrid) else src
-            recorded = opened.coverage.to_dense()
-        except StoreError as e:
-            problems.append(f"pool {loc.url}: source {name!r} ({url}): {e}")
-            continue
-        if not torch.equal(torch.from_numpy(coverage.block_mask(k)), recorded):
-            problems.append(f"pool {loc.url}: the stored coverage of source {name!r} (stims {stims.start}-"
-                            f"{stims.stop - 1}, neurons {neurons.start}-{neurons.stop - 1}) differs from its "
-                            f"index at {url}; rewrite the pool with deepstrf concat")
-    return problems
+    tasks = [(loc.url, name, src.store_url, src.storage_options, _source_of(src), coverage.block_mask(k),
+              (stims.start, stims.stop - 1), (neurons.start, neurons.stop - 1), data)
+             for k, (src, (name, stims, neurons)) in enumerate(zip(pool.responses.sources, pool.source_blocks()))]
+    found = run_tasks(check_pooled_source, tasks, failed=_check_failed, client=client, desc="verify",
+                      unit="source", progress=progress)
+    return problems + [p for f in found for p in f]
+
+
+def _source_of(part: NeuralDataset) -> Any:
+    """What a task needs to open a pooled source: its handle (fingerprint checked on opening) or
+    the source itself when the pool holds it opened."""
+    from .lazy import LazySourceGrid
+
+    return part.responses.handle if isinstance(part.responses, LazySourceGrid) else part
+
+
+def check_pooled_source(pool_url: str, name: str, url: str, storage_options: dict | None, source: Any,
+                        mask: np.ndarray, stims: tuple[int, int], neurons: tuple[int, int], data: bool) -> list[str]:
+    """Problems of one pooled source: (with ``data``) every chunk checksummed, then its fingerprint
+    against the pool's record and its index against the pool's coverage block ``mask``."""
+    from ..errors import StoreError
+    from .lazy import SourceHandle
+    from .location import Location
+    from .verify import verify_source
+
+    if data:
+        found = verify_source(Location.parse(url, storage_options), progress=False)
+        if found:
+            return [f"pool {pool_url}: source {name!r}: {p}" for p in found]
+    try:
+        recorded = (source.dataset() if isinstance(source, SourceHandle) else source).coverage.to_dense()
+    except StoreError as e:
+        return [f"pool {pool_url}: source {name!r} ({url}): {e}"]
+    if not torch.equal(torch.from_numpy(mask), recorded):
+        return [f"pool {pool_url}: the stored coverage of source {name!r} (stims {stims[0]}-{stims[1]}, neurons "
+                f"{neurons[0]}-{neurons[1]}) differs from its index at {url}; rewrite the pool with deepstrf concat"]
+    return []
+
+
+def _check_failed(task: tuple, error: BaseException) -> list[str]:
+    pool_url, name, url = task[0], task[1], task[2]
+    return [f"pool {pool_url}: source {name!r} ({url}) could not be checked ({type(error).__name__}: {error}); "
+            "check that it is reachable, then run verify again"]
