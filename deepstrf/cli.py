@@ -31,30 +31,42 @@ EXIT_CODES = """exit codes:
   130  interrupted (Ctrl-C)"""
 
 
-def _storage_options(pairs: Sequence[str]) -> dict | None:
-    """``["key=value", ...]`` -> dict (values parsed as JSON when possible)."""
+def _option_pairs(pairs: Sequence[str], flag: str) -> dict:
+    """``["key=value", ...]`` -> dict (values parsed as JSON when possible; dotted keys nest)."""
     import json
 
-    if not pairs:
-        return None
-    out = {}
+    nested: dict = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"--storage-option expects KEY=VALUE, got {pair!r}")
+            raise SystemExit(f"{flag} expects KEY=VALUE, got {pair!r}")
         try:
-            out[key] = json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError:
-            out[key] = value
-    # nested keys like client_kwargs.endpoint_url=... become nested dicts
-    nested: dict = {}
-    for key, value in out.items():
-        node = nested
+            parsed = value
+        node = nested  # client_kwargs.endpoint_url=... becomes {"client_kwargs": {"endpoint_url": ...}}
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = value
+        node[leaf] = parsed
     return nested
+
+
+def _storage_options(args: argparse.Namespace) -> dict | None:
+    """The options of ``--options FILE`` (or the default file), ``--location-option PREFIX KEY=VALUE``
+    and ``--storage-option KEY=VALUE``, later ones winning (see docs/user-guide.md)."""
+    from .store.options import load_options_file, merged
+
+    try:
+        options = load_options_file(getattr(args, "options", None))
+    except ValueError as e:
+        raise SystemExit(f"deepstrf: {e}")
+    per_prefix: dict[str, list[str]] = {}
+    for prefix, pair in getattr(args, "location_option", []):
+        per_prefix.setdefault(prefix, []).append(pair)
+    options = merged(options, {p: _option_pairs(v, "--location-option") for p, v in per_prefix.items()})
+    plain = _option_pairs(getattr(args, "storage_option", []), "--storage-option")
+    return merged(options, plain) or None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--storage-option", "-S", action="append", default=[], metavar="KEY=VALUE",
                     help="fsspec storage option (repeatable; dotted keys nest, e.g. "
                          "client_kwargs.endpoint_url=http://127.0.0.1:5000)")
+    so.add_argument("--location-option", "-L", action="append", default=[], nargs=2, metavar=("PREFIX", "KEY=VALUE"),
+                    help="fsspec storage option for URLs starting with PREFIX (repeatable; the longest prefix wins)")
+    so.add_argument("--options", default=None, metavar="FILE",
+                    help="JSON file of storage options, per URL prefix or plain (default: $DEEPSTRF_STORAGE_OPTIONS, "
+                         "else ~/.config/deepstrf/storage.json if it exists)")
 
     p = sub.add_parser("demo", parents=[so], help="pool synthetic AA1/AA2/NS1-like sources, stream and fit one model")
     p.add_argument("--out", default="demo-out", help="output folder (report, figures, local stores)")
@@ -138,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["demo", *(argv or [])])
-    args.storage_options = _storage_options(getattr(args, "storage_option", []))
+    args.storage_options = _storage_options(args)
     module, func = COMMANDS[args.command].split(":")
     from . import errors
 

@@ -26,6 +26,7 @@ from ..errors import StoreError
 from ..forksafe import run_gated
 from . import format as fmt
 from .location import Location, on_network
+from .options import StorageOptions
 from .reader import SourceReader, consolidated_arrays, read_root, sync
 
 _CLASSES: dict[str, type[NeuralDataset]] = {
@@ -172,11 +173,13 @@ def open_source(loc: Location, root: dict[str, Any], *, lazy_metadata: bool = Fa
 OPENERS: dict[str, Callable[..., NeuralDataset]] = {fmt.SOURCE_FORMAT: open_source}
 
 
-def open_dataset(url: str | os.PathLike, *, storage_options: dict | None = None, **kw: Any) -> NeuralDataset:
+def open_dataset(url: str | os.PathLike, *, storage_options: StorageOptions = None, **kw: Any) -> NeuralDataset:
     """Open the deepstrf store at ``url`` as a lazy dataset (data read on access).
 
     ``storage_options`` go to fsspec (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``
-    for S3); they are kept in memory only. Opening reads the consolidated root
+    for S3), or map URL prefixes to such options (``{"s3://lab-a": {...}, "s3://lab-b":
+    {...}}``, the longest prefix wins; a pool's sources are resolved the same way);
+    they are kept in memory only. Opening reads the consolidated root
     metadata and the stim/neuron metadata; the index is read on first use.
     """
     loc = Location.parse(url, storage_options)

@@ -146,7 +146,7 @@ def verify_pool(loc, *, allowed_roots=(), data: bool = False) -> list[str]:
 
     try:
         problems = metadata_problems(loc, open_group(loc))
-        pool = open_dataset(loc.url, storage_options=loc.storage_options, allowed_roots=allowed_roots)
+        pool = open_dataset(loc.url, storage_options=loc.given, allowed_roots=allowed_roots)
         coverage = pool.coverage
         pool.stim_meta[0], pool.nrn_meta[0]  # noqa: B018 - loads (and checks) the metadata tables
     except (StoreError, ValueError) as e:

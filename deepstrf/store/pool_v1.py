@@ -18,18 +18,18 @@ from ..forksafe import thread_map
 from .dataset import open_dataset
 from .lazy import check_fingerprint
 from .location import Location
+from .options import StorageOptions
 
 COVERAGE = "coverage"
 
 
 def open_pool_v1(loc: Location, group: zarr.Group, attrs: dict, entries: list[dict], accept_changed: bool,
-                 source_storage_options: dict | None) -> NeuralDataset:
+                 source_storage_options: StorageOptions) -> NeuralDataset:
     """Every source opened and checked now, concatenated; coverage from the stored dense mask."""
-    from .pool import _same_protocol_options
+    from .pool import source_options
 
     def open_source(entry: dict) -> NeuralDataset:
-        options = (source_storage_options if source_storage_options is not None
-                   else _same_protocol_options(loc, entry["url"]))
+        options = source_options(loc, source_storage_options, entry["url"])
         try:
             return open_dataset(entry["url"], storage_options=options)
         except StoreNotFoundError as e:

@@ -18,11 +18,12 @@ from .atomic import Staging, consolidate, staged_write, stored_bytes
 from .integrity import array_digest, content_hasher, fingerprint, update
 from .jsonmeta import encode_meta
 from .location import Location
+from .options import StorageOptions
 
 ROWS_PER_READ = 4        # stims read from the source per batched call
 
 
-def save_dataset(ds: Any, url: str | os.PathLike, *, storage_options: dict | None = None,
+def save_dataset(ds: Any, url: str | os.PathLike, *, storage_options: StorageOptions = None,
                  overwrite: bool = False, progress: bool | None = None) -> str:
     """Write ``ds`` as a Zarr v3 source store at ``url`` and return its fingerprint.
 
