@@ -20,6 +20,10 @@ COMMANDS = {
     "plot": "deepstrf.store.pool_commands:plot_main",
     "bench": "deepstrf.stream.bench:main",
     "import-nwb": "deepstrf.io.nwb_import:main",
+    "versions": "deepstrf.store.version_commands:versions_main",
+    "prune": "deepstrf.store.version_commands:prune_main",
+    "pool-update": "deepstrf.store.version_commands:pool_update_main",
+    "cite": "deepstrf.store.version_commands:cite_main",
 }
 
 
@@ -104,11 +108,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--allow-root", action="append", default=[])
+    p.add_argument("--version", default=None, help="a source's version (fingerprint, prefix or tag; default latest)")
+    p.add_argument("--offline", action="store_true",
+                   help="a pool: read the pool only (do not ask its sources for newer versions)")
 
     p = sub.add_parser("verify", parents=[so], help="check a store's metadata, references and checksums")
     p.add_argument("url")
     p.add_argument("--data", action="store_true", help="also read and checksum every data chunk (sources: always)")
     p.add_argument("--allow-root", action="append", default=[])
+    p.add_argument("--version", default=None, help="a source's version (fingerprint, prefix or tag; default latest)")
+
+    p = sub.add_parser("versions", parents=[so], help="list the versions of a source store")
+    p.add_argument("url")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser("prune", parents=[so], help="remove all but the newest versions of a source store")
+    p.add_argument("url")
+    p.add_argument("--keep", type=int, required=True, metavar="N", help="versions to keep (the N newest, at least 1)")
+
+    p = sub.add_parser("pool-update", parents=[so], help="write a pool re-pinned to its sources' latest versions")
+    p.add_argument("pool", help="URL of the pool to update")
+    p.add_argument("out", help="URL of the re-pinned pool to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--allow-root", action="append", default=[], help="extra root the pool may reference")
+
+    p = sub.add_parser("cite", parents=[so], help="citations and licenses of a source or of every source of a pool")
+    p.add_argument("url")
+    p.add_argument("--bibtex", action="store_true", help="print BibTeX entries instead of text")
+    p.add_argument("--version", default=None, help="a source's version (fingerprint, prefix or tag; default latest)")
 
     p = sub.add_parser("plot", parents=[so], help="plot a store's coverage matrix")
     p.add_argument("url")

@@ -75,6 +75,7 @@ def write_pool(datasets: Sequence[NeuralDataset], url: str | os.PathLike, *, nam
         "name": str(name),
         "ref": make_reference(loc, part.store_url),
         "fingerprint": part.fingerprint,
+        "version": getattr(part, "version_path", ""),
         "n_stims": part.get_S(),
         "n_neurons": part.N_neurons,
         "kind": dataset_kind(part),
@@ -186,6 +187,7 @@ def _open(loc: Location, group: zarr.Group, allowed_roots: Sequence[str], trust:
               MetaSlice(stim_meta, stim_offsets[k], stim_offsets[k + 1]),
               MetaSlice(nrn_meta, neuron_offsets[k], neuron_offsets[k + 1]))
         part.name, part.fingerprint, part.card, part.storage_options = e["name"], e["fingerprint"], e.get("card"), options
+        part.version_path = e.get("version", "")
         return part
 
     parts = PoolParts(len(entries), make_part)

@@ -104,26 +104,48 @@ def _reduce(coverage: Coverage) -> tuple[np.ndarray, int, int]:
     return (recorded / (fs * fn)).astype(np.float32), fs, fn
 
 
-def describe_pool(attrs: dict, loc, group) -> dict:
+def describe_pool(attrs: dict, loc, group, *, newer: bool = False, allowed_roots=()) -> dict:
     """Plain-dict summary of a pool from its root attributes and source table, with the dataset
-    card per source."""
+    card per source, its licenses, and (``newer``: asking each source) the sources that have
+    published a newer version than the one the pool pins."""
+    from .citations import licenses
     from .pool import pool_card, read_sources
+    from .repin import newer_versions
 
-    url = loc.url
-    return {"url": url, "format": attrs["format"], "format_version": attrs["format_version"],
-            "kind": attrs["kind"], "class_name": attrs.get("class_name"), "S": attrs["n_stims"],
-            "N": attrs["n_neurons"], "dt_ms": attrs["dt_ms"],
-            **{k: attrs[k] for k in ("F", "H", "W") if attrs.get(k) is not None},
-            "fingerprint": attrs["fingerprint"], "sources": pool_card(read_sources(loc, group, attrs))}
+    entries = read_sources(loc, group, attrs)
+    out = {"url": loc.url, "format": attrs["format"], "format_version": attrs["format_version"],
+           "kind": attrs["kind"], "class_name": attrs.get("class_name"), "S": attrs["n_stims"],
+           "N": attrs["n_neurons"], "dt_ms": attrs["dt_ms"],
+           **{k: attrs[k] for k in ("F", "H", "W") if attrs.get(k) is not None},
+           "fingerprint": attrs["fingerprint"], "sources": pool_card(entries),
+           "licenses": licenses([(e["name"], e.get("card")) for e in entries])}
+    if newer:
+        found = newer_versions(loc, entries, allowed_roots)
+        out["newer_versions"] = {name: v if isinstance(v, str) else v.describe() for name, v in found.items()}
+    return out
 
 
 def print_pool(d: dict) -> None:
+    from .citations import licenses_line
+
     shape = "".join(f", {k}={d[k]}" for k in ("F", "H", "W") if k in d)
     print(f"pool         {d['url']}\n"
           f"kind         {d['kind']} ({d['class_name']}; {d['format']} v{d['format_version']})\n"
           f"S x N        {d['S']} stims x {d['N']} neurons, dt {d['dt_ms']} ms{shape}\n"
-          f"fingerprint  {d['fingerprint']}\n"
-          f"sources      {len(d['sources'])} (dataset card below)")
+          f"fingerprint  {d['fingerprint']}")
+    differ = len(d["licenses"]) > 1
+    print(f"licenses     {licenses_line(d['licenses'])}"
+          + ("\n             the sources carry different licenses: honour each (deepstrf cite POOL lists them)"
+             if differ else ""))
+    newer = d.get("newer_versions")
+    if newer:
+        print(f"newer        {len(newer)} source(s) have a newer version than the pool pins "
+              "(deepstrf pool-update POOL OUT re-pins them):")
+        for name, what in list(newer.items())[:MAX_LISTED_SOURCES]:
+            print(f"  - {name}: {what}")
+    elif newer is not None:
+        print("newer        none: every source's latest version is the one the pool pins")
+    print(f"sources      {len(d['sources'])} (dataset card below)")
     for src in d["sources"][:MAX_LISTED_SOURCES]:
         print(f"  - {src['name']}: {src['ref']} ({src['stims']} stims x {src['neurons']} neurons)")
         for key in ("license", "citation", "description"):
@@ -141,8 +163,9 @@ def verify_pool(loc, *, allowed_roots=(), data: bool = False) -> list[str]:
     from ..errors import StoreError
     from .lazy import LazySourceGrid
     from .location import Location
-    from .reader import open_group
+    from .reader import open_group, read_root
     from .verify import metadata_problems, verify_source
+    from .versions import open_version
 
     try:
         problems = metadata_problems(loc, open_group(loc))
@@ -154,7 +177,13 @@ def verify_pool(loc, *, allowed_roots=(), data: bool = False) -> list[str]:
     for k, (src, (name, stims, neurons)) in enumerate(zip(pool.responses.sources, pool.source_blocks())):
         url = getattr(src, "store_url", None)
         if data:
-            found = verify_source(Location.parse(url, src.storage_options), progress=False)
+            try:
+                source = Location.parse(url, src.storage_options)
+                where, root, _ = open_version(source, read_root(source), src.version_path or src.fingerprint)
+            except StoreError as e:
+                problems.append(f"pool {loc.url}: source {name!r} ({url}): {e}")
+                continue
+            found = verify_source(where, progress=False, root=root)
             problems += [f"pool {loc.url}: source {name!r}: {p}" for p in found]
             if found:
                 continue
