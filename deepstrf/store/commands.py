@@ -102,6 +102,7 @@ def info_main(args: Namespace) -> int:
             raise StoreError(f"{loc.url} holds a {attrs['format']!r} group; upgrade deepstrf to read it")
         summary, show = describe_source(attrs, loc.url), _print_source
         held = versions_of(loc) if is_versioned(read_root(loc)) else [chosen]
+        chosen = next((v for v in held if v.id == chosen.id), chosen)  # with its tag and date
         summary["version"] = {"id": chosen.id, "path": chosen.path, "tag": chosen.tag, "date": chosen.date,
                               "latest": chosen.id == held[-1].id, "versions": len(held)}
     if args.json:

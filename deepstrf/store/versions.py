@@ -100,23 +100,21 @@ def versions_of(loc: Location, root: dict | None = None) -> list[Version]:
     return _listed(loc)
 
 
-def _listed(loc: Location) -> list[Version]:
-    """Every published version, from the manifests (one listing, then their contents)."""
+def _listed(loc: Location, latest_only: bool = False) -> list[Version]:
+    """Every published version (or only the latest), from the manifests: one listing, then the
+    contents of those wanted."""
+    ids = _manifest_ids(loc)
+    names = [f"{i}.json" for i in (ids[-1:] if latest_only else ids)]
     if loc.is_local:
-        folder = os.path.join(loc.url, MANIFESTS_DIR)
-        names = sorted(n for n in os.listdir(folder) if n.endswith(".json")) if os.path.isdir(folder) else []
         docs = []
         for n in names:
-            with open(os.path.join(folder, n), "rb") as f:
+            with open(os.path.join(loc.url, MANIFESTS_DIR, n), "rb") as f:
                 docs.append(f.read())
     else:
         fs, path = loc.filesystem()
-        try:
-            keys = sorted(k for k in fs.ls(f"{path}/{MANIFESTS_DIR}", detail=False) if k.endswith(".json"))
-        except FileNotFoundError:
-            keys = []
+        keys = [f"{path}/{MANIFESTS_DIR}/{n}" for n in names]
         found = fs.cat(keys) if keys else {}
-        names, docs = [k.rsplit("/", 1)[-1] for k in keys], [found[k] for k in keys]
+        docs = [found[k] for k in keys]
     versions = []
     for name, raw in zip(names, docs):
         try:
@@ -178,9 +176,34 @@ def open_version(loc: Location, root: dict, wanted: str | None) -> tuple[Locatio
         chosen = select(loc, indexed, wanted) if wanted is not None else None
     except VersionNotFoundError:
         chosen = None
+    if wanted is None and _listable(loc):
+        return _latest(loc, root)
     if chosen is None:
         chosen = select(loc, versions_of(loc, root), wanted)
     return located(loc, chosen)
+
+
+def _latest(loc: Location, root: dict) -> tuple[Location, dict, Version]:
+    """The latest version from the listing of manifest names alone: the newest id names its group."""
+    ids = _manifest_ids(loc)
+    if not ids or ids[-1] == FIRST_ID:  # nothing newer than the store's first content
+        return located(loc, select(loc, _listed(loc, latest_only=True), None))
+    path = f"{VERSIONS_DIR}/{ids[-1]}"
+    where, doc, _ = located(loc, Version(ids[-1], path, "", None, None, 0, 0))
+    return where, doc, Version.of_root(doc, ids[-1], path, keep_root=False)
+
+
+def _manifest_ids(loc: Location) -> list[str]:
+    if loc.is_local:
+        folder = os.path.join(loc.url, MANIFESTS_DIR)
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+    else:
+        fs, path = loc.filesystem()
+        try:
+            names = [k.rsplit("/", 1)[-1] for k in fs.ls(f"{path}/{MANIFESTS_DIR}", detail=False)]
+        except FileNotFoundError:
+            names = []
+    return sorted(n[:-len(".json")] for n in names if n.endswith(".json"))
 
 
 def located(loc: Location, version: Version) -> tuple[Location, dict, Version]:
