@@ -135,3 +135,29 @@ def test_local_pool_of_s3_sources_with_plain_options(s3_server, tmp_path):
                            "--options", str(config)], capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert info.returncode == 0, info.stderr
+
+
+def test_cli_options_per_prefix_file_and_plain(tmp_path, monkeypatch):
+    from deepstrf.cli import _storage_options, build_parser
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no default options file
+    monkeypatch.delenv("DEEPSTRF_STORAGE_OPTIONS", raising=False)
+
+    def parsed(*argv):
+        return _storage_options(build_parser().parse_args(["info", "x", *argv]))
+
+    assert parsed() is None
+    assert parsed("-S", "anon=true", "-S", "client_kwargs.endpoint_url=http://h") == {
+        "anon": True, "client_kwargs": {"endpoint_url": "http://h"}}
+    config = tmp_path / "opts.json"
+    config.write_text(json.dumps({"s3://lab-a": {"key": "file"}, "s3://lab-b": {"key": "b"}}))
+    assert parsed("--options", str(config), "-L", "s3://lab-a", "key=cli", "-S", "anon=true") == {
+        "s3://lab-a": {"key": "cli"}, "s3://lab-b": {"key": "b"}, "": {"anon": True}}
+    (tmp_path / ".config" / "deepstrf").mkdir(parents=True)
+    (tmp_path / ".config" / "deepstrf" / "storage.json").write_text(json.dumps({"s3://lab-c": {"key": "c"}}))
+    assert parsed() == {"s3://lab-c": {"key": "c"}}
+    with pytest.raises(SystemExit, match="--location-option expects KEY=VALUE"):
+        parsed("-L", "s3://lab-a", "oops")
+    config.write_text("{not json")
+    with pytest.raises(SystemExit, match="opts.json is not valid JSON"):
+        parsed("--options", str(config))

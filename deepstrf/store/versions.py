@@ -71,13 +71,15 @@ class Version:
 
     @classmethod
     def of_root(cls, doc: dict, version_id: str = FIRST_ID, path: str = "", date: str | None = None,
-                tag: str | None = None, keep_root: bool = True) -> "Version":
+                keep_root: bool = True) -> "Version":
+        """The version whose source group has root document ``doc`` (kept for the root's own)."""
         attrs = doc.get("attributes") or {}
-        return cls(version_id, path, attrs["fingerprint"], tag, date, int(attrs["n_stims"]),
+        return cls(version_id, path, attrs["fingerprint"], None, date, int(attrs["n_stims"]),
                    int(attrs["n_neurons"]), doc if keep_root else None)
 
 
 def is_versioned(root: dict) -> bool:
+    """Is ``root`` the document of a versioned store's index?"""
     return (root.get("attributes") or {}).get("format") == VERSIONS_FORMAT
 
 
@@ -125,16 +127,17 @@ def _listed(loc: Location, latest_only: bool = False) -> list[Version]:
     return sorted(versions, key=lambda v: v.id)
 
 
-def select(loc: Location, versions: list[Version], wanted: str | None) -> Version:
+def select(loc: Location, versions: list[Version], wanted: str | None, versioned: bool = True) -> Version:
     """The version ``wanted`` names (None: the latest): its id, path, fingerprint, a unique prefix
-    of its fingerprint's hex digits, or a tag (the newest version with it)."""
+    of its fingerprint's hex digits, or a tag (the newest version with it). ``versioned``: whether
+    the store has versions at all (else it is a store written once), for the error."""
     if not versions:
         raise VersionNotFoundError(f"{loc.url} holds no published version (an interrupted first publish?). "
-                                   "Save the dataset there again.", versions, True)
+                                   "Save the dataset there again.", versions, versioned)
     if wanted is None:
         return versions[-1]
     wanted = str(wanted)
-    exact = [v for v in versions if wanted in (v.id, v.path, v.fingerprint) and (wanted or not v.path)]
+    exact = [v for v in versions if wanted in (v.id, v.path, v.fingerprint)]
     if exact:
         return exact[-1]
     tagged = [v for v in versions if v.tag == wanted]
@@ -147,20 +150,17 @@ def select(loc: Location, versions: list[Version], wanted: str | None) -> Versio
         return next(iter(by_prefix.values()))
     what = "matches several versions" if by_prefix else "matches no version (fingerprint, prefix of one, or tag)"
     raise VersionNotFoundError(f"{loc.url}: version {wanted!r} {what}; it holds {listing(versions)}. "
-                               "List them with `deepstrf versions URL`.", versions, is_versioned_list(versions))
-
-
-def is_versioned_list(versions: list[Version]) -> bool:
-    return len(versions) != 1 or versions[0].id != FIRST_ID or versions[0].root is None
+                               "List them with `deepstrf versions URL`.", versions, versioned)
 
 
 def listing(versions: list[Version]) -> str:
+    """The versions, described on one line (for error messages)."""
     return ", ".join(v.describe() for v in versions) or "none"
 
 
 def open_version(loc: Location, root: dict, wanted: str | None) -> tuple[Location, dict, Version]:
-    """``(location, root document, version)`` of the version ``wanted`` of the store at ``loc``
-    (whose root document is ``root``)."""
+    """``(location, root document, version)`` of the version ``wanted`` (None: the latest) of the
+    store at ``loc``, whose root document is ``root``."""
     attrs = root.get("attributes") or {}
     if attrs.get("format") not in (fmt.SOURCE_FORMAT, VERSIONS_FORMAT):
         raise StoreError(f"{loc.url} holds a {attrs.get('format')!r} group, which has no versions; "
@@ -168,28 +168,25 @@ def open_version(loc: Location, root: dict, wanted: str | None) -> tuple[Locatio
     if attrs.get("format") == fmt.SOURCE_FORMAT:
         (only,) = versions_of(loc, root)
         if wanted:
-            select(loc, [only], wanted)
+            select(loc, [only], wanted, versioned=False)
         return loc, root, only
     fmt.check_format(attrs, loc.url, VERSIONS_FORMAT)
-    indexed = [Version.from_json(v, loc.url) for v in attrs.get("versions", [])]
-    try:  # a fingerprint or path the index holds needs no listing; the latest always does
-        chosen = select(loc, indexed, wanted) if wanted is not None else None
-    except VersionNotFoundError:
-        chosen = None
     if wanted is None and _listable(loc):
-        return _latest(loc, root)
-    if chosen is None:
-        chosen = select(loc, versions_of(loc, root), wanted)
-    return located(loc, chosen)
+        return _latest(loc)
+    # a version named exactly (a pool's pin) is found in the index without listing
+    indexed = [Version.from_json(v, loc.url) for v in attrs.get("versions", [])]
+    exact = [v for v in indexed if wanted is not None and wanted in (v.id, v.path, v.fingerprint)]
+    return located(loc, exact[-1] if exact else select(loc, versions_of(loc, root), wanted))
 
 
-def _latest(loc: Location, root: dict) -> tuple[Location, dict, Version]:
+def _latest(loc: Location) -> tuple[Location, dict, Version]:
     """The latest version from the listing of manifest names alone: the newest id names its group."""
     ids = _manifest_ids(loc)
     if not ids or ids[-1] == FIRST_ID:  # nothing newer than the store's first content
         return located(loc, select(loc, _listed(loc, latest_only=True), None))
     path = f"{VERSIONS_DIR}/{ids[-1]}"
-    where, doc, _ = located(loc, Version(ids[-1], path, "", None, None, 0, 0))
+    where = Location.parse(loc.child(path), loc.storage_options)
+    doc = read_root(where)
     return where, doc, Version.of_root(doc, ids[-1], path, keep_root=False)
 
 
@@ -207,6 +204,7 @@ def _manifest_ids(loc: Location) -> list[str]:
 
 
 def located(loc: Location, version: Version) -> tuple[Location, dict, Version]:
+    """``(location, root document, version)`` of ``version`` of the store at ``loc``."""
     if not version.path:
         return loc, version.root, version
     where = Location.parse(loc.child(version.path), loc.storage_options)
