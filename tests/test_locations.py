@@ -116,9 +116,12 @@ def test_local_pool_of_s3_sources_with_plain_options(s3_server, tmp_path):
     root = f"s3://{s3_server.bucket}"
     pool = concat_neural_datasets(opened, names=["x", "y"], store=str(tmp_path / "pool.zarr"), storage_options=so,
                                   allowed_roots=[root])
-    assert len(_stream_keys(pool, workers=2)) == pool.get_S()
     again = deepstrf.open_dataset(str(tmp_path / "pool.zarr"), storage_options=so, allowed_roots=[root])
     assert _stream_keys(again, workers=0) == _stream_keys(pool, workers=0)
+    by_url = StreamingNeuralDataset(str(tmp_path / "pool.zarr"), storage_options=so, batch_size=2, shuffle=False,
+                                    open_options={"allowed_roots": [root]})  # opened again in each worker
+    assert sorted(k for b in by_url.loader(num_workers=2, timeout=loader_timeout(2))
+                  for k in batch_keys(b)) == _stream_keys(pool, workers=0)
     # written without source options: the pool reads with what its sources were opened with
     bare = concat_neural_datasets(opened, names=["x", "y"], store=str(tmp_path / "bare.zarr"), allowed_roots=[root])
     assert bare.stims[0].shape == opened[0].stims[0].shape
