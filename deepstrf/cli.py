@@ -73,6 +73,16 @@ def _storage_options(args: argparse.Namespace) -> dict | None:
     return merged(options, plain) or None
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepstrf", description=__doc__.splitlines()[0], epilog=EXIT_CODES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", parents=[so], help="remove all but the newest versions of a source store")
     p.add_argument("url")
-    p.add_argument("--keep", type=int, required=True, metavar="N", help="versions to keep (the N newest, at least 1)")
+    p.add_argument("--keep", type=_at_least_one, required=True, metavar="N",
+                   help="versions to keep (the N newest, at least 1)")
 
     p = sub.add_parser("pool-update", parents=[so], help="write a pool re-pinned to its sources' latest versions")
     p.add_argument("pool", help="URL of the pool to update")

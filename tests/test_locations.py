@@ -127,7 +127,7 @@ def test_local_pool_of_s3_sources_with_plain_options(s3_server, tmp_path):
     assert bare.stims[0].shape == opened[0].stims[0].shape
 
     run = subprocess.run([sys.executable, "-m", "deepstrf.cli", "concat", "cli-pool.zarr", *urls,
-                          "-L", root, f"client_kwargs.endpoint_url={so['client_kwargs']['endpoint_url']}",
+                          "-S", f"client_kwargs.endpoint_url={so['client_kwargs']['endpoint_url']}",
                           "--allow-root", root], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert run.returncode == 0, run.stderr

@@ -18,7 +18,8 @@ from ..forksafe import thread_map
 from .dataset import open_dataset
 from .location import Location
 from .options import StorageOptions
-from .pool import source_options
+from .pool import POOL_FORMAT, source_options
+from .reader import read_root
 from .references import resolve_reference
 from .versions import Version, versions_of
 
@@ -79,6 +80,11 @@ def update_pool(pool_url: str | os.PathLike, out_url: str | os.PathLike, *, stor
     (same names and order); return it opened, and what changed per source."""
     from ..utils.data import concat_neural_datasets
 
+    loc = Location.parse(pool_url, storage_options)
+    kind = (read_root(loc).get("attributes") or {}).get("format")
+    if kind != POOL_FORMAT:
+        raise StoreError(f"{loc.url} is not a pool (it holds a {kind!r} group): pool-update re-pins a pool's "
+                         "sources; give the URL of a pool written by deepstrf concat.")
     pool = open_dataset(pool_url, storage_options=storage_options, allowed_roots=allowed_roots, trust=trust,
                         check_sources=False)
     parts = list(pool.responses.sources)
