@@ -115,10 +115,11 @@ def _quiet_cli(*args):
     return cli_main(list(args))
 
 
-def test_failed_publish_leaves_the_old_latest(tmp_path, monkeypatch):
-    url = str(tmp_path / "a.zarr")
-    deepstrf.save_dataset(aa1(1), url)
-    fp = deepstrf.save_dataset(aa1(5), url, overwrite=True)
+def test_failed_publish_leaves_the_old_latest(store_url, monkeypatch):
+    base, so = store_url
+    url = f"{base}/a.zarr"
+    deepstrf.save_dataset(aa1(1), url, storage_options=so)
+    fp = deepstrf.save_dataset(aa1(5), url, storage_options=so, overwrite=True)
     real_put = versions_module._put
 
     def crash_on_manifest(loc, key, doc):
@@ -128,11 +129,25 @@ def test_failed_publish_leaves_the_old_latest(tmp_path, monkeypatch):
 
     monkeypatch.setattr(versions_module, "_put", crash_on_manifest)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        deepstrf.save_dataset(aa1(7), url, overwrite=True)
+        deepstrf.save_dataset(aa1(7), url, storage_options=so, overwrite=True)
     monkeypatch.undo()
-    assert deepstrf.open_dataset(url).fingerprint == fp
-    assert len(os.listdir(os.path.join(url, "versions"))) == 1  # the failed version's folder is gone
-    same_data(deepstrf.open_dataset(url), aa1(5))
+    assert deepstrf.open_dataset(url, storage_options=so).fingerprint == fp
+    fs, path = Location.parse(url, so).filesystem()
+    assert len(fs.ls(f"{path}/versions", detail=False)) == 1  # the failed version's group is gone
+    same_data(deepstrf.open_dataset(url, storage_options=so), aa1(5))
+
+
+def test_pools_written_before_versions_read_what_they_pooled(tmp_path):
+    from test_pool import _edit_sources_table
+
+    urls = [str(tmp_path / f"{n}.zarr") for n in ("a", "b")]
+    for seed, url in enumerate(urls, 1):
+        deepstrf.save_dataset(aa1(seed), url)
+    pool = str(tmp_path / "pool.zarr")
+    concat_neural_datasets([deepstrf.open_dataset(u) for u in urls], names=["a", "b"], store=pool)
+    _edit_sources_table(pool, lambda entries: [e.pop("version") for e in entries])  # as earlier releases wrote
+    deepstrf.save_dataset(aa1(5), urls[0], overwrite=True)
+    same_data(deepstrf.open_dataset(pool).responses.sources[0], aa1(1))
 
 
 def test_readers_during_publishing_see_one_version_whole(tmp_path):
