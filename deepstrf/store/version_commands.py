@@ -10,13 +10,12 @@ from .location import Location
 from .pool import POOL_FORMAT, read_sources
 from .reader import group_of, read_root
 from .repin import update_pool
-from .versions import open_version, prune, versions_of
+from .versions import list_versions, open_version, prune_versions
 
 
 def versions_main(args: Namespace) -> int:
     """``deepstrf versions URL``: the versions of a source store, oldest first."""
-    loc = Location.parse(args.url, args.storage_options)
-    held = versions_of(loc)
+    held = list_versions(args.url, storage_options=args.storage_options)
     if args.json:
         print(json.dumps([{k: v for k, v in vars(v).items() if k != "root"} for v in held]))
         return 0
@@ -30,11 +29,10 @@ def versions_main(args: Namespace) -> int:
 
 def prune_main(args: Namespace) -> int:
     """``deepstrf prune URL --keep N``: remove all but the N newest versions of a source store."""
-    loc = Location.parse(args.url, args.storage_options)
-    gone = prune(loc, args.keep)
+    gone = prune_versions(args.url, args.keep, storage_options=args.storage_options)
     for v in gone:
         print(f"removed {v.describe()}")
-    print(f"{loc.url}: {len(gone)} version(s) removed, {args.keep} kept at most")
+    print(f"{args.url}: {len(gone)} version(s) removed, {args.keep} kept at most")
     return 0
 
 

@@ -26,6 +26,7 @@ from ..errors import StoreError, VersionNotFoundError
 from . import format as fmt
 from .atomic import OWN_TOP_LEVEL, Staging, remove, staged_write
 from .location import ROOT_KEY, Location
+from .options import StorageOptions
 from .reader import read_root
 
 VERSIONS_FORMAT = "deepstrf.versions"
@@ -226,6 +227,17 @@ def open_path(loc: Location, path: str) -> tuple[Location, dict]:
             held = []
         raise VersionNotFoundError(f"{loc.url} no longer holds the version at {path} (pruned?); it holds "
                                    f"{listing(held)}", held, True) from e
+
+
+def list_versions(url: str | os.PathLike, *, storage_options: StorageOptions = None) -> list[Version]:
+    """The versions of the source store at ``url``, oldest first (``deepstrf versions``)."""
+    return versions_of(Location.parse(url, storage_options))
+
+
+def prune_versions(url: str | os.PathLike, keep: int, *, storage_options: StorageOptions = None) -> list[Version]:
+    """Remove all but the ``keep`` newest versions of the source store at ``url``; return those
+    removed (``deepstrf prune``)."""
+    return prune(Location.parse(url, storage_options), keep)
 
 
 # -- publishing ----------------------------------------------------------------------------------
