@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -219,8 +220,6 @@ def test_concurrent_publishers_on_s3_and_http_readers(s3_server, http_server, tm
     local = str(tmp_path / "a.zarr")  # published read-only over HTTP: the root index says it all
     deepstrf.save_dataset(aa1(1), local)
     fp = deepstrf.save_dataset(aa1(5), local, overwrite=True, tag="v2")
-    import shutil
-
     shutil.copytree(local, os.path.join(http_server.root, "versioned.zarr"))
     remote = http_server.url("versioned.zarr")
     assert deepstrf.open_dataset(remote).fingerprint == fp

@@ -93,7 +93,8 @@ def info_main(args: Namespace) -> int:
     if attrs.get("format") == POOL_FORMAT:
         group = group_of(loc, root)
         fmt.check_format(attrs, loc.url, POOL_FORMAT, supported=fmt.POOL_SUPPORTED_MAJORS)
-        summary, show = describe_pool(attrs, loc, group, newer=not args.offline, allowed_roots=args.allow_root), print_pool
+        summary = describe_pool(attrs, loc, group, newer=not args.offline, allowed_roots=args.allow_root)
+        show = print_pool
     else:
         where, root, chosen = _version_of(loc, root, getattr(args, "version", None))
         attrs = root.get("attributes") or {}

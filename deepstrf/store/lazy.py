@@ -128,7 +128,8 @@ class SourceHandle:
         return ds
 
 
-def open_pinned(opener: Callable[..., NeuralDataset], pool_url: str, entry: dict, accept_changed: bool) -> NeuralDataset:
+def open_pinned(opener: Callable[..., NeuralDataset], pool_url: str, entry: dict,
+                accept_changed: bool) -> NeuralDataset:
     """The version of a pooled source that the pool pinned: its version group, or (pools written
     before versions, sources pooled before their first re-publish) its fingerprint.
 

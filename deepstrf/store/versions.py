@@ -166,8 +166,8 @@ def open_version(loc: Location, root: dict, wanted: str | None) -> tuple[Locatio
     if attrs.get("format") not in (fmt.SOURCE_FORMAT, VERSIONS_FORMAT):
         raise StoreError(f"{loc.url} holds a {attrs.get('format')!r} group, which has no versions; "
                          "only source stores are versioned (drop version=...).")
-    if attrs.get("format") == fmt.SOURCE_FORMAT:
-        (only,) = versions_of(loc, root)
+    if attrs.get("format") == fmt.SOURCE_FORMAT:  # a store written once: its content is its version
+        only = Version.of_root(root)
         if wanted:
             select(loc, [only], wanted, versioned=False)
         return loc, root, only
