@@ -65,6 +65,10 @@ def test_republish_under_a_pool(store_url, capsys):
 
     assert _cli("info", pool_url, so=so) == 0
     assert "newer        1 source(s)" in capsys.readouterr().out
+    assert _cli("info", src, so=so) == 0
+    assert "tag 'sorted-again' (the latest of 2;" in capsys.readouterr().out
+    assert _cli("info", src, "--version", fp_old[:15], "--json", so=so) == 0
+    assert json.loads(capsys.readouterr().out)["version"]["latest"] is False
     assert _cli("versions", src, "--json", so=so) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [(v["fingerprint"], v["tag"], v["n_stims"]) for v in listed] == [
@@ -110,6 +114,21 @@ def test_every_version_is_a_plain_zarr_group_and_old_stores_convert(tmp_path):
     concat_neural_datasets([deepstrf.open_dataset(url, version=fp_old)], store=str(tmp_path / "p.zarr"))
     with pytest.raises(StoreError, match="has no versions"):
         deepstrf.open_dataset(str(tmp_path / "p.zarr"), version=fp_old)
+
+
+def test_a_tagged_first_save_is_versioned(tmp_path, capsys):
+    url = str(tmp_path / "a.zarr")
+    fp = deepstrf.save_dataset(aa1(1), url, tag="v1")
+    assert sorted(os.listdir(url)) == ["manifests", "versions", "zarr.json"]
+    assert deepstrf.open_dataset(url, version="v1").fingerprint == fp == deepstrf.open_dataset(url).fingerprint
+    assert _quiet_cli("versions", url) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[1].startswith(fp.split(":")[1][:12]) and " v1 " in out[1] and "(latest)" in out[1]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "x.txt").write_text("mine")
+    with pytest.raises(StoreExistsError, match="tagged version can only be published to an empty URL"):
+        deepstrf.save_dataset(aa1(1), str(tmp_path / "notes"), overwrite=True, tag="v1")
+    assert (tmp_path / "notes" / "x.txt").read_text() == "mine"
 
 
 def _quiet_cli(*args):
