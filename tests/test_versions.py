@@ -172,7 +172,9 @@ def test_pools_written_before_versions_read_what_they_pooled(tmp_path):
 
 def test_readers_during_publishing_see_one_version_whole(tmp_path):
     url = str(tmp_path / "a.zarr")
-    datasets = {deepstrf.save_dataset(aa1(1), url): aa1(1)}
+    seeds = (1, 5, 6, 7)  # fingerprints known before publishing: a reader may see a version first
+    datasets = {deepstrf.save_dataset(aa1(seed), str(tmp_path / f"scratch-{seed}.zarr")): aa1(seed) for seed in seeds}
+    deepstrf.save_dataset(aa1(1), url)
     stop, problems, reads = threading.Event(), [], [0]
 
     def read():
@@ -188,8 +190,7 @@ def test_readers_during_publishing_see_one_version_whole(tmp_path):
     reader.start()
     try:
         for seed in (5, 6, 1, 7):
-            ds = aa1(seed)
-            datasets[deepstrf.save_dataset(ds, url, overwrite=True)] = ds
+            assert deepstrf.save_dataset(aa1(seed), url, overwrite=True) in datasets
     finally:
         stop.set()
         reader.join(60)
@@ -268,3 +269,25 @@ def test_cite_and_different_licenses(tmp_path, capsys):
     assert "1 source, 1 citation; licenses: CC0-1.0 (1 source)" in capsys.readouterr().out
     assert _quiet_cli("info", pool, "--offline") == 0
     assert "the sources carry different licenses" in capsys.readouterr().out
+
+
+def test_version_paths_that_lead_outside_the_store_are_refused(tmp_path):
+    from test_pool import _edit_sources_table
+
+    from deepstrf.errors import IntegrityError
+
+    outside = str(tmp_path / "outside.zarr")
+    deepstrf.save_dataset(aa1(9), outside)
+    url = str(tmp_path / "a.zarr")
+    deepstrf.save_dataset(aa1(1), url)
+    deepstrf.save_dataset(aa1(5), url, overwrite=True)
+    pool = str(tmp_path / "pool.zarr")
+    concat_neural_datasets([deepstrf.open_dataset(url)], store=pool)
+    _edit_sources_table(pool, lambda entries: entries[0].update(version="versions/../../outside.zarr"))
+    with pytest.raises(IntegrityError, match=r"version path 'versions/../../outside.zarr' is not a version"):
+        deepstrf.open_dataset(pool)
+    (manifest,) = [m for m in (tmp_path / "a.zarr" / "manifests").iterdir() if not m.name.startswith("0000")]
+    doc = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**doc, "path": "../outside.zarr"}))
+    with pytest.raises(IntegrityError, match=r"version path '../outside.zarr' is not a version"):
+        versions_of(Location.parse(url))

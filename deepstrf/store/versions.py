@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from ..errors import StoreError, VersionNotFoundError
+from ..errors import IntegrityError, StoreError, VersionNotFoundError
 from . import format as fmt
 from .atomic import OWN_TOP_LEVEL, Staging, remove, staged_write
 from .location import ROOT_KEY, Location
@@ -34,6 +35,18 @@ VERSIONS_FORMAT_VERSION = "1.0"
 VERSIONS_DIR, MANIFESTS_DIR = "versions", "manifests"
 FIRST_ID = "00000000T000000000000Z"  # the id of a store's content from before its first re-publish
 ORPHAN_AGE_S = 3600  # prune removes version folders without a manifest once they are this old
+
+
+_VERSION_PATH = re.compile(rf"{VERSIONS_DIR}/[0-9A-Za-z][0-9A-Za-z_-]*")
+
+
+def checked_path(path: str, where: str) -> str:
+    """``path`` if it names a version group inside a store (``""`` or ``versions/<id>``); a path
+    from a damaged or hostile manifest or pool that would lead elsewhere is refused."""
+    if path == "" or (isinstance(path, str) and _VERSION_PATH.fullmatch(path)):
+        return path
+    raise IntegrityError(f"{where}: version path {path!r} is not a version of the store ({VERSIONS_DIR}/<id>); "
+                         "it is damaged or was edited to lead elsewhere: refusing to follow it.")
 
 
 @dataclass(frozen=True)
@@ -64,7 +77,7 @@ class Version:
     @classmethod
     def from_json(cls, doc: Any, where: str) -> "Version":
         try:
-            return cls(id=str(doc["id"]), path=str(doc["path"]), fingerprint=str(doc["fingerprint"]),
+            return cls(id=str(doc["id"]), path=checked_path(doc["path"], where), fingerprint=str(doc["fingerprint"]),
                        tag=doc.get("tag"), date=doc.get("date"), n_stims=int(doc["n_stims"]),
                        n_neurons=int(doc["n_neurons"]), root=doc.get("root"))
         except (KeyError, TypeError, ValueError) as e:
@@ -185,7 +198,7 @@ def _latest(loc: Location) -> tuple[Location, dict, Version]:
     ids = _manifest_ids(loc)
     if not ids or ids[-1] == FIRST_ID:  # nothing newer than the store's first content
         return located(loc, select(loc, _listed(loc, latest_only=True), None))
-    path = f"{VERSIONS_DIR}/{ids[-1]}"
+    path = checked_path(f"{VERSIONS_DIR}/{ids[-1]}", f"{loc.url}/{MANIFESTS_DIR}")
     where = Location.parse(loc.child(path), loc.storage_options)
     doc = read_root(where)
     return where, doc, Version.of_root(doc, ids[-1], path, keep_root=False)
@@ -215,7 +228,7 @@ def located(loc: Location, version: Version) -> tuple[Location, dict, Version]:
 def open_path(loc: Location, path: str) -> tuple[Location, dict]:
     """The version group at ``path`` inside the store (a pool's pin), without listing; a missing
     one is a :class:`VersionNotFoundError` listing the versions the store holds."""
-    where = Location.parse(loc.child(path), loc.storage_options)
+    where = Location.parse(loc.child(checked_path(path, loc.url)), loc.storage_options)
     try:
         return where, read_root(where)
     except StoreError as e:
