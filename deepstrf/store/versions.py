@@ -77,11 +77,13 @@ class Version:
     @classmethod
     def from_json(cls, doc: Any, where: str) -> "Version":
         try:
-            return cls(id=str(doc["id"]), path=checked_path(doc["path"], where), fingerprint=str(doc["fingerprint"]),
-                       tag=doc.get("tag"), date=doc.get("date"), n_stims=int(doc["n_stims"]),
-                       n_neurons=int(doc["n_neurons"]), root=doc.get("root"))
+            version = cls(id=str(doc["id"]), path=str(doc["path"]), fingerprint=str(doc["fingerprint"]),
+                          tag=doc.get("tag"), date=doc.get("date"), n_stims=int(doc["n_stims"]),
+                          n_neurons=int(doc["n_neurons"]), root=doc.get("root"))
         except (KeyError, TypeError, ValueError) as e:
             raise StoreError(f"{where}: damaged version manifest ({e!r}); remove it or prune the store") from e
+        checked_path(version.path, where)
+        return version
 
     @classmethod
     def of_root(cls, doc: dict, version_id: str = FIRST_ID, path: str = "", date: str | None = None,
