@@ -20,6 +20,10 @@ COMMANDS = {
     "plot": "deepstrf.store.pool_commands:plot_main",
     "bench": "deepstrf.stream.bench:main",
     "import-nwb": "deepstrf.io.nwb_import:main",
+    "versions": "deepstrf.store.version_commands:versions_main",
+    "prune": "deepstrf.store.version_commands:prune_main",
+    "pool-update": "deepstrf.store.version_commands:pool_update_main",
+    "cite": "deepstrf.store.version_commands:cite_main",
 }
 
 
@@ -31,30 +35,52 @@ EXIT_CODES = """exit codes:
   130  interrupted (Ctrl-C)"""
 
 
-def _storage_options(pairs: Sequence[str]) -> dict | None:
-    """``["key=value", ...]`` -> dict (values parsed as JSON when possible)."""
+def _option_pairs(pairs: Sequence[str], flag: str) -> dict:
+    """``["key=value", ...]`` -> dict (values parsed as JSON when possible; dotted keys nest)."""
     import json
 
-    if not pairs:
-        return None
-    out = {}
+    nested: dict = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"--storage-option expects KEY=VALUE, got {pair!r}")
+            raise SystemExit(f"{flag} expects KEY=VALUE, got {pair!r}")
         try:
-            out[key] = json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError:
-            out[key] = value
-    # nested keys like client_kwargs.endpoint_url=... become nested dicts
-    nested: dict = {}
-    for key, value in out.items():
-        node = nested
+            parsed = value
+        node = nested  # client_kwargs.endpoint_url=... becomes {"client_kwargs": {"endpoint_url": ...}}
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = value
+        node[leaf] = parsed
     return nested
+
+
+def _storage_options(args: argparse.Namespace) -> dict | None:
+    """The options of ``--options FILE`` (or the default file), ``--location-option PREFIX KEY=VALUE``
+    and ``--storage-option KEY=VALUE``, later ones winning (see docs/user-guide.md)."""
+    from .store.options import load_options_file, merged
+
+    try:
+        options = load_options_file(getattr(args, "options", None))
+    except ValueError as e:
+        raise SystemExit(f"deepstrf: {e}")
+    per_prefix: dict[str, list[str]] = {}
+    for prefix, pair in getattr(args, "location_option", []):
+        per_prefix.setdefault(prefix, []).append(pair)
+    options = merged(options, {p: _option_pairs(v, "--location-option") for p, v in per_prefix.items()})
+    plain = _option_pairs(getattr(args, "storage_option", []), "--storage-option")
+    return merged(options, plain) or None
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--storage-option", "-S", action="append", default=[], metavar="KEY=VALUE",
                     help="fsspec storage option (repeatable; dotted keys nest, e.g. "
                          "client_kwargs.endpoint_url=http://127.0.0.1:5000)")
+    so.add_argument("--location-option", "-L", action="append", default=[], nargs=2, metavar=("PREFIX", "KEY=VALUE"),
+                    help="fsspec storage option for URLs starting with PREFIX (repeatable; the longest prefix wins)")
+    so.add_argument("--options", default=None, metavar="FILE",
+                    help="JSON file of storage options, per URL prefix or plain (default: $DEEPSTRF_STORAGE_OPTIONS, "
+                         "else ~/.config/deepstrf/storage.json if it exists)")
 
     p = sub.add_parser("demo", parents=[so], help="pool synthetic AA1/AA2/NS1-like sources, stream and fit one model")
     p.add_argument("--out", default="demo-out", help="output folder (report, figures, local stores)")
@@ -89,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--allow-root", action="append", default=[])
+    p.add_argument("--version", default=None, help="a source's version (fingerprint, prefix or tag; default latest)")
+    p.add_argument("--offline", action="store_true",
+                   help="a pool: read the pool only (do not ask its sources for newer versions)")
 
     p = sub.add_parser("verify", parents=[so], help="check a store's metadata, references and checksums")
     p.add_argument("url")
@@ -97,6 +131,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dask", default=None, metavar="ADDRESS",
                    help="check every source's data, one task per source, on a Dask cluster (scheduler "
                         "address or local:N)")
+    p.add_argument("--version", default=None, help="a source's version (fingerprint, prefix or tag; default latest)")
+
+    p = sub.add_parser("versions", parents=[so], help="list the versions of a source store")
+    p.add_argument("url")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser("prune", parents=[so], help="remove all but the newest versions of a source store")
+    p.add_argument("url")
+    p.add_argument("--keep", type=_at_least_one, required=True, metavar="N",
+                   help="versions to keep (the N newest, at least 1)")
+
+    p = sub.add_parser("pool-update", parents=[so], help="write a pool re-pinned to its sources' latest versions")
+    p.add_argument("pool", help="URL of the pool to update")
+    p.add_argument("out", help="URL of the re-pinned pool to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--allow-root", action="append", default=[], help="extra root the pool may reference")
+
+    p = sub.add_parser("cite", parents=[so], help="citations and licenses of a source or of every source of a pool")
+    p.add_argument("url")
+    p.add_argument("--bibtex", action="store_true", help="print BibTeX entries instead of text")
+    p.add_argument("--version", default=None, help="a source's version (fingerprint, prefix or tag; default latest)")
 
     p = sub.add_parser("plot", parents=[so], help="plot a store's coverage matrix")
     p.add_argument("url")
@@ -153,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["demo", *(argv or [])])
-    args.storage_options = _storage_options(getattr(args, "storage_option", []))
+    args.storage_options = _storage_options(args)
     module, func = COMMANDS[args.command].split(":")
     from . import errors
 

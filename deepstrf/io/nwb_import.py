@@ -50,13 +50,19 @@ def store_url(out_dir: str, source: str) -> str:
 
 
 def recorded_fingerprint(url: str, storage_options: dict | None) -> str | None:
-    """The import fingerprint in the card of the store at ``url``; None if there is no store."""
-    from ..store.reader import open_group
+    """The import fingerprint in the card of the store at ``url`` (its latest version); None if
+    there is no store."""
+    from ..store.reader import read_root
+    from ..store.versions import is_versioned, open_version
 
+    loc = Location.parse(url, storage_options)
     try:
-        card = open_group(Location.parse(url, storage_options)).attrs.get("card") or {}
+        root = read_root(loc)
+        if is_versioned(root):
+            root = open_version(loc, root, None)[1]
     except StoreNotFoundError:
         return None
+    card = (root.get("attributes") or {}).get("card") or {}
     return (card.get("nwb_import") or {}).get("fingerprint") or ""
 
 

@@ -109,26 +109,48 @@ def _reduce(coverage: Coverage) -> tuple[np.ndarray, int, int]:
     return (recorded / (fs * fn)).astype(np.float32), fs, fn
 
 
-def describe_pool(attrs: dict, loc, group) -> dict:
+def describe_pool(attrs: dict, loc, group, *, newer: bool = False, allowed_roots=()) -> dict:
     """Plain-dict summary of a pool from its root attributes and source table, with the dataset
-    card per source."""
+    card per source, its licenses, and (``newer``: asking each source) the sources that have
+    published a newer version than the one the pool pins."""
+    from .citations import licenses
     from .pool import pool_card, read_sources
+    from .repin import newer_versions
 
-    url = loc.url
-    return {"url": url, "format": attrs["format"], "format_version": attrs["format_version"],
-            "kind": attrs["kind"], "class_name": attrs.get("class_name"), "S": attrs["n_stims"],
-            "N": attrs["n_neurons"], "dt_ms": attrs["dt_ms"],
-            **{k: attrs[k] for k in ("F", "H", "W") if attrs.get(k) is not None},
-            "fingerprint": attrs["fingerprint"], "sources": pool_card(read_sources(loc, group, attrs))}
+    entries = read_sources(loc, group, attrs)
+    out = {"url": loc.url, "format": attrs["format"], "format_version": attrs["format_version"],
+           "kind": attrs["kind"], "class_name": attrs.get("class_name"), "S": attrs["n_stims"],
+           "N": attrs["n_neurons"], "dt_ms": attrs["dt_ms"],
+           **{k: attrs[k] for k in ("F", "H", "W") if attrs.get(k) is not None},
+           "fingerprint": attrs["fingerprint"], "sources": pool_card(entries),
+           "licenses": licenses([(e["name"], e.get("card")) for e in entries])}
+    if newer:
+        found = newer_versions(loc, entries, allowed_roots)
+        out["newer_versions"] = {name: v if isinstance(v, str) else v.describe() for name, v in found.items()}
+    return out
 
 
 def print_pool(d: dict) -> None:
+    from .citations import licenses_line
+
     shape = "".join(f", {k}={d[k]}" for k in ("F", "H", "W") if k in d)
     print(f"pool         {d['url']}\n"
           f"kind         {d['kind']} ({d['class_name']}; {d['format']} v{d['format_version']})\n"
           f"S x N        {d['S']} stims x {d['N']} neurons, dt {d['dt_ms']} ms{shape}\n"
-          f"fingerprint  {d['fingerprint']}\n"
-          f"sources      {len(d['sources'])} (dataset card below)")
+          f"fingerprint  {d['fingerprint']}")
+    differ = len(d["licenses"]) > 1
+    print(f"licenses     {licenses_line(d['licenses'])}"
+          + ("\n             the sources carry different licenses: honour each (deepstrf cite POOL lists them)"
+             if differ else ""))
+    newer = d.get("newer_versions")
+    if newer:
+        print(f"newer        {len(newer)} source(s) have a newer version than the pool pins "
+              "(deepstrf pool-update POOL OUT re-pins them):")
+        for name, what in list(newer.items())[:MAX_LISTED_SOURCES]:
+            print(f"  - {name}: {what}")
+    elif newer is not None:
+        print("newer        none: every source's latest version is the one the pool pins")
+    print(f"sources      {len(d['sources'])} (dataset card below)")
     for src in d["sources"][:MAX_LISTED_SOURCES]:
         print(f"  - {src['name']}: {src['ref']} ({src['stims']} stims x {src['neurons']} neurons)")
         for key in ("license", "citation", "description"):
@@ -152,13 +174,14 @@ def verify_pool(loc, *, allowed_roots=(), data: bool = False, client: Any = None
 
     try:
         problems = metadata_problems(loc, open_group(loc))
-        pool = open_dataset(loc.url, storage_options=loc.storage_options, allowed_roots=allowed_roots)
+        pool = open_dataset(loc.url, storage_options=loc.given, allowed_roots=allowed_roots)
         coverage = pool.coverage
         pool.stim_meta[0], pool.nrn_meta[0]  # noqa: B018 - loads (and checks) the metadata tables
     except (StoreError, ValueError) as e:
         return [str(e)]
-    tasks = [(loc.url, name, src.store_url, src.storage_options, _source_of(src), coverage.block_mask(k),
-              (stims.start, stims.stop - 1), (neurons.start, neurons.stop - 1), data)
+    tasks = [(loc.url, name, src.store_url, src.storage_options, getattr(src, "version_path", "") or src.fingerprint,
+              _source_of(src), coverage.block_mask(k), (stims.start, stims.stop - 1), (neurons.start, neurons.stop - 1),
+              data)
              for k, (src, (name, stims, neurons)) in enumerate(zip(pool.responses.sources, pool.source_blocks()))]
     found = run_tasks(check_pooled_source, tasks, failed=_check_failed, client=client, desc="verify",
                       unit="source", progress=progress)
@@ -173,17 +196,26 @@ def _source_of(part: NeuralDataset) -> Any:
     return part.responses.handle if isinstance(part.responses, LazySourceGrid) else part
 
 
-def check_pooled_source(pool_url: str, name: str, url: str, storage_options: dict | None, source: Any,
-                        mask: np.ndarray, stims: tuple[int, int], neurons: tuple[int, int], data: bool) -> list[str]:
-    """Problems of one pooled source: (with ``data``) every chunk checksummed, then its fingerprint
-    against the pool's record and its index against the pool's coverage block ``mask``."""
+def check_pooled_source(pool_url: str, name: str, url: str, storage_options: dict | None, version: str,
+                        source: Any, mask: np.ndarray, stims: tuple[int, int], neurons: tuple[int, int],
+                        data: bool) -> list[str]:
+    """Problems of one pooled source: (with ``data``) every chunk of its pinned ``version``
+    checksummed, then its fingerprint against the pool's record and its index against the pool's
+    coverage block ``mask``."""
     from ..errors import StoreError
     from .lazy import SourceHandle
     from .location import Location
+    from .reader import read_root
     from .verify import verify_source
+    from .versions import open_version
 
     if data:
-        found = verify_source(Location.parse(url, storage_options), progress=False)
+        try:
+            where = Location.parse(url, storage_options)
+            where, root, _ = open_version(where, read_root(where), version)
+        except StoreError as e:
+            return [f"pool {pool_url}: source {name!r} ({url}): {e}"]
+        found = verify_source(where, progress=False, root=root)
         if found:
             return [f"pool {pool_url}: source {name!r}: {p}" for p in found]
     try:

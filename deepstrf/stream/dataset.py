@@ -104,7 +104,9 @@ class StreamingNeuralDataset(IterableDataset):
     """Stream the visible items of a source or pool into PyTorch, sharded and shuffled.
 
     ``source`` is a store URL (opened here, and again in every other process
-    that reads, with :func:`deepstrf.open_dataset` and ``storage_options``) or a dataset
+    that reads, with :func:`deepstrf.open_dataset`, ``storage_options`` — one
+    options dict, or URL prefixes mapped to options — and ``open_options``, e.g. a
+    pool's ``allowed_roots`` or a source's ``version``) or a dataset
     object (any ``NeuralDataset``: in memory, a concatenation, store-backed).
 
     Without ``batch_size`` it yields items equal to map-style ``ds[i]``,
@@ -167,7 +169,8 @@ class StreamingNeuralDataset(IterableDataset):
                  block_size: int = 8, shuffle_buffer: int = 256, prefetch: int | None = None,
                  read_threads: int | None = None, cache_dir: str | os.PathLike | None = None,
                  cache_bytes: int = 2 << 30, retry: RetryPolicy = RetryPolicy(), reuse_buffers: bool = True,
-                 loader_batch_size: int | None = None, subset: Sequence[int] | None = None) -> None:
+                 loader_batch_size: int | None = None, subset: Sequence[int] | None = None,
+                 open_options: dict | None = None) -> None:
         super().__init__()
         if isinstance(source, NeuralDataset):
             self.url: str | None = None
@@ -189,6 +192,7 @@ class StreamingNeuralDataset(IterableDataset):
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither (torch.distributed is used then)")
         self.storage_options = storage_options
+        self.open_options = dict(open_options or {})
         self.shuffle = shuffle
         self.seed = seed
         self.batch_size = batch_size
@@ -290,7 +294,7 @@ class StreamingNeuralDataset(IterableDataset):
             from ..store import open_dataset
 
             def open_with_index() -> NeuralDataset:
-                ds = open_dataset(self.url, storage_options=self.storage_options)
+                ds = open_dataset(self.url, storage_options=self.storage_options, **self.open_options)
                 load_indexes(ds)
                 return ds
 
