@@ -34,6 +34,7 @@ import atexit
 import gc
 import multiprocessing
 import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import shutil
 import sys
@@ -47,6 +48,7 @@ from multiprocessing.process import BaseProcess
 
 import torch
 
+from ..forksafe import no_gated_task_running
 from .main_module import GUARD_FIX, UnsafeMainError, rerun_problem
 from .stats import MAX_SLOTS
 
@@ -106,8 +108,11 @@ def worker_context(runs_user_code: bool = True) -> BaseContext:
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload(PRELOAD)  # no effect once this process's server runs
-        # start the server now: its imports overlap with the caller's work until the first epoch
-        multiprocessing.forkserver.ensure_running()
+        # start the server (and the resource tracker the workers' queues register with) now: their
+        # imports overlap with the caller's work, and no later start can catch a read half-way
+        with no_gated_task_running():
+            multiprocessing.resource_tracker.ensure_running()
+            multiprocessing.forkserver.ensure_running()
         _clean_errors_at_exit()
     return ctx
 
