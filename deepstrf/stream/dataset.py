@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.context import get_spawning_popen
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -243,7 +244,18 @@ class StreamingNeuralDataset(IterableDataset):
         state["_opened"] = None  # reopened (URL) or re-derived from the source in the new process
         state["last_prefetcher"] = None
         state["_source"] = for_new_process(self._source)
+        if get_spawning_popen() is not None:
+            # a forkserver worker has the environment of the server, frozen when it started: it gets the
+            # one this process has now (credentials set since, say), as a forked or spawned one would
+            state["_environ"] = dict(os.environ)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        environ = state.pop("_environ", None)
+        if environ is not None and environ != os.environ:
+            os.environ.clear()
+            os.environ.update(environ)
+        self.__dict__.update(state)
 
     def dataset(self) -> NeuralDataset:
         """The opened dataset with the selection applied (opened once per process)."""
