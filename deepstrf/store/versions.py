@@ -206,17 +206,20 @@ def _latest(loc: Location) -> tuple[Location, dict, Version]:
     return where, doc, Version.of_root(doc, ids[-1], path, keep_root=False)
 
 
-def _manifest_ids(loc: Location) -> list[str]:
+def _names_in(loc: Location, folder: str) -> list[str]:
+    """Names of the entries of ``folder`` of the store at ``loc`` (none if it does not exist)."""
     if loc.is_local:
-        folder = os.path.join(loc.url, MANIFESTS_DIR)
-        names = os.listdir(folder) if os.path.isdir(folder) else []
-    else:
-        fs, path = loc.filesystem()
-        try:
-            names = [k.rsplit("/", 1)[-1] for k in fs.ls(f"{path}/{MANIFESTS_DIR}", detail=False)]
-        except FileNotFoundError:
-            names = []
-    return sorted(n[:-len(".json")] for n in names if n.endswith(".json"))
+        local = os.path.join(loc.url, folder)
+        return os.listdir(local) if os.path.isdir(local) else []
+    fs, path = loc.filesystem()
+    try:
+        return [k.rstrip("/").rsplit("/", 1)[-1] for k in fs.ls(f"{path}/{folder}", detail=False)]
+    except FileNotFoundError:
+        return []
+
+
+def _manifest_ids(loc: Location) -> list[str]:
+    return sorted(n[:-len(".json")] for n in _names_in(loc, MANIFESTS_DIR) if n.endswith(".json"))
 
 
 def located(loc: Location, version: Version) -> tuple[Location, dict, Version]:
@@ -392,17 +395,8 @@ def _delete(loc: Location, key: str) -> None:
 
 def _remove_orphans(loc: Location, live: set[str]) -> None:
     """Remove version folders without a manifest (interrupted publishes) older than an hour."""
-    if loc.is_local:
-        folder = os.path.join(loc.url, VERSIONS_DIR)
-        names = os.listdir(folder) if os.path.isdir(folder) else []
-    else:
-        fs, path = loc.filesystem()
-        try:
-            names = [k.rstrip("/").rsplit("/", 1)[-1] for k in fs.ls(f"{path}/{VERSIONS_DIR}", detail=False)]
-        except FileNotFoundError:
-            names = []
     now = datetime.now(timezone.utc)
-    for name in names:
+    for name in _names_in(loc, VERSIONS_DIR):
         stamp = name.lstrip(".").split("-", 1)[0].split(".", 1)[0]
         try:
             started = datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=timezone.utc)
