@@ -12,7 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import torch
+
+from .cells import CellPlan
 
 
 def fill_missing_data(stims: Sequence[torch.Tensor], dims: int | Sequence[int], value: float = 0.0) -> torch.Tensor:
@@ -88,6 +91,11 @@ class CompactBatch:
     ``neuron_index[c]``; its ``(repeats[c], lengths[c])`` counts are
     ``values[offsets[c]:offsets[c + 1]]`` in row-major order, in the dtype
     they were stored in. Dict-style access (``batch["stims"]``) works.
+
+    Its operations work on whole tensors, one group of same-shaped cells at a
+    time (:mod:`~deepstrf.datasets.cells`), on any device: the plan is made on
+    the host from the index arrays, which :meth:`to` keeps a host copy of, so
+    a batch on an accelerator is never read back per cell.
     """
 
     stims: torch.Tensor
@@ -103,6 +111,10 @@ class CompactBatch:
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
 
+    def __getstate__(self) -> dict:
+        # the plan and the host index are remade where the batch lands (the plan holds device tensors)
+        return {k: v for k, v in self.__dict__.items() if k not in ("_plan", "_host")}
+
     def keys(self) -> list[str]:
         return [f.name for f in fields(self)]
 
@@ -114,16 +126,42 @@ class CompactBatch:
     def batch_size(self) -> int:
         return int(self.stims.shape[0])
 
-    def to(self, device: torch.device | str) -> "CompactBatch":
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for k, v in moved.items():
-            if isinstance(v, torch.Tensor):
-                moved[k] = v.to(device, non_blocking=True)
-        return CompactBatch(**moved)
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "CompactBatch":
+        """The batch on ``device``; it keeps the host index arrays, for its plan."""
+        return self._map(lambda v: v.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self, device: torch.device | str | None = None) -> "CompactBatch":
+        """The batch in page-locked memory (what ``DataLoader(pin_memory=True)`` calls)."""
+        return self._map(lambda v: v.pin_memory() if device is None else v.pin_memory(device))
+
+    def _map(self, move: Any) -> "CompactBatch":
+        host = self._host_index()
+        moved = CompactBatch(**{f.name: move(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
+                                for f in fields(self)})
+        moved._host = host
+        return moved
+
+    def _host_index(self) -> dict[str, torch.Tensor]:
+        """The index arrays on the host: the batch's own on a CPU batch, else the copy :meth:`to` kept
+        (or one copy made now, for a batch built on an accelerator)."""
+        kept = getattr(self, "_host", None)
+        if kept is None:
+            kept = self._host = {k: getattr(self, k).cpu() for k in _INDEX_KEYS}
+        return kept
+
+    def plan(self) -> CellPlan:
+        """The batch's cells grouped by shape (made once, on the host)."""
+        plan = getattr(self, "_plan", None)
+        if plan is None:
+            host = self._host_index()
+            plan = CellPlan.of(host["offsets"].numpy(), host["repeats"].numpy(), host["lengths"].numpy(),
+                               self.values.device)
+            self._plan = plan
+        return plan
 
     def time_mask(self) -> torch.Tensor:
         """``(n_cells, T_max)`` bool, True inside each cell's time range."""
-        T = int(self.lengths.max()) if self.n_cells else 0
+        T = self.plan().max_length
         return torch.arange(T, device=self.lengths.device)[None, :] < self.lengths[:, None]
 
     def repeat_sum(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -131,12 +169,18 @@ class CompactBatch:
 
         Sufficient statistic for a Poisson likelihood (with ``repeats``).
         """
-        T = int(self.lengths.max()) if self.n_cells else 0
-        out = torch.zeros((self.n_cells, T), dtype=dtype, device=self.values.device)
-        for c in range(self.n_cells):
-            r, t = int(self.repeats[c]), int(self.lengths[c])
-            cell = self.values[int(self.offsets[c]):int(self.offsets[c + 1])].view(r, t)
-            out[c, :t] = cell.sum(dim=0, dtype=dtype)
+        plan = self.plan()
+        out = torch.zeros((plan.n_cells, plan.max_length), dtype=dtype, device=self.values.device)
+        for g in plan.groups:
+            if g.starts is None:  # consecutive cells: sum straight into the output
+                acc = out[g.cells, :g.length]
+            else:
+                acc = torch.empty((len(g.host_cells), g.length), dtype=dtype, device=out.device)
+            acc.copy_(g.repeat(self.values, 0))
+            for j in range(1, g.repeats):  # one pass per repeat: faster than a reduction over a middle axis
+                acc.add_(g.repeat(self.values, j))
+            if g.starts is not None:
+                out[g.cells, :g.length] = acc
         return out
 
     def psth(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -145,18 +189,62 @@ class CompactBatch:
 
     def padded(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``(n_cells, R_max, T_max)`` NaN-padded cells (for metrics on repeats)."""
-        R = int(self.repeats.max()) if self.n_cells else 0
-        T = int(self.lengths.max()) if self.n_cells else 0
-        out = torch.full((self.n_cells, R, T), float("nan"), dtype=dtype, device=self.values.device)
-        for c in range(self.n_cells):
-            r, t = int(self.repeats[c]), int(self.lengths[c])
-            out[c, :r, :t] = self.values[int(self.offsets[c]):int(self.offsets[c + 1])].view(r, t)
+        plan = self.plan()
+        out = torch.full((plan.n_cells, plan.max_repeats, plan.max_length), float("nan"), dtype=dtype,
+                         device=self.values.device)
+        for g in plan.groups:
+            out[g.cells, :g.repeats, :g.length] = g.counts(self.values).to(dtype)
         return out
+
+    def to_dense(self, neurons: Sequence[int] | np.ndarray | torch.Tensor) -> dict:
+        """The ``neural_collate`` batch of the same items, built where the batch is (e.g. on a GPU).
+
+        ``neurons``: the dense batch's neuron axis, as global neuron ids in
+        order (``ds.selected_neurons()``; ``range(N)`` for a batch whose
+        ``neuron_index`` holds positions). ``responses`` ``(B, N, R_max,
+        T_max)`` in the stimuli's dtype, NaN wherever there is no count (as
+        ``neural_collate`` pads the ``(1, 1)`` NaN sentinel of a missing pair),
+        ``valid_mask``, ``stims`` and ``stim_meta`` as they are.
+        """
+        flat, n = self._dense_positions(neurons)
+        plan, B = self.plan(), self.batch_size
+        some_missing = plan.n_cells < B * n
+        R = max(plan.max_repeats, int(some_missing))
+        T = max(plan.max_length, int(some_missing))
+        device = self.values.device
+        responses = torch.full((B * n, R, T), float("nan"), dtype=self.stims.dtype, device=device)
+        valid = torch.zeros((B * n, R, T), dtype=torch.bool, device=device)
+        for g in plan.groups:
+            rows = flat[g.cells] if g.starts is None else flat.index_select(0, g.cells)
+            responses[rows, :g.repeats, :g.length] = g.counts(self.values).to(responses.dtype)
+            valid[rows, :g.repeats, :g.length] = True
+        shape = (B, n, R, T)
+        return {"stims": self.stims, "responses": responses.view(shape), "valid_mask": valid.view(shape),
+                "stim_meta": list(self.stim_meta)}
+
+    def _dense_positions(self, neurons: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Each cell's row ``item * N + position`` of the dense batch (on the batch's device), and ``N``."""
+        ids = np.asarray(neurons.cpu() if isinstance(neurons, torch.Tensor) else list(neurons), dtype=np.int64)
+        host = self._host_index()
+        cell_ids = host["neuron_index"].numpy()
+        lookup = np.full(max(int(ids.max(initial=-1)), int(cell_ids.max(initial=-1))) + 1, -1, dtype=np.int64)
+        lookup[ids] = np.arange(len(ids))
+        pos = lookup[cell_ids]
+        if (pos < 0).any():
+            missing = sorted(set(cell_ids[pos < 0].tolist()))
+            raise ValueError(f"to_dense: the batch has cells of neurons {missing[:10]} that are not in `neurons` "
+                             f"({len(ids)} ids); pass the dataset's selected_neurons() (or range(N) for a batch "
+                             "whose neuron_index holds positions)")
+        flat = host["item_index"].numpy() * len(ids) + pos
+        return torch.from_numpy(flat).to(self.values.device), len(ids)
 
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in
                    (self.stims, self.values, self.offsets, self.repeats, self.lengths,
                     self.item_index, self.neuron_index, self.stim_lengths))
+
+
+_INDEX_KEYS = ("offsets", "repeats", "lengths", "item_index", "neuron_index")
 
 
 def compact_collate(batch: Sequence[dict], neuron_index: Sequence[int] | None = None) -> CompactBatch:
