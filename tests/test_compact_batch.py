@@ -81,7 +81,7 @@ def make_batch(shapes: list[tuple[int, int]], dtype: torch.dtype, seed: int = 0,
         stim_lengths=torch.full((items,), T, dtype=torch.int64), stim_meta=[{"i": i} for i in range(items)])
 
 
-RAGGED = [(3, 7), (3, 7), (2, 9), (3, 7), (1, 4), (2, 9), (2, 9), (5, 1), (3, 7), (4, 6)]
+RAGGED = [(3, 7), (3, 7), (2, 9), (3, 7), (1, 4), (2, 0), (2, 9), (2, 9), (5, 1), (3, 7), (0, 3), (4, 6), (2, 0)]
 RUNS = [(10, 20)] * 5 + [(10, 23)] * 4 + [(8, 23)] * 3  # one run per shape: views, no gather
 
 

@@ -8,6 +8,8 @@ and global neuron index, and the counts in their stored dtype.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cells import CellPlan
+from .cells import CellPlan, ShapeGroup, empty
 
 
 def fill_missing_data(stims: Sequence[torch.Tensor], dims: int | Sequence[int], value: float = 0.0) -> torch.Tensor:
@@ -170,17 +172,25 @@ class CompactBatch:
         Sufficient statistic for a Poisson likelihood (with ``repeats``).
         """
         plan = self.plan()
-        out = torch.zeros((plan.n_cells, plan.max_length), dtype=dtype, device=self.values.device)
-        for g in plan.groups:
-            if g.starts is None:  # consecutive cells: sum straight into the output
-                acc = out[g.cells, :g.length]
+        out = empty((plan.n_cells, plan.max_length), dtype, self.values.device)
+        for g in plan.groups:  # every cell is in one group: each row is written once
+            if g.starts is None:  # consecutive cells: summed straight into the output
+                self.group_repeat_sum(g, dtype, out=out[g.cells, :g.length])
             else:
-                acc = torch.empty((len(g.host_cells), g.length), dtype=dtype, device=out.device)
-            acc.copy_(g.repeat(self.values, 0))
-            for j in range(1, g.repeats):  # one pass per repeat: faster than a reduction over a middle axis
-                acc.add_(g.repeat(self.values, j))
-            if g.starts is not None:
-                out[g.cells, :g.length] = acc
+                out[g.cells, :g.length] = self.group_repeat_sum(g, dtype)
+            out[g.cells, g.length:] = 0
+        return out
+
+    def group_repeat_sum(self, group: ShapeGroup, dtype: torch.dtype = torch.float32,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+        """``(k, length)`` counts of one shape group of the plan, summed over repeats (into ``out``)."""
+        if out is None:
+            out = empty((len(group.host_cells), group.length), dtype, self.values.device)
+        if group.repeats == 0:
+            return out.zero_()
+        out.copy_(group.repeat(self.values, 0))
+        for j in range(1, group.repeats):  # one pass per repeat: faster than a reduction over a middle axis
+            out.add_(group.repeat(self.values, j))
         return out
 
     def psth(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -190,8 +200,7 @@ class CompactBatch:
     def padded(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``(n_cells, R_max, T_max)`` NaN-padded cells (for metrics on repeats)."""
         plan = self.plan()
-        out = torch.full((plan.n_cells, plan.max_repeats, plan.max_length), float("nan"), dtype=dtype,
-                         device=self.values.device)
+        out = empty((plan.n_cells, plan.max_repeats, plan.max_length), dtype, self.values.device).fill_(math.nan)
         for g in plan.groups:
             out[g.cells, :g.repeats, :g.length] = g.counts(self.values).to(dtype)
         return out
@@ -212,18 +221,22 @@ class CompactBatch:
         R = max(plan.max_repeats, int(some_missing))
         T = max(plan.max_length, int(some_missing))
         device = self.values.device
-        responses = torch.full((B * n, R, T), float("nan"), dtype=self.stims.dtype, device=device)
-        valid = torch.zeros((B * n, R, T), dtype=torch.bool, device=device)
+        responses = empty((B * n, R, T), self.stims.dtype, device).fill_(math.nan)
+        valid = empty((B * n, R, T), torch.bool, device).fill_(False)
         for g in plan.groups:
-            rows = flat[g.cells] if g.starts is None else flat.index_select(0, g.cells)
-            responses[rows, :g.repeats, :g.length] = g.counts(self.values).to(responses.dtype)
-            valid[rows, :g.repeats, :g.length] = True
+            rows = flat[g.host_cells]
+            if (np.diff(rows) == 1).all():  # consecutive rows (an item's run of neurons): plain copies
+                where: slice | torch.Tensor = slice(int(rows[0]), int(rows[-1]) + 1)
+            else:
+                where = torch.from_numpy(rows).to(device)
+            responses[where, :g.repeats, :g.length] = g.counts(self.values)
+            valid[where, :g.repeats, :g.length] = True
         shape = (B, n, R, T)
         return {"stims": self.stims, "responses": responses.view(shape), "valid_mask": valid.view(shape),
                 "stim_meta": list(self.stim_meta)}
 
-    def _dense_positions(self, neurons: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Each cell's row ``item * N + position`` of the dense batch (on the batch's device), and ``N``."""
+    def _dense_positions(self, neurons: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[np.ndarray, int]:
+        """Each cell's row ``item * N + position`` of the dense batch (host), and ``N``."""
         ids = np.asarray(neurons.cpu() if isinstance(neurons, torch.Tensor) else list(neurons), dtype=np.int64)
         host = self._host_index()
         cell_ids = host["neuron_index"].numpy()
@@ -235,8 +248,7 @@ class CompactBatch:
             raise ValueError(f"to_dense: the batch has cells of neurons {missing[:10]} that are not in `neurons` "
                              f"({len(ids)} ids); pass the dataset's selected_neurons() (or range(N) for a batch "
                              "whose neuron_index holds positions)")
-        flat = host["item_index"].numpy() * len(ids) + pos
-        return torch.from_numpy(flat).to(self.values.device), len(ids)
+        return host["item_index"].numpy() * len(ids) + pos, len(ids)
 
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in
