@@ -137,15 +137,16 @@ class CompactBatch:
         return self._map(lambda v: v.pin_memory() if device is None else v.pin_memory(device))
 
     def _map(self, move: Any) -> "CompactBatch":
-        host = self._host_index()
+        host = self.host_index()
         moved = CompactBatch(**{f.name: move(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
                                 for f in fields(self)})
         moved._host = host
         return moved
 
-    def _host_index(self) -> dict[str, torch.Tensor]:
-        """The index arrays on the host: the batch's own on a CPU batch, else the copy :meth:`to` kept
-        (or one copy made now, for a batch built on an accelerator)."""
+    def host_index(self) -> dict[str, torch.Tensor]:
+        """The index arrays (``offsets``, ``repeats``, ``lengths``, ``item_index``, ``neuron_index``)
+        on the host: the batch's own on a CPU batch, else the copy :meth:`to` kept (or one copy
+        made now, for a batch built on an accelerator)."""
         kept = getattr(self, "_host", None)
         if kept is None:
             kept = self._host = {k: getattr(self, k).cpu() for k in _INDEX_KEYS}
@@ -155,7 +156,7 @@ class CompactBatch:
         """The batch's cells grouped by shape (made once, on the host)."""
         plan = getattr(self, "_plan", None)
         if plan is None:
-            host = self._host_index()
+            host = self.host_index()
             plan = CellPlan.of(host["offsets"].numpy(), host["repeats"].numpy(), host["lengths"].numpy(),
                                self.values.device)
             self._plan = plan
@@ -238,7 +239,7 @@ class CompactBatch:
     def _dense_positions(self, neurons: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[np.ndarray, int]:
         """Each cell's row ``item * N + position`` of the dense batch (host), and ``N``."""
         ids = np.asarray(neurons.cpu() if isinstance(neurons, torch.Tensor) else list(neurons), dtype=np.int64)
-        host = self._host_index()
+        host = self.host_index()
         cell_ids = host["neuron_index"].numpy()
         lookup = np.full(max(int(ids.max(initial=-1)), int(cell_ids.max(initial=-1))) + 1, -1, dtype=np.int64)
         lookup[ids] = np.arange(len(ids))
