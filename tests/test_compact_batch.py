@@ -49,6 +49,17 @@ def ref_time_mask(b: CompactBatch) -> torch.Tensor:
     return out
 
 
+def ref_to_dense(b: CompactBatch, neurons: list[int]) -> dict:
+    pos = {n: p for p, n in enumerate(neurons)}
+    missing = b.n_cells < b.batch_size * len(neurons)
+    R = max(int(b.repeats.max()) if b.n_cells else 0, int(missing))
+    T = max(int(b.lengths.max()) if b.n_cells else 0, int(missing))
+    out = torch.full((b.batch_size, len(neurons), R, T), float("nan"))
+    for c in range(b.n_cells):
+        out[int(b.item_index[c]), pos[int(b.neuron_index[c])], :int(b.repeats[c]), :int(b.lengths[c])] = cell(b, c)
+    return {"stims": b.stims, "responses": out, "valid_mask": ~out.isnan(), "stim_meta": b.stim_meta}
+
+
 def ref_loss(pred: torch.Tensor, b: CompactBatch, eps: float = 1e-8) -> torch.Tensor:
     total = pred.new_zeros(())
     for c in range(b.n_cells):
@@ -98,6 +109,8 @@ def test_operations_equal_the_per_cell_definitions(shapes, dtype):
     assert b.padded(torch.float64).dtype == torch.float64
     assert torch.equal(b.time_mask(), ref_time_mask(b))
     assert torch.allclose(b.psth(), ref_repeat_sum(b) / b.repeats[:, None].float(), equal_nan=True)
+    neurons = list(range(2 * len(shapes) + 3))[::-1]
+    assert dense_equal(b.to_dense(neurons), ref_to_dense(b, neurons))
 
 
 @pytest.mark.parametrize("shapes", [RAGGED, RUNS, []], ids=["ragged", "runs", "empty"])

@@ -230,7 +230,7 @@ class CompactBatch:
                 where: slice | torch.Tensor = slice(int(rows[0]), int(rows[-1]) + 1)
             else:
                 where = torch.from_numpy(rows).to(device)
-            responses[where, :g.repeats, :g.length] = g.counts(self.values)
+            responses[where, :g.repeats, :g.length] = g.counts(self.values).to(responses.dtype)
             valid[where, :g.repeats, :g.length] = True
         shape = (B, n, R, T)
         return {"stims": self.stims, "responses": responses.view(shape), "valid_mask": valid.view(shape),
