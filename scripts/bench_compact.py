@@ -8,7 +8,8 @@ One AA2-sized compact batch (by default 8 items x 494 neurons x 10 repeats x
 ~2,000 bins, the bins of each item drawn within +-10 %, uint8 Poisson counts)
 is built in memory. Timed (best of ``--runs``): ``repeat_sum()``, the compact
 Poisson loss (forward, on predictions that require a gradient), its
-backward, and ``to_dense()``; baselines: one numpy pass over the batch's
+backward, ``to_dense()``, and one training step of the demo's model
+(``--channels``; predict, loss, backward, Adam); baselines: one numpy pass over the batch's
 counts (``counts.sum()``) and one pass writing the dense batch's bytes
 (``np.full`` of its responses and valid_mask). Ratios: each operation over
 its baseline (``*_over_counts_pass``, ``to_dense_over_dense_pass``); the
@@ -53,6 +54,25 @@ def best(fn, runs: int) -> float:
     return min(times)
 
 
+def train_step(host, device: torch.device, channels: tuple[int, ...]):
+    """One training step of the demo's model on the batch as it arrives (moved, planned, predicted,
+    compact loss, backward, Adam)."""
+    from deepstrf.models import PooledEncodingModel, poisson_loss_compact
+
+    torch.manual_seed(0)
+    n_neurons = int(host.neuron_index.max()) + 1
+    model = PooledEncodingModel(n_neurons, n_freq=host.stims.shape[2], channels=channels).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step():
+        batch = host.to(device)
+        loss = poisson_loss_compact(model.predict(batch), batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
 def main(argv: list[str] | None = None) -> dict:
     from deepstrf.models import poisson_loss_compact
 
@@ -65,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch threads (numpy's passes use one)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--channels", default="16,16", help="backbone widths of the model of train_step_ms")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -102,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         "loss_forward_ms": timed(loss_forward) * 1e3,
         "loss_forward_backward_ms": timed(loss_backward) * 1e3,
         "to_dense_ms": timed(lambda: fresh().to_dense(neurons)) * 1e3,
+        "train_step_ms": timed(train_step(host, device, tuple(int(c) for c in args.channels.split(",")))) * 1e3,
     }
     base = out["counts_pass_ms"]
     out["repeat_sum_over_counts_pass"] = out["repeat_sum_ms"] / base

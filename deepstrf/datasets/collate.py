@@ -203,7 +203,10 @@ class CompactBatch:
         plan = self.plan()
         out = empty((plan.n_cells, plan.max_repeats, plan.max_length), dtype, self.values.device).fill_(math.nan)
         for g in plan.groups:
-            out[g.cells, :g.repeats, :g.length] = g.counts(self.values).to(dtype)
+            if g.starts is None:  # consecutive cells: copied, cast in place
+                out[g.cells, :g.repeats, :g.length].copy_(g.counts(self.values))
+            else:
+                out[g.cells, :g.repeats, :g.length] = g.counts(self.values).to(dtype)
         return out
 
     def to_dense(self, neurons: Sequence[int] | np.ndarray | torch.Tensor) -> dict:
@@ -226,11 +229,12 @@ class CompactBatch:
         valid = empty((B * n, R, T), torch.bool, device).fill_(False)
         for g in plan.groups:
             rows = flat[g.host_cells]
-            if (np.diff(rows) == 1).all():  # consecutive rows (an item's run of neurons): plain copies
-                where: slice | torch.Tensor = slice(int(rows[0]), int(rows[-1]) + 1)
+            if (np.diff(rows) == 1).all():  # consecutive rows (an item's run of neurons): copied, cast in place
+                where = slice(int(rows[0]), int(rows[-1]) + 1)
+                responses[where, :g.repeats, :g.length].copy_(g.counts(self.values))
             else:
                 where = torch.from_numpy(rows).to(device)
-            responses[where, :g.repeats, :g.length] = g.counts(self.values).to(responses.dtype)
+                responses[where, :g.repeats, :g.length] = g.counts(self.values).to(responses.dtype)
             valid[where, :g.repeats, :g.length] = True
         shape = (B, n, R, T)
         return {"stims": self.stims, "responses": responses.view(shape), "valid_mask": valid.view(shape),
