@@ -113,6 +113,16 @@ def test_operations_equal_the_per_cell_definitions(shapes, dtype):
     assert dense_equal(b.to_dense(neurons), ref_to_dense(b, neurons))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16])
+def test_repeat_sums_of_large_counts_are_exact(dtype):
+    """Integer counts are summed in an integer type wide enough for their sum (here beyond int16)."""
+    b = make_batch([(200, 3), (3, 4), (200, 3)], dtype)
+    b.values.fill_(torch.iinfo(dtype).max)
+    expected = ref_repeat_sum(b, torch.float64)
+    assert expected.max() == 200 * torch.iinfo(dtype).max
+    assert torch.equal(b.repeat_sum(torch.float64), expected)
+
+
 @pytest.mark.parametrize("shapes", [RAGGED, RUNS, []], ids=["ragged", "runs", "empty"])
 def test_compact_loss_and_its_gradient_equal_the_per_cell_definition(shapes):
     b = make_batch(shapes, torch.uint8, seed=3)

@@ -189,10 +189,15 @@ class CompactBatch:
             out = empty((len(group.host_cells), group.length), dtype, self.values.device)
         if group.repeats == 0:
             return out.zero_()
-        out.copy_(group.repeat(self.values, 0))
-        for j in range(1, group.repeats):  # one pass per repeat: faster than a reduction over a middle axis
-            out.add_(group.repeat(self.values, j))
-        return out
+        # integer counts are summed exactly in the narrowest integer type that holds the sum (half the
+        # bytes of float32 for uint8), then cast once; one pass per repeat beats a reduction over a middle axis
+        acc_dtype = _sum_dtype(self.values.dtype, group.repeats) or dtype
+        acc = out if acc_dtype == dtype else group.repeat(self.values, 0).to(acc_dtype)
+        if acc is out:
+            acc.copy_(group.repeat(self.values, 0))
+        for j in range(1, group.repeats):
+            acc.add_(group.repeat(self.values, j))
+        return acc if acc is out else out.copy_(acc)
 
     def psth(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Trial-averaged response ``(n_cells, T_max)``."""
@@ -262,6 +267,16 @@ class CompactBatch:
 
 
 _INDEX_KEYS = ("offsets", "repeats", "lengths", "item_index", "neuron_index")
+
+
+def _sum_dtype(counts: torch.dtype, repeats: int) -> torch.dtype | None:
+    """The narrowest integer dtype that holds the sum of ``repeats`` counts of dtype ``counts``
+    exactly, for the small signed and unsigned counts torch adds in place into a wider integer
+    (uint8, int8, int16); None otherwise (summed in the output's floating dtype)."""
+    if counts not in (torch.uint8, torch.int8, torch.int16):
+        return None
+    largest = repeats * max(abs(torch.iinfo(counts).max), abs(torch.iinfo(counts).min))
+    return next(t for t in (torch.int16, torch.int32, torch.int64) if largest <= torch.iinfo(t).max)
 
 
 def compact_collate(batch: Sequence[dict], neuron_index: Sequence[int] | None = None) -> CompactBatch:
