@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     channels = tuple(int(c) for c in args.channels.split(","))
     pool_url, _, build_s = build_stores(Path(args.workdir), args.scale, args.time_scale)
     pool = open_dataset(pool_url)
-    neurons = torch.as_tensor(pool.selected_neurons(), device=device)
+    neurons = torch.as_tensor(pool.selected_neurons())  # on the host: the model checks ids without a sync
     n_batches = -(-len(pool) // BATCH)
 
     def new_model():

@@ -39,12 +39,11 @@ def poisson_loss_dense(pred: torch.Tensor, responses: torch.Tensor, valid_mask: 
     valid = ~responses.isnan()
     if valid_mask is not None:
         valid = valid & valid_mask
-    if not bool(valid.any()):
-        return pred.sum() * 0.0
     y = torch.where(valid, responses, torch.zeros((), dtype=responses.dtype)).to(pred.dtype)
     lam = pred.expand_as(responses)
     nll = lam - y * torch.log(lam + eps)
-    return (nll * valid).sum() / valid.sum()
+    # no valid entry: 0, with a graph (clamped count rather than a test, which would read back from a device)
+    return (nll * valid).sum() / valid.sum().clamp(min=1)
 
 
 def poisson_loss_compact(pred: torch.Tensor, batch: CompactBatch, eps: float = EPS,
