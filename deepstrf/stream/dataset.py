@@ -149,6 +149,12 @@ class StreamingNeuralDataset(IterableDataset):
     retries per ``retry``, an optional LRU row cache of at most
     ``cache_bytes`` in ``cache_dir``.
 
+    ``device`` (with ``batch_size``): where batches are delivered. The reading
+    processes then build compact batches, and the consumer's process moves each
+    one there and, for ``collate="dense"``, builds the dense batch there
+    (:meth:`deliver`): on a GPU the host never holds a dense batch. Without it,
+    batches stay on the host as built (the right choice for training on the CPU).
+
     Batch buffers: with ``reuse_buffers`` (default), the large buffers of a
     batch are reused for a later batch once nothing refers to it any more
     (:mod:`deepstrf.stream.buffers`); a batch you keep is never overwritten.
@@ -730,6 +736,9 @@ class StreamingDataLoader(DataLoader):
       stores over a network, whose reads in the main process wait on round trips that the workers'
       first batches then wait behind (measured over S3: 12-18 % slower over 400 items, first batch
       no sooner). Forked workers start at once: no lead.
+    - ``pin_memory``: default True only for a dataset with a CUDA ``device`` and workers (the
+      workers then send compact batches, tens of MB, whose copy to the GPU can run beside the
+      step); pinning dense host batches (hundreds of MB) is warned against.
     """
 
     def __init__(self, dataset: StreamingNeuralDataset, *, read_while_starting: bool | None = None,
