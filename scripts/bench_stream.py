@@ -12,16 +12,19 @@ sampling itself slows the measured processes by 10-15 %:
   shuffle=True, collate_fn=neural_collate)``: what a deepSTRF user does today;
 - ``local_w0_compact`` / ``local_w2_compact`` / ``local_w2_dense``: the pool
   streamed from local Zarr by ``StreamingNeuralDataset.loader()``, 0 or 2 workers
-  (started by its default, ``forkserver``); ``local_w2_compact_fork``: the same with
-  forked workers. With workers, ``later_epochs_*`` time two more epochs with the same
-  loader (new workers each epoch): the forkserver starts once per process;
+  (started by its default rule: forked here, since they run only deepstrf's code);
+  ``local_w2_compact_forkserver``: the same with forkserver workers (what a dataset
+  object, or a thread of the user's, gets); ``local_w2_compact_persistent``: with
+  ``persistent_workers=True``. With workers, ``later_epochs_*`` time two more epochs
+  with the same loader (new workers each epoch, unless persistent);
 - ``local_w2_items_compact`` / ``local_w2_items_dense``: the dataset yields items
   (``batch_size=None``, ``loader_batch_size=8``) and a plain ``DataLoader(batch_size=8,
   collate_fn=compact_collate or neural_collate, num_workers=2)`` (forkserver workers) batches
   them: PyTorch's usual pattern (dense: ``prefetch_factor=1``, as ``loader()`` sets for dense
   batches, so that both dense configurations keep the same number of batches in flight);
 - ``s3_w0_compact`` / ``s3_w2_compact``: the same stores on a local S3 (moto,
-  served by this process) with ``--latency-ms`` added to every request;
+  served by this process) with ``--latency-ms`` added to every request (with
+  workers, later epochs too);
 - ``mds_w2``: mosaicml-streaming reading the same items from uncompressed
   MDS shards on local disk (run with ``--mds-python``, a venv that has it);
 - ``read_limit``: read and decompress every chunk of the pool once (deepstrf's reader, whole
@@ -98,7 +101,7 @@ def child_stream(args) -> dict:
                             multiprocessing_context=worker_context() if args.workers else None,
                             prefetch_factor=1 if args.collate == "dense" and args.workers else None)
     else:
-        loader = ds.loader(num_workers=args.workers,
+        loader = ds.loader(num_workers=args.workers, persistent_workers=args.persistent,
                            multiprocessing_context=None if args.start_method == "default" else args.start_method)
     out = _timed_epoch(loader, lambda b: len(b["stim_meta"]))
     stats = ds.stats()
@@ -307,6 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--start-method", default="default", help=argparse.SUPPRESS)
     p.add_argument("--later-epochs", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--itemwise", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--persistent", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         result = CHILDREN[args.child](args)
@@ -339,9 +343,12 @@ def main(argv: list[str] | None = None) -> dict:
         if want(name := f"local_w2_items_{collate}"):
             configs.append((name, me + ["--child", "stream", "--itemwise", "--workers", "2", "--collate", collate,
                                         "--later-epochs", str(LATER_EPOCHS)]))
-    if want("local_w2_compact_fork"):  # the start method loader() used before it defaulted to forkserver
-        configs.append(("local_w2_compact_fork", me + ["--child", "stream", "--workers", "2", "--start-method",
-                                                       "fork", "--later-epochs", str(LATER_EPOCHS)]))
+    if want("local_w2_compact_forkserver"):  # the start method of workers that run the user's code
+        configs.append(("local_w2_compact_forkserver", me + ["--child", "stream", "--workers", "2", "--start-method",
+                                                             "forkserver", "--later-epochs", str(LATER_EPOCHS)]))
+    if want("local_w2_compact_persistent"):
+        configs.append(("local_w2_compact_persistent", me + ["--child", "stream", "--workers", "2", "--persistent",
+                                                             "--later-epochs", str(LATER_EPOCHS)]))
     server = None
     if want("s3"):
         server, s3_pool, options = upload_to_s3(Path(pool).parent, args.latency_ms / 1000)
@@ -349,7 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
         for workers in (0, 2):
             configs.append((f"s3_w{workers}_compact",
                             [sys.executable, os.path.abspath(__file__), "--pool", s3_pool, "--child", "stream",
-                             "--workers", str(workers), "--storage-options", json.dumps(options)]))
+                             "--workers", str(workers), "--storage-options", json.dumps(options),
+                             "--later-epochs", str(LATER_EPOCHS if workers else 0)]))
     if want("mds") and os.path.exists(args.mds_python):
         stage = workdir / f"mds-stage-s{args.scale}-t{args.time_scale}"
         shards = workdir / f"mds-s{args.scale}-t{args.time_scale}"
@@ -438,6 +446,17 @@ def goals(r: dict) -> dict:
     for name in ("local_w2_dense", "local_w2_items_compact", "local_w2_items_dense"):
         if "peak_pss_mib" in r.get(name, {}):
             out[f"{name}_peak_le_1gib"] = r[name]["peak_pss_mib"] <= 1024
+    for where in ("local", "s3"):  # workers never lose to no workers, first epoch included
+        w0, w2 = rate(f"{where}_w0_compact"), rate(f"{where}_w2_compact")
+        if w0 and w2:
+            out[f"{where}_first_epoch_w2_vs_w0"] = round(w2 / w0, 2)
+            out[f"{where}_first_epoch_w2_ge_w0"] = w2 >= w0
+    if later("s3_w2_compact") and later("local_w2_compact"):
+        out["s3_later_epochs_vs_local"] = round(later("s3_w2_compact") / later("local_w2_compact"), 2)
+        out["s3_later_epochs_80pct_local"] = later("s3_w2_compact") >= 0.8 * later("local_w2_compact")
+    for name in ("local_w2_compact", "local_w2_compact_persistent", "s3_w2_compact"):
+        if "peak_pss_mib" in r.get(name, {}):
+            out[f"{name}_3_epochs_peak_le_1gib"] = r[name]["peak_pss_mib"] <= 1024
     firsts = [r[k]["first_batch_s"] for k in ("local_w0_compact", "local_w2_compact") if "first_batch_s" in r.get(k, {})]
     if firsts:
         out["first_batch_le_1s_local"] = max(firsts) <= 1.0

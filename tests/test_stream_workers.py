@@ -7,6 +7,7 @@ import gc
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -16,7 +17,9 @@ from deepstrf.datasets.views import LazySequence
 from deepstrf.errors import StreamStalledError
 from deepstrf.stream import StreamingNeuralDataset
 from deepstrf.stream.transfer import MAX_SHARED_TENSORS, count_tensors, for_new_process
-from deepstrf.stream.workers import context_method, worker_context
+from deepstrf.store import open_dataset
+from deepstrf.stream import workers
+from deepstrf.stream.workers import DEFAULT_TIMEOUT_S, context_method, worker_context
 
 from stream_helpers import LOADER_TIMEOUT_S, batch_keys, item_key, small_pool, write_pool
 from toydata import ToyAudio
@@ -43,12 +46,36 @@ def toy_with_slow_stim(**kw) -> ToyAudio:
     return ds
 
 
-def test_default_start_method_is_not_fork():
+def test_workers_that_run_user_code_are_not_forked():
     ctx = worker_context()
     assert context_method(ctx) in ("forkserver", "spawn")
+    # a dataset object: its class and transforms are the user's code
     loader = StreamingNeuralDataset(small_pool(), batch_size=4).loader(num_workers=2)
     assert context_method(loader.multiprocessing_context) == context_method(ctx)
-    assert loader.timeout > 0
+    assert loader.stall_timeout == DEFAULT_TIMEOUT_S and 0 < loader.timeout <= loader.stall_timeout
+
+
+def test_workers_of_a_store_url_are_forked_unless_a_thread_of_the_users_runs(tmp_path, monkeypatch):
+    url = write_pool(str(tmp_path / "stores"))
+    monkeypatch.setattr(workers, "foreign_threads", lambda: [])  # whatever earlier tests left running
+    loader = StreamingNeuralDataset(url, batch_size=4).loader(num_workers=2)
+    assert context_method(loader.multiprocessing_context) == "fork"
+    assert context_method(StreamingNeuralDataset(url, batch_size=4).loader(
+        num_workers=2, worker_init_fn=print).multiprocessing_context) != "fork"
+    monkeypatch.undo()
+    stop = threading.Event()
+    trainer = threading.Thread(target=stop.wait, name="my-trainer-thread")
+    trainer.start()
+    try:
+        assert "my-trainer-thread" in workers.foreign_threads()
+        assert workers.start_method(runs_user_code=False) in ("forkserver", "spawn")
+        # chosen again at every start: the thread is alive now
+        keys = [k for b in loader for k in batch_keys(b)]
+        assert context_method(loader.multiprocessing_context) in ("forkserver", "spawn")
+    finally:
+        stop.set()
+        trainer.join()
+    assert len(keys) == len(open_dataset(url))
 
 
 def test_forkserver_workers_read_every_item_once():

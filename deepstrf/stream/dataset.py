@@ -42,8 +42,8 @@ from .prefetch import Prefetcher, ReadTimeout
 from .retry import RetryPolicy, call_with_retries
 from .stats import StorageIO, StreamCounters, summarize
 from .transfer import for_new_process
-from .workers import (DEFAULT_TIMEOUT_S, WorkerActivity, context_method, freeze_long_lived, start_worker_server,
-                      worker_context)
+from .workers import (DEFAULT_TIMEOUT_S, WorkerActivity, context_method, died, foreign_threads, freeze_long_lived,
+                      start_worker_server, worker_context)
 
 Collate = Literal["compact", "dense"]
 STATE_VERSION = 1
@@ -53,6 +53,9 @@ ITEM_READ_GROUP = 8
 # DataLoader prefetch_factor of loader() for dense batches (torch's default, 2, for compact ones)
 DENSE_PREFETCH_FACTOR = 1
 _STARTED_POLL_S = 0.002  # how often the thread starting the workers looks for one that began its pass
+# how long the DataLoader waits for a batch before loader() looks at its workers again: a worker that
+# died is reported within this time, not at the end of ``timeout``
+WORKER_CHECK_S = 1.0
 
 
 @dataclass
@@ -232,7 +235,7 @@ class StreamingNeuralDataset(IterableDataset):
         self._opened: Opened | None = None
         self.last_prefetcher: Prefetcher | None = None
         if get_worker_info() is None:
-            start_worker_server()
+            start_worker_server(runs_user_code=self._source is not None)
         if self.url is not None:
             # open here too: a bad URL fails now, and forked DataLoader workers inherit the
             # storage client's modules and the sources' cell index instead of each importing
@@ -680,7 +683,7 @@ def _waits_on_network(ds: NeuralDataset) -> bool:
 def _any_dead(workers: Sequence[Any], wait_s: float) -> bool:
     """True once any of ``workers`` is seen dead, within ``wait_s`` seconds."""
     deadline = time.monotonic() + wait_s
-    while not any(not w.is_alive() for w in workers):
+    while not any(map(died, workers)):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
@@ -719,14 +722,16 @@ class StreamingDataLoader(DataLoader):
     """``DataLoader(batch_size=None)`` over a :class:`StreamingNeuralDataset`.
 
     - It counts the batches it hands out, so ``state_dict()`` is exact with worker processes.
-    - Worker processes start with ``multiprocessing_context`` = ``forkserver`` by default
-      (``spawn`` where there is none): a forked copy of a trainer whose other threads hold
-      locks (torch BLAS, its RNG) can hang at its first torch call. Pass
-      ``multiprocessing_context="fork"`` to fork anyway (faster start, inherits the opened
-      store) when no thread of yours runs torch code while workers start.
-    - ``timeout`` (default 300 s with workers): when no batch arrives for that long, or a worker
-      dies, the pass ends with :class:`~deepstrf.errors.StreamStalledError` naming every worker,
-      what it was reading and for how long, and the workers are stopped.
+    - Worker processes start by the rule of :func:`~deepstrf.stream.workers.start_method` unless
+      ``multiprocessing_context`` is given, chosen again at every start: forked when they run
+      only deepstrf's code and no thread of yours is alive, or when ``__main__`` cannot be
+      re-imported (a script without ``if __name__ == "__main__":``, or fed through stdin);
+      ``forkserver`` (``spawn`` where there is none) otherwise. Where no method can work, the
+      loader raises at once, naming the fix.
+    - ``timeout`` (default 300 s with workers): when no batch arrives for that long the pass ends
+      with :class:`~deepstrf.errors.StreamStalledError` naming every worker, what it was reading
+      and for how long, and the workers are stopped. A worker that dies is reported within
+      about a second, with the exception it raised where it left one.
     - ``read_while_starting``: until the first worker begins the pass (workers that are not
       forked take seconds to start: the worker server's ``import torch``, each worker opening the
       dataset), the main process reads the pass's first batches itself; the batches come in the
@@ -759,13 +764,17 @@ class StreamingDataLoader(DataLoader):
                           "memory, which costs more than it saves; pass device='cuda' to the "
                           "StreamingNeuralDataset instead: the workers then send compact batches and the dense "
                           "batch is built on the GPU", UserWarning, stacklevel=3)
+        self.stall_timeout: float = kwargs.get("timeout") or (DEFAULT_TIMEOUT_S if workers > 0 else 0.0)
+        self._choose_context = workers > 0 and kwargs.get("multiprocessing_context") is None
+        self._user_collate = kwargs.get("collate_fn")
         if workers > 0:
-            kwargs.setdefault("timeout", DEFAULT_TIMEOUT_S)
+            # the DataLoader only waits this long at a time, so that dead workers are seen at once
+            kwargs["timeout"] = min(self.stall_timeout, WORKER_CHECK_S)
             if dataset.built_format == "dense" and dataset.batch_size is not None:
                 # a dense batch is hundreds of MB on a pool: one per worker in flight, not two
                 kwargs.setdefault("prefetch_factor", DENSE_PREFETCH_FACTOR)
-            if kwargs.get("multiprocessing_context") is None:
-                kwargs["multiprocessing_context"] = worker_context()
+            if self._choose_context:
+                kwargs["multiprocessing_context"] = worker_context(self._runs_user_code(dataset, kwargs))
         super().__init__(dataset, **kwargs)
         if read_while_starting is None:
             dense = dataset.built_format == "dense" and dataset.batch_size is not None
@@ -775,11 +784,22 @@ class StreamingDataLoader(DataLoader):
         if self.persistent_workers:
             _stop_at_exit(self)
 
+    @staticmethod
+    def _runs_user_code(dataset: StreamingNeuralDataset, kwargs: dict) -> bool:
+        """Whether workers would run code of the user's: a dataset object (its transforms, its
+        class), a ``worker_init_fn`` or a ``collate_fn``."""
+        return dataset._source is not None or any(kwargs.get(k) is not None
+                                                  for k in ("worker_init_fn", "collate_fn"))
+
     def __iter__(self) -> Iterator[Any]:
         ds: StreamingNeuralDataset = self.dataset
         if self.num_workers == 0:
             yield from super().__iter__()
             return
+        if self._choose_context and (self._iterator is None or not self.persistent_workers):
+            # threads may have come or gone since the last start
+            self.multiprocessing_context = worker_context(self._runs_user_code(
+                ds, {"worker_init_fn": self.worker_init_fn, "collate_fn": self._user_collate}))
         ds._begin_pass()
         ds.activity.reset()
         self.lead_batches = 0
@@ -812,7 +832,7 @@ class StreamingDataLoader(DataLoader):
         starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepstrf-start-workers")
         starting = starter.submit(self._start_workers, generator, device)
         try:
-            for batch in ds._lead_batches(self.timeout or None):
+            for batch in ds._lead_batches(self.stall_timeout or None):
                 self.lead_batches += 1
                 ds._steps += 1
                 yield ds.deliver(batch)
@@ -823,7 +843,7 @@ class StreamingDataLoader(DataLoader):
             self._stop_workers(starting.result())
             stims = ds._state().visible[exc.task].tolist()
             raise StreamStalledError(
-                f"streaming {ds._where()}: the main process waited {self.timeout:g} s for its read of stims "
+                f"streaming {ds._where()}: the main process waited {self.stall_timeout:g} s for its read of stims "
                 f"{stims} (it reads a pass's first batches while its workers start). "
                 f"Epoch {ds.epoch}, pass stopped. What to do: look for a read that never returns (a dead "
                 "server, a lock in your transform), or raise loader(timeout=...) if reads are just slow; "
@@ -850,7 +870,7 @@ class StreamingDataLoader(DataLoader):
         # a worker that died starting (a select callable that fails there, say) is reported by the
         # DataLoader: the main process stops reading on its own then
         while not (ds._lead.is_closed() or ds.activity.any_worker_started(self.num_workers)
-                   or any(not w.is_alive() for w in workers)):
+                   or any(map(died, workers))):
             time.sleep(_STARTED_POLL_S)
         ds._lead.close()
         return batches
@@ -858,22 +878,27 @@ class StreamingDataLoader(DataLoader):
     def _from_workers(self, batches: Iterator[Any]) -> Iterator[Any]:
         """The DataLoader's batches, with stalled or dead workers reported."""
         ds: StreamingNeuralDataset = self.dataset
+        waiting_since = time.monotonic()
         while True:
             try:
                 batch = next(batches)
             except StopIteration:
                 break
             except (RuntimeError, EOFError, ConnectionError) as exc:
-                # the DataLoader's timeout, or a worker that died: reported as such (a batch a dead
-                # worker had queued fails to unpickle with EOFError or a ConnectionError, possibly
-                # before the dying worker is seen as dead: give it a moment)
+                # the DataLoader's short timeout, or a worker that died: reported as such (a batch a
+                # dead worker had queued fails to unpickle with EOFError or a ConnectionError,
+                # possibly before the dying worker is seen as dead: give it a moment)
                 lost_sender = isinstance(exc, (EOFError, ConnectionError))
                 dead = _any_dead(getattr(batches, "_workers", []), wait_s=DEATH_WAIT_S if lost_sender else 0.0)
-                if not dead and "timed out" not in str(exc):
+                timed_out = "timed out" in str(exc)
+                if not dead and not timed_out:
                     raise
-                raise self._stalled(batches, exc) from exc
+                if dead or time.monotonic() - waiting_since >= self.stall_timeout:
+                    raise self._stalled(batches, exc) from exc
+                continue  # the workers are alive: wait on (the DataLoader resumes where it was)
             ds._steps += 1
             yield ds.deliver(batch)
+            waiting_since = time.monotonic()
         ds._end_pass()
 
     def _stop_workers(self, batches: Any) -> None:
@@ -885,15 +910,23 @@ class StreamingDataLoader(DataLoader):
             shutdown()
 
     def _stalled(self, batches: Any, exc: Exception) -> StreamStalledError:
-        """The error for workers that stopped delivering; stops them first (a stuck worker would
-        otherwise outlive the pass as long as the traceback keeps the iterator)."""
+        """The error for workers that stopped delivering or died; stops them first (a stuck worker
+        would otherwise outlive the pass as long as the traceback keeps the iterator)."""
         ds: StreamingNeuralDataset = self.dataset
-        report = ds.activity.describe(self.num_workers, getattr(batches, "_workers", []), ds._where())
+        workers = getattr(batches, "_workers", [])
+        report = ds.activity.describe(self.num_workers, workers, ds._where())
+        if any(map(died, workers)):
+            what = "a DataLoader worker died"
+            hint = ("fix the error the worker raised (above, or in what it printed to stderr); a worker killed by "
+                    "SIGKILL was most likely stopped by the out-of-memory killer: use fewer workers or a smaller "
+                    "batch_size")
+        else:
+            what = f"{type(exc).__name__}: no batch for {self.stall_timeout:g} s"
+            hint = ("look for a read that never returns (a dead server, a lock in your transform), or raise "
+                    f"loader(timeout=...) if reads are just slow (now {self.stall_timeout:g} s)")
+            if context_method(self.multiprocessing_context) == "fork" and (threads := foreign_threads()):
+                hint += (f"; threads {threads} of this process were alive at fork: a forked worker can hang on "
+                         "a lock one of them held (multiprocessing_context='forkserver' avoids it)")
         self._stop_workers(batches)
-        method = context_method(self.multiprocessing_context)
-        hint = ("a forked worker can hang on a lock held by another thread of this process at fork: use "
-                "the default start method (forkserver)" if method == "fork"
-                else "look for a read that never returns (a dead server, a lock in your transform)")
-        return StreamStalledError(f"streaming {ds._where()}: {type(exc).__name__}: {exc}. Epoch {ds.epoch}, "
-                                  f"pass stopped; the workers were:\n{report}\nWhat to do: {hint}, or raise "
-                                  f"loader(timeout=...) if reads are just slow (now {self.timeout:g} s).")
+        return StreamStalledError(f"streaming {ds._where()}: {what}. Epoch {ds.epoch}, pass stopped; the workers "
+                                  f"were:\n{report}\nWhat to do: {hint}.")

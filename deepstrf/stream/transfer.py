@@ -8,12 +8,18 @@ and per (stim, neuron) cell, so one of a few dozen stimuli already exceeds
 that ("ValueError: too many fds"). Such a dataset is sent by value instead
 (its bytes in the pickle: each worker holds a copy); one with fewer tensors
 keeps the shared-memory path (no copy).
+
+Objects plain pickle cannot send are sent with cloudpickle, by value: a lambda
+(``smooth_responses`` records one), or a function or class defined in a
+``__main__`` that a worker cannot import (``python -c``, IPython, a Jupyter
+cell), which plain pickle would send by a name the worker cannot resolve.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+import sys
 from multiprocessing.context import get_spawning_popen
 from typing import Any
 
@@ -26,17 +32,24 @@ MAX_SHARED_TENSORS = 200
 
 
 class _TensorCounter(pickle.Pickler):
-    """Walks an object as pickle would, counting its tensors instead of writing their data."""
+    """Walks an object as pickle would, counting its tensors instead of writing their data and
+    noting references to ``__main__`` (``uses_main``)."""
 
     def __init__(self) -> None:
         super().__init__(io.BytesIO(), protocol=pickle.HIGHEST_PROTOCOL)
         self.tensors = 0
+        self.uses_main = False
 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, (torch.Tensor, torch.UntypedStorage, torch.TypedStorage)):
             self.tensors += 1
             return self.tensors
         return None
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, type) or callable(obj) and hasattr(obj, "__qualname__"):
+            self.uses_main = self.uses_main or getattr(obj, "__module__", None) == "__main__"
+        return NotImplemented
 
 
 def count_tensors(obj: Any) -> int:
@@ -47,18 +60,34 @@ def count_tensors(obj: Any) -> int:
 
 
 class _ByValue:
-    """An object pickled with the plain pickler: tensors travel as bytes, not descriptors."""
+    """An object pickled with the plain pickler (or cloudpickle): tensors travel as bytes, not
+    descriptors."""
 
-    def __init__(self, obj: Any) -> None:
-        self.blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    def __init__(self, obj: Any, cloud: bool = False) -> None:
+        if cloud:
+            import cloudpickle
+
+            self.blob = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        else:
+            self.blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
     def __reduce__(self) -> tuple:
-        return pickle.loads, (self.blob,)
+        return pickle.loads, (self.blob,)  # cloudpickle's output loads with plain pickle
 
 
 def for_new_process(obj: Any) -> Any:
-    """``obj`` as it should be pickled now: by value when it is being sent to a process that is
-    started (not forked) and holds more tensors than descriptors can carry; else itself."""
-    if get_spawning_popen() is None or torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
+    """``obj`` as it should be pickled now: when it is being sent to a process that is started
+    (not forked), by value if it holds more tensors than descriptors can carry, with cloudpickle
+    if plain pickle cannot send it (see module docstring); else itself."""
+    if get_spawning_popen() is None:
         return obj
-    return _ByValue(obj) if count_tensors(obj) > MAX_SHARED_TENSORS else obj
+    counter = _TensorCounter()
+    try:
+        counter.dump(obj)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return _ByValue(obj, cloud=True)  # a lambda or a local function, say
+    if counter.uses_main and getattr(sys.modules.get("__main__"), "__file__", None) is None:
+        return _ByValue(obj, cloud=True)
+    if torch.multiprocessing.get_sharing_strategy() == "file_descriptor" and counter.tensors > MAX_SHARED_TENSORS:
+        return _ByValue(obj)
+    return obj

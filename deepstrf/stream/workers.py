@@ -1,15 +1,27 @@
 """DataLoader workers: how they are started, and what each is doing.
 
-Start method. A forked worker is a copy of the trainer taken at one instant:
-if another thread of the trainer was inside torch's BLAS (MKL), its RNG or
-any other library holding a lock at that instant, the worker's first call
-into the same code waits forever. deepstrf's own threads never straddle a
-fork (:mod:`deepstrf.forksafe`) and its reading code calls no torch BLAS,
-but a user's transform or dataset may. :func:`worker_context` therefore
-gives ``forkserver`` where the platform has it (workers are forked from a
-small single-threaded server process that never ran the trainer's code),
-else ``spawn``. The server imports deepstrf and torch once (preload), so a
-new worker starts in tens of milliseconds, not the seconds of ``spawn``.
+Start method (:func:`worker_context`), chosen per situation:
+
+- ``fork`` when the workers run only deepstrf's own code (a store URL as
+  source, no ``worker_init_fn`` or ``collate_fn`` of the user's) and no thread
+  of the user's is alive: a forked worker starts in milliseconds with the
+  opened store. The only threads then are deepstrf's, which never straddle a
+  fork (:mod:`deepstrf.forksafe`), and fsspec's event loop, which fsspec
+  resets in the child.
+- ``fork`` also when ``__main__`` cannot be re-imported by a worker (a script
+  that trains at top level, or one fed through stdin:
+  :mod:`deepstrf.stream.main_module`); on platforms without a safe fork that
+  is an error naming the fix, raised before any worker starts.
+- ``forkserver`` (else ``spawn``) otherwise: a forked copy of a trainer whose
+  other threads hold locks (torch's RNG, BLAS, a user's transform) can hang at
+  its first call into the same code, while a forkserver worker is forked from
+  a small server that never ran the trainer's code. The server imports
+  deepstrf and torch once (preload), so a new worker starts in tens of
+  milliseconds, not the seconds of ``spawn``.
+
+Deaths. A worker that dies before the DataLoader's own loop catches its
+errors (unpickling its dataset, say) leaves its traceback where
+:func:`death_report` finds it (:mod:`deepstrf.stream.worker_boot`).
 
 Activity. Every worker writes what it is reading into a small shared-memory
 table (:class:`WorkerActivity`), so the main process can say which worker is
@@ -18,47 +30,124 @@ stuck, on which stimuli, for how long, instead of waiting silently.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import shutil
+import sys
+import tempfile
+import threading
 import time
+import warnings
 from collections.abc import Sequence
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 
 import torch
 
+from .main_module import GUARD_FIX, UnsafeMainError, rerun_problem
 from .stats import MAX_SLOTS
 
 # imported once by the forkserver process, so that its workers start with them loaded
-PRELOAD = ["deepstrf.stream.dataset"]
+PRELOAD = ["deepstrf.stream.dataset", "deepstrf.stream.worker_boot"]
 # A batch that takes longer than this to arrive from the workers ends the pass with a
 # StreamStalledError (``StreamingNeuralDataset.loader(timeout=...)``).
 DEFAULT_TIMEOUT_S = 300.0
+# Threads whose owners make a fork safe: deepstrf's (gated), and the I/O event loops of fsspec and
+# zarr with their executors, which those libraries reset in a forked child.
+FORK_SAFE_THREAD_PREFIXES = ("deepstrf", "fsspecIO", "zarr_io", "zarr_pool", "asyncio_")
 
 # columns of the activity table
 _PID, _BATCHES, _READING_SINCE_NS, _N_STIMS, _STIMS = 0, 1, 2, 3, 4
 _SHOWN_STIMS = 8  # stims of the current read kept for the report
+_TRACEBACK_LINES = 12  # last lines of a dead worker's traceback put in a report
 
 
-def worker_context() -> BaseContext:
-    """The multiprocessing context for DataLoader workers: ``forkserver`` (preloaded with
-    deepstrf) where available, else ``spawn``."""
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+_WARNED: dict[str, bool] = {}  # forks with threads alive already warned of, by reason
+
+
+def start_method(runs_user_code: bool = True) -> str:
+    """The start method for DataLoader workers now (see module docstring). ``runs_user_code``:
+    whether the workers will run code of the user's (a dataset object, a ``worker_init_fn``)."""
+    methods = multiprocessing.get_all_start_methods()
+    can_fork = "fork" in methods and sys.platform.startswith("linux")
+    problem = rerun_problem()
+    if problem is not None:
+        if not can_fork:
+            raise UnsafeMainError(f"DataLoader workers cannot start here: {problem}, and this platform has no "
+                                  f"safe fork. What to do: {GUARD_FIX}.")
+        if (threads := foreign_threads()) and not _WARNED.get(problem):
+            _WARNED[problem] = True
+            warnings.warn(f"DataLoader workers are forked ({problem}) while threads {threads} of this process "
+                          f"run; a worker may hang on a lock one of them holds. To be safe: {GUARD_FIX}.",
+                          RuntimeWarning, stacklevel=3)
+        return "fork"
+    if can_fork and not runs_user_code and not foreign_threads():
+        return "fork"
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def foreign_threads() -> list[str]:
+    """Names of the live threads of this process other than the main thread and those of
+    ``FORK_SAFE_THREAD_PREFIXES``: threads of the user's (or of other libraries) that a fork could
+    catch holding a lock."""
+    main = threading.main_thread()
+    return [t.name for t in threading.enumerate()
+            if t is not main and t.is_alive() and not t.name.startswith(FORK_SAFE_THREAD_PREFIXES)]
+
+
+def worker_context(runs_user_code: bool = True) -> BaseContext:
+    """The multiprocessing context for DataLoader workers started now (:func:`start_method`);
+    a forkserver's server is preloaded with deepstrf and started at once."""
+    method = start_method(runs_user_code)
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload(PRELOAD)  # no effect once this process's server runs
         # start the server now: its imports overlap with the caller's work until the first epoch
         multiprocessing.forkserver.ensure_running()
+        _clean_errors_at_exit()
     return ctx
 
 
-def start_worker_server() -> None:
-    """Start the forkserver now, from a top-level process: its imports (torch, ~1.5 s) then run
-    while the caller opens the data and builds its model, instead of before the first batch."""
-    if multiprocessing.parent_process() is None and "forkserver" in multiprocessing.get_all_start_methods():
-        worker_context()
+def start_worker_server(runs_user_code: bool = True) -> None:
+    """Start the forkserver now if workers would use it, from a top-level process: its imports
+    (torch, ~1.5 s) then run while the caller opens the data and builds its model, instead of
+    before the first batch."""
+    if multiprocessing.parent_process() is None:
+        try:
+            if start_method(runs_user_code) == "forkserver":
+                worker_context(runs_user_code)
+        except UnsafeMainError:
+            pass  # raised where the workers would start
+
+
+def errors_dir(main_pid: int) -> str:
+    """Where forkserver workers of the process ``main_pid`` leave the traceback they died with."""
+    return os.path.join(tempfile.gettempdir(), f"deepstrf-worker-errors-{main_pid}")
+
+
+def death_report(pid: int | None) -> str | None:
+    """The last lines of the traceback a dead worker ``pid`` (of this process) left, if any."""
+    if pid is None:
+        return None
+    try:
+        with open(os.path.join(errors_dir(os.getpid()), f"{pid}.txt"), encoding="utf-8") as f:
+            lines = f.read().rstrip().splitlines()
+    except OSError:
+        return None
+    return "\n".join(lines[-_TRACEBACK_LINES:])
+
+
+_CLEANING = False
+
+
+def _clean_errors_at_exit() -> None:
+    global _CLEANING
+    if not _CLEANING:
+        _CLEANING = True
+        atexit.register(shutil.rmtree, errors_dir(os.getpid()), ignore_errors=True)
 
 
 _FROZEN_IN: int | None = None  # the pid of the process whose objects freeze_long_lived froze
@@ -134,20 +223,44 @@ class WorkerActivity:
             row = self._table[k + 1].tolist() if k + 1 < MAX_SLOTS else None
             proc = processes[k] if k < len(processes) else None
             pid = row[_PID] if row and row[_PID] else (proc.pid if proc is not None else None)
-            dead = "" if proc is None or proc.is_alive() else f", dead: exit code {proc.exitcode}"
-            head = f"worker {k} (pid {pid or '?'}{dead})"
+            dead = proc is not None and died(proc)
+            head = f"worker {k} (pid {pid or '?'}{f', dead: {_exit_status(proc.exitcode)}' if dead else ''})"
             if row is None:
-                lines.append(f"{head}: not tracked (more than {MAX_SLOTS - 1} workers)")
+                line = f"{head}: not tracked (more than {MAX_SLOTS - 1} workers)"
             elif not row[_PID]:
-                lines.append(f"{head}: never started its pass; it is stuck in start-up (before any read), "
-                             "e.g. on a lock copied from another thread of the parent at fork")
+                line = (f"{head}: died in start-up, before any read" if dead else
+                        f"{head}: never started its pass; it is stuck in start-up (before any read), e.g. on a "
+                        "lock copied from another thread of the parent at fork")
             elif row[_READING_SINCE_NS]:
                 n = row[_N_STIMS]
                 stims = row[_STIMS:_STIMS + min(n, _SHOWN_STIMS)]
                 more = f" and {n - len(stims)} more" if n > len(stims) else ""
-                lines.append(f"{head}: reading stims {stims}{more}{' of ' + where if where else ''} for "
-                             f"{(now - row[_READING_SINCE_NS]) / 1e9:.1f} s, after {row[_BATCHES]} batch(es)")
+                line = (f"{head}: {'died ' if dead else ''}reading stims {stims}{more}"
+                        f"{' of ' + where if where else ''}{'' if dead else ' for '}"
+                        f"{'' if dead else f'{(now - row[_READING_SINCE_NS]) / 1e9:.1f} s'}, "
+                        f"after {row[_BATCHES]} batch(es)")
             else:
-                lines.append(f"{head}: idle after {row[_BATCHES]} batch(es)")
+                line = f"{head}: {'died' if dead else 'idle'} after {row[_BATCHES]} batch(es)"
+            if dead:
+                error = death_report(proc.pid)
+                line += ("; it raised:\n" + "\n".join("    " + x for x in error.splitlines()) if error else
+                         "; what it printed to stderr says why")
+            lines.append(line)
         return "\n".join(lines)
+
+
+def died(proc: BaseProcess) -> bool:
+    """Whether ``proc`` ended other than by finishing its work (exit code 0)."""
+    return not proc.is_alive() and proc.exitcode != 0
+
+
+def _exit_status(code: int | None) -> str:
+    if code is not None and code < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exit code {code}"
 

@@ -1,0 +1,208 @@
+"""``loader(num_workers=2)`` from every way people run Python: a real interpreter per test, each
+training two epochs over a store pool (and over an in-memory dataset whose transform and class
+were defined in ``__main__``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from stream_helpers import write_pool
+
+RUN_TIMEOUT_S = 100
+
+# The user's code: no `if __name__ == "__main__":` guard, as most research scripts are written.
+TRAINING = '''
+import json
+import torch
+from deepstrf import StreamingNeuralDataset
+from deepstrf.datasets.synthetic import SyntheticAudioDataset
+
+def aa2_only(ds):  # a select= function defined in __main__
+    ds.select_pop_by_nrn_attr("dataset", "AA2")
+
+class Mine(SyntheticAudioDataset):  # a dataset class defined in __main__
+    def describe(self):
+        return "mine"
+
+def train(stream):
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    seen = []
+    for epoch in range(2):
+        n = 0
+        for batch in stream.loader(num_workers=2, timeout=60):
+            x = batch["stims"].flatten(1).mean(1, keepdim=True)
+            y = torch.nan_to_num(batch["responses"]).flatten(1).mean(1, keepdim=True)
+            loss = ((model(x) - y) ** 2).mean()
+            opt.zero_grad(); loss.backward(); opt.step()
+            n += len(batch["stim_meta"])
+        seen.append(n)
+    return seen
+
+pooled = StreamingNeuralDataset(POOL, batch_size=4, collate="dense", select=aa2_only)
+mem = Mine("aa1", scale=0.1, time_scale=0.02, seed=1)
+mem.smooth_responses()  # records a lambda: no plain pickle
+in_memory = StreamingNeuralDataset(mem, batch_size=2, collate="dense")
+items = lambda stream: sum(len(b["stim_meta"]) for b in stream)  # read here, without workers
+print("RESULT", json.dumps({"pooled": train(pooled), "in_memory": train(in_memory),
+                            "n_pooled": items(pooled), "n_in_memory": items(in_memory)}))
+'''
+
+
+def guarded(code: str) -> str:
+    """``code`` with its work (from the first loader on) under ``if __name__ == "__main__":``."""
+    mark = "pooled = StreamingNeuralDataset"
+    head, rest = code.split(mark, 1)
+    return head + 'if __name__ == "__main__":\n' + textwrap.indent(mark + rest, "    ")
+
+
+@pytest.fixture(scope="module")
+def pool_url(tmp_path_factory) -> str:
+    return write_pool(str(tmp_path_factory.mktemp("ways") / "stores"))
+
+
+def _code(pool_url: str) -> str:
+    return f"POOL = {pool_url!r}\n" + TRAINING
+
+
+def _check(out: subprocess.CompletedProcess) -> None:
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    got = json.loads(line[len("RESULT "):])
+    assert got["pooled"] == [got["n_pooled"]] * 2 and got["n_pooled"] > 0
+    assert got["in_memory"] == [got["n_in_memory"]] * 2 and got["n_in_memory"] > 0
+
+
+def _run(args: list[str], cwd: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, *args], input=stdin, capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=RUN_TIMEOUT_S)
+
+
+def test_an_unguarded_script(pool_url, tmp_path):
+    (tmp_path / "train.py").write_text(_code(pool_url))
+    _check(_run(["train.py"], str(tmp_path)))
+
+
+def test_a_guarded_script(pool_url, tmp_path):
+    (tmp_path / "train.py").write_text(guarded(_code(pool_url)))
+    _check(_run(["train.py"], str(tmp_path)))
+
+
+def test_a_script_fed_through_stdin(pool_url, tmp_path):
+    _check(_run(["-"], str(tmp_path), stdin=_code(pool_url)))
+
+
+def test_python_dash_c(pool_url, tmp_path):
+    _check(_run(["-c", _code(pool_url)], str(tmp_path)))
+
+
+def test_a_jupyter_notebook(pool_url, tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    head, tail = _code(pool_url).split("def train(stream):")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(head),  # definitions in one cell
+                                         nbformat.v4.new_code_cell("def train(stream):" + tail)])
+    client = nbclient.NotebookClient(nb, timeout=RUN_TIMEOUT_S, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.get("output_type") == "stream")
+    _check(subprocess.CompletedProcess([], 0, stdout=printed, stderr=""))
+
+
+def test_a_worker_that_raises_in_start_up_is_reported_with_its_exception(tmp_path):
+    """A dataset whose unpickling fails in the worker (before the DataLoader's loop catches
+    anything): the error names the worker's own exception, and comes within seconds."""
+    script = textwrap.dedent('''
+        import time
+        import torch
+        from deepstrf import StreamingNeuralDataset
+        from deepstrf.datasets.synthetic import SyntheticAudioDataset
+        from deepstrf.errors import StreamStalledError
+
+        def refuse(state):
+            raise ValueError("the lab's calibration file is missing on this node")
+
+        class Fragile(SyntheticAudioDataset):
+            def __reduce__(self):
+                return refuse, ({},)
+
+        if __name__ == "__main__":
+            stream = StreamingNeuralDataset(Fragile("aa1", scale=0.1, time_scale=0.02, seed=1), batch_size=2)
+            start = time.monotonic()
+            try:
+                for _ in stream.loader(num_workers=2, timeout=120, read_while_starting=False):
+                    pass
+            except StreamStalledError as exc:
+                print("WAITED", round(time.monotonic() - start, 1))
+                print(exc)
+    ''')
+    (tmp_path / "fragile.py").write_text(script)
+    out = _run(["fragile.py"], str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "a DataLoader worker died" in out.stdout
+    assert "ValueError: the lab's calibration file is missing on this node" in out.stdout
+    assert "never started its pass" not in out.stdout and "lock" not in out.stdout.split("What to do")[0]
+    waited = float(out.stdout.split("WAITED ", 1)[1].split()[0])
+    assert waited < 30  # seen dead within seconds, not at the 120 s timeout
+
+
+def test_no_method_can_work_fails_before_any_worker_starts(tmp_path):
+    """An unguarded script on a platform without a safe fork: the loader raises at once, naming the fix."""
+    script = textwrap.dedent('''
+        import multiprocessing
+        from deepstrf.datasets.synthetic import SyntheticAudioDataset
+        from deepstrf import StreamingNeuralDataset
+        from deepstrf.stream.main_module import UnsafeMainError
+        multiprocessing.get_all_start_methods = lambda: ["spawn"]  # as on Windows
+        stream = StreamingNeuralDataset(SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02, seed=1),
+                                        batch_size=2)
+        try:
+            stream.loader(num_workers=2)
+        except UnsafeMainError as exc:
+            print("REFUSED", exc)
+    ''')
+    (tmp_path / "mac.py").write_text(script)
+    out = _run(["mac.py"], str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "REFUSED" in out.stdout and 'if __name__ == "__main__":' in out.stdout and "mac.py" in out.stdout
+
+
+def test_an_unguarded_lightning_script(pool_url, tmp_path):
+    pytest.importorskip("lightning")
+    script = f"POOL = {pool_url!r}\n" + textwrap.dedent('''
+        import lightning, torch
+        from deepstrf.lightning import PoolDataModule
+
+        class Tiny(lightning.LightningModule):  # defined in an unguarded __main__
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.Parameter(torch.zeros(1))
+                self.items = 0
+            def training_step(self, batch, batch_idx):
+                self.items += len(batch["stim_meta"])
+                return ((self.w - batch["stims"].mean()) ** 2).sum()
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        data = PoolDataModule(POOL, batch_size=4, collate="dense", num_workers=2,
+                              loader_options={"timeout": 60})
+        model = Tiny()
+        lightning.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, enable_checkpointing=False,
+                          limit_val_batches=0).fit(model, data)
+        per_epoch = sum(len(b["stim_meta"]) for b in data.stream("train"))  # read here, no workers
+        print("RESULT_ITEMS", model.items, per_epoch)
+    ''')
+    (tmp_path / "fit.py").write_text(script)
+    out = _run(["fit.py"], str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    items, per_epoch = map(int, out.stdout.split("RESULT_ITEMS ", 1)[1].split()[:2])
+    assert per_epoch > 0 and items == 2 * per_epoch
