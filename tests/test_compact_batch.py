@@ -108,6 +108,7 @@ def test_operations_equal_the_per_cell_definitions(shapes, dtype):
     assert torch.equal(b.padded(), ref_padded(b)) or torch.allclose(b.padded(), ref_padded(b), equal_nan=True)
     assert b.padded(torch.float64).dtype == torch.float64
     assert torch.equal(b.time_mask(), ref_time_mask(b))
+    assert b.n_observations() == int((b.repeats * b.lengths).sum())
     assert torch.allclose(b.psth(), ref_repeat_sum(b) / b.repeats[:, None].float(), equal_nan=True)
     neurons = list(range(2 * len(shapes) + 3))[::-1]
     assert dense_equal(b.to_dense(neurons), ref_to_dense(b, neurons))
@@ -212,7 +213,9 @@ def test_scores_of_a_compact_batch_equal_those_of_its_per_cell_padding(pool):
 @pytest.mark.parametrize("shapes", [RAGGED, RUNS, []], ids=["ragged", "runs", "empty"])
 def test_operations_on_cuda_equal_those_on_the_host(shapes):
     b = make_batch(shapes, torch.uint8)
-    on = b.to("cuda")
+    pinned = b.pin_memory()
+    assert (not b.n_cells or pinned.values.is_pinned()) and torch.equal(pinned.repeat_sum(), b.repeat_sum())
+    on = pinned.to("cuda")
     assert on.values.is_cuda and all(g.starts is None or g.starts.is_cuda for g in on.plan().groups)
     assert torch.equal(on.repeat_sum().cpu(), b.repeat_sum())
     assert torch.equal(on.padded().cpu().nan_to_num(-1), b.padded().nan_to_num(-1))

@@ -132,9 +132,9 @@ class CompactBatch:
         """The batch on ``device``; it keeps the host index arrays, for its plan."""
         return self._map(lambda v: v.to(device, non_blocking=non_blocking))
 
-    def pin_memory(self, device: torch.device | str | None = None) -> "CompactBatch":
-        """The batch in page-locked memory (what ``DataLoader(pin_memory=True)`` calls)."""
-        return self._map(lambda v: v.pin_memory() if device is None else v.pin_memory(device))
+    def pin_memory(self) -> "CompactBatch":
+        """The batch in page-locked memory (what ``DataLoader(pin_memory=True)`` calls; needs an accelerator)."""
+        return self._map(lambda v: v.pin_memory())
 
     def _map(self, move: Any) -> "CompactBatch":
         host = self.host_index()
@@ -161,6 +161,10 @@ class CompactBatch:
                                self.values.device)
             self._plan = plan
         return plan
+
+    def n_observations(self) -> int:
+        """Observed (cell, repeat, bin) counts: ``sum(repeats * lengths)``, from the host plan."""
+        return sum(g.repeats * g.length * len(g.host_cells) for g in self.plan().groups)
 
     def time_mask(self) -> torch.Tensor:
         """``(n_cells, T_max)`` bool, True inside each cell's time range."""

@@ -68,7 +68,7 @@ def poisson_loss_compact(pred: torch.Tensor, batch: CompactBatch, eps: float = E
         return per_cell
     if reduction == "sum":
         return per_cell.sum()
-    return per_cell.sum() / max(sum(g.repeats * g.length * len(g.host_cells) for g in plan.groups), 1)
+    return per_cell.sum() / max(batch.n_observations(), 1)
 
 
 class _CompactPoissonNLL(torch.autograd.Function):
