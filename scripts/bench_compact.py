@@ -6,7 +6,8 @@
 
 One AA2-sized compact batch (by default 8 items x 494 neurons x 10 repeats x
 ~2,000 bins, the bins of each item drawn within +-10 %, uint8 Poisson counts)
-is built in memory. Timed (best of ``--runs``): ``repeat_sum()``, the compact
+is built in memory. Timed (best of ``--runs`` rounds, in which every
+operation runs once in turn): ``repeat_sum()``, the compact
 Poisson loss (forward, on predictions that require a gradient), its
 backward, ``to_dense()``, and one training step of the demo's model
 (``--channels``; predict, loss, backward, Adam); baselines: one numpy pass over the batch's
@@ -43,15 +44,17 @@ def compact_batch(items: int, neurons: int, repeats: int, bins: int, rate: float
         stim_lengths=torch.from_numpy(lengths[::neurons].copy()), stim_meta=[{} for _ in range(items)])
 
 
-def best(fn, runs: int) -> float:
-    """Best wall time of ``fn()`` in seconds over ``runs`` runs (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def best_of(fns: dict, runs: int) -> dict[str, float]:
+    """Best wall time in ms of each of ``fns`` over ``runs`` rounds (after one warm-up), the
+    functions taking turns within each round, so that a shared machine's load varies alike for all."""
+    times = {name: [] for name in fns}
+    for round_ in range(runs + 1):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if round_:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: min(t) for name, t in times.items()}
 
 
 def train_step(host, device: torch.device, channels: tuple[int, ...]):
@@ -91,9 +94,6 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def timed(fn):
-        return best(lambda: (fn(), sync()), args.runs)
-
     host = compact_batch(args.items, args.neurons, args.repeats, args.bins, args.rate)
     counts = host.values.numpy()
     plan = host.plan()
@@ -111,19 +111,21 @@ def main(argv: list[str] | None = None) -> dict:
         poisson_loss_compact(pred, fresh()).backward()
 
     neurons = range(args.neurons)
+    step = train_step(host, device, tuple(int(c) for c in args.channels.split(",")))
+    ms = best_of({
+        "counts_pass_ms": lambda: counts.sum(),
+        "dense_pass_ms": lambda: (np.full(dense_shape, np.nan, np.float32), np.full(dense_shape, False)),
+        "repeat_sum_ms": lambda: (fresh().repeat_sum(), sync()),
+        "loss_forward_ms": lambda: (loss_forward(), sync()),
+        "loss_forward_backward_ms": lambda: (loss_backward(), sync()),
+        "to_dense_ms": lambda: (fresh().to_dense(neurons), sync()),
+        "train_step_ms": lambda: (step(), sync()),
+    }, args.runs)
     out = {
         "batch": {"items": args.items, "neurons": args.neurons, "repeats": args.repeats,
                   "bins": args.bins, "rate": args.rate, "cells": host.n_cells,
                   "count_bytes": counts.nbytes, "dense_bytes": int(np.prod(dense_shape)) * 5},
-        "device": str(device), "torch_threads": args.threads,
-        "counts_pass_ms": best(lambda: counts.sum(), args.runs) * 1e3,
-        "dense_pass_ms": best(lambda: (np.full(dense_shape, np.nan, np.float32),
-                                       np.full(dense_shape, False)), args.runs) * 1e3,
-        "repeat_sum_ms": timed(lambda: fresh().repeat_sum()) * 1e3,
-        "loss_forward_ms": timed(loss_forward) * 1e3,
-        "loss_forward_backward_ms": timed(loss_backward) * 1e3,
-        "to_dense_ms": timed(lambda: fresh().to_dense(neurons)) * 1e3,
-        "train_step_ms": timed(train_step(host, device, tuple(int(c) for c in args.channels.split(",")))) * 1e3,
+        "device": str(device), "torch_threads": args.threads, **ms,
     }
     base = out["counts_pass_ms"]
     out["repeat_sum_over_counts_pass"] = out["repeat_sum_ms"] / base

@@ -187,21 +187,26 @@ class CompactBatch:
         return out
 
     def group_repeat_sum(self, group: ShapeGroup, dtype: torch.dtype = torch.float32,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
-        """``(k, length)`` counts of one shape group of the plan, summed over repeats (into ``out``)."""
-        if out is None:
-            out = empty((len(group.host_cells), group.length), dtype, self.values.device)
-        if group.repeats == 0:
-            return out.zero_()
-        # integer counts are summed exactly in the narrowest integer type that holds the sum (half the
-        # bytes of float32 for uint8), then cast once; one pass per repeat beats a reduction over a middle axis
+                         out: torch.Tensor | None = None, exact: bool = False) -> torch.Tensor:
+        """``(k, length)`` counts of one shape group of the plan, summed over repeats, as ``dtype``
+        (into ``out``), or with ``exact`` in the integer dtype they were summed in (small integer
+        counts: the narrowest that holds the sum; other counts: ``dtype``)."""
+        # one pass per repeat (faster than a reduction over a middle axis), integer counts summed
+        # exactly in the narrowest integer type (half the bytes of float32 for uint8), cast once
         acc_dtype = _sum_dtype(self.values.dtype, group.repeats) or dtype
-        acc = out if acc_dtype == dtype else group.repeat(self.values, 0).to(acc_dtype)
-        if acc is out:
+        direct = out is not None and acc_dtype == dtype
+        acc = out if direct else empty((len(group.host_cells), group.length), acc_dtype, self.values.device)
+        if group.repeats == 0:
+            acc.zero_()
+        else:
             acc.copy_(group.repeat(self.values, 0))
         for j in range(1, group.repeats):
             acc.add_(group.repeat(self.values, j))
-        return acc if acc is out else out.copy_(acc)
+        if direct or out is None and (exact or acc_dtype == dtype):
+            return acc
+        if out is None:
+            out = empty(tuple(acc.shape), dtype, acc.device)
+        return out.copy_(acc)
 
     def psth(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Trial-averaged response ``(n_cells, T_max)``."""

@@ -81,7 +81,7 @@ class _CompactPoissonNLL(torch.autograd.Function):
         out = pred.new_zeros(plan.n_cells)
         sums = []
         for g in plan.groups:
-            ysum = batch.group_repeat_sum(g, pred.dtype)
+            ysum = batch.group_repeat_sum(g, pred.dtype, exact=True)  # integer counts stay integers
             lam = _rates(pred, g)
             out[g.cells] = g.repeats * lam.sum(1) - (lam + eps).log_().mul_(ysum).sum(1)
             sums.append(ysum)
