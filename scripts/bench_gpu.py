@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--channels", default="16,16", help="the backbone's layer widths (the demo's: 16,16)")
     p.add_argument("--bound-steps", type=int, default=0, help="steps of the bound (default: one epoch's batches)")
     p.add_argument("--only", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
+    p.add_argument("--pin", choices=("default", "on", "off"), default="default",
+                   help="pin_memory of the streamed configurations (default: loader()'s own choice)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "deepstrf-bench"))
     args = p.parse_args(argv)
 
@@ -146,17 +148,19 @@ def main(argv: list[str] | None = None) -> dict:
         results["memory"] = {**train_on(lambda: (to_device(b, device) for b in loader)), "load_s": round(load_s, 2)}
         del in_ram, loader
     for k in workers:
-        timeout = {"timeout": 600} if k else {}
+        loader_kw = {"timeout": 600} if k else {}
+        if args.pin != "default":
+            loader_kw["pin_memory"] = args.pin == "on"
         if "loader" in only:
             ds = stream("compact")
-            loader = ds.loader(num_workers=k, **timeout)
+            loader = ds.loader(num_workers=k, **loader_kw)
             results[f"loader_w{k}"] = timed_epochs(
                 args.epochs, lambda: sum(len(b["stim_meta"]) for b in loader), sync)
         if "compact" in only:
-            loader = stream("compact").loader(num_workers=k, **timeout)
+            loader = stream("compact").loader(num_workers=k, **loader_kw)
             results[f"compact_w{k}"] = train_on(lambda: loader)
         if "dense_device" in only:
-            loader = stream("dense").loader(num_workers=k, **timeout)
+            loader = stream("dense").loader(num_workers=k, **loader_kw)
             results[f"dense_device_w{k}"] = train_on(lambda: loader)
     bound = results.get("bound", {}).get("items_per_s")
     if bound:
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
            else "cpu", "torch_threads": torch.get_num_threads(), "scale": args.scale,
            "time_scale": args.time_scale, "items": len(pool), "batch": BATCH, "epochs": args.epochs,
-           "channels": list(channels),
+           "channels": list(channels), "pin": args.pin,
            "stores_s": round(build_s, 2), "configs": results}
     print(json.dumps(out))
     return out
