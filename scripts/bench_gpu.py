@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--channels", default="16,16", help="the backbone's layer widths (the demo's: 16,16)")
     p.add_argument("--bound-steps", type=int, default=0, help="steps of the bound (default: one epoch's batches)")
     p.add_argument("--only", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
+    p.add_argument("--threads", type=int, default=0, help="torch threads of this process (default: torch's)")
     p.add_argument("--pin", choices=("default", "on", "off"), default="default",
                    help="pin_memory of the streamed configurations (default: loader()'s own choice)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "deepstrf-bench"))
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     from deepstrf.utils.data import neural_collate
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     only = set(args.only.split(","))
     workers = [int(w) for w in args.workers.split(",") if w != ""]
