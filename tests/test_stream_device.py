@@ -39,19 +39,22 @@ def host_dense(source) -> list[dict]:
     return list(StreamingNeuralDataset(source, batch_size=4, collate="dense", seed=5, neurons=SELECTED))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_dense_built_on_the_device_equals_the_host_dense_batches(url, workers):
+@pytest.mark.parametrize("workers, start", [(0, None), (2, "fork"), (2, "forkserver")])
+def test_dense_built_on_the_device_equals_the_host_dense_batches(url, workers, start):
     """The workers send compact batches; the consumer's process builds the dense ones (here on the
-    CPU: the same code that runs on a GPU), the main process's own first batches too."""
+    CPU: the same code that runs on a GPU), the main process's own first batches too (forkserver
+    workers take seconds to start: the main process reads the first batches meanwhile)."""
     ds = StreamingNeuralDataset(url, batch_size=4, collate="dense", seed=5, device="cpu", neurons=SELECTED)
     assert ds.built_format == "compact"
-    loader = ds.loader(num_workers=workers, timeout=LOADER_TIMEOUT_S if workers else 0)
-    assert loader.read_while_starting  # compact batches cross: the main process reads while workers start
+    options = {"timeout": LOADER_TIMEOUT_S, "multiprocessing_context": start} if workers else {}
+    loader = ds.loader(num_workers=workers, **options)
+    assert loader.read_while_starting  # compact batches cross: the main process may read while workers start
     got = list(loader)
     expected = host_dense(url)
     assert len(got) == len(expected) > 2
     assert all(isinstance(b, dict) and dense_equal(b, e) for b, e in zip(got, expected))
     assert ds.epoch == 1  # a complete pass still advances the epoch
+    assert (loader.lead_batches > 0) == (start == "forkserver")
 
 
 def test_compact_batches_on_a_device_and_in_process_iteration(pool):
