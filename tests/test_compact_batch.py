@@ -222,6 +222,7 @@ def test_operations_on_cuda_equal_those_on_the_host(shapes):
     assert torch.equal(on.time_mask().cpu(), b.time_mask())
     pred = torch.rand((b.n_cells, b.plan().max_length), dtype=torch.float64) + 0.1
     assert torch.allclose(poisson_loss_compact(pred.cuda(), on).cpu(), poisson_loss_compact(pred, b))
+    assert torch.allclose(poisson_loss_compact(pred.cuda(), b).cpu(), poisson_loss_compact(pred, b))  # moved
     ids = range(int(b.neuron_index.max(initial=0)) + 1)
     d, h = on.to_dense(ids), b.to_dense(ids)
     assert d["responses"].is_cuda and dense_equal({k: v.cpu() if torch.is_tensor(v) else v for k, v in d.items()}, h)

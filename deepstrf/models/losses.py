@@ -15,6 +15,7 @@ padding) never enter it.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..datasets.cells import empty
 from ..datasets.collate import CompactBatch
@@ -60,6 +61,8 @@ def poisson_loss_compact(pred: torch.Tensor, batch: CompactBatch, eps: float = E
         raise ValueError(f"pred must be (n_cells={batch.n_cells}, T), got {tuple(pred.shape)}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if batch.values.device != pred.device:
+        batch = batch.to(pred.device)
     plan = batch.plan()
     if pred.shape[1] < plan.max_length:
         raise ValueError(f"prediction covers {pred.shape[1]} bins, cells need {plan.max_length}")
@@ -90,6 +93,7 @@ class _CompactPoissonNLL(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         (pred,) = ctx.saved_tensors
         grad = empty(tuple(pred.shape), pred.dtype, pred.device)
