@@ -20,6 +20,10 @@ COMMANDS = {
     "plot": "deepstrf.store.pool_commands:plot_main",
     "bench": "deepstrf.stream.bench:main",
     "import-nwb": "deepstrf.io.nwb_import:main",
+    "versions": "deepstrf.store.version_commands:versions_main",
+    "prune": "deepstrf.store.version_commands:prune_main",
+    "pool-update": "deepstrf.store.version_commands:pool_update_main",
+    "cite": "deepstrf.store.version_commands:cite_main",
 }
 
 
@@ -31,30 +35,52 @@ EXIT_CODES = """exit codes:
   130  interrupted (Ctrl-C)"""
 
 
-def _storage_options(pairs: Sequence[str]) -> dict | None:
-    """``["key=value", ...]`` -> dict (values parsed as JSON when possible)."""
+def _option_pairs(pairs: Sequence[str], flag: str) -> dict:
+    """``["key=value", ...]`` -> dict (values parsed as JSON when possible; dotted keys nest)."""
     import json
 
-    if not pairs:
-        return None
-    out = {}
+    nested: dict = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"--storage-option expects KEY=VALUE, got {pair!r}")
+            raise SystemExit(f"{flag} expects KEY=VALUE, got {pair!r}")
         try:
-            out[key] = json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError:
-            out[key] = value
-    # nested keys like client_kwargs.endpoint_url=... become nested dicts
-    nested: dict = {}
-    for key, value in out.items():
-        node = nested
+            parsed = value
+        node = nested  # client_kwargs.endpoint_url=... becomes {"client_kwargs": {"endpoint_url": ...}}
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = value
+        node[leaf] = parsed
     return nested
+
+
+def _storage_options(args: argparse.Namespace) -> dict | None:
+    """The options of ``--options FILE`` (or the default file), ``--location-option PREFIX KEY=VALUE``
+    and ``--storage-option KEY=VALUE``, later ones winning (see docs/user-guide.md)."""
+    from .store.options import load_options_file, merged
+
+    try:
+        options = load_options_file(getattr(args, "options", None))
+    except ValueError as e:
+        raise SystemExit(f"deepstrf: {e}")
+    per_prefix: dict[str, list[str]] = {}
+    for prefix, pair in getattr(args, "location_option", []):
+        per_prefix.setdefault(prefix, []).append(pair)
+    options = merged(options, {p: _option_pairs(v, "--location-option") for p, v in per_prefix.items()})
+    plain = _option_pairs(getattr(args, "storage_option", []), "--storage-option")
+    return merged(options, plain) or None
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--storage-option", "-S", action="append", default=[], metavar="KEY=VALUE",
                     help="fsspec storage option (repeatable; dotted keys nest, e.g. "
                          "client_kwargs.endpoint_url=http://127.0.0.1:5000)")
+    so.add_argument("--location-option", "-L", action="append", default=[], nargs=2, metavar=("PREFIX", "KEY=VALUE"),
+                    help="fsspec storage option for URLs starting with PREFIX (repeatable; the longest prefix wins)")
+    so.add_argument("--options", default=None, metavar="FILE",
+                    help="JSON file of storage options, per URL prefix or plain (default: $DEEPSTRF_STORAGE_OPTIONS, "
+                         "else ~/.config/deepstrf/storage.json if it exists)")
 
     p = sub.add_parser("demo", parents=[so], help="pool synthetic AA1/AA2/NS1-like sources, stream and fit one model")
     p.add_argument("--out", default="demo-out", help="output folder (report, figures, local stores)")
@@ -78,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("concat", parents=[so], help="write a pool of store references (no data copied)")
     p.add_argument("out", help="URL of the pool to write")
-    p.add_argument("sources", nargs="+", help="URLs of sources or pools")
+    p.add_argument("sources", nargs="*", help="URLs of sources or pools, or patterns (s3://bucket/stores/*.zarr)")
+    p.add_argument("--from-list", default=None, metavar="FILE",
+                   help="also pool the stores listed in FILE (one URL or pattern per line; # comments)")
     p.add_argument("--name", action="append", default=None, help="source label (one per source)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--allow-root", action="append", default=[], help="extra root the pool may reference")
@@ -87,11 +120,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--allow-root", action="append", default=[])
+    p.add_argument("--version", default=None, help="a source's version (fingerprint, prefix or tag; default latest)")
+    p.add_argument("--offline", action="store_true",
+                   help="a pool: read the pool only (do not ask its sources for newer versions)")
 
     p = sub.add_parser("verify", parents=[so], help="check a store's metadata, references and checksums")
     p.add_argument("url")
     p.add_argument("--data", action="store_true", help="also read and checksum every data chunk (sources: always)")
     p.add_argument("--allow-root", action="append", default=[])
+    p.add_argument("--dask", default=None, metavar="ADDRESS",
+                   help="check every source's data, one task per source, on a Dask cluster (scheduler "
+                        "address or local:N)")
+    p.add_argument("--version", default=None, help="a source's version (fingerprint, prefix or tag; default latest)")
+
+    p = sub.add_parser("versions", parents=[so], help="list the versions of a source store")
+    p.add_argument("url")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser("prune", parents=[so], help="remove all but the newest versions of a source store")
+    p.add_argument("url")
+    p.add_argument("--keep", type=_at_least_one, required=True, metavar="N",
+                   help="versions to keep (the N newest, at least 1)")
+
+    p = sub.add_parser("pool-update", parents=[so], help="write a pool re-pinned to its sources' latest versions")
+    p.add_argument("pool", help="URL of the pool to update")
+    p.add_argument("out", help="URL of the re-pinned pool to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--allow-root", action="append", default=[], help="extra root the pool may reference")
+
+    p = sub.add_parser("cite", parents=[so], help="citations and licenses of a source or of every source of a pool")
+    p.add_argument("url")
+    p.add_argument("--bibtex", action="store_true", help="print BibTeX entries instead of text")
+    p.add_argument("--version", default=None, help="a source's version (fingerprint, prefix or tag; default latest)")
 
     p = sub.add_parser("plot", parents=[so], help="plot a store's coverage matrix")
     p.add_argument("url")
@@ -110,13 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_import_nwb(sub: argparse._SubParsersAction, so: argparse.ArgumentParser) -> None:
     p = sub.add_parser("import-nwb", parents=[so], help="import NWB sessions (local, s3://, https://) as source stores")
     p.add_argument("out_dir", help="folder or URL prefix; each session becomes OUT_DIR/<file stem>.zarr")
-    p.add_argument("sources", nargs="+", metavar="FILE_OR_URL", help="NWB files (paths, s3://, https://)")
+    p.add_argument("sources", nargs="*", metavar="FILE_OR_URL",
+                   help="NWB files or NWB-Zarr folders (paths, s3://, https://) or patterns (s3://b/p/**/*.nwb)")
+    p.add_argument("--from-list", default=None, metavar="FILE",
+                   help="also import the files listed in FILE (one path, URL or pattern per line; # comments)")
     p.add_argument("--dt-ms", type=float, default=5.0, help="bin width in ms (default 5)")
     p.add_argument("--presentations", default="trials", help="presentation table: trials or a table in /intervals")
     p.add_argument("--stim-column", default="stim_name", help="column of that table naming the stimulus")
     p.add_argument("--stim-index-series", default=None, help="IndexSeries in /stimulus giving the stimulus instead")
     p.add_argument("--stim-series", default=None,
                    help="series presented over the session to cut stimuli from (default: /stimulus_template by name)")
+    p.add_argument("--stim-dir", default=None, metavar="DIR_OR_URL",
+                   help="folder of stimulus files named after the stim column's values (.wav, .flac, .npy)")
+    p.add_argument("--stim-rate", type=float, default=None, metavar="HZ",
+                   help="samples (or spectrogram frames) per second of .npy stimulus files")
     p.add_argument("--stim-kind", default="auto", choices=["auto", "waveform", "spectrogram", "video"])
     p.add_argument("--bands", type=int, default=32, help="mel bands of waveform stimuli (default 32)")
     p.add_argument("--f-min", type=float, default=50.0, help="lowest mel band edge in Hz (default 50)")
@@ -130,6 +197,9 @@ def _add_import_nwb(sub: argparse._SubParsersAction, so: argparse.ArgumentParser
                    help="count every unit as recorded during the whole session")
     p.add_argument("--license", default=None, help="license written into each store's dataset card")
     p.add_argument("--jobs", "-j", type=int, default=1, help="files imported in parallel worker processes")
+    p.add_argument("--dask", default=None, metavar="ADDRESS",
+                   help="run one task per session on a Dask cluster: a scheduler address (tcp://host:8786) "
+                        "or local:N for N worker processes on this machine")
     p.add_argument("--overwrite", action="store_true", help="replace stores imported with other inputs or arguments")
 
 
@@ -138,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["demo", *(argv or [])])
-    args.storage_options = _storage_options(getattr(args, "storage_option", []))
+    args.storage_options = _storage_options(args)
     module, func = COMMANDS[args.command].split(":")
     from . import errors
 

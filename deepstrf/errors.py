@@ -25,6 +25,15 @@ class StoreNotFoundError(StoreError, FileNotFoundError):
     """No deepstrf store at the given URL."""
 
 
+class VersionNotFoundError(StoreNotFoundError):
+    """The store holds no version of that fingerprint, prefix or tag (or a pool's pinned version was
+    pruned); ``versions`` lists those it holds, ``versioned`` says whether it has versions at all."""
+
+    def __init__(self, message: str, versions: list | tuple = (), versioned: bool = True) -> None:
+        super().__init__(message)
+        self.versions, self.versioned = list(versions), versioned
+
+
 class IncompleteStoreError(StoreNotFoundError):
     """The URL holds the remains of an interrupted write, not a complete store."""
 
@@ -61,6 +70,10 @@ class NWBImportError(ValueError):
 
 class NWBReadError(OSError):
     """An NWB file cannot be opened or read (missing, not HDF5/NWB, unreachable)."""
+
+
+class ClusterError(OSError):
+    """The Dask cluster asked for (``--dask``) cannot be started or reached, or dask is not installed."""
 
 
 def error_types() -> tuple[type[Exception], ...]:

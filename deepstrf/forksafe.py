@@ -20,11 +20,12 @@ with ``forkserver`` by default (see ``docs/streaming.md``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -101,6 +102,20 @@ GATE = ForkGate()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=GATE.before_fork, after_in_parent=GATE.after_fork_in_parent,
                         after_in_child=GATE.after_fork_in_child)
+
+
+@contextlib.contextmanager
+def no_gated_task_running() -> Iterator[None]:
+    """Hold gated tasks off while the body runs, as a fork does. For starting helper processes
+    (multiprocessing's forkserver, its resource tracker): ``fork_exec`` runs no
+    ``os.register_at_fork`` handler, but C libraries' ``pthread_atfork`` ones still run in this
+    process, and OpenBLAS's stops its threads under a deepstrf thread inside ``sgemm`` (seen as
+    rates of ``inf`` from a synthetic dataset's read)."""
+    GATE.before_fork()
+    try:
+        yield
+    finally:
+        GATE.after_fork_in_parent()
 
 
 def run_gated(fn: Callable[..., R], *args: object) -> R:

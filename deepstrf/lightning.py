@@ -52,7 +52,8 @@ class PoolDataModule(lightning.LightningDataModule):
     every part (each part is a ``subset`` of one selection); training order is
     shuffled by ``(seed, epoch)``. ``num_workers`` and ``loader_options`` go to
     :meth:`StreamingNeuralDataset.loader`, other keyword arguments (``cache_dir``,
-    ``drop_last``, ``select``...) to every :class:`StreamingNeuralDataset`.
+    ``drop_last``, ``select``, ``open_options``...) to every :class:`StreamingNeuralDataset`
+    (``open_options`` also opens the store for the split).
     """
 
     def __init__(self, source: str | os.PathLike | NeuralDataset, *, storage_options: dict | None = None,
@@ -88,7 +89,8 @@ class PoolDataModule(lightning.LightningDataModule):
             return self.source
         from .store import open_dataset
 
-        return open_dataset(os.fspath(self.source), storage_options=self.storage_options)
+        return open_dataset(os.fspath(self.source), storage_options=self.storage_options,
+                            **(self.stream_options.get("open_options") or {}))
 
     def stream(self, part: str) -> StreamingNeuralDataset:
         """The :class:`StreamingNeuralDataset` of ``part`` (``"train"``, ``"val"`` or ``"test"``)."""

@@ -3,8 +3,10 @@
 Lab A writes its sources and a pool under one root (a folder or a bucket
 prefix). References inside the pool are relative to that root, so the whole
 root can be moved, copied or published: lab B opens the pool with only its
-URL (and its own credentials). A pool whose sources were changed after
-pooling, or that points outside its root, is refused.
+URL (and its own credentials). When lab A publishes a source again, the
+pool keeps reading the version it pinned; ``update_pool`` (``deepstrf
+pool-update``) re-pins a copy to the latest versions, and once lab A prunes
+the old version the old pool is refused, naming the source and its pin.
 
     python examples/share_pool.py --root /tmp/lab-a [--tiny]
     python examples/share_pool.py --root s3://bucket/lab-a --endpoint-url http://127.0.0.1:9000
@@ -19,7 +21,8 @@ import tempfile
 
 import deepstrf
 from deepstrf.datasets.synthetic import SyntheticAudioDataset
-from deepstrf.errors import SourceChangedError
+from deepstrf.errors import VersionNotFoundError
+from deepstrf.store import prune_versions, update_pool
 
 from _common import join, parser, storage_options
 
@@ -58,16 +61,24 @@ def main() -> None:
     assert bool((shared.nrn_masks == pool.nrn_masks).all())
     print(f"lab B opened {shared.get_S()} stims x {shared.N_neurons} neurons from the shared pool")
 
-    # lab A overwrites a source after pooling: opening the pool now names the changed source
+    # lab A publishes a new version of a source: the pool still reads the version it pinned
+    before = pool.stims[0]
     changed = SyntheticAudioDataset("aa1", scale=scale, time_scale=time_scale, seed=99)
-    deepstrf.save_dataset(changed, urls[0], storage_options=so, overwrite=True)
+    deepstrf.save_dataset(changed, urls[0], storage_options=so, overwrite=True, tag="resorted")
+    assert bool((deepstrf.open_dataset(pool_url, storage_options=so).stims[0] == before).all())
+    _, changes = update_pool(pool_url, join(root, "pool-latest.zarr"), storage_options=so, overwrite=True)
+    for change in changes:
+        print(f"pool-update: {change.describe()}")
+
+    # lab A prunes the old version: the old pool names the source and its pin; the updated one opens
+    prune_versions(urls[0], 1, storage_options=so)
     try:
         deepstrf.open_dataset(pool_url, storage_options=so)
-    except SourceChangedError as e:
+    except VersionNotFoundError as e:
         print(f"refused as expected: {e}")
     else:
-        raise AssertionError("a pool whose source changed must not open silently")
-
+        raise AssertionError("a pool whose pinned version was pruned must not open silently")
+    deepstrf.open_dataset(join(root, "pool-latest.zarr"), storage_options=so)
 
 if __name__ == "__main__":
     main()

@@ -102,6 +102,12 @@ def test_expected_errors_print_no_traceback(pool, tmp_path, run):
         (("verify", "nothing-here.zarr"), "nothing-here.zarr"),
         (("plot", "nothing-here.zarr"), "nothing-here.zarr"),
         (("concat", "pool.zarr", "aa1.zarr", "aa2.zarr"), "overwrite"),
+        (("versions", "nothing-here.zarr"), "nothing-here.zarr"),
+        (("versions", "pool.zarr"), "has no versions"),
+        (("prune", "pool.zarr", "--keep", "1"), "has no versions"),
+        (("info", "aa1.zarr", "--version", "v9"), "'v9' matches no version"),
+        (("pool-update", "aa1.zarr", "new.zarr"), "is not a pool"),
+        (("cite", "nothing-here.zarr"), "nothing-here.zarr"),
     ]
     ns1 = str(tmp_path / "ns1.zarr")
     save_dataset(SyntheticAudioDataset("ns1", scale=0.1, time_scale=0.02, seed=3), ns1, progress=False)
@@ -117,6 +123,9 @@ def test_exit_codes_are_documented_and_kept(capsys):
     with pytest.raises(SystemExit) as usage:
         cli_main(["no-such-command"])
     assert usage.value.code == 2
+    with pytest.raises(SystemExit) as keep:
+        cli_main(["prune", "x.zarr", "--keep", "0"])
+    assert keep.value.code == 2 and "at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as help_exit:
         cli_main(["--help"])
     assert help_exit.value.code == 0

@@ -120,24 +120,27 @@ def test_inline_local_store_reads_like_zarrs_local_store(tmp_path, monkeypatch):
 
 
 def test_a_dataset_starts_the_worker_server_from_a_top_level_process_only(tmp_path):
-    """Building a StreamingNeuralDataset starts the forkserver (its imports overlap the caller's work),
-    but not from a process another process started (whose parent has one)."""
+    """Building a StreamingNeuralDataset whose workers would use the forkserver (a dataset object:
+    the user's code) starts it (its imports overlap the caller's work), but not from a process
+    another process started (whose parent has one), nor for a store URL (its workers are forked)."""
     url = str(tmp_path / "s.zarr")
     deepstrf.save_dataset(small_source(3, 4), url)
     code = f"""
 import multiprocessing, multiprocessing.forkserver as fs
+from deepstrf import open_dataset
 from deepstrf.stream import StreamingNeuralDataset
 
 def child(q):
-    StreamingNeuralDataset({url!r})
+    StreamingNeuralDataset(open_dataset({url!r}))
     q.put(fs._forkserver._forkserver_pid)
 
 if __name__ == "__main__":
     q = multiprocessing.get_context("spawn").Queue()
     p = multiprocessing.get_context("spawn").Process(target=child, args=(q,))
     p.start(); in_child = q.get(timeout=60); p.join(60)
-    assert fs._forkserver._forkserver_pid is None
     StreamingNeuralDataset({url!r})
+    assert fs._forkserver._forkserver_pid is None
+    StreamingNeuralDataset(open_dataset({url!r}))
     print(in_child, fs._forkserver._forkserver_pid is not None)
 """
     script = tmp_path / "script.py"  # a spawned child imports the parent's main module: a file

@@ -23,7 +23,14 @@ def run_example(name: str, *args: str, timeout: int = 120) -> subprocess.Complet
 def test_every_example_is_tested():
     scripts = {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")}
     assert scripts == {"pool_two_stores.py", "stream_from_s3.py", "share_pool.py", "train_evaluate.py",
-                       "import_nwb.py", "train_lightning.py"}
+                       "import_nwb.py", "train_lightning.py", "cluster_slurm.py"}
+
+
+def test_cluster_slurm_builds_the_cluster_and_its_job_script():
+    pytest.importorskip("dask_jobqueue")
+    out = run_example("cluster_slurm.py", "--cores", "4", "--memory", "8GB", "--queue", "normal")
+    assert "#SBATCH -p normal" in out.stdout and "#SBATCH --mem=" in out.stdout
+    assert "--nworkers 4" in out.stdout and "--nthreads 1" in out.stdout
 
 
 def test_pool_two_stores(tmp_path):

@@ -102,7 +102,8 @@ def test_nested_pools_flatten(tmp_path):
 def test_changed_source_is_refused_unless_accepted(sources, tmp_path):
     url = str(tmp_path / "pool.zarr")
     concat_neural_datasets([deepstrf.open_dataset(u) for u in sources], names=["x", "y"], store=url)
-    deepstrf.save_dataset(SyntheticAudioDataset("aa2", scale=0.03, time_scale=0.02, seed=9), sources[1], overwrite=True)
+    shutil.rmtree(sources[1])  # written again from scratch, not as a new version (which the pool would not see)
+    deepstrf.save_dataset(SyntheticAudioDataset("aa2", scale=0.03, time_scale=0.02, seed=9), sources[1])
     with pytest.raises(SourceChangedError, match=r"source 'y' at .*aa2-2.zarr changed after pooling"):
         deepstrf.open_dataset(url)  # a small pool checks every source when it opens
     with pytest.warns(SourceChangedWarning):

@@ -180,3 +180,19 @@ def test_persistent_workers_alive_at_exit_leak_nothing(tmp_path):
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) == len(small_pool())
     assert "leaked" not in out.stderr and "resource_tracker" not in out.stderr, out.stderr
+
+
+def _require_marker(worker_id: int) -> None:
+    if os.environ.get("DEEPSTRF_TEST_MARKER") != "set-after-the-server":
+        raise RuntimeError("the worker does not see the environment of the process that started it")
+
+
+def test_forkserver_workers_see_the_environment_of_the_process_now(tmp_path, monkeypatch):
+    """Credentials put in os.environ after the worker server started reach the workers."""
+    url = write_pool(str(tmp_path / "stores"))
+    worker_context()  # the server runs from here on, with the environment of now
+    monkeypatch.setenv("DEEPSTRF_TEST_MARKER", "set-after-the-server")
+    loader = StreamingNeuralDataset(url, batch_size=4).loader(num_workers=2, worker_init_fn=_require_marker,
+                                                               timeout=LOADER_TIMEOUT_S)
+    assert context_method(loader.multiprocessing_context) in ("forkserver", "spawn")
+    assert len([k for b in loader for k in batch_keys(b)]) == len(open_dataset(url))

@@ -22,10 +22,13 @@ from ..datasets.video import VideoNeuralDataset
 from ..errors import NWBImportError, NWBReadError
 from .binning import BinPlan, bin_average, recorded
 from .counts import PresentationCounts
+from ..store.location import canonical_url
 from .nwbfile import fingerprint, input_identity, open_nwb
 from .spectrogram import MelSpec, log_mel
+from .stimfiles import StimulusFolder
 
 STIM_KINDS = ("auto", "waveform", "spectrogram", "video")
+EXTERNAL_STIM_FIELDS = ("stim_dir", "stim_rate")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class NWBConversion:
     post_ms: float = 0.0
     unit_filter: dict[str, list] | None = None
     use_obs_intervals: bool = True
+    stim_dir: str | None = None
+    stim_rate: float | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.dt_ms, (int, float)) and self.dt_ms > 0):
@@ -54,18 +59,28 @@ class NWBConversion:
         if self.unit_filter is not None:
             object.__setattr__(self, "unit_filter", {str(k): list(v) if isinstance(v, (list, tuple, set)) else [v]
                                                      for k, v in self.unit_filter.items()})
+        if self.stim_dir is not None:
+            if self.stim_series is not None or self.stim_index_series is not None:
+                raise NWBImportError("stim_dir reads the stimuli from files named by stim_column; it does not "
+                                     "combine with stim_series or stim_index_series (--stim-series, "
+                                     "--stim-index-series).")
+            object.__setattr__(self, "stim_dir", canonical_url(self.stim_dir))
+        if self.stim_rate is not None and not self.stim_rate > 0:
+            raise NWBImportError(f"stim_rate must be a positive rate in Hz, got {self.stim_rate!r} (--stim-rate).")
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field; the external-stimulus fields only when set, so that imports made before they
+        existed keep their fingerprint."""
+        return {k: v for k, v in asdict(self).items() if k not in EXTERNAL_STIM_FIELDS or v is not None}
 
 
 def from_nwb(path_or_url: str | os.PathLike, *, dt_ms: float, presentations: str = "trials",
              stim_column: str | None = "stim_name", stim_index_series: str | None = None,
              stim_series: str | None = None, stim_kind: str = "auto", bands: int = 32, f_min: float = 50.0,
              f_max: float | None = None, window_ms: float = 25.0, pre_ms: float = 0.0, post_ms: float = 0.0,
-             unit_filter: dict[str, Any] | None = None, use_obs_intervals: bool = True, name: str | None = None,
-             license: str | None = None, storage_options: dict | None = None,
-             progress: bool = False) -> NeuralDataset:
+             unit_filter: dict[str, Any] | None = None, use_obs_intervals: bool = True, stim_dir: str | None = None,
+             stim_rate: float | None = None, name: str | None = None, license: str | None = None,
+             storage_options: dict | None = None, progress: bool = False) -> NeuralDataset:
     """Read one NWB session into a dataset of binned spike counts.
 
     - ``dt_ms``: bin width. Counts are taken in half-open bins ``[a, a + dt)`` aligned to each
@@ -83,6 +98,9 @@ def from_nwb(path_or_url: str | os.PathLike, *, dt_ms: float, presentations: str
       spectrogram, :mod:`deepstrf.io.spectrogram`, with ``bands``, ``f_min``, ``f_max``,
       ``window_ms``), a 2-D series ``(time, F)`` a precomputed spectrogram, an ``ImageSeries`` a
       video; both averaged over each bin. ``stim_kind`` forces one reading.
+    - ``stim_dir``: the stimuli are files in that folder (local or URL) named after the values of
+      ``stim_column`` (``.wav`` / ``.flac``, or ``.npy`` sampled at ``stim_rate`` per second; see
+      :mod:`deepstrf.io.stimfiles`), read like an embedded series of the same content.
     - ``unit_filter``: ``{column: value or [values]}`` of the units table; units whose value is not
       listed (compared as text) are dropped. ``use_obs_intervals``: a unit counts as recorded during a presentation
       only if the presentation lies inside one of its ``obs_intervals``; stim x unit pairs never
@@ -95,7 +113,7 @@ def from_nwb(path_or_url: str | os.PathLike, *, dt_ms: float, presentations: str
                          stim_index_series=stim_index_series, stim_series=stim_series, stim_kind=stim_kind,
                          mel=MelSpec(bands=bands, f_min=f_min, f_max=f_max, window_ms=window_ms),
                          pre_ms=pre_ms, post_ms=post_ms, unit_filter=unit_filter,
-                         use_obs_intervals=use_obs_intervals)
+                         use_obs_intervals=use_obs_intervals, stim_dir=stim_dir, stim_rate=stim_rate)
     return read_nwb(path_or_url, conv, name=name, license=license, storage_options=storage_options,
                     progress=progress)
 
@@ -103,11 +121,12 @@ def from_nwb(path_or_url: str | os.PathLike, *, dt_ms: float, presentations: str
 def read_nwb(path_or_url: str | os.PathLike, conv: NWBConversion, *, name: str | None = None,
              license: str | None = None, storage_options: dict | None = None, progress: bool = False) -> NeuralDataset:
     """:func:`from_nwb` with the conversion given as one :class:`NWBConversion`."""
-    identity = input_identity(path_or_url, storage_options)
-    with open_nwb(path_or_url, storage_options) as nwb:
+    folder = stim_folder(conv, storage_options)
+    identity = session_identity(path_or_url, storage_options, folder)
+    with open_nwb(path_or_url, storage_options, keep=(conv.stim_series,) if conv.stim_series else ()) as nwb:
         try:
-            return _Session(nwb, identity["url"], conv).dataset(identity, name=name, license=license,
-                                                                 progress=progress)
+            return _Session(nwb, identity["url"], conv, folder).dataset(identity, name=name, license=license,
+                                                                         progress=progress)
         except OSError as e:  # h5py / fsspec failing part-way through the file
             raise NWBReadError(f"{identity['url']}: reading failed ({type(e).__name__}: {e}). Check that the "
                                "file is complete and reachable, then run the import again.") from e
@@ -150,8 +169,8 @@ def scalar_column(table: Any, col: str) -> np.ndarray | None:
 class _Session:
     """The pieces of one open NWB file that the conversion reads."""
 
-    def __init__(self, nwb: Any, url: str, conv: NWBConversion) -> None:
-        self.nwb, self.url, self.conv = nwb, url, conv
+    def __init__(self, nwb: Any, url: str, conv: NWBConversion, folder: StimulusFolder | None = None) -> None:
+        self.nwb, self.url, self.conv, self.folder = nwb, url, conv, folder
         self.session_id = str(nwb.session_id or nwb.identifier)
         self.dt_s = conv.dt_ms / 1000.0
         self.pre_bins = round(conv.pre_ms / conv.dt_ms)
@@ -372,7 +391,8 @@ class _Session:
             series, kind = [], "video"
             stims = [static_video(self.indexed_image(int(k)), int(n_bins[s])) for s, k in enumerate(stim_ids)]
         else:
-            series = [self.content_series(v) for v in stim_ids]
+            series = (self.folder.read_all(stim_ids, self.url) if self.folder is not None
+                      else [self.content_series(v) for v in stim_ids])
             kinds = {self.kind_of(s) for s in series}
             if len(kinds) > 1:
                 raise NWBImportError(f"{self.url}: the stimuli mix kinds {sorted(kinds)}; a dataset holds one "
@@ -485,8 +505,21 @@ def request_options(conv: NWBConversion, name: str | None, license: str | None) 
     return {**conv.as_dict(), "name": name, "license": license}
 
 
+def stim_folder(conv: NWBConversion, storage_options: dict | None) -> StimulusFolder | None:
+    """The listed stimulus folder of ``conv.stim_dir`` (None without one)."""
+    return None if conv.stim_dir is None else StimulusFolder(conv.stim_dir, storage_options, conv.stim_rate)
+
+
+def session_identity(path_or_url: str | os.PathLike, storage_options: dict | None,
+                     folder: StimulusFolder | None) -> dict[str, Any]:
+    """What an import reads: the file's identity, plus the stimulus folder's when there is one."""
+    identity = input_identity(path_or_url, storage_options)
+    return identity if folder is None else {**identity, "stim_dir": folder.identity()}
+
+
 def import_fingerprint(path_or_url: str | os.PathLike, storage_options: dict | None, conv: NWBConversion,
                        name: str | None = None, license: str | None = None) -> str:
     """The fingerprint an import of ``path_or_url`` records in its card, found without opening the file."""
-    return fingerprint(input_identity(path_or_url, storage_options), request_options(conv, name, license))
+    identity = session_identity(path_or_url, storage_options, stim_folder(conv, storage_options))
+    return fingerprint(identity, request_options(conv, name, license))
 

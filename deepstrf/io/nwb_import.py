@@ -1,6 +1,8 @@
 """``deepstrf import-nwb``: NWB sessions -> one source store each, in parallel, skipping done ones.
 
-A session's store is ``OUT_DIR/<file name without .nwb>.zarr``, written by
+Sessions run as one task each on local worker processes (``--jobs``) or a Dask cluster
+(``--dask``), through :mod:`deepstrf.engine`; inputs may come from listings and patterns
+(:mod:`deepstrf.store.listing`). A session's store is ``OUT_DIR/<file name without .nwb>.zarr``, written by
 :func:`deepstrf.store.save_dataset` (atomic) with the dataset card filled from the file. Its card
 records the import's fingerprint (the input's URL, size and version plus every conversion
 argument); a re-run skips a session whose store records the same fingerprint.
@@ -8,15 +10,14 @@ argument); a re-run skips a session whose store records the same fingerprint.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import sys
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
-
-from tqdm.auto import tqdm
 
 from ..errors import NWBImportError, StoreExistsError, StoreNotFoundError, error_types
 from ..store import save_dataset
@@ -40,21 +41,28 @@ class ImportResult:
 
 
 def store_url(out_dir: str, source: str) -> str:
-    """``OUT_DIR/<stem>.zarr`` for the NWB file at ``source``."""
+    """``OUT_DIR/<stem>.zarr`` for the NWB file (or NWB-Zarr folder) at ``source``."""
     stem = posixpath.basename(str(source).rstrip("/").split("?")[0])
-    stem = stem[:-4] if stem.lower().endswith(".nwb") else stem
+    for suffix in (".zarr", ".nwb"):  # an NWB-Zarr session is a folder such as x.nwb.zarr
+        stem = stem[:-len(suffix)] if stem.lower().endswith(suffix) else stem
     out = str(out_dir)
     return f"{out.rstrip('/')}/{stem}.zarr" if "://" in out else os.path.join(out, f"{stem}.zarr")
 
 
 def recorded_fingerprint(url: str, storage_options: dict | None) -> str | None:
-    """The import fingerprint in the card of the store at ``url``; None if there is no store."""
-    from ..store.reader import open_group
+    """The import fingerprint in the card of the store at ``url`` (its latest version); None if
+    there is no store."""
+    from ..store.reader import read_root
+    from ..store.versions import is_versioned, open_version
 
+    loc = Location.parse(url, storage_options)
     try:
-        card = open_group(Location.parse(url, storage_options)).attrs.get("card") or {}
+        root = read_root(loc)
+        if is_versioned(root):
+            root = open_version(loc, root, None)[1]
     except StoreNotFoundError:
         return None
+    card = (root.get("attributes") or {}).get("card") or {}
     return (card.get("nwb_import") or {}).get("fingerprint") or ""
 
 
@@ -76,23 +84,34 @@ def import_one(source: str, out_url: str, conversion: dict[str, Any], *, license
     return ImportResult(source, out_url, "imported", fp, ds.get_S(), ds.N_neurons, time.perf_counter() - t0)
 
 
-def _guarded(source: str, out_url: str, conversion: dict, **kw: Any) -> ImportResult:
-    """:func:`import_one` with a refusal or read error turned into a ``"failed"`` result."""
+def import_reported(source: str, out_url: str, conversion: dict[str, Any], **kw: Any) -> ImportResult:
+    """:func:`import_one` with any error turned into a ``"failed"`` result (the task every engine runs)."""
     try:
         return import_one(source, out_url, conversion, **kw)
-    except error_types() as e:
-        return ImportResult(source, out_url, "failed", error=str(e))
+    except Exception as e:  # noqa: BLE001 - a broken file may raise anything from h5py/pynwb: report it
+        return _failed((source, out_url), e)
+
+
+def _failed(task: tuple, error: BaseException) -> ImportResult:
+    """The result of a session whose import raised (or whose worker died): its error, for the report."""
+    source, out_url = task[0], task[1]
+    message = str(error) if isinstance(error, error_types()) else f"{type(error).__name__}: {error}"
+    return ImportResult(source, out_url, "failed", error=message if source in message else f"{source}: {message}")
 
 
 def import_sessions(out_dir: str | os.PathLike, sources: list[str], *, dt_ms: float, jobs: int = 1,
-                    license: str | None = None, storage_options: dict | None = None, overwrite: bool = False,
-                    progress: bool | None = None, **conversion: Any) -> list[ImportResult]:
+                    client: Any = None, license: str | None = None, storage_options: dict | None = None,
+                    overwrite: bool = False, progress: bool | None = None, **conversion: Any) -> list[ImportResult]:
     """Import each NWB file in ``sources`` into ``OUT_DIR/<stem>.zarr`` (``conversion``: the
     keyword arguments of :class:`NWBConversion`, e.g. ``presentations``, ``stim_column``, ``mel``).
 
-    ``jobs > 1`` imports files in that many worker processes (forkserver, else spawn). A file that
-    cannot be imported gives a ``"failed"`` result with the reason; the others still run.
+    One engine runs :func:`import_one` per session (:func:`deepstrf.engine.run_tasks`): a
+    ``dask.distributed.Client`` as ``client`` (one task per session, on the cluster's workers),
+    else ``jobs`` worker processes of this machine (forkserver, else spawn), else this process.
+    A file that cannot be imported gives a ``"failed"`` result with the reason; the others still run.
     """
+    from ..engine import run_tasks
+
     out_dir = os.fspath(out_dir)
     NWBConversion(dt_ms=dt_ms, **conversion)  # refuse bad arguments before starting anything
     conversion = {"dt_ms": dt_ms, **conversion}
@@ -103,30 +122,15 @@ def import_sessions(out_dir: str | os.PathLike, sources: list[str], *, dt_ms: fl
             raise NWBImportError(f"{seen[t]} and {s} would both be imported into {t} (same file name); "
                                  "import them into different OUT_DIRs.")
         seen[t] = s
-    kw = {"license": license, "storage_options": storage_options, "overwrite": overwrite}
-    bar = tqdm(total=len(sources), desc="import-nwb", unit="session", disable=progress is False, dynamic_ncols=True)
-    results: dict[str, ImportResult] = {}
-    try:
-        if jobs <= 1 or len(sources) <= 1:
-            for s, t in zip(sources, targets):
-                results[s] = _guarded(s, t, conversion, **kw)
-                bar.update(1)
-        else:
-            from ..stream.workers import worker_context
-
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=worker_context()) as pool:
-                futures: dict[Future, str] = {pool.submit(_guarded, s, t, conversion, **kw): s
-                                              for s, t in zip(sources, targets)}
-                for f in as_completed(futures):
-                    results[futures[f]] = f.result()
-                    bar.update(1)
-    finally:
-        bar.close()
-    return [results[s] for s in sources]
+    task = partial(import_reported, license=license, storage_options=storage_options, overwrite=overwrite)
+    return run_tasks(task, [(s, t, conversion) for s, t in zip(sources, targets)], failed=_failed, jobs=jobs,
+                     client=client, desc="import-nwb", unit="session", progress=progress)
 
 
 def main(args: Any) -> int:
     """``deepstrf import-nwb`` (arguments parsed in :mod:`deepstrf.cli`)."""
+    from ..engine import dask_client
+    from ..store.listing import gather_inputs
     from .spectrogram import MelSpec
 
     unit_filter: dict[str, list[str]] = {}
@@ -135,13 +139,18 @@ def main(args: Any) -> int:
         if not sep:
             raise NWBImportError(f"--unit-filter expects COLUMN=VALUE, got {pair!r}")
         unit_filter.setdefault(col, []).append(value)
-    results = import_sessions(
-        args.out_dir, args.sources, dt_ms=args.dt_ms, jobs=args.jobs, license=args.license,
-        storage_options=args.storage_options, overwrite=args.overwrite, presentations=args.presentations,
-        stim_column=args.stim_column, stim_index_series=args.stim_index_series, stim_series=args.stim_series,
-        stim_kind=args.stim_kind, pre_ms=args.pre_ms, post_ms=args.post_ms, unit_filter=unit_filter or None,
-        use_obs_intervals=not args.ignore_obs_intervals,
+    if args.dask and args.jobs > 1:
+        raise NWBImportError("--dask and --jobs both choose where sessions run; give one of them.")
+    sources = gather_inputs(args.sources, args.from_list, args.storage_options)
+    options = dict(
+        dt_ms=args.dt_ms, jobs=args.jobs, license=args.license, storage_options=args.storage_options,
+        overwrite=args.overwrite, presentations=args.presentations, stim_column=args.stim_column,
+        stim_index_series=args.stim_index_series, stim_series=args.stim_series, stim_kind=args.stim_kind,
+        pre_ms=args.pre_ms, post_ms=args.post_ms, unit_filter=unit_filter or None,
+        use_obs_intervals=not args.ignore_obs_intervals, stim_dir=args.stim_dir, stim_rate=args.stim_rate,
         mel=MelSpec(bands=args.bands, f_min=args.f_min, f_max=args.f_max, window_ms=args.window_ms))
+    with dask_client(args.dask) if args.dask else contextlib.nullcontext() as client:
+        results = import_sessions(args.out_dir, sources, client=client, **options)
     for r in results:
         if r.status == "failed":
             print(f"deepstrf import-nwb: error: {r.error}", file=sys.stderr)

@@ -1,7 +1,9 @@
 """Opening an NWB file, local or remote, and identifying its content without reading it.
 
 Remote files (``s3://``, ``https://``, any fsspec protocol) are opened as fsspec byte-range files
-with a block cache and handed to h5py, so only the HDF5 objects actually read are fetched.
+with a block cache and handed to h5py, so only the HDF5 objects actually read are fetched. An
+NWB-Zarr session (a folder, local or remote) is rebuilt as an HDF5 image in memory
+(:mod:`deepstrf.io.nwbzarr`) and read the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from ..errors import NWBReadError
 from ..store.location import Location
+from .nwbzarr import hdf5_image, is_nwb_zarr, metadata_document
 
 BLOCK_SIZE = 4 << 20     # bytes per range request from remote files
 MAX_BLOCKS = 16          # at most 64 MiB of a remote file cached per open file
@@ -29,11 +32,12 @@ def _fs_path(loc: Location) -> tuple[Any, str]:
 
 
 def input_identity(url: str | os.PathLike, storage_options: dict | None = None) -> dict[str, Any]:
-    """URL, size and version (ETag or modification time) of the file: one metadata request."""
+    """URL, size and version (ETag or modification time) of the file (of an NWB-Zarr session: of its
+    consolidated metadata document): a few metadata requests."""
     loc = Location.parse(url, storage_options)
     try:
         fs, path = _fs_path(loc)
-        info = fs.info(path)
+        info = fs.info(metadata_document(fs, path) if is_nwb_zarr(fs, path) else path)
     except FileNotFoundError as e:
         raise NWBReadError(f"no NWB file at {loc.url}: check the path or URL (and storage_options).") from e
     except OSError as e:
@@ -49,23 +53,28 @@ def fingerprint(identity: dict[str, Any], options: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def open_nwb(url: str | os.PathLike, storage_options: dict | None = None) -> Iterator[Any]:
-    """Yield the ``pynwb.NWBFile`` at ``url`` (read-only); remote files are read by byte ranges."""
+def open_nwb(url: str | os.PathLike, storage_options: dict | None = None, keep: tuple[str, ...] = ()) -> Iterator[Any]:
+    """Yield the ``pynwb.NWBFile`` at ``url`` (read-only); remote files are read by byte ranges.
+    ``keep``: series under ``/acquisition`` or ``/processing`` an NWB-Zarr image must hold."""
     import h5py
     import pynwb
 
     loc = Location.parse(url, storage_options)
     with contextlib.ExitStack() as stack:
         try:
-            if loc.is_local:
+            fs, path = _fs_path(loc)
+            if is_nwb_zarr(fs, path):
+                h5 = stack.enter_context(h5py.File(hdf5_image(loc, fs, path, keep), "r"))
+            elif loc.is_local:
                 h5 = stack.enter_context(h5py.File(loc.url, "r"))
             else:
-                fs, path = _fs_path(loc)
                 raw = stack.enter_context(fs.open(path, "rb", block_size=BLOCK_SIZE, cache_type="blockcache",
                                                   cache_options={"maxblocks": MAX_BLOCKS}))
                 h5 = stack.enter_context(h5py.File(raw, "r"))
             io = stack.enter_context(pynwb.NWBHDF5IO(file=h5, mode="r", load_namespaces=True))
             nwb = io.read()
+        except NWBReadError:
+            raise
         except FileNotFoundError as e:
             raise NWBReadError(f"no NWB file at {loc.url}: check the path or URL (and storage_options).") from e
         except OSError as e:

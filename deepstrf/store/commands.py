@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import sys
 from argparse import Namespace
@@ -10,8 +12,9 @@ from typing import Any
 from ..errors import StoreError
 from . import format as fmt
 from .location import Location
-from .reader import open_group
+from .reader import group_of, read_root
 from .pool import POOL_FORMAT
+from .versions import Version, is_versioned, open_version, versions_of
 from .verify import verify_source
 
 
@@ -39,6 +42,14 @@ def describe_source(attrs: dict[str, Any], url: str) -> dict[str, Any]:
     return out
 
 
+def _version_of(loc: Location, root: dict, wanted: str | None) -> tuple[Location, dict, Version]:
+    """The location, root document and version of the version ``wanted`` (latest: None)."""
+    if wanted is None and not is_versioned(root):
+        is_source = (root.get("attributes") or {}).get("format") == fmt.SOURCE_FORMAT
+        return loc, root, Version.of_root(root) if is_source else None
+    return open_version(loc, root, wanted)
+
+
 def _mb(n: int | None) -> str:
     return "?" if n is None else f"{n / 1e6:,.1f} MB"
 
@@ -63,6 +74,11 @@ def _print_source(d: dict[str, Any]) -> None:
         ("size", f"{_mb(d['bytes_on_disk'])} on disk vs {_mb(d['bytes_float32'])} as float32 in memory{ratio}"),
         ("fingerprint", d["fingerprint"]),
     ]
+    v = d.get("version")
+    if v and (v["versions"] > 1 or v["tag"]):
+        which = "the latest" if v["latest"] else "not the latest"
+        lines.append(("version", f"{v['id']}{' tag ' + repr(v['tag']) if v['tag'] else ''} ({which} of "
+                                 f"{v['versions']}; deepstrf versions URL lists them)"))
     for key, value in (d["card"] or {}).items():
         lines.append((f"card.{key}", str(value)))
     width = max(len(k) for k, _ in lines)
@@ -74,16 +90,24 @@ def info_main(args: Namespace) -> int:
     from .pool_commands import describe_pool, print_pool
 
     loc = Location.parse(args.url, args.storage_options)
-    group = open_group(loc)
-    attrs = dict(group.attrs)
+    root = read_root(loc)
+    attrs = root.get("attributes") or {}
     if attrs.get("format") == POOL_FORMAT:
+        group = group_of(loc, root)
         fmt.check_format(attrs, loc.url, POOL_FORMAT, supported=fmt.POOL_SUPPORTED_MAJORS)
-        summary, show = describe_pool(attrs, loc, group), print_pool
+        summary = describe_pool(attrs, loc, group, newer=not args.offline, allowed_roots=args.allow_root)
+        show = print_pool
     else:
-        fmt.check_format(attrs, loc.url, expected=None)
+        where, root, chosen = _version_of(loc, root, getattr(args, "version", None))
+        attrs = root.get("attributes") or {}
+        fmt.check_format(attrs, where.url, expected=None)
         if attrs["format"] != fmt.SOURCE_FORMAT:
             raise StoreError(f"{loc.url} holds a {attrs['format']!r} group; upgrade deepstrf to read it")
         summary, show = describe_source(attrs, loc.url), _print_source
+        held = versions_of(loc) if is_versioned(read_root(loc)) else [chosen]
+        chosen = next((v for v in held if v.id == chosen.id), chosen)  # with its tag and date
+        summary["version"] = {"id": chosen.id, "path": chosen.path, "tag": chosen.tag, "date": chosen.date,
+                              "latest": chosen.id == held[-1].id, "versions": len(held)}
     if args.json:
         print(json.dumps(summary))
     else:
@@ -96,19 +120,28 @@ def verify_main(args: Namespace) -> int:
 
     A source: every chunk read and checksummed, digests and fingerprint recomputed.
     A pool: references, fingerprints and coverage (with ``--data`` also every source's data).
+    With ``--dask ADDRESS`` each source is checked, data included, by one task on that cluster.
     """
+    from ..engine import dask_client, run_tasks
     from .pool_commands import verify_pool
 
     loc = Location.parse(args.url, args.storage_options)
-    is_pool = dict(open_group(loc).attrs).get("format") == POOL_FORMAT
-    problems = (verify_pool(loc, allowed_roots=args.allow_root, data=args.data) if is_pool
-                else verify_source(loc))
+    root = read_root(loc)
+    is_pool = (root.get("attributes") or {}).get("format") == POOL_FORMAT
+    data = args.data or bool(args.dask)
+    with dask_client(args.dask) if args.dask else contextlib.nullcontext() as client:
+        if is_pool:
+            problems = verify_pool(loc, allowed_roots=args.allow_root, data=data, client=client)
+        else:
+            loc, root, _ = _version_of(loc, root, getattr(args, "version", None))
+            [problems] = run_tasks(functools.partial(verify_source, root=root), [(loc,)],
+                                   failed=lambda _, e: [f"{loc.url}: {e}"], client=client, progress=False)
     for p in problems:
         print(f"deepstrf verify: problem: {p}", file=sys.stderr)
     if problems:
         print(f"{loc.url}: {len(problems)} problem(s) found", file=sys.stderr)
         return 1
-    what = ("references, fingerprints and coverage match" + (", every source chunk checksummed" if args.data else "")
+    what = ("references, fingerprints and coverage match" + (", every source chunk checksummed" if data else "")
             if is_pool else
             "every chunk read and checksummed, digests and fingerprint match")
     print(f"{loc.url}: OK ({what})")

@@ -26,7 +26,9 @@ from ..errors import StoreError
 from ..forksafe import run_gated
 from . import format as fmt
 from .location import Location, on_network
+from .options import StorageOptions
 from .reader import SourceReader, consolidated_arrays, read_root, sync
+from .versions import VERSIONS_DIR, is_versioned, open_path, open_version
 
 _CLASSES: dict[str, type[NeuralDataset]] = {
     "audio": AudioNeuralDataset, "video": VideoNeuralDataset, "neural": NeuralDataset}
@@ -172,19 +174,35 @@ def open_source(loc: Location, root: dict[str, Any], *, lazy_metadata: bool = Fa
 OPENERS: dict[str, Callable[..., NeuralDataset]] = {fmt.SOURCE_FORMAT: open_source}
 
 
-def open_dataset(url: str | os.PathLike, *, storage_options: dict | None = None, **kw: Any) -> NeuralDataset:
+def open_dataset(url: str | os.PathLike, *, storage_options: StorageOptions = None, version: str | None = None,
+                 **kw: Any) -> NeuralDataset:
     """Open the deepstrf store at ``url`` as a lazy dataset (data read on access).
 
     ``storage_options`` go to fsspec (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``
-    for S3); they are kept in memory only. Opening reads the consolidated root
+    for S3), or map URL prefixes to such options (``{"s3://lab-a": {...}, "s3://lab-b":
+    {...}}``, the longest prefix wins; a pool's sources are resolved the same way);
+    they are kept in memory only. A source store opens at its latest version, or at
+    ``version``: a fingerprint, a unique prefix of one, or a tag given at save time
+    (``deepstrf versions URL`` lists them). Opening reads the consolidated root
     metadata and the stim/neuron metadata; the index is read on first use.
     """
     loc = Location.parse(url, storage_options)
-    root = read_root(loc)
+    if version and version.startswith(f"{VERSIONS_DIR}/"):  # a pool's pin: the version's group, no listing
+        where, root = open_path(loc, version)
+        path = version
+    else:
+        root = read_root(loc)
+        where, path = loc, ""
+        if version is not None or is_versioned(root):
+            where, root, chosen = open_version(loc, root, version)
+            path = chosen.path
     attrs = root.get("attributes") or {}
-    fmt.check_format(attrs, loc.url, expected=None, supported=(*fmt.POOL_SUPPORTED_MAJORS, fmt.SUPPORTED_MAJOR))
+    fmt.check_format(attrs, where.url, expected=None, supported=(*fmt.POOL_SUPPORTED_MAJORS, fmt.SUPPORTED_MAJOR))
     opener = OPENERS.get(attrs["format"])
     if opener is None:
         raise StoreError(f"{loc.url} holds a {attrs['format']!r} group, which this version of deepstrf "
                          "cannot open. Upgrade deepstrf.")
-    return opener(loc, root, **kw)  # each opener checks its own format's versions
+    ds = opener(where, root, **kw)  # each opener checks its own format's versions
+    if attrs["format"] == fmt.SOURCE_FORMAT:
+        ds.store_url, ds.version_path = loc.url, path  # pools refer to the store and pin the version
+    return ds

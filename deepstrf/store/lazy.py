@@ -26,11 +26,12 @@ from ..datasets.coverage import Coverage
 from ..datasets.neural_dataset import NeuralDataset
 from ..datasets.views import (BlockDiagonalGrid, LazySequence, RawRow, ResponseGrid, raw_row_sizes, read_many,
                               read_raw_rows, read_row)
-from ..errors import SourceChangedError, StoreNotFoundError
+from ..errors import SourceChangedError, StoreNotFoundError, VersionNotFoundError
 from ..forksafe import thread_map
 from .dataset import source_readers
 from .integrity import IOCounters
 from .location import on_network
+from .versions import listing
 
 MAX_OPEN_SOURCES = 256
 """Sources kept open per process; an epoch's block-shuffled windows touch far fewer at a time."""
@@ -114,7 +115,9 @@ class SourceHandle:
     def _open(self) -> NeuralDataset:
         e = self.entry
         try:
-            ds = self.opener(e["url"])
+            ds = open_pinned(self.opener, self.pool_url, e, self.accept_changed)
+        except VersionNotFoundError:
+            raise
         except StoreNotFoundError as err:
             raise StoreNotFoundError(
                 f"pool {self.pool_url}: source {e['name']!r} is missing at {e['url']} (reference "
@@ -123,6 +126,35 @@ class SourceHandle:
         for reader in source_readers(ds) or []:
             reader.count_into(self.io)
         return ds
+
+
+def open_pinned(opener: Callable[..., NeuralDataset], pool_url: str, entry: dict,
+                accept_changed: bool) -> NeuralDataset:
+    """The version of a pooled source that the pool pinned: its version group, or (pools written
+    before versions, sources pooled before their first re-publish) its fingerprint.
+
+    A pin the store no longer holds (pruned) is an error naming the source, the pin and the
+    versions the store holds; with ``accept_changed`` the latest version opens instead (and
+    :func:`check_fingerprint` warns). An unversioned store written again in place opens as it
+    is, for :func:`check_fingerprint` to report.
+    """
+    pin = entry.get("version") or entry["fingerprint"]
+    try:
+        try:
+            return opener(entry["url"], version=pin)
+        except VersionNotFoundError:
+            if pin == entry["fingerprint"]:
+                raise
+            return opener(entry["url"], version=entry["fingerprint"])  # the same content, published again
+    except VersionNotFoundError as e:
+        if accept_changed or not e.versioned:
+            return opener(entry["url"])
+        raise VersionNotFoundError(
+            f"pool {pool_url}: source {entry['name']!r} at {entry['url']} is pinned to version "
+            f"{entry['fingerprint']} ({entry.get('version') or 'the store as pooled'}), which the store no longer "
+            f"holds (pruned?); it holds {listing(e.versions)}. Re-pin the pool to the latest versions with "
+            f"`deepstrf pool-update {pool_url} NEW_POOL`, or open it with accept_changed_sources=True to read "
+            "the latest.", e.versions, True) from e
 
 
 def check_fingerprint(pool_url: str, entry: dict, src: NeuralDataset, accept: bool) -> bool:

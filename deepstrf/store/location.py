@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ReadOnlyStoreError
+from .options import StorageOptions, options_for
+from .options import protocol_of as _protocol
 
 READ_ONLY_PROTOCOLS = ("http", "https")
 ROOT_KEY = "zarr.json"
@@ -43,11 +45,6 @@ def shared_s3_session() -> Any:
     return _S3_SESSION
 
 
-def _protocol(url: str) -> str:
-    head, sep, _ = url.partition("://")
-    return head.lower() if sep else "file"
-
-
 def on_network(url: str) -> bool:
     """Do reads at ``url`` wait on a network (anything but a local folder or ``memory://``)?"""
     return _protocol(url) not in ("file", "memory")
@@ -64,14 +61,21 @@ def canonical_url(url: str) -> str:
 
 @dataclass(frozen=True)
 class Location:
-    """A store URL and the fsspec options needed to reach it."""
+    """A store URL and the fsspec options needed to reach it.
+
+    ``storage_options`` are this URL's own options; ``given`` is what the caller gave (a plain
+    dict or a mapping of URL prefixes, :mod:`deepstrf.store.options`), for the URLs reached
+    from this store (a pool's sources).
+    """
 
     url: str
     storage_options: dict[str, Any] | None = field(default=None, compare=False)
+    given: StorageOptions = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def parse(cls, url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> "Location":
-        return cls(canonical_url(url), dict(storage_options) if storage_options else None)
+    def parse(cls, url: str | os.PathLike, storage_options: StorageOptions = None) -> "Location":
+        url = canonical_url(url)
+        return cls(url, options_for(storage_options, url), storage_options)
 
     @property
     def protocol(self) -> str:
@@ -132,7 +136,7 @@ class Location:
         """A location next to this one, in the same parent folder or prefix."""
         parent = os.path.dirname(self.url) if self.is_local else posixpath.dirname(self.url)
         joined = os.path.join(parent, name) if self.is_local else f"{parent}/{name}"
-        return Location(joined, self.storage_options)
+        return Location(joined, self.storage_options, self.given)
 
     @property
     def name(self) -> str:

@@ -36,7 +36,8 @@ from .dataset import _CLASSES, OPENERS, open_dataset
 from .integrity import IOCounters, StrictStore, array_digest, content_hasher, fingerprint, update
 from .jsonmeta import decode_columns, encode_columns
 from .lazy import EAGER_CHECK_MAX_SOURCES, LazySourceGrid, LazySourceStims, SourceChangedWarning, SourceHandle, open_now
-from .location import Location, _protocol
+from .location import Location
+from .options import StorageOptions, location_prefix, options_for, options_from, options_key
 from .reader import group_of, open_group
 from .references import make_reference, pool_root, resolve_reference
 from .writer import dataset_kind
@@ -54,12 +55,15 @@ COVERAGE_V1 = "coverage"
 
 
 def write_pool(datasets: Sequence[NeuralDataset], url: str | os.PathLike, *, names: Sequence[str] | None = None,
-               storage_options: dict | None = None, overwrite: bool = False,
-               allowed_roots: Sequence[str] = (), trust: bool = False) -> NeuralDataset:
+               storage_options: StorageOptions = None, overwrite: bool = False,
+               allowed_roots: Sequence[str] = (), trust: bool = False,
+               source_storage_options: StorageOptions = None) -> NeuralDataset:
     """Write the concatenation of store-backed ``datasets`` as a pool at ``url``; return it opened.
 
     Inputs may be opened sources or opened pools (which flatten to their
     sources). Compatibility is checked exactly as for in-memory concatenation.
+    ``storage_options`` reach the pool; the returned pool reads its sources with
+    ``source_storage_options``, by default with the options each input was opened with.
     """
     loc = Location.parse(url, storage_options)
     loc.check_writable()
@@ -71,6 +75,7 @@ def write_pool(datasets: Sequence[NeuralDataset], url: str | os.PathLike, *, nam
         "name": str(name),
         "ref": make_reference(loc, part.store_url),
         "fingerprint": part.fingerprint,
+        "version": getattr(part, "version_path", ""),
         "n_stims": part.get_S(),
         "n_neurons": part.N_neurons,
         "kind": dataset_kind(part),
@@ -101,12 +106,30 @@ def write_pool(datasets: Sequence[NeuralDataset], url: str | os.PathLike, *, nam
             _write_array(group, name, data)
         consolidate(staging.store)
     roots = [pool_root(Location.parse(p.store_url)) for p in parts]
-    return open_dataset(loc.url, storage_options=loc.storage_options,
-                        allowed_roots=[*allowed_roots, *roots], trust=trust)
+    if source_storage_options is None:
+        source_storage_options = options_of_parts(parts)
+    return open_dataset(loc.url, storage_options=loc.given, allowed_roots=[*allowed_roots, *roots], trust=trust,
+                        source_storage_options=source_storage_options)
+
+
+def options_of_parts(parts: Sequence[NeuralDataset]) -> dict[str, dict] | None:
+    """The options each store-backed part was opened with, as a mapping of URL prefixes: one per
+    bucket or host (10^4 sources in one bucket make one entry), a part's own URL where parts of
+    one bucket were opened with different options."""
+    mapping: dict[str, dict] = {}
+    for part in parts:
+        options = getattr(part, "storage_options", None)
+        if not options:
+            continue
+        key = location_prefix(part.store_url)
+        if mapping.get(key, options) != options:
+            key = part.store_url
+        mapping[key] = options
+    return mapping or None
 
 
 def open_pool(loc: Location, group: zarr.Group, *, allowed_roots: Sequence[str] = (), trust: bool = False,
-              accept_changed_sources: bool = False, source_storage_options: dict | None = None,
+              accept_changed_sources: bool = False, source_storage_options: StorageOptions = None,
               check_sources: bool | None = None) -> NeuralDataset:
     """Open a pool group from its own tables.
 
@@ -117,8 +140,9 @@ def open_pool(loc: Location, group: zarr.Group, *, allowed_roots: Sequence[str] 
 
     ``allowed_roots`` lists extra folders/prefixes references may point into
     (``trust=True`` allows anything); ``accept_changed_sources`` turns a
-    changed-source error into a warning; ``source_storage_options`` replaces
-    the pool's own options for every source. Format-1 pools open through
+    changed-source error into a warning; ``source_storage_options`` (a plain dict
+    for every source, or a mapping of URL prefixes) replaces the pool's own options
+    for its sources. Format-1 pools open through
     :mod:`deepstrf.store.pool_v1` (read only).
     """
     with gc_paused():
@@ -129,7 +153,7 @@ def open_pool(loc: Location, group: zarr.Group, *, allowed_roots: Sequence[str] 
 
 
 def _open(loc: Location, group: zarr.Group, allowed_roots: Sequence[str], trust: bool, accept_changed_sources: bool,
-          source_storage_options: dict | None) -> NeuralDataset:
+          source_storage_options: StorageOptions) -> NeuralDataset:
     attrs = dict(group.attrs)
     fmt.check_format(attrs, loc.url, POOL_FORMAT, supported=fmt.POOL_SUPPORTED_MAJORS)
     root = pool_root(loc)
@@ -143,19 +167,18 @@ def _open(loc: Location, group: zarr.Group, allowed_roots: Sequence[str], trust:
     cls = _CLASSES[attrs["kind"]]
     stim_meta, nrn_meta = MetaTable(attrs["n_stims"], tables.stim_columns), MetaTable(attrs["n_neurons"], tables.nrn_columns)
     io = IOCounters()
-    openers: dict[str, tuple[dict | None, Callable]] = {}  # by protocol: 10^4 sources share a few
+    openers: dict[str, tuple[dict | None, Callable]] = {}  # by options entry: 10^4 sources share a few
     # a pool written before its entries recorded their own F / frame size has a single kind: the pool's
     pool_modality = {k: attrs[k] for k in MODALITY_ATTRS if k in attrs}
     stim_offsets, neuron_offsets = tables.stim_offsets.tolist(), tables.neuron_offsets.tolist()
 
     def make_part(k: int) -> NeuralDataset:
         e = entries[k]
-        protocol = _protocol(e["url"])
-        if protocol not in openers:
-            options = source_storage_options if source_storage_options is not None \
-                else _same_protocol_options(loc, e["url"])
-            openers[protocol] = options, partial(open_dataset, storage_options=options, lazy_metadata=True)
-        options, opener = openers[protocol]
+        key = options_key(source_storage_options if source_storage_options is not None else loc.given, e["url"])
+        if key not in openers:
+            options = source_options(loc, source_storage_options, e["url"])
+            openers[key] = options, partial(open_dataset, storage_options=options, lazy_metadata=True)
+        options, opener = openers[key]
         handle = SourceHandle(loc.url, e, opener, io, accept_changed_sources)
         part = _CLASSES[e["kind"]].__new__(_CLASSES[e["kind"]])
         own = {"dt_ms": attrs["dt_ms"], "kind": e["kind"], **pool_modality,
@@ -164,6 +187,7 @@ def _open(loc: Location, group: zarr.Group, allowed_roots: Sequence[str], trust:
               MetaSlice(stim_meta, stim_offsets[k], stim_offsets[k + 1]),
               MetaSlice(nrn_meta, neuron_offsets[k], neuron_offsets[k + 1]))
         part.name, part.fingerprint, part.card, part.storage_options = e["name"], e["fingerprint"], e.get("card"), options
+        part.version_path = e.get("version", "")
         return part
 
     parts = PoolParts(len(entries), make_part)
@@ -416,9 +440,12 @@ def _write_array(group: zarr.Group, name: str, data: np.ndarray, text: bool = Fa
     arr[...] = data
 
 
-def _same_protocol_options(loc: Location, url: str) -> dict | None:
-    """The caller's storage options apply to sources reached over the pool's own protocol."""
-    return loc.storage_options if _protocol(url) == loc.protocol else None
+def source_options(loc: Location, source_storage_options: StorageOptions, url: str) -> dict | None:
+    """Options for the source at ``url`` of the pool at ``loc``: from ``source_storage_options``
+    when given (a plain dict: every source), else from the pool's own (:func:`options_from`)."""
+    if source_storage_options is not None:
+        return options_for(source_storage_options, url)
+    return options_from(loc.url, loc.given, url)
 
 
 def _open_root(loc: Location, root: dict, **kw: Any) -> NeuralDataset:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,12 +20,16 @@ MAX_LISTED_SOURCES = 40  # sources listed by `concat` and `info` (text)
 
 
 def concat_main(args: argparse.Namespace) -> int:
-    """Pool the stores at ``args.sources`` into a new pool at ``args.out``."""
-    if args.name is not None and len(args.name) != len(args.sources):
-        raise SystemExit(f"deepstrf concat: got {len(args.name)} --name for {len(args.sources)} sources; "
+    """Pool the stores at ``args.sources`` (and those listed in ``args.from_list``) into a new pool at
+    ``args.out``."""
+    from .listing import gather_inputs
+
+    sources = gather_inputs(args.sources, args.from_list, args.storage_options)
+    if args.name is not None and len(args.name) != len(sources):
+        raise SystemExit(f"deepstrf concat: got {len(args.name)} --name for {len(sources)} sources; "
                          "give one --name per source or none")
     opened = thread_map(lambda u: open_dataset(u, storage_options=args.storage_options, **_open_kw(args, u)),
-                        args.sources, max_workers=16, name="deepstrf-open")
+                        sources, max_workers=16, name="deepstrf-open")
     pool = concat_neural_datasets(opened, names=args.name, store=args.out, storage_options=args.storage_options,
                                   overwrite=args.overwrite, allowed_roots=args.allow_root)
     info = pool.summary()
@@ -104,26 +109,48 @@ def _reduce(coverage: Coverage) -> tuple[np.ndarray, int, int]:
     return (recorded / (fs * fn)).astype(np.float32), fs, fn
 
 
-def describe_pool(attrs: dict, loc, group) -> dict:
+def describe_pool(attrs: dict, loc, group, *, newer: bool = False, allowed_roots=()) -> dict:
     """Plain-dict summary of a pool from its root attributes and source table, with the dataset
-    card per source."""
+    card per source, its licenses, and (``newer``: asking each source) the sources that have
+    published a newer version than the one the pool pins."""
+    from .citations import licenses
     from .pool import pool_card, read_sources
+    from .repin import newer_versions
 
-    url = loc.url
-    return {"url": url, "format": attrs["format"], "format_version": attrs["format_version"],
-            "kind": attrs["kind"], "class_name": attrs.get("class_name"), "S": attrs["n_stims"],
-            "N": attrs["n_neurons"], "dt_ms": attrs["dt_ms"],
-            **{k: attrs[k] for k in ("F", "H", "W") if attrs.get(k) is not None},
-            "fingerprint": attrs["fingerprint"], "sources": pool_card(read_sources(loc, group, attrs))}
+    entries = read_sources(loc, group, attrs)
+    out = {"url": loc.url, "format": attrs["format"], "format_version": attrs["format_version"],
+           "kind": attrs["kind"], "class_name": attrs.get("class_name"), "S": attrs["n_stims"],
+           "N": attrs["n_neurons"], "dt_ms": attrs["dt_ms"],
+           **{k: attrs[k] for k in ("F", "H", "W") if attrs.get(k) is not None},
+           "fingerprint": attrs["fingerprint"], "sources": pool_card(entries),
+           "licenses": licenses([(e["name"], e.get("card")) for e in entries])}
+    if newer:
+        found = newer_versions(loc, entries, allowed_roots)
+        out["newer_versions"] = {name: v if isinstance(v, str) else v.describe() for name, v in found.items()}
+    return out
 
 
 def print_pool(d: dict) -> None:
+    from .citations import licenses_line
+
     shape = "".join(f", {k}={d[k]}" for k in ("F", "H", "W") if k in d)
     print(f"pool         {d['url']}\n"
           f"kind         {d['kind']} ({d['class_name']}; {d['format']} v{d['format_version']})\n"
           f"S x N        {d['S']} stims x {d['N']} neurons, dt {d['dt_ms']} ms{shape}\n"
-          f"fingerprint  {d['fingerprint']}\n"
-          f"sources      {len(d['sources'])} (dataset card below)")
+          f"fingerprint  {d['fingerprint']}")
+    differ = len(d["licenses"]) > 1
+    print(f"licenses     {licenses_line(d['licenses'])}"
+          + ("\n             the sources carry different licenses: honour each (deepstrf cite POOL lists them)"
+             if differ else ""))
+    newer = d.get("newer_versions")
+    if newer:
+        print(f"newer        {len(newer)} source(s) have a newer version than the pool pins "
+              "(deepstrf pool-update POOL OUT re-pins them):")
+        for name, what in list(newer.items())[:MAX_LISTED_SOURCES]:
+            print(f"  - {name}: {what}")
+    elif newer is not None:
+        print("newer        none: every source's latest version is the one the pool pins")
+    print(f"sources      {len(d['sources'])} (dataset card below)")
     for src in d["sources"][:MAX_LISTED_SOURCES]:
         print(f"  - {src['name']}: {src['ref']} ({src['stims']} stims x {src['neurons']} neurons)")
         for key in ("license", "citation", "description"):
@@ -133,39 +160,75 @@ def print_pool(d: dict) -> None:
         print(f"  ... and {len(d['sources']) - MAX_LISTED_SOURCES} more (--json lists every source)")
 
 
-def verify_pool(loc, *, allowed_roots=(), data: bool = False) -> list[str]:
+def verify_pool(loc, *, allowed_roots=(), data: bool = False, client: Any = None,
+                progress: bool | None = None) -> list[str]:
     """Problems found in a pool: metadata, version, references, tables against their digests,
     each source's fingerprint and its coverage block against the source's own index (and, with
     ``data``, every chunk of every source). A damaged source is a problem named after it; the
-    other sources are still checked."""
+    other sources are still checked. Sources are checked one task each by
+    :func:`deepstrf.engine.run_tasks`: on a Dask cluster with ``client``, else in this process."""
+    from ..engine import run_tasks
     from ..errors import StoreError
-    from .lazy import LazySourceGrid
-    from .location import Location
     from .reader import open_group
-    from .verify import metadata_problems, verify_source
+    from .verify import metadata_problems
 
     try:
         problems = metadata_problems(loc, open_group(loc))
-        pool = open_dataset(loc.url, storage_options=loc.storage_options, allowed_roots=allowed_roots)
+        pool = open_dataset(loc.url, storage_options=loc.given, allowed_roots=allowed_roots)
         coverage = pool.coverage
         pool.stim_meta[0], pool.nrn_meta[0]  # noqa: B018 - loads (and checks) the metadata tables
     except (StoreError, ValueError) as e:
         return [str(e)]
-    for k, (src, (name, stims, neurons)) in enumerate(zip(pool.responses.sources, pool.source_blocks())):
-        url = getattr(src, "store_url", None)
-        if data:
-            found = verify_source(Location.parse(url, src.storage_options), progress=False)
-            problems += [f"pool {loc.url}: source {name!r}: {p}" for p in found]
-            if found:
-                continue
+    tasks = [(loc.url, name, src.store_url, src.storage_options, getattr(src, "version_path", "") or src.fingerprint,
+              _source_of(src), coverage.block_mask(k), (stims.start, stims.stop - 1), (neurons.start, neurons.stop - 1),
+              data)
+             for k, (src, (name, stims, neurons)) in enumerate(zip(pool.responses.sources, pool.source_blocks()))]
+    found = run_tasks(check_pooled_source, tasks, failed=_check_failed, client=client, desc="verify",
+                      unit="source", progress=progress)
+    return problems + [p for f in found for p in f]
+
+
+def _source_of(part: NeuralDataset) -> Any:
+    """What a task needs to open a pooled source: its handle (fingerprint checked on opening) or
+    the source itself when the pool holds it opened."""
+    from .lazy import LazySourceGrid
+
+    return part.responses.handle if isinstance(part.responses, LazySourceGrid) else part
+
+
+def check_pooled_source(pool_url: str, name: str, url: str, storage_options: dict | None, version: str,
+                        source: Any, mask: np.ndarray, stims: tuple[int, int], neurons: tuple[int, int],
+                        data: bool) -> list[str]:
+    """Problems of one pooled source: (with ``data``) every chunk of its pinned ``version``
+    checksummed, then its fingerprint against the pool's record and its index against the pool's
+    coverage block ``mask``."""
+    from ..errors import StoreError
+    from .lazy import SourceHandle
+    from .location import Location
+    from .reader import read_root
+    from .verify import verify_source
+    from .versions import open_version
+
+    if data:
         try:
-            opened = src.responses.handle.dataset() if isinstance(src.responses, LazySourceGrid) else src
-            recorded = opened.coverage.to_dense()
+            where = Location.parse(url, storage_options)
+            where, root, _ = open_version(where, read_root(where), version)
         except StoreError as e:
-            problems.append(f"pool {loc.url}: source {name!r} ({url}): {e}")
-            continue
-        if not torch.equal(torch.from_numpy(coverage.block_mask(k)), recorded):
-            problems.append(f"pool {loc.url}: the stored coverage of source {name!r} (stims {stims.start}-"
-                            f"{stims.stop - 1}, neurons {neurons.start}-{neurons.stop - 1}) differs from its "
-                            f"index at {url}; rewrite the pool with deepstrf concat")
-    return problems
+            return [f"pool {pool_url}: source {name!r} ({url}): {e}"]
+        found = verify_source(where, progress=False, root=root)
+        if found:
+            return [f"pool {pool_url}: source {name!r}: {p}" for p in found]
+    try:
+        recorded = (source.dataset() if isinstance(source, SourceHandle) else source).coverage.to_dense()
+    except StoreError as e:
+        return [f"pool {pool_url}: source {name!r} ({url}): {e}"]
+    if not torch.equal(torch.from_numpy(mask), recorded):
+        return [f"pool {pool_url}: the stored coverage of source {name!r} (stims {stims[0]}-{stims[1]}, neurons "
+                f"{neurons[0]}-{neurons[1]}) differs from its index at {url}; rewrite the pool with deepstrf concat"]
+    return []
+
+
+def _check_failed(task: tuple, error: BaseException) -> list[str]:
+    pool_url, name, url = task[0], task[1], task[2]
+    return [f"pool {pool_url}: source {name!r} ({url}) could not be checked ({type(error).__name__}: {error}); "
+            "check that it is reachable, then run verify again"]

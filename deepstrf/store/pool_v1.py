@@ -7,31 +7,35 @@ did. ``deepstrf concat NEW OLD`` rewrites it as a format-2 pool.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import zarr
 
 from ..datasets.concat import concat_datasets
 from ..datasets.coverage import Coverage
 from ..datasets.neural_dataset import NeuralDataset
-from ..errors import IntegrityError, StoreNotFoundError
+from ..errors import IntegrityError, StoreNotFoundError, VersionNotFoundError
 from ..forksafe import thread_map
 from .dataset import open_dataset
-from .lazy import check_fingerprint
+from .lazy import check_fingerprint, open_pinned
 from .location import Location
+from .options import StorageOptions
 
 COVERAGE = "coverage"
 
 
 def open_pool_v1(loc: Location, group: zarr.Group, attrs: dict, entries: list[dict], accept_changed: bool,
-                 source_storage_options: dict | None) -> NeuralDataset:
+                 source_storage_options: StorageOptions) -> NeuralDataset:
     """Every source opened and checked now, concatenated; coverage from the stored dense mask."""
-    from .pool import _same_protocol_options
+    from .pool import source_options
 
     def open_source(entry: dict) -> NeuralDataset:
-        options = (source_storage_options if source_storage_options is not None
-                   else _same_protocol_options(loc, entry["url"]))
+        options = source_options(loc, source_storage_options, entry["url"])
         try:
-            return open_dataset(entry["url"], storage_options=options)
+            return open_pinned(partial(open_dataset, storage_options=options), loc.url, entry, accept_changed)
+        except VersionNotFoundError:
+            raise
         except StoreNotFoundError as e:
             raise StoreNotFoundError(
                 f"pool {loc.url}: source {entry['name']!r} is missing at {entry['url']} (reference "

@@ -21,10 +21,11 @@ from .reader import SourceReader, consolidated_arrays, group_of, read_root
 BLOCK_CHUNKS = 16  # chunks read per concurrent request group
 
 
-def verify_source(loc: Location, *, progress: bool | None = None) -> list[str]:
-    """Problems found in the store at ``loc`` (an empty list means it is sound)."""
+def verify_source(loc: Location, *, progress: bool | None = None, root: dict | None = None) -> list[str]:
+    """Problems found in the store at ``loc`` (an empty list means it is sound); ``root``: its root
+    document when known (a versioned store's first version keeps it in its manifest)."""
     try:
-        root = read_root(loc)
+        root = read_root(loc) if root is None else root
         group = group_of(loc, root)
         attrs = dict(group.attrs)
         fmt.check_format(attrs, loc.url, fmt.SOURCE_FORMAT)

@@ -14,30 +14,53 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..datasets import views
 from . import format as fmt
-from .atomic import Staging, consolidate, staged_write, stored_bytes
+from ..errors import StoreExistsError
+from .atomic import Staging, consolidate, staged_write, store_state, stored_bytes
 from .integrity import array_digest, content_hasher, fingerprint, update
 from .jsonmeta import encode_meta
 from .location import Location
+from .options import StorageOptions
+from .reader import read_root
+from .versions import VERSIONS_FORMAT, publish
 
 ROWS_PER_READ = 4        # stims read from the source per batched call
 
 
-def save_dataset(ds: Any, url: str | os.PathLike, *, storage_options: dict | None = None,
-                 overwrite: bool = False, progress: bool | None = None) -> str:
+def save_dataset(ds: Any, url: str | os.PathLike, *, storage_options: StorageOptions = None,
+                 overwrite: bool = False, progress: bool | None = None, tag: str | None = None) -> str:
     """Write ``ds`` as a Zarr v3 source store at ``url`` and return its fingerprint.
 
     ``ds`` is any object with ``dt`` (or ``dt_ms``), ``N_neurons``, ``stims``,
     ``responses[s][n]``, ``stim_meta`` and ``nrn_meta`` (and ``F`` or ``H``/``W``),
     e.g. a deepstrf or deepSTRF dataset. ``overwrite=False`` refuses an
-    existing store; a failed write leaves ``url`` as it was. ``progress``
-    shows a bar (default: when writing to a terminal).
+    existing store; with ``overwrite=True`` a source store there gets ``ds`` as
+    a new version, its earlier versions staying readable
+    (``open_dataset(url, version=...)``) until ``deepstrf prune``. ``tag`` names
+    the version. A failed write leaves ``url`` as it was. ``progress`` shows a
+    bar (default: when writing to a terminal).
     """
     loc = Location.parse(url, storage_options)
     loc.check_writable()
     base = describe(ds)
+    state = store_state(loc)
+    root = _source_root(loc) if state == "store" else None
+    if root is not None and not overwrite:
+        raise StoreExistsError(f"{loc.url} already holds a store; pass overwrite=True to publish a new version "
+                               "of it (earlier versions stay readable until `deepstrf prune`).")
+    if root is not None or (tag is not None and state == "absent"):
+        return publish(loc, root, lambda staging: _write(staging, ds, base, progress), tag)
+    if tag is not None:
+        raise StoreExistsError(f"{loc.url} holds something other than a source store; a tagged version can only "
+                               "be published to an empty URL or a source store. Choose another URL.")
     with staged_write(loc, overwrite=overwrite) as staging:
         attrs = _write(staging, ds, base, progress)
     return attrs["fingerprint"]
+
+
+def _source_root(loc: Location) -> dict | None:
+    """The root document at ``loc`` if it is a source store (versioned or not), else None."""
+    root = read_root(loc)
+    return root if (root.get("attributes") or {}).get("format") in (fmt.SOURCE_FORMAT, VERSIONS_FORMAT) else None
 
 
 def describe(ds: Any) -> dict[str, Any]:

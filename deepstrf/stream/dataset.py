@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.context import get_spawning_popen
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -105,7 +106,9 @@ class StreamingNeuralDataset(IterableDataset):
     """Stream the visible items of a source or pool into PyTorch, sharded and shuffled.
 
     ``source`` is a store URL (opened here, and again in every other process
-    that reads, with :func:`deepstrf.open_dataset` and ``storage_options``) or a dataset
+    that reads, with :func:`deepstrf.open_dataset`, ``storage_options`` — one
+    options dict, or URL prefixes mapped to options — and ``open_options``, e.g. a
+    pool's ``allowed_roots`` or a source's ``version``) or a dataset
     object (any ``NeuralDataset``: in memory, a concatenation, store-backed).
 
     Without ``batch_size`` it yields items equal to map-style ``ds[i]``,
@@ -175,7 +178,7 @@ class StreamingNeuralDataset(IterableDataset):
                  read_threads: int | None = None, cache_dir: str | os.PathLike | None = None,
                  cache_bytes: int = 2 << 30, retry: RetryPolicy = RetryPolicy(), reuse_buffers: bool = True,
                  loader_batch_size: int | None = None, subset: Sequence[int] | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 open_options: dict | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
         if isinstance(source, NeuralDataset):
             self.url: str | None = None
@@ -201,6 +204,7 @@ class StreamingNeuralDataset(IterableDataset):
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither (torch.distributed is used then)")
         self.storage_options = storage_options
+        self.open_options = dict(open_options or {})
         self.shuffle = shuffle
         self.seed = seed
         self.batch_size = batch_size
@@ -252,7 +256,18 @@ class StreamingNeuralDataset(IterableDataset):
         state["_opened"] = None  # reopened (URL) or re-derived from the source in the new process
         state["last_prefetcher"] = None
         state["_source"] = for_new_process(self._source)
+        if get_spawning_popen() is not None:
+            # a forkserver worker has the environment of the server, frozen when it started: it gets the
+            # one this process has now (credentials set since, say), as a forked or spawned one would
+            state["_environ"] = dict(os.environ)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        environ = state.pop("_environ", None)
+        if environ is not None and environ != os.environ:
+            os.environ.clear()
+            os.environ.update(environ)
+        self.__dict__.update(state)
 
     def dataset(self) -> NeuralDataset:
         """The opened dataset with the selection applied (opened once per process)."""
@@ -303,7 +318,7 @@ class StreamingNeuralDataset(IterableDataset):
             from ..store import open_dataset
 
             def open_with_index() -> NeuralDataset:
-                ds = open_dataset(self.url, storage_options=self.storage_options)
+                ds = open_dataset(self.url, storage_options=self.storage_options, **self.open_options)
                 load_indexes(ds)
                 return ds
 

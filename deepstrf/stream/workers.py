@@ -34,6 +34,7 @@ import atexit
 import gc
 import multiprocessing
 import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import shutil
 import sys
@@ -47,6 +48,7 @@ from multiprocessing.process import BaseProcess
 
 import torch
 
+from ..forksafe import no_gated_task_running
 from .main_module import GUARD_FIX, UnsafeMainError, rerun_problem
 from .stats import MAX_SLOTS
 
@@ -55,9 +57,10 @@ PRELOAD = ["deepstrf.stream.dataset", "deepstrf.stream.worker_boot"]
 # A batch that takes longer than this to arrive from the workers ends the pass with a
 # StreamStalledError (``StreamingNeuralDataset.loader(timeout=...)``).
 DEFAULT_TIMEOUT_S = 300.0
-# Threads whose owners make a fork safe: deepstrf's (gated), and the I/O event loops of fsspec and
-# zarr with their executors, which those libraries reset in a forked child.
-FORK_SAFE_THREAD_PREFIXES = ("deepstrf", "fsspecIO", "zarr_io", "zarr_pool", "asyncio_")
+# Threads a fork may leave behind: deepstrf's (gated), the I/O event loops of fsspec and zarr with
+# their executors (those libraries reset them in a forked child), and tqdm's monitor of the progress
+# bars deepstrf shows (workers draw none).
+FORK_SAFE_THREAD_PREFIXES = ("deepstrf", "fsspecIO", "zarr_io", "zarr_pool", "asyncio_", "tqdm_monitor")
 
 # columns of the activity table
 _PID, _BATCHES, _READING_SINCE_NS, _N_STIMS, _STIMS = 0, 1, 2, 3, 4
@@ -65,7 +68,7 @@ _SHOWN_STIMS = 8  # stims of the current read kept for the report
 _TRACEBACK_LINES = 12  # last lines of a dead worker's traceback put in a report
 
 
-_WARNED: dict[str, bool] = {}  # forks with threads alive already warned of, by reason
+_WARNED_THREADS: set[str] = set()  # threads already named in a warning of this process
 
 
 def start_method(runs_user_code: bool = True) -> str:
@@ -78,8 +81,8 @@ def start_method(runs_user_code: bool = True) -> str:
         if not can_fork:
             raise UnsafeMainError(f"DataLoader workers cannot start here: {problem}, and this platform has no "
                                   f"safe fork. What to do: {GUARD_FIX}.")
-        if (threads := foreign_threads()) and not _WARNED.get(problem):
-            _WARNED[problem] = True
+        if (threads := foreign_threads()) and not _WARNED_THREADS.issuperset(threads):
+            _WARNED_THREADS.update(threads)
             warnings.warn(f"DataLoader workers are forked ({problem}) while threads {threads} of this process "
                           f"run; a worker may hang on a lock one of them holds. To be safe: {GUARD_FIX}.",
                           RuntimeWarning, stacklevel=3)
@@ -105,8 +108,11 @@ def worker_context(runs_user_code: bool = True) -> BaseContext:
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload(PRELOAD)  # no effect once this process's server runs
-        # start the server now: its imports overlap with the caller's work until the first epoch
-        multiprocessing.forkserver.ensure_running()
+        # start the server (and the resource tracker the workers' queues register with) now: their
+        # imports overlap with the caller's work, and no later start can catch a read half-way
+        with no_gated_task_running():
+            multiprocessing.resource_tracker.ensure_running()
+            multiprocessing.forkserver.ensure_running()
         _clean_errors_at_exit()
     return ctx
 

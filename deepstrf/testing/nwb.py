@@ -18,7 +18,9 @@ class SessionSpec:
     """What to write. ``stim_kind``: ``"waveform"`` (1-D templates), ``"spectrogram"`` (``(time, F)``
     templates), ``"video"`` (``ImageSeries`` templates) or ``"images"`` (an IndexSeries into an
     ``Images`` container). ``presented_series`` also writes the waveforms as played over the
-    session (``/stimulus/presented_audio``)."""
+    session (``/stimulus/presented_audio``). ``stim_folder`` writes waveform stimuli as WAV files
+    (32-bit float, through ``soundfile``) into that folder instead of into the file; the session is
+    otherwise the same as without it."""
 
     session_id: str = "lab-a-session-1"
     lab: str = "Lab A"
@@ -31,6 +33,7 @@ class SessionSpec:
     audio_fs: float = 8000.0
     video_rate: float = 30.0
     presented_series: bool = False
+    stim_folder: str | None = None       # waveforms written there as <name>.wav (float32), not as templates
     spec_rate: float = 200.0
     spec_bands: int = 16
     table: str = "trials"                # or a custom /intervals table name
@@ -99,6 +102,13 @@ def write_session(path: str | os.PathLike, spec: SessionSpec) -> SessionTruth:
             else:
                 data = rng.random((int(spec.stim_s * spec.spec_rate), spec.spec_bands))
                 rate = spec.spec_rate
+            if spec.stim_folder is not None and spec.stim_kind == "waveform":
+                import soundfile
+
+                os.makedirs(spec.stim_folder, exist_ok=True)
+                soundfile.write(os.path.join(spec.stim_folder, f"{name}.wav"), data.astype(np.float32),
+                                int(rate), subtype="FLOAT")
+                continue
             nwb.add_stimulus_template(TimeSeries(name=name, data=data.astype(np.float32), unit="a.u.", rate=rate,
                                                  starting_time=0.0, description=f"stimulus {s}"))
         if spec.presented_series and waves:

@@ -10,6 +10,7 @@ Requires ``moto[server]`` (a test dependency).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -40,7 +41,14 @@ class _FaultyApp:
         self.faults: list[Fault] = []
         self.requests = 0
         self.bytes_sent = 0  # body bytes of answers to GET requests (Content-Length)
+        self.seen: set[tuple[str, str]] = set()  # (access key id, bucket) of every signed request
         self.lock = threading.Lock()
+
+    def _note(self, environ: dict) -> None:
+        match = re.search(r"Credential=([^/,\s]+)/", environ.get("HTTP_AUTHORIZATION", ""))
+        bucket = environ.get("PATH_INFO", "").lstrip("/").split("/", 1)[0]
+        with self.lock:
+            self.seen.add((match.group(1) if match else "", bucket))
 
     def _fault_for(self, method: str, path: str) -> Fault | None:
         with self.lock:
@@ -63,6 +71,7 @@ class _FaultyApp:
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         if self.latency_s:
             time.sleep(self.latency_s)
+        self._note(environ)
         fault = self._fault_for(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""))
         if fault is None:
             return self.app(environ, self._counting(environ["REQUEST_METHOD"], start_response))
@@ -124,6 +133,16 @@ class LocalS3:
     def bytes_sent(self) -> int:
         """Body bytes served to GET requests so far (what clients fetched)."""
         return self._app.bytes_sent
+
+    @property
+    def seen(self) -> set[tuple[str, str]]:
+        """``(access key id, bucket)`` of every signed request served so far."""
+        with self._app.lock:
+            return set(self._app.seen)
+
+    def forget_seen(self) -> None:
+        with self._app.lock:
+            self._app.seen.clear()
 
     def set_latency(self, seconds: float) -> None:
         self._app.latency_s = seconds

@@ -1,0 +1,108 @@
+"""Running one function over many inputs: here, in worker processes of this machine, or on a Dask
+cluster, with a progress bar fed by task completion.
+
+Batch work (``deepstrf import-nwb``, ``deepstrf verify``) is written once as a function of one
+input; :func:`run_tasks` runs it serially, in ``jobs`` local processes (forkserver, else spawn),
+or as one Dask task per input on a ``dask.distributed.Client``. A task that raises (a worker
+killed, a bug) becomes the caller's ``failed(task, error)`` result: one input never stops the
+others. :func:`dask_client` turns a ``--dask`` address into a client: ``local:N`` starts a
+``LocalCluster`` of N single-threaded worker processes on this machine, anything else is the
+address of a running scheduler (e.g. one started by ``dask-jobqueue`` on SLURM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import as_completed as completed_locally
+from typing import Any, TypeVar
+
+from tqdm.auto import tqdm
+
+from .errors import ClusterError
+
+R = TypeVar("R")
+LOCAL_PREFIX = "local:"
+INSTALL_HINT = "install the dask extra: pip install 'deepstrf-pool[dask]'"
+
+
+def run_tasks(func: Callable[..., R], tasks: Sequence[tuple], *, failed: Callable[[tuple, BaseException], R],
+              jobs: int = 1, client: Any = None, desc: str = "tasks", unit: str = "task",
+              progress: bool | None = None) -> list[R]:
+    """``[func(*t) for t in tasks]``, in input order, run by one engine: ``client`` (a
+    ``dask.distributed.Client``: one task per input), else ``jobs`` local worker processes, else
+    this process. ``func`` must be importable by name where it runs (a module-level function)."""
+    results: dict[int, R] = {}
+    bar = tqdm(total=len(tasks), desc=desc, unit=unit, disable=progress is False, dynamic_ncols=True)
+    try:
+        if client is not None:
+            _run_on_dask(client, func, tasks, failed, results, bar)
+        elif jobs > 1 and len(tasks) > 1:
+            from .stream.workers import worker_context
+
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=worker_context()) as pool:
+                index = {pool.submit(func, *t): i for i, t in enumerate(tasks)}
+                for f in completed_locally(index):
+                    results[index[f]] = _outcome(f, tasks[index[f]], failed)
+                    bar.update(1)
+        else:
+            for i, t in enumerate(tasks):
+                try:
+                    results[i] = func(*t)
+                except Exception as e:  # noqa: BLE001 - reported as this input's result, like a remote failure
+                    results[i] = failed(t, e)
+                bar.update(1)
+    finally:
+        bar.close()
+    return [results[i] for i in range(len(tasks))]
+
+
+def _run_on_dask(client: Any, func: Callable, tasks: Sequence[tuple], failed: Callable, results: dict,
+                 bar: tqdm) -> None:
+    from distributed import as_completed
+
+    if not tasks:
+        return
+    futures = client.map(func, *zip(*tasks), pure=False)
+    index = {f.key: i for i, f in enumerate(futures)}
+    done = as_completed(futures)
+    del futures  # a result is dropped from the cluster once taken: nothing else holds its future
+    for f in done:
+        i = index[f.key]
+        results[i] = _outcome(f, tasks[i], failed)
+        bar.update(1)
+
+
+def _outcome(future: Any, task: tuple, failed: Callable) -> Any:
+    try:
+        return future.result()
+    except Exception as e:  # noqa: BLE001 - a killed worker or an unexpected error: this input's failure
+        return failed(task, e)
+
+
+@contextlib.contextmanager
+def dask_client(address: str, *, timeout: str = "30s") -> Iterator[Any]:
+    """A ``dask.distributed.Client`` for ``address``: ``local:N`` (a ``LocalCluster`` of N
+    single-threaded worker processes, closed on exit) or a scheduler address (``tcp://host:8786``,
+    reached within ``timeout``)."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as e:
+        raise ClusterError(f"--dask {address}: dask.distributed is not installed; {INSTALL_HINT}.") from e
+    if address.startswith(LOCAL_PREFIX):
+        n = address[len(LOCAL_PREFIX):]
+        if not n.isdigit() or int(n) < 1:
+            raise ClusterError(f"--dask {address}: expected local:N with N >= 1 worker processes (e.g. local:4), "
+                               "or a scheduler address such as tcp://host:8786.")
+        with LocalCluster(n_workers=int(n), threads_per_worker=1, processes=True,
+                          dashboard_address=":0") as cluster, Client(cluster) as client:
+            yield client
+        return
+    try:
+        client = Client(address, timeout=timeout)
+    except (OSError, ValueError) as e:
+        raise ClusterError(f"--dask {address}: cannot reach a Dask scheduler there ({type(e).__name__}: {e}). "
+                           "Check the address (tcp://host:port) and that the scheduler runs, or use local:N.") from e
+    with client:
+        yield client

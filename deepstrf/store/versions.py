@@ -1,0 +1,412 @@
+"""Versions of a source store: publishing a new one, finding one, pruning old ones.
+
+A source store that has been published again holds every version as a plain
+source group (``versions/<id>/``), one small manifest per version
+(``manifests/<id>.json``, written after the version's group is complete: its
+presence publishes the version), and a root ``zarr.json`` indexing them for
+readers that cannot list (HTTP). The latest version is the manifest with the
+greatest id (ids begin with the UTC time of publication), found by listing
+``manifests/`` where the storage can list, so two publishers never overwrite
+each other's version. A store written before its first re-publish keeps its
+arrays at the root: they become the first version (path ``""``), whose root
+document moves into its manifest. ``docs/format.md`` describes the layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from ..errors import IntegrityError, StoreError, VersionNotFoundError
+from . import format as fmt
+from .atomic import OWN_TOP_LEVEL, Staging, remove, staged_write
+from .location import ROOT_KEY, Location
+from .options import StorageOptions
+from .reader import read_root
+
+VERSIONS_FORMAT = "deepstrf.versions"
+VERSIONS_FORMAT_VERSION = "1.0"
+VERSIONS_DIR, MANIFESTS_DIR = "versions", "manifests"
+FIRST_ID = "00000000T000000000000Z"  # the id of a store's content from before its first re-publish
+ORPHAN_AGE_S = 3600  # prune removes version folders without a manifest once they are this old
+
+
+_VERSION_PATH = re.compile(rf"{VERSIONS_DIR}/[0-9A-Za-z][0-9A-Za-z_-]*")
+
+
+def checked_path(path: str, where: str) -> str:
+    """``path`` if it names a version group inside a store (``""`` or ``versions/<id>``); a path
+    from a damaged or hostile manifest or pool that would lead elsewhere is refused."""
+    if path == "" or (isinstance(path, str) and _VERSION_PATH.fullmatch(path)):
+        return path
+    raise IntegrityError(f"{where}: version path {path!r} is not a version of the store ({VERSIONS_DIR}/<id>); "
+                         "it is damaged or was edited to lead elsewhere: refusing to follow it.")
+
+
+@dataclass(frozen=True)
+class Version:
+    """One published version of a source store."""
+
+    id: str
+    path: str            # the version's group inside the store; "" for the arrays at the root
+    fingerprint: str
+    tag: str | None
+    date: str | None     # ISO 8601, UTC
+    n_stims: int
+    n_neurons: int
+    root: dict | None = None  # the root document of the version at path "" (the root itself indexes)
+
+    @property
+    def short(self) -> str:
+        """The fingerprint's first 12 hex digits."""
+        return self.fingerprint.split(":")[-1][:12]
+
+    def describe(self) -> str:
+        tag = f" tag {self.tag!r}" if self.tag else ""
+        return f"{self.short}{tag} ({self.date or 'date unknown'}, {self.n_stims} x {self.n_neurons})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None or k in ("tag", "date")}
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str) -> "Version":
+        try:
+            version = cls(id=str(doc["id"]), path=str(doc["path"]), fingerprint=str(doc["fingerprint"]),
+                          tag=doc.get("tag"), date=doc.get("date"), n_stims=int(doc["n_stims"]),
+                          n_neurons=int(doc["n_neurons"]), root=doc.get("root"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"{where}: damaged version manifest ({e!r}); remove it or prune the store") from e
+        checked_path(version.path, where)
+        return version
+
+    @classmethod
+    def of_root(cls, doc: dict, version_id: str = FIRST_ID, path: str = "", date: str | None = None,
+                keep_root: bool = True) -> "Version":
+        """The version whose source group has root document ``doc`` (kept for the root's own)."""
+        attrs = doc.get("attributes") or {}
+        return cls(version_id, path, attrs["fingerprint"], None, date, int(attrs["n_stims"]),
+                   int(attrs["n_neurons"]), doc if keep_root else None)
+
+
+def is_versioned(root: dict) -> bool:
+    """Is ``root`` the document of a versioned store's index?"""
+    return (root.get("attributes") or {}).get("format") == VERSIONS_FORMAT
+
+
+def _listable(loc: Location) -> bool:
+    return not loc.read_only
+
+
+def versions_of(loc: Location, root: dict | None = None) -> list[Version]:
+    """The versions of the source store at ``loc``, oldest first (an unversioned store: its one)."""
+    root = read_root(loc) if root is None else root
+    attrs = root.get("attributes") or {}
+    if attrs.get("format") == fmt.SOURCE_FORMAT:
+        return [Version.of_root(root, date=_modified(loc, ROOT_KEY))]
+    if attrs.get("format") != VERSIONS_FORMAT:
+        raise StoreError(f"{loc.url} holds a {attrs.get('format')!r} group, which has no versions; "
+                         "only source stores are versioned.")
+    fmt.check_format(attrs, loc.url, VERSIONS_FORMAT)
+    if not _listable(loc):
+        return [Version.from_json(v, loc.url) for v in attrs.get("versions", [])]
+    return _listed(loc)
+
+
+def _listed(loc: Location, latest_only: bool = False) -> list[Version]:
+    """Every published version (or only the latest), from the manifests: one listing, then the
+    contents of those wanted."""
+    ids = _manifest_ids(loc)
+    names = [f"{i}.json" for i in (ids[-1:] if latest_only else ids)]
+    if loc.is_local:
+        docs = []
+        for n in names:
+            with open(os.path.join(loc.url, MANIFESTS_DIR, n), "rb") as f:
+                docs.append(f.read())
+    else:
+        fs, path = loc.filesystem()
+        keys = [f"{path}/{MANIFESTS_DIR}/{n}" for n in names]
+        found = fs.cat(keys) if keys else {}
+        docs = [found[k] for k in keys]
+    versions = []
+    for name, raw in zip(names, docs):
+        try:
+            doc = json.loads(raw)
+        except ValueError as e:
+            raise StoreError(f"{loc.url}: the manifest {MANIFESTS_DIR}/{name} is not JSON ({e})") from e
+        versions.append(Version.from_json(doc, f"{loc.url}/{MANIFESTS_DIR}/{name}"))
+    return sorted(versions, key=lambda v: v.id)
+
+
+def select(loc: Location, versions: list[Version], wanted: str | None, versioned: bool = True) -> Version:
+    """The version ``wanted`` names (None: the latest): its id, path, fingerprint, a unique prefix
+    of its fingerprint's hex digits, or a tag (the newest version with it). ``versioned``: whether
+    the store has versions at all (else it is a store written once), for the error."""
+    if not versions:
+        raise VersionNotFoundError(f"{loc.url} holds no published version (an interrupted first publish?). "
+                                   "Save the dataset there again.", versions, versioned)
+    if wanted is None:
+        return versions[-1]
+    wanted = str(wanted)
+    exact = [v for v in versions if wanted in (v.id, v.path, v.fingerprint)]
+    if exact:
+        return exact[-1]
+    tagged = [v for v in versions if v.tag == wanted]
+    if tagged:
+        return tagged[-1]
+    digits = wanted.split(":")[-1].lower()
+    by_prefix = {v.fingerprint: v for v in versions if len(digits) >= 4 and
+                 v.fingerprint.split(":")[-1].startswith(digits)}
+    if len(by_prefix) == 1:
+        return next(iter(by_prefix.values()))
+    what = "matches several versions" if by_prefix else "matches no version (fingerprint, prefix of one, or tag)"
+    raise VersionNotFoundError(f"{loc.url}: version {wanted!r} {what}; it holds {listing(versions)}. "
+                               "List them with `deepstrf versions URL`.", versions, versioned)
+
+
+def listing(versions: list[Version]) -> str:
+    """The versions, described on one line (for error messages)."""
+    return ", ".join(v.describe() for v in versions) or "none"
+
+
+def open_version(loc: Location, root: dict, wanted: str | None) -> tuple[Location, dict, Version]:
+    """``(location, root document, version)`` of the version ``wanted`` (None: the latest) of the
+    store at ``loc``, whose root document is ``root``."""
+    attrs = root.get("attributes") or {}
+    if attrs.get("format") not in (fmt.SOURCE_FORMAT, VERSIONS_FORMAT):
+        raise StoreError(f"{loc.url} holds a {attrs.get('format')!r} group, which has no versions; "
+                         "only source stores are versioned (drop version=...).")
+    if attrs.get("format") == fmt.SOURCE_FORMAT:  # a store written once: its content is its version
+        only = Version.of_root(root)
+        if wanted:
+            select(loc, [only], wanted, versioned=False)
+        return loc, root, only
+    fmt.check_format(attrs, loc.url, VERSIONS_FORMAT)
+    if wanted is None and _listable(loc):
+        return _latest(loc)
+    # a version named exactly (a pool's pin) is found in the index without listing
+    indexed = [Version.from_json(v, loc.url) for v in attrs.get("versions", [])]
+    exact = [v for v in indexed if wanted is not None and wanted in (v.id, v.path, v.fingerprint)]
+    return located(loc, exact[-1] if exact else select(loc, versions_of(loc, root), wanted))
+
+
+def _latest(loc: Location) -> tuple[Location, dict, Version]:
+    """The latest version from the listing of manifest names alone: the newest id names its group."""
+    ids = _manifest_ids(loc)
+    if not ids or ids[-1] == FIRST_ID:  # nothing newer than the store's first content
+        return located(loc, select(loc, _listed(loc, latest_only=True), None))
+    path = checked_path(f"{VERSIONS_DIR}/{ids[-1]}", f"{loc.url}/{MANIFESTS_DIR}")
+    where = Location.parse(loc.child(path), loc.storage_options)
+    doc = read_root(where)
+    return where, doc, Version.of_root(doc, ids[-1], path, keep_root=False)
+
+
+def _manifest_ids(loc: Location) -> list[str]:
+    if loc.is_local:
+        folder = os.path.join(loc.url, MANIFESTS_DIR)
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+    else:
+        fs, path = loc.filesystem()
+        try:
+            names = [k.rsplit("/", 1)[-1] for k in fs.ls(f"{path}/{MANIFESTS_DIR}", detail=False)]
+        except FileNotFoundError:
+            names = []
+    return sorted(n[:-len(".json")] for n in names if n.endswith(".json"))
+
+
+def located(loc: Location, version: Version) -> tuple[Location, dict, Version]:
+    """``(location, root document, version)`` of ``version`` of the store at ``loc``."""
+    if not version.path:
+        return loc, version.root, version
+    where = Location.parse(loc.child(version.path), loc.storage_options)
+    return where, read_root(where), version
+
+
+def open_path(loc: Location, path: str) -> tuple[Location, dict]:
+    """The version group at ``path`` inside the store (a pool's pin), without listing; a missing
+    one is a :class:`VersionNotFoundError` listing the versions the store holds."""
+    where = Location.parse(loc.child(checked_path(path, loc.url)), loc.storage_options)
+    try:
+        return where, read_root(where)
+    except StoreError as e:
+        if not isinstance(e, FileNotFoundError):
+            raise
+        try:
+            held = versions_of(loc)
+        except StoreError:
+            held = []
+        raise VersionNotFoundError(f"{loc.url} no longer holds the version at {path} (pruned?); it holds "
+                                   f"{listing(held)}", held, True) from e
+
+
+def list_versions(url: str | os.PathLike, *, storage_options: StorageOptions = None) -> list[Version]:
+    """The versions of the source store at ``url``, oldest first (``deepstrf versions``)."""
+    return versions_of(Location.parse(url, storage_options))
+
+
+def prune_versions(url: str | os.PathLike, keep: int, *, storage_options: StorageOptions = None) -> list[Version]:
+    """Remove all but the ``keep`` newest versions of the source store at ``url``; return those
+    removed (``deepstrf prune``)."""
+    return prune(Location.parse(url, storage_options), keep)
+
+
+# -- publishing ----------------------------------------------------------------------------------
+
+def new_id() -> str:
+    """A version id: the UTC time of publication (sortable), then random digits."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:8]}"
+
+
+def publish(loc: Location, root: dict | None, write: Callable[[Staging], dict], tag: str | None) -> str:
+    """Publish a new version at ``loc`` (its current root document ``root``, None if empty), whose
+    content ``write`` writes into a staging group; return its fingerprint.
+
+    The version's group is complete before its manifest is written, and the manifest before the
+    root index: a reader sees the old latest or the new one. Publishing the latest's content
+    again adds nothing (its fingerprint is returned).
+    """
+    held = [] if root is None else versions_of(loc, root)
+    version_id = new_id()
+    path = f"{VERSIONS_DIR}/{version_id}"
+    where = Location.parse(loc.child(path), loc.storage_options)
+    with staged_write(where, overwrite=False) as staging:
+        attrs = write(staging)
+    try:
+        if held and held[-1].fingerprint == attrs["fingerprint"] and tag in (None, held[-1].tag):
+            remove(where)
+            return attrs["fingerprint"]
+        for old in held:
+            if not old.path:  # the root's arrays become the first version: its document moves here
+                _put(loc, _manifest_key(old), old.to_json())
+        mine = Version(version_id, path, attrs["fingerprint"], tag, _now(), attrs["n_stims"], attrs["n_neurons"])
+        _put(loc, _manifest_key(mine), mine.to_json())
+    except BaseException:
+        remove(where)
+        raise
+    write_index(loc)
+    return attrs["fingerprint"]
+
+
+def write_index(loc: Location) -> None:
+    """Write the root document indexing the listed versions (one atomic write)."""
+    versions = _listed(loc)
+    doc = {"zarr_format": 3, "node_type": "group", "attributes": {
+        "format": VERSIONS_FORMAT, "format_version": VERSIONS_FORMAT_VERSION,
+        "versions": [v.to_json() for v in versions]}}
+    _put(loc, ROOT_KEY, doc)
+
+
+def _manifest_key(version: Version) -> str:
+    return f"{MANIFESTS_DIR}/{version.id}.json"
+
+
+def _put(loc: Location, key: str, doc: dict) -> None:
+    """Write one small JSON object whole: a reader sees the old object or the new one."""
+    data = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    if loc.is_local:
+        target = os.path.join(loc.url, key)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        staging = f"{target}.tmp-{uuid.uuid4().hex[:12]}"
+        with open(staging, "wb") as f:
+            f.write(data)
+        os.replace(staging, target)
+        return
+    fs, path = loc.filesystem()
+    fs.pipe_file(f"{path}/{key}", data)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _modified(loc: Location, key: str) -> str | None:
+    """When ``key`` was last written (ISO 8601, UTC), if the storage says."""
+    try:
+        if loc.is_local:
+            stamp = os.path.getmtime(os.path.join(loc.url, key))
+            return datetime.fromtimestamp(stamp, timezone.utc).isoformat(timespec="seconds")
+        fs, path = loc.filesystem()
+        info = fs.info(f"{path}/{key}")
+    except (OSError, ValueError):
+        return None
+    when = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
+    if isinstance(when, datetime):
+        return when.astimezone(timezone.utc).isoformat(timespec="seconds")
+    if isinstance(when, (int, float)):
+        return datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="seconds")
+    return None
+
+
+# -- pruning -------------------------------------------------------------------------------------
+
+def prune(loc: Location, keep: int) -> list[Version]:
+    """Remove all but the ``keep`` newest versions of the store at ``loc``; return those removed.
+
+    Each version's manifest goes first (it stops being listed), then the index is rewritten,
+    then its data; version folders left by interrupted publishes (no manifest, older than an
+    hour) are removed too.
+    """
+    if keep < 1:
+        raise ValueError(f"prune: keep must be at least 1 (the latest version), got {keep}")
+    loc.check_writable()
+    root = read_root(loc)
+    if not is_versioned(root):
+        versions_of(loc, root)  # refuses what is not a source store
+        return []
+    versions = _listed(loc)
+    gone, kept = versions[:-keep], versions[-keep:]
+    for v in gone:
+        _delete(loc, _manifest_key(v))
+    write_index(loc)
+    live = {v.path for v in kept}
+    for v in gone:
+        if v.path in live:
+            continue
+        if v.path:
+            remove(Location.parse(loc.child(v.path), loc.storage_options))
+        else:
+            for top in OWN_TOP_LEVEL:
+                remove(Location.parse(loc.child(top), loc.storage_options))
+    _remove_orphans(loc, live)
+    return gone
+
+
+def _delete(loc: Location, key: str) -> None:
+    if loc.is_local:
+        try:
+            os.remove(os.path.join(loc.url, key))
+        except FileNotFoundError:
+            pass
+        return
+    fs, path = loc.filesystem()
+    try:
+        fs.rm_file(f"{path}/{key}")
+    except FileNotFoundError:
+        pass
+
+
+def _remove_orphans(loc: Location, live: set[str]) -> None:
+    """Remove version folders without a manifest (interrupted publishes) older than an hour."""
+    if loc.is_local:
+        folder = os.path.join(loc.url, VERSIONS_DIR)
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+    else:
+        fs, path = loc.filesystem()
+        try:
+            names = [k.rstrip("/").rsplit("/", 1)[-1] for k in fs.ls(f"{path}/{VERSIONS_DIR}", detail=False)]
+        except FileNotFoundError:
+            names = []
+    now = datetime.now(timezone.utc)
+    for name in names:
+        stamp = name.lstrip(".").split("-", 1)[0].split(".", 1)[0]
+        try:
+            started = datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=timezone.utc)
+        except ValueError:
+            continue
+        if f"{VERSIONS_DIR}/{name}" not in live and (now - started).total_seconds() > ORPHAN_AGE_S:
+            remove(Location.parse(loc.child(f"{VERSIONS_DIR}/{name}"), loc.storage_options))

@@ -1,0 +1,293 @@
+"""Versioned sources: re-publishing keeps earlier versions, pools pin theirs, prune, pool-update, cite."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+import zarr
+from toydata import cells_equal
+
+import deepstrf
+from deepstrf.cli import main as cli_main
+from deepstrf.datasets.synthetic import SyntheticAudioDataset
+from deepstrf.errors import StoreError, StoreExistsError, VersionNotFoundError
+from deepstrf.store import versions as versions_module
+from deepstrf.store.location import Location
+from deepstrf.store.versions import prune, versions_of
+from deepstrf.utils.data import concat_neural_datasets
+
+
+def aa1(seed, scale=0.1):
+    return SyntheticAudioDataset("aa1", scale=scale, time_scale=0.02, seed=seed)
+
+
+def same_data(a, b):
+    assert (a.get_S(), a.N_neurons) == (b.get_S(), b.N_neurons)
+    for s in range(a.get_S()):
+        assert torch.equal(a.stims[s].float(), b.stims[s].float())
+        assert all(cells_equal(a.responses[s][n], b.responses[s][n]) for n in range(a.N_neurons))
+
+
+def _cli(*args, so=None):
+    extra = [] if not so else ["-S", f"client_kwargs.endpoint_url={so['client_kwargs']['endpoint_url']}"]
+    return cli_main([*args, *extra])
+
+
+def test_republish_under_a_pool(store_url, capsys):
+    base, so = store_url
+    src, other = f"{base}/a.zarr", f"{base}/c.zarr"
+    old, new = aa1(1), aa1(5, scale=0.15)
+    fp_old = deepstrf.save_dataset(old, src, storage_options=so)
+    deepstrf.save_dataset(aa1(2), other, storage_options=so)
+    pool_url = f"{base}/pool.zarr"
+    concat_neural_datasets([deepstrf.open_dataset(u, storage_options=so) for u in (src, other)], names=["a", "c"],
+                           store=pool_url, storage_options=so)
+    with pytest.raises(StoreExistsError, match="overwrite=True to publish a new version"):
+        deepstrf.save_dataset(new, src, storage_options=so)
+    fp_new = deepstrf.save_dataset(new, src, storage_options=so, overwrite=True, tag="sorted-again")
+
+    latest = deepstrf.open_dataset(src, storage_options=so)
+    assert latest.fingerprint == fp_new and latest.get_S() == new.get_S()
+    for wanted in (fp_old, fp_old.split(":")[1][:8], "sorted-again"):
+        opened = deepstrf.open_dataset(src, storage_options=so, version=wanted)
+        assert opened.fingerprint == (fp_new if wanted == "sorted-again" else fp_old)
+    with pytest.raises(VersionNotFoundError, match=r"version 'nope' matches no version.*sorted-again"):
+        deepstrf.open_dataset(src, storage_options=so, version="nope")
+    assert [v.fingerprint for v in versions_of(Location.parse(src, so))] == [fp_old, fp_new]
+
+    pool = deepstrf.open_dataset(pool_url, storage_options=so)
+    same_data(pool.responses.sources[0], old)  # the pinned version, after the source moved on
+
+    assert _cli("info", pool_url, so=so) == 0
+    assert "newer        1 source(s)" in capsys.readouterr().out
+    assert _cli("info", src, so=so) == 0
+    assert "tag 'sorted-again' (the latest of 2;" in capsys.readouterr().out
+    assert _cli("info", src, "--version", fp_old[:15], "--json", so=so) == 0
+    assert json.loads(capsys.readouterr().out)["version"]["latest"] is False
+    assert _cli("versions", src, "--json", so=so) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(v["fingerprint"], v["tag"], v["n_stims"]) for v in listed] == [
+        (fp_old, None, old.get_S()), (fp_new, "sorted-again", new.get_S())]
+
+    updated_url = f"{base}/pool2.zarr"
+    assert _cli("pool-update", pool_url, updated_url, so=so) == 0
+    out = capsys.readouterr().out
+    short = [f.split(":")[1][:12] for f in (fp_old, fp_new)]
+    added = len({m["uid"] for m in new.stim_meta} - {m["uid"] for m in old.stim_meta})
+    assert f"a: {short[0]} -> {short[1]}: stims +{added} -" in out and "c: unchanged" in out
+    same_data(deepstrf.open_dataset(updated_url, storage_options=so).responses.sources[0], new)
+
+    assert _cli("prune", src, "--keep", "1", so=so) == 0
+    capsys.readouterr()
+    with pytest.raises(VersionNotFoundError, match=rf"source 'a' at .*a.zarr is pinned to version {fp_old}.*"
+                                                   rf"it holds {short[1]} tag 'sorted-again'"):
+        deepstrf.open_dataset(pool_url, storage_options=so)
+    same_data(deepstrf.open_dataset(updated_url, storage_options=so).responses.sources[0], new)
+    assert _cli("verify", updated_url, "--data", so=so) == 0
+
+
+def test_every_version_is_a_plain_zarr_group_and_old_stores_convert(tmp_path):
+    url = str(tmp_path / "a.zarr")
+    fp_old = deepstrf.save_dataset(aa1(1), url)
+    assert sorted(os.listdir(url)) == ["meta", "responses", "stims", "zarr.json"]  # as earlier releases wrote
+    before = zarr.open_array(url, path="responses/values", mode="r")[:]
+    fp_new = deepstrf.save_dataset(aa1(5), url, overwrite=True)
+    assert sorted(os.listdir(url)) == ["manifests", "meta", "responses", "stims", "versions", "zarr.json"]
+    root = zarr.open_group(url, mode="r")
+    assert root.attrs["format"] == "deepstrf.versions"
+    assert (zarr.open_array(url, path="responses/values", mode="r")[:] == before).all()  # the first version
+    (path,) = [v.path for v in versions_of(Location.parse(url)) if v.fingerprint == fp_new]
+    group = zarr.open_group(os.path.join(url, path), mode="r")  # any zarr v3 reader opens a version
+    assert group.attrs["fingerprint"] == fp_new and group.attrs["format"] == "deepstrf.source"
+    opened = deepstrf.open_dataset(url, version=fp_old)
+    same_data(opened, aa1(1))
+    assert deepstrf.save_dataset(aa1(5), url, overwrite=True) == fp_new  # the latest again: nothing new
+    assert len(versions_of(Location.parse(url))) == 2
+    assert _quiet_cli("verify", url) == 0 and _quiet_cli("verify", url, "--version", fp_old) == 0
+    with pytest.raises(ValueError, match="keep must be at least 1"):
+        prune(Location.parse(url), 0)
+    concat_neural_datasets([deepstrf.open_dataset(url, version=fp_old)], store=str(tmp_path / "p.zarr"))
+    with pytest.raises(StoreError, match="has no versions"):
+        deepstrf.open_dataset(str(tmp_path / "p.zarr"), version=fp_old)
+
+
+def test_a_tagged_first_save_is_versioned(tmp_path, capsys):
+    url = str(tmp_path / "a.zarr")
+    fp = deepstrf.save_dataset(aa1(1), url, tag="v1")
+    assert sorted(os.listdir(url)) == ["manifests", "versions", "zarr.json"]
+    assert deepstrf.open_dataset(url, version="v1").fingerprint == fp == deepstrf.open_dataset(url).fingerprint
+    assert _quiet_cli("versions", url) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[1].startswith(fp.split(":")[1][:12]) and " v1 " in out[1] and "(latest)" in out[1]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "x.txt").write_text("mine")
+    with pytest.raises(StoreExistsError, match="tagged version can only be published to an empty URL"):
+        deepstrf.save_dataset(aa1(1), str(tmp_path / "notes"), overwrite=True, tag="v1")
+    assert (tmp_path / "notes" / "x.txt").read_text() == "mine"
+
+
+def _quiet_cli(*args):
+    return cli_main(list(args))
+
+
+def test_failed_publish_leaves_the_old_latest(store_url, monkeypatch):
+    base, so = store_url
+    url = f"{base}/a.zarr"
+    deepstrf.save_dataset(aa1(1), url, storage_options=so)
+    fp = deepstrf.save_dataset(aa1(5), url, storage_options=so, overwrite=True)
+    real_put = versions_module._put
+
+    def crash_on_manifest(loc, key, doc):
+        if key.startswith("manifests/") and doc.get("fingerprint") != fp and doc.get("path"):
+            raise RuntimeError("simulated crash")
+        return real_put(loc, key, doc)
+
+    monkeypatch.setattr(versions_module, "_put", crash_on_manifest)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        deepstrf.save_dataset(aa1(7), url, storage_options=so, overwrite=True)
+    monkeypatch.undo()
+    assert deepstrf.open_dataset(url, storage_options=so).fingerprint == fp
+    fs, path = Location.parse(url, so).filesystem()
+    assert len(fs.ls(f"{path}/versions", detail=False)) == 1  # the failed version's group is gone
+    same_data(deepstrf.open_dataset(url, storage_options=so), aa1(5))
+
+
+def test_pools_written_before_versions_read_what_they_pooled(tmp_path):
+    from test_pool import _edit_sources_table
+
+    urls = [str(tmp_path / f"{n}.zarr") for n in ("a", "b")]
+    for seed, url in enumerate(urls, 1):
+        deepstrf.save_dataset(aa1(seed), url)
+    pool = str(tmp_path / "pool.zarr")
+    concat_neural_datasets([deepstrf.open_dataset(u) for u in urls], names=["a", "b"], store=pool)
+    _edit_sources_table(pool, lambda entries: [e.pop("version") for e in entries])  # as earlier releases wrote
+    deepstrf.save_dataset(aa1(5), urls[0], overwrite=True)
+    same_data(deepstrf.open_dataset(pool).responses.sources[0], aa1(1))
+
+
+def test_readers_during_publishing_see_one_version_whole(tmp_path):
+    url = str(tmp_path / "a.zarr")
+    seeds = (1, 5, 6, 7)  # fingerprints known before publishing: a reader may see a version first
+    datasets = {deepstrf.save_dataset(aa1(seed), str(tmp_path / f"scratch-{seed}.zarr")): aa1(seed) for seed in seeds}
+    deepstrf.save_dataset(aa1(1), url)
+    stop, problems, reads = threading.Event(), [], [0]
+
+    def read():
+        while not stop.is_set():
+            try:
+                ds = deepstrf.open_dataset(url)
+                same_data(ds, datasets[ds.fingerprint])
+                reads[0] += 1
+            except Exception as e:  # noqa: BLE001 - reported below
+                problems.append(repr(e))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for seed in (5, 6, 1, 7):
+            assert deepstrf.save_dataset(aa1(seed), url, overwrite=True) in datasets
+    finally:
+        stop.set()
+        reader.join(60)
+    assert not problems and reads[0] > 0
+
+
+PUBLISH = """
+import sys, deepstrf
+from deepstrf.datasets.synthetic import SyntheticAudioDataset
+print(deepstrf.save_dataset(SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02, seed=int(sys.argv[2])),
+                            sys.argv[1], overwrite=True))
+"""
+
+
+def test_two_concurrent_publishers_both_land(tmp_path):
+    url = str(tmp_path / "a.zarr")
+    first = deepstrf.save_dataset(aa1(1), url)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    procs = [subprocess.Popen([sys.executable, "-c", PUBLISH, url, str(seed)], stdout=subprocess.PIPE, text=True,
+                              env=env) for seed in (5, 6)]
+    published = {p.communicate(timeout=100)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert {v.fingerprint for v in versions_of(Location.parse(url))} == {first, *published}
+    assert deepstrf.open_dataset(url).fingerprint in published
+
+
+def test_concurrent_publishers_on_s3_and_http_readers(s3_server, http_server, tmp_path):
+    so = s3_server.storage_options
+    url = s3_server.url()
+    first = deepstrf.save_dataset(aa1(1), url, storage_options=so)
+    found, errors = [], []
+
+    def publish(seed):
+        try:
+            found.append(deepstrf.save_dataset(aa1(seed), url, storage_options=so, overwrite=True))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=publish, args=(seed,)) for seed in (5, 6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(100)
+    assert not errors
+    assert {v.fingerprint for v in versions_of(Location.parse(url, so))} == {first, *found}
+
+    local = str(tmp_path / "a.zarr")  # published read-only over HTTP: the root index says it all
+    deepstrf.save_dataset(aa1(1), local)
+    fp = deepstrf.save_dataset(aa1(5), local, overwrite=True, tag="v2")
+    shutil.copytree(local, os.path.join(http_server.root, "versioned.zarr"))
+    remote = http_server.url("versioned.zarr")
+    assert deepstrf.open_dataset(remote).fingerprint == fp
+    same_data(deepstrf.open_dataset(remote, version=first), aa1(1))
+    assert [v.tag for v in versions_of(Location.parse(remote))] == [None, "v2"]
+
+
+def test_cite_and_different_licenses(tmp_path, capsys):
+    urls = []
+    for seed, license_, citation in ((1, "CC0-1.0", "Lab A (2020) Songs. J Neuro."),
+                                     (2, "CC-BY-4.0", "Lab B (2021) Calls. eLife."),
+                                     (3, "CC-BY-4.0", "Lab B (2021) Calls. eLife.")):
+        ds = aa1(seed)
+        ds.card = {"name": f"src{seed}", "license": license_, "citation": citation}
+        urls.append(str(tmp_path / f"s{seed}.zarr"))
+        deepstrf.save_dataset(ds, urls[-1])
+    pool = str(tmp_path / "pool.zarr")
+    concat_neural_datasets([deepstrf.open_dataset(u) for u in urls], names=["a", "b", "c"], store=pool)
+    assert _quiet_cli("cite", pool) == 0
+    out = capsys.readouterr().out
+    assert "3 sources, 2 citations" in out and out.count("Lab B (2021)") == 1
+    assert "license: CC-BY-4.0; sources: b, c" in out and "different licenses" in out
+    assert _quiet_cli("cite", pool, "--bibtex") == 0
+    bib = capsys.readouterr().out
+    assert bib.count("@misc{") == 2 and "note = {Lab A (2020) Songs. J Neuro.}" in bib
+    assert _quiet_cli("cite", urls[0]) == 0
+    assert "1 source, 1 citation; licenses: CC0-1.0 (1 source)" in capsys.readouterr().out
+    assert _quiet_cli("info", pool, "--offline") == 0
+    assert "the sources carry different licenses" in capsys.readouterr().out
+
+
+def test_version_paths_that_lead_outside_the_store_are_refused(tmp_path):
+    from test_pool import _edit_sources_table
+
+    from deepstrf.errors import IntegrityError
+
+    outside = str(tmp_path / "outside.zarr")
+    deepstrf.save_dataset(aa1(9), outside)
+    url = str(tmp_path / "a.zarr")
+    deepstrf.save_dataset(aa1(1), url)
+    deepstrf.save_dataset(aa1(5), url, overwrite=True)
+    pool = str(tmp_path / "pool.zarr")
+    concat_neural_datasets([deepstrf.open_dataset(url)], store=pool)
+    _edit_sources_table(pool, lambda entries: entries[0].update(version="versions/../../outside.zarr"))
+    with pytest.raises(IntegrityError, match=r"version path 'versions/../../outside.zarr' is not a version"):
+        deepstrf.open_dataset(pool)
+    (manifest,) = [m for m in (tmp_path / "a.zarr" / "manifests").iterdir() if not m.name.startswith("0000")]
+    doc = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**doc, "path": "../outside.zarr"}))
+    with pytest.raises(IntegrityError, match=r"version path '../outside.zarr' is not a version"):
+        versions_of(Location.parse(url))
