@@ -2,7 +2,8 @@
 """Training throughput on a device, against what it trains with free data; prints ONE JSON line.
 
     python scripts/bench_gpu.py [--device cuda] [--scale 1] [--time-scale 1] [--workers 2,4,8]
-                                [--epochs 3] [--only bound,memory,...] [--workdir DIR]
+                                [--epochs 3] [--channels 16,16] [--pin default|on|off] [--threads N]
+                                [--only bound,memory,...] [--workdir DIR]
 
 The AA1+AA2-sized synthetic pool of ``scripts/bench_stream.py`` (built once
 under ``--workdir``), the demo's ``PooledEncodingModel`` (channels (16, 16), or ``--channels``),
