@@ -89,6 +89,10 @@ def test_heads_indexed_by_global_neuron_id(pool):
     assert (grad[used] > 0).all() and (grad[~used] == 0).all()
     with pytest.raises(IndexError):
         model(cb.stims, neuron_index=[pool.N_neurons])
+    # cells in any order, items given on the host or as tensors
+    perm = torch.randperm(cb.n_cells, generator=torch.Generator().manual_seed(3))
+    shuffled = model(cb.stims, cb.neuron_index[perm], cb.item_index[perm].numpy())
+    assert torch.allclose(shuffled, expected[perm], atol=1e-6)
 
 
 def test_dense_and_compact_losses_agree(pool):

@@ -8,11 +8,16 @@ and global neuron index, and the counts in their stored dtype.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import torch
+
+from .cells import CellPlan, ShapeGroup, empty
 
 
 def fill_missing_data(stims: Sequence[torch.Tensor], dims: int | Sequence[int], value: float = 0.0) -> torch.Tensor:
@@ -88,6 +93,11 @@ class CompactBatch:
     ``neuron_index[c]``; its ``(repeats[c], lengths[c])`` counts are
     ``values[offsets[c]:offsets[c + 1]]`` in row-major order, in the dtype
     they were stored in. Dict-style access (``batch["stims"]``) works.
+
+    Its operations work on whole tensors, one group of same-shaped cells at a
+    time (:mod:`~deepstrf.datasets.cells`), on any device: the plan is made on
+    the host from the index arrays, which :meth:`to` keeps a host copy of, so
+    a batch on an accelerator is never read back per cell.
     """
 
     stims: torch.Tensor
@@ -103,6 +113,10 @@ class CompactBatch:
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
 
+    def __getstate__(self) -> dict:
+        # the plan and the host index are remade where the batch lands (the plan holds device tensors)
+        return {k: v for k, v in self.__dict__.items() if k not in ("_plan", "_host")}
+
     def keys(self) -> list[str]:
         return [f.name for f in fields(self)]
 
@@ -114,16 +128,47 @@ class CompactBatch:
     def batch_size(self) -> int:
         return int(self.stims.shape[0])
 
-    def to(self, device: torch.device | str) -> "CompactBatch":
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for k, v in moved.items():
-            if isinstance(v, torch.Tensor):
-                moved[k] = v.to(device, non_blocking=True)
-        return CompactBatch(**moved)
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "CompactBatch":
+        """The batch on ``device``; it keeps the host index arrays, for its plan."""
+        return self._map(lambda v: v.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "CompactBatch":
+        """The batch in page-locked memory (what ``DataLoader(pin_memory=True)`` calls; needs an accelerator)."""
+        return self._map(lambda v: v.pin_memory())
+
+    def _map(self, move: Any) -> "CompactBatch":
+        host = self.host_index()
+        moved = CompactBatch(**{f.name: move(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
+                                for f in fields(self)})
+        moved._host = host
+        return moved
+
+    def host_index(self) -> dict[str, torch.Tensor]:
+        """The index arrays (``offsets``, ``repeats``, ``lengths``, ``item_index``, ``neuron_index``)
+        on the host: the batch's own on a CPU batch, else the copy :meth:`to` kept (or one copy
+        made now, for a batch built on an accelerator)."""
+        kept = getattr(self, "_host", None)
+        if kept is None:
+            kept = self._host = {k: getattr(self, k).cpu() for k in _INDEX_KEYS}
+        return kept
+
+    def plan(self) -> CellPlan:
+        """The batch's cells grouped by shape (made once, on the host)."""
+        plan = getattr(self, "_plan", None)
+        if plan is None:
+            host = self.host_index()
+            plan = CellPlan.of(host["offsets"].numpy(), host["repeats"].numpy(), host["lengths"].numpy(),
+                               self.values.device)
+            self._plan = plan
+        return plan
+
+    def n_observations(self) -> int:
+        """Observed (cell, repeat, bin) counts: ``sum(repeats * lengths)``, from the host plan."""
+        return sum(g.repeats * g.length * len(g.host_cells) for g in self.plan().groups)
 
     def time_mask(self) -> torch.Tensor:
         """``(n_cells, T_max)`` bool, True inside each cell's time range."""
-        T = int(self.lengths.max()) if self.n_cells else 0
+        T = self.plan().max_length
         return torch.arange(T, device=self.lengths.device)[None, :] < self.lengths[:, None]
 
     def repeat_sum(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -131,13 +176,37 @@ class CompactBatch:
 
         Sufficient statistic for a Poisson likelihood (with ``repeats``).
         """
-        T = int(self.lengths.max()) if self.n_cells else 0
-        out = torch.zeros((self.n_cells, T), dtype=dtype, device=self.values.device)
-        for c in range(self.n_cells):
-            r, t = int(self.repeats[c]), int(self.lengths[c])
-            cell = self.values[int(self.offsets[c]):int(self.offsets[c + 1])].view(r, t)
-            out[c, :t] = cell.sum(dim=0, dtype=dtype)
+        plan = self.plan()
+        out = empty((plan.n_cells, plan.max_length), dtype, self.values.device)
+        for g in plan.groups:  # every cell is in one group: each row is written once
+            if g.starts is None:  # consecutive cells: summed straight into the output
+                self.group_repeat_sum(g, dtype, out=out[g.cells, :g.length])
+            else:
+                out[g.cells, :g.length] = self.group_repeat_sum(g, dtype)
+            out[g.cells, g.length:] = 0
         return out
+
+    def group_repeat_sum(self, group: ShapeGroup, dtype: torch.dtype = torch.float32,
+                         out: torch.Tensor | None = None, exact: bool = False) -> torch.Tensor:
+        """``(k, length)`` counts of one shape group of the plan, summed over repeats, as ``dtype``
+        (into ``out``), or with ``exact`` in the integer dtype they were summed in (small integer
+        counts: the narrowest that holds the sum; other counts: ``dtype``)."""
+        # one pass per repeat (faster than a reduction over a middle axis), integer counts summed
+        # exactly in the narrowest integer type (half the bytes of float32 for uint8), cast once
+        acc_dtype = _sum_dtype(self.values.dtype, group.repeats) or dtype
+        direct = out is not None and acc_dtype == dtype
+        acc = out if direct else empty((len(group.host_cells), group.length), acc_dtype, self.values.device)
+        if group.repeats == 0:
+            acc.zero_()
+        else:
+            acc.copy_(group.repeat(self.values, 0))
+        for j in range(1, group.repeats):
+            acc.add_(group.repeat(self.values, j))
+        if direct or out is None and (exact or acc_dtype == dtype):
+            return acc
+        if out is None:
+            out = empty(tuple(acc.shape), dtype, acc.device)
+        return out.copy_(acc)
 
     def psth(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Trial-averaged response ``(n_cells, T_max)``."""
@@ -145,18 +214,78 @@ class CompactBatch:
 
     def padded(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``(n_cells, R_max, T_max)`` NaN-padded cells (for metrics on repeats)."""
-        R = int(self.repeats.max()) if self.n_cells else 0
-        T = int(self.lengths.max()) if self.n_cells else 0
-        out = torch.full((self.n_cells, R, T), float("nan"), dtype=dtype, device=self.values.device)
-        for c in range(self.n_cells):
-            r, t = int(self.repeats[c]), int(self.lengths[c])
-            out[c, :r, :t] = self.values[int(self.offsets[c]):int(self.offsets[c + 1])].view(r, t)
+        plan = self.plan()
+        out = empty((plan.n_cells, plan.max_repeats, plan.max_length), dtype, self.values.device).fill_(math.nan)
+        for g in plan.groups:
+            if g.starts is None:  # consecutive cells: copied, cast in place
+                out[g.cells, :g.repeats, :g.length].copy_(g.counts(self.values))
+            else:
+                out[g.cells, :g.repeats, :g.length] = g.counts(self.values).to(dtype)
         return out
+
+    def to_dense(self, neurons: Sequence[int] | np.ndarray | torch.Tensor) -> dict:
+        """The ``neural_collate`` batch of the same items, built where the batch is (e.g. on a GPU).
+
+        ``neurons``: the dense batch's neuron axis, as global neuron ids in
+        order (``ds.selected_neurons()``; ``range(N)`` for a batch whose
+        ``neuron_index`` holds positions). ``responses`` ``(B, N, R_max,
+        T_max)`` in the stimuli's dtype, NaN wherever there is no count (as
+        ``neural_collate`` pads the ``(1, 1)`` NaN sentinel of a missing pair),
+        ``valid_mask``, ``stims`` and ``stim_meta`` as they are.
+        """
+        flat, n = self._dense_positions(neurons)
+        plan, B = self.plan(), self.batch_size
+        some_missing = plan.n_cells < B * n
+        R = max(plan.max_repeats, int(some_missing))
+        T = max(plan.max_length, int(some_missing))
+        device = self.values.device
+        responses = empty((B * n, R, T), self.stims.dtype, device).fill_(math.nan)
+        valid = empty((B * n, R, T), torch.bool, device).fill_(False)
+        for g in plan.groups:
+            rows = flat[g.host_cells]
+            if (np.diff(rows) == 1).all():  # consecutive rows (an item's run of neurons): copied, cast in place
+                where = slice(int(rows[0]), int(rows[-1]) + 1)
+                responses[where, :g.repeats, :g.length].copy_(g.counts(self.values))
+            else:
+                where = torch.from_numpy(rows).to(device)
+                responses[where, :g.repeats, :g.length] = g.counts(self.values).to(responses.dtype)
+            valid[where, :g.repeats, :g.length] = True
+        shape = (B, n, R, T)
+        return {"stims": self.stims, "responses": responses.view(shape), "valid_mask": valid.view(shape),
+                "stim_meta": list(self.stim_meta)}
+
+    def _dense_positions(self, neurons: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[np.ndarray, int]:
+        """Each cell's row ``item * N + position`` of the dense batch (host), and ``N``."""
+        ids = np.asarray(neurons.cpu() if isinstance(neurons, torch.Tensor) else list(neurons), dtype=np.int64)
+        host = self.host_index()
+        cell_ids = host["neuron_index"].numpy()
+        lookup = np.full(max(int(ids.max(initial=-1)), int(cell_ids.max(initial=-1))) + 1, -1, dtype=np.int64)
+        lookup[ids] = np.arange(len(ids))
+        pos = lookup[cell_ids]
+        if (pos < 0).any():
+            missing = sorted(set(cell_ids[pos < 0].tolist()))
+            raise ValueError(f"to_dense: the batch has cells of neurons {missing[:10]} that are not in `neurons` "
+                             f"({len(ids)} ids); pass the dataset's selected_neurons() (or range(N) for a batch "
+                             "whose neuron_index holds positions)")
+        return host["item_index"].numpy() * len(ids) + pos, len(ids)
 
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in
                    (self.stims, self.values, self.offsets, self.repeats, self.lengths,
                     self.item_index, self.neuron_index, self.stim_lengths))
+
+
+_INDEX_KEYS = ("offsets", "repeats", "lengths", "item_index", "neuron_index")
+
+
+def _sum_dtype(counts: torch.dtype, repeats: int) -> torch.dtype | None:
+    """The narrowest integer dtype that holds the sum of ``repeats`` counts of dtype ``counts``
+    exactly, for the small signed and unsigned counts torch adds in place into a wider integer
+    (uint8, int8, int16); None otherwise (summed in the output's floating dtype)."""
+    if counts not in (torch.uint8, torch.int8, torch.int16):
+        return None
+    largest = repeats * max(abs(torch.iinfo(counts).max), abs(torch.iinfo(counts).min))
+    return next(t for t in (torch.int16, torch.int32, torch.int64) if largest <= torch.iinfo(t).max)
 
 
 def compact_collate(batch: Sequence[dict], neuron_index: Sequence[int] | None = None) -> CompactBatch:

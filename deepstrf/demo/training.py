@@ -88,7 +88,7 @@ def batch_loss(model: PooledEncodingModel, batches: Iterable[CompactBatch]) -> f
     total, n = 0.0, 0
     for b in batches:
         total += float(poisson_loss_compact(model.predict(b), b, reduction="sum"))
-        n += int((b.repeats * b.lengths).sum())
+        n += b.n_observations()
     return total / max(n, 1)
 
 
@@ -112,7 +112,7 @@ def fit(model: PooledEncodingModel, train: BatchSource, cfg: TrainConfig, *, hel
                       disable=not progress, dynamic_ncols=True):
             pred = model.predict(b)
             loss_sum = poisson_loss_compact(pred, b, reduction="sum")
-            n_obs = int((b.repeats * b.lengths).sum())
+            n_obs = b.n_observations()
             opt.zero_grad(set_to_none=True)
             (loss_sum / max(n_obs, 1)).backward()
             opt.step()

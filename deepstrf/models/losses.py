@@ -15,7 +15,9 @@ padding) never enter it.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
+from ..datasets.cells import empty
 from ..datasets.collate import CompactBatch
 
 EPS = 1e-8
@@ -38,12 +40,11 @@ def poisson_loss_dense(pred: torch.Tensor, responses: torch.Tensor, valid_mask: 
     valid = ~responses.isnan()
     if valid_mask is not None:
         valid = valid & valid_mask
-    if not bool(valid.any()):
-        return pred.sum() * 0.0
     y = torch.where(valid, responses, torch.zeros((), dtype=responses.dtype)).to(pred.dtype)
     lam = pred.expand_as(responses)
     nll = lam - y * torch.log(lam + eps)
-    return (nll * valid).sum() / valid.sum()
+    # no valid entry: 0, with a graph (clamped count rather than a test, which would read back from a device)
+    return (nll * valid).sum() / valid.sum().clamp(min=1)
 
 
 def poisson_loss_compact(pred: torch.Tensor, batch: CompactBatch, eps: float = EPS,
@@ -52,27 +53,63 @@ def poisson_loss_compact(pred: torch.Tensor, batch: CompactBatch, eps: float = E
 
     Only the bins ``t < lengths[c]`` of each cell count; with
     ``reduction="sum"`` the total over observations is returned, with
-    ``"none"`` the per-cell sums ``(n_cells,)``.
+    ``"none"`` the per-cell sums ``(n_cells,)``. Computed one group of
+    same-shaped cells at a time, from the counts as stored, with a backward
+    of its own (a few passes over the predictions, no per-cell work).
     """
     if pred.dim() != 2 or pred.shape[0] != batch.n_cells:
         raise ValueError(f"pred must be (n_cells={batch.n_cells}, T), got {tuple(pred.shape)}")
-    ysum = batch.repeat_sum(pred.dtype).to(pred.device)
-    T = ysum.shape[1]
-    if pred.shape[1] < T:
-        raise ValueError(f"prediction covers {pred.shape[1]} bins, cells need {T}")
-    lam = pred[:, :T]
-    mask = batch.time_mask().to(pred.device)
-    R = batch.repeats.to(device=pred.device, dtype=pred.dtype)[:, None]
-    per_bin = (R * lam - ysum * torch.log(lam + eps)) * mask
-    per_cell = per_bin.sum(dim=1)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if batch.values.device != pred.device:
+        batch = batch.to(pred.device)
+    plan = batch.plan()
+    if pred.shape[1] < plan.max_length:
+        raise ValueError(f"prediction covers {pred.shape[1]} bins, cells need {plan.max_length}")
+    per_cell = _CompactPoissonNLL.apply(pred, batch, eps)
     if reduction == "none":
         return per_cell
     if reduction == "sum":
         return per_cell.sum()
-    if reduction != "mean":
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    n_obs = (batch.repeats * batch.lengths).sum().clamp(min=1).to(pred.dtype)
-    return per_cell.sum() / n_obs
+    return per_cell.sum() / max(batch.n_observations(), 1)
+
+
+class _CompactPoissonNLL(torch.autograd.Function):
+    """Per-cell ``sum_t<len R lambda - ysum log(lambda + eps)``; its gradient is
+    ``R - ysum / (lambda + eps)`` inside each cell's length, zero elsewhere."""
+
+    @staticmethod
+    def forward(ctx, pred: torch.Tensor, batch: CompactBatch, eps: float) -> torch.Tensor:
+        plan = batch.plan()
+        out = pred.new_zeros(plan.n_cells)
+        sums = []
+        for g in plan.groups:
+            ysum = batch.group_repeat_sum(g, pred.dtype, exact=True)  # integer counts stay integers
+            lam = _rates(pred, g)
+            out[g.cells] = g.repeats * lam.sum(1) - (lam + eps).log_().mul_(ysum).sum(1)
+            sums.append(ysum)
+        ctx.save_for_backward(pred)
+        ctx.plan, ctx.sums, ctx.eps = plan, sums, eps
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        (pred,) = ctx.saved_tensors
+        grad = empty(tuple(pred.shape), pred.dtype, pred.device)
+        for g, ysum in zip(ctx.plan.groups, ctx.sums):  # every cell is in one group: each row written once
+            part = _rates(pred, g) + ctx.eps
+            repeats = torch.full((1, 1), float(g.repeats), dtype=pred.dtype, device=pred.device)
+            torch.addcdiv(repeats, ysum, part, value=-1, out=part)  # R - ysum / (lambda + eps)
+            grad[g.cells, :g.length] = part.mul_(grad_out[g.cells][:, None])
+            grad[g.cells, g.length:] = 0
+        return grad, None, None
+
+
+def _rates(pred: torch.Tensor, group) -> torch.Tensor:
+    """The rows of ``pred`` of a group's cells, over their length."""
+    rows = pred[group.cells] if group.starts is None else pred.index_select(0, group.cells)
+    return rows[:, :group.length]
 
 
 def masked_poisson_loss(model_out: torch.Tensor, batch, eps: float = EPS) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -113,22 +114,31 @@ class NeuronReadout(nn.Module):
         if neuron_index is None:
             drive = torch.einsum("nd,bdt->bnt", self.weight, features) + self.bias[None, :, None]
             return F.softplus(drive).unsqueeze(2)
-        ids = torch.as_tensor(neuron_index, dtype=torch.long, device=features.device)
+        ids = torch.as_tensor(neuron_index, dtype=torch.long)  # checked where it is (a host copy: no sync)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n_neurons):
             raise IndexError(f"neuron ids must be in [0, {self.n_neurons}), got range "
                              f"[{int(ids.min())}, {int(ids.max())}]")
+        ids = ids.to(features.device, non_blocking=True)
         if item_index is None:
             drive = torch.einsum("nd,bdt->bnt", self.weight[ids], features) + self.bias[ids][None, :, None]
             return F.softplus(drive).unsqueeze(2)
-        items = torch.as_tensor(item_index, dtype=torch.long, device=features.device)
+        items = torch.as_tensor(item_index, dtype=torch.long)
         if items.shape != ids.shape:
             raise ValueError(f"item_index {tuple(items.shape)} and neuron_index {tuple(ids.shape)} differ")
-        drive = features.new_zeros((ids.numel(), features.shape[-1]))
-        for b in torch.unique(items).tolist():
-            sel = (items == b).nonzero(as_tuple=True)[0]
-            n = ids[sel]
-            drive = drive.index_copy(0, sel, self.weight[n] @ features[b] + self.bias[n][:, None])
-        return F.softplus(drive)
+        return F.softplus(self._cell_drive(features, ids, items.cpu().numpy()))
+
+    def _cell_drive(self, features: torch.Tensor, ids: torch.Tensor, items: np.ndarray) -> torch.Tensor:
+        """``(n_cells, T)`` drive, one matrix product per item (cells grouped on the host)."""
+        order = np.argsort(items, kind="stable")
+        in_order = bool((order == np.arange(len(order))).all())
+        bounds = np.searchsorted(items[order], np.arange(features.shape[0] + 1))
+        sorted_ids = ids if in_order else ids[torch.from_numpy(order).to(ids.device)]
+        parts = [self.weight[sorted_ids[lo:hi]] @ features[b] + self.bias[sorted_ids[lo:hi]][:, None]
+                 for b, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())) if hi > lo]
+        drive = torch.cat(parts) if parts else features.new_zeros((0, features.shape[-1]))
+        if in_order:
+            return drive
+        return drive[torch.from_numpy(np.argsort(order)).to(ids.device)]
 
 
 class PooledEncodingModel(NeuralModel):
@@ -162,6 +172,7 @@ class PooledEncodingModel(NeuralModel):
 
     def predict(self, batch, neurons: Sequence[int] | None = None) -> torch.Tensor:
         """Rates for a batch: per valid cell for a CompactBatch, dense otherwise."""
-        if isinstance(batch, CompactBatch):
-            return self(batch.stims, batch.neuron_index, batch.item_index)
+        if isinstance(batch, CompactBatch):  # the host copies of the index arrays: no read-back from a device
+            host = batch.host_index()
+            return self(batch.stims, host["neuron_index"], host["item_index"])
         return self(batch["stims"], neurons)

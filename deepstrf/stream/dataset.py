@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent import futures
@@ -154,6 +155,12 @@ class StreamingNeuralDataset(IterableDataset):
     retries per ``retry``, an optional LRU row cache of at most
     ``cache_bytes`` in ``cache_dir``.
 
+    ``device`` (with ``batch_size``): where batches are delivered. The reading
+    processes then build compact batches, and the consumer's process moves each
+    one there and, for ``collate="dense"``, builds the dense batch there
+    (:meth:`deliver`): on a GPU the host never holds a dense batch. Without it,
+    batches stay on the host as built (the right choice for training on the CPU).
+
     Batch buffers: with ``reuse_buffers`` (default), the large buffers of a
     batch are reused for a later batch once nothing refers to it any more
     (:mod:`deepstrf.stream.buffers`); a batch you keep is never overwritten.
@@ -171,7 +178,7 @@ class StreamingNeuralDataset(IterableDataset):
                  read_threads: int | None = None, cache_dir: str | os.PathLike | None = None,
                  cache_bytes: int = 2 << 30, retry: RetryPolicy = RetryPolicy(), reuse_buffers: bool = True,
                  loader_batch_size: int | None = None, subset: Sequence[int] | None = None,
-                 open_options: dict | None = None) -> None:
+                 open_options: dict | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
         if isinstance(source, NeuralDataset):
             self.url: str | None = None
@@ -188,6 +195,10 @@ class StreamingNeuralDataset(IterableDataset):
             raise ValueError(f"loader_batch_size={loader_batch_size!r} plans items for a DataLoader's batches: it "
                              "needs batch_size=None (the dataset yields items) and must be >= 1; with batch_size "
                              "the dataset builds the batches itself")
+        if device is not None and batch_size is None:
+            raise ValueError(f"device={device!r} delivers the batches the dataset builds on a device: it needs "
+                             "batch_size (items batched by a DataLoader: move the batch yourself, "
+                             "e.g. compact_collate(...).to(device).to_dense(ds.selected_neurons()))")
         if source_homogeneous and batch_size is None:
             raise ValueError("source_homogeneous=True needs a batch_size (batches are built by the dataset)")
         if (rank is None) != (world_size is None):
@@ -199,6 +210,7 @@ class StreamingNeuralDataset(IterableDataset):
         self.batch_size = batch_size
         self.loader_batch_size = loader_batch_size
         self.collate = collate
+        self.device = None if device is None else torch.device(device)
         self.source_homogeneous = source_homogeneous
         self.subset = None if subset is None else sorted({int(s) for s in subset})
         self._selection_args = (None if stims is None else list(stims),
@@ -463,6 +475,7 @@ class StreamingNeuralDataset(IterableDataset):
             if self.batch_size is not None:
                 if in_process:
                     self._steps += 1  # counted before the hand-over: the consumer holds it from here
+                    out = self.deliver(out)
                 yield out
                 continue
             for k, item in enumerate(out):
@@ -519,6 +532,21 @@ class StreamingNeuralDataset(IterableDataset):
     def _end_pass(self) -> None:
         self.epoch, self._offset, self._steps = self.epoch + 1, 0, 0
 
+    @property
+    def built_format(self) -> Collate:
+        """The format this dataset's reading builds batches in: ``collate``, except that with a
+        ``device`` dense batches are built there, from compact ones (:meth:`deliver`)."""
+        return "compact" if self.collate == "compact" or self.device is not None else "dense"
+
+    def deliver(self, batch: Any) -> Any:
+        """A built batch as the consumer gets it: as built, or, with a ``device``, moved there
+        (``non_blocking``) and, for ``collate="dense"``, made dense there
+        (:meth:`CompactBatch.to_dense` over the selected neurons). Runs in the consumer's process."""
+        if self.device is None:
+            return batch
+        batch = batch.to(self.device)
+        return batch.to_dense(self._state().selection.neurons) if self.collate == "dense" else batch
+
     def _prefetch_depth(self, in_worker: bool) -> int:
         if self.prefetch is not None:
             return self.prefetch
@@ -527,7 +555,7 @@ class StreamingNeuralDataset(IterableDataset):
     def _buffer_pool(self, shared: bool) -> BufferPool:
         """Where this pass's batches are built: shared memory in a DataLoader worker (no copy to the
         main process), reused buffers unless turned off."""
-        return BufferPool(shared, slots=slots_for(self.collate) if self.reuse_buffers else 0)
+        return BufferPool(shared, slots=slots_for(self.built_format) if self.reuse_buffers else 0)
 
     def _read_batch(self, positions: np.ndarray, pool: BufferPool, scratch: BufferPool | None = None) -> Any:
         """Read the items at ``positions`` of the visible list: one batched row read (``scratch``: where
@@ -550,7 +578,7 @@ class StreamingNeuralDataset(IterableDataset):
             stim_tensors, pending = self._read_stims(st, stims), None
         else:
             pending = st.stim_pool.submit(run_gated, self._read_stims, st, stims)
-        compact_batch = self.batch_size is not None and self.collate == "compact"
+        compact_batch = self.batch_size is not None and self.built_format == "compact"
         try:
             values, out = self._batch_buffer(st, stims, pool if compact_batch else scratch)
             rows = self._read_rows(st, stims, out)
@@ -657,7 +685,8 @@ class StreamingNeuralDataset(IterableDataset):
 
     def __repr__(self) -> str:
         return (f"StreamingNeuralDataset({self._where()!r}, batch_size={self.batch_size}, "
-                f"collate={self.collate!r}, shuffle={self.shuffle}, seed={self.seed}, epoch={self.epoch})")
+                f"collate={self.collate!r}, device={self.device}, shuffle={self.shuffle}, seed={self.seed}, "
+                f"epoch={self.epoch})")
 
 
 def _waits_on_network(ds: NeuralDataset) -> bool:
@@ -727,6 +756,9 @@ class StreamingDataLoader(DataLoader):
       stores over a network, whose reads in the main process wait on round trips that the workers'
       first batches then wait behind (measured over S3: 12-18 % slower over 400 items, first batch
       no sooner). Forked workers start at once: no lead.
+    - ``pin_memory``: default True only for a dataset with a CUDA ``device`` and workers (the
+      workers then send compact batches, tens of MB, whose copy to the GPU can run beside the
+      step); pinning dense host batches (hundreds of MB) is warned against.
     """
 
     def __init__(self, dataset: StreamingNeuralDataset, *, read_while_starting: bool | None = None,
@@ -738,20 +770,29 @@ class StreamingDataLoader(DataLoader):
                              "DataLoader(ds, batch_size=B, collate_fn=compact_collate, num_workers=k) (and "
                              "loader_batch_size=B on the dataset; call ds.set_epoch every epoch)")
         kwargs.setdefault("batch_size", None)
+        on_cuda = dataset.device is not None and dataset.device.type == "cuda"
+        # with a CUDA device only compact batches cross from the workers: pinned, their copy to the
+        # device runs beside the training step; a dense host batch (hundreds of MB) is never pinned
+        kwargs.setdefault("pin_memory", on_cuda and workers > 0)
+        if kwargs["pin_memory"] and dataset.built_format == "dense" and dataset.batch_size is not None:
+            warnings.warn("pin_memory=True copies every dense batch (hundreds of MB on a pool) into page-locked "
+                          "memory, which costs more than it saves; pass device='cuda' to the "
+                          "StreamingNeuralDataset instead: the workers then send compact batches and the dense "
+                          "batch is built on the GPU", UserWarning, stacklevel=3)
         self.stall_timeout: float = kwargs.get("timeout") or (DEFAULT_TIMEOUT_S if workers > 0 else 0.0)
         self._choose_context = workers > 0 and kwargs.get("multiprocessing_context") is None
         self._user_collate = kwargs.get("collate_fn")
         if workers > 0:
             # the DataLoader only waits this long at a time, so that dead workers are seen at once
             kwargs["timeout"] = min(self.stall_timeout, WORKER_CHECK_S)
-            if dataset.collate == "dense" and dataset.batch_size is not None:
+            if dataset.built_format == "dense" and dataset.batch_size is not None:
                 # a dense batch is hundreds of MB on a pool: one per worker in flight, not two
                 kwargs.setdefault("prefetch_factor", DENSE_PREFETCH_FACTOR)
             if self._choose_context:
                 kwargs["multiprocessing_context"] = worker_context(self._runs_user_code(dataset, kwargs))
         super().__init__(dataset, **kwargs)
         if read_while_starting is None:
-            dense = dataset.collate == "dense" and dataset.batch_size is not None
+            dense = dataset.built_format == "dense" and dataset.batch_size is not None
             read_while_starting = not dense and not dataset._state().waits_on_network
         self.read_while_starting = read_while_starting
         self.lead_batches = 0
@@ -809,7 +850,7 @@ class StreamingDataLoader(DataLoader):
             for batch in ds._lead_batches(self.stall_timeout or None):
                 self.lead_batches += 1
                 ds._steps += 1
-                yield batch
+                yield ds.deliver(batch)
                 if starting.done() and starting.exception() is not None:
                     break
         except ReadTimeout as exc:
@@ -871,7 +912,7 @@ class StreamingDataLoader(DataLoader):
                     raise self._stalled(batches, exc) from exc
                 continue  # the workers are alive: wait on (the DataLoader resumes where it was)
             ds._steps += 1
-            yield batch
+            yield ds.deliver(batch)
             waiting_since = time.monotonic()
         ds._end_pass()
 

@@ -1,0 +1,28 @@
+"""The GPU training benchmark and the compact-batch microbenchmark run (tiny, on the CPU)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import bench_compact  # noqa: E402
+import bench_gpu  # noqa: E402
+
+
+def test_bench_gpu_runs_every_configuration_on_the_cpu(tmp_path, capsys):
+    out = bench_gpu.main(["--device", "cpu", "--scale", "0.02", "--time-scale", "0.02", "--workers", "0",
+                          "--epochs", "1", "--channels", "2", "--workdir", str(tmp_path)])
+    assert capsys.readouterr().out.count("\n") == 1  # one JSON line
+    configs = out["configs"]
+    assert set(configs) == {"bound", "memory", "loader_w0", "compact_w0", "dense_device_w0"}
+    assert configs["bound"]["fraction_of_bound"] == 1.0
+    assert all(c["items_per_s"] > 0 and c["fraction_of_bound"] > 0 for c in configs.values())
+
+
+def test_bench_compact_reports_ratios():
+    out = bench_compact.main(["--items", "2", "--neurons", "5", "--repeats", "3", "--bins", "50", "--runs", "1"])
+    assert out["batch"]["cells"] == 10
+    assert all(out[k] > 0 for k in ("repeat_sum_over_counts_pass", "loss_forward_over_counts_pass",
+                                    "to_dense_over_dense_pass"))
