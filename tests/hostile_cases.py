@@ -177,8 +177,28 @@ def cases(store: Path) -> dict[str, Callable[[Path], None]]:
     for label, mutate in attribute_mutations(root["attributes"]).items():
         out[label] = lambda s, mutate=mutate: rewrite_attributes(s, mutate)
     out["attr dt_ms changed, fingerprint stale"] = lambda s: _stale_dt(s)
+    if root["attributes"].get("format") == "deepstrf.source":
+        out.update(consistent_lies())
     out.update(chunk_damages(store))
     return out
+
+
+def consistent_lies() -> dict[str, Callable[[Path], None]]:
+    """A hostile writer's lies that agree with each other: sizes declared in the attributes, in
+    every array document they imply, and in a recomputed fingerprint, far beyond what is stored."""
+    def values_huge(store: Path) -> None:
+        rewrite_array_meta(store, "responses/values", _set(("shape",), [HUGE]))
+        rewrite_attributes(store, _set(("attributes", "stats", "values"), HUGE))
+
+    def stims_huge(store: Path) -> None:
+        root = json.loads((store / "zarr.json").read_text())
+        S, N = 10 ** 9, root["attributes"]["n_neurons"]
+        for name, shape in (("responses/offsets", [S * N + 1]), ("responses/repeats", [S, N]),
+                            ("stims/offsets", [S + 1]), ("stims/shapes", [S, root["attributes"]["stim_ndim"]])):
+            rewrite_array_meta(store, name, _set(("shape",), shape))
+        rewrite_attributes(store, _set(("attributes", "n_stims"), S))
+
+    return {"consistent: responses/values huge": values_huge, "consistent: n_stims huge": stims_huge}
 
 
 def _stale_dt(store: Path) -> None:
@@ -234,7 +254,8 @@ def outcome(step: Callable[[], Any], url: str, seconds: float) -> tuple[str, Any
 
 
 def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
-    return len(a) == len(b) and all(x.shape == y.shape and np.array_equal(x, y, equal_nan=x.dtype.kind == "f") for x, y in zip(a, b))
+    return len(a) == len(b) and all(x.shape == y.shape and np.array_equal(x, y, equal_nan=x.dtype.kind == "f")
+                                    for x, y in zip(a, b))
 
 
 class Workspace:

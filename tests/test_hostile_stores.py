@@ -62,6 +62,8 @@ def test_every_case_ends_in_a_named_error_or_the_right_data(results):
     ("stims/values: inner chunk 0", ["stims/values", "inner chunk"]),
     ("meta/nrn_meta: chunk huge", ["meta/nrn_meta", "chunk"]),
     ("attr n_neurons missing", ["n_neurons", "missing"]),
+    ("consistent: responses/values huge", ["len(values)=1000000000000"]),
+    ("consistent: n_stims huge", ["expected 1000000000"]),
 ])
 def test_lies_reported_on_issue_are_refused_by_name(results, case, words):
     r = results[("source.zarr", case)]
