@@ -10,9 +10,11 @@ Figures, each next to its baseline:
   ``--latency-ms`` added to every request);
 - ``open_latest_s`` (a versioned store: root, listing, newest manifest, version root) against
   ``open_plain_s`` (a store never re-published), on S3;
-- ``pool_open_s``: opening a pool of ``--k`` sources, each pinned to a version, without opening
-  any source (what every pool of more than 64 sources does), against the same pool written
-  without pins (the entries of earlier releases).
+- ``pool_open_pinned_s``: opening a pool of ``--k`` sources, each pinned to a version, without
+  opening any source (what every pool of more than 64 sources does), against
+  ``pool_open_unpinned_s``, the same pool written without pins (the entries of earlier releases);
+  locally (under ``local``) and on S3 with ``--latency-ms`` per request (under ``s3``; the pools
+  are written there without latency).
 """
 
 from __future__ import annotations
@@ -61,20 +63,32 @@ def publishing(url: str, options: dict | None, scale: float) -> dict:
             "bytes_per_version": int(added)}
 
 
-def pinned_pool(folder: str, k: int, pinned: bool) -> str:
-    """A pool of ``k`` one-stim, one-neuron sources, written from their entries alone (the sources
-    themselves are never opened by a pool of more than 64 sources until read)."""
+def pinned_pool(folder: str, k: int, pinned: bool, options: dict | None = None) -> str:
+    """A pool of ``k`` one-stim, one-neuron sources under ``folder`` (a local folder or an S3
+    prefix), written from their entries alone (the sources themselves are never opened by a pool
+    of more than 64 sources until read)."""
     parts = []
     for i in range(k):
         ds = NeuralDataset(path=f"s{i}", dt_ms=1.0)
         ds.stims, ds.responses = [torch.zeros(1, 1, 4)], [[torch.ones(1, 4)]]
         ds.stim_meta, ds.nrn_meta, ds.N_neurons = [{"uid": f"s{i}"}], [{"uid": f"n{i}"}], 1
-        ds.store_url, ds.fingerprint = os.path.join(folder, f"s{i:05d}.zarr"), f"sha256:{i:064x}"
+        ds.store_url, ds.fingerprint = f"{folder}/s{i:05d}.zarr", f"sha256:{i:064x}"
         ds.version_path = f"versions/20260101T000000000000Z-{i:08x}" if pinned else ""
         parts.append(ds)
-    url = os.path.join(folder, f"pool-{'pinned' if pinned else 'plain'}.zarr")
-    write_pool(parts, url, overwrite=True, trust=True, allowed_roots=[folder])
+    url = f"{folder}/pool-{'pinned' if pinned else 'plain'}.zarr"
+    write_pool(parts, url, storage_options=options, overwrite=True, trust=True, allowed_roots=[folder])
     return url
+
+
+def pool_opening(folder: str, k: int, options: dict | None = None, before_open=lambda: None) -> dict:
+    """Opening times of a pinned and an unpinned pool of ``k`` sources (``before_open``: called
+    once both are written)."""
+    urls = {pinned: pinned_pool(folder, k, pinned, options) for pinned in (True, False)}
+    before_open()
+    return {f"pool_open_{'pinned' if pinned else 'unpinned'}_s":
+            best_of(lambda url=url: deepstrf.open_dataset(url, storage_options=options, check_sources=False,
+                                                          trust=True))
+            for pinned, url in urls.items()}
 
 
 def main() -> None:
@@ -96,10 +110,14 @@ def main() -> None:
                                                                                storage_options=options))
             out["s3"]["open_plain_s"] = best_of(lambda: deepstrf.open_dataset("s3://bench/plain.zarr",
                                                                               storage_options=options))
-        for pinned in (True, False):
-            url = pinned_pool(folder, args.k, pinned)
-            key = "pool_open_pinned_s" if pinned else "pool_open_unpinned_s"
-            out[key] = best_of(lambda: deepstrf.open_dataset(url, check_sources=False, trust=True))
+            s3.set_latency(0.0)  # 2 x 10^4 entries written quickly, opened at the latency asked for
+            out["s3"].update(pool_opening("s3://bench/pools", args.k, options,
+                                          lambda: s3.set_latency(args.latency_ms / 1000)))
+        out["local"].update(pool_opening(folder, args.k))
+    for where in ("local", "s3"):
+        figures = out[where]
+        figures["pool_open_pinned_vs_unpinned"] = round(figures["pool_open_pinned_s"] /
+                                                        max(figures["pool_open_unpinned_s"], 1e-9), 2)
     print(json.dumps(out))
 
 

@@ -46,7 +46,7 @@ def _version_of(loc: Location, root: dict, wanted: str | None) -> tuple[Location
     """The location, root document and version of the version ``wanted`` (latest: None)."""
     if wanted is None and not is_versioned(root):
         is_source = (root.get("attributes") or {}).get("format") == fmt.SOURCE_FORMAT
-        return loc, root, Version.of_root(root) if is_source else None
+        return loc, root, Version.of_root(root, loc.url) if is_source else None
     return open_version(loc, root, wanted)
 
 

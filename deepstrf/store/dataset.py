@@ -19,10 +19,10 @@ import torch
 
 from ..datasets.audio import AudioNeuralDataset
 from ..datasets.metatable import MetaTable
-from ..datasets.neural_dataset import NeuralDataset
+from ..datasets.neural_dataset import DatasetValidationError, NeuralDataset
 from ..datasets.video import VideoNeuralDataset
 from ..datasets.views import BlockDiagonalGrid, LazySequence, RawRow, ResponseGrid, missing_sentinel
-from ..errors import StoreError
+from ..errors import IntegrityError, StoreError
 from ..forksafe import run_gated
 from . import format as fmt
 from .location import Location, on_network
@@ -167,7 +167,11 @@ def open_source(loc: Location, root: dict[str, Any], *, lazy_metadata: bool = Fa
     ds.store_url = loc.url
     ds.storage_options = loc.storage_options
     ds.fingerprint = attrs["fingerprint"]
-    ds.validate()
+    try:
+        ds.validate()
+    except DatasetValidationError as e:
+        raise IntegrityError(f"{loc.url}: the store's attributes do not describe a valid dataset ({e}); the "
+                             "store is damaged. Re-create it from its source.") from e
     return ds
 
 

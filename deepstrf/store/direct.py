@@ -21,7 +21,7 @@ from numcodecs import blosc
 from zarr.core.buffer import default_buffer_prototype
 
 from .integrity import MissingChunk
-from .layout import check_crc, chunk_shape, compressed_chunks, plain_dtype, slash_chunk_keys
+from .layout import blosc_nbytes, check_crc, chunk_shape, compressed_chunks, plain_dtype, slash_chunk_keys
 
 
 @dataclass(frozen=True)
@@ -50,30 +50,45 @@ class SmallArray:
         return "/".join([f"{self.path}/c", str(k), *("0" * (len(self.shape) - 1))])
 
     async def read(self) -> np.ndarray:
-        """The whole array: its chunk objects fetched concurrently, checked and decoded."""
-        out = np.empty(self.shape, dtype=self.dtype)
-        if out.size:
-            await asyncio.gather(*(self._read_chunk(k, out) for k in range(self._n_chunks())))
-        return out
+        """The whole array: its chunk objects fetched concurrently, checked and decoded. The last
+        chunk is fetched first: an array declaring more than the store holds fails on it, before
+        its declared size is allocated."""
+        n = self._n_chunks()
+        if not n:
+            return np.empty(self.shape, dtype=self.dtype)
+        last = await self._fetch(n - 1)
+        blobs = await asyncio.gather(*(self._fetch(k) for k in range(n - 1)))
+        return self._assemble([*blobs, last])
 
     def read_here(self) -> np.ndarray:
         """:meth:`read` in the calling thread, for a store that reads there (local files)."""
-        out = np.empty(self.shape, dtype=self.dtype)
-        for k in range(self._n_chunks() if out.size else 0):
-            self._decode_chunk(k, self.store.read_here(self.key(k)), out)
-        return out
+        n = self._n_chunks()
+        last = self.store.read_here(self.key(n - 1)) if n else None
+        return self._assemble([self.store.read_here(self.key(k)) for k in range(n - 1)] + ([last] if n else []))
 
     def _n_chunks(self) -> int:
-        return -(-self.shape[0] // self.chunk)
+        return -(-self.shape[0] // self.chunk) if np.prod(self.shape) else 0
 
-    async def _read_chunk(self, k: int, out: np.ndarray) -> None:
+    async def _fetch(self, k: int) -> np.ndarray | None:
         buf = await self.store.get(self.key(k), default_buffer_prototype())
-        self._decode_chunk(k, None if buf is None else buf.as_numpy_array(), out)
+        return None if buf is None else buf.as_numpy_array()
 
-    def _decode_chunk(self, k: int, data: np.ndarray | None, out: np.ndarray) -> None:
-        if data is None:
-            raise MissingChunk(self.key(k))
+    def _assemble(self, blobs: list[np.ndarray | None]) -> np.ndarray:
+        """The array from its chunk objects, allocated once every one of them is known to be there."""
+        for k, data in enumerate(blobs):
+            if data is None:
+                raise MissingChunk(self.key(k))
+        out = np.empty(self.shape, dtype=self.dtype)
+        for k, data in enumerate(blobs):
+            self._decode_chunk(k, data, out)
+        return out
+
+    def _decode_chunk(self, k: int, data: np.ndarray, out: np.ndarray) -> None:
         body = check_crc(np.asarray(data).view(np.uint8), self.key(k))
+        nbytes = self.chunk * int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        if blosc_nbytes(body) != nbytes:  # checked before decompressing what it claims to hold
+            raise ValueError(f"{self.key(k)}: the chunk says it holds {blosc_nbytes(body)} bytes, not the "
+                             f"{nbytes} of its chunk shape")
         chunk = np.frombuffer(blosc.decompress(body), dtype=self.dtype).reshape(self.chunk, *self.shape[1:])
         part = out[k * self.chunk:(k + 1) * self.chunk]
         part[...] = chunk[:len(part)]  # the last chunk is stored whole, padded past the array's end

@@ -62,3 +62,8 @@ def check_crc(blob: np.ndarray, where: str) -> np.ndarray:
     if len(blob) < 4 or np.uint32(google_crc32c.value(body)).tobytes() != blob[-4:].tobytes():
         raise ValueError(f"{where}: stored and computed crc32c checksums do not match")
     return body
+
+
+def blosc_nbytes(body: np.ndarray) -> int:
+    """The uncompressed size a blosc chunk's header declares (bytes 4-8, little endian); -1 if it has none."""
+    return int.from_bytes(body[4:8].tobytes(), "little") if len(body) >= 16 else -1

@@ -33,12 +33,14 @@ from ..errors import IntegrityError
 from . import format as fmt
 from .atomic import consolidate, staged_write
 from .dataset import _CLASSES, OPENERS, open_dataset
-from .integrity import IOCounters, StrictStore, array_digest, content_hasher, fingerprint, update
+from .direct import SmallArray
+from .integrity import IOCounters, MissingChunk, StrictStore, array_digest, content_hasher, fingerprint, update
 from .jsonmeta import decode_columns, encode_columns
 from .lazy import EAGER_CHECK_MAX_SOURCES, LazySourceGrid, LazySourceStims, SourceChangedWarning, SourceHandle, open_now
 from .location import Location
 from .options import StorageOptions, location_prefix, options_for, options_from, options_key
-from .reader import group_of, open_group
+from .reader import group_of, open_group, sync
+from .schema import as_written, check_array, check_pool_attributes, check_pool_entries
 from .references import make_reference, pool_root, resolve_reference
 from .writer import dataset_kind
 
@@ -50,6 +52,8 @@ MODALITY_ATTRS = ("F", "audio_fs", "H", "W")
 # format 2: per-source entries and metadata as JSON tables, coverage as the partial blocks' bits
 SOURCES_TABLE, STIM_TABLE, NRN_TABLE = "tables/sources", "tables/stim_meta", "tables/nrn_meta"
 PARTIAL, BIT_OFFSETS, BITS = "coverage/partial", "coverage/bit_offsets", "coverage/bits"
+POOL_DTYPES = {PARTIAL: {"int64"}, BIT_OFFSETS: {"int64"}, BITS: {"uint8"},
+               SOURCES_TABLE: {"uint8"}, STIM_TABLE: {"uint8"}, NRN_TABLE: {"uint8"}}
 # format 1 (read only): a dense (S, N) coverage array and four index maps
 COVERAGE_V1 = "coverage"
 
@@ -156,10 +160,13 @@ def _open(loc: Location, group: zarr.Group, allowed_roots: Sequence[str], trust:
           source_storage_options: StorageOptions) -> NeuralDataset:
     attrs = dict(group.attrs)
     fmt.check_format(attrs, loc.url, POOL_FORMAT, supported=fmt.POOL_SUPPORTED_MAJORS)
+    v1 = attrs["format_version"].startswith("1.")
+    check_pool_attributes(attrs, f"pool {loc.url}", () if v1 else (SOURCES_TABLE, STIM_TABLE, NRN_TABLE, PARTIAL,
+                                                                     BIT_OFFSETS, BITS))
     root = pool_root(loc)
     entries = [dict(e, url=resolve_reference(loc, e["ref"], allowed_roots, trust, root))
                for e in read_sources(loc, group, attrs)]
-    if attrs["format_version"].startswith("1."):
+    if v1:
         from .pool_v1 import open_pool_v1
 
         return open_pool_v1(loc, group, attrs, entries, accept_changed_sources, source_storage_options)
@@ -333,25 +340,47 @@ class PoolTables:
 def read_sources(loc: Location, group: zarr.Group, attrs: dict) -> list[dict]:
     """The pool's source entries (name, ref, fingerprint, n_stims, n_neurons, kind, card)."""
     if "sources" in attrs:  # format 1 keeps them in the attributes
-        return attrs["sources"]
-    raw = read_checked(loc, group, SOURCES_TABLE, attrs["digests"][SOURCES_TABLE])
-    try:
-        return json.loads(raw.tobytes().decode("utf-8"))
-    except ValueError as e:
-        raise IntegrityError(f"pool {loc.url}: {SOURCES_TABLE} is not valid JSON ({e}); rewrite the pool") from e
+        entries = attrs["sources"]
+    else:
+        raw = read_checked(loc, group, SOURCES_TABLE, attrs["digests"][SOURCES_TABLE])
+        try:
+            entries = json.loads(raw.tobytes().decode("utf-8"))
+        except ValueError as e:
+            raise IntegrityError(f"pool {loc.url}: {SOURCES_TABLE} is not valid JSON ({e}); rewrite the pool") from e
+    check_pool_entries(entries, f"pool {loc.url}")
+    return entries
 
 
 def read_checked(loc: Location, group: zarr.Group, name: str, digest: str) -> np.ndarray:
     """A whole pool array, refused if it does not match the digest its fingerprinted attributes record."""
+    nodes = group.metadata.consolidated_metadata.flattened_metadata if group.metadata.consolidated_metadata else {}
+    meta = as_written(nodes[name]) if name in nodes else None
+    if meta is not None:
+        check_array(name, meta, (None,) * len(meta["shape"]), POOL_DTYPES.get(name), f"pool {loc.url}")
     try:
-        data = np.asarray(group[name][...])
+        data = np.asarray(group[name][...]) if meta is None else read_array(group.store_path.store, name, meta, group)
+    except MissingChunk as e:
+        raise IntegrityError(f"pool {loc.url}: a chunk of array {name!r} is missing ({e}); the pool is damaged: "
+                             "rewrite it with deepstrf concat") from e
     except KeyError as e:
         raise IntegrityError(f"pool {loc.url}: array {name!r} is missing; the pool is damaged: rewrite it "
                              "with deepstrf concat") from e
+    except ValueError as e:
+        raise IntegrityError(f"pool {loc.url}: array {name!r} is corrupt or truncated ({type(e).__name__}: {e}); "
+                             "the pool is damaged: rewrite it with deepstrf concat") from e
     if _digest(data) != digest:
         raise IntegrityError(f"pool {loc.url}: array {name!r} does not match its recorded digest; the pool is "
                              "damaged or was edited: rewrite it with deepstrf concat")
     return data
+
+
+def read_array(store: Any, name: str, meta: dict, group: zarr.Group) -> np.ndarray:
+    """A whole pool array: read here when in deepstrf's layout (which sizes nothing by what its
+    document declares before the store is seen to hold it), else by zarr."""
+    small = SmallArray.of(store, name, meta)
+    if small is None:
+        return np.asarray(group[name][...])
+    return small.read_here() if getattr(store, "reads_here", False) else sync(small.read())
 
 
 def _digest(data: np.ndarray) -> str:

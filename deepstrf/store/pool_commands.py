@@ -169,11 +169,16 @@ def verify_pool(loc, *, allowed_roots=(), data: bool = False, client: Any = None
     :func:`deepstrf.engine.run_tasks`: on a Dask cluster with ``client``, else in this process."""
     from ..engine import run_tasks
     from ..errors import StoreError
+    from .integrity import fingerprint
     from .reader import open_group
     from .verify import metadata_problems
 
     try:
-        problems = metadata_problems(loc, open_group(loc))
+        group = open_group(loc)
+        problems = metadata_problems(loc, group)
+        if fingerprint(dict(group.attrs)) != group.attrs.get("fingerprint"):
+            problems.append(f"pool {loc.url}: the recorded fingerprint does not match the pool's attributes; "
+                            "it was edited or damaged: rewrite it with deepstrf concat")
         pool = open_dataset(loc.url, storage_options=loc.given, allowed_roots=allowed_roots)
         coverage = pool.coverage
         pool.stim_meta[0], pool.nrn_meta[0]  # noqa: B018 - loads (and checks) the metadata tables

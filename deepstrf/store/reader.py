@@ -38,6 +38,7 @@ from .direct import SmallArray
 from .integrity import IOCounters, MissingChunk, StrictStore
 from .jsonmeta import decode_meta
 from .location import Location
+from .schema import check_source
 from .shards import ShardedArray, Target
 
 _TRANSPORT_ERRORS = (OSError, TimeoutError, asyncio.TimeoutError)
@@ -189,6 +190,7 @@ class SourceReader:
     """
 
     def __init__(self, loc: Location, attrs: dict[str, Any], arrays_meta: dict[str, dict] | None = None) -> None:
+        check_source(attrs, arrays_meta, loc.url)  # before anything is sized by what it declares
         self.loc = loc
         self.attrs = attrs
         self.arrays_meta = arrays_meta
@@ -224,13 +226,9 @@ class SourceReader:
         store.counters.parent = self.io_parent
         zarr_handles = None
         if self.arrays_meta is None:  # a root without consolidated metadata: ask zarr
-            zarr_handles = self._lookup(zarr.open_group(store, mode="r", zarr_format=3))
+            zarr_handles = self._lookup(self._zarr_group(store))
             self.arrays_meta = {name: h.metadata.to_dict() for name, h in zarr_handles.items()}
-        missing = [name for name in fmt.ARRAYS if name not in self.arrays_meta]
-        if missing:
-            raise IntegrityError(
-                f"{self.url}: array {missing[0]!r} is missing from the store; it is damaged or was not "
-                "written by deepstrf. Re-create it from its source.")
+            check_source(self.attrs, self.arrays_meta, self.url)
         remote = not self.loc.is_local
         sharded = {name: reader for name in fmt.SHARDED
                    if (reader := ShardedArray.of(store, name, self.arrays_meta[name], self._cache_name(name), remote))}
@@ -243,6 +241,13 @@ class SourceReader:
                     reader.whole = before.sharded[name].whole
         return _Handles(os.getpid(), store, small, sharded, zarr_handles)
 
+    def _zarr_group(self, store: StrictStore) -> zarr.Group:
+        try:
+            return zarr.open_group(store, mode="r", zarr_format=3)
+        except (ValueError, TypeError, KeyError, LookupError) as e:  # zarr's refusals of a damaged document
+            raise IntegrityError(f"{self.url}: zarr cannot open the store's group ({type(e).__name__}: {e}); the "
+                                 "store is damaged. Re-create it from its source.") from e
+
     def _lookup(self, group: zarr.Group) -> dict[str, Any]:
         async def lookup():  # one trip to zarr's event loop for every array, not one each
             return await asyncio.gather(*(group._async_group.getitem(name) for name in fmt.ARRAYS),
@@ -254,6 +259,9 @@ class SourceReader:
                 raise IntegrityError(
                     f"{self.url}: array {name!r} is missing from the store; it is damaged or was not "
                     "written by deepstrf. Re-create it from its source.") from None
+            if isinstance(found, (ValueError, TypeError, LookupError)):  # zarr refuses the array's document
+                raise IntegrityError(f"{self.url}: zarr cannot open array {name!r} ({type(found).__name__}: "
+                                     f"{found}); the store is damaged. Re-create it from its source.") from found
             if isinstance(found, BaseException):
                 raise found
             handles[name] = found
@@ -282,7 +290,7 @@ class SourceReader:
         if handles.zarr is None:
             with _BIND_LOCK:
                 if handles.zarr is None:
-                    handles.zarr = self._lookup(zarr.open_group(handles.store, mode="r", zarr_format=3))
+                    handles.zarr = self._lookup(self._zarr_group(handles.store))
         return handles.zarr
 
     def sharded(self) -> dict[str, ShardedArray]:
@@ -396,8 +404,8 @@ class SourceReader:
         offsets, repeats, stim_offsets, stim_shapes = found
         index = Index(offsets.astype(np.int64, copy=False), repeats.astype(np.int64),
                       stim_offsets.astype(np.int64, copy=False), stim_shapes.astype(np.int64, copy=False))
-        problem = index_problem(index, self.n_stims, self.n_neurons, self.length(fmt.VALUES),
-                                self.length(fmt.STIM_VALUES))
+        problem = (index_problem(index, self.n_stims, self.n_neurons, self.length(fmt.VALUES),
+                                 self.length(fmt.STIM_VALUES)) or modality_problem(index.stim_shapes, self.attrs))
         if problem:
             raise IntegrityError(f"{self.url}: the index arrays are inconsistent ({problem}); the store is "
                                  "damaged. Re-create it from its source.")
@@ -563,6 +571,15 @@ def index_problem(idx: Index, S: int, N: int, n_values: int, n_stim_values: int)
         return f"stims/offsets has shape {so.shape}, stims/shapes {shapes.shape}; expected ({S + 1},) and ({S}, ndim)"
     if so[0] != 0 or so[-1] != n_stim_values or not np.array_equal(np.diff(so), shapes.prod(axis=1)):
         return "stims/offsets does not match stims/shapes and len(stims/values)"
+    return None
+
+
+def modality_problem(shapes: np.ndarray, attrs: dict[str, Any]) -> str | None:
+    """A description of stimulus shapes that contradict the attributes (audio (C, F, T), video (C, H, W, T))."""
+    sizes = {"audio": ("F",), "video": ("H", "W")}.get(attrs.get("kind"), ())
+    for axis, key in enumerate(sizes, start=1):
+        if len(shapes) and (shapes.shape[1] != len(sizes) + 2 or (shapes[:, axis] != attrs[key]).any()):
+            return f"stims/shapes does not give every stimulus the {key}={attrs[key]} of the attributes"
     return None
 
 

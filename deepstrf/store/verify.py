@@ -7,7 +7,6 @@ import json
 from typing import Any
 
 import zarr
-from zarr.core.buffer import default_buffer_prototype
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -17,6 +16,7 @@ from . import format as fmt
 from .integrity import array_digest, content_hasher, fingerprint, update
 from .location import Location
 from .reader import SourceReader, consolidated_arrays, group_of, read_root
+from .schema import as_written
 
 BLOCK_CHUNKS = 16  # chunks read per concurrent request group
 
@@ -30,10 +30,10 @@ def verify_source(loc: Location, *, progress: bool | None = None, root: dict | N
         attrs = dict(group.attrs)
         fmt.check_format(attrs, loc.url, fmt.SOURCE_FORMAT)
         reader = SourceReader(loc, attrs, consolidated_arrays(root))
+        arrays = reader.arrays()
     except StoreError as e:
         return [str(e)]
     problems = metadata_problems(loc, group)
-    arrays = reader.arrays()
     total = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in arrays.values())
     recorded = attrs.get("arrays", {})
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"verify {loc.name}",
@@ -58,17 +58,15 @@ def _check_array(reader: SourceReader, name: str, arr: Any, bar: tqdm, problems:
     hasher = content_hasher()
     C, L = arr.chunks[0], arr.shape[0]
     row_bytes = int(np.prod(arr.shape[1:])) * arr.dtype.itemsize
-    ok = True
     for a in range(0, L, C * BLOCK_CHUNKS):
         b = min(L, a + C * BLOCK_CHUNKS)
         (res,) = reader.gather([(name, (slice(a, b), ...))])
-        if isinstance(res, BaseException):
-            ok = False
-            problems.append(_describe(reader, name, a, b, res))
-        else:
-            update(hasher, np.asarray(res))
+        if isinstance(res, BaseException):  # the first damage ends the array: a store declaring more
+            problems.append(_describe(reader, name, a, b, res))  # than it holds is not read on and on
+            return None
+        update(hasher, np.asarray(res))
         bar.update((b - a) * row_bytes)
-    return array_digest(hasher) if ok else None
+    return array_digest(hasher)
 
 
 def _describe(reader: SourceReader, name: str, a: int, b: int, err: BaseException) -> str:
@@ -106,12 +104,7 @@ def metadata_problems(loc: Location, group: zarr.Group) -> list[str]:
         if not isinstance(own, dict) or own.get("node_type") != meta.node_type:
             problems.append(f"{where} does not describe the {meta.node_type} the consolidated metadata lists; "
                             "re-create the store.")
-        elif meta.node_type == "array" and own != _as_written(meta):
+        elif meta.node_type == "array" and own != as_written(meta):
             problems.append(f"{where} differs from the consolidated metadata (shape, codecs or attributes); "
                             "the store was modified after it was written. Re-create it.")
     return problems
-
-
-def _as_written(meta: Any) -> dict:
-    """The JSON document zarr writes for ``meta``, parsed."""
-    return json.loads(meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())

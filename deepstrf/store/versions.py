@@ -29,6 +29,7 @@ from .atomic import OWN_TOP_LEVEL, Staging, remove, staged_write
 from .location import ROOT_KEY, Location
 from .options import StorageOptions
 from .reader import read_root
+from .schema import check_attributes
 
 VERSIONS_FORMAT = "deepstrf.versions"
 VERSIONS_FORMAT_VERSION = "1.0"
@@ -86,12 +87,14 @@ class Version:
         return version
 
     @classmethod
-    def of_root(cls, doc: dict, version_id: str = FIRST_ID, path: str = "", date: str | None = None,
+    def of_root(cls, doc: dict, url: str, version_id: str = FIRST_ID, path: str = "", date: str | None = None,
                 keep_root: bool = True) -> "Version":
-        """The version whose source group has root document ``doc`` (kept for the root's own)."""
+        """The version whose source group (at ``url``) has root document ``doc`` (kept for the root's own)."""
         attrs = doc.get("attributes") or {}
-        return cls(version_id, path, attrs["fingerprint"], None, date, int(attrs["n_stims"]),
-                   int(attrs["n_neurons"]), doc if keep_root else None)
+        fmt.check_format(attrs, url, fmt.SOURCE_FORMAT)
+        check_attributes(attrs, url)
+        return cls(version_id, path, attrs["fingerprint"], None, date, attrs["n_stims"], attrs["n_neurons"],
+                   doc if keep_root else None)
 
 
 def is_versioned(root: dict) -> bool:
@@ -108,7 +111,7 @@ def versions_of(loc: Location, root: dict | None = None) -> list[Version]:
     root = read_root(loc) if root is None else root
     attrs = root.get("attributes") or {}
     if attrs.get("format") == fmt.SOURCE_FORMAT:
-        return [Version.of_root(root, date=_modified(loc, ROOT_KEY))]
+        return [Version.of_root(root, loc.url, date=_modified(loc, ROOT_KEY))]
     if attrs.get("format") != VERSIONS_FORMAT:
         raise StoreError(f"{loc.url} holds a {attrs.get('format')!r} group, which has no versions; "
                          "only source stores are versioned.")
@@ -182,7 +185,7 @@ def open_version(loc: Location, root: dict, wanted: str | None) -> tuple[Locatio
         raise StoreError(f"{loc.url} holds a {attrs.get('format')!r} group, which has no versions; "
                          "only source stores are versioned (drop version=...).")
     if attrs.get("format") == fmt.SOURCE_FORMAT:  # a store written once: its content is its version
-        only = Version.of_root(root)
+        only = Version.of_root(root, loc.url)
         if wanted:
             select(loc, [only], wanted, versioned=False)
         return loc, root, only
@@ -203,7 +206,7 @@ def _latest(loc: Location) -> tuple[Location, dict, Version]:
     path = checked_path(f"{VERSIONS_DIR}/{ids[-1]}", f"{loc.url}/{MANIFESTS_DIR}")
     where = Location.parse(loc.child(path), loc.storage_options)
     doc = read_root(where)
-    return where, doc, Version.of_root(doc, ids[-1], path, keep_root=False)
+    return where, doc, Version.of_root(doc, where.url, ids[-1], path, keep_root=False)
 
 
 def _names_in(loc: Location, folder: str) -> list[str]:
