@@ -206,3 +206,19 @@ def test_an_unguarded_lightning_script(pool_url, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     items, per_epoch = map(int, out.stdout.split("RESULT_ITEMS ", 1)[1].split()[:2])
     assert per_epoch > 0 and items == 2 * per_epoch
+
+
+def test_an_unguarded_script_asking_for_forkserver_is_refused_at_once(pool_url, tmp_path):
+    """forkserver would re-run the script in every worker: refused in the main process, naming the fix."""
+    script = f"POOL = {pool_url!r}\n" + textwrap.dedent('''
+        from deepstrf import StreamingNeuralDataset
+        from deepstrf.stream.main_module import UnsafeMainError
+        try:
+            StreamingNeuralDataset(POOL, batch_size=4).loader(num_workers=2, multiprocessing_context="forkserver")
+        except UnsafeMainError as exc:
+            print("REFUSED", exc)
+    ''')
+    (tmp_path / "explicit.py").write_text(script)
+    out = _run(["explicit.py"], str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "REFUSED" in out.stdout and "multiprocessing_context unset" in out.stdout

@@ -44,7 +44,7 @@ from .retry import RetryPolicy, call_with_retries
 from .stats import StorageIO, StreamCounters, summarize
 from .transfer import for_new_process
 from .workers import (DEFAULT_TIMEOUT_S, WorkerActivity, context_method, died, foreign_threads, freeze_long_lived,
-                      start_worker_server, worker_context)
+                      prepare_context, start_worker_server, worker_context)
 
 Collate = Literal["compact", "dense"]
 STATE_VERSION = 1
@@ -790,6 +790,8 @@ class StreamingDataLoader(DataLoader):
                 kwargs.setdefault("prefetch_factor", DENSE_PREFETCH_FACTOR)
             if self._choose_context:
                 kwargs["multiprocessing_context"] = worker_context(self._runs_user_code(dataset, kwargs))
+            else:
+                prepare_context(kwargs["multiprocessing_context"])
         super().__init__(dataset, **kwargs)
         if read_while_starting is None:
             dense = dataset.built_format == "dense" and dataset.batch_size is not None
@@ -811,10 +813,12 @@ class StreamingDataLoader(DataLoader):
         if self.num_workers == 0:
             yield from super().__iter__()
             return
-        if self._choose_context and (self._iterator is None or not self.persistent_workers):
-            # threads may have come or gone since the last start
-            self.multiprocessing_context = worker_context(self._runs_user_code(
-                ds, {"worker_init_fn": self.worker_init_fn, "collate_fn": self._user_collate}))
+        if self._iterator is None or not self.persistent_workers:  # workers start in this pass
+            if self._choose_context:  # threads may have come or gone since the last start
+                self.multiprocessing_context = worker_context(self._runs_user_code(
+                    ds, {"worker_init_fn": self.worker_init_fn, "collate_fn": self._user_collate}))
+            else:
+                prepare_context(self.multiprocessing_context)
         ds._begin_pass()
         ds.activity.reset()
         self.lead_batches = 0

@@ -104,17 +104,28 @@ def foreign_threads() -> list[str]:
 def worker_context(runs_user_code: bool = True) -> BaseContext:
     """The multiprocessing context for DataLoader workers started now (:func:`start_method`);
     a forkserver's server is preloaded with deepstrf and started at once."""
-    method = start_method(runs_user_code)
-    ctx = multiprocessing.get_context(method)
+    ctx = multiprocessing.get_context(start_method(runs_user_code))
+    prepare_context(ctx)
+    return ctx
+
+
+def prepare_context(ctx: str | BaseContext | None) -> None:
+    """Before workers start with ``ctx`` (a DataLoader's ``multiprocessing_context``): refuse a
+    start method that re-imports a ``__main__`` that cannot be re-imported, and start a forkserver
+    preloaded with deepstrf (else each new worker imports torch itself, ~2 s per worker per epoch)."""
+    method = context_method(ctx)
+    if method in ("forkserver", "spawn") and (problem := rerun_problem()) is not None:
+        raise UnsafeMainError(f"DataLoader workers started with {method!r} cannot start here: {problem}. "
+                              f"What to do: {GUARD_FIX}, or leave multiprocessing_context unset (deepstrf "
+                              "forks the workers then).")
     if method == "forkserver":
-        ctx.set_forkserver_preload(PRELOAD)  # no effect once this process's server runs
+        multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)  # no effect once it runs
         # start the server (and the resource tracker the workers' queues register with) now: their
         # imports overlap with the caller's work, and no later start can catch a read half-way
         with no_gated_task_running():
             multiprocessing.resource_tracker.ensure_running()
             multiprocessing.forkserver.ensure_running()
         _clean_errors_at_exit()
-    return ctx
 
 
 def start_worker_server(runs_user_code: bool = True) -> None:
