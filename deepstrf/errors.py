@@ -79,3 +79,9 @@ class ClusterError(OSError):
 def error_types() -> tuple[type[Exception], ...]:
     """Every exception type of this module (what the CLI reports as a message, without a traceback)."""
     return tuple(e for e in globals().values() if isinstance(e, type) and issubclass(e, Exception))
+
+
+class UnsafeMainError(RuntimeError):
+    """No start method can run DataLoader workers for this ``__main__`` here (a script that runs its
+    work at top level, on a platform without a safe fork; or a start method given explicitly that
+    would run it again in every worker). The message names the fix."""

@@ -160,7 +160,7 @@ def test_no_method_can_work_fails_before_any_worker_starts(tmp_path):
         import multiprocessing
         from deepstrf.datasets.synthetic import SyntheticAudioDataset
         from deepstrf import StreamingNeuralDataset
-        from deepstrf.stream.main_module import UnsafeMainError
+        from deepstrf.errors import UnsafeMainError
         multiprocessing.get_all_start_methods = lambda: ["spawn"]  # as on Windows
         stream = StreamingNeuralDataset(SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02, seed=1),
                                         batch_size=2)
@@ -212,7 +212,7 @@ def test_an_unguarded_script_asking_for_forkserver_is_refused_at_once(pool_url, 
     """forkserver would re-run the script in every worker: refused in the main process, naming the fix."""
     script = f"POOL = {pool_url!r}\n" + textwrap.dedent('''
         from deepstrf import StreamingNeuralDataset
-        from deepstrf.stream.main_module import UnsafeMainError
+        from deepstrf.errors import UnsafeMainError
         try:
             StreamingNeuralDataset(POOL, batch_size=4).loader(num_workers=2, multiprocessing_context="forkserver")
         except UnsafeMainError as exc:

@@ -29,10 +29,6 @@ GUARD_FIX = ("put the code that builds the data and trains under `if __name__ ==
              "or use num_workers=0")
 
 
-class UnsafeMainError(RuntimeError):
-    """No start method can run DataLoader workers for this ``__main__`` on this platform."""
-
-
 def rerun_problem() -> str | None:
     """Why re-importing ``__main__`` in a worker would fail or repeat the user's work, or None."""
     main = sys.modules.get("__main__")

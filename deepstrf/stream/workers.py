@@ -48,8 +48,9 @@ from multiprocessing.process import BaseProcess
 
 import torch
 
+from ..errors import UnsafeMainError
 from ..forksafe import no_gated_task_running
-from .main_module import GUARD_FIX, UnsafeMainError, rerun_problem
+from .main_module import GUARD_FIX, rerun_problem
 from .stats import MAX_SLOTS
 
 # imported once by the forkserver process, so that its workers start with them loaded
