@@ -216,11 +216,7 @@ class CompactBatch:
         """``(n_cells, R_max, T_max)`` NaN-padded cells (for metrics on repeats)."""
         plan = self.plan()
         out = empty((plan.n_cells, plan.max_repeats, plan.max_length), dtype, self.values.device).fill_(math.nan)
-        for g in plan.groups:
-            if g.starts is None:  # consecutive cells: copied, cast in place
-                out[g.cells, :g.repeats, :g.length].copy_(g.counts(self.values))
-            else:
-                out[g.cells, :g.repeats, :g.length] = g.counts(self.values).to(dtype)
+        self._write_cells(out)
         return out
 
     def to_dense(self, neurons: Sequence[int] | np.ndarray | torch.Tensor) -> dict:
@@ -241,18 +237,31 @@ class CompactBatch:
         device = self.values.device
         responses = empty((B * n, R, T), self.stims.dtype, device).fill_(math.nan)
         valid = empty((B * n, R, T), torch.bool, device).fill_(False)
-        for g in plan.groups:
-            rows = flat[g.host_cells]
-            if (np.diff(rows) == 1).all():  # consecutive rows (an item's run of neurons): copied, cast in place
-                where = slice(int(rows[0]), int(rows[-1]) + 1)
-                responses[where, :g.repeats, :g.length].copy_(g.counts(self.values))
-            else:
-                where = torch.from_numpy(rows).to(device)
-                responses[where, :g.repeats, :g.length] = g.counts(self.values).to(responses.dtype)
+        for g, where in self._write_cells(responses, flat):
             valid[where, :g.repeats, :g.length] = True
         shape = (B, n, R, T)
         return {"stims": self.stims, "responses": responses.view(shape), "valid_mask": valid.view(shape),
                 "stim_meta": list(self.stim_meta)}
+
+    def _write_cells(self, out: torch.Tensor,
+                     rows: np.ndarray | None = None) -> list[tuple[ShapeGroup, slice | torch.Tensor]]:
+        """Write every cell's counts into ``out[row, :R, :T]``, cast to ``out``'s dtype, one shape group
+        at a time. ``rows``: each cell's row of ``out`` (host; default: the cell's own index). Returns
+        each group with where its rows went."""
+        placed = []
+        for g in self.plan().groups:
+            if rows is None:
+                where = g.cells
+            else:
+                r = rows[g.host_cells]
+                consecutive = (np.diff(r) == 1).all()  # e.g. an item's run of neurons
+                where = slice(int(r[0]), int(r[-1]) + 1) if consecutive else torch.from_numpy(r).to(out.device)
+            if isinstance(where, slice):  # consecutive rows: copied, cast in place
+                out[where, :g.repeats, :g.length].copy_(g.counts(self.values))
+            else:
+                out[where, :g.repeats, :g.length] = g.counts(self.values).to(out.dtype)
+            placed.append((g, where))
+        return placed
 
     def _dense_positions(self, neurons: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[np.ndarray, int]:
         """Each cell's row ``item * N + position`` of the dense batch (host), and ``N``."""
