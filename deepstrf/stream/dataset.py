@@ -711,6 +711,16 @@ def _remove_owned_dir(path: str, owner: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _start_context(dataset: "StreamingNeuralDataset", given: Any, worker_init_fn: Any, collate_fn: Any) -> Any:
+    """The ``multiprocessing_context`` of workers starting now: ``given`` (checked, and a forkserver
+    prepared), else the rule's choice, by whether the workers would run code of the user's (a
+    dataset object, a ``worker_init_fn``, a ``collate_fn``)."""
+    if given is not None:
+        prepare_context(given)
+        return given
+    return worker_context(dataset._source is not None or worker_init_fn is not None or collate_fn is not None)
+
+
 _PERSISTENT: weakref.WeakSet = weakref.WeakSet()  # loaders whose workers may outlive a pass
 
 
@@ -780,7 +790,7 @@ class StreamingDataLoader(DataLoader):
                           "StreamingNeuralDataset instead: the workers then send compact batches and the dense "
                           "batch is built on the GPU", UserWarning, stacklevel=3)
         self.stall_timeout: float = kwargs.get("timeout") or (DEFAULT_TIMEOUT_S if workers > 0 else 0.0)
-        self._choose_context = workers > 0 and kwargs.get("multiprocessing_context") is None
+        self._given_context = kwargs.get("multiprocessing_context")
         self._user_collate = kwargs.get("collate_fn")
         if workers > 0:
             # the DataLoader only waits this long at a time, so that dead workers are seen at once
@@ -788,10 +798,8 @@ class StreamingDataLoader(DataLoader):
             if dataset.built_format == "dense" and dataset.batch_size is not None:
                 # a dense batch is hundreds of MB on a pool: one per worker in flight, not two
                 kwargs.setdefault("prefetch_factor", DENSE_PREFETCH_FACTOR)
-            if self._choose_context:
-                kwargs["multiprocessing_context"] = worker_context(self._runs_user_code(dataset, kwargs))
-            else:
-                prepare_context(kwargs["multiprocessing_context"])
+            kwargs["multiprocessing_context"] = _start_context(
+                dataset, self._given_context, kwargs.get("worker_init_fn"), self._user_collate)
         super().__init__(dataset, **kwargs)
         if read_while_starting is None:
             dense = dataset.built_format == "dense" and dataset.batch_size is not None
@@ -801,24 +809,15 @@ class StreamingDataLoader(DataLoader):
         if self.persistent_workers:
             _stop_at_exit(self)
 
-    @staticmethod
-    def _runs_user_code(dataset: StreamingNeuralDataset, kwargs: dict) -> bool:
-        """Whether workers would run code of the user's: a dataset object (its transforms, its
-        class), a ``worker_init_fn`` or a ``collate_fn``."""
-        return dataset._source is not None or any(kwargs.get(k) is not None
-                                                  for k in ("worker_init_fn", "collate_fn"))
-
     def __iter__(self) -> Iterator[Any]:
         ds: StreamingNeuralDataset = self.dataset
         if self.num_workers == 0:
             yield from super().__iter__()
             return
-        if self._iterator is None or not self.persistent_workers:  # workers start in this pass
-            if self._choose_context:  # threads may have come or gone since the last start
-                self.multiprocessing_context = worker_context(self._runs_user_code(
-                    ds, {"worker_init_fn": self.worker_init_fn, "collate_fn": self._user_collate}))
-            else:
-                prepare_context(self.multiprocessing_context)
+        if self._iterator is None or not self.persistent_workers:  # workers start in this pass: threads
+            # may have come or gone since the last start
+            self.multiprocessing_context = _start_context(ds, self._given_context, self.worker_init_fn,
+                                                          self._user_collate)
         ds._begin_pass()
         ds.activity.reset()
         self.lead_batches = 0

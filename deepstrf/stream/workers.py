@@ -135,8 +135,7 @@ def start_worker_server(runs_user_code: bool = True) -> None:
     before the first batch."""
     if multiprocessing.parent_process() is None:
         try:
-            if start_method(runs_user_code) == "forkserver":
-                worker_context(runs_user_code)
+            worker_context(runs_user_code)  # starts the server only where workers would use it
         except UnsafeMainError:
             pass  # raised where the workers would start
 
@@ -253,10 +252,10 @@ class WorkerActivity:
                 n = row[_N_STIMS]
                 stims = row[_STIMS:_STIMS + min(n, _SHOWN_STIMS)]
                 more = f" and {n - len(stims)} more" if n > len(stims) else ""
-                line = (f"{head}: {'died ' if dead else ''}reading stims {stims}{more}"
-                        f"{' of ' + where if where else ''}{'' if dead else ' for '}"
-                        f"{'' if dead else f'{(now - row[_READING_SINCE_NS]) / 1e9:.1f} s'}, "
-                        f"after {row[_BATCHES]} batch(es)")
+                reading = f"reading stims {stims}{more}{' of ' + where if where else ''}"
+                since = f"{(now - row[_READING_SINCE_NS]) / 1e9:.1f} s"
+                line = (f"{head}: died {reading}" if dead else f"{head}: {reading} for {since}") + \
+                    f", after {row[_BATCHES]} batch(es)"
             else:
                 line = f"{head}: {'died' if dead else 'idle'} after {row[_BATCHES]} batch(es)"
             if dead:
