@@ -14,7 +14,10 @@ backward, ``to_dense()``, and one training step of the demo's model
 counts (``counts.sum()``) and one pass writing the dense batch's bytes
 (``np.full`` of its responses and valid_mask). Ratios: each operation over
 its baseline (``*_over_counts_pass``, ``to_dense_over_dense_pass``); the
-backward is given over the counts pass too.
+backward is given over the counts pass too. Every timed operation starts from
+the host batch, so its copy to the device is included; on a CUDA device the
+copy alone is timed too, from pageable and from pinned memory (``to_device_ms``,
+``to_device_pinned_ms``).
 """
 
 from __future__ import annotations
@@ -112,7 +115,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     neurons = range(args.neurons)
     step = train_step(host, device, tuple(int(c) for c in args.channels.split(",")))
+    copies = {}
+    if device.type == "cuda":
+        pinned = host.pin_memory()
+        copies = {"to_device_ms": lambda: (host.to(device), sync()),
+                  "to_device_pinned_ms": lambda: (pinned.to(device), sync())}
     ms = best_of({
+        **copies,
         "counts_pass_ms": lambda: counts.sum(),
         "dense_pass_ms": lambda: (np.full(dense_shape, np.nan, np.float32), np.full(dense_shape, False)),
         "repeat_sum_ms": lambda: (fresh().repeat_sum(), sync()),

@@ -3,14 +3,14 @@
 
     python scripts/bench_gpu.py [--device cuda] [--scale 1] [--time-scale 1] [--workers 2,4,8]
                                 [--epochs 3] [--channels 16,16] [--pin default|on|off] [--threads N]
-                                [--only bound,memory,...] [--workdir DIR]
+                                [--only bound,memory,...] [--host-peak] [--workdir DIR]
 
 The AA1+AA2-sized synthetic pool of ``scripts/bench_stream.py`` (built once
 under ``--workdir``), the demo's ``PooledEncodingModel`` (channels (16, 16), or ``--channels``),
 Adam, batch 8. Configurations, run one after the other in this process:
 
-- ``bound``: the model trained on one compact batch kept on the device (what
-  the device trains if data were free);
+- ``bound``: the model trained on one epoch's compact batches kept on the
+  device (what the device trains if data were free);
 - ``memory``: the pool in RAM, ``DataLoader(batch_size=8, shuffle=True,
   collate_fn=neural_collate)``, dense batches moved to the device and trained
   with ``poisson_loss_dense`` (what a deepSTRF user does);
@@ -22,7 +22,11 @@ Adam, batch 8. Configurations, run one after the other in this process:
 
 Each reports items/s (the median of the epochs after the first, which pays the
 workers' start-up; the only epoch with ``--epochs 1``) and its fraction of the
-bound. Device work is waited for at the end of every epoch, not per step.
+bound; a streamed one also the workers' start method. Device work is waited for
+at the end of every epoch, not per step. ``--host-peak`` runs ``compact`` and
+``dense_device`` with the most workers again, each in a child process whose peak
+host memory (the summed PSS of it and its workers, sampled every 50 ms) is added
+as ``host_peak_pss_mib``; sampling slows them, so their speed is not reported.
 """
 
 from __future__ import annotations
@@ -83,21 +87,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", default="2,4,8", help="comma-separated worker counts")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--channels", default="16,16", help="the backbone's layer widths (the demo's: 16,16)")
-    p.add_argument("--bound-steps", type=int, default=0, help="steps of the bound (default: one epoch's batches)")
     p.add_argument("--only", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
     p.add_argument("--threads", type=int, default=0, help="torch threads of this process (default: torch's)")
     p.add_argument("--pin", choices=("default", "on", "off"), default="default",
                    help="pin_memory of the streamed configurations (default: loader()'s own choice)")
+    p.add_argument("--host-peak", action="store_true",
+                   help="also the peak host memory of compact and dense_device with the most workers")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "deepstrf-bench"))
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_stream import build_stores
+    from bench_stream import build_stores, run_child
     from torch.utils.data import DataLoader
 
     from deepstrf import open_dataset
     from deepstrf.models import PooledEncodingModel
     from deepstrf.stream import StreamingNeuralDataset
+    from deepstrf.stream.workers import context_method
     from deepstrf.utils.data import neural_collate
 
     device = torch.device(args.device)
@@ -110,7 +116,6 @@ def main(argv: list[str] | None = None) -> dict:
     pool_url, _, build_s = build_stores(Path(args.workdir), args.scale, args.time_scale)
     pool = open_dataset(pool_url)
     neurons = torch.as_tensor(pool.selected_neurons())  # on the host: the model checks ids without a sync
-    n_batches = -(-len(pool) // BATCH)
 
     def new_model():
         torch.manual_seed(0)
@@ -135,15 +140,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     results: dict[str, dict] = {}
     if "bound" in only:
-        batch = next(iter(stream("compact", on_device=False))).to(device)
+        on_device = [b.to(device) for b in stream("compact", on_device=False)]  # one epoch's batches
         model, opt = new_model()
-        steps = args.bound_steps or n_batches
 
         def bound_epoch() -> int:
-            for _ in range(steps):
+            for batch in on_device:
                 train_step(model, opt, batch, neurons)
-            return steps * batch.batch_size
+            return len(pool)
         results["bound"] = timed_epochs(args.epochs, bound_epoch, sync)
+        del on_device
     if "memory" in only:
         start = time.perf_counter()
         in_ram = open_dataset(pool_url).to_memory()
@@ -155,21 +160,32 @@ def main(argv: list[str] | None = None) -> dict:
         loader_kw = {"timeout": 600} if k else {}
         if args.pin != "default":
             loader_kw["pin_memory"] = args.pin == "on"
-        if "loader" in only:
-            ds = stream("compact")
-            loader = ds.loader(num_workers=k, **loader_kw)
-            results[f"loader_w{k}"] = timed_epochs(
-                args.epochs, lambda: sum(len(b["stim_meta"]) for b in loader), sync)
-        if "compact" in only:
-            loader = stream("compact").loader(num_workers=k, **loader_kw)
-            results[f"compact_w{k}"] = train_on(lambda: loader)
-        if "dense_device" in only:
-            loader = stream("dense").loader(num_workers=k, **loader_kw)
-            results[f"dense_device_w{k}"] = train_on(lambda: loader)
+        for name, collate in (("loader", "compact"), ("compact", "compact"), ("dense_device", "dense")):
+            if name not in only:
+                continue
+            loader = stream(collate).loader(num_workers=k, **loader_kw)
+            if name == "loader":
+                r = timed_epochs(args.epochs, lambda: sum(len(b["stim_meta"]) for b in loader), sync)
+            else:
+                r = train_on(lambda: loader)
+            if k:
+                r["start_method"] = context_method(loader.multiprocessing_context)
+            results[f"{name}_w{k}"] = {**r, "pin_memory": loader.pin_memory}
+    if args.host_peak and workers:
+        k = max(workers)
+        for name in ("compact", "dense_device"):
+            child = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--only", name,
+                     "--workers", str(k), "--epochs", "2", "--scale", str(args.scale), "--time-scale",
+                     str(args.time_scale), "--channels", args.channels, "--pin", args.pin, "--workdir", args.workdir]
+            if args.threads:
+                child += ["--threads", str(args.threads)]
+            peak = run_child(child, sample_memory=True)
+            results.setdefault(f"{name}_w{k}", {})["host_peak_pss_mib"] = peak.get("peak_pss_mib", peak.get("error"))
     bound = results.get("bound", {}).get("items_per_s")
     if bound:
         for name, r in results.items():
-            r["fraction_of_bound"] = round(r["items_per_s"] / bound, 3)
+            if "items_per_s" in r:
+                r["fraction_of_bound"] = round(r["items_per_s"] / bound, 3)
     out = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
            else "cpu", "torch_threads": torch.get_num_threads(), "scale": args.scale,
            "time_scale": args.time_scale, "items": len(pool), "batch": BATCH, "epochs": args.epochs,

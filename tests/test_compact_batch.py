@@ -138,6 +138,26 @@ def test_compact_loss_and_its_gradient_equal_the_per_cell_definition(shapes):
         assert torch.allclose(pred.grad, ref_pred.grad)
 
 
+@pytest.mark.parametrize("shapes", [RAGGED, RUNS, []], ids=["ragged", "runs", "empty"])
+def test_the_accelerator_strategy_equals_the_per_cell_definitions(shapes, monkeypatch):
+    """What runs on a GPU (one reduction per shape group, the loss over padded repeat sums with
+    autograd's backward), run here on the CPU."""
+    from deepstrf.datasets import cells
+    monkeypatch.setattr(cells, "launch_bound", lambda device: True)
+    b = make_batch(shapes, torch.uint8, seed=3)
+    for out_dtype in (torch.float32, torch.float64):
+        assert torch.equal(b.repeat_sum(out_dtype), ref_repeat_sum(b, out_dtype))
+    base = torch.rand((b.n_cells, b.plan().max_length + 2), dtype=torch.float64) + 0.1
+    pred, ref_pred = base.clone().requires_grad_(), base.clone().requires_grad_()
+    loss, ref = poisson_loss_compact(pred, b), ref_loss(ref_pred, b)
+    assert torch.allclose(loss, ref)
+    assert torch.allclose(poisson_loss_compact(pred, b, reduction="sum"), ref * max(b.n_observations(), 1))
+    if b.n_cells:
+        loss.backward()
+        ref.backward()
+        assert torch.allclose(pred.grad, ref_pred.grad)
+
+
 def test_operations_read_no_index_array_of_the_batch_per_cell():
     """The plan comes from the host index arrays: a batch whose device-side index arrays were
     replaced by garbage after planning still computes from its plan (nothing read per cell)."""
@@ -223,6 +243,6 @@ def test_operations_on_cuda_equal_those_on_the_host(shapes):
     pred = torch.rand((b.n_cells, b.plan().max_length), dtype=torch.float64) + 0.1
     assert torch.allclose(poisson_loss_compact(pred.cuda(), on).cpu(), poisson_loss_compact(pred, b))
     assert torch.allclose(poisson_loss_compact(pred.cuda(), b).cpu(), poisson_loss_compact(pred, b))  # moved
-    ids = range(int(b.neuron_index.max(initial=0)) + 1)
+    ids = range(int(b.neuron_index.max()) + 1 if b.n_cells else 1)
     d, h = on.to_dense(ids), b.to_dense(ids)
     assert d["responses"].is_cuda and dense_equal({k: v.cpu() if torch.is_tensor(v) else v for k, v in d.items()}, h)

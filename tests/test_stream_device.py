@@ -75,6 +75,7 @@ def test_pinning_dense_host_batches_is_warned_against(pool):
     with pytest.warns(UserWarning, match="device='cuda'"):
         ds.loader(pin_memory=True)
     assert StreamingNeuralDataset(pool, batch_size=4, device="cpu").loader(num_workers=0).pin_memory is False
+    assert StreamingNeuralDataset(pool, batch_size=4, device="cpu").loader(num_workers=2).persistent_workers is False
 
 
 @needs_cuda
@@ -83,9 +84,11 @@ def test_batches_on_cuda_equal_the_host_ones(url, collate):
     ds = StreamingNeuralDataset(url, batch_size=4, collate=collate, seed=5, device="cuda", neurons=SELECTED)
     loader = ds.loader(num_workers=2, timeout=LOADER_TIMEOUT_S)
     assert loader.pin_memory  # compact batches only cross from the workers: pinned by default
+    assert loader.persistent_workers  # forking a process that holds a CUDA context is slow
     got = list(loader)
     for b, e in zip(got, host_dense(url)):
         if collate == "compact":
             assert b.values.is_cuda
             b = b.to_dense(SELECTED)
         assert b["responses"].is_cuda and dense_equal(b, e)
+    assert len(list(loader)) == len(got)  # the persistent workers' second pass

@@ -87,6 +87,12 @@ class CellPlan:
         return cls(n, int(repeats.max()), T, tuple(groups))
 
 
+def launch_bound(device: torch.device) -> bool:
+    """Whether work on ``device`` costs per kernel launch rather than per byte (an accelerator):
+    there, fewer and larger operations win; on a CPU, fewer passes over memory."""
+    return device.type != "cpu"
+
+
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised tensor. On the CPU it comes from numpy, which maps large arrays with huge
     pages (torch's allocator does not): filling 400 MB then costs 4x less than page faults."""

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import cells
 from .cells import CellPlan, ShapeGroup, empty
 
 
@@ -191,17 +192,19 @@ class CompactBatch:
         """``(k, length)`` counts of one shape group of the plan, summed over repeats, as ``dtype``
         (into ``out``), or with ``exact`` in the integer dtype they were summed in (small integer
         counts: the narrowest that holds the sum; other counts: ``dtype``)."""
-        # one pass per repeat (faster than a reduction over a middle axis), integer counts summed
-        # exactly in the narrowest integer type (half the bytes of float32 for uint8), cast once
+        # integer counts are summed exactly in the narrowest integer type (half the bytes of float32
+        # for uint8), cast once
         acc_dtype = _sum_dtype(self.values.dtype, group.repeats) or dtype
         direct = out is not None and acc_dtype == dtype
         acc = out if direct else empty((len(group.host_cells), group.length), acc_dtype, self.values.device)
         if group.repeats == 0:
             acc.zero_()
-        else:
+        elif cells.launch_bound(self.values.device):  # one reduction
+            torch.sum(group.counts(self.values), 1, dtype=acc_dtype, out=acc)
+        else:  # on a CPU one pass per repeat beats a reduction over a middle axis
             acc.copy_(group.repeat(self.values, 0))
-        for j in range(1, group.repeats):
-            acc.add_(group.repeat(self.values, j))
+            for j in range(1, group.repeats):
+                acc.add_(group.repeat(self.values, j))
         if direct or out is None and (exact or acc_dtype == dtype):
             return acc
         if out is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..datasets import cells
 from ..datasets.cells import empty
 from ..datasets.collate import CompactBatch
 
@@ -53,9 +54,11 @@ def poisson_loss_compact(pred: torch.Tensor, batch: CompactBatch, eps: float = E
 
     Only the bins ``t < lengths[c]`` of each cell count; with
     ``reduction="sum"`` the total over observations is returned, with
-    ``"none"`` the per-cell sums ``(n_cells,)``. Computed one group of
-    same-shaped cells at a time, from the counts as stored, with a backward
-    of its own (a few passes over the predictions, no per-cell work).
+    ``"none"`` the per-cell sums ``(n_cells,)``. On a CPU it is computed one
+    group of same-shaped cells at a time, from the counts as stored, with a
+    backward of its own (a few passes over the predictions, no per-cell work);
+    on an accelerator, over the padded repeat sums in a few whole-batch
+    operations (fewer kernel launches).
     """
     if pred.dim() != 2 or pred.shape[0] != batch.n_cells:
         raise ValueError(f"pred must be (n_cells={batch.n_cells}, T), got {tuple(pred.shape)}")
@@ -66,7 +69,10 @@ def poisson_loss_compact(pred: torch.Tensor, batch: CompactBatch, eps: float = E
     plan = batch.plan()
     if pred.shape[1] < plan.max_length:
         raise ValueError(f"prediction covers {pred.shape[1]} bins, cells need {plan.max_length}")
-    per_cell = _CompactPoissonNLL.apply(pred, batch, eps)
+    if cells.launch_bound(pred.device):
+        per_cell = _padded_poisson_nll(pred, batch, eps)
+    else:
+        per_cell = _CompactPoissonNLL.apply(pred, batch, eps)
     if reduction == "none":
         return per_cell
     if reduction == "sum":
@@ -104,6 +110,18 @@ class _CompactPoissonNLL(torch.autograd.Function):
             grad[g.cells, :g.length] = part.mul_(grad_out[g.cells][:, None])
             grad[g.cells, g.length:] = 0
         return grad, None, None
+
+
+def _padded_poisson_nll(pred: torch.Tensor, batch: CompactBatch, eps: float) -> torch.Tensor:
+    """The per-cell NLL over the batch's ``(n_cells, T_max)`` padded repeat sums, in a few whole-batch
+    operations that autograd differentiates. On an accelerator each kernel launch costs more than
+    the padding's bytes, so this beats a few operations per shape group."""
+    lam = pred[:, :batch.plan().max_length]
+    inside = batch.time_mask()
+    lam = torch.where(inside, lam, 1.0)  # bins past a cell's length neither count nor carry a gradient
+    ysum = batch.repeat_sum(pred.dtype)  # zero past each cell's length
+    nll = batch.repeats.to(pred.dtype)[:, None] * lam - ysum * torch.log(lam + eps)
+    return torch.where(inside, nll, 0.0).sum(1)
 
 
 def _rates(pred: torch.Tensor, group) -> torch.Tensor:

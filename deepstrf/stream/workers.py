@@ -59,9 +59,13 @@ PRELOAD = ["deepstrf.stream.dataset", "deepstrf.stream.worker_boot"]
 # StreamStalledError (``StreamingNeuralDataset.loader(timeout=...)``).
 DEFAULT_TIMEOUT_S = 300.0
 # Threads a fork may leave behind: deepstrf's (gated), the I/O event loops of fsspec and zarr with
-# their executors (those libraries reset them in a forked child), and tqdm's monitor of the progress
-# bars deepstrf shows (workers draw none).
-FORK_SAFE_THREAD_PREFIXES = ("deepstrf", "fsspecIO", "zarr_io", "zarr_pool", "asyncio_", "tqdm_monitor")
+# their executors (those libraries reset them in a forked child), tqdm's monitor of the progress
+# bars deepstrf shows (workers draw none), and multiprocessing's queue feeders: a finished
+# DataLoader's index queues flush for a moment after its pass, and they only pickle and write to
+# pipes that no new worker uses. (Counted as foreign, they made every other epoch start its
+# workers through the forkserver: a first-batch stall of seconds when the server was not running.)
+FORK_SAFE_THREAD_PREFIXES = ("deepstrf", "fsspecIO", "zarr_io", "zarr_pool", "asyncio_", "tqdm_monitor",
+                             "QueueFeederThread")
 
 # columns of the activity table
 _PID, _BATCHES, _READING_SINCE_NS, _N_STIMS, _STIMS = 0, 1, 2, 3, 4
