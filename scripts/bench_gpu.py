@@ -23,10 +23,11 @@ Adam, batch 8. Configurations, run one after the other in this process:
 Each reports items/s (the median of the epochs after the first, which pays the
 workers' start-up; the only epoch with ``--epochs 1``) and its fraction of the
 bound; a streamed one also the workers' start method. Device work is waited for
-at the end of every epoch, not per step. ``--host-peak`` runs ``compact`` and
-``dense_device`` with the most workers again, each in a child process whose peak
-host memory (the summed PSS of it and its workers, sampled every 50 ms) is added
-as ``host_peak_pss_mib``; sampling slows them, so their speed is not reported.
+at the end of every epoch, not per step. ``--host-peak`` runs ``bound`` (the
+device process alone, the baseline) and ``compact`` and ``dense_device`` with
+the most workers again, each in a child process whose peak host memory (the
+summed PSS of it and its workers, sampled every 50 ms) is added as
+``host_peak_pss_mib``; sampling slows them, so their speed is not reported.
 """
 
 from __future__ import annotations
@@ -173,14 +174,15 @@ def main(argv: list[str] | None = None) -> dict:
             results[f"{name}_w{k}"] = {**r, "pin_memory": loader.pin_memory}
     if args.host_peak and workers:
         k = max(workers)
-        for name in ("compact", "dense_device"):
+        for name in ("bound", "compact", "dense_device"):  # bound: the device process without workers
             child = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--only", name,
                      "--workers", str(k), "--epochs", "2", "--scale", str(args.scale), "--time-scale",
                      str(args.time_scale), "--channels", args.channels, "--pin", args.pin, "--workdir", args.workdir]
             if args.threads:
                 child += ["--threads", str(args.threads)]
             peak = run_child(child, sample_memory=True)
-            results.setdefault(f"{name}_w{k}", {})["host_peak_pss_mib"] = peak.get("peak_pss_mib", peak.get("error"))
+            key = name if name == "bound" else f"{name}_w{k}"
+            results.setdefault(key, {})["host_peak_pss_mib"] = peak.get("peak_pss_mib", peak.get("error"))
     bound = results.get("bound", {}).get("items_per_s")
     if bound:
         for name, r in results.items():

@@ -156,6 +156,10 @@ def test_the_accelerator_strategy_equals_the_per_cell_definitions(shapes, monkey
         loss.backward()
         ref.backward()
         assert torch.allclose(pred.grad, ref_pred.grad)
+    large = make_batch([(200, 3), (3, 4), (200, 3)], torch.int16)  # sums beyond int16, within float32's 2**24
+    large.values.fill_(torch.iinfo(torch.int16).max)
+    for out_dtype in (torch.float16, torch.float32, torch.float64):
+        assert torch.equal(large.repeat_sum(out_dtype), ref_repeat_sum(large, torch.float64).to(out_dtype))
 
 
 def test_operations_read_no_index_array_of_the_batch_per_cell():

@@ -74,16 +74,19 @@ class CellPlan:
         shape_ids, inverse = np.unique(repeats * (T + 1) + lengths, return_inverse=True)
         order = np.argsort(inverse, kind="stable")
         bounds = np.concatenate([[0], np.cumsum(np.bincount(inverse, minlength=len(shape_ids)))])
+        consecutive = [int(order[hi - 1]) - int(order[lo]) + 1 == hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
+        # the cell indices and count offsets of every scattered group cross to the device in one copy
+        on_device = None if all(consecutive) else \
+            torch.from_numpy(np.stack([order, offsets[order]]).astype(np.int64)).to(device)
         groups = []
-        for g in range(len(shape_ids)):
-            cells = order[bounds[g]:bounds[g + 1]]
+        for g, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+            cells = order[lo:hi]
             r, t = int(repeats[cells[0]]), int(lengths[cells[0]])
-            first, last = int(cells[0]), int(cells[-1])
-            if last - first + 1 == len(cells):
-                groups.append(ShapeGroup(r, t, cells, slice(first, last + 1), None, int(offsets[first])))
+            if consecutive[g]:
+                first = int(cells[0])
+                groups.append(ShapeGroup(r, t, cells, slice(first, first + len(cells)), None, int(offsets[first])))
             else:
-                on_device = torch.from_numpy(np.stack([cells, offsets[cells]]).astype(np.int64)).to(device)
-                groups.append(ShapeGroup(r, t, cells, on_device[0], on_device[1]))
+                groups.append(ShapeGroup(r, t, cells, on_device[0, lo:hi], on_device[1, lo:hi]))
         return cls(n, int(repeats.max()), T, tuple(groups))
 
 

@@ -178,13 +178,18 @@ class CompactBatch:
         Sufficient statistic for a Poisson likelihood (with ``repeats``).
         """
         plan = self.plan()
-        out = empty((plan.n_cells, plan.max_length), dtype, self.values.device)
+        device = self.values.device
+        if cells.launch_bound(device):  # one fill beats a write per group past its length
+            out = torch.zeros((plan.n_cells, plan.max_length), dtype=dtype, device=device)
+        else:
+            out = empty((plan.n_cells, plan.max_length), dtype, device)
         for g in plan.groups:  # every cell is in one group: each row is written once
             if g.starts is None:  # consecutive cells: summed straight into the output
                 self.group_repeat_sum(g, dtype, out=out[g.cells, :g.length])
             else:
                 out[g.cells, :g.length] = self.group_repeat_sum(g, dtype)
-            out[g.cells, g.length:] = 0
+            if not cells.launch_bound(device):
+                out[g.cells, g.length:] = 0
         return out
 
     def group_repeat_sum(self, group: ShapeGroup, dtype: torch.dtype = torch.float32,
@@ -193,13 +198,15 @@ class CompactBatch:
         (into ``out``), or with ``exact`` in the integer dtype they were summed in (small integer
         counts: the narrowest that holds the sum; other counts: ``dtype``)."""
         # integer counts are summed exactly in the narrowest integer type (half the bytes of float32
-        # for uint8), cast once
-        acc_dtype = _sum_dtype(self.values.dtype, group.repeats) or dtype
+        # for uint8), cast once; on an accelerator, where launches cost and bytes do not, in ``dtype``
+        # if it holds every sum exactly
+        launch_bound = cells.launch_bound(self.values.device)
+        acc_dtype = _sum_dtype(self.values.dtype, group.repeats, into=dtype if launch_bound else None) or dtype
         direct = out is not None and acc_dtype == dtype
         acc = out if direct else empty((len(group.host_cells), group.length), acc_dtype, self.values.device)
         if group.repeats == 0:
             acc.zero_()
-        elif cells.launch_bound(self.values.device):  # one reduction
+        elif launch_bound:  # one reduction
             torch.sum(group.counts(self.values), 1, dtype=acc_dtype, out=acc)
         else:  # on a CPU one pass per repeat beats a reduction over a middle axis
             acc.copy_(group.repeat(self.values, 0))
@@ -290,13 +297,16 @@ class CompactBatch:
 _INDEX_KEYS = ("offsets", "repeats", "lengths", "item_index", "neuron_index")
 
 
-def _sum_dtype(counts: torch.dtype, repeats: int) -> torch.dtype | None:
+def _sum_dtype(counts: torch.dtype, repeats: int, into: torch.dtype | None = None) -> torch.dtype | None:
     """The narrowest integer dtype that holds the sum of ``repeats`` counts of dtype ``counts``
     exactly, for the small signed and unsigned counts torch adds in place into a wider integer
-    (uint8, int8, int16); None otherwise (summed in the output's floating dtype)."""
+    (uint8, int8, int16); None otherwise (summed in the output's floating dtype), and None too when
+    the floating dtype ``into`` holds every such sum exactly."""
     if counts not in (torch.uint8, torch.int8, torch.int16):
         return None
     largest = repeats * max(abs(torch.iinfo(counts).max), abs(torch.iinfo(counts).min))
+    if into is not None and into.is_floating_point and largest <= 2 / torch.finfo(into).eps:  # 2**24 in float32
+        return None
     return next(t for t in (torch.int16, torch.int32, torch.int64) if largest <= torch.iinfo(t).max)
 
 
