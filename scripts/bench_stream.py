@@ -16,7 +16,7 @@ sampling itself slows the measured processes by 10-15 %:
   ``local_w2_compact_forkserver``: the same with forkserver workers (what a dataset
   object, or a thread of the user's, gets); ``local_w2_compact_persistent``: with
   ``persistent_workers=True``. With workers, ``later_epochs_*`` time two more epochs
-  with the same loader (new workers each epoch, unless persistent);
+  with the same loader (new workers each epoch here, unless persistent);
 - ``local_w2_items_compact`` / ``local_w2_items_dense``: the dataset yields items
   (``batch_size=None``, ``loader_batch_size=8``) and a plain ``DataLoader(batch_size=8,
   collate_fn=compact_collate or neural_collate, num_workers=2)`` (forkserver workers) batches
@@ -24,7 +24,8 @@ sampling itself slows the measured processes by 10-15 %:
   batches, so that both dense configurations keep the same number of batches in flight);
 - ``s3_w0_compact`` / ``s3_w2_compact``: the same stores on a local S3 (moto,
   served by this process) with ``--latency-ms`` added to every request (with
-  workers, later epochs too);
+  workers, later epochs too, by workers kept across epochs: ``loader()``'s default
+  over a network);
 - ``mds_w2``: mosaicml-streaming reading the same items from uncompressed
   MDS shards on local disk (run with ``--mds-python``, a venv that has it);
 - ``read_limit``: read and decompress every chunk of the pool once (deepstrf's reader, whole
@@ -101,7 +102,8 @@ def child_stream(args) -> dict:
                             multiprocessing_context=worker_context() if args.workers else None,
                             prefetch_factor=1 if args.collate == "dense" and args.workers else None)
     else:
-        loader = ds.loader(num_workers=args.workers, persistent_workers=args.persistent,
+        kept = {"persistent_workers": True} if args.persistent else {}  # else loader()'s default
+        loader = ds.loader(num_workers=args.workers, **kept,
                            multiprocessing_context=None if args.start_method == "default" else args.start_method)
     out = _timed_epoch(loader, lambda b: len(b["stim_meta"]))
     stats = ds.stats()

@@ -241,3 +241,20 @@ def test_reading_defaults_follow_where_the_store_is(local_pool, s3_pool):
     assert StreamingNeuralDataset(local_pool, batch_size=2, read_threads=3)._state().read_threads == 3
     assert local.loader(num_workers=2).read_while_starting
     assert not remote.loader(num_workers=2).read_while_starting
+
+
+def test_loader_keeps_its_workers_over_a_network_by_default(s3_pool, local_pool):
+    """New workers over S3 start with empty shard caches: the loader keeps them across epochs there."""
+    url, options = s3_pool
+    s = StreamingNeuralDataset(url, storage_options=options, batch_size=3, seed=1, retry=FAST)
+    loader = s.loader(num_workers=2, timeout=loader_timeout(2))
+    assert loader.persistent_workers
+    assert not s.loader(num_workers=2, persistent_workers=False).persistent_workers
+    assert not StreamingNeuralDataset(local_pool, batch_size=3).loader(num_workers=2).persistent_workers
+    ref = open_dataset(url, storage_options=options)
+    expected = Counter(item_key(ref[i]) for i in range(len(ref)))
+    first = Counter(k for b in loader for k in batch_keys(b))
+    workers = list(loader._iterator._workers)
+    second = Counter(k for b in loader for k in batch_keys(b))
+    assert first == expected and second == expected
+    assert list(loader._iterator._workers) == workers  # the same processes read the second epoch

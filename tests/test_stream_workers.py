@@ -196,3 +196,19 @@ def test_forkserver_workers_see_the_environment_of_the_process_now(tmp_path, mon
                                                                timeout=LOADER_TIMEOUT_S)
     assert context_method(loader.multiprocessing_context) in ("forkserver", "spawn")
     assert len([k for b in loader for k in batch_keys(b)]) == len(open_dataset(url))
+
+
+def test_queue_feeder_threads_of_a_finished_pass_do_not_count_as_the_users():
+    """A DataLoader's index queues flush in a feeder thread for a moment after its pass; counted as a
+    thread of the user's, it made the next epoch's workers start through the forkserver."""
+    import multiprocessing
+
+    queue = multiprocessing.get_context("fork").Queue()
+    queue.put(1)  # starts the queue's feeder thread
+    try:
+        assert any(t.name.startswith("QueueFeederThread") for t in threading.enumerate())
+        assert not any(name.startswith("QueueFeederThread") for name in workers.foreign_threads())
+    finally:
+        assert queue.get(timeout=5) == 1
+        queue.close()
+        queue.join_thread()

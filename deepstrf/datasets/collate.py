@@ -178,17 +178,15 @@ class CompactBatch:
         Sufficient statistic for a Poisson likelihood (with ``repeats``).
         """
         plan = self.plan()
-        device = self.values.device
-        if cells.launch_bound(device):  # one fill beats a write per group past its length
-            out = torch.zeros((plan.n_cells, plan.max_length), dtype=dtype, device=device)
-        else:
-            out = empty((plan.n_cells, plan.max_length), dtype, device)
+        shape, device = (plan.n_cells, plan.max_length), self.values.device
+        launch_bound = cells.launch_bound(device)  # then one fill beats a write per group past its length
+        out = torch.zeros(shape, dtype=dtype, device=device) if launch_bound else empty(shape, dtype, device)
         for g in plan.groups:  # every cell is in one group: each row is written once
             if g.starts is None:  # consecutive cells: summed straight into the output
                 self.group_repeat_sum(g, dtype, out=out[g.cells, :g.length])
             else:
                 out[g.cells, :g.length] = self.group_repeat_sum(g, dtype)
-            if not cells.launch_bound(device):
+            if not launch_bound:
                 out[g.cells, g.length:] = 0
         return out
 
