@@ -42,8 +42,9 @@ class InlineLocalStore(LocalStore):
                   byte_range: ByteRequest | None = None) -> Buffer | None:
         if byte_range is not None and not isinstance(byte_range, RangeByteRequest):
             return await super().get(key, prototype, byte_range)
-        if not self._is_open:
-            await self._open()
+        # zarr's own lazy open: concurrent first reads must not each call _open(), which raises on a
+        # store another read just opened (zarr >= 3.2 awaits inside LocalStore._open)
+        await self._ensure_open()
         if byte_range is None:
             try:
                 small = os.stat(os.path.join(self.root, key)).st_size <= INLINE_BYTES
