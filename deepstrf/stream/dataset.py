@@ -788,14 +788,16 @@ class StreamingDataLoader(DataLoader):
                              "loader_batch_size=B on the dataset; call ds.set_epoch every epoch)")
         kwargs.setdefault("batch_size", None)
         on_cuda = dataset.device is not None and dataset.device.type == "cuda"
+        dense = dataset.built_format == "dense" and dataset.batch_size is not None  # hundreds of MB each
+        on_network = dataset._waits_on_network()
         # with a CUDA device only compact batches cross from the workers: pinned, their copy to the
         # device runs beside the training step; a dense host batch (hundreds of MB) is never pinned
         kwargs.setdefault("pin_memory", on_cuda and workers > 0)
         # kept across epochs where new workers cost most: forking a process that holds a CUDA context
         # takes ~20 ms per worker (H200), and over a network new workers start with empty shard caches
         # (S3 +20 ms, later epochs: 0.75 of local with new workers, 0.9-1.0 kept)
-        kwargs.setdefault("persistent_workers", workers > 0 and (on_cuda or dataset._waits_on_network()))
-        if kwargs["pin_memory"] and dataset.built_format == "dense" and dataset.batch_size is not None:
+        kwargs.setdefault("persistent_workers", workers > 0 and (on_cuda or on_network))
+        if kwargs["pin_memory"] and dense:
             warnings.warn("pin_memory=True copies every dense batch (hundreds of MB on a pool) into page-locked "
                           "memory, which costs more than it saves; pass device='cuda' to the "
                           "StreamingNeuralDataset instead: the workers then send compact batches and the dense "
@@ -806,16 +808,12 @@ class StreamingDataLoader(DataLoader):
         if workers > 0:
             # the DataLoader only waits this long at a time, so that dead workers are seen at once
             kwargs["timeout"] = min(self.stall_timeout, WORKER_CHECK_S)
-            if dataset.built_format == "dense" and dataset.batch_size is not None:
-                # a dense batch is hundreds of MB on a pool: one per worker in flight, not two
+            if dense:  # one batch per worker in flight, not two
                 kwargs.setdefault("prefetch_factor", DENSE_PREFETCH_FACTOR)
             kwargs["multiprocessing_context"] = _start_context(
                 dataset, self._given_context, kwargs.get("worker_init_fn"), self._user_collate)
         super().__init__(dataset, **kwargs)
-        if read_while_starting is None:
-            dense = dataset.built_format == "dense" and dataset.batch_size is not None
-            read_while_starting = not dense and not dataset._waits_on_network()
-        self.read_while_starting = read_while_starting
+        self.read_while_starting = not dense and not on_network if read_while_starting is None else read_while_starting
         self.lead_batches = 0
         if self.persistent_workers:
             _stop_at_exit(self)
