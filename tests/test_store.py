@@ -608,7 +608,7 @@ def test_s3_read_defaults_and_caller_options_win():
     loc = Location.parse("s3://bucket/store", {"config_kwargs": {"connect_timeout": 5}})
     opts = loc.fsspec_options()
     assert opts["max_concurrency"] == 1  # no HEAD before each chunk GET
-    assert opts["config_kwargs"] == {"connect_timeout": 5, "max_pool_connections": 64}
+    assert opts["config_kwargs"] == {"connect_timeout": 5, "max_pool_connections": 64, "read_timeout": 30}
     assert loc.storage_options == {"config_kwargs": {"connect_timeout": 5}}  # caller's dict untouched
     mine = Location.parse("s3://b/s", {"max_concurrency": 4, "config_kwargs": {"max_pool_connections": 8}})
     assert mine.fsspec_options()["max_concurrency"] == 4

@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import pickle
+import time
 from collections import Counter
 
 import numpy as np
@@ -109,6 +110,22 @@ def test_s3_transient_failures_are_survived(s3, s3_pool, no_s3fs_retries, no_cac
         s3.clear_faults()
     assert fault.hits == 3
     assert s.stats()["retries"] >= 1
+    assert len(keys) == len(set(keys)) == len(open_dataset(url, storage_options=options))
+
+
+def test_a_stalled_s3_answer_is_given_up_and_retried(s3, s3_pool, no_cached_shards):
+    """A connection that goes quiet fails after botocore's read_timeout (deepstrf sets 30 s, the
+    caller's value wins) and the read is retried, instead of waiting on it for minutes."""
+    url, options = s3_pool
+    quick = {**options, "config_kwargs": {**options.get("config_kwargs", {}), "read_timeout": 0.5}}
+    s = StreamingNeuralDataset(url, storage_options=quick, batch_size=4, prefetch=1, read_threads=1)
+    fault = s3.stall("/responses/values/c/", seconds=20, times=1)
+    started = time.monotonic()
+    try:
+        keys = [k for b in s for k in batch_keys(b)]
+    finally:
+        s3.clear_faults()
+    assert fault.hits == 1 and time.monotonic() - started < 15
     assert len(keys) == len(set(keys)) == len(open_dataset(url, storage_options=options))
 
 

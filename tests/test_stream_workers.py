@@ -107,6 +107,43 @@ def test_an_in_memory_dataset_of_many_tensors_reaches_workers_that_are_not_forke
     assert keys == [k for b in s for k in batch_keys(b)]
 
 
+class SlowToSend:
+    """Takes half a second to pickle: the workers start no sooner, so the main process reads."""
+
+    def __reduce__(self) -> tuple:
+        time.sleep(0.5)
+        return SlowToSend, ()
+
+
+class SharedAtRead(LazySequence):
+    """Stimuli computed from a weight tensor through a numpy view, noting (in the reading process)
+    whether the tensor's memory was already shared when the view was taken."""
+
+    def __init__(self, stims: list) -> None:
+        super().__init__(len(stims))
+        self.slow = SlowToSend()  # pickled before the weight
+        self.stims = stims
+        self.weight = torch.ones(64)
+        self.shared_at_read: list[bool] = []
+
+    def _get(self, i: int):
+        self.shared_at_read.append(self.weight.is_shared())
+        view = self.weight.numpy()  # dangles if the storage is moved while it is in use
+        return self.stims[i] * float(view.mean())
+
+
+def test_tensors_of_a_dataset_object_are_shared_before_the_main_process_reads_beside_a_worker_start():
+    """Pickling for started workers moves tensors into shared memory and frees the old memory: the
+    main process's first batches, read meanwhile, must never hold a view of memory about to move."""
+    ds = ToyAudio(seed=2, S=12, N=3)
+    ds.stims = SharedAtRead(list(ds.stims))
+    loader = StreamingNeuralDataset(ds, batch_size=2, seed=0).loader(num_workers=2, timeout=LOADER_TIMEOUT_S,
+                                                                     read_while_starting=True)
+    assert context_method(loader.multiprocessing_context) != "fork"
+    assert len([b for b in loader]) == 6
+    assert loader.lead_batches >= 1 and ds.stims.shared_at_read and all(ds.stims.shared_at_read)
+
+
 class FreezeCounts(LazySequence):
     """Stimuli filled with the reading process's count of objects frozen out of the collector."""
 

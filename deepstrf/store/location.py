@@ -24,7 +24,9 @@ ROOT_KEY = "zarr.json"
 # first costs a HEAD request for its size: for chunk objects (tens of KB) that doubles the
 # requests. Reads also use more concurrent connections than botocore's default of 10.
 S3_READ_DEFAULTS: dict[str, Any] = {"max_concurrency": 1}
-S3_MAX_POOL_CONNECTIONS = 64
+# botocore waits 60 s for a connection and 60 s between two reads of an answer, then retries: one
+# stalled connection held a read for minutes. A chunk's bytes never pause that long on a live one.
+S3_CONFIG_DEFAULTS: dict[str, Any] = {"max_pool_connections": 64, "connect_timeout": 10, "read_timeout": 30}
 
 
 _S3_SESSION: Any = None
@@ -110,9 +112,7 @@ class Location:
         if self.protocol not in ("s3", "s3a"):
             return self.storage_options
         options = {**S3_READ_DEFAULTS, **(self.storage_options or {})}
-        config = dict(options.get("config_kwargs") or {})
-        config.setdefault("max_pool_connections", S3_MAX_POOL_CONNECTIONS)
-        options["config_kwargs"] = config
+        options["config_kwargs"] = {**S3_CONFIG_DEFAULTS, **(options.get("config_kwargs") or {})}
         if "session" not in options and "profile" not in options:
             options["session"] = shared_s3_session()
         return options

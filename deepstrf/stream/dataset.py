@@ -42,7 +42,7 @@ from .lead import Lead
 from .prefetch import Prefetcher, ReadTimeout
 from .retry import RetryPolicy, call_with_retries
 from .stats import StorageIO, StreamCounters, summarize
-from .transfer import for_new_process
+from .transfer import for_new_process, share_before_sending
 from .workers import (DEFAULT_TIMEOUT_S, WorkerActivity, context_method, died, foreign_threads, freeze_long_lived,
                       prepare_context, start_worker_server, worker_context)
 
@@ -846,6 +846,8 @@ class StreamingDataLoader(DataLoader):
         (:mod:`deepstrf.stream.lead`)."""
         ds: StreamingNeuralDataset = self.dataset
         ds._state()  # opened here before the thread pickles the dataset for the workers
+        if self._iterator is None or not self.persistent_workers:
+            share_before_sending(ds._source)  # not while this thread reads it (transfer.py)
         ds._lead.open()
         # torch installs its handler for dead workers from the main thread only
         signal_handling._set_SIGCHLD_handler()

@@ -32,19 +32,28 @@ MAX_SHARED_TENSORS = 200
 
 
 class _TensorCounter(pickle.Pickler):
-    """Walks an object as pickle would, counting its tensors instead of writing their data and
-    noting references to ``__main__`` (``uses_main``)."""
+    """Walks an object as pickle would, collecting its tensors (``found``) instead of writing their
+    data and noting references to ``__main__`` (``uses_main``)."""
 
     def __init__(self) -> None:
         super().__init__(io.BytesIO(), protocol=pickle.HIGHEST_PROTOCOL)
-        self.tensors = 0
+        self.found: list[torch.Tensor | torch.UntypedStorage | torch.TypedStorage] = []
         self.uses_main = False
+
+    @property
+    def tensors(self) -> int:
+        return len(self.found)
 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, (torch.Tensor, torch.UntypedStorage, torch.TypedStorage)):
-            self.tensors += 1
+            self.found.append(obj)
             return self.tensors
         return None
+
+    def by_descriptors(self) -> bool:
+        """Whether torch would send the walked object's tensors as shared-memory descriptors."""
+        return not (torch.multiprocessing.get_sharing_strategy() == "file_descriptor"
+                    and self.tensors > MAX_SHARED_TENSORS)
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, type) or callable(obj) and hasattr(obj, "__qualname__"):
@@ -75,19 +84,42 @@ class _ByValue:
         return pickle.loads, (self.blob,)  # cloudpickle's output loads with plain pickle
 
 
+def _walk(obj: Any) -> tuple[_TensorCounter, str]:
+    """``obj`` walked, and how a started process receives it: ``"cloudpickle"`` (by value, plain
+    pickle cannot send it or its ``__main__`` cannot be imported there), ``"value"`` (too many
+    tensors for descriptors) or ``"descriptors"`` (torch shares its tensors' memory)."""
+    counter = _TensorCounter()
+    try:
+        counter.dump(obj)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return counter, "cloudpickle"  # a lambda or a local function, say
+    if counter.uses_main and getattr(sys.modules.get("__main__"), "__file__", None) is None:
+        return counter, "cloudpickle"
+    return counter, "descriptors" if counter.by_descriptors() else "value"
+
+
 def for_new_process(obj: Any) -> Any:
     """``obj`` as it should be pickled now: when it is being sent to a process that is started
     (not forked), by value if it holds more tensors than descriptors can carry, with cloudpickle
     if plain pickle cannot send it (see module docstring); else itself."""
     if get_spawning_popen() is None:
         return obj
-    counter = _TensorCounter()
-    try:
-        counter.dump(obj)
-    except (pickle.PicklingError, AttributeError, TypeError):
-        return _ByValue(obj, cloud=True)  # a lambda or a local function, say
-    if counter.uses_main and getattr(sys.modules.get("__main__"), "__file__", None) is None:
-        return _ByValue(obj, cloud=True)
-    if torch.multiprocessing.get_sharing_strategy() == "file_descriptor" and counter.tensors > MAX_SHARED_TENSORS:
-        return _ByValue(obj)
-    return obj
+    way = _walk(obj)[1]
+    return obj if way == "descriptors" else _ByValue(obj, cloud=way == "cloudpickle")
+
+
+def share_before_sending(obj: Any) -> None:
+    """Move the CPU tensors that pickling ``obj`` for a started worker would share into shared
+    memory now, in the calling thread.
+
+    Pickling does that move itself (torch's reductions): it copies each storage into shared
+    memory, swaps the copy in and frees the old memory. A thread of this process that reads one
+    of those tensors meanwhile (the main process reads a pass's first batches while another thread
+    starts the workers, :mod:`deepstrf.stream.lead`), or any numpy view taken before, would read
+    freed memory: garbage, or a crash.
+    """
+    counter, way = _walk(obj)
+    if way == "descriptors":
+        for tensor in counter.found:
+            if tensor.device.type == "cpu" and not tensor.is_shared():
+                tensor.share_memory_()

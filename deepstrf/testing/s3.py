@@ -23,13 +23,15 @@ _REASONS = {403: ("Forbidden", "AccessDenied"), 404: ("Not Found", "NoSuchKey"),
 
 @dataclass
 class Fault:
-    """Answer requests whose path contains ``match`` with ``status``, ``times`` times (None: always)."""
+    """Answer requests whose path contains ``match`` with ``status``, ``times`` times (None: always);
+    with ``stall_s``, answer them normally after that many seconds of silence instead."""
 
     match: str
     status: int
     times: int | None
     method: str = "GET"
     hits: int = 0
+    stall_s: float = 0.0
 
 
 class _FaultyApp:
@@ -73,6 +75,9 @@ class _FaultyApp:
             time.sleep(self.latency_s)
         self._note(environ)
         fault = self._fault_for(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""))
+        if fault is not None and fault.stall_s:
+            time.sleep(fault.stall_s)
+            fault = None
         if fault is None:
             return self.app(environ, self._counting(environ["REQUEST_METHOD"], start_response))
         reason, code = _REASONS.get(fault.status, ("Error", "InternalError"))
@@ -164,6 +169,13 @@ class LocalS3:
     def fail(self, match: str, status: int = 503, times: int | None = 1, method: str = "GET") -> Fault:
         """Inject a fault (see :class:`Fault`); returns it so a test can read ``hits``."""
         fault = Fault(match, status, times, method)
+        with self._app.lock:
+            self._app.faults.append(fault)
+        return fault
+
+    def stall(self, match: str, seconds: float, times: int | None = 1, method: str = "GET") -> Fault:
+        """Hold matching requests ``seconds`` before answering them (a connection gone quiet)."""
+        fault = Fault(match, 200, times, method, stall_s=seconds)
         with self._app.lock:
             self._app.faults.append(fault)
         return fault
