@@ -1,7 +1,8 @@
 """Damaged and hostile copies of a small source and a small pool, each opened, read and verified.
 
 Run as ``python tests/hostile_cases.py WORKDIR [--mem-gib G] [--case-s T]`` (by
-``test_hostile_stores.py``, in its own process under a memory limit): prints one JSON object
+``test_hostile_stores.py``, in its own process under a memory limit: G GiB more than it maps before
+the first case): prints one JSON object
 per case, ``{"case", "store", "open", "verify", "detail"}``, where ``open`` is ``refused`` (an
 error of ``deepstrf.errors`` naming the store), ``same`` (opened and read the original data),
 ``read`` (opened, read other data) or a failure (``unnamed``, ``crash``, ``timeout``,
@@ -312,15 +313,23 @@ def build(work: Path) -> dict[str, Path]:
     return {"source.zarr": base / "source.zarr", "pool.zarr": base / "pool.zarr"}
 
 
+def mapped_bytes() -> int:
+    """This process's virtual size (``VmSize``)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("work", type=Path)
-    p.add_argument("--mem-gib", type=float, default=3.0)
+    p.add_argument("--mem-gib", type=float, default=3.0,
+                   help="address space allowed beyond what the process maps once its stores are built")
     p.add_argument("--case-s", type=float, default=5.0)
     p.add_argument("--only", default="", help="run the cases whose label contains this")
     args = p.parse_args()
     stores = build(args.work)
-    limit = int(args.mem_gib * 2 ** 30)
+    # relative: a CUDA build of torch alone maps ~3 GiB of address space on import
+    limit = mapped_bytes() + int(args.mem_gib * 2 ** 30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     space = Workspace(args.work / "pristine", args.work)
     for store_name, pristine in stores.items():
