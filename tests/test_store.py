@@ -25,7 +25,8 @@ from deepstrf.datasets.views import ResponseGrid, is_missing, missing_sentinel
 from deepstrf.errors import (FormatVersionError, IncompleteStoreError, IntegrityError, ReadOnlyStoreError,
                              StoreExistsError, StoreNotFoundError)
 from deepstrf.store import ZarrResponseGrid, ZarrStims, format as fmt, open_dataset, save_dataset, shards
-from deepstrf.store.location import Location, shared_s3_session
+from deepstrf.store.location import Location
+from deepstrf.store.s3clients import SharedTLSSession, shared_s3_session
 from deepstrf.store.reader import SourceReader
 from deepstrf.utils.data import concat_neural_datasets, neural_collate
 
@@ -608,7 +609,8 @@ def test_s3_read_defaults_and_caller_options_win():
     loc = Location.parse("s3://bucket/store", {"config_kwargs": {"connect_timeout": 5}})
     opts = loc.fsspec_options()
     assert opts["max_concurrency"] == 1  # no HEAD before each chunk GET
-    assert opts["config_kwargs"] == {"connect_timeout": 5, "max_pool_connections": 64, "read_timeout": 30}
+    assert opts["config_kwargs"] == {"connect_timeout": 5, "max_pool_connections": 64, "read_timeout": 30,
+                                     "http_session_cls": SharedTLSSession}
     assert loc.storage_options == {"config_kwargs": {"connect_timeout": 5}}  # caller's dict untouched
     mine = Location.parse("s3://b/s", {"max_concurrency": 4, "config_kwargs": {"max_pool_connections": 8}})
     assert mine.fsspec_options()["max_concurrency"] == 4

@@ -275,3 +275,65 @@ def test_loader_keeps_its_workers_over_a_network_by_default(s3_pool, local_pool)
     second = Counter(k for b in loader for k in batch_keys(b))
     assert first == expected and second == expected
     assert list(loader._iterator._workers) == workers  # the same processes read the second epoch
+
+
+def test_stores_opened_with_the_same_options_share_one_s3_client_per_process(s3_pool):
+    """A pool and its sources read through one S3 client of the process, whichever thread opens
+    them (fsspec caches instances per thread); other options get their own; a forked process
+    makes its own (a client belongs to its process's event loop)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deepstrf.store.location import Location
+
+    url, options = s3_pool
+    bucket = url.rsplit("/", 1)[0]
+    fs = Location.parse(url, options).zarr_store().fs
+    with ThreadPoolExecutor(2) as pool:
+        others = list(pool.map(lambda u: Location.parse(u, options).zarr_store().fs,
+                               [f"{bucket}/aa1", f"{bucket}/aa2"]))
+    assert all(other is fs for other in others)
+    assert Location.parse(url, {**options, "max_concurrency": 2}).zarr_store().fs is not fs
+    ctx = __import__("multiprocessing").get_context("fork")
+    with ctx.Pool(1) as child:
+        assert child.apply(_client_in_child, (id(fs), url, options)) == "own, shared"
+
+
+def _client_in_child(parent_fs_id: int, url: str, options: dict) -> str:
+    from deepstrf.store.location import Location
+
+    fs = Location.parse(url, options).zarr_store().fs
+    own = "own" if id(fs) != parent_fs_id else "the parent's"
+    return f"{own}, {'shared' if Location.parse(url, options).zarr_store().fs is fs else 'not shared'}"
+
+
+def test_the_tls_context_is_built_once_and_forked_workers_inherit_it(s3_pool, monkeypatch, no_cached_shards):
+    """Loading the CA bundle costs ~20 ms of CPU per client: one process tree loads it once."""
+    import torch
+    from aiobotocore.httpsession import AIOHTTPSession
+
+    from deepstrf.store import s3clients
+
+    builds = torch.zeros(1, dtype=torch.int64).share_memory_()  # counted in forked workers too
+    build = AIOHTTPSession._build_ssl_contexts
+
+    def counted(self, proxy_url):
+        builds.add_(1)
+        return build(self, proxy_url)
+
+    monkeypatch.setattr(AIOHTTPSession, "_build_ssl_contexts", counted)
+    monkeypatch.setattr(s3clients, "_TLS_CONTEXTS", {})
+    url, options = s3_pool
+    fresh = {**options, "config_kwargs": {**options.get("config_kwargs", {}), "connect_timeout": 9}}  # new clients
+    s = StreamingNeuralDataset(url, storage_options=fresh, batch_size=4)
+    # forked (this process runs the S3 server's threads: the rule would pick forkserver)
+    loader = s.loader(num_workers=2, persistent_workers=False, timeout=loader_timeout(2),
+                      multiprocessing_context="fork")
+    assert sum(len(b["stim_meta"]) for b in loader) == len(open_dataset(url, storage_options=options))
+    assert s.stats()["requests"] > 0  # the workers made clients of their own
+    assert int(builds) == 1
+
+
+def test_the_shared_tls_session_class_pickles_by_name():
+    from deepstrf.store.s3clients import SharedTLSSession
+
+    assert pickle.loads(pickle.dumps(SharedTLSSession)) is SharedTLSSession
