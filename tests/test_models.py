@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from deepstrf.datasets import cells
 from deepstrf.datasets.collate import compact_collate, neural_collate
 from deepstrf.datasets.synthetic import SyntheticAudioDataset
 from deepstrf.models import (CausalConv2d, CausalConvBackbone, NeuralModel,
                              PooledEncodingModel, masked_poisson_loss, poisson_loss_compact, poisson_loss_dense)
 from deepstrf.models.neural_model import NeuralModel as NeuralModelAtPath
+from deepstrf.models.pooled import NeuronReadout
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +71,9 @@ def test_causal_conv_rejects_even_frequency_kernel():
         CausalConv2d(1, 2, kernel_f=4, kernel_t=3)
 
 
-def test_heads_indexed_by_global_neuron_id(pool):
+@pytest.mark.parametrize("accelerator", [False, True])  # the per-item products, or one padded bmm
+def test_heads_indexed_by_global_neuron_id(pool, accelerator, monkeypatch):
+    monkeypatch.setattr(cells, "launch_bound", lambda device: accelerator)
     torch.manual_seed(0)
     model = PooledEncodingModel(pool.N_neurons, n_freq=pool.F, channels=(4,), kernel_t=5)
     assert isinstance(model, NeuralModel) and model.O == pool.N_neurons
@@ -93,6 +98,30 @@ def test_heads_indexed_by_global_neuron_id(pool):
     perm = torch.randperm(cb.n_cells, generator=torch.Generator().manual_seed(3))
     shuffled = model(cb.stims, cb.neuron_index[perm], cb.item_index[perm].numpy())
     assert torch.allclose(shuffled, expected[perm], atol=1e-6)
+
+
+@pytest.mark.parametrize("items", [[2, 0, 0, 2, 2, 1, 0], [0, 0, 2, 2], []])  # unsorted; an item without cells
+def test_the_padded_cell_drive_of_accelerators_equals_the_per_item_one(items):
+    """On an accelerator the heads of all items run as one batched product; same values and
+    gradients as one product per item (what a CPU runs)."""
+    torch.manual_seed(4)
+    readout = NeuronReadout(n_neurons=6, in_features=5)
+    features = torch.randn(3, 5, 11, requires_grad=True)
+    items = np.array(items, dtype=np.int64)
+    ids = torch.tensor([5, 1, 3, 0, 2, 4, 1][:len(items)], dtype=torch.long)
+    results = []
+    for drive in (readout._cell_drive, readout._padded_cell_drive):
+        readout.zero_grad(set_to_none=True)
+        features.grad = None
+        out = drive(features, ids, items)
+        if len(items):
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach()] + [t.grad for t in (readout.weight, readout.bias, features)])
+    for per_item, padded in zip(*results):
+        if per_item is None:  # no cells: no gradient either way
+            assert padded is None
+            continue
+        assert per_item.shape == padded.shape and torch.allclose(per_item, padded, atol=1e-6)
 
 
 def test_dense_and_compact_losses_agree(pool):
