@@ -17,7 +17,9 @@ its baseline (``*_over_counts_pass``, ``to_dense_over_dense_pass``); the
 backward is given over the counts pass too. Every timed operation starts from
 the host batch, so its copy to the device is included; on a CUDA device the
 copy alone is timed too, from pageable and from pinned memory (``to_device_ms``,
-``to_device_pinned_ms``).
+``to_device_pinned_ms``). ``step_operations``: the tensor operations one training step
+dispatches (views excluded: they launch no kernel), by phase; on an accelerator each costs a
+launch. ``--accelerator-path`` counts them for the code an accelerator runs, on any device.
 """
 
 from __future__ import annotations
@@ -79,9 +81,46 @@ def train_step(host, device: torch.device, channels: tuple[int, ...]):
     return step
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from deepstrf.models import poisson_loss_compact
+VIEWS = {"view", "_unsafe_view", "as_strided", "reshape", "_reshape_alias", "slice", "select", "unsqueeze", "squeeze",
+         "t", "transpose", "expand", "permute", "detach", "alias", "unfold", "split", "narrow", "lift_fresh"}
 
+
+def step_operations(host, device: torch.device, channels: tuple[int, ...]) -> dict[str, int]:
+    """Non-view operations dispatched by each phase of a training step (after one warm-up step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from deepstrf.models import PooledEncodingModel, poisson_loss_compact
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.__name__.split(".")[0] not in VIEWS
+            return func(*args, **(kwargs or {}))
+
+    model = PooledEncodingModel(int(host.neuron_index.max()) + 1, n_freq=host.stims.shape[2],
+                                channels=channels).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    counts: dict[str, int] = {}
+
+    def phase(name, fn):
+        with Count() as c:
+            out = fn()
+        counts[name] = c.n
+        return out
+
+    for _ in range(2):  # the first step creates Adam's state
+        batch = host.to(device)
+        pred = phase("predict", lambda: model.predict(batch))
+        loss = phase("loss", lambda: poisson_loss_compact(pred, batch))
+        phase("backward", loss.backward)
+        phase("optimizer", lambda: (opt.step(), opt.zero_grad(set_to_none=True)))
+    return {**counts, "total": sum(counts.values())}
+
+
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=8)
     p.add_argument("--neurons", type=int, default=494)
@@ -92,7 +131,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--channels", default="16,16", help="backbone widths of the model of train_step_ms")
+    p.add_argument("--accelerator-path", action="store_true",
+                   help="run the code an accelerator runs (fewer, larger operations) on --device")
     args = p.parse_args(argv)
+    if not args.accelerator_path:
+        return measure(args)
+    from unittest import mock
+
+    from deepstrf.datasets import cells
+
+    with mock.patch.object(cells, "launch_bound", lambda device: True):
+        return measure(args)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    from deepstrf.models import poisson_loss_compact
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -114,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
         poisson_loss_compact(pred, fresh()).backward()
 
     neurons = range(args.neurons)
-    step = train_step(host, device, tuple(int(c) for c in args.channels.split(",")))
+    channels = tuple(int(c) for c in args.channels.split(","))
+    step = train_step(host, device, channels)
     copies = {}
     if device.type == "cuda":
         pinned = host.pin_memory()
@@ -134,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
         "batch": {"items": args.items, "neurons": args.neurons, "repeats": args.repeats,
                   "bins": args.bins, "rate": args.rate, "cells": host.n_cells,
                   "count_bytes": counts.nbytes, "dense_bytes": int(np.prod(dense_shape)) * 5},
-        "device": str(device), "torch_threads": args.threads, **ms,
+        "device": str(device), "accelerator_path": args.accelerator_path or device.type != "cpu",
+        "torch_threads": args.threads, **ms, "step_operations": step_operations(host, device, channels),
     }
     base = out["counts_pass_ms"]
     out["repeat_sum_over_counts_pass"] = out["repeat_sum_ms"] / base

@@ -24,5 +24,9 @@ def test_bench_gpu_runs_every_configuration_on_the_cpu(tmp_path, capsys):
 def test_bench_compact_reports_ratios():
     out = bench_compact.main(["--items", "2", "--neurons", "5", "--repeats", "3", "--bins", "50", "--runs", "1"])
     assert out["batch"]["cells"] == 10
+    assert out["step_operations"]["total"] == sum(v for k, v in out["step_operations"].items() if k != "total") > 0
+    fewer = bench_compact.main(["--items", "2", "--neurons", "5", "--repeats", "3", "--bins", "50", "--runs", "1",
+                                "--accelerator-path"])
+    assert fewer["accelerator_path"] and fewer["step_operations"]["predict"] < out["step_operations"]["predict"]
     assert all(out[k] > 0 for k in ("repeat_sum_over_counts_pass", "loss_forward_over_counts_pass",
                                     "to_dense_over_dense_pass"))
