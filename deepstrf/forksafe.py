@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +49,7 @@ class ForkGate:
     def _reset(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._running = 0
+        self._runners: dict[int, int] = {}  # thread ident -> gated tasks it is running
         self._forking = False
         self._mine = threading.local()  # tasks running in this thread (a task may fork, or nest)
 
@@ -57,6 +60,8 @@ class ForkGate:
             while self._forking:
                 cond.wait()
             self._running += 1
+            me = threading.get_ident()
+            self._runners[me] = self._runners.get(me, 0) + 1
         self._mine.depth = getattr(self._mine, "depth", 0) + 1
         try:
             return fn(*args)
@@ -66,6 +71,10 @@ class ForkGate:
             if cond is self._cond:
                 with cond:
                     self._running -= 1
+                    if self._runners.get(me, 0) > 1:
+                        self._runners[me] -= 1
+                    else:
+                        self._runners.pop(me, None)
                     cond.notify_all()
 
     def running(self) -> int:
@@ -83,11 +92,12 @@ class ForkGate:
                 self._cond.wait(left)
             self._forking = True
             stuck = self._running - own
+            runners = [ident for ident in self._runners if ident != threading.get_ident()]
         if stuck:
             warnings.warn(f"forking while {stuck} deepstrf read thread(s) are still busy after "
                           f"{FORK_WAIT_SECONDS:.0f} s; the child may hang on a lock they hold. Start "
-                          "DataLoader workers with multiprocessing_context='forkserver' or 'spawn'.",
-                          RuntimeWarning, stacklevel=2)
+                          "DataLoader workers with multiprocessing_context='forkserver' or 'spawn'. Where "
+                          f"they are: {where_threads_are(runners)}", RuntimeWarning, stacklevel=2)
 
     def after_fork_in_parent(self) -> None:
         with self._cond:
@@ -96,6 +106,19 @@ class ForkGate:
 
     def after_fork_in_child(self) -> None:
         self._reset()  # the parent's threads do not exist here; neither do their tasks
+
+
+def where_threads_are(idents: Iterable[int], frames: int = 4) -> str:
+    """The innermost ``frames`` lines of code each of the threads ``idents`` is running now."""
+    current = sys._current_frames()
+    names = {t.ident: t.name for t in threading.enumerate()}
+    parts = []
+    for ident in idents:
+        if (frame := current.get(ident)) is not None:
+            stack = traceback.extract_stack(frame)[-frames:]
+            trail = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(stack))
+            parts.append(f"thread {names.get(ident, ident)!r}: {trail}")
+    return "; ".join(parts) or "unknown"
 
 
 GATE = ForkGate()

@@ -100,7 +100,9 @@ def test_a_stuck_task_delays_a_fork_only_so_long_and_warns(monkeypatch):
     while forksafe.GATE.running() == 0:
         time.sleep(0.01)
     try:
-        with pytest.warns(RuntimeWarning, match="forkserver"):
+        # the warning says where the busy thread is
+        where = r"Where they are: thread .*test_fork_safety.py:\d+ <lambda>"
+        with pytest.warns(RuntimeWarning, match=r"forkserver.*" + where):
             pid = os.fork()
             if pid == 0:
                 os._exit(0)
@@ -141,13 +143,20 @@ def _stress(stream: StreamingNeuralDataset, expected: list[str]) -> None:
                 t.join(10)
 
 
-def test_forked_workers_of_an_in_memory_pool_survive_a_busy_trainer():
+@pytest.fixture
+def short_fork_wait(monkeypatch):
+    """A fork that waits for a busy read gives up (and warns, saying where the read is) within
+    this test's time limit: the workers must then still deliver every item."""
+    monkeypatch.setattr(forksafe, "FORK_WAIT_SECONDS", 15.0)
+
+
+def test_forked_workers_of_an_in_memory_pool_survive_a_busy_trainer(short_fork_wait):
     pool = small_pool()
     _stress(StreamingNeuralDataset(pool, batch_size=3, seed=1, prefetch=4, read_threads=2),
             sorted(item_key(pool[i]) for i in range(len(pool))))
 
 
-def test_forked_workers_of_a_store_pool_survive_a_busy_trainer(tmp_path):
+def test_forked_workers_of_a_store_pool_survive_a_busy_trainer(tmp_path, short_fork_wait):
     url = write_pool(str(tmp_path))
     pool = small_pool()
     _stress(StreamingNeuralDataset(url, batch_size=3, seed=1, prefetch=4),
