@@ -56,6 +56,18 @@ def test_a_full_pool_grows_a_free_buffer_or_falls_back_to_fresh_memory(pool_ever
     assert big.data_ptr() == pool.slots[0].buffer.data_ptr()
 
 
+def test_new_buffers_are_made_for_the_largest_batch_so_far(pool_everything):
+    """Batches vary in size: a buffer made for a small one would soon be replaced by a larger one
+    (memory mapped and zeroed again)."""
+    pool = BufferPool(shared=False, slots=3)
+    large = pool.alloc((4 * MB,), np.uint8)
+    small = pool.alloc((MB,), np.uint8)  # the large one is held: a new slot, sized for 4 MB anyway
+    assert pool.slots[1].buffer.numel() >= 4 * MB
+    del large
+    again = pool.alloc((4 * MB,), np.uint8)
+    assert len(pool.slots) == 2 and small.data_ptr() != again.data_ptr()
+
+
 def test_small_arrays_and_a_pool_without_slots_are_never_pooled():
     pool = BufferPool(shared=False)
     pool.alloc((buffers.MIN_POOLED_BYTES // 8 - 1,), np.int64)
@@ -101,6 +113,22 @@ def test_worker_buffers_come_back_from_the_main_process(local_pool, pool_everyth
     assert all(compact_equal(b, r) for b, r in zip(kept, expected, strict=True))
     assert max(lease.generation for b in kept for lease in b._leases) == 1  # nothing was dropped: no reuse
     assert sum(len(b._leases) for b in kept) == 2 * buffers.DEFAULT_SLOTS  # each worker's pool, then fresh memory
+
+
+def test_persistent_workers_reuse_their_buffers_in_later_epochs(local_pool, pool_everything):
+    """A worker keeps its pool for its life: the second epoch's batches are built in the buffers
+    of the first (their generations go on), not in shared memory mapped again."""
+    expected = list(StreamingNeuralDataset(local_pool, batch_size=2, shuffle=False, reuse_buffers=False))
+    ds = StreamingNeuralDataset(local_pool, batch_size=2, shuffle=False)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True, timeout=LOADER_TIMEOUT_S)
+    first = [max((lease.generation for lease in b._leases), default=0) for b in loader]
+    ds.set_epoch(1)
+    later = []
+    for batch in loader:
+        later.append(min((lease.generation for lease in batch._leases), default=0))
+        assert compact_equal(batch, expected[len(later) - 1])
+    assert len(later) == len(first) == len(expected)
+    assert min(later[:2]) > 1  # each worker's first batch of the epoch: a buffer used before
 
 
 def test_a_batch_sent_on_to_another_process_keeps_its_buffers(local_pool, pool_everything):

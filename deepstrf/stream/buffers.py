@@ -165,6 +165,7 @@ class BufferPool:
         self._pending: dict[int, Lease] = {}  # data_ptr -> lease of a shared buffer handed out
         self._lock = threading.Lock()
         self.reuses = 0  # buffers handed out again (diagnostics, tests)
+        self.largest = 0  # the largest pooled request so far: new buffers get at least its size
 
     def alloc(self, shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
         """An uninitialised tensor (shared memory in shared mode): a free pooled buffer if one
@@ -174,6 +175,7 @@ class BufferPool:
         if nbytes < MIN_POOLED_BYTES or self.max_slots == 0:
             return fresh(shape, dtype, self.shared)
         with self._lock:
+            self.largest = max(self.largest, nbytes)
             i = self._take(nbytes)
             if i is None:
                 return fresh(shape, dtype, self.shared)
@@ -209,9 +211,10 @@ class BufferPool:
         return None
 
     def _new_buffer(self, nbytes: int) -> torch.Tensor:
-        """A slot's buffer for at least ``nbytes``, with room to spare; :meth:`alloc` maps the part
-        it hands out."""
-        capacity = -(-int(nbytes * (1 + SLACK)) // GRANULE) * GRANULE
+        """A slot's buffer for at least ``nbytes`` and the largest request so far, with room to
+        spare: batches vary in size, and each buffer that has to be replaced by a larger one is
+        memory the kernel maps and zeroes again; :meth:`alloc` maps the part it hands out."""
+        capacity = -(-int(max(nbytes, self.largest) * (1 + SLACK)) // GRANULE) * GRANULE
         return fresh((capacity,), np.uint8, self.shared, populate=False)
 
     def leases(self, tensors: Iterable[torch.Tensor]) -> list[Lease]:
