@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import sys
 import threading
 import weakref
@@ -221,3 +222,19 @@ class BufferPool:
         """The leases of those of ``tensors`` that are pooled shared buffers (each given once)."""
         with self._lock:
             return [lease for t in tensors if (lease := self._pending.pop(t.data_ptr(), None)) is not None]
+
+
+_PROCESS_POOLS: dict[tuple[int, str], BufferPool] = {}  # (pid, format) -> this process's shared pool
+
+
+def process_pool(fmt: str) -> BufferPool:
+    """This process's shared-memory pool for batches of format ``fmt``, kept for the life of the
+    process: a DataLoader worker builds its batches there (whether the dataset or a collate
+    function builds them), and a persistent worker's later passes reuse the memory its first one
+    mapped and zeroed. A forked process makes its own."""
+    key = (os.getpid(), fmt)
+    if key not in _PROCESS_POOLS:
+        for inherited in [k for k in _PROCESS_POOLS if k[0] != key[0]]:  # a forked process drops its parent's
+            del _PROCESS_POOLS[inherited]
+        _PROCESS_POOLS[key] = BufferPool(shared=True, slots=slots_for(fmt))
+    return _PROCESS_POOLS[key]

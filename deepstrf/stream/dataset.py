@@ -36,7 +36,7 @@ from ..store import shards
 from ..store.dataset import load_indexes, storage_io
 from ..store.location import on_network
 from . import items, partition, reader, shuffle
-from .buffers import DEFAULT_SLOTS, BufferPool, slots_for
+from .buffers import DEFAULT_SLOTS, BufferPool, process_pool, slots_for
 from .cache import RowCache
 from .lead import Lead
 from .prefetch import Prefetcher, ReadTimeout
@@ -238,7 +238,6 @@ class StreamingNeuralDataset(IterableDataset):
         self.rank_world()
         self._opened: Opened | None = None
         self.last_prefetcher: Prefetcher | None = None
-        self._worker_pool: tuple[int, BufferPool] | None = None  # (pid, pool): see _buffer_pool
         if get_worker_info() is None:
             start_worker_server(runs_user_code=self._source is not None)
         if self.url is not None:
@@ -256,7 +255,6 @@ class StreamingNeuralDataset(IterableDataset):
             state["_selection_args"] = (ds.S_sel, ds.I or None, None)
         state["_opened"] = None  # reopened (URL) or re-derived from the source in the new process
         state["last_prefetcher"] = None
-        state["_worker_pool"] = None
         state["_source"] = for_new_process(self._source)
         if get_spawning_popen() is not None:
             # a forkserver worker has the environment of the server, frozen when it started: it gets the
@@ -560,16 +558,12 @@ class StreamingNeuralDataset(IterableDataset):
 
     def _buffer_pool(self, shared: bool) -> BufferPool:
         """Where this pass's batches are built: shared memory in a DataLoader worker (no copy to the
-        main process), reused buffers unless turned off. A worker keeps its pool for its life: a
-        persistent worker's later passes reuse the shared memory its first one mapped and zeroed
-        (the main process makes a pool per pass: nothing returns a private pool's buffers between
-        epochs)."""
-        slots = slots_for(self.built_format) if self.reuse_buffers else 0
-        if not shared or slots == 0:
-            return BufferPool(shared, slots=slots)
-        if self._worker_pool is None or self._worker_pool[0] != os.getpid():
-            self._worker_pool = (os.getpid(), BufferPool(shared, slots=slots))
-        return self._worker_pool[1]
+        main process), reused buffers unless turned off. Shared memory comes from the process's own
+        pool (:func:`~deepstrf.stream.buffers.process_pool`, kept across passes); the main process
+        makes a pool per pass (nothing returns a private pool's buffers between epochs)."""
+        if shared and self.reuse_buffers:
+            return process_pool(self.built_format)
+        return BufferPool(shared, slots=slots_for(self.built_format) if self.reuse_buffers else 0)
 
     def _read_batch(self, positions: np.ndarray, pool: BufferPool, scratch: BufferPool | None = None) -> Any:
         """Read the items at ``positions`` of the visible list: one batched row read (``scratch``: where

@@ -17,7 +17,6 @@ raises an error that says which collate to pass instead.
 from __future__ import annotations
 
 import operator
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -28,7 +27,7 @@ from torch.utils.data._utils.collate import default_collate_fn_map  # torch's do
 
 from ..datasets.collate import CompactBatch
 from ..datasets.views import missing_sentinel
-from .buffers import BufferPool, slots_for
+from .buffers import BufferPool, process_pool
 from .reader import DenseBatch, OrderedCells, as_response, build_compact, build_dense
 
 
@@ -110,21 +109,13 @@ def make_items(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor], meta
                        stim_meta=metas[b]) for b, row in enumerate(rows)]
 
 
-_POOLS: dict[tuple[int, str], BufferPool] = {}  # (pid, format) -> buffers of batches collated in a worker
-
-
 def _collate_pool(fmt: str) -> BufferPool:
     """Where a collate builds its batch: in a DataLoader worker, shared memory reused once the main
     process drops the batch (the worker lives for a pass, or longer with persistent workers);
     in the main process, fresh private memory (nothing would return the buffers of a long-lived pool)."""
     if get_worker_info() is None:
         return BufferPool(shared=False, slots=0)
-    key = (os.getpid(), fmt)
-    if key not in _POOLS:
-        for inherited in [k for k in _POOLS if k[0] != key[0]]:  # a forked process drops its parent's
-            del _POOLS[inherited]
-        _POOLS[key] = BufferPool(shared=True, slots=slots_for(fmt))
-    return _POOLS[key]
+    return process_pool(fmt)
 
 
 def _refuse_default_collate(batch: Sequence[StreamItem], *, collate_fn_map: Any = None) -> None:
