@@ -670,6 +670,24 @@ def test_a_claimed_shard_is_awaited_not_fetched_twice(tmp_path):
     assert asyncio.run(directory.wait("j")) is None
 
 
+def test_shards_shared_through_a_directory_are_mapped_not_copied(tmp_path):
+    """A process keeps a shared shard as the directory's file mapped (page cache every process
+    shares), whether it wrote the file or found it; removing the file leaves the mapping valid."""
+    import mmap
+
+    directory = shards.ShardDirectory(str(tmp_path))
+    blob = np.arange(1000, dtype=np.uint16).view(np.uint8)
+    kept = directory.put("k", blob)
+    found = directory.get("k")
+    for mapped in (kept, found):
+        assert isinstance(mapped.base.obj, mmap.mmap) and not mapped.flags.writeable
+        assert np.array_equal(mapped, blob)
+    os.remove(directory._file("k"))  # trimmed by another process while mapped here
+    assert np.array_equal(kept, blob) and directory.get("k") is None
+    gone = shards.ShardDirectory(str(tmp_path / "gone"))
+    assert gone.put("k", blob) is blob  # nowhere to write: the caller keeps its own copy
+
+
 def test_shard_directory_is_bounded_and_never_recreated(tmp_path):
     directory = shards.ShardDirectory(str(tmp_path / "d"), max_bytes=100)
     directory.put("a", np.zeros(10, np.uint8))

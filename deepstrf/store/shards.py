@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+import mmap
 import os
 import shutil
 import threading
@@ -107,7 +108,9 @@ class ShardDirectory:
     another. A process about to fetch a shard claims it first (a lock file), and the others
     wait for its file instead of fetching it too (up to ``wait_s``; a failed fetch drops the
     claim). At most ``max_bytes``, the oldest files removed first; files appear whole (written
-    aside, then renamed). A directory that is gone (its owner cleaned it up) is not recreated.
+    aside, then renamed, never changed in place) and are read mapped: their pages are the page
+    cache every process shares, not fresh private memory of each. A directory that is gone (its
+    owner cleaned it up) is not recreated.
     """
 
     POLL_S = 0.005
@@ -119,8 +122,12 @@ class ShardDirectory:
         return os.path.join(self.path, hashlib.sha1(key.encode()).hexdigest())
 
     def get(self, key: str) -> np.ndarray | None:
+        """The file of ``key``, mapped read-only (None: there is none)."""
         try:
-            return np.fromfile(self._file(key), dtype=np.uint8)
+            with open(self._file(key), "rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:  # mmap refuses empty files
+                    return np.empty(0, np.uint8)
+                return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
         except FileNotFoundError:
             return None
 
@@ -152,19 +159,24 @@ class ShardDirectory:
             await asyncio.sleep(self.POLL_S)
         return None
 
-    def put(self, key: str, blob: np.ndarray) -> None:
+    def put(self, key: str, blob: np.ndarray) -> np.ndarray:
+        """Write ``blob`` as the file of ``key``; returns that file mapped (``blob`` itself when
+        it could not be written), so that the caller can let its private copy go."""
         final = self._file(key)
-        if os.path.exists(final) or not os.path.isdir(self.path):
-            return
-        aside = f"{final}.{os.getpid()}.{threading.get_ident()}.part"
-        try:
-            blob.tofile(aside)
-            os.replace(aside, final)
-        except OSError:  # disk full, directory removed: sharing is an optimisation only
-            with contextlib.suppress(OSError):
-                os.remove(aside)
-            return
-        self._trim()
+        if not os.path.isdir(self.path):
+            return blob
+        if not os.path.exists(final):
+            aside = f"{final}.{os.getpid()}.{threading.get_ident()}.part"
+            try:
+                blob.tofile(aside)
+                os.replace(aside, final)
+            except OSError:  # disk full, directory removed: sharing is an optimisation only
+                with contextlib.suppress(OSError):
+                    os.remove(aside)
+                return blob
+            self._trim()
+        mapped = self.get(key)
+        return blob if mapped is None or len(mapped) != len(blob) else mapped
 
     def _trim(self) -> None:
         with contextlib.suppress(OSError):
@@ -303,7 +315,8 @@ class ShardedArray:
 
     def _parse_index(self, shard: int, blob: np.ndarray) -> np.ndarray:
         body = check_crc(blob[:self.layout.index_bytes], f"{self.key(shard)} shard index")
-        self.indexes[shard] = table = np.frombuffer(body, dtype="<u8").reshape(self.layout.per_shard, 2)
+        # a copy: a view would keep the whole blob the index came with alive as long as the index
+        self.indexes[shard] = table = np.frombuffer(body, dtype="<u8").reshape(self.layout.per_shard, 2).copy()
         if self.whole is None:
             self.whole = 0 < _stored_end(table) <= WHOLE_SHARD_BYTES
         return table
@@ -312,11 +325,18 @@ class ShardedArray:
         self._parse_index(shard, await self._get(shard, 0, self.layout.index_bytes))
 
     async def _load_whole(self, shard: int) -> np.ndarray:
-        """Shard ``shard`` whole: from the directory shared with other processes when one is set
-        and has it (or once the process fetching it has written it), else fetched here."""
+        """Shard ``shard`` whole, kept in :data:`SHARD_CACHE`: from the directory shared with
+        other processes when one is set (see :meth:`_through_directory`), else fetched here."""
         key, shared = self._cache_key(shard), SHARD_CACHE.directory
-        if shared is None:
-            return await self._fetch_whole(shard)
+        blob = None if shared is None else await self._through_directory(shard, key, shared)
+        if blob is None:
+            blob = await self._fetch_whole(shard)
+        SHARD_CACHE.put(key, blob)
+        return blob
+
+    async def _through_directory(self, shard: int, key: str, shared: ShardDirectory) -> np.ndarray | None:
+        """Shard ``shard`` as the shared directory's file: there already, written by the process
+        that is fetching it, or fetched here and written there. None when the file is damaged."""
         blob = await asyncio.to_thread(shared.get, key)
         if blob is None and not shared.claim(key):
             blob = await shared.wait(key)  # another process is fetching it
@@ -324,25 +344,19 @@ class ShardedArray:
             try:  # look again: its fetcher may have written it and dropped its claim since we looked
                 blob = await asyncio.to_thread(shared.get, key)
                 if blob is None:
-                    blob = await self._fetch_whole(shard)
-                    await asyncio.to_thread(shared.put, key, blob)
-                    return blob
+                    return await asyncio.to_thread(shared.put, key, await self._fetch_whole(shard))
             finally:
                 shared.unclaim(key)
-        if blob is not None and self._is_whole(shard, blob):
-            SHARD_CACHE.put(key, blob)
-            return blob
-        return await self._fetch_whole(shard)  # not shared after all, or damaged
+        return blob if blob is not None and self._is_whole(shard, blob) else None
 
     async def _fetch_whole(self, shard: int) -> np.ndarray:
-        """Shard ``shard`` in one GET, its index parsed, kept in :data:`SHARD_CACHE`."""
+        """Shard ``shard`` in one GET, its index parsed."""
         buf = await self.store.get(self.key(shard), default_buffer_prototype())
         if buf is None:
             raise MissingChunk(self.key(shard))
         blob = np.asarray(buf.as_numpy_array()).view(np.uint8)
         if len(blob) < _stored_end(self._parse_index(shard, blob)):
             raise ValueError(f"{self.key(shard)}: truncated ({len(blob)} bytes, its index needs more)")
-        SHARD_CACHE.put(self._cache_key(shard), blob)
         return blob
 
     def _is_whole(self, shard: int, blob: np.ndarray) -> bool:

@@ -38,10 +38,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import handover
+
 # Smaller arrays (a batch's stimuli, its index arrays) are allocated fresh: their pages cost little,
 # while every pooled buffer stays allocated for the whole pass. Three buffers let a worker build a
 # batch while the DataLoader queues one and the consumer holds one (measured: more add memory, not speed).
 MIN_POOLED_BYTES = 8 << 20
+# A worker's arrays smaller than this reach the main process inside the batch's pickle (index arrays):
+# cheaper than a shared segment, whose descriptor the consumer fetches from the busy worker
+# (handover.py). Larger ones do better as shared memory (measured: 2 MB of stimuli by value cost
+# more than their descriptor's round trip).
+BY_VALUE_BYTES = 256 << 10
 DEFAULT_SLOTS = 3
 # pooled buffers per batch of each format (a compact batch's counts; a dense batch's responses and valid_mask),
 # and batches kept: a dense batch of a pool is hundreds of MB, and with one in flight per DataLoader worker a
@@ -163,6 +170,8 @@ class BufferPool:
         self.released = fresh((max(slots, 1),), np.int64, shared)
         self._released = self.released.numpy()
         self._released[:] = 0
+        if shared:
+            handover.send_by_reference(self.released.untyped_storage(), f"{id(self)}:released")
         self._pending: dict[int, Lease] = {}  # data_ptr -> lease of a shared buffer handed out
         self._lock = threading.Lock()
         self.reuses = 0  # buffers handed out again (diagnostics, tests)
@@ -173,6 +182,10 @@ class BufferPool:
         fits, else a new pooled buffer while there are fewer than ``slots``, else fresh memory."""
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape)) * dtype.itemsize
+        if nbytes < min(BY_VALUE_BYTES, MIN_POOLED_BYTES) and self.shared:  # crosses to the main process inside the pickle
+            small = fresh(shape, dtype, shared=False)
+            handover.send_by_value(small.untyped_storage())
+            return small
         if nbytes < MIN_POOLED_BYTES or self.max_slots == 0:
             return fresh(shape, dtype, self.shared)
         with self._lock:
@@ -203,20 +216,23 @@ class BufferPool:
         if fits:
             return min(fits, key=lambda i: self.slots[i].buffer.numel())
         if len(self.slots) < self.max_slots:
-            self.slots.append(_Slot(self._new_buffer(nbytes)))
+            self.slots.append(_Slot(self._new_buffer(nbytes, len(self.slots))))
             return len(self.slots) - 1
         if free:  # too small: replace the largest free buffer by a larger one
             i = max(free, key=lambda i: self.slots[i].buffer.numel())
-            self.slots[i] = _Slot(self._new_buffer(nbytes), self.slots[i].generation)
+            self.slots[i] = _Slot(self._new_buffer(nbytes, i), self.slots[i].generation)
             return i
         return None
 
-    def _new_buffer(self, nbytes: int) -> torch.Tensor:
-        """A slot's buffer for at least ``nbytes`` and the largest request so far, with room to
-        spare: batches vary in size, and each buffer that has to be replaced by a larger one is
+    def _new_buffer(self, nbytes: int, slot: int) -> torch.Tensor:
+        """Slot ``slot``'s buffer for at least ``nbytes`` and the largest request so far, with room
+        to spare: batches vary in size, and each buffer that has to be replaced by a larger one is
         memory the kernel maps and zeroes again; :meth:`alloc` maps the part it hands out."""
         capacity = -(-int(max(nbytes, self.largest) * (1 + SLACK)) // GRANULE) * GRANULE
-        return fresh((capacity,), np.uint8, self.shared, populate=False)
+        buffer = fresh((capacity,), np.uint8, self.shared, populate=False)
+        if self.shared:
+            handover.send_by_reference(buffer.untyped_storage(), f"{id(self)}:{slot}")
+        return buffer
 
     def leases(self, tensors: Iterable[torch.Tensor]) -> list[Lease]:
         """The leases of those of ``tensors`` that are pooled shared buffers (each given once)."""

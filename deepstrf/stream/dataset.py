@@ -35,7 +35,7 @@ from ..forksafe import run_gated
 from ..store import shards
 from ..store.dataset import load_indexes, storage_io
 from ..store.location import on_network
-from . import items, partition, reader, shuffle
+from . import handover, items, partition, reader, shuffle
 from .buffers import DEFAULT_SLOTS, BufferPool, process_pool, slots_for
 from .cache import RowCache
 from .lead import Lead
@@ -932,6 +932,7 @@ class StreamingDataLoader(DataLoader):
             ds._steps += 1
             yield ds.deliver(batch)
             waiting_since = time.monotonic()
+        handover.forget_exited()  # the buffers of workers stopped at the end of the pass
         ds._end_pass()
 
     def _stop_workers(self, batches: Any) -> None:

@@ -1,0 +1,81 @@
+"""How a worker's batch tensors reach the main process: a pooled buffer's descriptor once, then its
+name; small arrays inside the pickle; torch's way for everything else."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from multiprocessing.reduction import ForkingPickler
+
+from deepstrf.stream import StreamingNeuralDataset, buffers, handover
+
+from stream_helpers import LOADER_TIMEOUT_S, compact_equal, write_pool
+
+
+@pytest.fixture(scope="module")
+def local_pool(tmp_path_factory):
+    return write_pool(str(tmp_path_factory.mktemp("stores")))
+
+
+def test_a_named_buffer_is_mapped_again_without_its_descriptor():
+    buffer = torch.UntypedStorage._new_shared(4096)
+    tensor = torch.empty(0, dtype=torch.uint8).set_(buffer)
+    handover.send_by_reference(buffer, "test:0")
+    first = ForkingPickler.dumps(tensor)
+    second = ForkingPickler.dumps(tensor[100:200])
+    assert b"DupFd" in bytes(first) and b"DupFd" not in bytes(second)  # the descriptor goes once
+    received, view = ForkingPickler.loads(first), ForkingPickler.loads(second)
+    tensor[150] = 7  # the same shared memory, mapped twice
+    assert received[150] == 7 and view[50] == 7
+    assert view.untyped_storage().data_ptr() != received.untyped_storage().data_ptr()  # its own mapping
+    assert handover.kept_descriptors() >= 1
+
+
+def test_a_name_never_received_is_refused_with_the_fix():
+    with pytest.raises(RuntimeError, match=r"never received.*reuse_buffers=False"):
+        handover._rebuild_named(os.getpid(), "test:never-sent")
+
+
+def test_small_arrays_travel_by_value():
+    small = torch.arange(10, dtype=torch.int64)
+    handover.send_by_value(small.untyped_storage())
+    received = ForkingPickler.loads(ForkingPickler.dumps(small))
+    assert torch.equal(received, small) and not received.is_shared()
+    other = torch.arange(10)  # not marked: torch's way, into shared memory
+    assert ForkingPickler.loads(ForkingPickler.dumps(other)).is_shared()
+
+
+def test_descriptors_of_exited_workers_are_closed(tmp_path):
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = int(child.stdout)
+    r, w = os.pipe()
+    os.close(w)
+    handover._KEPT[(gone, "test:0")] = (r, 1)
+    assert handover.forget_exited() >= 1 and (gone, "test:0") not in handover._KEPT
+    with pytest.raises(OSError):
+        os.fstat(r)  # closed
+
+
+def test_worker_batches_cross_without_a_descriptor_round_trip_each(local_pool, monkeypatch):
+    """Real workers over two passes: batches are right, the consumer fetches a descriptor per buffer
+    (not per tensor per batch), and none is kept once the pass's workers have exited."""
+    monkeypatch.setattr(buffers, "MIN_POOLED_BYTES", 0)  # the test data's batches are small: pool them (forked workers inherit it)
+    before, kept_before = dict(handover.RECEIVED), handover.kept_descriptors()
+    ds = StreamingNeuralDataset(local_pool, batch_size=1, shuffle=False)
+    expected = list(StreamingNeuralDataset(local_pool, batch_size=1, shuffle=False, reuse_buffers=False))
+    for _ in range(2):
+        seen = 0
+        for batch in ds.loader(num_workers=2, timeout=LOADER_TIMEOUT_S, multiprocessing_context="fork"):
+            assert compact_equal(batch, expected[seen])  # dropped at once: its buffers come back
+            assert handover.kept_descriptors() > kept_before
+            seen += 1
+        assert seen == len(expected)
+        assert handover.kept_descriptors() == kept_before  # the workers exited with the pass
+    descriptors = handover.RECEIVED["descriptors"] - before["descriptors"]
+    by_name = handover.RECEIVED["by_name"] - before["by_name"]
+    # per pass and worker, each buffer of its pool and its released-array once; the rest by name
+    assert 0 < descriptors <= 2 * 2 * (buffers.slots_for("compact") + 1)
+    assert by_name > descriptors
