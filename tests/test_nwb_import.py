@@ -118,3 +118,29 @@ def test_s3_with_latency_reads_only_what_it_needs(files, tmp_path, s3_server):
     np.testing.assert_array_equal(ds.responses[2][3].numpy(), mem.responses[2][3].numpy())
     [again] = import_sessions(out, [url], dt_ms=DT, storage_options=s3_server.storage_options, progress=False)
     assert again.status == "skipped"
+
+
+def test_files_left_in_reference_cycles_are_collected_before_the_next_read(files):
+    """Garbage from earlier reads (pynwb's objects form reference cycles) is collected by the reading
+    thread before it takes h5py's lock: collected later in fsspec's event-loop thread while the reader
+    waits on that loop for a remote read, its finalizers would wait for that lock forever."""
+    import gc
+    import threading
+
+    from deepstrf.io.nwbfile import open_nwb
+
+    class Cycle:
+        def __del__(self):
+            collected_in.append(threading.current_thread())
+
+    collected_in: list = []
+    gc.disable()
+    try:
+        garbage = Cycle()
+        garbage.me = garbage
+        del garbage
+        with open_nwb(next(iter(files.values()))) as nwb:
+            assert collected_in == [threading.current_thread()]  # before the file was opened
+            assert nwb.units is not None
+    finally:
+        gc.enable()

@@ -9,6 +9,7 @@ NWB-Zarr session (a folder, local or remote) is rebuilt as an HDF5 image in memo
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -60,6 +61,11 @@ def open_nwb(url: str | os.PathLike, storage_options: dict | None = None, keep: 
     import pynwb
 
     loc = Location.parse(url, storage_options)
+    # Files read before may be garbage in reference cycles (pynwb's objects form them). Collected
+    # later by whichever thread the collector runs in, their finalizers take h5py's global lock: in
+    # fsspec's event-loop thread, while this thread holds that lock waiting for a remote read from
+    # that loop, that deadlocks. Collect them here, where no h5py lock is held.
+    gc.collect()
     with contextlib.ExitStack() as stack:
         try:
             fs, path = _fs_path(loc)
