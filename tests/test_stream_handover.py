@@ -79,3 +79,19 @@ def test_worker_batches_cross_without_a_descriptor_round_trip_each(local_pool, m
     # per pass and worker, each buffer of its pool and its released-array once; the rest by name
     assert 0 < descriptors <= 2 * 2 * (buffers.slots_for("compact") + 1)
     assert by_name > descriptors
+
+
+def test_medium_buffers_are_pooled_apart_and_share_the_released_array():
+    """A batch's stimuli (between the by-value and the large sizes) are reused from a pool of their
+    own, so they cross by name too without taking a large slot; both pools share one released-array
+    (one descriptor for it)."""
+    pool = buffers.BufferPool(shared=True, slots=2)
+    big = pool.alloc((buffers.MIN_POOLED_BYTES,), np.uint8)
+    medium = pool.alloc((buffers.BY_VALUE_BYTES,), np.uint8)
+    small = pool.alloc((16,), np.int64)
+    assert big.is_shared() and medium.is_shared() and handover.sent_by_value(small.untyped_storage())
+    assert len(pool.slots) == 1 and len(pool._medium.slots) == 1
+    leases = pool.leases([big, medium, small])
+    assert len(leases) == 2
+    assert len({lease.released.untyped_storage().data_ptr() for lease in leases}) == 1
+    assert {lease.released.storage_offset() for lease in leases} == {0, 2}

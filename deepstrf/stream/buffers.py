@@ -40,14 +40,14 @@ import torch
 
 from . import handover
 
-# Smaller arrays (a batch's stimuli, its index arrays) are allocated fresh: their pages cost little,
-# while every pooled buffer stays allocated for the whole pass. Three buffers let a worker build a
+# In the main process smaller arrays (a batch's stimuli, its index arrays) are allocated fresh: their
+# pages cost little, while every pooled buffer stays allocated for the whole pass. Three buffers let a worker build a
 # batch while the DataLoader queues one and the consumer holds one (measured: more add memory, not speed).
 MIN_POOLED_BYTES = 8 << 20
 # A worker's arrays smaller than this reach the main process inside the batch's pickle (index arrays):
 # cheaper than a shared segment, whose descriptor the consumer fetches from the busy worker
-# (handover.py). Larger ones do better as shared memory (measured: 2 MB of stimuli by value cost
-# more than their descriptor's round trip).
+# (handover.py). Larger ones (stimuli) are pooled in shared memory, from a pool of medium buffers
+# (measured: 2 MB of stimuli by value cost more than their descriptor's round trip).
 BY_VALUE_BYTES = 256 << 10
 DEFAULT_SLOTS = 3
 # pooled buffers per batch of each format (a compact batch's counts; a dense batch's responses and valid_mask),
@@ -162,16 +162,25 @@ class BufferPool:
     In shared mode, :meth:`leases` gives the leases a batch must carry.
     """
 
-    def __init__(self, shared: bool, slots: int = DEFAULT_SLOTS) -> None:
+    def __init__(self, shared: bool, slots: int = DEFAULT_SLOTS, *, medium: bool = False,
+                 released: torch.Tensor | None = None) -> None:
         self.shared = shared
+        self.medium = medium
         self.max_slots = slots
         self.slots: list[_Slot] = []
+        n = max(slots, 1)
+        # a shared pool keeps medium-sized buffers (a batch's stimuli) in a pool of its own, so that
+        # they too cross to the main process by name (handover.py) and never take a large slot
+        with_medium = shared and slots > 0 and not medium
+        if released is None:  # one array for both pools: its descriptor crosses once
+            released = fresh((2 * n if with_medium else n,), np.int64, shared)
+            released.numpy()[:] = 0
+            if shared:
+                handover.send_by_reference(released.untyped_storage(), f"{id(self)}:released")
         # generation of each slot's last use that the consumer dropped
-        self.released = fresh((max(slots, 1),), np.int64, shared)
+        self.released = released[:n]
         self._released = self.released.numpy()
-        self._released[:] = 0
-        if shared:
-            handover.send_by_reference(self.released.untyped_storage(), f"{id(self)}:released")
+        self._medium = BufferPool(shared, slots, medium=True, released=released[n:]) if with_medium else None
         self._pending: dict[int, Lease] = {}  # data_ptr -> lease of a shared buffer handed out
         self._lock = threading.Lock()
         self.reuses = 0  # buffers handed out again (diagnostics, tests)
@@ -186,7 +195,9 @@ class BufferPool:
             small = fresh(shape, dtype, shared=False)
             handover.send_by_value(small.untyped_storage())
             return small
-        if nbytes < MIN_POOLED_BYTES or self.max_slots == 0:
+        if nbytes < MIN_POOLED_BYTES and self._medium is not None:
+            return self._medium.alloc(shape, dtype)
+        if (nbytes < MIN_POOLED_BYTES and not self.medium) or self.max_slots == 0:
             return fresh(shape, dtype, self.shared)
         with self._lock:
             self.largest = max(self.largest, nbytes)
@@ -236,8 +247,10 @@ class BufferPool:
 
     def leases(self, tensors: Iterable[torch.Tensor]) -> list[Lease]:
         """The leases of those of ``tensors`` that are pooled shared buffers (each given once)."""
+        tensors = list(tensors)
         with self._lock:
-            return [lease for t in tensors if (lease := self._pending.pop(t.data_ptr(), None)) is not None]
+            mine = [lease for t in tensors if (lease := self._pending.pop(t.data_ptr(), None)) is not None]
+        return mine + (self._medium.leases(tensors) if self._medium is not None else [])
 
 
 _PROCESS_POOLS: dict[tuple[int, str], BufferPool] = {}  # (pid, format) -> this process's shared pool

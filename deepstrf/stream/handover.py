@@ -10,9 +10,10 @@ worker builds its batches in a few buffers it reuses (:mod:`.buffers`), so:
 
 - a pooled buffer's descriptor is sent with the first batch that uses it;
   the main process keeps it (one per buffer of each worker) and maps it again
-  for every later batch, which carries only the buffer's name;
-- a batch's small arrays (index arrays, short stimuli) travel inside the
-  pickle, by value: copying them costs less than a round trip.
+  for every later batch, which carries only the buffer's name (a batch's
+  counts and its stimuli are built in pooled buffers);
+- a batch's small arrays (its index arrays) travel inside the pickle, by
+  value: copying them costs less than a round trip.
 
 Every other storage goes torch's way. The main process closes the
 descriptors it kept for a worker once that worker has exited
