@@ -13,8 +13,7 @@ from torch.utils.data import DataLoader
 from deepstrf.datasets.collate import compact_collate
 from deepstrf.store import open_dataset, shards
 from deepstrf.store.dataset import source_readers
-from deepstrf.stream import RetryPolicy, StreamingNeuralDataset, StreamReadError
-from deepstrf.stream import handover
+from deepstrf.stream import RetryPolicy, StreamingNeuralDataset, StreamReadError, handover
 
 from stream_helpers import batch_keys, compact_equal, item_key, items_equal, loader_timeout, write_pool
 

@@ -191,13 +191,13 @@ class BufferPool:
         fits, else a new pooled buffer while there are fewer than ``slots``, else fresh memory."""
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape)) * dtype.itemsize
-        if nbytes < min(BY_VALUE_BYTES, MIN_POOLED_BYTES) and self.shared:  # crosses to the main process inside the pickle
+        if self.shared and nbytes < min(BY_VALUE_BYTES, MIN_POOLED_BYTES):  # crosses inside the pickle
             small = fresh(shape, dtype, shared=False)
             handover.send_by_value(small.untyped_storage())
             return small
-        if nbytes < MIN_POOLED_BYTES and self._medium is not None:
-            return self._medium.alloc(shape, dtype)
-        if (nbytes < MIN_POOLED_BYTES and not self.medium) or self.max_slots == 0:
+        if nbytes < MIN_POOLED_BYTES and not self.medium:
+            return self._medium.alloc(shape, dtype) if self._medium is not None else fresh(shape, dtype, self.shared)
+        if self.max_slots == 0:
             return fresh(shape, dtype, self.shared)
         with self._lock:
             self.largest = max(self.largest, nbytes)
