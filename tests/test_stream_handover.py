@@ -36,7 +36,7 @@ def test_a_named_buffer_is_mapped_again_without_its_descriptor():
 
 def test_a_name_never_received_is_refused_with_the_fix():
     with pytest.raises(RuntimeError, match=r"never received.*reuse_buffers=False"):
-        handover._rebuild_named(os.getpid(), "test:never-sent")
+        handover._rebuild_named(os.getpid(), "test:never-sent", 0)
 
 
 def test_small_arrays_travel_by_value():
@@ -53,7 +53,7 @@ def test_descriptors_of_exited_workers_are_closed(tmp_path):
     gone = int(child.stdout)
     r, w = os.pipe()
     os.close(w)
-    handover._KEPT[(gone, "test:0")] = (r, 1)
+    handover._KEPT[(gone, "test:0")] = handover._Kept(r, 1, 0)
     assert handover.forget_exited() >= 1 and (gone, "test:0") not in handover._KEPT
     with pytest.raises(OSError):
         os.fstat(r)  # closed
@@ -74,11 +74,14 @@ def test_worker_batches_cross_without_a_descriptor_round_trip_each(local_pool, m
             seen += 1
         assert seen == len(expected)
         assert handover.kept_descriptors() == kept_before  # the workers exited with the pass
-    descriptors = handover.RECEIVED["descriptors"] - before["descriptors"]
+    fetched = handover.RECEIVED["descriptors"] - before["descriptors"]
+    pushed = handover.RECEIVED["pushed"] - before["pushed"]
     by_name = handover.RECEIVED["by_name"] - before["by_name"]
-    # per pass and worker, each buffer of its pool and its released-array once; the rest by name
-    assert 0 < descriptors <= 2 * 2 * (buffers.slots_for("compact") + 1)
-    assert by_name > descriptors
+    # per pass and worker, each buffer of its pool and its released-array once, pushed by the forked
+    # worker (none fetched from it); the rest by name
+    assert fetched == 0
+    assert 0 < pushed <= 2 * 2 * (2 * buffers.slots_for("compact") + 1)
+    assert by_name > pushed
 
 
 def test_medium_buffers_are_pooled_apart_and_share_the_released_array():

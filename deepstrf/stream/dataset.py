@@ -224,6 +224,8 @@ class StreamingNeuralDataset(IterableDataset):
         self.cache_dir, self.cache_bytes = cache_dir, cache_bytes
         self.retry = retry
         self.reuse_buffers = reuse_buffers
+        if reuse_buffers:  # workers forked from this process push their buffers' descriptors to it
+            handover.open_channel()
         # whole shards of an object store that one DataLoader worker fetched, for the others;
         # removed with this object in the process that made it (workers never remove it)
         self._shard_dir = tempfile.mkdtemp(prefix="deepstrf-shards-")
