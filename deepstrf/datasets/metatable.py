@@ -11,6 +11,8 @@ iterating builds every row once.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -18,6 +20,17 @@ from ..bulk import gc_paused
 
 Columns = dict[str, tuple[list, set[int]]]
 _ABSENT = object()
+# one load of a table at a time: threads reading batches at once would each fetch the same table
+_LOADING = threading.Lock()
+
+
+def _new_loading_lock() -> None:
+    global _LOADING
+    _LOADING = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_loading_lock)  # a thread of the parent may have held it
 
 
 class MetaTable(Sequence):
@@ -41,7 +54,9 @@ class MetaTable(Sequence):
     def _loaded_columns(self) -> Columns:
         """The columns of a column-backed table (a row-backed one has none: callers check first)."""
         if self._columns is None:
-            self._columns = self._load()
+            with _LOADING:
+                if self._columns is None:
+                    self._columns = self._load()
         return self._columns
 
     def _by_columns(self) -> bool:
@@ -51,7 +66,9 @@ class MetaTable(Sequence):
     def rows(self) -> list[dict]:
         """The metadata as a list of dicts (built once; rows already handed out are kept)."""
         if self._rows is None and self._load_rows is not None:
-            self._rows = self._load_rows()
+            with _LOADING:
+                if self._rows is None:
+                    self._rows = self._load_rows()
         if self._rows is None:
             cols = self._loaded_columns()
             with gc_paused():
@@ -72,7 +89,7 @@ class MetaTable(Sequence):
         row = self._handed_out.get(i)
         if row is None:
             row = {key: values[i] for key, (values, absent) in self._loaded_columns().items() if i not in absent}
-            self._handed_out[i] = row
+            row = self._handed_out.setdefault(i, row)  # another thread may have built it meanwhile
         return row
 
     def matching(self, key: str, value: Any) -> list[int] | None:

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -110,11 +111,12 @@ def storage_io(ds: NeuralDataset) -> tuple[int, int] | None:
     return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
-def load_indexes(ds: NeuralDataset) -> None:
+def load_indexes(ds: NeuralDataset, stim_meta: bool = False) -> None:
     """Read the cell index (and, on object stores, the shard layout) of every source store
     behind ``ds`` that is open in this process, in one concurrent batch: before forking
     DataLoader workers, which then share them instead of each reading them before its first
-    batch."""
+    batch. With ``stim_meta``, the stim metadata too (a pool reads its table on first use;
+    every streamed batch carries its items' rows), read meanwhile in a thread."""
     readers = source_readers(ds) or []
     for reader in readers:
         reader.prepare()
@@ -123,8 +125,12 @@ def load_indexes(ds: NeuralDataset) -> None:
         await asyncio.gather(*(r.load_index_async() for r in readers))
         await asyncio.gather(*(r.learn_shard_layout_async() for r in readers))
 
-    if readers:
-        run_gated(sync, load())
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepstrf-meta") as meta:
+        table = meta.submit(run_gated, ds.stim_meta.__getitem__, 0) if stim_meta and len(ds.stim_meta) else None
+        if readers:
+            run_gated(sync, load())
+        if table is not None:
+            table.result()
 
 
 def open_source(loc: Location, root: dict[str, Any], *, lazy_metadata: bool = False, **kw: Any) -> NeuralDataset:

@@ -325,7 +325,7 @@ class StreamingNeuralDataset(IterableDataset):
 
             def open_with_index() -> NeuralDataset:
                 ds = open_dataset(self.url, storage_options=self.storage_options, **self.open_options)
-                load_indexes(ds)
+                load_indexes(ds, stim_meta=True)
                 return ds
 
             ds = call_with_retries(open_with_index, what=f"store {self.url}", policy=self.retry)
@@ -587,7 +587,8 @@ class StreamingNeuralDataset(IterableDataset):
         if st.stim_pool is None:  # local files: reading is CPU work, another thread would only contend
             stim_tensors, pending = self._read_stims(st, stims), None
         else:
-            pending = st.stim_pool.submit(run_gated, self._read_stims, st, stims)
+            # the items' metadata too (its table is read on first use: not after the counts' read)
+            pending = st.stim_pool.submit(run_gated, self._read_stims_and_meta, st, stims)
         compact_batch = self.batch_size is not None and self.built_format == "compact"
         try:
             values, out = self._batch_buffer(st, stims, pool if compact_batch else scratch)
@@ -600,12 +601,13 @@ class StreamingNeuralDataset(IterableDataset):
                 futures.wait([pending])
             raise
         if pending is not None:
-            stim_tensors = pending.result()
+            stim_tensors, metas = pending.result()
+        else:
+            metas = [ds.stim_meta[s] for s in stims]
         ordered = [reader.order_cells(r, st.pos_of) for r in rows]
         used = sum(r.values.nbytes for r in ordered) + sum(t.numel() * t.element_size() for t in stim_tensors)
         self.counters.add(items=len(stims), batches=1, bytes_used=used,
                           read_us=int((time.perf_counter() - start) * 1e6))
-        metas = [ds.stim_meta[s] for s in stims]
         n_selected = len(st.selection.neurons)
         if self.batch_size is None:
             masks = torch.from_numpy(ds.coverage.cells(stims, st.selection.neurons))
@@ -621,6 +623,10 @@ class StreamingNeuralDataset(IterableDataset):
                                policy=self.retry, on_retry=lambda exc: self.counters.add(retries=1))
         self._count_io(st, sum(x.numel() * x.element_size() for x in xs))
         return xs
+
+    def _read_stims_and_meta(self, st: Opened, stims: list[int]) -> tuple[list[torch.Tensor], list[dict]]:
+        metas = [st.ds.stim_meta[s] for s in stims]  # first: a table read is a round trip, not CPU work
+        return self._read_stims(st, stims), metas
 
     def _count_io(self, st: Opened, nbytes: int) -> None:
         """Count a batched read: the storage requests and bytes (as stored) it caused for a
