@@ -48,3 +48,31 @@ def test_a_slice_iterates_its_rows_without_building_the_others():
     part = MetaSlice(t, 10, 13)
     assert [r["uid"] for r in part] == ["u10", "u11", "u12"] and part[-1]["uid"] == "u12"
     assert t._rows is None and sorted(t._handed_out) == [10, 11, 12]
+
+
+def test_threads_reading_at_once_load_the_table_once():
+    """Batches read in several threads ask for rows at the same moment: one load, one dict per row."""
+    import threading
+    import time
+
+    loads = []
+
+    def slow_load():
+        time.sleep(0.05)  # long enough for every thread to find the table not loaded
+        loads.append(1)
+        return {"uid": ([f"u{i}" for i in range(N)], set())}
+
+    t = MetaTable(N, slow_load)
+    start = threading.Barrier(4)
+    got = []
+
+    def read():
+        start.wait()
+        got.append(t[3])
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=10)
+    assert loads == [1] and len(got) == 4 and all(row is got[0] for row in got)

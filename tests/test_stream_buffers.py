@@ -1,7 +1,12 @@
 """Reused batch buffers: a buffer comes back only once nothing refers to the batch that used it,
 in the process that built it and across DataLoader worker processes."""
 
+import os
+import threading
+import time
+
 import numpy as np
+import torch
 import torch.multiprocessing  # noqa: F401  (registers the shared-memory reductions of tensors)
 import pytest
 from multiprocessing.reduction import ForkingPickler
@@ -145,3 +150,24 @@ def test_reuse_can_be_turned_off(local_pool, pool_everything):
     ds = StreamingNeuralDataset(local_pool, batch_size=2, shuffle=False, reuse_buffers=False)
     assert next(iter(DataLoader(ds, batch_size=None, num_workers=1, timeout=LOADER_TIMEOUT_S)))._leases == []
     assert ds._buffer_pool(shared=False).max_slots == 0 and ds._buffer_pool(shared=True).max_slots == 0
+
+
+def test_shared_buffers_are_memory_files_mapped_ahead_without_touching_their_contents():
+    """A shared buffer is an anonymous memory file on Linux (not bounded by /dev/shm); prefaulting it,
+    in a thread and a few MiB per call, maps its pages and keeps what was already written."""
+    storage = buffers.shared_storage(3 * buffers.PREFAULT_STEP + 12345)
+    assert storage.is_shared()
+    if hasattr(os, "memfd_create"):
+        fd, _ = storage._share_fd_cpu_()
+        assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:deepstrf-batch")
+    t = torch.empty(0, dtype=torch.uint8).set_(storage)
+    t[::4096] = 7
+    before = threading.active_count()
+    buffers.prefault_soon(t)
+    deadline = time.monotonic() + 10
+    while threading.active_count() > before and time.monotonic() < deadline:  # the prefault thread ends
+        time.sleep(0.01)
+    assert threading.active_count() == before
+    assert int(t[::4096].min()) == 7 and int(t.sum()) == 7 * len(t[::4096])
+    received = ForkingPickler.loads(ForkingPickler.dumps(t))  # sent by descriptor, as torch's own segments
+    assert received.is_shared() and torch.equal(received, t)

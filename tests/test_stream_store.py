@@ -249,6 +249,23 @@ def test_s3_open_learns_the_shard_layout(s3_pool):
     assert arrays and all(a.whole is True and 0 in a.indexes for a in arrays)
 
 
+def test_open_reads_the_pools_stim_metadata_for_forked_workers_to_inherit(s3_pool):
+    """Every batch carries its items' metadata rows: the pool's table is read once, at open (with the
+    indexes), not by every worker before its first batch."""
+    url, options = s3_pool
+    s = StreamingNeuralDataset(url, storage_options=options, batch_size=4, shuffle=False)
+    table = s.dataset().stim_meta
+    assert table._columns is not None  # loaded
+    expected = [table[i] for i in range(len(table))]
+
+    def read_again():
+        raise AssertionError("the stim metadata table was read again")
+    table._load = read_again  # forked workers inherit this: a worker reading the table fails its pass
+    got = [m for batch in s.loader(num_workers=2, timeout=loader_timeout(2), multiprocessing_context="fork")
+           for m in batch.stim_meta]
+    assert got == expected
+
+
 def test_reading_defaults_follow_where_the_store_is(local_pool, s3_pool):
     """Local reads are CPU work: one reading thread, and the main process reads while workers
     start. Over a network two threads overlap round trips, and no lead: the main process's first
