@@ -425,7 +425,7 @@ def map_parts(fn: Callable[[Any], Any], items: Sequence[Any], parts: Sequence[An
     batch spanning many remote sources then costs a few round trips, not one per source.
     Local reads stay in the calling thread (they are CPU-bound: threads only add hand-offs)."""
     if len(items) > 1 and sum(bool(getattr(p, "waits_on_network", False)) for p in parts) > 1:
-        return thread_map(fn, items, max_workers=NETWORK_READ_THREADS, name="deepstrf-parts")
+        return thread_map(fn, items, max_workers=NETWORK_READ_THREADS, name="deepstrf-parts", keep=True)
     return [fn(x) for x in items]
 
 

@@ -33,11 +33,13 @@ import sys
 import threading
 import weakref
 from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ..forksafe import kept_pool, run_gated
 from . import handover
 
 # In the main process smaller arrays (a batch's stimuli, its index arrays) are allocated fresh: their
@@ -119,11 +121,13 @@ def prefault(t: torch.Tensor, start: int = 0) -> None:
             return  # failed (an older kernel): the pages fault in as they are filled
 
 
-def prefault_soon(t: torch.Tensor, start: int = 0) -> None:
-    """:func:`prefault` in a thread of its own: the caller goes on (a batch's reads go out) while the
-    kernel maps the pages, and fills ``t`` whenever it is ready (pages not mapped yet fault in)."""
-    if _madvise is not None and t.numel() * t.element_size() > start:
-        threading.Thread(target=prefault, args=(t, start), name="deepstrf-prefault", daemon=True).start()
+def prefault_soon(t: torch.Tensor, start: int = 0) -> Future | None:
+    """:func:`prefault` in a background thread: the caller goes on (a batch's reads go out) while the
+    kernel maps the pages, and fills ``t`` whenever it is ready (pages not mapped yet fault in).
+    Returns the task, or None where there is nothing to do."""
+    if _madvise is None or t.numel() * t.element_size() <= start:
+        return None
+    return kept_pool("deepstrf-prefault", 1).submit(run_gated, prefault, t, start)
 
 
 def _libc_madvise():

@@ -54,7 +54,8 @@ from .main_module import GUARD_FIX, rerun_problem
 from .stats import MAX_SLOTS
 
 # imported once by the forkserver process, so that its workers start with them loaded
-PRELOAD = ["deepstrf.stream.dataset", "deepstrf.stream.worker_boot"]
+# numpy.random: torch's worker loop seeds it in every worker, whose first use imports it (15 ms a worker)
+PRELOAD = ["deepstrf.stream.dataset", "deepstrf.stream.worker_boot", "numpy.random"]
 # A batch that takes longer than this to arrive from the workers ends the pass with a
 # StreamStalledError (``StreamingNeuralDataset.loader(timeout=...)``).
 DEFAULT_TIMEOUT_S = 300.0
@@ -117,8 +118,11 @@ def worker_context(runs_user_code: bool = True) -> BaseContext:
 def prepare_context(ctx: str | BaseContext | None) -> None:
     """Before workers start with ``ctx`` (a DataLoader's ``multiprocessing_context``): refuse a
     start method that re-imports a ``__main__`` that cannot be re-imported, and start a forkserver
-    preloaded with deepstrf (else each new worker imports torch itself, ~2 s per worker per epoch)."""
+    preloaded with deepstrf (else each new worker imports torch itself, ~2 s per worker per epoch);
+    before forked workers, import here what every worker imports (:data:`PRELOAD`)."""
     method = context_method(ctx)
+    if method == "fork":
+        import numpy.random  # noqa: F401  (each forked worker inherits it instead of importing it: PRELOAD)
     if method in ("forkserver", "spawn") and (problem := rerun_problem()) is not None:
         raise UnsafeMainError(f"DataLoader workers started with {method!r} cannot start here: {problem}. "
                               f"What to do: {GUARD_FIX}, or leave multiprocessing_context unset (deepstrf "
