@@ -147,15 +147,16 @@ class ShardDirectory:
 
     async def wait(self, key: str) -> np.ndarray | None:
         """The file of ``key`` once the process that claimed it wrote it; None if that process
-        dropped its claim (or took longer than ``wait_s``)."""
-        claim = self._file(key) + ".claim"
+        dropped its claim (or took longer than ``wait_s``). Polls with ``stat`` in the event loop:
+        a thread hop per look cost a busy worker more than the look."""
+        final = self._file(key)
+        claim = final + ".claim"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_s
         while loop.time() < deadline:
             claimed = os.path.exists(claim)  # before looking: a fetcher writes, then drops its claim
-            blob = await asyncio.to_thread(self.get, key)
-            if blob is not None or not claimed:
-                return blob
+            if os.path.exists(final) or not claimed:
+                return self.get(key)
             await asyncio.sleep(self.POLL_S)
         return None
 
@@ -337,12 +338,12 @@ class ShardedArray:
     async def _through_directory(self, shard: int, key: str, shared: ShardDirectory) -> np.ndarray | None:
         """Shard ``shard`` as the shared directory's file: there already, written by the process
         that is fetching it, or fetched here and written there. None when the file is damaged."""
-        blob = await asyncio.to_thread(shared.get, key)
+        blob = shared.get(key)  # opens and maps a local file: no thread hop
         if blob is None and not shared.claim(key):
             blob = await shared.wait(key)  # another process is fetching it
         elif blob is None:
             try:  # look again: its fetcher may have written it and dropped its claim since we looked
-                blob = await asyncio.to_thread(shared.get, key)
+                blob = shared.get(key)
                 if blob is None:
                     return await asyncio.to_thread(shared.put, key, await self._fetch_whole(shard))
             finally:
