@@ -4,6 +4,7 @@ import dataclasses
 import os
 import pickle
 import time
+import types
 from collections import Counter
 
 import numpy as np
@@ -277,6 +278,19 @@ def test_reading_defaults_follow_where_the_store_is(local_pool, s3_pool):
     assert StreamingNeuralDataset(local_pool, batch_size=2, read_threads=3)._state().read_threads == 3
     assert local.loader(num_workers=2).read_while_starting
     assert not remote.loader(num_workers=2).read_while_starting
+
+
+def test_workers_read_with_one_thread_each_where_two_would_oversubscribe_the_cores(s3_pool, monkeypatch):
+    from deepstrf.stream import dataset as stream_dataset
+
+    url, options = s3_pool
+    remote = StreamingNeuralDataset(url, storage_options=options, batch_size=2)
+    monkeypatch.setattr(stream_dataset, "get_worker_info", lambda: types.SimpleNamespace(id=0, num_workers=2))
+    monkeypatch.setattr(stream_dataset, "_usable_cpus", lambda: 2)
+    assert remote._read_threads(remote=True) == 1
+    monkeypatch.setattr(stream_dataset, "_usable_cpus", lambda: 4)
+    assert remote._read_threads(remote=True) == 2
+    assert StreamingNeuralDataset(url, storage_options=options, batch_size=2, read_threads=3)._read_threads(True) == 3
 
 
 def test_loader_keeps_its_workers_over_a_network_by_default(s3_pool, local_pool):
