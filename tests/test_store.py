@@ -25,12 +25,13 @@ from deepstrf.datasets.views import ResponseGrid, is_missing, missing_sentinel
 from deepstrf.errors import (FormatVersionError, IncompleteStoreError, IntegrityError, ReadOnlyStoreError,
                              StoreExistsError, StoreNotFoundError)
 from deepstrf.store import ZarrResponseGrid, ZarrStims, format as fmt, open_dataset, save_dataset, shards
+from deepstrf.store.dataset import load_indexes, storage_io, warm_reads
 from deepstrf.store.location import Location
 from deepstrf.store.s3clients import SharedTLSSession, shared_s3_session
 from deepstrf.store.reader import SourceReader
 from deepstrf.utils.data import concat_neural_datasets, neural_collate
 
-from stream_helpers import LOADER_TIMEOUT_S
+from stream_helpers import LOADER_TIMEOUT_S, write_pool
 
 
 # -- small sources made here ------------------------------------------------------------
@@ -433,6 +434,25 @@ def test_remote_shards_are_fetched_whole_once_and_cached(store_url, monkeypatch)
     assert all(k.startswith(f"{reader.url}#{reader.attrs['fingerprint']}/") for k in shards.SHARD_CACHE.blobs)
 
 
+def test_warming_a_pools_stims_leaves_their_read_nothing_to_fetch(store_url, monkeypatch):
+    url, so = store_url
+    monkeypatch.setattr(fmt, "CHUNK_BYTES", 512)
+    monkeypatch.setattr(fmt, "SHARD_CHUNKS", 8)  # several shards per source
+    monkeypatch.setattr(shards, "SHARD_CACHE", shards.ShardCache(1 << 30))
+    pool = open_dataset(write_pool(url, so), storage_options=so)
+    load_indexes(pool)
+    stims = [pool.get_S() - 1, 0, pool.get_S() // 2 + 1]
+    before = storage_io(pool)[0]
+    warm_reads(pool, stims)
+    warmed = storage_io(pool)[0]
+    views.read_many(pool.stims, stims)
+    pool.responses.read_raw_rows(stims)
+    if Location.parse(url).is_local:  # range reads, no shard cache: warming does nothing
+        assert warmed == before and storage_io(pool)[0] > warmed
+    else:
+        assert warmed > before and storage_io(pool)[0] == warmed
+
+
 @pytest.mark.parametrize("store_url", ["memory", "s3"], indirect=True)  # local stores have no shard cache
 def test_readers_of_one_remote_store_share_cached_shards(store_url, monkeypatch):
     url, so = store_url
@@ -668,6 +688,27 @@ def test_a_claimed_shard_is_awaited_not_fetched_twice(tmp_path):
     assert directory.claim("j")
     threading.Timer(0.05, directory.unclaim, ["j"]).start()  # its fetch failed: nothing to wait for
     assert asyncio.run(directory.wait("j")) is None
+
+
+def test_a_claim_whose_process_died_is_dropped_not_awaited_to_the_deadline(tmp_path):
+    import asyncio
+    import subprocess
+    import sys
+    import time
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    directory = shards.ShardDirectory(str(tmp_path), wait_s=30)
+    assert directory.claim("k")
+    with open(directory._file("k") + ".claim", "w") as f:  # as a worker stopped mid-fetch leaves it
+        f.write(dead.stdout.strip())
+    start = time.monotonic()
+    assert asyncio.run(directory.wait("k")) is None
+    assert time.monotonic() - start < 5 and directory.claim("k")  # the claim is gone: a waiter fetches
+    assert not directory.claim("k")
+    start = time.monotonic()  # a live claimer's claim is waited for
+    directory.wait_s = 0.3
+    assert asyncio.run(directory.wait("k")) is None and time.monotonic() - start >= 0.3
 
 
 def test_shards_shared_through_a_directory_are_mapped_not_copied(tmp_path):

@@ -293,6 +293,22 @@ def test_workers_read_with_one_thread_each_where_two_would_oversubscribe_the_cor
     assert StreamingNeuralDataset(url, storage_options=options, batch_size=2, read_threads=3)._read_threads(True) == 3
 
 
+def test_a_worker_fetches_the_shards_of_each_batch_after_the_second_as_it_takes_it(monkeypatch):
+    from deepstrf.stream import dataset as stream_dataset
+
+    warmed = []
+    monkeypatch.setattr(stream_dataset, "warm_reads", lambda ds, stims: warmed.append(stims))
+    st = types.SimpleNamespace(ds=None, visible=np.arange(100, 120))
+    tasks = [np.array([0, 1]), np.array([2, 3]), np.array([4, 5]), np.array([6, 7])]
+    taken = []
+    for positions in StreamingNeuralDataset._warming(st, iter(tasks)):
+        taken.append(positions)
+        stream_dataset.kept_pool("deepstrf-warm", 1).submit(lambda: None).result()  # warms so far are done
+        assert len(warmed) == max(0, len(taken) - 2)
+    assert [t.tolist() for t in taken] == [t.tolist() for t in tasks]
+    assert warmed == [[104, 105], [106, 107]]
+
+
 def test_loader_keeps_its_workers_over_a_network_by_default(s3_pool, local_pool):
     """New workers over S3 start with empty shard caches: the loader keeps them across epochs there."""
     url, options = s3_pool

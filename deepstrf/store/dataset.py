@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -96,6 +96,34 @@ def source_readers(ds: NeuralDataset) -> list[SourceReader] | None:
         if all(p is not None for p in parts):
             return [r for p in parts for r in p]
     return None
+
+
+def warm_reads(ds: NeuralDataset, stims: Sequence[int]) -> None:
+    """Fetch, and wait for, the whole shards (object stores) that reading ``stims`` of ``ds``
+    will need, without decoding them: the read that follows finds them cached (in this
+    process, and in the shard directory it shares with others, if any). Covers the
+    store-backed parts of ``ds`` open in this process (a pool's sources); nothing else. Whole
+    response rows are covered whatever the neuron selection."""
+    async def warm() -> None:
+        await asyncio.gather(*_warmers(ds, list(stims)))
+
+    run_gated(sync, warm())
+
+
+def _warmers(ds: NeuralDataset, stims: list[int]) -> Iterator[Any]:
+    grid = ds.responses
+    if isinstance(grid, ZarrResponseGrid):
+        yield grid.reader.warm_async(stims)
+    elif hasattr(grid, "opened_source"):  # a pooled source opened on first read (store.lazy): not here
+        if (source := grid.opened_source()) is not None:
+            yield from _warmers(source, stims)
+    elif isinstance(grid, BlockDiagonalGrid):
+        by_source: dict[int, list[int]] = {}
+        for s in stims:
+            k = grid.source_of_stim(s)
+            by_source.setdefault(k, []).append(s - grid.stim_offsets[k])
+        for k, local in by_source.items():
+            yield from _warmers(grid.sources[k], local)
 
 
 def storage_io(ds: NeuralDataset) -> tuple[int, int] | None:

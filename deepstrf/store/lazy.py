@@ -210,9 +210,14 @@ class LazySourceGrid(ResponseGrid):
     def _coverage(self) -> Coverage:
         return self._stored_coverage()
 
+    def opened_source(self) -> NeuralDataset | None:
+        """The source's dataset if it is open in this process (none is opened here)."""
+        return self.handle._ds if self.handle.is_open() else None
+
     def opened_readers(self) -> list[Any]:
         """Store readers of the source if it is open in this process (none are opened here)."""
-        return (source_readers(self.handle._ds) or []) if self.handle.is_open() else []
+        source = self.opened_source()
+        return (source_readers(source) or []) if source is not None else []
 
 
 def open_now(ds: NeuralDataset) -> None:

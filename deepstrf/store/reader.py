@@ -486,6 +486,19 @@ class SourceReader:
             if isinstance(res, BaseException):
                 raise error(res, a, b) from res
 
+    async def warm_async(self, stims: Sequence[int]) -> None:
+        """Have the shards that reading ``stims`` (their stimuli and whole response rows) needs
+        cached, where shards are fetched whole (:meth:`ShardedArray.warm`); failures are left to
+        the read that follows, which reports them."""
+        idx, sharded = self.index(), self.sharded()
+        ids = np.asarray(list(stims), dtype=np.int64)
+        rows = ids * self.n_neurons
+        spans = {fmt.STIM_VALUES: (idx.stim_offsets[ids], idx.stim_offsets[ids + 1]),
+                 fmt.VALUES: (idx.offsets[rows], idx.offsets[rows + self.n_neurons])}
+        await asyncio.gather(*(sharded[name].warm(a, b) for name, (starts, ends) in spans.items() if name in sharded
+                               for a, b in zip(starts.tolist(), ends.tolist()) if b > a),
+                             return_exceptions=True)
+
     def row_plan(self, stims: Sequence[int], neurons: Sequence[int] | None = None) -> list[RowPlan]:
         """Where the valid cells of each stim among ``neurons`` (all by default) are stored."""
         idx = self.index()

@@ -114,6 +114,7 @@ class ShardDirectory:
     """
 
     POLL_S = 0.005
+    LIVENESS_LOOKS = 20  # every this many looks, a waiter checks that the claim's process is alive
 
     def __init__(self, path: str, max_bytes: int = SHARED_SHARD_BYTES, wait_s: float = 30.0) -> None:
         self.path, self.max_bytes, self.wait_s = path, max_bytes, wait_s
@@ -132,13 +133,18 @@ class ShardDirectory:
             return None
 
     def claim(self, key: str) -> bool:
-        """Take the right to fetch ``key`` (False: another process holds it)."""
+        """Take the right to fetch ``key`` (False: another process holds it). The claim names
+        this process, so that a waiter can tell a claim whose process has died."""
         try:
-            os.close(os.open(self._file(key) + ".claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            fd = os.open(self._file(key) + ".claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return False
         except OSError:  # no directory: nobody to share with
             return True
+        try:
+            os.write(fd, str(os.getpid()).encode())
+        finally:
+            os.close(fd)
         return True
 
     def unclaim(self, key: str) -> None:
@@ -147,18 +153,41 @@ class ShardDirectory:
 
     async def wait(self, key: str) -> np.ndarray | None:
         """The file of ``key`` once the process that claimed it wrote it; None if that process
-        dropped its claim (or took longer than ``wait_s``). Polls with ``stat`` in the event loop:
-        a thread hop per look cost a busy worker more than the look."""
+        dropped its claim, died holding it (a worker stopped in the middle of a fetch: its
+        claim is removed), or took longer than ``wait_s``. Polls with ``stat`` in the event
+        loop: a thread hop per look cost a busy worker more than the look."""
         final = self._file(key)
         claim = final + ".claim"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_s
-        while loop.time() < deadline:
+        for look in itertools.count():
+            if loop.time() >= deadline:
+                return None
             claimed = os.path.exists(claim)  # before looking: a fetcher writes, then drops its claim
             if os.path.exists(final) or not claimed:
                 return self.get(key)
+            if look % self.LIVENESS_LOOKS == self.LIVENESS_LOOKS - 1 and self._claimer_died(claim):
+                with contextlib.suppress(OSError):
+                    os.remove(claim)
+                return None
             await asyncio.sleep(self.POLL_S)
-        return None
+
+    @staticmethod
+    def _claimer_died(claim: str) -> bool:
+        try:
+            with open(claim, "rb") as f:
+                pid = int(f.read() or b"0")
+        except (OSError, ValueError):
+            return False  # gone (looked at next) or still being written
+        if pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # alive under another user
+            return False
+        return False
 
     def put(self, key: str, blob: np.ndarray) -> np.ndarray:
         """Write ``blob`` as the file of ``key``; returns that file mapped (``blob`` itself when
@@ -378,6 +407,12 @@ class ShardedArray:
         if shard not in self.indexes:  # cached by another reader of the same array in this process
             self._parse_index(shard, blob)
         return blob
+
+    async def warm(self, a: int, b: int) -> None:
+        """Have the whole shards holding elements ``[a, b)`` cached (fetched, not decoded), where
+        this array's shards are fetched whole; nothing otherwise (range reads need their targets)."""
+        if self.whole:
+            await asyncio.gather(*(self._whole_shard(s) for s in self.layout.shards_of(a, b)))
 
     async def read(self, a: int, b: int) -> np.ndarray:
         """Elements ``[a, b)``, decoded into one new array (see :meth:`read_into`)."""

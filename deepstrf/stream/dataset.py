@@ -31,9 +31,9 @@ from torch.utils.data._utils import signal_handling
 from ..datasets import views
 from ..datasets.neural_dataset import NeuralDataset
 from ..errors import StreamStalledError
-from ..forksafe import run_gated
+from ..forksafe import kept_pool, run_gated
 from ..store import shards
-from ..store.dataset import load_indexes, storage_io
+from ..store.dataset import load_indexes, storage_io, warm_reads
 from ..store.location import on_network
 from . import handover, items, partition, reader, shuffle
 from .buffers import DEFAULT_SLOTS, BufferPool, process_pool, slots_for
@@ -479,6 +479,8 @@ class StreamingNeuralDataset(IterableDataset):
             batches = batches[self._lead.wait_closed(DEFAULT_TIMEOUT_S, self._where()):]
         mine = partition.worker_batches(batches, worker_id, num_workers)
         tasks = self._tasks(units, (positions for _, positions in mine))
+        if not in_process and st.waits_on_network:
+            tasks = self._warming(st, tasks)
         unit = self._unit_batch()
         if self.batch_size is None and unit == 1:  # single items: read a few of this process's at once
             tasks = _grouped(tasks, ITEM_READ_GROUP)
@@ -512,6 +514,22 @@ class StreamingNeuralDataset(IterableDataset):
         if isinstance(units, np.ndarray):  # units of one item each: one gather per batch
             return (units[positions].reshape(-1) for positions in batches)
         return (np.concatenate([units[p] for p in positions]) for positions in batches)
+
+    @staticmethod
+    def _warming(st: Opened, tasks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        """``tasks``, each one's shards fetched (not decoded) in a background thread as it is
+        taken: the prefetcher takes a task while the one before it is read, so a worker, which
+        reads one batch at a time, does not wait a round trip for a shard that no earlier batch
+        fetched. The first two tasks are left to their reads: their fetches would only compete
+        with the pass's first batch for the store. The pass ends with no fetch left running."""
+        warming = kept_pool("deepstrf-warm", 1)
+        last = None
+        for i, positions in enumerate(tasks):
+            if i >= 2:
+                last = warming.submit(run_gated, warm_reads, st.ds, st.visible[positions].tolist())
+            yield positions
+        if last is not None:
+            futures.wait([last])
 
     def _read_ahead(self, tasks: Iterator[np.ndarray], shared: bool, timeout: float | None = None) -> Iterator[Any]:
         """Read ``tasks`` in order, ahead of the consumer (``shared``: into shared memory, for a worker;
