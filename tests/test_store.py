@@ -25,7 +25,7 @@ from deepstrf.datasets.views import ResponseGrid, is_missing, missing_sentinel
 from deepstrf.errors import (FormatVersionError, IncompleteStoreError, IntegrityError, ReadOnlyStoreError,
                              StoreExistsError, StoreNotFoundError)
 from deepstrf.store import ZarrResponseGrid, ZarrStims, format as fmt, open_dataset, save_dataset, shards
-from deepstrf.store.dataset import load_indexes, storage_io, warm_reads
+from deepstrf.store.dataset import load_indexes, source_readers, storage_io, warm_reads
 from deepstrf.store.location import Location
 from deepstrf.store.s3clients import SharedTLSSession, shared_s3_session
 from deepstrf.store.reader import SourceReader
@@ -496,6 +496,21 @@ def test_shard_cache_is_bounded_least_recently_used():
     assert list(cache.blobs) == ["b", "d"]  # "c" was the least recently used
     cache.put("huge", np.zeros(101, np.uint8))
     assert cache.get("huge") is None and cache.nbytes == 80
+
+
+def test_pool_row_sizes_use_threads_only_while_an_index_is_still_to_read(store_url, monkeypatch):
+    url, so = store_url
+    threaded = []
+    thread_map = views.thread_map
+    monkeypatch.setattr(views, "thread_map", lambda *a, **k: (threaded.append(1), thread_map(*a, **k))[1])
+    pool = open_dataset(write_pool(url, so), storage_options=so)
+    stims = [0, pool.get_S() - 1]  # one from each source
+    remote = all(d.responses.waits_on_network for d in pool.responses.sources)
+    first = pool.responses.row_sizes(stims)  # the indexes are read first: concurrently over a network
+    assert len(threaded) == int(remote)
+    assert all(r.has_index() for r in source_readers(pool))
+    again = pool.responses.row_sizes(stims)  # a little numpy now: in this thread
+    assert len(threaded) == int(remote) and again[0].tolist() == first[0].tolist()
 
 
 def test_pool_row_sizes_need_every_source_sized(saved):

@@ -307,6 +307,11 @@ class ResponseGrid(Sequence):
         """:meth:`row_sizes` of the stored rows; None where only reading tells."""
         return None
 
+    def row_sizes_read_storage(self) -> bool:
+        """Whether :meth:`row_sizes` reads storage first (an index not loaded, a source not
+        opened yet): only then is it worth a thread per part of a concatenation."""
+        return False
+
     def mask(self) -> torch.Tensor:
         """``(S, N)`` bool tensor, True where the pair holds data."""
         m = self._mask().clone()
@@ -399,14 +404,23 @@ class BlockDiagonalGrid(ResponseGrid):
 
     def _row_sizes(self, stims: Sequence[int], neurons: Sequence[int] | None) -> tuple[np.ndarray, np.dtype] | None:
         parts = list(self._by_source(stims, neurons))
-        found = map_parts(lambda part: raw_row_sizes(self.sources[part[0]].responses, part[2], part[3]), parts,
-                          self._grids(parts))
+        grids = self._grids(parts)
+
+        def sizes(part: tuple[int, list[int], list[int], list[int] | None]) -> tuple[np.ndarray, np.dtype] | None:
+            return raw_row_sizes(self.sources[part[0]].responses, part[2], part[3])
+
+        # sizes from loaded indexes are a little numpy: threads would only add hand-offs
+        reads = any(isinstance(g, ResponseGrid) and g.row_sizes_read_storage() for g in grids)
+        found = map_parts(sizes, parts, grids) if reads else [sizes(part) for part in parts]
         if any(known is None for known in found):
             return None
         sizes = np.zeros(len(stims), dtype=np.int64)
         for (_, where, _, _), known in zip(parts, found):
             sizes[where] = known[0]
         return sizes, np.result_type(*[known[1] for known in found]) if found else np.dtype(np.float32)
+
+    def row_sizes_read_storage(self) -> bool:
+        return True  # not asked of every source of a large concatenation
 
     def _grids(self, parts: Sequence[tuple]) -> list[Any]:
         return [self.sources[part[0]].responses for part in parts]

@@ -78,6 +78,9 @@ class ZarrResponseGrid(ResponseGrid):
         sizes = np.array([p.size for p in self.reader.row_plan(stims, neurons)], dtype=np.int64)
         return sizes, self.reader.dtype(fmt.VALUES)
 
+    def row_sizes_read_storage(self) -> bool:
+        return not self.reader.has_index()
+
     def _mask(self) -> torch.Tensor:
         return torch.from_numpy(self.reader.mask())
 

@@ -207,6 +207,11 @@ class LazySourceGrid(ResponseGrid):
     def _row_sizes(self, stims: Sequence[int], neurons: Sequence[int] | None) -> tuple[np.ndarray, np.dtype] | None:
         return raw_row_sizes(self.handle.dataset().responses, stims, neurons)
 
+    def row_sizes_read_storage(self) -> bool:
+        source = self.opened_source()
+        return source is None or not isinstance(source.responses, ResponseGrid) or \
+            source.responses.row_sizes_read_storage()
+
     def _coverage(self) -> Coverage:
         return self._stored_coverage()
 

@@ -388,6 +388,10 @@ class SourceReader:
             out.append(items)
         return out[0], out[1]
 
+    def has_index(self) -> bool:
+        """Whether the cell index is loaded in this process (:meth:`index` reads nothing)."""
+        return self._index is not None
+
     def index(self) -> Index:
         if self._index is None:
             self._set_index(self.read_whole(INDEX_ARRAYS))
