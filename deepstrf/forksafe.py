@@ -178,6 +178,11 @@ def kept_pool(name: str, max_workers: int) -> ThreadPoolExecutor:
         return entry[1]
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity, where the system tells)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _new_kept_pools_lock() -> None:
     global _kept_pools_lock
     _kept_pools_lock = threading.Lock()

@@ -286,12 +286,30 @@ def test_workers_read_with_one_thread_each_where_two_would_oversubscribe_the_cor
     url, options = s3_pool
     remote = StreamingNeuralDataset(url, storage_options=options, batch_size=2)
     monkeypatch.setattr(stream_dataset, "get_worker_info", lambda: types.SimpleNamespace(id=0, num_workers=2))
-    monkeypatch.setattr(stream_dataset, "_usable_cpus", lambda: 2)
+    monkeypatch.setattr(stream_dataset, "usable_cpus", lambda: 2)
     assert remote._read_threads(remote=True) == 1
-    monkeypatch.setattr(stream_dataset, "_usable_cpus", lambda: 4)
+    monkeypatch.setattr(stream_dataset, "usable_cpus", lambda: 4)
     assert remote._read_threads(remote=True) == 2
     assert StreamingNeuralDataset(url, storage_options=options, batch_size=2, read_threads=3)._read_threads(True) == 3
 
+
+def test_workers_decode_in_a_share_of_the_cores_each(local_pool, monkeypatch, tmp_path):
+    from deepstrf.forksafe import usable_cpus
+
+    calls = tmp_path / "calls"
+    monkeypatch.setattr(shards, "set_decode_threads",  # forked workers inherit this
+                        lambda n: calls.open("a").write(f"{n}\n"))
+    s = StreamingNeuralDataset(local_pool, batch_size=2)
+    assert sum(len(b.stim_meta) for b in s.loader(num_workers=2, timeout=loader_timeout(2),
+                                                   multiprocessing_context="fork")) == len(s._state().visible)
+    assert calls.read_text().split() == [str(max(1, usable_cpus() // 2))] * 2
+    monkeypatch.undo()
+    try:
+        shards.set_decode_threads(1)
+        assert shards._decode_pool()._max_workers == 1
+    finally:
+        shards.set_decode_threads(None)
+    assert shards._decode_pool()._max_workers == usable_cpus()
 
 def test_a_worker_fetches_the_shards_of_each_batch_after_the_second_as_it_takes_it(monkeypatch):
     from deepstrf.stream import dataset as stream_dataset

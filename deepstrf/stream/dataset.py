@@ -31,7 +31,7 @@ from torch.utils.data._utils import signal_handling
 from ..datasets import views
 from ..datasets.neural_dataset import NeuralDataset
 from ..errors import StreamStalledError
-from ..forksafe import kept_pool, run_gated
+from ..forksafe import kept_pool, run_gated, usable_cpus
 from ..store import shards
 from ..store.dataset import load_indexes, storage_io, warm_reads
 from ..store.location import on_network
@@ -312,7 +312,7 @@ class StreamingNeuralDataset(IterableDataset):
         if self.url is None or not remote:
             return 1
         info = get_worker_info()
-        return 2 if info is None or _usable_cpus() >= 2 * info.num_workers else 1
+        return 2 if info is None or usable_cpus() >= 2 * info.num_workers else 1
 
     def _visible(self, ds: NeuralDataset) -> np.ndarray:
         """Global stim index of each item this dataset streams: the visible stims (in ``subset``)."""
@@ -469,6 +469,7 @@ class StreamingNeuralDataset(IterableDataset):
             self._begin_pass()
         else:
             shards.SHARD_CACHE.share(self._shard_dir)
+            shards.set_decode_threads(max(1, usable_cpus() // num_workers))  # the workers share the cores
             freeze_long_lived()
         slot = 0 if in_process else worker_id + 1
         self.counters.use_slot(slot)
@@ -726,11 +727,6 @@ class StreamingNeuralDataset(IterableDataset):
         return (f"StreamingNeuralDataset({self._where()!r}, batch_size={self.batch_size}, "
                 f"collate={self.collate!r}, device={self.device}, shuffle={self.shuffle}, seed={self.seed}, "
                 f"epoch={self.epoch})")
-
-
-def _usable_cpus() -> int:
-    """CPUs this process may run on (its affinity, where the system tells)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _waits_on_network(ds: NeuralDataset) -> bool:
