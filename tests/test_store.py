@@ -440,8 +440,11 @@ def test_warming_a_pools_stims_leaves_their_read_nothing_to_fetch(store_url, mon
     monkeypatch.setattr(fmt, "SHARD_CHUNKS", 8)  # several shards per source
     monkeypatch.setattr(shards, "SHARD_CACHE", shards.ShardCache(1 << 30))
     pool = open_dataset(write_pool(url, so), storage_options=so)
-    load_indexes(pool)
     stims = [pool.get_S() - 1, 0, pool.get_S() // 2 + 1]
+    before = storage_io(pool)[0]
+    warm_reads(pool, stims)  # no index loaded yet: nothing to go by (the read loads it)
+    assert storage_io(pool)[0] == before
+    load_indexes(pool)
     before = storage_io(pool)[0]
     warm_reads(pool, stims)
     warmed = storage_io(pool)[0]

@@ -107,16 +107,19 @@ def warm_reads(ds: NeuralDataset, stims: Sequence[int]) -> None:
     process, and in the shard directory it shares with others, if any). Covers the
     store-backed parts of ``ds`` open in this process (a pool's sources); nothing else. Whole
     response rows are covered whatever the neuron selection."""
-    async def warm() -> None:
-        await asyncio.gather(*_warmers(ds, list(stims)))
+    prepared = [w for w in _warmers(ds, list(stims)) if w is not None]
 
-    run_gated(sync, warm())
+    async def warm() -> None:
+        await asyncio.gather(*prepared)
+
+    if prepared:
+        run_gated(sync, warm())
 
 
 def _warmers(ds: NeuralDataset, stims: list[int]) -> Iterator[Any]:
     grid = ds.responses
     if isinstance(grid, ZarrResponseGrid):
-        yield grid.reader.warm_async(stims)
+        yield grid.reader.warmer(stims)
     elif hasattr(grid, "opened_source"):  # a pooled source opened on first read (store.lazy): not here
         if (source := grid.opened_source()) is not None:
             yield from _warmers(source, stims)

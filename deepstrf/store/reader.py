@@ -19,7 +19,7 @@ import copy
 import json
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -490,18 +490,25 @@ class SourceReader:
             if isinstance(res, BaseException):
                 raise error(res, a, b) from res
 
-    async def warm_async(self, stims: Sequence[int]) -> None:
-        """Have the shards that reading ``stims`` (their stimuli and whole response rows) needs
-        cached, where shards are fetched whole (:meth:`ShardedArray.warm`); failures are left to
-        the read that follows, which reports them."""
+    def warmer(self, stims: Sequence[int]) -> Coroutine[Any, Any, Any] | None:
+        """A coroutine that has the shards reading ``stims`` needs (their stimuli and whole
+        response rows) cached, where shards are fetched whole (:meth:`ShardedArray.warm`); None
+        while the index is not loaded here (the read loads it). Failures are left to the read
+        that follows, which reports them. Made outside the event loop it runs in."""
+        if not self.has_index():
+            return None
         idx, sharded = self.index(), self.sharded()
         ids = np.asarray(list(stims), dtype=np.int64)
         rows = ids * self.n_neurons
         spans = {fmt.STIM_VALUES: (idx.stim_offsets[ids], idx.stim_offsets[ids + 1]),
                  fmt.VALUES: (idx.offsets[rows], idx.offsets[rows + self.n_neurons])}
-        await asyncio.gather(*(sharded[name].warm(a, b) for name, (starts, ends) in spans.items() if name in sharded
-                               for a, b in zip(starts.tolist(), ends.tolist()) if b > a),
-                             return_exceptions=True)
+        ranges = [(sharded[name], a, b) for name, (starts, ends) in spans.items() if name in sharded
+                  for a, b in zip(starts.tolist(), ends.tolist()) if b > a]
+
+        async def warm() -> None:
+            await asyncio.gather(*(array.warm(a, b) for array, a, b in ranges), return_exceptions=True)
+
+        return warm()
 
     def row_plan(self, stims: Sequence[int], neurons: Sequence[int] | None = None) -> list[RowPlan]:
         """Where the valid cells of each stim among ``neurons`` (all by default) are stored."""
