@@ -178,6 +178,17 @@ def kept_pool(name: str, max_workers: int) -> ThreadPoolExecutor:
         return entry[1]
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a zombie, exited but not reaped, still does)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        pass
+    return True
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity, where the system tells)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -208,9 +208,9 @@ class LazySourceGrid(ResponseGrid):
         return raw_row_sizes(self.handle.dataset().responses, stims, neurons)
 
     def row_sizes_read_storage(self) -> bool:
-        source = self.opened_source()
-        return source is None or not isinstance(source.responses, ResponseGrid) or \
-            source.responses.row_sizes_read_storage()
+        source = self.opened_source()  # None: sizing opens the source
+        return source is None or (isinstance(source.responses, ResponseGrid)
+                                  and source.responses.row_sizes_read_storage())
 
     def _coverage(self) -> Coverage:
         return self._stored_coverage()

@@ -35,7 +35,7 @@ from numcodecs import blosc
 from zarr.abc.store import RangeByteRequest
 from zarr.core.buffer import default_buffer_prototype
 
-from ..forksafe import kept_pool, usable_cpus
+from ..forksafe import kept_pool, process_alive, usable_cpus
 from .integrity import MissingChunk
 from .layout import check_crc, chunk_shape, codec_names, compressed_chunks, native_bytes, plain_dtype, slash_chunk_keys
 
@@ -199,15 +199,7 @@ class ShardDirectory:
                 pid = int(f.read() or b"0")
         except (OSError, ValueError):
             return False  # gone (looked at next) or still being written
-        if pid <= 0:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except OSError:  # alive under another user
-            return False
-        return False
+        return pid > 0 and not process_alive(pid)
 
     def put(self, key: str, blob: np.ndarray) -> np.ndarray:
         """Write ``blob`` as the file of ``key``; returns that file mapped (``blob`` itself when

@@ -41,6 +41,8 @@ from multiprocessing.reduction import DupFd, ForkingPickler
 import torch
 from torch.multiprocessing import reductions
 
+from ..forksafe import process_alive
+
 # pooled storages of this process that go by reference: data_ptr -> their name and whether it was sent
 _BY_REFERENCE: dict[int, _Named] = {}
 # small storages of this process that go by value: data_ptr -> owning pid
@@ -224,22 +226,12 @@ def _rebuild_named(pid: int, name: str, serial: int) -> torch.UntypedStorage:
     return storage
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        pass
-    return True
-
-
 def forget_exited() -> int:
     """Close the descriptors kept for worker processes that have exited (the shared memory of
     their buffers is freed once no batch of theirs is left either); returns how many."""
     with _kept_lock:
         _drain_locked()  # pushed by workers whose batches never came
-        gone = [key for key in _KEPT if not _alive(key[0])]
+        gone = [key for key in _KEPT if not process_alive(key[0])]
         fds = [_KEPT.pop(key).fd for key in gone]
     for fd in fds:
         os.close(fd)
