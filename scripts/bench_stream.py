@@ -246,7 +246,8 @@ def build_stores(workdir: Path, scale: float, time_scale: float) -> tuple[str, l
 
     from deepstrf.store import format as fmt
 
-    layout = f"v{fmt.FORMAT_VERSION}-c{fmt.CHUNK_BYTES}-{fmt.STIM_CHUNK_BYTES}-{fmt.SHARD_CHUNKS}"
+    layout = (f"v{fmt.FORMAT_VERSION}-c{fmt.CHUNK_BYTES}-{fmt.STIM_CHUNK_BYTES}-{fmt.SHARD_CHUNKS}"
+              f"-ts{fmt.BITSHUFFLE_MIN_TYPESIZE}")
     root = workdir / f"stores-{layout}-s{scale}-t{time_scale}"  # a new format or layout is written afresh
     pool = root / "pool"
     sources = [str(root / "aa1"), str(root / "aa2")]

@@ -363,6 +363,33 @@ def test_format_10_and_11_stores_read_identically(tmp_path, monkeypatch):
     assert cli_main(["verify", str(tmp_path / "v11")]) == 0 and cli_main(["verify", str(tmp_path / "v10")]) == 0
 
 
+def test_one_byte_arrays_bitshuffle_in_two_byte_words_and_older_stores_read_the_same(tmp_path, monkeypatch):
+    import zarr
+
+    monkeypatch.setattr(fmt, "CHUNK_BYTES", 512)
+    src = audio_source()
+    save_dataset(src, tmp_path / "new")
+    with monkeypatch.context() as m:  # what earlier writers did: 1-byte words
+        m.setattr(fmt, "BITSHUFFLE_MIN_TYPESIZE", 1)
+        save_dataset(src, tmp_path / "old")
+    blosc = {}
+    for name in ("new", "old"):
+        codecs = zarr.open_group(str(tmp_path / name), mode="r")[fmt.VALUES].metadata.to_dict()["codecs"]
+        inner = codecs[0]["configuration"]["codecs"]
+        blosc[name] = next(c["configuration"] for c in inner if c["name"] == "blosc")
+    assert blosc["new"]["typesize"] == 2 and blosc["old"]["typesize"] == 1
+    assert blosc["new"]["shuffle"] == blosc["old"]["shuffle"] == "bitshuffle"
+    new, old = open_dataset(tmp_path / "new"), open_dataset(tmp_path / "old")
+    assert new.fingerprint.startswith("sha256:") and new.fingerprint == old.fingerprint  # content, not encoding
+    assert_same_data(new, src)
+    assert_same_data(old, src)
+    for stims, neurons in (([2, 0, 1], None), ([1, 2], [9, 0, 4])):
+        for a, b in zip(new.responses.read_raw_rows(stims, neurons), old.responses.read_raw_rows(stims, neurons)):
+            assert a.neurons.tolist() == b.neurons.tolist() and np.array_equal(a.values, b.values)
+    by_zarr = [zarr.open_group(str(tmp_path / n), mode="r")[fmt.VALUES][:] for n in ("new", "old")]
+    assert by_zarr[0].dtype == np.uint8 and np.array_equal(by_zarr[0], by_zarr[1])
+
+
 @pytest.mark.parametrize("version", ["1.1", "1.0"])
 def test_rows_decode_into_caller_buffers(tmp_path, monkeypatch, version):
     monkeypatch.setattr(fmt, "CHUNK_BYTES", 512)  # rows start and end inside chunks; rows share chunks

@@ -24,6 +24,11 @@ STIM_CHUNK_BYTES = 1 << 16  # stims/values: 64 KiB (stimuli compress poorly)
 SHARD_CHUNKS = 128          # inner chunks per shard: one range GET reads many chunks
 INDEX_CHUNK_BYTES = 1 << 20  # every other array (offsets, repeats, metadata, a pool's coverage)
 BLOSC_LEVEL = 5        # measured: zstd 5 + bitshuffle ~80x vs float32 on counts, decode ~1.5 GB/s
+# Bit-shuffle words of at least this many bytes. c-blosc un-bitshuffles odd type sizes (1-byte
+# counts) with scalar code; as 2-byte words its SIMD path runs. Measured on AA1-like uint8 counts:
+# decode 1.54 -> 1.83 GB/s on one core, compression 23.2x -> 21.8x (any size decodes: blosc reads
+# it from each chunk's header).
+BITSHUFFLE_MIN_TYPESIZE = 2
 
 VALUES = "responses/values"
 OFFSETS = "responses/offsets"
@@ -63,14 +68,16 @@ def shards(chunk: int) -> dict:
 
 def codecs(dtype: np.dtype, text: bool = False) -> dict:
     """zarr ``create_array`` codec arguments: bytes (little endian) -> blosc zstd -> crc32c
-    (of the inner chunks, when the array is sharded)."""
+    (of the inner chunks, when the array is sharded). Numbers are bit-shuffled in words of
+    their item size, at least ``BITSHUFFLE_MIN_TYPESIZE`` bytes; text is not shuffled."""
     from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 
-    shuffle = "noshuffle" if text else "bitshuffle"
+    itemsize = np.dtype(dtype).itemsize
+    shuffle, typesize = ("noshuffle", itemsize) if text else ("bitshuffle", max(itemsize, BITSHUFFLE_MIN_TYPESIZE))
     return {
         "serializer": BytesCodec(),
-        "compressors": [BloscCodec(cname="zstd", clevel=BLOSC_LEVEL, shuffle=shuffle,
-                                   typesize=np.dtype(dtype).itemsize), Crc32cCodec()],
+        "compressors": [BloscCodec(cname="zstd", clevel=BLOSC_LEVEL, shuffle=shuffle, typesize=typesize),
+                        Crc32cCodec()],
         "filters": None,
         "fill_value": 0,
         "config": {"write_empty_chunks": True},
