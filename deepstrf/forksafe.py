@@ -179,14 +179,21 @@ def kept_pool(name: str, max_workers: int) -> ThreadPoolExecutor:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (a zombie, exited but not reaped, still does)."""
+    """Whether process ``pid`` is running: it exists and, where ``/proc`` tells, is not a zombie
+    (exited, not yet reaped by its parent, as a DataLoader worker killed mid-fetch stays until
+    the main process notices)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, someone else's
         pass
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:  # no /proc (not Linux), or it exited since
+        return True
+    return stat[stat.rindex(b")") + 2:][:1] not in (b"Z", b"X")  # the state follows "(command) "
 
 
 def usable_cpus() -> int:

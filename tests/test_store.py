@@ -756,6 +756,35 @@ def test_a_claim_whose_process_died_is_dropped_not_awaited_to_the_deadline(tmp_p
     assert asyncio.run(directory.wait("k")) is None and time.monotonic() - start >= 0.3
 
 
+def test_a_claim_whose_process_exited_unreaped_is_dropped_too(tmp_path):
+    """A worker killed mid-fetch is a zombie until the main process reaps it: its claim is dead."""
+    import asyncio
+    import subprocess
+    import sys
+    import time
+
+    from deepstrf.forksafe import process_alive
+
+    if not os.path.exists("/proc/self/stat"):
+        pytest.skip("zombies are told from /proc")
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 20
+        while open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.01)
+        assert not process_alive(zombie.pid) and process_alive(os.getpid())
+        directory = shards.ShardDirectory(str(tmp_path), wait_s=30)
+        assert directory.claim("k")
+        with open(directory._file("k") + ".claim", "w") as f:
+            f.write(str(zombie.pid))
+        start = time.monotonic()
+        assert asyncio.run(directory.wait("k")) is None
+        assert time.monotonic() - start < 5 and directory.claim("k")
+    finally:
+        zombie.wait(timeout=20)
+
+
 def test_shards_shared_through_a_directory_are_mapped_not_copied(tmp_path):
     """A process keeps a shared shard as the directory's file mapped (page cache every process
     shares), whether it wrote the file or found it; removing the file leaves the mapping valid."""
