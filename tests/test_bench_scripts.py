@@ -1,4 +1,4 @@
-"""The GPU training benchmark and the compact-batch microbenchmark run (tiny, on the CPU)."""
+"""The GPU training benchmark, the compact-batch microbenchmark and the codec benchmark run (tiny, on the CPU)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
+import bench_codec  # noqa: E402
 import bench_compact  # noqa: E402
 import bench_gpu  # noqa: E402
 
@@ -30,3 +31,21 @@ def test_bench_compact_reports_ratios():
     assert fewer["accelerator_path"] and fewer["step_operations"]["predict"] < out["step_operations"]["predict"]
     assert all(out[k] > 0 for k in ("repeat_sum_over_counts_pass", "loss_forward_over_counts_pass",
                                     "to_dense_over_dense_pass"))
+
+
+def test_bench_codec_writes_both_word_sizes_and_compares_them(tmp_path, capsys):
+    import json
+
+    out = bench_codec.main(["--scale", "0.05", "--time-scale", "0.2", "--epochs", "1", "--workdir", str(tmp_path)])
+    assert capsys.readouterr().out.count("\n") == 1  # one JSON line
+    words = {}
+    for meta in tmp_path.glob("stores-*/aa2/responses/values/zarr.json"):
+        inner = json.loads(meta.read_text())["codecs"][0]["configuration"]["codecs"]
+        words[meta.parts[-5]] = next(c["configuration"]["typesize"] for c in inner if c["name"] == "blosc")
+    assert sorted(words.values()) == [1, 2]
+    one, two = out["word_1"], out["word_2"]
+    assert one["counts_decoded_bytes"] == two["counts_decoded_bytes"] > 0
+    assert all(w["compression"] > 1 and w["decode_gb_per_s_one_thread"] > 0 and w["epoch_w0"]["items_per_s"] > 0
+               for w in (one, two))
+    assert set(out["ratios"]) == {"stored_2_over_1", "decode_2_over_1", "epoch_items_per_s_2_over_1",
+                                  "epoch_cpu_2_over_1"}
