@@ -4,11 +4,11 @@
     python scripts/bench_codec.py [--scale 1] [--time-scale 1] [--epochs 6] [--workdir DIR]
 
 The AA1+AA2-sized pool of ``bench_stream.py`` is written twice, its ``uint8`` counts
-bit-shuffled by blosc in 1-byte words (what stores written before format 1.1's
-``BITSHUFFLE_MIN_TYPESIZE`` hold) and in 2-byte words (what deepstrf writes), everything else
-equal. For each: the counts' bytes on disk and compression against their decoded size; one
-thread decoding every shard of the counts (deepstrf's reader, the second of two runs; files in
-the page cache); and epochs of ``StreamingNeuralDataset(...).loader(num_workers=0)`` (batch 8,
+bit-shuffled by blosc in 1-byte words (``format.BITSHUFFLE_MIN_TYPESIZE = 1``, as earlier
+deepstrf wrote them) and in 2-byte words (what deepstrf writes), everything else equal. For
+each: the counts' bytes on disk and compression against their decoded size; one thread decoding
+every shard of the counts (deepstrf's reader, one shard per read, the second of two runs;
+files in the page cache); and epochs of ``StreamingNeuralDataset(...).loader(num_workers=0)`` (batch 8,
 shuffled, compact), the two pools alternating in one process: median items/s and the CPU time
 of the process per epoch.
 """
@@ -61,25 +61,16 @@ def stored_counts(sources: list[str]) -> dict:
 
 def decode_rate(sources: list[str]) -> float:
     """GB/s of one thread decoding every shard of the counts (whole shards, deepstrf's reader)."""
-    import zarr
-
-    from deepstrf import open_dataset
     from deepstrf.store import format as fmt
     from deepstrf.store import shards
 
     shards.set_decode_threads(1)
     try:
-        best = None
         for _ in range(2):  # the second run counts: files in the page cache, readers warm
-            start, nbytes = time.perf_counter(), 0
-            for url in sources:
-                reader = open_dataset(url).responses.reader
-                arr = zarr.open_group(url, mode="r")[fmt.VALUES]
-                step = arr.shards[0]
-                for lo in range(0, arr.shape[0], step):
-                    nbytes += reader.gather([(fmt.VALUES, slice(lo, min(lo + step, arr.shape[0])))])[0].nbytes
-            best = nbytes / (time.perf_counter() - start) / 1e9
-        return round(best, 3)
+            start = time.perf_counter()
+            nbytes = bench_stream.read_every_chunk(sources, (fmt.VALUES,), shards_per_read=1)
+            rate = nbytes / (time.perf_counter() - start) / 1e9
+        return round(rate, 3)
     finally:
         shards.set_decode_threads(None)
 

@@ -117,6 +117,28 @@ def child_stream(args) -> dict:
     return {**out, "open_s": round(opened, 3), **{k: stats[k] for k in ("requests", "bytes_fetched", "bytes_used")}}
 
 
+def read_every_chunk(sources: list[str], names: tuple[str, ...], by_zarr: bool = False,
+                     shards_per_read: int = 2) -> int:
+    """Decode arrays ``names`` of every source once, in runs of ``shards_per_read`` whole shards
+    (of 32 chunks where unsharded): through deepstrf's reader, or zarr's ``Array.__getitem__``
+    (``by_zarr``). Returns the bytes decoded."""
+    import zarr
+
+    from deepstrf import open_dataset
+
+    nbytes = 0
+    for url in sources:
+        reader = open_dataset(url).responses.reader
+        group = zarr.open_group(url, mode="r")
+        for name in names:
+            arr = group[name]
+            step = (arr.shards or arr.chunks)[0] * (shards_per_read if arr.shards else 32)
+            for lo in range(0, arr.shape[0], step):
+                sel = slice(lo, min(lo + step, arr.shape[0]))
+                nbytes += (arr[sel] if by_zarr else reader.gather([(name, sel)])[0]).nbytes
+    return nbytes
+
+
 def child_read_limit(args) -> dict:
     """Read + decompress every chunk of every source's responses and stimuli once, no per-item work.
 
@@ -124,8 +146,6 @@ def child_read_limit(args) -> dict:
     one range GET per shard, inner chunks decoded straight into the output) and, for
     reference, through zarr's ``Array.__getitem__`` in the same runs (``zarr_*`` keys).
     """
-    import zarr
-
     from deepstrf import open_dataset
     from deepstrf.store import format as fmt
 
@@ -133,16 +153,7 @@ def child_read_limit(args) -> dict:
     timings = {}
     for how in ("zarr", "deepstrf", "zarr", "deepstrf"):  # each twice, the second (warm) run counts
         start = time.perf_counter()
-        nbytes = 0
-        for url in args.sources:
-            reader = open_dataset(url).responses.reader
-            group = zarr.open_group(url, mode="r")
-            for name in (fmt.VALUES, fmt.STIM_VALUES):
-                arr = group[name]
-                step = (arr.shards or arr.chunks)[0] * (2 if arr.shards else 32)
-                for lo in range(0, arr.shape[0], step):
-                    sel = slice(lo, min(lo + step, arr.shape[0]))
-                    nbytes += (reader.gather([(name, sel)])[0] if how == "deepstrf" else arr[sel]).nbytes
+        nbytes = read_every_chunk(args.sources, (fmt.VALUES, fmt.STIM_VALUES), by_zarr=how == "zarr")
         timings[how] = (time.perf_counter() - start, nbytes)
     total, nbytes = timings["deepstrf"]
     return {"items": n_items, "seconds": round(total, 3), "items_per_s": round(n_items / total, 2),

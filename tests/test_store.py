@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -735,6 +736,22 @@ def test_a_claimed_shard_is_awaited_not_fetched_twice(tmp_path):
     assert asyncio.run(directory.wait("j")) is None
 
 
+def _claim_left_by(tmp_path, pid: int) -> shards.ShardDirectory:
+    """A shard directory holding a claim of process ``pid`` (as a worker stopped mid-fetch leaves
+    it); checks that a waiter drops it at once and can claim the shard itself."""
+    import asyncio
+    import time
+
+    directory = shards.ShardDirectory(str(tmp_path), wait_s=30)
+    assert directory.claim("k")
+    with open(directory._file("k") + ".claim", "w") as f:
+        f.write(str(pid))
+    start = time.monotonic()
+    assert asyncio.run(directory.wait("k")) is None
+    assert time.monotonic() - start < 5 and directory.claim("k")  # the claim is gone: a waiter fetches
+    return directory
+
+
 def test_a_claim_whose_process_died_is_dropped_not_awaited_to_the_deadline(tmp_path):
     import asyncio
     import subprocess
@@ -743,13 +760,7 @@ def test_a_claim_whose_process_died_is_dropped_not_awaited_to_the_deadline(tmp_p
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)
-    directory = shards.ShardDirectory(str(tmp_path), wait_s=30)
-    assert directory.claim("k")
-    with open(directory._file("k") + ".claim", "w") as f:  # as a worker stopped mid-fetch leaves it
-        f.write(dead.stdout.strip())
-    start = time.monotonic()
-    assert asyncio.run(directory.wait("k")) is None
-    assert time.monotonic() - start < 5 and directory.claim("k")  # the claim is gone: a waiter fetches
+    directory = _claim_left_by(tmp_path, int(dead.stdout))
     assert not directory.claim("k")
     start = time.monotonic()  # a live claimer's claim is waited for
     directory.wait_s = 0.3
@@ -758,7 +769,6 @@ def test_a_claim_whose_process_died_is_dropped_not_awaited_to_the_deadline(tmp_p
 
 def test_a_claim_whose_process_exited_unreaped_is_dropped_too(tmp_path):
     """A worker killed mid-fetch is a zombie until the main process reaps it: its claim is dead."""
-    import asyncio
     import subprocess
     import sys
     import time
@@ -770,17 +780,12 @@ def test_a_claim_whose_process_exited_unreaped_is_dropped_too(tmp_path):
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
         deadline = time.monotonic() + 20
-        while open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        stat = Path(f"/proc/{zombie.pid}/stat")
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
             assert time.monotonic() < deadline, "the child did not exit"
             time.sleep(0.01)
         assert not process_alive(zombie.pid) and process_alive(os.getpid())
-        directory = shards.ShardDirectory(str(tmp_path), wait_s=30)
-        assert directory.claim("k")
-        with open(directory._file("k") + ".claim", "w") as f:
-            f.write(str(zombie.pid))
-        start = time.monotonic()
-        assert asyncio.run(directory.wait("k")) is None
-        assert time.monotonic() - start < 5 and directory.claim("k")
+        _claim_left_by(tmp_path, zombie.pid)
     finally:
         zombie.wait(timeout=20)
 
