@@ -676,6 +676,7 @@ def test_s3_read_defaults_and_caller_options_win():
     opts = loc.fsspec_options()
     assert opts["max_concurrency"] == 1  # no HEAD before each chunk GET
     assert opts["config_kwargs"] == {"connect_timeout": 5, "max_pool_connections": 64, "read_timeout": 30,
+                                     "response_checksum_validation": "when_required",
                                      "http_session_cls": SharedTLSSession}
     assert loc.storage_options == {"config_kwargs": {"connect_timeout": 5}}  # caller's dict untouched
     mine = Location.parse("s3://b/s", {"max_concurrency": 4, "config_kwargs": {"max_pool_connections": 8}})

@@ -344,6 +344,24 @@ def test_loader_keeps_its_workers_over_a_network_by_default(s3_pool, local_pool)
     assert list(loader._iterator._workers) == workers  # the same processes read the second epoch
 
 
+def test_s3_reads_leave_botocore_checksums_to_the_chunks_own(s3_pool, monkeypatch, no_cached_shards):
+    """botocore does not compute the CRC32 of what deepstrf reads (each chunk carries its CRC32C,
+    checked on decoding) unless the caller asks for it; the objects do carry one."""
+    import botocore.httpchecksum
+
+    url, options = s3_pool
+    checksummed = Counter()
+    update = botocore.httpchecksum.Crc32Checksum.update
+    monkeypatch.setattr(botocore.httpchecksum.Crc32Checksum, "update",
+                        lambda self, chunk: (checksummed.update([len(chunk)]), update(self, chunk))[1])
+    assert len(list(StreamingNeuralDataset(url, storage_options=options, batch_size=4))) > 0
+    assert not checksummed
+    asked = {**options, "config_kwargs": {**options.get("config_kwargs", {}),
+                                          "response_checksum_validation": "when_supported"}}
+    assert len(list(StreamingNeuralDataset(url, storage_options=asked, batch_size=4))) > 0
+    assert checksummed
+
+
 def test_stores_opened_with_the_same_options_share_one_s3_client_per_process(s3_pool):
     """A pool and its sources read through one S3 client of the process, whichever thread opens
     them (fsspec caches instances per thread); other options get their own; a forked process
