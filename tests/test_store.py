@@ -690,6 +690,18 @@ def test_s3_read_defaults_and_caller_options_win():
     assert "session" not in Location.parse("s3://b/s", {"profile": "lab"}).fsspec_options()
 
 
+def test_s3_defaults_leave_out_what_this_botocore_does_not_know(monkeypatch):
+    """botocore before 1.36 has no checksum settings (and validates no response checksum): its
+    Config would refuse them, so they are not passed."""
+    import botocore.config
+
+    older = {k: v for k, v in botocore.config.Config.OPTION_DEFAULTS.items() if "checksum" not in k}
+    monkeypatch.setattr(botocore.config.Config, "OPTION_DEFAULTS", older)
+    config = Location.parse("s3://b/s").fsspec_options()["config_kwargs"]
+    assert "response_checksum_validation" not in config and config["read_timeout"] == 30
+    botocore.config.Config(**{k: v for k, v in config.items() if k != "http_session_cls"})
+
+
 @pytest.mark.parametrize("store_url", ["memory", "s3"], indirect=True)  # local stores read ranges, not shards
 def test_processes_share_fetched_shards_through_a_directory(store_url, monkeypatch, tmp_path):
     """A shard one process fetched is read from the shared directory by the next, not fetched."""

@@ -100,10 +100,18 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _botocore_options() -> Any:
+    """The options this botocore's ``Config`` takes (botocore < 1.36 has no checksum settings: it
+    validates no response checksum either)."""
+    from botocore.config import Config
+
+    return Config.OPTION_DEFAULTS
+
+
 def s3_options(given: dict[str, Any] | None) -> dict[str, Any]:
     """``given`` storage options with deepstrf's S3 defaults (the caller's values win)."""
     options = {**S3_READ_DEFAULTS, **(given or {})}
-    config = {**S3_CONFIG_DEFAULTS}
+    config = {k: v for k, v in S3_CONFIG_DEFAULTS.items() if k in _botocore_options()}
     if (session_class := http_session_class()) is not None:
         config["http_session_cls"] = session_class
     options["config_kwargs"] = {**config, **(options.get("config_kwargs") or {})}
