@@ -16,7 +16,8 @@ sampling itself slows the measured processes by 10-15 %:
   ``local_w2_compact_forkserver``: the same with forkserver workers (what a dataset
   object, or a thread of the user's, gets); ``local_w2_compact_persistent``: with
   ``persistent_workers=True``. With workers, ``later_epochs_*`` time two more epochs
-  with the same loader (new workers each epoch here, unless persistent);
+  with the same loader (new workers each epoch for compact batches here, unless persistent;
+  ``loader()`` keeps the workers of dense batches);
 - ``local_w2_items_compact`` / ``local_w2_items_dense``: the dataset yields items
   (``batch_size=None``, ``loader_batch_size=8``) and a plain ``DataLoader(batch_size=8,
   collate_fn=compact_collate or neural_collate, num_workers=2)`` (forkserver workers) batches

@@ -344,6 +344,22 @@ def test_loader_keeps_its_workers_over_a_network_by_default(s3_pool, local_pool)
     assert list(loader._iterator._workers) == workers  # the same processes read the second epoch
 
 
+def test_loader_keeps_workers_that_build_dense_batches(local_pool):
+    """A new worker building dense batches maps and zeroes its large buffers again: the loader keeps
+    dense workers across epochs by default (compact ones on a local store start anew)."""
+    s = StreamingNeuralDataset(local_pool, batch_size=3, collate="dense", seed=2)
+    loader = s.loader(num_workers=2, timeout=loader_timeout(2))
+    assert loader.persistent_workers
+    assert not s.loader(num_workers=2, persistent_workers=False).persistent_workers
+    ref = open_dataset(local_pool)
+    expected = sorted(ref.stim_meta[i]["uid"] for i in range(len(ref)))
+    first = sorted(m["uid"] for b in loader for m in b["stim_meta"])
+    workers = list(loader._iterator._workers)
+    second = sorted(m["uid"] for b in loader for m in b["stim_meta"])
+    assert first == expected and second == expected
+    assert list(loader._iterator._workers) == workers  # the same processes read the second epoch
+
+
 def test_s3_reads_leave_botocore_checksums_to_the_chunks_own(s3_pool, monkeypatch, no_cached_shards):
     """botocore does not compute the CRC32 of what deepstrf reads (each chunk carries its CRC32C,
     checked on decoding) unless the caller asks for it; the objects do carry one."""

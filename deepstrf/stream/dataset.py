@@ -810,8 +810,10 @@ class StreamingDataLoader(DataLoader):
       workers then send compact batches, tens of MB, whose copy to the GPU can run beside the
       step); pinning dense host batches (hundreds of MB) is warned against.
     - ``persistent_workers``: default True with workers for a dataset with a CUDA ``device``
-      (forking a process that holds a CUDA context is slow) or a store over a network (workers
-      keep their shard caches from one epoch to the next), else torch's default (False).
+      (forking a process that holds a CUDA context is slow), a store over a network (workers
+      keep their shard caches from one epoch to the next) or dense batches (a new worker maps and
+      zeroes its dense batch buffers again, about 1 GB on a pool of two AA-sized sources), else
+      torch's default (False). Kept workers see the dataset as it was when they started.
     """
 
     def __init__(self, dataset: StreamingNeuralDataset, *, read_while_starting: bool | None = None,
@@ -830,9 +832,11 @@ class StreamingDataLoader(DataLoader):
         # device runs beside the training step; a dense host batch (hundreds of MB) is never pinned
         kwargs.setdefault("pin_memory", on_cuda and workers > 0)
         # kept across epochs where new workers cost most: forking a process that holds a CUDA context
-        # takes ~20 ms per worker (H200), and over a network new workers start with empty shard caches
-        # (S3 +20 ms, later epochs: 0.75 of local with new workers, 0.9-1.0 kept)
-        kwargs.setdefault("persistent_workers", workers > 0 and (on_cuda or on_network))
+        # takes ~20 ms per worker (H200); over a network new workers start with empty shard caches
+        # (S3 +20 ms, later epochs: 0.75 of local with new workers, 0.9-1.0 kept); and a new worker
+        # building dense batches maps and zeroes its buffers again (about 1 GB for the AA1+AA2 pool:
+        # later epochs 73-80 items/s with new workers, 150-172 kept, at the same peak memory)
+        kwargs.setdefault("persistent_workers", workers > 0 and (on_cuda or on_network or dense))
         if kwargs["pin_memory"] and dense:
             warnings.warn("pin_memory=True copies every dense batch (hundreds of MB on a pool) into page-locked "
                           "memory, which costs more than it saves; pass device='cuda' to the "
