@@ -335,7 +335,11 @@ def test_loader_keeps_its_workers_over_a_network_by_default(s3_pool, local_pool)
     assert loader.persistent_workers
     assert not s.loader(num_workers=2, persistent_workers=False).persistent_workers
     assert not StreamingNeuralDataset(local_pool, batch_size=3).loader(num_workers=2).persistent_workers
-    ref = open_dataset(url, storage_options=options)
+    _the_same_workers_read_two_epochs(loader, open_dataset(url, storage_options=options))
+
+
+def _the_same_workers_read_two_epochs(loader, ref) -> None:
+    """Two epochs of ``loader`` each hold every item of ``ref`` once, read by the same processes."""
     expected = Counter(item_key(ref[i]) for i in range(len(ref)))
     first = Counter(k for b in loader for k in batch_keys(b))
     workers = list(loader._iterator._workers)
@@ -351,13 +355,7 @@ def test_loader_keeps_workers_that_build_dense_batches(local_pool):
     loader = s.loader(num_workers=2, timeout=loader_timeout(2))
     assert loader.persistent_workers
     assert not s.loader(num_workers=2, persistent_workers=False).persistent_workers
-    ref = open_dataset(local_pool)
-    expected = sorted(ref.stim_meta[i]["uid"] for i in range(len(ref)))
-    first = sorted(m["uid"] for b in loader for m in b["stim_meta"])
-    workers = list(loader._iterator._workers)
-    second = sorted(m["uid"] for b in loader for m in b["stim_meta"])
-    assert first == expected and second == expected
-    assert list(loader._iterator._workers) == workers  # the same processes read the second epoch
+    _the_same_workers_read_two_epochs(loader, open_dataset(local_pool))
 
 
 def test_s3_reads_leave_botocore_checksums_to_the_chunks_own(s3_pool, monkeypatch, no_cached_shards):
