@@ -313,6 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mds-python", default="/work/mdsvenv/bin/python",
                    help="python of a venv with mosaicml-streaming (skipped if absent)")
     p.add_argument("--skip", action="append", default=[], help="configuration to skip (repeatable)")
+    p.add_argument("--only", action="append", default=[],
+                   help="run only this configuration (repeatable; e.g. --only s3_w0_compact --only s3_w2_compact)")
     p.add_argument("--repeat", type=int, default=1,
                    help="runs of every configuration, interleaved; the median run is reported")
     # internal: run one configuration in this process
@@ -343,6 +345,9 @@ def main(argv: list[str] | None = None) -> dict:
                      "cpus": os.cpu_count(), "build_s": round(build_s, 1)}
 
     def want(name: str) -> bool:
+        """Whether to run configuration ``name`` (or, for a group such as ``s3``, any of its own)."""
+        if args.only:
+            return any(o == name or o.startswith(name + "_") for o in args.only)
         return name not in args.skip
 
     configs: list[tuple[str, list[str]]] = []
@@ -369,10 +374,10 @@ def main(argv: list[str] | None = None) -> dict:
         server, s3_pool, options = upload_to_s3(Path(pool).parent, args.latency_ms / 1000)
         results["s3_latency_ms"] = args.latency_ms
         for workers in (0, 2):
-            configs.append((f"s3_w{workers}_compact",
-                            [sys.executable, os.path.abspath(__file__), "--pool", s3_pool, "--child", "stream",
-                             "--workers", str(workers), "--storage-options", json.dumps(options),
-                             "--later-epochs", str(LATER_EPOCHS if workers else 0)]))
+            if want(name := f"s3_w{workers}_compact"):
+                configs.append((name, [sys.executable, os.path.abspath(__file__), "--pool", s3_pool, "--child",
+                                       "stream", "--workers", str(workers), "--storage-options", json.dumps(options),
+                                       "--later-epochs", str(LATER_EPOCHS if workers else 0)]))
     if want("mds") and os.path.exists(args.mds_python):
         stage = workdir / f"mds-stage-s{args.scale}-t{args.time_scale}"
         shards = workdir / f"mds-s{args.scale}-t{args.time_scale}"
@@ -466,6 +471,10 @@ def goals(r: dict) -> dict:
         if w0 and w2:
             out[f"{where}_first_epoch_w2_vs_w0"] = round(w2 / w0, 2)
             out[f"{where}_first_epoch_w2_ge_w0"] = w2 >= w0
+            rounds = zip(r[f"{where}_w0_compact"].get("runs", []), r[f"{where}_w2_compact"].get("runs", []))
+            ratios = [round(b / a, 2) for a, b in rounds if a and b]
+            if len(ratios) > 1:  # the two run one after the other in each round: paired, less noisy
+                out[f"{where}_first_epoch_w2_vs_w0_by_round"] = ratios
     if later("s3_w2_compact") and later("local_w2_compact"):
         out["s3_later_epochs_vs_local"] = round(later("s3_w2_compact") / later("local_w2_compact"), 2)
         out["s3_later_epochs_80pct_local"] = later("s3_w2_compact") >= 0.8 * later("local_w2_compact")
