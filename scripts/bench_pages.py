@@ -31,7 +31,8 @@ PAGE = 4096
 
 
 def touch_ms_per_gib(make, mib: int, repeat: int) -> float:
-    """Median time to write one byte per page of a new buffer from ``make(nbytes)``, per GiB."""
+    """Median time to write one byte per page of a new buffer from ``make(nbytes)``, per GiB, over
+    ``repeat`` buffers made one after the other (a single buffer when ``repeat`` is 0)."""
     nbytes = mib << 20
     times = []
     for _ in range(repeat + 1):
@@ -53,6 +54,10 @@ def after_idle_ms_per_gib(make, mib: int, idle_s: float, repeat: int) -> float:
     return statistics.median(times)
 
 
+def private(nbytes: int) -> np.ndarray:
+    return np.empty(nbytes, dtype=np.uint8)
+
+
 def shared(nbytes: int) -> np.ndarray:
     return torch.empty(0, dtype=torch.uint8).set_(buffers.shared_storage(nbytes)).numpy()
 
@@ -71,16 +76,15 @@ def main() -> None:
     ap.add_argument("--idle", type=float, default=5.0, help="seconds without allocating before the after-idle "
                                                             "buffers (default 5; 0 skips them)")
     args = ap.parse_args()
-    numpy_private = lambda n: np.empty(n, dtype=np.uint8)  # noqa: E731
-    private = touch_ms_per_gib(numpy_private, args.mib, args.repeat)
+    numpy_ms = touch_ms_per_gib(private, args.mib, args.repeat)
     torch_private = touch_ms_per_gib(lambda n: torch.empty(n, dtype=torch.uint8).numpy(), args.mib, args.repeat)
     shm = touch_ms_per_gib(shared, args.mib, args.repeat)
     idle = {name: after_idle_ms_per_gib(make, args.mib, args.idle, 3) if args.idle > 0 else None
-            for name, make in (("private_numpy", numpy_private), ("shared", shared))}
+            for name, make in (("private_numpy", private), ("shared", shared))}
     print(json.dumps({
         "mib": args.mib, "repeat": args.repeat,
-        "private_numpy_ms_per_gib": private, "private_torch_ms_per_gib": torch_private,
-        "shared_ms_per_gib": shm, "shared_vs_private_numpy": round(shm / private, 2),
+        "private_numpy_ms_per_gib": numpy_ms, "private_torch_ms_per_gib": torch_private,
+        "shared_ms_per_gib": shm, "shared_vs_private_numpy": round(shm / numpy_ms, 2),
         "idle_s": args.idle, **{f"{name}_after_idle_ms_per_gib": ms for name, ms in idle.items()},
         "thp_enabled": sysfs("/sys/kernel/mm/transparent_hugepage/enabled"),
         "thp_shmem_enabled": sysfs("/sys/kernel/mm/transparent_hugepage/shmem_enabled"),

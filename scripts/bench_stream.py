@@ -204,6 +204,10 @@ if __name__ == "__main__":
 """
 
 CHILDREN = {"memory": child_memory, "stream": child_stream, "read_limit": child_read_limit}
+# what --only and --skip name (the module doc says what each measures)
+CONFIGURATIONS = ("read_limit", "memory", "local_w0_compact", "local_w2_compact", "local_w2_dense",
+                  "local_w2_items_compact", "local_w2_items_dense", "local_w2_compact_forkserver",
+                  "local_w2_compact_persistent", "s3_w0_compact", "s3_w2_compact", "mds_w2")
 
 
 # -- parent: build the data, run the children, sample their memory ------------------------
@@ -329,6 +333,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--itemwise", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--persistent", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if unknown := sorted(set(args.only) - set(CONFIGURATIONS)):
+        p.error(f"--only {', '.join(unknown)}: no such configuration; they are {', '.join(CONFIGURATIONS)}")
     if args.child:
         result = CHILDREN[args.child](args)
         print(json.dumps(result))
