@@ -351,10 +351,13 @@ def main(argv: list[str] | None = None) -> dict:
                      "cpus": os.cpu_count(), "build_s": round(build_s, 1)}
 
     def want(name: str) -> bool:
-        """Whether to run configuration ``name`` (or, for a group such as ``s3``, any of its own)."""
-        if args.only:
-            return any(o == name or o.startswith(name + "_") for o in args.only)
-        return name not in args.skip
+        """Whether to run configuration ``name``."""
+        return name in args.only if args.only else name not in args.skip
+
+    def want_group(group: str) -> bool:
+        """Whether to set up the group ``group`` (``s3``: its server, ``mds``: its shards): skipped
+        whole with ``--skip GROUP``, run where ``--only`` names one of its configurations."""
+        return any(o.startswith(group + "_") for o in args.only) if args.only else want(group)
 
     configs: list[tuple[str, list[str]]] = []
     if want("read_limit"):
@@ -376,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
         configs.append(("local_w2_compact_persistent", me + ["--child", "stream", "--workers", "2", "--persistent",
                                                              "--later-epochs", str(LATER_EPOCHS)]))
     server = None
-    if want("s3"):
+    if want_group("s3"):
         server, s3_pool, options = upload_to_s3(Path(pool).parent, args.latency_ms / 1000)
         results["s3_latency_ms"] = args.latency_ms
         for workers in (0, 2):
@@ -384,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
                 configs.append((name, [sys.executable, os.path.abspath(__file__), "--pool", s3_pool, "--child",
                                        "stream", "--workers", str(workers), "--storage-options", json.dumps(options),
                                        "--later-epochs", str(LATER_EPOCHS if workers else 0)]))
-    if want("mds") and os.path.exists(args.mds_python):
+    if want_group("mds") and os.path.exists(args.mds_python):
         stage = workdir / f"mds-stage-s{args.scale}-t{args.time_scale}"
         shards = workdir / f"mds-s{args.scale}-t{args.time_scale}"
         stage_for_mds(pool, stage)

@@ -111,7 +111,8 @@ def _botocore_options() -> Any:
 def s3_options(given: dict[str, Any] | None) -> dict[str, Any]:
     """``given`` storage options with deepstrf's S3 defaults (the caller's values win)."""
     options = {**S3_READ_DEFAULTS, **(given or {})}
-    config = {k: v for k, v in S3_CONFIG_DEFAULTS.items() if k in _botocore_options()}
+    known = _botocore_options()
+    config = {k: v for k, v in S3_CONFIG_DEFAULTS.items() if k in known}
     if (session_class := http_session_class()) is not None:
         config["http_session_cls"] = session_class
     options["config_kwargs"] = {**config, **(options.get("config_kwargs") or {})}
