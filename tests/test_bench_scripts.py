@@ -1,4 +1,5 @@
-"""The GPU training benchmark, the compact-batch microbenchmark and the codec benchmark run (tiny, on the CPU)."""
+"""The GPU training benchmark, the compact-batch microbenchmark, the codec benchmark and the page-cost
+benchmark run (tiny, on the CPU)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench_codec  # noqa: E402
 import bench_compact  # noqa: E402
 import bench_gpu  # noqa: E402
+import bench_pages  # noqa: E402
 
 
 def test_bench_gpu_runs_every_configuration_on_the_cpu(tmp_path, capsys):
@@ -49,3 +51,13 @@ def test_bench_codec_writes_both_word_sizes_and_compares_them(tmp_path, capsys):
                for w in (one, two))
     assert set(out["ratios"]) == {"stored_2_over_1", "decode_2_over_1", "epoch_items_per_s_2_over_1",
                                   "epoch_cpu_2_over_1"}
+
+
+def test_bench_pages_splits_the_cost_of_shared_memory(capsys):
+    out = bench_pages.main(["--mib", "4", "--repeat", "1", "--idle", "0"])
+    assert capsys.readouterr().out.count("\n") == 1  # one JSON line
+    assert all(out[k] > 0 for k in ("private_numpy_ms_per_gib", "private_torch_ms_per_gib", "shared_ms_per_gib",
+                                    "shared_vs_private_numpy"))
+    if sys.platform.startswith("linux"):  # memory files: allocating and mapping timed apart
+        assert out["shared_allocate_ms_per_gib"] > 0 and out["shared_map_allocated_ms_per_gib"] > 0
+    assert out["private_numpy_after_idle_ms_per_gib"] is None  # --idle 0 skips them
