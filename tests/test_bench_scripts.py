@@ -1,5 +1,5 @@
-"""The GPU training benchmark, the compact-batch microbenchmark, the codec benchmark and the page-cost
-benchmark run (tiny, on the CPU)."""
+"""The GPU training benchmark, the compact-batch microbenchmark, the codec benchmark, the page-cost and
+the batch-reading benchmarks run (tiny, on the CPU)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import bench_codec  # noqa: E402
 import bench_compact  # noqa: E402
 import bench_gpu  # noqa: E402
 import bench_pages  # noqa: E402
+import bench_receive  # noqa: E402
 
 
 def test_bench_gpu_runs_every_configuration_on_the_cpu(tmp_path, capsys):
@@ -65,3 +66,14 @@ def test_bench_pages_splits_the_cost_of_shared_memory(capsys):
     else:
         assert split == (None, None)
     assert out["private_numpy_after_idle_ms_per_gib"] is None  # --idle 0 skips them
+
+
+def test_bench_receive_times_reading_batches_from_workers_and_from_the_main_process(tmp_path, capsys):
+    out = bench_receive.main(["--scale", "0.02", "--time-scale", "0.05", "--epochs", "2", "--repeat", "1",
+                              "--workdir", str(tmp_path)])
+    assert capsys.readouterr().out.count("\n") == 1  # one JSON line
+    for k in ("w0", "w2"):
+        assert len(out[k]["read_ms_per_gib"]) == 2 and all(ms > 0 for ms in out[k]["read_ms_per_gib"])
+        assert out[k]["read_bytes"][0] == out[k]["read_bytes"][1] > 0  # every batch's bytes, each epoch
+    assert out["w0"]["read_bytes"] == out["w2"]["read_bytes"]
+    assert set(out["ratios"]) == {"read_w2_over_w0_first_epoch", "read_w2_over_w0_later_epochs"}

@@ -28,10 +28,50 @@ def test_a_named_buffer_is_mapped_again_without_its_descriptor():
     second = ForkingPickler.dumps(tensor[100:200])
     assert b"DupFd" in bytes(first) and b"DupFd" not in bytes(second)  # the descriptor goes once
     received, view = ForkingPickler.loads(first), ForkingPickler.loads(second)
-    tensor[150] = 7  # the same shared memory, mapped twice
+    tensor[150] = 7  # the same shared memory
     assert received[150] == 7 and view[50] == 7
-    assert view.untyped_storage().data_ptr() != received.untyped_storage().data_ptr()  # its own mapping
+    # mapped once: a later batch reads pages the consumer already faulted in, through a storage of its own
+    assert view.untyped_storage().data_ptr() == received.untyped_storage().data_ptr()
+    assert view.untyped_storage() is not received.untyped_storage()
     assert handover.kept_descriptors() >= 1
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The kernel's flags of this process's mapping that holds ``address``."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_DONTFORK and /proc/self/smaps are Linux's")
+def test_a_kept_mapping_is_not_inherited_by_forked_workers():
+    """A worker forked later must not keep an exited worker's buffers alive through the main
+    process's mapping of them."""
+    buffer = torch.UntypedStorage._new_shared(4096)
+    handover.send_by_reference(buffer, "test:dontfork")
+    received = ForkingPickler.loads(ForkingPickler.dumps(torch.empty(0, dtype=torch.uint8).set_(buffer)))
+    assert "dc" in _vm_flags(received.untyped_storage().data_ptr())
+
+
+def test_a_received_tensor_sent_on_is_copied_not_overwritten_by_a_later_batch():
+    """The main process's storage over a worker's buffer is plain memory to torch: sent on by
+    itself, it is copied into new shared memory, so reusing the buffer cannot change it."""
+    buffer = torch.UntypedStorage._new_shared(4096)
+    tensor = torch.empty(0, dtype=torch.uint8).set_(buffer)
+    tensor[:4] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
+    handover.send_by_reference(buffer, "test:sent-on")
+    received = ForkingPickler.loads(ForkingPickler.dumps(tensor))
+    assert not received.is_shared()
+    sent_on = ForkingPickler.loads(ForkingPickler.dumps(received[:4]))
+    tensor[:4] = 9  # the worker builds its next batch in the buffer
+    assert sent_on.tolist() == [1, 2, 3, 4] and received[:4].tolist() == [1, 2, 3, 4]
 
 
 def test_a_name_never_received_is_refused_with_the_fix():

@@ -18,10 +18,11 @@ it any more:
 
 A buffer that is still referenced is never reused: when no free buffer fits,
 a fresh one is allocated, so keeping batches (``list(loader)``) is safe and
-only costs the fresh memory it always cost. One gap remains: a tensor of a
-worker's batch sent on to another process by itself (not the whole batch)
-can be overwritten once the main process drops it; clone it, send the whole
-batch, or turn reuse off (``StreamingNeuralDataset(..., reuse_buffers=False)``).
+only costs the fresh memory it always cost. A tensor of a worker's batch sent
+on to another process by itself is copied into new shared memory by torch
+(the main process reads the worker's buffer through a mapping that torch
+treats as plain memory, :mod:`.handover`), so reusing the buffer cannot
+change it either.
 """
 
 from __future__ import annotations

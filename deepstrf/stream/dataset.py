@@ -163,9 +163,9 @@ class StreamingNeuralDataset(IterableDataset):
 
     Batch buffers: with ``reuse_buffers`` (default), the large buffers of a
     batch are reused for a later batch once nothing refers to it any more
-    (:mod:`deepstrf.stream.buffers`); a batch you keep is never overwritten.
-    Turn it off if tensors of batches from DataLoader workers are sent on to
-    other processes one by one.
+    (:mod:`deepstrf.stream.buffers`); a batch you keep, or send on to another
+    process, is never overwritten. Turning it off costs fresh memory for every
+    batch.
     """
 
     def __init__(self, source: str | os.PathLike | NeuralDataset, *, storage_options: dict | None = None,

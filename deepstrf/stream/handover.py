@@ -9,9 +9,14 @@ GIL (2-40 ms per batch of four storages, measured on a 2-core machine). A
 worker builds its batches in a few buffers it reuses (:mod:`.buffers`), so:
 
 - a pooled buffer's descriptor is sent once, with the first batch that uses
-  it; the main process keeps it (one per buffer of each worker) and maps it
-  again for every later batch, which carries only the buffer's name (a batch's
-  counts and its stimuli are built in pooled buffers);
+  it; the main process keeps it (one per buffer of each worker), maps it once
+  and gives every later batch, which carries only the buffer's name, a new
+  storage over that mapping (a batch's counts and its stimuli are built in
+  pooled buffers). A mapping made per batch would fault every page in again
+  when the consumer reads the batch (about 2.7x the cost of reading private
+  memory, measured on a 2-core machine); a kept one only the first time.
+  Those storages are plain memory to torch (``is_shared()`` is False): a batch
+  sent on to another process is copied, so a later batch cannot overwrite it;
 - a forked worker does not wait to be asked for that descriptor: it pushes it
   (``SCM_RIGHTS``) onto a socket its parent opened before the fork
   (:func:`open_channel`), and the batch carries the name. The consumer reads
@@ -31,6 +36,7 @@ from __future__ import annotations
 import array
 import itertools
 import json
+import mmap
 import os
 import socket
 import threading
@@ -73,6 +79,16 @@ class _Kept:
     fd: int
     nbytes: int
     serial: int
+    mapping: mmap.mmap | None = None
+
+    def storage(self) -> torch.UntypedStorage:
+        """A new storage over the buffer, mapped once in this process (see module docstring); it
+        keeps the mapping alive while a batch refers to it."""
+        if self.mapping is None:
+            self.mapping = mmap.mmap(self.fd, self.nbytes)
+            if hasattr(mmap, "MADV_DONTFORK"):  # a forked worker would keep an exited one's memory alive
+                self.mapping.madvise(mmap.MADV_DONTFORK)
+        return torch.frombuffer(self.mapping, dtype=torch.uint8).untyped_storage()
 
 
 @dataclass
@@ -198,10 +214,12 @@ def _rebuild_and_keep(pid: int, name: str, serial: int, df: DupFd, size: int) ->
     with _kept_lock:
         RECEIVED["descriptors"] += 1
         new_sender = not any(p == pid for p, _ in _KEPT)
-        _keep_locked(pid, name, _Kept(fd, size, serial))
+        kept = _Kept(fd, size, serial)
+        _keep_locked(pid, name, kept)
+        storage = kept.storage()
     if new_sender:
         forget_exited()
-    return torch.UntypedStorage._new_shared_fd_cpu(fd, size)
+    return storage
 
 
 def _rebuild_named(pid: int, name: str, serial: int) -> torch.UntypedStorage:
@@ -220,7 +238,7 @@ def _rebuild_named(pid: int, name: str, serial: int) -> torch.UntypedStorage:
                 "buffer reuse off (StreamingNeuralDataset(..., reuse_buffers=False))")
         RECEIVED["by_name"] += 1
         # mapped while the lock is held: forget_exited must not close the descriptor meanwhile
-        storage = torch.UntypedStorage._new_shared_fd_cpu(kept.fd, kept.nbytes)
+        storage = kept.storage()
     if new_sender:
         forget_exited()
     return storage
