@@ -76,4 +76,5 @@ def test_bench_receive_times_reading_batches_from_workers_and_from_the_main_proc
         assert len(out[k]["read_ms_per_gib"]) == 2 and all(ms > 0 for ms in out[k]["read_ms_per_gib"])
         assert out[k]["read_bytes"][0] == out[k]["read_bytes"][1] > 0  # every batch's bytes, each epoch
     assert out["w0"]["read_bytes"] == out["w2"]["read_bytes"]
-    assert set(out["ratios"]) == {"read_w2_over_w0_first_epoch", "read_w2_over_w0_later_epochs"}
+    assert set(out["ratios"]) == {f"{name}_w2_over_w0_{when}" for name in ("read", "read_cpu")
+                                  for when in ("first_epoch", "later_epochs")}
