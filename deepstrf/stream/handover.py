@@ -34,6 +34,7 @@ descriptors it kept for a worker once that worker has exited
 from __future__ import annotations
 
 import array
+import atexit
 import itertools
 import json
 import mmap
@@ -111,6 +112,14 @@ def open_channel() -> None:
         if pid not in _CHANNELS:
             receiver, sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             _CHANNELS[pid] = _Channel(pid, receiver, sender)
+            atexit.register(_close_channel, pid)
+
+
+def _close_channel(owner: int) -> None:
+    """Close the channel that ``owner`` opened, in ``owner`` only (a forked child inherits the hook)."""
+    if os.getpid() == owner and (channel := _CHANNELS.pop(owner, None)) is not None:
+        channel.receiver.close()
+        channel.sender.close()
 
 
 def send_by_reference(storage: torch.UntypedStorage, name: str) -> None:
