@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 BATCH = 8
-RUSAGE = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)  # the copying thread's faults where the OS counts them
+# the copying thread's own page faults where the OS counts them per thread
+RUSAGE = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
 
 
 class Sink:

@@ -1,6 +1,8 @@
 """Reused batch buffers: a buffer comes back only once nothing refers to the batch that used it,
 in the process that built it and across DataLoader worker processes."""
 
+import gc
+import multiprocessing
 import os
 
 import numpy as np
@@ -137,14 +139,45 @@ def test_persistent_workers_reuse_their_buffers_in_later_epochs(local_pool, pool
     assert min(later[:2]) > 1  # each worker's first batch of the epoch: a buffer used before
 
 
-def test_a_batch_sent_on_to_another_process_keeps_its_buffers(local_pool, pool_everything):
+def test_a_batch_sent_on_to_another_process_is_a_copy_and_its_buffers_come_back(local_pool, pool_everything):
+    """Forwarded from the main process, a worker's batch travels by value: the copy
+    needs no lease, and the main process still gives the worker its buffer back."""
     ds = StreamingNeuralDataset(local_pool, batch_size=2, shuffle=False)
     batch = next(iter(DataLoader(ds, batch_size=None, num_workers=1, timeout=LOADER_TIMEOUT_S)))
     lease = batch._leases[0]
-    assert lease._finalizer.alive
+    released, slot, generation = lease.released, lease.slot, lease.generation
+    at = {k: getattr(batch, k).untyped_storage().data_ptr() for k in ("values", "stims")}
     forwarded = ForkingPickler.loads(ForkingPickler.dumps(batch))
-    assert not lease._finalizer.alive  # the worker will never get this buffer back
-    assert all(lease.state == "kept" for lease in forwarded._leases)
+    assert all(lease.state == "inert" for lease in forwarded._leases)
+    assert compact_equal(forwarded, batch)
+    for k, ptr in at.items():  # the main process's batch stays put, the copy has memory of its own
+        assert getattr(batch, k).untyped_storage().data_ptr() == ptr
+        assert getattr(forwarded, k).untyped_storage().data_ptr() != ptr
+    assert lease._finalizer.alive and int(released[slot]) != generation
+    del batch, lease
+    gc.collect()
+    assert int(released[slot]) == generation  # the worker may build its next batch in the buffer
+
+
+def _sum_values(inbox, outbox) -> None:
+    batch = inbox.get(timeout=60)
+    outbox.put(int(batch.values.to(torch.int64).sum()))
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_a_batch_forwarded_through_a_queue_reaches_another_process(local_pool, pool_everything):
+    """A real third process receives a worker's batch the main process puts on a multiprocessing queue."""
+    ds = StreamingNeuralDataset(local_pool, batch_size=2, shuffle=False)
+    batch = next(iter(DataLoader(ds, batch_size=None, num_workers=1, timeout=LOADER_TIMEOUT_S)))
+    assert batch._leases
+    context = multiprocessing.get_context("fork")
+    inbox, outbox = context.Queue(), context.Queue()
+    child = context.Process(target=_sum_values, args=(inbox, outbox))
+    child.start()
+    inbox.put(batch)
+    assert outbox.get(timeout=60) == int(batch.values.to(torch.int64).sum())
+    child.join(timeout=60)
+    assert child.exitcode == 0
 
 
 def test_reuse_can_be_turned_off(local_pool, pool_everything):

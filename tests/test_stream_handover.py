@@ -55,18 +55,20 @@ def test_a_forked_child_reads_a_received_batch():
     assert child.exitcode == 7
 
 
-def test_a_received_tensor_sent_on_is_copied_not_overwritten_by_a_later_batch():
-    """The main process's storage over a worker's buffer is plain memory to torch: sent on by
-    itself, it is copied into new shared memory, so reusing the buffer cannot change it."""
+def test_a_received_tensor_sent_on_travels_by_value():
+    """The main process's storage over a worker's buffer is sent on by value: the copy does not change
+    when the worker reuses the buffer, and the main process's tensor still reads the buffer."""
     buffer = torch.UntypedStorage._new_shared(4096)
     tensor = torch.empty(0, dtype=torch.uint8).set_(buffer)
     tensor[:4] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
     handover.send_by_reference(buffer, "test:sent-on")
     received = ForkingPickler.loads(ForkingPickler.dumps(tensor))
-    assert not received.is_shared()
+    at = received.untyped_storage().data_ptr()
     sent_on = ForkingPickler.loads(ForkingPickler.dumps(received[:4]))
+    assert not received.is_shared() and not sent_on.is_shared()
     tensor[:4] = 9  # the worker builds its next batch in the buffer
-    assert sent_on.tolist() == [1, 2, 3, 4] and received[:4].tolist() == [1, 2, 3, 4]
+    assert sent_on.tolist() == [1, 2, 3, 4]
+    assert received.untyped_storage().data_ptr() == at and received[:4].tolist() == [9, 9, 9, 9]
 
 
 def test_a_name_never_received_is_refused_with_the_fix():

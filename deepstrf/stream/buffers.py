@@ -14,15 +14,15 @@ it any more:
   attribute); unpickled in the main process, it puts the same finalizer on the
   main process's storage, which writes "released" into a small array the
   worker shares. Pickled again (the batch forwarded to a third process), it
-  gives the buffer up for good.
+  is inert there: the third process receives copies of the batch's tensors
+  (they travel by value, :mod:`.handover`), and the main process's finalizer
+  still returns the buffer.
 
 A buffer that is still referenced is never reused: when no free buffer fits,
 a fresh one is allocated, so keeping batches (``list(loader)``) is safe and
 only costs the fresh memory it always cost. A tensor of a worker's batch sent
-on to another process by itself is copied into new shared memory by torch
-(the main process reads the worker's buffer through a mapping that torch
-treats as plain memory, :mod:`.handover`), so reusing the buffer cannot
-change it either.
+on from the main process to another one travels by value (:mod:`.handover`),
+so reusing the buffer cannot change it either.
 """
 
 from __future__ import annotations
@@ -108,10 +108,9 @@ class Lease:
 
     ``state``: ``"outbound"`` in the worker (inert); ``"watching"`` once
     unpickled in the main process, where it returns the buffer to the worker's
-    pool when the main process's storage of ``tensor`` dies; ``"kept"`` once
+    pool when the main process's storage of ``tensor`` dies; ``"inert"`` once
     pickled again from there (the batch forwarded to a third process, which
-    the pool cannot watch): the buffer is then never given back.
-    ``generation`` counts the uses of the buffer.
+    receives copies of its tensors). ``generation`` counts the uses of the buffer.
     """
 
     def __init__(self, tensor: torch.Tensor, released: torch.Tensor, slot: int, generation: int,
@@ -125,9 +124,7 @@ class Lease:
             self._finalizer.atexit = False
 
     def __reduce__(self):
-        if self._finalizer is not None:
-            self._finalizer.detach()
-        state = "watching" if self.state == "outbound" else "kept"
+        state = "watching" if self.state == "outbound" else "inert"
         return (Lease, (self.tensor, self.released, self.slot, self.generation, state))
 
 

@@ -16,8 +16,9 @@ worker builds its batches in a few buffers it reuses (:mod:`.buffers`), so:
   whenever the consumer reads a batch (the consumer's CPU time per batch read:
   1.48x that of a batch built in the main process, against 1.11-1.14x with
   the kept mapping, on a 2-core machine). Those storages are plain memory to
-  torch (``is_shared()`` is False): a tensor sent on to another process is
-  copied, so a later batch cannot overwrite it;
+  torch (``is_shared()`` is False); sent on to another process, they travel
+  by value (their bytes in the pickle), so a later batch cannot overwrite the
+  copy, and the main process's tensor stays where it is;
 - a forked worker does not wait to be asked for that descriptor: it pushes it
   (``SCM_RIGHTS``) onto a socket its parent opened before the fork
   (:func:`open_channel`), and the batch carries the name. The consumer reads
@@ -87,8 +88,11 @@ class _Kept:
         """A new storage over the buffer, mapped once in this process (see module docstring); it
         keeps the mapping alive while a batch refers to it."""
         if self.mapping is None:
+            _install()
             self.mapping = mmap.mmap(self.fd, self.nbytes)
-        return torch.frombuffer(self.mapping, dtype=torch.uint8).untyped_storage()
+        storage = torch.frombuffer(self.mapping, dtype=torch.uint8).untyped_storage()
+        storage._deepstrf_received = True  # sent on by value (_reduce_storage)
+        return storage
 
 
 @dataclass
@@ -164,7 +168,9 @@ def _reduce_storage(storage: torch.UntypedStorage):
             if _push(named, fd, size):
                 return _rebuild_named, (pid, named.name, named.serial)
             return _rebuild_and_keep, (pid, named.name, named.serial, DupFd(fd), size)
-        if sent_by_value(storage):
+        # a worker's buffer received here: torch would move it into new shared memory to send it,
+        # freeing the memory that numpy views of it (the pool's release array) still point to
+        if sent_by_value(storage) or getattr(storage, "_deepstrf_received", False):
             return _rebuild_from_bytes, (torch.empty(0, dtype=torch.uint8).set_(storage).numpy().tobytes(),)
     return reductions.reduce_storage(storage)
 
