@@ -14,8 +14,8 @@ worker builds its batches in a few buffers it reuses (:mod:`.buffers`), so:
   storage over that mapping (a batch's counts and its stimuli are built in
   pooled buffers). A mapping made per batch would fault every page in again
   whenever the consumer reads a batch (the consumer's CPU time per batch read:
-  1.48x that of a batch built in the main process, against 1.11-1.14x with
-  the kept mapping, on a 2-core machine). Those storages are plain memory to
+  1.69-1.88x that of a batch built in the main process, against 1.04-1.26x
+  with the kept mapping, on a 2-core machine). Those storages are plain memory to
   torch (``is_shared()`` is False); sent on to another process, they travel
   by value (their bytes in the pickle), so a later batch cannot overwrite the
   copy, and the main process's tensor stays where it is;
