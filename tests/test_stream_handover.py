@@ -21,7 +21,7 @@ def local_pool(tmp_path_factory):
     return write_pool(str(tmp_path_factory.mktemp("stores")))
 
 
-def test_a_named_buffer_is_mapped_again_without_its_descriptor():
+def test_a_named_buffer_crosses_by_name_and_is_mapped_once():
     buffer = torch.UntypedStorage._new_shared(4096)
     tensor = torch.empty(0, dtype=torch.uint8).set_(buffer)
     handover.send_by_reference(buffer, "test:0")
