@@ -54,8 +54,6 @@ from ..forksafe import process_alive
 
 # pooled storages of this process that go by reference: data_ptr -> their name and whether it was sent
 _BY_REFERENCE: dict[int, _Named] = {}
-# small storages of this process that go by value: data_ptr -> owning pid
-_BY_VALUE: dict[int, int] = {}
 _install_lock = threading.Lock()
 _installed_in: int | None = None
 
@@ -88,10 +86,9 @@ class _Kept:
         """A new storage over the buffer, mapped once in this process (see module docstring); it
         keeps the mapping alive while a batch refers to it."""
         if self.mapping is None:
-            _install()
             self.mapping = mmap.mmap(self.fd, self.nbytes)
         storage = torch.frombuffer(self.mapping, dtype=torch.uint8).untyped_storage()
-        storage._deepstrf_received = True  # sent on by value (_reduce_storage)
+        send_by_value(storage)
         return storage
 
 
@@ -136,16 +133,17 @@ def send_by_reference(storage: torch.UntypedStorage, name: str) -> None:
 
 
 def send_by_value(storage: torch.UntypedStorage) -> None:
-    """Send ``storage`` (small, private memory) inside the pickle."""
+    """Send ``storage`` inside the pickle: small private memory, or a worker's buffer received
+    here (torch would move it into new shared memory to send it, freeing the memory that numpy
+    views of it, such as the pool's release array, still point to). The mark is an attribute of
+    the storage object, which torch keeps for as long as any tensor uses the storage."""
     _install()
-    ptr = storage.data_ptr()
-    _BY_VALUE[ptr] = os.getpid()
-    weakref.finalize(storage, _BY_VALUE.pop, ptr, None).atexit = False
+    storage._deepstrf_by_value = True
 
 
 def sent_by_value(storage: torch.UntypedStorage) -> bool:
     """Does ``storage`` travel inside the pickle (see :func:`send_by_value`)?"""
-    return _BY_VALUE.get(storage.data_ptr()) == os.getpid()
+    return getattr(storage, "_deepstrf_by_value", False)
 
 
 def _install() -> None:
@@ -168,9 +166,7 @@ def _reduce_storage(storage: torch.UntypedStorage):
             if _push(named, fd, size):
                 return _rebuild_named, (pid, named.name, named.serial)
             return _rebuild_and_keep, (pid, named.name, named.serial, DupFd(fd), size)
-        # a worker's buffer received here: torch would move it into new shared memory to send it,
-        # freeing the memory that numpy views of it (the pool's release array) still point to
-        if sent_by_value(storage) or getattr(storage, "_deepstrf_received", False):
+        if sent_by_value(storage):
             return _rebuild_from_bytes, (torch.empty(0, dtype=torch.uint8).set_(storage).numpy().tobytes(),)
     return reductions.reduce_storage(storage)
 
