@@ -62,3 +62,11 @@ def compact_equal(a: CompactBatch, b: CompactBatch) -> bool:
     """Equal up to the dtype of ``values``."""
     return all(tensors_equal(getattr(a, k), getattr(b, k)) for k in a.keys() if k != "stim_meta") \
         and a.stim_meta == b.stim_meta
+
+
+def crossed_without_copy(batch, tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` of a batch received from a DataLoader worker is that worker's memory: a
+    pooled buffer the batch leases (mapped once in this process, plain memory to torch), or fresh
+    shared memory when every buffer of the worker's pool was in use."""
+    leased = {lease.tensor.untyped_storage().data_ptr() for lease in batch._leases}
+    return tensor.untyped_storage().data_ptr() in leased or tensor.is_shared()
