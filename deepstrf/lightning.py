@@ -36,7 +36,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from .datasets.neural_dataset import NeuralDataset
 from .datasets.splits import train_val_test_split
-from .stream.dataset import Collate, StreamingDataLoader, StreamingNeuralDataset
+from .stream.dataset import Collate, StreamingNeuralDataset
+from .stream.loader import StreamingDataLoader
 
 PARTS = ("train", "val", "test")
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from deepstrf.datasets.views import LazySequence
 from deepstrf.errors import StreamStalledError
 from deepstrf.stream import StreamingNeuralDataset
-from deepstrf.stream.dataset import StreamingDataLoader
+from deepstrf.stream.loader import StreamingDataLoader
 from deepstrf.stream.workers import worker_context
 
 from stream_helpers import LOADER_TIMEOUT_S, batch_keys

@@ -3,10 +3,12 @@
 ``partition`` and ``shuffle`` are pure functions of (seed, epoch, rank, world
 size, worker); ``reader`` builds items and batches from batched raw reads;
 ``prefetch``, ``cache`` and ``retry`` make reading bounded and robust;
-``dataset`` composes them into :class:`StreamingNeuralDataset`.
+``dataset`` composes them into :class:`StreamingNeuralDataset`, and ``loader`` runs its
+passes with DataLoader worker processes (:class:`StreamingDataLoader`).
 """
 
-from .dataset import StreamingDataLoader, StreamingNeuralDataset
+from .dataset import StreamingNeuralDataset
+from .loader import StreamingDataLoader
 from .retry import RetryPolicy, StreamReadError
 
 __all__ = ["RetryPolicy", "StreamReadError", "StreamingDataLoader", "StreamingNeuralDataset"]

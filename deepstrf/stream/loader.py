@@ -1,0 +1,302 @@
+"""``StreamingDataLoader``: the ``DataLoader`` that :meth:`StreamingNeuralDataset.loader` returns.
+
+It owns what happens around a pass with worker processes: the start method
+chosen for them (:mod:`~deepstrf.stream.workers`), the main process reading a
+pass's first batches while they start (:mod:`~deepstrf.stream.lead`), the
+count of batches handed out (exact ``state_dict`` with workers), and the
+report of a worker that died or stalled. What a pass reads, and in what order,
+stays with the dataset (:mod:`~deepstrf.stream.dataset`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import time
+import warnings
+import weakref
+from collections.abc import Generator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data._utils import signal_handling
+
+from ..errors import StreamStalledError
+from . import handover
+from .prefetch import ReadTimeout
+from .transfer import share_before_sending
+from .workers import (DEFAULT_TIMEOUT_S, context_method, died, foreign_threads, prepare_context,
+                      worker_context)
+
+if TYPE_CHECKING:
+    from .dataset import StreamingNeuralDataset
+
+DEATH_WAIT_S = 5.0  # how long a batch that failed to unpickle waits to see its worker dead
+# DataLoader prefetch_factor of loader() for dense batches (torch's default, 2, for compact ones)
+DENSE_PREFETCH_FACTOR = 1
+_STARTED_POLL_S = 0.002  # how often the thread starting the workers looks for one that began its pass
+# how long the DataLoader waits for a batch before loader() looks at its workers again: a worker that
+# died is reported within this time, not at the end of ``timeout``
+WORKER_CHECK_S = 1.0
+
+
+def _any_dead(workers: Sequence[Any], wait_s: float) -> bool:
+    """True once any of ``workers`` is seen dead, within ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    while not any(map(died, workers)):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _start_context(dataset: "StreamingNeuralDataset", given: Any, worker_init_fn: Any, collate_fn: Any) -> Any:
+    """The ``multiprocessing_context`` of workers starting now: ``given`` (checked, and a forkserver
+    prepared), else the rule's choice, by whether the workers would run code of the user's (a
+    dataset object, a ``worker_init_fn``, a ``collate_fn``)."""
+    if given is not None:
+        prepare_context(given)
+        return given
+    return worker_context(dataset._source is not None or worker_init_fn is not None or collate_fn is not None)
+
+
+_PERSISTENT: weakref.WeakSet = weakref.WeakSet()  # loaders whose workers may outlive a pass
+
+
+def _stop_at_exit(loader: "StreamingDataLoader") -> None:
+    # registered (again: unregister first) after multiprocessing's own exit handler, so that it runs
+    # before it (last in, first out)
+    atexit.unregister(_stop_persistent_workers)
+    atexit.register(_stop_persistent_workers)
+    _PERSISTENT.add(loader)
+
+
+def _stop_persistent_workers() -> None:
+    """At interpreter exit, stop the persistent workers of live loaders the normal way (they leave
+    their loop and run their own exit handlers) before multiprocessing kills the daemonic children
+    that are left. A killed worker never unregisters what it registered with multiprocessing's
+    resource tracker: numcodecs' blosc makes one named semaphore per process that decodes, so two
+    spawned or forkserver workers used to be reported as "2 leaked semaphore objects" at exit."""
+    for loader in list(_PERSISTENT):
+        loader._stop_workers(loader._iterator)
+    _PERSISTENT.clear()
+
+
+class StreamingDataLoader(DataLoader):
+    """``DataLoader(batch_size=None)`` over a :class:`StreamingNeuralDataset`.
+
+    - It counts the batches it hands out, so ``state_dict()`` is exact with worker processes.
+    - Worker processes start by the rule of :func:`~deepstrf.stream.workers.start_method` unless
+      ``multiprocessing_context`` is given, chosen again at every start: forked when they run
+      only deepstrf's code and no thread of yours is alive, or when ``__main__`` cannot be
+      re-imported (a script without ``if __name__ == "__main__":``, or fed through stdin);
+      ``forkserver`` (``spawn`` where there is none) otherwise. Where no method can work, the
+      loader raises at once, naming the fix.
+    - ``timeout`` (default 300 s with workers): when no batch arrives for that long the pass ends
+      with :class:`~deepstrf.errors.StreamStalledError` naming every worker, what it was reading
+      and for how long, and the workers are stopped. A worker that dies is reported within
+      about a second, with the exception it raised where it left one.
+    - ``read_while_starting``: until the first worker begins the pass (workers that are not
+      forked take seconds to start: the worker server's ``import torch``, each worker opening the
+      dataset), the main process reads the pass's first batches itself; the batches come in the
+      same order (:mod:`deepstrf.stream.lead`). ``lead_batches`` is how many it read in the last
+      pass. Default: on, except for dense batches, where the main process's batches (hundreds of
+      MB each) would add to the workers' at the hand-over (measured: peak 2.6 -> 3.7 GB), and for
+      stores over a network, whose reads in the main process wait on round trips that the workers'
+      first batches then wait behind (measured over S3: 12-18 % slower over 400 items, first batch
+      no sooner). Forked workers start at once: no lead.
+    - ``pin_memory``: default True only for a dataset with a CUDA ``device`` and workers (the
+      workers then send compact batches, tens of MB, whose copy to the GPU can run beside the
+      step); pinning dense host batches (hundreds of MB) is warned against.
+    - ``persistent_workers``: default True with workers for a dataset with a CUDA ``device``
+      (forking a process that holds a CUDA context is slow), a store over a network (workers
+      keep their shard caches from one epoch to the next) or dense batches (a new worker maps and
+      zeroes its dense batch buffers again, about 1 GB on a pool of two AA-sized sources), else
+      torch's default (False). Kept workers see the dataset as it was when they started.
+    """
+
+    def __init__(self, dataset: StreamingNeuralDataset, *, read_while_starting: bool | None = None,
+                 **kwargs: Any) -> None:
+        workers = kwargs.get("num_workers", 0)
+        if dataset.batch_size is None and workers > 0:
+            raise ValueError("StreamingNeuralDataset.loader with worker processes needs the dataset to "
+                             "build batches: pass batch_size to StreamingNeuralDataset, or batch its items with "
+                             "DataLoader(ds, batch_size=B, collate_fn=compact_collate, num_workers=k) (and "
+                             "loader_batch_size=B on the dataset; call ds.set_epoch every epoch)")
+        kwargs.setdefault("batch_size", None)
+        on_cuda = dataset.device is not None and dataset.device.type == "cuda"
+        dense = dataset.built_format == "dense" and dataset.batch_size is not None  # hundreds of MB each
+        on_network = dataset._waits_on_network()
+        # with a CUDA device only compact batches cross from the workers: pinned, their copy to the
+        # device runs beside the training step; a dense host batch (hundreds of MB) is never pinned
+        kwargs.setdefault("pin_memory", on_cuda and workers > 0)
+        # kept across epochs where new workers cost most: forking a process that holds a CUDA context
+        # takes ~20 ms per worker (H200); over a network new workers start with empty shard caches
+        # (S3 +20 ms, later epochs: 0.75 of local with new workers, 0.9-1.0 kept); and a new worker
+        # building dense batches maps and zeroes its buffers again (about 1 GB for the AA1+AA2 pool:
+        # later epochs 73-80 items/s with new workers, 150-172 kept, at the same peak memory)
+        kwargs.setdefault("persistent_workers", workers > 0 and (on_cuda or on_network or dense))
+        if kwargs["pin_memory"] and dense:
+            warnings.warn("pin_memory=True copies every dense batch (hundreds of MB on a pool) into page-locked "
+                          "memory, which costs more than it saves; pass device='cuda' to the "
+                          "StreamingNeuralDataset instead: the workers then send compact batches and the dense "
+                          "batch is built on the GPU", UserWarning, stacklevel=3)
+        self.stall_timeout: float = kwargs.get("timeout") or (DEFAULT_TIMEOUT_S if workers > 0 else 0.0)
+        self._given_context = kwargs.get("multiprocessing_context")
+        self._user_collate = kwargs.get("collate_fn")
+        if workers > 0:
+            # the DataLoader only waits this long at a time, so that dead workers are seen at once
+            kwargs["timeout"] = min(self.stall_timeout, WORKER_CHECK_S)
+            if dense:  # one batch per worker in flight, not two
+                kwargs.setdefault("prefetch_factor", DENSE_PREFETCH_FACTOR)
+            kwargs["multiprocessing_context"] = _start_context(
+                dataset, self._given_context, kwargs.get("worker_init_fn"), self._user_collate)
+        super().__init__(dataset, **kwargs)
+        self.read_while_starting = not dense and not on_network if read_while_starting is None else read_while_starting
+        self.lead_batches = 0
+        if self.persistent_workers:
+            _stop_at_exit(self)
+
+    def __iter__(self) -> Iterator[Any]:
+        ds: StreamingNeuralDataset = self.dataset
+        if self.num_workers == 0:
+            yield from super().__iter__()
+            return
+        if self._iterator is None or not self.persistent_workers:  # workers start in this pass: threads
+            # may have come or gone since the last start
+            self.multiprocessing_context = _start_context(ds, self._given_context, self.worker_init_fn,
+                                                          self._user_collate)
+        ds._begin_pass()
+        ds.activity.reset()
+        self.lead_batches = 0
+        try:
+            if self.read_while_starting and context_method(self.multiprocessing_context) != "fork":
+                batches = yield from self._read_while_starting()
+            else:
+                ds._lead.reset()
+                batches = super().__iter__()
+            yield from self._from_workers(batches)
+        finally:
+            ds._lead.reset()  # workers of any later DataLoader read their whole share
+
+    def _read_while_starting(self) -> Generator[Any, None, Any]:
+        """Yield the pass's first batches, read here while a thread starts the workers (or has
+        persistent ones begin a new pass); returns the DataLoader's iterator over the rest
+        (:mod:`deepstrf.stream.lead`)."""
+        ds: StreamingNeuralDataset = self.dataset
+        ds._state()  # opened here before the thread pickles the dataset for the workers
+        if self._iterator is None or not self.persistent_workers:
+            share_before_sending(ds._source)  # not while this thread reads it (transfer.py)
+        ds._lead.open()
+        # torch installs its handler for dead workers from the main thread only
+        signal_handling._set_SIGCHLD_handler()
+        # new workers' base seed is drawn here, as a plain DataLoader's is: the thread must not take
+        # it from the global generator at a moment that depends on the consumer's own draws
+        generator = self.generator
+        if generator is None and (self._iterator is None or not self.persistent_workers):
+            generator = torch.Generator().manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+        device = torch.accelerator.current_device_index() if self.pin_memory and torch.accelerator.is_available() \
+            else None
+        starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepstrf-start-workers")
+        starting = starter.submit(self._start_workers, generator, device)
+        try:
+            for batch in ds._lead_batches(self.stall_timeout or None):
+                self.lead_batches += 1
+                ds._steps += 1
+                yield ds.deliver(batch)
+                if starting.done() and starting.exception() is not None:
+                    break
+        except ReadTimeout as exc:
+            ds._lead.close()
+            self._stop_workers(starting.result())
+            stims = ds._state().visible[exc.task].tolist()
+            raise StreamStalledError(
+                f"streaming {ds._where()}: the main process waited {self.stall_timeout:g} s for its read of stims "
+                f"{stims} (it reads a pass's first batches while its workers start). "
+                f"Epoch {ds.epoch}, pass stopped. What to do: look for a read that never returns (a dead "
+                "server, a lock in your transform), or raise loader(timeout=...) if reads are just slow; "
+                "loader(read_while_starting=False) leaves every read to the workers.") from exc
+        finally:
+            ds._lead.close()
+            batches = starting.result()
+            starter.shutdown()
+        return batches
+
+    def _start_workers(self, generator: torch.Generator | None, device: int | None) -> Iterator[Any]:
+        """Start the workers, or have persistent ones begin a new pass (a thread: a start waits for
+        the worker server, a new pass for the workers to finish the last); close the lead as soon as
+        one of them begins its pass."""
+        ds: StreamingNeuralDataset = self.dataset
+        if device is not None:  # the pin-memory thread pins for the current device of the thread starting it
+            torch.accelerator.set_device_index(device)
+        own, self.generator = self.generator, generator
+        try:
+            batches = super().__iter__()
+        finally:
+            self.generator = own
+        workers = getattr(batches, "_workers", [])
+        # a worker that died starting (a select callable that fails there, say) is reported by the
+        # DataLoader: the main process stops reading on its own then
+        while not (ds._lead.is_closed() or ds.activity.any_worker_started(self.num_workers)
+                   or any(map(died, workers))):
+            time.sleep(_STARTED_POLL_S)
+        ds._lead.close()
+        return batches
+
+    def _from_workers(self, batches: Iterator[Any]) -> Iterator[Any]:
+        """The DataLoader's batches, with stalled or dead workers reported."""
+        ds: StreamingNeuralDataset = self.dataset
+        waiting_since = time.monotonic()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except (RuntimeError, EOFError, ConnectionError) as exc:
+                # the DataLoader's short timeout, or a worker that died: reported as such (a batch a
+                # dead worker had queued fails to unpickle with EOFError or a ConnectionError,
+                # possibly before the dying worker is seen as dead: give it a moment)
+                lost_sender = isinstance(exc, (EOFError, ConnectionError))
+                dead = _any_dead(getattr(batches, "_workers", []), wait_s=DEATH_WAIT_S if lost_sender else 0.0)
+                timed_out = "timed out" in str(exc)
+                if not dead and not timed_out:
+                    raise
+                if dead or time.monotonic() - waiting_since >= self.stall_timeout:
+                    raise self._stalled(batches, exc) from exc
+                continue  # the workers are alive: wait on (the DataLoader resumes where it was)
+            ds._steps += 1
+            yield ds.deliver(batch)
+            waiting_since = time.monotonic()
+        handover.forget_exited()  # the buffers of workers stopped at the end of the pass
+        ds._end_pass()
+
+    def _stop_workers(self, batches: Any) -> None:
+        """Stop the worker processes behind ``batches`` (the DataLoader's own shutdown: stop
+        signal, join, terminate what is left) and forget them; the next pass starts new ones."""
+        self._iterator = None
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    def _stalled(self, batches: Any, exc: Exception) -> StreamStalledError:
+        """The error for workers that stopped delivering or died; stops them first (a stuck worker
+        would otherwise outlive the pass as long as the traceback keeps the iterator)."""
+        ds: StreamingNeuralDataset = self.dataset
+        workers = getattr(batches, "_workers", [])
+        report = ds.activity.describe(self.num_workers, workers, ds._where())
+        if any(map(died, workers)):
+            what = "a DataLoader worker died"
+            hint = ("fix the error the worker raised (above, or in what it printed to stderr); a worker killed by "
+                    "SIGKILL was most likely stopped by the out-of-memory killer: use fewer workers or a smaller "
+                    "batch_size")
+        else:
+            what = f"{type(exc).__name__}: no batch for {self.stall_timeout:g} s"
+            hint = ("look for a read that never returns (a dead server, a lock in your transform), or raise "
+                    f"loader(timeout=...) if reads are just slow (now {self.stall_timeout:g} s)")
+            if context_method(self.multiprocessing_context) == "fork" and (threads := foreign_threads()):
+                hint += (f"; threads {threads} of this process were alive at fork: a forked worker can hang on "
+                         "a lock one of them held (multiprocessing_context='forkserver' avoids it)")
+        self._stop_workers(batches)
+        return StreamStalledError(f"streaming {ds._where()}: {what}. Epoch {ds.epoch}, pass stopped; the workers "
+                                  f"were:\n{report}\nWhat to do: {hint}.")
