@@ -386,7 +386,9 @@ class ShardedArray:
             try:  # look again: its fetcher may have written it and dropped its claim since we looked
                 blob = shared.get(key)
                 if blob is None:
-                    return await asyncio.to_thread(shared.put, key, await self._fetch_whole(shard))
+                    # written in this thread (the event loop's): under load a hop to a worker thread
+                    # kept the file from the processes waiting for it 5-50 ms a shard, the write itself 1-3
+                    return shared.put(key, await self._fetch_whole(shard))
             finally:
                 shared.unclaim(key)
         return blob if blob is not None and self._is_whole(shard, blob) else None
