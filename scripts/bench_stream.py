@@ -14,10 +14,10 @@ sampling itself slows the measured processes by 10-15 %:
   streamed from local Zarr by ``StreamingNeuralDataset.loader()``, 0 or 2 workers
   (started by its default rule: forked here, since they run only deepstrf's code);
   ``local_w2_compact_forkserver``: the same with forkserver workers (what a dataset
-  object, or a thread of the user's, gets); ``local_w2_compact_persistent``: with
-  ``persistent_workers=True``. With workers, ``later_epochs_*`` time two more epochs
-  with the same loader (new workers each epoch for compact batches here, unless persistent;
-  ``loader()`` keeps the workers of dense batches);
+  object, or a thread of the user's, gets); ``local_w2_compact_new_workers``: with
+  ``persistent_workers=False``. With workers, ``later_epochs_*`` time two more epochs
+  with the same loader (whose workers ``loader()`` keeps by default; new ones each epoch
+  in ``local_w2_compact_new_workers``);
 - ``local_w2_items_compact`` / ``local_w2_items_dense``: the dataset yields items
   (``batch_size=None``, ``loader_batch_size=8``) and a plain ``DataLoader(batch_size=8,
   collate_fn=compact_collate or neural_collate, num_workers=2)`` (forkserver workers) batches
@@ -103,7 +103,7 @@ def child_stream(args) -> dict:
                             multiprocessing_context=worker_context() if args.workers else None,
                             prefetch_factor=1 if args.collate == "dense" and args.workers else None)
     else:
-        kept = {"persistent_workers": True} if args.persistent else {}  # else loader()'s default
+        kept = {"persistent_workers": False} if args.new_workers else {}  # else loader()'s default
         loader = ds.loader(num_workers=args.workers, **kept,
                            multiprocessing_context=None if args.start_method == "default" else args.start_method)
     out = _timed_epoch(loader, lambda b: len(b["stim_meta"]))
@@ -207,7 +207,7 @@ CHILDREN = {"memory": child_memory, "stream": child_stream, "read_limit": child_
 # what --only and --skip name (the module doc says what each measures)
 CONFIGURATIONS = ("read_limit", "memory", "local_w0_compact", "local_w2_compact", "local_w2_dense",
                   "local_w2_items_compact", "local_w2_items_dense", "local_w2_compact_forkserver",
-                  "local_w2_compact_persistent", "s3_w0_compact", "s3_w2_compact", "mds_w2")
+                  "local_w2_compact_new_workers", "s3_w0_compact", "s3_w2_compact", "mds_w2")
 
 
 # -- parent: build the data, run the children, sample their memory ------------------------
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--start-method", default="default", help=argparse.SUPPRESS)
     p.add_argument("--later-epochs", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--itemwise", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--persistent", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--new-workers", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if unknown := sorted(set(args.only) - set(CONFIGURATIONS)):
         p.error(f"--only {', '.join(unknown)}: no such configuration; they are {', '.join(CONFIGURATIONS)}")
@@ -375,8 +375,8 @@ def main(argv: list[str] | None = None) -> dict:
     if want("local_w2_compact_forkserver"):  # the start method of workers that run the user's code
         configs.append(("local_w2_compact_forkserver", me + ["--child", "stream", "--workers", "2", "--start-method",
                                                              "forkserver", "--later-epochs", str(LATER_EPOCHS)]))
-    if want("local_w2_compact_persistent"):
-        configs.append(("local_w2_compact_persistent", me + ["--child", "stream", "--workers", "2", "--persistent",
+    if want("local_w2_compact_new_workers"):
+        configs.append(("local_w2_compact_new_workers", me + ["--child", "stream", "--workers", "2", "--new-workers",
                                                              "--later-epochs", str(LATER_EPOCHS)]))
     server = None
     if want_group("s3"):
@@ -487,7 +487,7 @@ def goals(r: dict) -> dict:
     if later("s3_w2_compact") and later("local_w2_compact"):
         out["s3_later_epochs_vs_local"] = round(later("s3_w2_compact") / later("local_w2_compact"), 2)
         out["s3_later_epochs_80pct_local"] = later("s3_w2_compact") >= 0.8 * later("local_w2_compact")
-    for name in ("local_w2_compact", "local_w2_compact_persistent", "s3_w2_compact"):
+    for name in ("local_w2_compact", "local_w2_compact_new_workers", "s3_w2_compact"):
         if "peak_pss_mib" in r.get(name, {}):
             out[f"{name}_3_epochs_peak_le_1gib"] = r[name]["peak_pss_mib"] <= 1024
     firsts = [r[k]["first_batch_s"] for k in ("local_w0_compact", "local_w2_compact") if "first_batch_s" in r.get(k, {})]

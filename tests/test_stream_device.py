@@ -75,7 +75,6 @@ def test_pinning_dense_host_batches_is_warned_against(pool):
     with pytest.warns(UserWarning, match="device='cuda'"):
         ds.loader(pin_memory=True)
     assert StreamingNeuralDataset(pool, batch_size=4, device="cpu").loader(num_workers=0).pin_memory is False
-    assert StreamingNeuralDataset(pool, batch_size=4, device="cpu").loader(num_workers=2).persistent_workers is False
 
 
 @needs_cuda

@@ -1,6 +1,7 @@
 """How a worker's batch tensors reach the main process: a pooled buffer's descriptor once, then its
 name; small arrays inside the pickle; torch's way for everything else."""
 
+import gc
 import multiprocessing
 import os
 import subprocess
@@ -100,12 +101,15 @@ def test_worker_batches_cross_without_a_descriptor_round_trip_each(local_pool, m
     """Real workers over two passes: batches are right, the consumer fetches a descriptor per buffer
     (not per tensor per batch), and none is kept once the pass's workers have exited."""
     monkeypatch.setattr(buffers, "MIN_POOLED_BYTES", 0)  # the test data's batches are small: pool them (forked workers inherit it)
+    gc.collect()  # the kept workers of earlier tests' loaders exit with them: their descriptors go too
+    handover.forget_exited()
     before, kept_before = dict(handover.RECEIVED), handover.kept_descriptors()
     ds = StreamingNeuralDataset(local_pool, batch_size=1, shuffle=False)
     expected = list(StreamingNeuralDataset(local_pool, batch_size=1, shuffle=False, reuse_buffers=False))
     for _ in range(2):
         seen = 0
-        for batch in ds.loader(num_workers=2, timeout=LOADER_TIMEOUT_S, multiprocessing_context="fork"):
+        for batch in ds.loader(num_workers=2, timeout=LOADER_TIMEOUT_S, multiprocessing_context="fork",
+                               persistent_workers=False):
             assert compact_equal(batch, expected[seen])  # dropped at once: its buffers come back
             assert handover.kept_descriptors() > kept_before
             seen += 1

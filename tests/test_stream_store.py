@@ -327,14 +327,13 @@ def test_a_worker_fetches_the_shards_of_each_batch_after_the_second_as_it_takes_
     assert warmed == [[104, 105], [106, 107]]
 
 
-def test_loader_keeps_its_workers_over_a_network_by_default(s3_pool, local_pool):
+def test_loader_keeps_its_workers_over_a_network_by_default(s3_pool):
     """New workers over S3 start with empty shard caches: the loader keeps them across epochs there."""
     url, options = s3_pool
     s = StreamingNeuralDataset(url, storage_options=options, batch_size=3, seed=1, retry=FAST)
     loader = s.loader(num_workers=2, timeout=loader_timeout(2))
     assert loader.persistent_workers
     assert not s.loader(num_workers=2, persistent_workers=False).persistent_workers
-    assert not StreamingNeuralDataset(local_pool, batch_size=3).loader(num_workers=2).persistent_workers
     _the_same_workers_read_two_epochs(loader, open_dataset(url, storage_options=options))
 
 
@@ -348,9 +347,25 @@ def _the_same_workers_read_two_epochs(loader, ref) -> None:
     assert list(loader._iterator._workers) == workers  # the same processes read the second epoch
 
 
+def test_loader_keeps_its_workers_and_restarts_them_when_the_dataset_changes(local_pool):
+    """A new worker maps and zeroes its buffers again: the loader keeps its workers across epochs by
+    default. They hold a copy of the dataset, so a changed setting brings new ones, which read with it."""
+    s = StreamingNeuralDataset(local_pool, batch_size=3, seed=1)
+    loader = s.loader(num_workers=2, timeout=loader_timeout(2))
+    assert loader.persistent_workers
+    _the_same_workers_read_two_epochs(loader, open_dataset(local_pool))
+    kept = [w.pid for w in loader._iterator._workers]
+    s.shuffle = False
+    got = [k for b in loader for k in batch_keys(b)]
+    assert not set(kept) & {w.pid for w in loader._iterator._workers}
+    assert got == [k for b in StreamingNeuralDataset(local_pool, batch_size=3, shuffle=False) for k in batch_keys(b)]
+    restarted = [w.pid for w in loader._iterator._workers]
+    assert len(list(loader)) == len(s) and [w.pid for w in loader._iterator._workers] == restarted
+
+
 def test_loader_keeps_workers_that_build_dense_batches(local_pool):
-    """A new worker building dense batches maps and zeroes its large buffers again: the loader keeps
-    dense workers across epochs by default (compact ones on a local store start anew)."""
+    """A new worker building dense batches maps and zeroes its large buffers (about 1 GB on a pool of
+    two AA-sized sources) again: the loader keeps them across epochs."""
     s = StreamingNeuralDataset(local_pool, batch_size=3, collate="dense", seed=2)
     loader = s.loader(num_workers=2, timeout=loader_timeout(2))
     assert loader.persistent_workers

@@ -442,6 +442,16 @@ class StreamingNeuralDataset(IterableDataset):
         self.epoch, self._offset, self._steps = state["epoch"], state["consumed"], 0
         self.counters.reset()
 
+    def _worker_settings(self) -> str:
+        """The settings a DataLoader worker's copy of this dataset reads with, as one string: a
+        :class:`StreamingDataLoader` restarts its kept workers when it changes. What the workers
+        share with this object (the epoch, the resume position) is not in it."""
+        return repr((self.url, self.storage_options, self.open_options, self.shuffle, self.seed, self.batch_size,
+                     self.loader_batch_size, self.collate, self.device, self.source_homogeneous, self.subset,
+                     self._selection_args, self.rank_world(), self.drop_last, self.block_size, self.shuffle_buffer,
+                     self.prefetch, self.read_threads, self.cache_dir, self.cache_bytes, self.retry,
+                     self.reuse_buffers, id(self._source)))
+
     # -- iteration ----------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
         """This rank's (and worker's) share of the rest of the epoch, read ahead in order.

@@ -109,11 +109,13 @@ class StreamingDataLoader(DataLoader):
     - ``pin_memory``: default True only for a dataset with a CUDA ``device`` and workers (the
       workers then send compact batches, tens of MB, whose copy to the GPU can run beside the
       step); pinning dense host batches (hundreds of MB) is warned against.
-    - ``persistent_workers``: default True with workers for a dataset with a CUDA ``device``
-      (forking a process that holds a CUDA context is slow), a store over a network (workers
-      keep their shard caches from one epoch to the next) or dense batches (a new worker maps and
-      zeroes its dense batch buffers again, about 1 GB on a pool of two AA-sized sources), else
-      torch's default (False). Kept workers see the dataset as it was when they started.
+    - ``persistent_workers``: default True with workers. A new worker maps and zeroes its batch
+      buffers again, starts its storage clients and shard caches empty and, with a CUDA
+      ``device``, forks a process that holds a CUDA context. Kept workers are restarted when a
+      setting of the dataset they read (its shuffle, seed, batch size...) changed since they
+      started; the epoch and the resume position they follow as they are. Pass
+      ``persistent_workers=False`` for a loader you run rarely: kept workers hold their buffers
+      between epochs.
     """
 
     def __init__(self, dataset: StreamingNeuralDataset, *, read_while_starting: bool | None = None,
@@ -131,12 +133,11 @@ class StreamingDataLoader(DataLoader):
         # with a CUDA device only compact batches cross from the workers: pinned, their copy to the
         # device runs beside the training step; a dense host batch (hundreds of MB) is never pinned
         kwargs.setdefault("pin_memory", on_cuda and workers > 0)
-        # kept across epochs where new workers cost most: forking a process that holds a CUDA context
-        # takes ~20 ms per worker (H200); over a network new workers start with empty shard caches
-        # (S3 +20 ms, later epochs: 0.75 of local with new workers, 0.9-1.0 kept); and a new worker
-        # building dense batches maps and zeroes its buffers again (about 1 GB for the AA1+AA2 pool:
-        # later epochs 73-80 items/s with new workers, 150-172 kept, at the same peak memory)
-        kwargs.setdefault("persistent_workers", workers > 0 and (on_cuda or on_network or dense))
+        # kept across epochs: new workers cost the most of any epoch's start (AA1+AA2 pool, 2 workers,
+        # later epochs with new workers against kept: local compact 215-266 against 323-385 items/s,
+        # dense 73-80 against 150-172; S3 +20 ms 0.75 of local against 0.9-1.0; forking a process
+        # that holds a CUDA context ~20 ms per worker on an H200)
+        kwargs.setdefault("persistent_workers", workers > 0)
         if kwargs["pin_memory"] and dense:
             warnings.warn("pin_memory=True copies every dense batch (hundreds of MB on a pool) into page-locked "
                           "memory, which costs more than it saves; pass device='cuda' to the "
@@ -155,6 +156,7 @@ class StreamingDataLoader(DataLoader):
         super().__init__(dataset, **kwargs)
         self.read_while_starting = not dense and not on_network if read_while_starting is None else read_while_starting
         self.lead_batches = 0
+        self._workers_settings: str | None = None  # the dataset's settings when the workers started
         if self.persistent_workers:
             _stop_at_exit(self)
 
@@ -163,10 +165,14 @@ class StreamingDataLoader(DataLoader):
         if self.num_workers == 0:
             yield from super().__iter__()
             return
+        settings = ds._worker_settings()
+        if self._iterator is not None and settings != self._workers_settings:
+            self._stop_workers(self._iterator)  # kept workers hold a copy of the dataset as it was
         if self._iterator is None or not self.persistent_workers:  # workers start in this pass: threads
             # may have come or gone since the last start
             self.multiprocessing_context = _start_context(ds, self._given_context, self.worker_init_fn,
                                                           self._user_collate)
+            self._workers_settings = settings
         ds._begin_pass()
         ds.activity.reset()
         self.lead_batches = 0
