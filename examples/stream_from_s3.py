@@ -43,10 +43,11 @@ def main() -> None:
     stream = deepstrf.StreamingNeuralDataset(pool_url, storage_options=so, batch_size=4, collate="compact",
                                              shuffle=True, seed=0)
     expected = len(deepstrf.open_dataset(pool_url, storage_options=so))
+    loader = stream.loader(num_workers=args.workers)  # its workers are kept from one epoch to the next
     for epoch in range(2):
         stream.set_epoch(epoch)
         t0, items, cells = time.perf_counter(), 0, 0
-        for batch in stream.loader(num_workers=args.workers):
+        for batch in loader:
             items += batch.batch_size
             cells += batch.n_cells
         seconds = time.perf_counter() - t0
