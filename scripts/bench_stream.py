@@ -103,8 +103,8 @@ def child_stream(args) -> dict:
                             multiprocessing_context=worker_context() if args.workers else None,
                             prefetch_factor=1 if args.collate == "dense" and args.workers else None)
     else:
-        kept = {"persistent_workers": False} if args.new_workers else {}  # else loader()'s default
-        loader = ds.loader(num_workers=args.workers, **kept,
+        lifetime = {"persistent_workers": False} if args.new_workers else {}  # else loader()'s default: kept
+        loader = ds.loader(num_workers=args.workers, **lifetime,
                            multiprocessing_context=None if args.start_method == "default" else args.start_method)
     out = _timed_epoch(loader, lambda b: len(b["stim_meta"]))
     stats = ds.stats()
