@@ -34,7 +34,9 @@ sampling itself slows the measured processes by 10-15 %:
 
 Every epoch is batch 8, shuffled, and the consumer only counts items. With
 ``--repeat N`` every configuration runs N times, interleaved, and the run with
-the median items/s is reported (``runs`` lists them all).
+the median items/s is reported (``runs`` lists them all). ``first_epoch_cpu_s``
+is the user and system CPU time of a streaming configuration's first epoch, in
+the child and its workers together (on Linux).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -70,6 +73,36 @@ def _timed_epoch(batches, count) -> dict:
     return {"items": items, "seconds": round(total, 3), "items_per_s": round(items / total, 2),
             "first_batch_s": round(first, 3),
             "steady_items_per_s": round((items - first_items) / max(total - first, 1e-9), 2)}
+
+
+def tree_cpu_s() -> tuple[float, float] | None:
+    """User and system CPU seconds so far of this process, the children it reaped and its live
+    descendants (DataLoader workers, a worker server and what it reaped); None without /proc."""
+    if not os.path.exists("/proc/self/stat"):
+        return None
+    me, reaped = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    user, system = me.ru_utime + reaped.ru_utime, me.ru_stime + reaped.ru_stime
+    parent_of, ticks = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile: reaped (counted above) or not ours
+            continue
+        parent_of[int(entry)] = int(fields[1])
+        ticks[int(entry)] = (int(fields[11]) + int(fields[13]), int(fields[12]) + int(fields[14]))
+    tree, grew = {os.getpid()}, True
+    while grew:
+        more = {pid for pid, parent in parent_of.items() if parent in tree} - tree
+        tree |= more
+        grew = bool(more)
+    hz = os.sysconf("SC_CLK_TCK")
+    for pid in tree - {os.getpid()}:
+        user += ticks[pid][0] / hz
+        system += ticks[pid][1] / hz
+    return user, system
 
 
 def child_memory(args) -> dict:
@@ -106,7 +139,11 @@ def child_stream(args) -> dict:
         lifetime = {"persistent_workers": False} if args.new_workers else {}  # else loader()'s default: kept
         loader = ds.loader(num_workers=args.workers, **lifetime,
                            multiprocessing_context=None if args.start_method == "default" else args.start_method)
+    cpu_before = tree_cpu_s()
     out = _timed_epoch(loader, lambda b: len(b["stim_meta"]))
+    if cpu_before is not None:  # the first epoch's CPU time, the workers' included
+        cpu_after = tree_cpu_s()
+        out["first_epoch_cpu_s"] = [round(cpu_after[0] - cpu_before[0], 2), round(cpu_after[1] - cpu_before[1], 2)]
     stats = ds.stats()
     if args.later_epochs:  # the same loader again: what every epoch after a process's first costs
         later = []
