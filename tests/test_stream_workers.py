@@ -15,7 +15,8 @@ import torch
 
 from deepstrf.datasets.views import LazySequence
 from deepstrf.errors import StreamStalledError
-from deepstrf.stream import StreamingNeuralDataset
+from deepstrf.stream import StreamReadError, StreamingNeuralDataset
+from deepstrf.stream.dataset import begun
 from deepstrf.stream.transfer import MAX_SHARED_TENSORS, count_tensors, for_new_process
 from deepstrf.store import open_dataset
 from deepstrf.stream import workers
@@ -37,6 +38,20 @@ class SlowStims(LazySequence):
             if self.die:
                 os._exit(3)
             time.sleep(self.seconds)
+        return self.stims[i]
+
+
+class StimsThatBreak(LazySequence):
+    """A dataset's stimuli whose every read raises once the file ``flag`` exists (kept workers, which
+    hold their own copy of the dataset, see it appear)."""
+
+    def __init__(self, stims: list, flag: str) -> None:
+        super().__init__(len(stims))
+        self.stims, self.flag = stims, flag
+
+    def _get(self, i: int):
+        if os.path.exists(self.flag):
+            raise ValueError(f"stim {i} cannot be read now")
         return self.stims[i]
 
 
@@ -185,6 +200,39 @@ def test_dead_worker_is_reported_with_what_it_was_reading():
         list(s.loader(num_workers=2, timeout=20, read_while_starting=False))
     msg = str(err.value)
     assert "dead: exit code 3" in msg and "reading stims [4, 5]" in msg
+
+
+def test_a_worker_reads_its_first_batch_as_it_starts_and_raises_its_error_with_the_batch():
+    taken = []
+
+    def share():
+        taken.append("first read")
+        yield "a"
+        yield "b"
+
+    started = begun(share())
+    assert taken == ["first read"] and list(started) == ["a", "b"]
+    assert list(begun(iter(()))) == []
+
+    def broken():
+        raise ValueError("unreadable")
+        yield
+
+    started = begun(broken())  # not raised here: torch would lose it
+    with pytest.raises(ValueError, match="unreadable"):
+        next(started)
+
+
+def test_a_kept_worker_whose_read_fails_in_a_later_pass_reports_the_error(tmp_path):
+    ds = ToyAudio(seed=1, S=8, N=3)
+    flag = tmp_path / "broken"
+    ds.stims = StimsThatBreak(list(ds.stims), str(flag))
+    s = StreamingNeuralDataset(ds, batch_size=2, shuffle=False)
+    loader = s.loader(num_workers=2, timeout=LOADER_TIMEOUT_S, read_while_starting=False)
+    assert sum(len(batch_keys(b)) for b in loader) == len(ds)
+    flag.touch()  # the kept workers' first reads of the next pass fail: the error, not a dead worker
+    with pytest.raises(StreamReadError, match=r"stim \d+ cannot be read now"):
+        list(loader)
 
 
 def test_loader_after_a_stall_starts_new_workers():

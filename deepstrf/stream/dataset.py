@@ -9,6 +9,7 @@ retries). See ``docs/streaming.md`` for the semantics.
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import shutil
 import tempfile
@@ -77,6 +78,26 @@ def _grouped(tasks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
         yield np.concatenate(group)
 
 
+def begun(share: Iterator[Any]) -> Iterator[Any]:
+    """``share`` with its first element read now. An error reading it is raised by the first
+    ``next`` instead: torch makes a kept worker's iterator for a new pass outside the code that
+    sends a worker's errors to the main process, where it would kill the worker. (2 forked
+    workers over S3 on 2 cores, three sets of 10 alternating one-epoch runs: first batch
+    0.262-0.265 -> 0.245-0.260 s; items/s within the noise, 0.99-1.02x.)"""
+    try:
+        first = next(share)
+    except StopIteration:
+        return iter(())
+    except Exception as exc:
+        return _raising(exc)
+    return itertools.chain((first,), share)
+
+
+def _raising(exc: Exception) -> Iterator[Any]:
+    yield from ()
+    raise exc
+
+
 class _SharedPosition:
     """An int attribute kept in the dataset's shared-memory ``_position`` tensor, so that
     persistent DataLoader workers read the value the main process set."""
@@ -89,6 +110,7 @@ class _SharedPosition:
 
     def __set__(self, obj: Any, value: int) -> None:
         obj._position[self.index] = value
+
 
 
 class StreamingNeuralDataset(IterableDataset):
@@ -460,6 +482,12 @@ class StreamingNeuralDataset(IterableDataset):
         worker processes, :meth:`loader` does that; a plain ``DataLoader``
         cannot, so call :meth:`set_epoch`).
         """
+        share = self._share()
+        # torch makes a worker's iterator as the worker starts, then waits for its first index
+        # (sent once every worker has started): begin reading meanwhile
+        return share if get_worker_info() is None else begun(share)
+
+    def _share(self) -> Iterator[Any]:
         st = self._state()
         info = get_worker_info()
         worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
