@@ -93,11 +93,9 @@ def tree_cpu_s() -> tuple[float, float] | None:
             continue
         parent_of[int(entry)] = int(fields[1])
         ticks[int(entry)] = (int(fields[11]) + int(fields[13]), int(fields[12]) + int(fields[14]))
-    tree, grew = {os.getpid()}, True
-    while grew:
-        more = {pid for pid, parent in parent_of.items() if parent in tree} - tree
+    tree = {os.getpid()}
+    while more := {pid for pid, parent in parent_of.items() if parent in tree} - tree:
         tree |= more
-        grew = bool(more)
     hz = os.sysconf("SC_CLK_TCK")
     for pid in tree - {os.getpid()}:
         user += ticks[pid][0] / hz

@@ -112,7 +112,6 @@ class _SharedPosition:
         obj._position[self.index] = value
 
 
-
 class StreamingNeuralDataset(IterableDataset):
     """Stream the visible items of a source or pool into PyTorch, sharded and shuffled.
 
