@@ -85,13 +85,20 @@ def _run(args: list[str], cwd: str, stdin: str | None = None) -> subprocess.Comp
                           env=env, timeout=RUN_TIMEOUT_S)
 
 
-def test_an_unguarded_script(pool_url, tmp_path):
-    (tmp_path / "train.py").write_text(_code(pool_url))
+# what Python 3.14 makes the default start method on Linux; loader() chooses its own either way
+FORKSERVER_DEFAULT = 'import multiprocessing\nmultiprocessing.set_start_method("forkserver", force=True)\n'
+DEFAULTS = {"platform": "", "forkserver": FORKSERVER_DEFAULT}
+
+
+@pytest.mark.parametrize("default", DEFAULTS)
+def test_an_unguarded_script(pool_url, tmp_path, default):
+    (tmp_path / "train.py").write_text(DEFAULTS[default] + _code(pool_url))
     _check(_run(["train.py"], str(tmp_path)))
 
 
-def test_a_guarded_script(pool_url, tmp_path):
-    (tmp_path / "train.py").write_text(guarded(_code(pool_url)))
+@pytest.mark.parametrize("default", DEFAULTS)
+def test_a_guarded_script(pool_url, tmp_path, default):
+    (tmp_path / "train.py").write_text(DEFAULTS[default] + guarded(_code(pool_url)))
     _check(_run(["train.py"], str(tmp_path)))
 
 
@@ -152,6 +159,43 @@ def test_a_worker_that_raises_in_start_up_is_reported_with_its_exception(tmp_pat
     assert "never started its pass" not in out.stdout and "lock" not in out.stdout.split("What to do")[0]
     waited = float(out.stdout.split("WAITED ", 1)[1].split()[0])
     assert waited < 30  # seen dead within seconds, not at the 120 s timeout
+
+
+# what a dataset object carries besides its arrays (which cross in shared memory): with 1 MB of
+# it, the parent is still writing the worker's start-up data into their pipe (64 KB) when the
+# worker dies, and gets a broken pipe
+NOTES_BYTES = {"no notes": 0, "1 MB of notes": 1 << 20}
+
+
+@pytest.mark.parametrize("notes", NOTES_BYTES)
+@pytest.mark.parametrize("read_while_starting", [False, True])
+def test_a_script_whose_top_fails_in_a_worker_is_reported_with_the_fix(tmp_path, notes, read_while_starting):
+    """Code above the guard runs again in every worker that forkserver starts; where it raises
+    there (a classic: ``set_start_method`` without ``force``), the worker dies before it reads its
+    dataset (its parent may get a broken pipe sending a large one): the loader reports the
+    worker's own exception and the fix."""
+    script = textwrap.dedent(f'''
+        import multiprocessing
+        multiprocessing.set_start_method("forkserver")
+        from deepstrf import StreamingNeuralDataset
+        from deepstrf.datasets.synthetic import SyntheticAudioDataset
+        from deepstrf.errors import StreamStalledError
+
+        if __name__ == "__main__":
+            recordings = SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02, seed=1)
+            recordings.notes = "x" * {NOTES_BYTES[notes]}
+            stream = StreamingNeuralDataset(recordings, batch_size=2)
+            try:
+                for _ in stream.loader(num_workers=2, timeout=120, read_while_starting={read_while_starting}):
+                    pass
+            except StreamStalledError as exc:
+                print(exc)
+    ''')
+    (tmp_path / "top.py").write_text(script)
+    out = _run(["top.py"], str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "RuntimeError: context has already been set" in out.stdout, out.stdout + out.stderr[-3000:]
+    assert "if __name__" in out.stdout.split("What to do")[1]
 
 
 def test_no_method_can_work_fails_before_any_worker_starts(tmp_path):

@@ -26,8 +26,8 @@ from ..errors import StreamStalledError
 from . import handover
 from .prefetch import ReadTimeout
 from .transfer import share_before_sending
-from .workers import (DEFAULT_TIMEOUT_S, context_method, died, foreign_threads, prepare_context,
-                      worker_context)
+from .workers import (DEATH_FIX, DEFAULT_TIMEOUT_S, RERUN_FIX, context_method, deaths_since, died,
+                      died_rerunning_main, foreign_threads, prepare_context, what_it_raised, worker_context)
 
 if TYPE_CHECKING:
     from .dataset import StreamingNeuralDataset
@@ -181,7 +181,7 @@ class StreamingDataLoader(DataLoader):
                 batches = yield from self._read_while_starting()
             else:
                 ds._lead.reset()
-                batches = super().__iter__()
+                batches = self._dataloader_iter()
             yield from self._from_workers(batches)
         finally:
             ds._lead.reset()  # workers of any later DataLoader read their whole share
@@ -238,7 +238,7 @@ class StreamingDataLoader(DataLoader):
             torch.accelerator.set_device_index(device)
         own, self.generator = self.generator, generator
         try:
-            batches = super().__iter__()
+            batches = self._dataloader_iter()
         finally:
             self.generator = own
         workers = getattr(batches, "_workers", [])
@@ -249,6 +249,25 @@ class StreamingDataLoader(DataLoader):
             time.sleep(_STARTED_POLL_S)
         ds._lead.close()
         return batches
+
+    def _dataloader_iter(self) -> Iterator[Any]:
+        """``DataLoader.__iter__``: starts the workers, or has kept ones begin a pass. A worker that
+        dies before it has read its dataset (the top of ``__main__``, run again by forkserver,
+        raised) leaves the main process a broken pipe: reported with the worker's own error."""
+        started_ns = time.time_ns()
+        try:
+            return super().__iter__()
+        except (BrokenPipeError, ConnectionResetError, EOFError) as exc:
+            raise self._start_failed(exc, started_ns) from exc
+
+    def _start_failed(self, exc: BaseException, started_ns: int) -> StreamStalledError:
+        ds: StreamingNeuralDataset = self.dataset
+        dead = (deaths_since(started_ns) or [None])[-1]  # the latest traceback a worker left, if any
+        hint = RERUN_FIX if died_rerunning_main(dead) else DEATH_FIX
+        return StreamStalledError(
+            f"streaming {ds._where()}: a DataLoader worker died as it started, before it had its dataset (the main "
+            f"process got {type(exc).__name__} sending it). Epoch {ds.epoch}, pass stopped; {what_it_raised(dead)}"
+            f"\nWhat to do: {hint}.")
 
     def _from_workers(self, batches: Iterator[Any]) -> Iterator[Any]:
         """The DataLoader's batches, with stalled or dead workers reported."""
@@ -291,11 +310,9 @@ class StreamingDataLoader(DataLoader):
         ds: StreamingNeuralDataset = self.dataset
         workers = getattr(batches, "_workers", [])
         report = ds.activity.describe(self.num_workers, workers, ds._where())
-        if any(map(died, workers)):
+        if dead := [w for w in workers if died(w)]:
             what = "a DataLoader worker died"
-            hint = ("fix the error the worker raised (above, or in what it printed to stderr); a worker killed by "
-                    "SIGKILL was most likely stopped by the out-of-memory killer: use fewer workers or a smaller "
-                    "batch_size")
+            hint = RERUN_FIX if any(died_rerunning_main(w.pid) for w in dead) else DEATH_FIX
         else:
             what = f"{type(exc).__name__}: no batch for {self.stall_timeout:g} s"
             hint = ("look for a read that never returns (a dead server, a lock in your transform), or raise "

@@ -153,16 +153,54 @@ def errors_dir(main_pid: int) -> str:
     return os.path.join(tempfile.gettempdir(), f"deepstrf-worker-errors-{main_pid}")
 
 
-def death_report(pid: int | None) -> str | None:
-    """The last lines of the traceback a dead worker ``pid`` (of this process) left, if any."""
+def _traceback_of(pid: int | None) -> str | None:
+    """The whole traceback a dead worker ``pid`` (of this process) left, if any."""
     if pid is None:
         return None
     try:
         with open(os.path.join(errors_dir(os.getpid()), f"{pid}.txt"), encoding="utf-8") as f:
-            lines = f.read().rstrip().splitlines()
+            return f.read().rstrip()
     except OSError:
         return None
-    return "\n".join(lines[-_TRACEBACK_LINES:])
+
+
+def death_report(pid: int | None) -> str | None:
+    """The last lines of the traceback a dead worker ``pid`` (of this process) left, if any."""
+    text = _traceback_of(pid)
+    return None if text is None else "\n".join(text.splitlines()[-_TRACEBACK_LINES:])
+
+
+def what_it_raised(pid: int | None) -> str:
+    """The last lines of dead worker ``pid``'s traceback, indented, for a report (or where to look)."""
+    error = death_report(pid)
+    return ("it raised:\n" + "\n".join("    " + x for x in error.splitlines()) if error else
+            "what it printed to stderr says why")
+
+
+def deaths_since(since_ns: int) -> list[int]:
+    """Pids of this process's workers that left a traceback since ``since_ns`` (``time.time_ns()``),
+    oldest first. File times come from a clock that may lag by a few ms: a second of slack."""
+    try:
+        entries = [(e.stat().st_mtime_ns, e.name) for e in os.scandir(errors_dir(os.getpid()))
+                   if e.name.endswith(".txt")]
+    except OSError:
+        return []
+    return [int(name[:-4]) for mtime, name in sorted(entries) if mtime >= since_ns - 1_000_000_000]
+
+
+def died_rerunning_main(pid: int | None) -> bool:
+    """Whether worker ``pid`` died running the top of ``__main__`` again (as forkserver and spawn
+    do in every new process, through multiprocessing's ``_fixup_main_from_path``)."""
+    text = _traceback_of(pid)
+    return text is not None and "_fixup_main_from_path" in text
+
+
+# what to do about a worker that died, in general and when the top of __main__ raised in it
+DEATH_FIX = ("fix the error the worker raised (above, or in what it printed to stderr); a worker killed by SIGKILL "
+             "was most likely stopped by the out-of-memory killer: use fewer workers or a smaller batch_size")
+RERUN_FIX = ("the code of your script above `if __name__ == \"__main__\":` runs again in every worker that "
+             "forkserver or spawn starts, and it raised there: move it under the guard, or make it safe to run "
+             "twice (e.g. multiprocessing.set_start_method(..., force=True))")
 
 
 _CLEANING = False
@@ -267,9 +305,7 @@ class WorkerActivity:
             else:
                 line = f"{head}: {'died' if dead else 'idle'} after {row[_BATCHES]} batch(es)"
             if dead:
-                error = death_report(proc.pid)
-                line += ("; it raised:\n" + "\n".join("    " + x for x in error.splitlines()) if error else
-                         "; what it printed to stderr says why")
+                line += "; " + what_it_raised(proc.pid)
             lines.append(line)
         return "\n".join(lines)
 
