@@ -102,6 +102,15 @@ def test_a_guarded_script(pool_url, tmp_path, default):
     _check(_run(["train.py"], str(tmp_path)))
 
 
+@pytest.mark.parametrize("guard", [False, True])
+def test_a_module_run_with_dash_m(pool_url, tmp_path, guard):
+    """``python -m lab.train``: workers started by forkserver import ``__main__`` by module name."""
+    (tmp_path / "lab").mkdir()
+    (tmp_path / "lab" / "__init__.py").write_text("")
+    (tmp_path / "lab" / "train.py").write_text(guarded(_code(pool_url)) if guard else _code(pool_url))
+    _check(_run(["-m", "lab.train"], str(tmp_path)))
+
+
 def test_a_script_fed_through_stdin(pool_url, tmp_path):
     _check(_run(["-"], str(tmp_path), stdin=_code(pool_url)))
 
