@@ -176,9 +176,11 @@ def test_a_worker_that_raises_in_start_up_is_reported_with_its_exception(tmp_pat
 NOTES_BYTES = {"no notes": 0, "1 MB of notes": 1 << 20}
 
 
-@pytest.mark.parametrize("notes", NOTES_BYTES)
-@pytest.mark.parametrize("read_while_starting", [False, True])
-def test_a_script_whose_top_fails_in_a_worker_is_reported_with_the_fix(tmp_path, notes, read_while_starting):
+@pytest.mark.parametrize("notes, read_while_starting, as_module", [
+    ("no notes", False, False), ("no notes", True, False), ("1 MB of notes", False, False),
+    ("1 MB of notes", True, False), ("no notes", False, True)])
+def test_a_script_whose_top_fails_in_a_worker_is_reported_with_the_fix(tmp_path, notes, read_while_starting,
+                                                                        as_module):
     """Code above the guard runs again in every worker that forkserver starts; where it raises
     there (a classic: ``set_start_method`` without ``force``), the worker dies before it reads its
     dataset (its parent may get a broken pipe sending a large one): the loader reports the
@@ -201,7 +203,7 @@ def test_a_script_whose_top_fails_in_a_worker_is_reported_with_the_fix(tmp_path,
                 print(exc)
     ''')
     (tmp_path / "top.py").write_text(script)
-    out = _run(["top.py"], str(tmp_path))
+    out = _run(["-m", "top"] if as_module else ["top.py"], str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "RuntimeError: context has already been set" in out.stdout, out.stdout + out.stderr[-3000:]
     assert "if __name__" in out.stdout.split("What to do")[1]

@@ -190,9 +190,10 @@ def deaths_since(since_ns: int) -> list[int]:
 
 def died_rerunning_main(pid: int | None) -> bool:
     """Whether worker ``pid`` died running the top of ``__main__`` again (as forkserver and spawn
-    do in every new process, through multiprocessing's ``_fixup_main_from_path``)."""
+    do in every new process, through multiprocessing's ``_fixup_main_from_path``, or
+    ``_fixup_main_from_name`` for ``python -m``)."""
     text = _traceback_of(pid)
-    return text is not None and "_fixup_main_from_path" in text
+    return text is not None and "_fixup_main_from_" in text
 
 
 # what to do about a worker that died, in general and when the top of __main__ raised in it
