@@ -230,9 +230,10 @@ def test_no_method_can_work_fails_before_any_worker_starts(tmp_path):
     assert "REFUSED" in out.stdout and 'if __name__ == "__main__":' in out.stdout and "mac.py" in out.stdout
 
 
-def test_an_unguarded_lightning_script(pool_url, tmp_path):
+@pytest.mark.parametrize("default", DEFAULTS)
+def test_an_unguarded_lightning_script(pool_url, tmp_path, default):
     pytest.importorskip("lightning")
-    script = f"POOL = {pool_url!r}\n" + textwrap.dedent('''
+    script = DEFAULTS[default] + f"POOL = {pool_url!r}\n" + textwrap.dedent('''
         import lightning, torch
         from deepstrf.lightning import PoolDataModule
 
