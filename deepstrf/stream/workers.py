@@ -21,7 +21,9 @@ Start method (:func:`worker_context`), chosen per situation:
 
 Deaths. A worker that dies before the DataLoader's own loop catches its
 errors (unpickling its dataset, say) leaves its traceback where
-:func:`death_report` finds it (:mod:`deepstrf.stream.worker_boot`).
+:func:`death_report` finds it (:mod:`deepstrf.stream.worker_boot`); one that
+died running the top of ``__main__`` again gets its own fix
+(:func:`died_rerunning_main`).
 
 Activity. Every worker writes what it is reading into a small shared-memory
 table (:class:`WorkerActivity`), so the main process can say which worker is
