@@ -1,6 +1,7 @@
 """``loader(num_workers=2)`` from every way people run Python: a real interpreter per test, each
 training two epochs over a store pool (and over an in-memory dataset whose transform and class
-were defined in ``__main__``)."""
+were defined in ``__main__``), with the platform's default start method and with forkserver as
+the default (Python 3.14's on Linux)."""
 
 from __future__ import annotations
 
@@ -111,19 +112,22 @@ def test_a_module_run_with_dash_m(pool_url, tmp_path, guard):
     _check(_run(["-m", "lab.train"], str(tmp_path)))
 
 
-def test_a_script_fed_through_stdin(pool_url, tmp_path):
-    _check(_run(["-"], str(tmp_path), stdin=_code(pool_url)))
+@pytest.mark.parametrize("default", DEFAULTS)
+def test_a_script_fed_through_stdin(pool_url, tmp_path, default):
+    _check(_run(["-"], str(tmp_path), stdin=DEFAULTS[default] + _code(pool_url)))
 
 
-def test_python_dash_c(pool_url, tmp_path):
-    _check(_run(["-c", _code(pool_url)], str(tmp_path)))
+@pytest.mark.parametrize("default", DEFAULTS)
+def test_python_dash_c(pool_url, tmp_path, default):
+    _check(_run(["-c", DEFAULTS[default] + _code(pool_url)], str(tmp_path)))
 
 
-def test_a_jupyter_notebook(pool_url, tmp_path):
+@pytest.mark.parametrize("default", DEFAULTS)
+def test_a_jupyter_notebook(pool_url, tmp_path, default):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
-    head, tail = _code(pool_url).split("def train(stream):")
+    head, tail = (DEFAULTS[default] + _code(pool_url)).split("def train(stream):")
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(head),  # definitions in one cell
                                          nbformat.v4.new_code_cell("def train(stream):" + tail)])
     client = nbclient.NotebookClient(nb, timeout=RUN_TIMEOUT_S, kernel_name="python3",
