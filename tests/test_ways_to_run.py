@@ -234,6 +234,40 @@ def test_no_method_can_work_fails_before_any_worker_starts(tmp_path):
     assert "REFUSED" in out.stdout and 'if __name__ == "__main__":' in out.stdout and "mac.py" in out.stdout
 
 
+def test_an_unguarded_script_under_torchrun(pool_url, tmp_path):
+    """``torchrun --standalone --nproc_per_node=2 train.py``: every rank runs the script as
+    ``__main__`` and trains with 2 workers of its own; each rank reads its share every epoch."""
+    script = f"POOL = {pool_url!r}\n" + textwrap.dedent('''
+        import json
+        import torch
+        import torch.distributed as dist
+        from deepstrf import StreamingNeuralDataset
+
+        dist.init_process_group("gloo")
+        stream = StreamingNeuralDataset(POOL, batch_size=2, shuffle=True, seed=0)  # rank, world from dist
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(1, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        seen = []
+        for epoch in range(2):
+            n = 0
+            for batch in stream.loader(num_workers=2, timeout=60):
+                x = batch["stims"].flatten(1).mean(1, keepdim=True)
+                loss = model(x).pow(2).mean()  # all ranks take the same number of steps, or this hangs
+                opt.zero_grad(); loss.backward(); opt.step()
+                n += len(batch["stim_meta"])
+            seen.append(n)
+        print("RANK", dist.get_rank(), json.dumps(seen), flush=True)
+        dist.destroy_process_group()
+    ''')
+    (tmp_path / "train.py").write_text(script)
+    out = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"], str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    per_rank = {int(line.split()[1]): json.loads(line.split(" ", 2)[2])
+                for line in out.stdout.splitlines() if line.startswith("RANK ")}
+    assert set(per_rank) == {0, 1}
+    assert per_rank[0] == per_rank[1] and per_rank[0][0] == per_rank[0][1] > 0
+
+
 @pytest.mark.parametrize("default", DEFAULTS)
 def test_an_unguarded_lightning_script(pool_url, tmp_path, default):
     pytest.importorskip("lightning")
