@@ -112,6 +112,16 @@ def test_a_module_run_with_dash_m(pool_url, tmp_path, guard):
     _check(_run(["-m", "lab.train"], str(tmp_path)))
 
 
+@pytest.mark.parametrize("guard", [False, True])
+def test_a_script_run_by_ipython(pool_url, tmp_path, guard):
+    """``ipython train.py``: its history-writing thread is no reason to warn or to avoid fork."""
+    pytest.importorskip("IPython")
+    (tmp_path / "train.py").write_text(guarded(_code(pool_url)) if guard else _code(pool_url))
+    out = _run(["-m", "IPython", "--quick", "--no-banner", "train.py"], str(tmp_path))
+    _check(out)
+    assert "RuntimeWarning" not in out.stderr, out.stderr[-3000:]
+
+
 @pytest.mark.parametrize("default", DEFAULTS)
 def test_a_script_fed_through_stdin(pool_url, tmp_path, default):
     _check(_run(["-"], str(tmp_path), stdin=DEFAULTS[default] + _code(pool_url)))

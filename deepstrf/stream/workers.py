@@ -67,8 +67,10 @@ DEFAULT_TIMEOUT_S = 300.0
 # DataLoader's index queues flush for a moment after its pass, and they only pickle and write to
 # pipes that no new worker uses. (Counted as foreign, they made every other epoch start its
 # workers through the forkserver: a first-batch stall of seconds when the server was not running.)
+# Also IPython's history writer (`ipython script.py`, `%run`): its locks and its SQLite connection
+# are used by nothing a worker runs (a worker leaves through os._exit, without IPython's exit hooks).
 FORK_SAFE_THREAD_PREFIXES = ("deepstrf", "fsspecIO", "zarr_io", "zarr_pool", "asyncio_", "tqdm_monitor",
-                             "QueueFeederThread")
+                             "QueueFeederThread", "IPythonHistorySavingThread")
 
 # columns of the activity table
 _PID, _BATCHES, _READING_SINCE_NS, _N_STIMS, _STIMS = 0, 1, 2, 3, 4
