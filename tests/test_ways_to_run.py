@@ -185,8 +185,8 @@ def test_a_worker_that_raises_in_start_up_is_reported_with_its_exception(tmp_pat
 
 
 # what a dataset object carries besides its arrays (which cross in shared memory): with 1 MB of
-# it, the parent is still writing the worker's start-up data into their pipe (64 KB) when the
-# worker dies, and gets a broken pipe
+# it, the parent is usually still writing the worker's start-up data into their pipe (64 KB) when
+# the worker dies, and gets a broken pipe (without, the worker dies after it has read it all)
 NOTES_BYTES = {"no notes": 0, "1 MB of notes": 1 << 20}
 
 
