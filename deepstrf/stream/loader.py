@@ -26,8 +26,9 @@ from ..errors import StreamStalledError
 from . import handover
 from .prefetch import ReadTimeout
 from .transfer import share_before_sending
-from .workers import (DEATH_FIX, DEFAULT_TIMEOUT_S, RERUN_FIX, context_method, deaths_since, died,
-                      died_rerunning_main, foreign_threads, prepare_context, what_it_raised, worker_context)
+from .workers import (DEATH_FIX, DEFAULT_TIMEOUT_S, RERUN_FIX, context_method, died,
+                      died_rerunning_main, foreign_threads, latest_death_since, prepare_context, what_it_raised,
+                      worker_context)
 
 if TYPE_CHECKING:
     from .dataset import StreamingNeuralDataset
@@ -262,7 +263,7 @@ class StreamingDataLoader(DataLoader):
 
     def _start_failed(self, exc: BaseException, started_ns: int) -> StreamStalledError:
         ds: StreamingNeuralDataset = self.dataset
-        dead = (deaths_since(started_ns) or [None])[-1]  # the latest traceback a worker left, if any
+        dead = latest_death_since(started_ns)
         hint = RERUN_FIX if died_rerunning_main(dead) else DEATH_FIX
         return StreamStalledError(
             f"streaming {ds._where()}: a DataLoader worker died as it started, before it had its dataset (the main "

@@ -181,15 +181,16 @@ def what_it_raised(pid: int | None) -> str:
             "what it printed to stderr says why")
 
 
-def deaths_since(since_ns: int) -> list[int]:
-    """Pids of this process's workers that left a traceback since ``since_ns`` (``time.time_ns()``),
-    oldest first. File times come from a clock that may lag by a few ms: a second of slack."""
+def latest_death_since(since_ns: int) -> int | None:
+    """The pid of this process's worker that left a traceback last, if it did since ``since_ns``
+    (``time.time_ns()``). File times come from a clock that may lag by a few ms: a second of slack."""
     try:
         entries = [(e.stat().st_mtime_ns, e.name) for e in os.scandir(errors_dir(os.getpid()))
                    if e.name.endswith(".txt")]
     except OSError:
-        return []
-    return [int(name[:-4]) for mtime, name in sorted(entries) if mtime >= since_ns - 1_000_000_000]
+        return None
+    mtime, name = max(entries, default=(0, ""))
+    return int(name[:-4]) if name and mtime >= since_ns - 1_000_000_000 else None
 
 
 def died_rerunning_main(pid: int | None) -> bool:
