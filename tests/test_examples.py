@@ -17,6 +17,7 @@ def run_example(name: str, *args: str, timeout: int = 120) -> subprocess.Complet
     proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--tiny", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=EXAMPLES, env={**os.environ})
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert "Traceback" not in proc.stderr, f"{name} printed a traceback:\n{proc.stderr[-4000:]}"
     return proc
 
 
@@ -48,9 +49,10 @@ def test_train_evaluate(tmp_path):
     assert "AA1:" in out.stdout and "NS1:" in out.stdout
 
 
-def test_train_lightning(tmp_path):
+@pytest.mark.parametrize("ddp", [[], ["--devices", "2", "--workers", "2"]], ids=["one-process", "ddp-workers"])
+def test_train_lightning(tmp_path, ddp):
     pytest.importorskip("lightning")
-    out = run_example("train_lightning.py", "--root", str(tmp_path))
+    out = run_example("train_lightning.py", "--root", str(tmp_path), *ddp)
     assert "trained 2 epochs" in out.stdout and "test loss" in out.stdout
 
 

@@ -149,3 +149,46 @@ def test_dense_batches_have_no_lead_unless_asked():
     assert not dense.loader(num_workers=2).read_while_starting
     loader = dense.loader(num_workers=2, timeout=LOADER_TIMEOUT_S, read_while_starting=True)
     assert [k for b in loader for k in batch_keys(b)] == in_process_keys(8, batch_size=2, seed=6)
+
+
+@pytest.mark.parametrize("kw", [{}, {"multiprocessing_context": "fork"}], ids=["lead", "forked"])
+def test_the_pass_after_one_left_early_waits_for_kept_workers_still_reading(kw):
+    """Kept workers finish the reads of a pass the consumer left (torch drains them when the next
+    pass starts): seconds, not the DataLoader's one-second check interval; the next pass is whole."""
+    s = StreamingNeuralDataset(paced_toy(S=8, stuck=7, stuck_s=2.0), batch_size=2, shuffle=False)
+    loader = s.loader(num_workers=2, timeout=LOADER_TIMEOUT_S, **kw)
+    whole = in_process_keys(8, batch_size=2, shuffle=False)
+    assert [k for b in loader for k in batch_keys(b)] == whole  # the workers are started and kept
+    for _ in loader:  # they begin a pass at once, and one is in the 2 s read of stim 7 when the consumer leaves
+        break
+    assert [k for b in loader for k in batch_keys(b)] == whole
+
+
+def test_a_start_that_fails_after_the_consumer_left_raises_nothing(monkeypatch):
+    def failing(self, *args):
+        time.sleep(0.3)
+        raise RuntimeError("the workers could not start")
+
+    monkeypatch.setattr(StreamingDataLoader, "_start_workers", failing)
+    s = StreamingNeuralDataset(ToyAudio(seed=3, S=8, N=4), batch_size=2)
+    loader = s.loader(num_workers=2, timeout=LOADER_TIMEOUT_S)
+    batches = iter(loader)
+    next(batches)  # read by the main process
+    batches.close()  # no one left to report the failure to
+    assert loader._iterator is None
+    with pytest.raises(RuntimeError, match="could not start"):  # a consumer still there hears of it
+        list(loader)
+
+
+def test_kept_workers_stuck_in_a_pass_left_early_are_reported_when_the_next_begins():
+    s = StreamingNeuralDataset(paced_toy(S=8, stuck=7, stuck_s=10.0), batch_size=2, shuffle=False)
+    loader = s.loader(num_workers=2, timeout=2, multiprocessing_context="fork")
+    for _ in loader:
+        break
+    start = time.monotonic()
+    with pytest.raises(StreamStalledError, match="no batch for 2 s") as err:
+        next(iter(loader))
+    msg = str(err.value)
+    assert "reading stims [6, 7]" in msg and "of the pass before (which the consumer left early)" in msg
+    assert "stuck in start-up" not in msg and time.monotonic() - start < 9
+    assert loader._iterator is None  # stopped: the next pass starts new workers

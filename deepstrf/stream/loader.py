@@ -15,7 +15,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Generator, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,6 +50,22 @@ def _any_dead(workers: Sequence[Any], wait_s: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def _patient_get_data(iterator: Any, timeout_s: float) -> Any:
+    """A ``_get_data`` for torch's iterator while kept workers acknowledge a new pass: torch's
+    ``_reset`` first drains what they still had in flight from a pass the consumer left early,
+    which can take longer than the DataLoader's short check ``timeout``. This one waits up to
+    ``timeout_s`` for each item, and sees a dead worker within ``WORKER_CHECK_S``."""
+    def get_data() -> Any:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            received, data = iterator._try_get_data(WORKER_CHECK_S)  # raises for a dead worker
+            if received:
+                return data
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"DataLoader timed out after {timeout_s:g} seconds")
+    return get_data
 
 
 def _start_context(dataset: "StreamingNeuralDataset", given: Any, worker_init_fn: Any, collate_fn: Any) -> Any:
@@ -174,8 +190,10 @@ class StreamingDataLoader(DataLoader):
             self.multiprocessing_context = _start_context(ds, self._given_context, self.worker_init_fn,
                                                           self._user_collate)
             self._workers_settings = settings
+            ds.activity.reset()
+        else:
+            ds.activity.new_pass()
         ds._begin_pass()
-        ds.activity.reset()
         self.lead_batches = 0
         try:
             if self.read_while_starting and context_method(self.multiprocessing_context) != "fork":
@@ -207,6 +225,7 @@ class StreamingDataLoader(DataLoader):
             else None
         starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepstrf-start-workers")
         starting = starter.submit(self._start_workers, generator, device)
+        left = False
         try:
             for batch in ds._lead_batches(self.stall_timeout or None):
                 self.lead_batches += 1
@@ -214,6 +233,9 @@ class StreamingDataLoader(DataLoader):
                 yield ds.deliver(batch)
                 if starting.done() and starting.exception() is not None:
                     break
+        except GeneratorExit:
+            left = True
+            raise
         except ReadTimeout as exc:
             ds._lead.close()
             self._stop_workers(starting.result())
@@ -226,9 +248,22 @@ class StreamingDataLoader(DataLoader):
                 "loader(read_while_starting=False) leaves every read to the workers.") from exc
         finally:
             ds._lead.close()
-            batches = starting.result()
             starter.shutdown()
+            batches = self._started(starting, consumer_left=left)
         return batches
+
+    def _started(self, starting: Future, consumer_left: bool) -> Iterator[Any] | None:
+        """The DataLoader's iterator from the thread that started the workers. A start that failed
+        after the consumer left the pass has no one to be reported to (it would surface as
+        "Exception ignored" when the pass is collected): its workers are stopped, and the next
+        pass starts new ones."""
+        try:
+            return starting.result()
+        except Exception:
+            if not consumer_left:
+                raise
+            self._stop_workers(self._iterator)
+            return None
 
     def _start_workers(self, generator: torch.Generator | None, device: int | None) -> Iterator[Any]:
         """Start the workers, or have persistent ones begin a new pass (a thread: a start waits for
@@ -254,12 +289,25 @@ class StreamingDataLoader(DataLoader):
     def _dataloader_iter(self) -> Iterator[Any]:
         """``DataLoader.__iter__``: starts the workers, or has kept ones begin a pass. A worker that
         dies before it has read its dataset (the top of ``__main__``, run again by forkserver,
-        raised) leaves the main process a broken pipe: reported with the worker's own error."""
+        raised) leaves the main process a broken pipe: reported with the worker's own error. Kept
+        workers get ``stall_timeout`` to begin the pass (they first finish the reads of a pass
+        the consumer left early)."""
         started_ns = time.time_ns()
+        kept = self._iterator if self.persistent_workers else None
         try:
-            return super().__iter__()
+            if kept is None:
+                return super().__iter__()
+            kept._get_data = _patient_get_data(kept, self.stall_timeout)
+            try:
+                return super().__iter__()
+            finally:
+                del kept._get_data
         except (BrokenPipeError, ConnectionResetError, EOFError) as exc:
             raise self._start_failed(exc, started_ns) from exc
+        except RuntimeError as exc:  # kept workers that died, or stalled, before they began the pass
+            if kept is None:
+                raise
+            raise self._stalled(kept, exc) from exc
 
     def _start_failed(self, exc: BaseException, started_ns: int) -> StreamStalledError:
         ds: StreamingNeuralDataset = self.dataset

@@ -73,7 +73,7 @@ FORK_SAFE_THREAD_PREFIXES = ("deepstrf", "fsspecIO", "zarr_io", "zarr_pool", "as
                              "QueueFeederThread", "IPythonHistorySavingThread")
 
 # columns of the activity table
-_PID, _BATCHES, _READING_SINCE_NS, _N_STIMS, _STIMS = 0, 1, 2, 3, 4
+_PID, _BATCHES, _READING_SINCE_NS, _N_STIMS, _EARLIER, _STIMS = 0, 1, 2, 3, 4, 5
 _SHOWN_STIMS = 8  # stims of the current read kept for the report
 _TRACEBACK_LINES = 12  # last lines of a dead worker's traceback put in a report
 
@@ -276,12 +276,19 @@ class WorkerActivity:
             row[_READING_SINCE_NS] = 0
 
     def any_worker_started(self, num_workers: int) -> bool:
-        """Whether any of the first ``num_workers`` workers has begun its pass (opened the dataset)."""
-        return bool((self._table[1:min(num_workers, MAX_SLOTS - 1) + 1, _PID] != 0).any())
+        """Whether any of the first ``num_workers`` workers has begun this pass (opened the dataset)."""
+        rows = self._table[1:min(num_workers, MAX_SLOTS - 1) + 1]
+        return bool(((rows[:, _PID] != 0) & (rows[:, _EARLIER] == 0)).any())
 
     def reset(self) -> None:
         """Forget every slot (a new pass starts new workers)."""
         self._table.zero_()
+
+    def new_pass(self) -> None:
+        """Kept workers are asked to begin a new pass: each row stands for the pass before until its
+        worker begins this one (a worker still in a read of a pass the consumer left early is
+        reported as such, not as stuck in start-up)."""
+        self._table[:, _EARLIER] = 1
 
     def describe(self, num_workers: int, processes: Sequence[BaseProcess] = (), where: str = "") -> str:
         """One line per worker: its pid (and exit code if it died), the batches it delivered, and
@@ -310,6 +317,8 @@ class WorkerActivity:
                     f", after {row[_BATCHES]} batch(es)"
             else:
                 line = f"{head}: {'died' if dead else 'idle'} after {row[_BATCHES]} batch(es)"
+            if row is not None and row[_PID] and row[_EARLIER]:
+                line += " of the pass before (which the consumer left early); it has not begun this one"
             if dead:
                 line += "; " + what_it_raised(proc.pid)
             lines.append(line)
