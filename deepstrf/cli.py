@@ -96,42 +96,47 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--options", default=None, metavar="FILE",
                     help="JSON file of storage options, per URL prefix or plain (default: $DEEPSTRF_STORAGE_OPTIONS, "
                          "else ~/.config/deepstrf/storage.json if it exists)")
+    roots = argparse.ArgumentParser(add_help=False)
+    roots.add_argument("--allow-root", action="append", default=[], metavar="URL",
+                       help="a folder or URL prefix outside the pool's own that its references may point to "
+                            "(repeatable)")
+    version = argparse.ArgumentParser(add_help=False)
+    version.add_argument("--version", default=None,
+                         help="a source's version (fingerprint, prefix or tag; default latest)")
+    from .demo import DEFAULTS
 
     p = sub.add_parser("demo", parents=[so], help="pool synthetic AA1/AA2/NS1-like sources, stream and fit one model")
     p.add_argument("--out", default="demo-out", help="output folder (report, figures, local stores)")
     p.add_argument("--store", default=None, help="where to write the Zarr stores (default: OUT/stores)")
-    p.add_argument("--scale", type=float, default=None, help="size factor for S and N (default: the demo default)")
-    p.add_argument("--time-scale", type=float, default=None, help="size factor for T")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=None, help=f"size factor for S and N (default {DEFAULTS['scale']})")
+    p.add_argument("--time-scale", type=float, default=None,
+                   help=f"size factor for T (default {DEFAULTS['time_scale']})")
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {DEFAULTS['epochs']})")
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"DataLoader worker processes (default {DEFAULTS['workers']})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic sources and the training (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace stores left by an earlier run")
 
-    p = sub.add_parser("concat", parents=[so], help="write a pool of store references (no data copied)")
+    p = sub.add_parser("concat", parents=[so, roots], help="write a pool of store references (no data copied)")
     p.add_argument("out", help="URL of the pool to write")
     p.add_argument("sources", nargs="*", help="URLs of sources or pools, or patterns (s3://bucket/stores/*.zarr)")
     p.add_argument("--from-list", default=None, metavar="FILE",
                    help="also pool the stores listed in FILE (one URL or pattern per line; # comments)")
     p.add_argument("--name", action="append", default=None, help="source label (one per source)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--allow-root", action="append", default=[], help="extra root the pool may reference")
+    p.add_argument("--overwrite", action="store_true", help="replace a pool already at OUT")
 
-    p = sub.add_parser("info", parents=[so], help="describe a source or pool store")
+    p = sub.add_parser("info", parents=[so, roots, version], help="describe a source or pool store")
     p.add_argument("url")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--allow-root", action="append", default=[])
-    p.add_argument("--version", default=None, help="a source's version (fingerprint, prefix or tag; default latest)")
     p.add_argument("--offline", action="store_true",
                    help="a pool: read the pool only (do not ask its sources for newer versions)")
 
-    p = sub.add_parser("verify", parents=[so], help="check a store's metadata, references and checksums")
+    p = sub.add_parser("verify", parents=[so, roots, version], help="check a store's metadata, references and checksums")
     p.add_argument("url")
     p.add_argument("--data", action="store_true", help="also read and checksum every data chunk (sources: always)")
-    p.add_argument("--allow-root", action="append", default=[])
     p.add_argument("--dask", default=None, metavar="ADDRESS",
                    help="check every source's data, one task per source, on a Dask cluster (scheduler "
                         "address or local:N)")
-    p.add_argument("--version", default=None, help="a source's version (fingerprint, prefix or tag; default latest)")
 
     p = sub.add_parser("versions", parents=[so], help="list the versions of a source store")
     p.add_argument("url")
@@ -142,21 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=_at_least_one, required=True, metavar="N",
                    help="versions to keep (the N newest, at least 1)")
 
-    p = sub.add_parser("pool-update", parents=[so], help="write a pool re-pinned to its sources' latest versions")
+    p = sub.add_parser("pool-update", parents=[so, roots], help="write a pool re-pinned to its sources' latest versions")
     p.add_argument("pool", help="URL of the pool to update")
     p.add_argument("out", help="URL of the re-pinned pool to write")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--allow-root", action="append", default=[], help="extra root the pool may reference")
+    p.add_argument("--overwrite", action="store_true", help="replace a pool already at OUT")
 
-    p = sub.add_parser("cite", parents=[so], help="citations and licenses of a source or of every source of a pool")
+    p = sub.add_parser("cite", parents=[so, version],
+                       help="citations and licenses of a source or of every source of a pool")
     p.add_argument("url")
     p.add_argument("--bibtex", action="store_true", help="print BibTeX entries instead of text")
-    p.add_argument("--version", default=None, help="a source's version (fingerprint, prefix or tag; default latest)")
 
-    p = sub.add_parser("plot", parents=[so], help="plot a store's coverage matrix")
+    p = sub.add_parser("plot", parents=[so, roots], help="plot a store's coverage matrix")
     p.add_argument("url")
-    p.add_argument("-o", "--output", default="coverage.png")
-    p.add_argument("--allow-root", action="append", default=[])
+    p.add_argument("-o", "--output", default="coverage.png", help="image to write (default coverage.png)")
 
     p = sub.add_parser("bench", parents=[so], help="measure streaming throughput of a store")
     p.add_argument("url", nargs="?", default=None, help="store to read (default: a synthetic pool in a temp folder)")

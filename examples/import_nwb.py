@@ -48,14 +48,16 @@ def main() -> None:
     stores = join(root, "stores")
 
     # 1. import: one store per session; every conversion choice is an argument, recorded in the store
+    #    (overwrite: a re-run replaces the stores it imported before, whose inputs were other files)
     if args.nwb:
-        results = import_sessions(stores, args.nwb, dt_ms=DT_MS, storage_options=so, jobs=2)
+        results = import_sessions(stores, args.nwb, dt_ms=DT_MS, storage_options=so, jobs=2, overwrite=True)
     else:
         with tempfile.TemporaryDirectory(prefix="nwb-files-") as folder:
             a, b = make_sessions(folder, args.tiny)
-            results = import_sessions(stores, [a], dt_ms=DT_MS, license="CC-BY-4.0", storage_options=so)
+            results = import_sessions(stores, [a], dt_ms=DT_MS, license="CC-BY-4.0", storage_options=so,
+                                      overwrite=True)
             results += import_sessions(stores, [b], dt_ms=DT_MS, presentations="sound_presentations",
-                                       stim_column="sound", license="CC-BY-4.0", storage_options=so)
+                                       stim_column="sound", license="CC-BY-4.0", storage_options=so, overwrite=True)
     for r in results:
         if r.status == "failed":
             raise SystemExit(r.error)

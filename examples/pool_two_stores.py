@@ -26,17 +26,19 @@ def main() -> None:
     so = storage_options(args)
     scale, time_scale = (0.1, 0.02) if args.tiny else (0.3, 0.2)
 
-    # 1. each lab saves its own dataset as a source store
+    # 1. each lab saves its own dataset as a source store (overwrite: a re-run replaces its own stores;
+    #    without it, an existing store is never replaced)
     lab_a = SyntheticAudioDataset("aa1", scale=scale, time_scale=time_scale, seed=1)
     lab_b = SyntheticAudioDataset("aa2", scale=scale / 2, time_scale=time_scale, seed=2)
     urls = {"AA1": join(root, "aa1.zarr"), "AA2": join(root, "aa2.zarr")}
-    deepstrf.save_dataset(lab_a, urls["AA1"], storage_options=so)
-    deepstrf.save_dataset(lab_b, urls["AA2"], storage_options=so)
+    deepstrf.save_dataset(lab_a, urls["AA1"], storage_options=so, overwrite=True)
+    deepstrf.save_dataset(lab_b, urls["AA2"], storage_options=so, overwrite=True)
 
     # 2. open them lazily and write a pool of references (no response or stimulus data copied)
     sources = [deepstrf.open_dataset(urls[n], storage_options=so) for n in urls]
     pool_url = join(root, "pool.zarr")
-    pool = deepstrf.concat_neural_datasets(sources, names=list(urls), store=pool_url, storage_options=so)
+    pool = deepstrf.concat_neural_datasets(sources, names=list(urls), store=pool_url, storage_options=so,
+                                           overwrite=True)
 
     # 3. anyone can now open the pool with only its URL
     pool = deepstrf.open_dataset(pool_url, storage_options=so)

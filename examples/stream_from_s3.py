@@ -3,7 +3,8 @@
 Writes a small pool to ``--root`` (an ``s3://bucket/prefix``; any fsspec URL
 works) and streams it with :class:`deepstrf.StreamingNeuralDataset` and
 DataLoader workers, printing what was read. Credentials come from the
-environment (``AWS_ACCESS_KEY_ID`` ...); only the endpoint is passed.
+environment (``AWS_ACCESS_KEY_ID`` ...); only the endpoint is passed. The bucket
+must exist; the user guide shows how to run a local S3 server and make one.
 
     python examples/stream_from_s3.py --root s3://my-bucket/deepstrf --endpoint-url http://127.0.0.1:9000
 """

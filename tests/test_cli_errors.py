@@ -142,3 +142,11 @@ def test_verify_pool_finds_an_edited_coverage_table(pool, run):
     bits[:] = ~bits[:]  # every pair of the partial blocks flipped; the recorded digest no longer matches
     out = run(pool.parent, "verify", "pool.zarr")
     assert out.returncode == 1 and "'coverage/bits' does not match its recorded digest" in out.stderr
+
+
+def test_a_store_in_a_missing_bucket_is_refused_before_any_write(s3_server, tmp_path, run):
+    out = run(tmp_path, "demo", "--out", "demo-out", "--store", "s3://no-such-bucket/demo",
+              "-S", f"client_kwargs.endpoint_url={s3_server.endpoint_url}", "--scale", "0.05")
+    assert out.returncode == 1, out.stderr
+    assert "deepstrf demo: error: cannot write s3://no-such-bucket/" in out.stderr
+    assert "bucket 'no-such-bucket' does not exist" in out.stderr and "mkdir('no-such-bucket')" in out.stderr

@@ -33,12 +33,12 @@ import torch
 
 from ..datasets.neural_dataset import NeuralDataset
 from ..datasets.splits import StimSplit, heldout_split
+from . import DEFAULTS
 from .evaluation import per_neuron_table, score
 from .report import write_report
 from .sources import COMMON_F, DemoSource, TruthLookup, make_sources
 from .training import TrainConfig, build_model, fit, mean_counts
 
-DEFAULTS = {"scale": 0.5, "time_scale": 0.5, "epochs": 20, "workers": 0}
 COMPARE_SOURCE = "AA1"  # the smaller source: trained alone vs in the pool
 TEST_FRACTION = 0.2
 BATCH_SIZE = 4

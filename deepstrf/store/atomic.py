@@ -170,6 +170,28 @@ def _publish_remote_replace(staging: Location, loc: Location) -> None:
     remove(staging)
 
 
+# object stores whose first path component is a bucket (container) that a write cannot create
+BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs")
+
+
+def _check_bucket(loc: Location) -> None:
+    """Refuse a store in a bucket that does not exist before anything is written (the first write
+    would otherwise fail deep inside zarr with the object store's bare error)."""
+    if loc.protocol not in BUCKET_PROTOCOLS:
+        return
+    fs, path = loc.filesystem()
+    bucket = path.split("/", 1)[0]
+    try:
+        found = fs.exists(bucket)
+    except (OSError, ValueError):  # not allowed to look (a write-only key): the write will tell
+        return
+    if not found:
+        raise StoreError(
+            f"cannot write {loc.url}: the bucket {bucket!r} does not exist at this endpoint. Create it first "
+            f"(for S3: `aws s3 mb {loc.protocol}://{bucket}`, or s3fs.S3FileSystem(...).mkdir({bucket!r})), "
+            "or check the URL and storage_options (endpoint_url, credentials).")
+
+
 @contextmanager
 def staged_write(loc: Location, *, overwrite: bool,
                  own_top_level: tuple[str, ...] = OWN_TOP_LEVEL) -> Iterator[Staging]:
@@ -181,6 +203,7 @@ def staged_write(loc: Location, *, overwrite: bool,
     writes (what may be removed when replacing an interrupted write).
     """
     loc.check_writable()
+    _check_bucket(loc)
     state = store_state(loc)
     if state != "absent":
         if not overwrite:
