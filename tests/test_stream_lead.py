@@ -183,8 +183,9 @@ def test_a_start_that_fails_after_the_consumer_left_raises_nothing(monkeypatch):
 def test_kept_workers_stuck_in_a_pass_left_early_are_reported_when_the_next_begins():
     s = StreamingNeuralDataset(paced_toy(S=8, stuck=7, stuck_s=10.0), batch_size=2, shuffle=False)
     loader = s.loader(num_workers=2, timeout=2, multiprocessing_context="fork")
-    for _ in loader:
-        break
+    for i, _ in enumerate(loader):  # a batch of each worker: both began the pass
+        if i == 1:
+            break  # worker 1 goes on to batch 3, and stim 7's read
     start = time.monotonic()
     with pytest.raises(StreamStalledError, match="no batch for 2 s") as err:
         next(iter(loader))

@@ -287,7 +287,8 @@ class WorkerActivity:
     def new_pass(self) -> None:
         """Kept workers are asked to begin a new pass: each row stands for the pass before until its
         worker begins this one (a worker still in a read of a pass the consumer left early is
-        reported as such, not as stuck in start-up)."""
+        reported as such, not as stuck in start-up). A worker that began the pass before only after
+        this call shows as in this one: what it reads is still right, only that note is missing."""
         self._table[:, _EARLIER] = 1
 
     def describe(self, num_workers: int, processes: Sequence[BaseProcess] = (), where: str = "") -> str:
