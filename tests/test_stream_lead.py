@@ -164,6 +164,10 @@ def test_the_pass_after_one_left_early_waits_for_kept_workers_still_reading(kw):
     assert [k for b in loader for k in batch_keys(b)] == whole
 
 
+class StopInTheLoop(Exception):
+    """Raised in a pass as Ctrl-C's KeyboardInterrupt would be (pytest stops on a real one)."""
+
+
 def test_a_start_that_fails_after_the_consumer_left_raises_nothing(monkeypatch):
     def failing(self, *args):
         time.sleep(0.3)
@@ -175,9 +179,46 @@ def test_a_start_that_fails_after_the_consumer_left_raises_nothing(monkeypatch):
     batches = iter(loader)
     next(batches)  # read by the main process
     batches.close()  # no one left to report the failure to
-    assert loader._iterator is None
+
+    def interrupted(self, timeout):  # Ctrl-C's KeyboardInterrupt, raised in the main process's read
+        time.sleep(0.5)  # the start fails meanwhile
+        raise StopInTheLoop
+        yield
+
+    monkeypatch.setattr(StreamingNeuralDataset, "_lead_batches", interrupted)
+    with pytest.raises(StopInTheLoop):  # the error raised in the pass, not the start's
+        list(loader)
+    monkeypatch.undo()
+    monkeypatch.setattr(StreamingDataLoader, "_start_workers", failing)
     with pytest.raises(RuntimeError, match="could not start"):  # a consumer still there hears of it
         list(loader)
+
+
+def test_leaving_a_pass_does_not_wait_for_kept_workers_finishing_an_earlier_one():
+    s = StreamingNeuralDataset(paced_toy(S=8, stuck=7, stuck_s=3.0), batch_size=2, shuffle=False)
+    loader = s.loader(num_workers=2, timeout=LOADER_TIMEOUT_S)
+    whole = in_process_keys(8, batch_size=2, shuffle=False)
+    assert [k for b in loader for k in batch_keys(b)] == whole
+    for i, _ in enumerate(loader):
+        if i == 1:
+            break  # worker 1 goes on to stim 7's 3 s read
+    start = time.monotonic()
+    for _ in loader:  # its first batch comes from the main process (the lead) while the workers finish
+        break
+    assert time.monotonic() - start < 1.5
+    assert [k for b in loader for k in batch_keys(b)] == whole
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_new_pass_ends_one_still_open(workers):
+    s = StreamingNeuralDataset(ToyAudio(seed=3, S=8, N=4), batch_size=2, seed=6)
+    loader = s.loader(num_workers=workers, timeout=LOADER_TIMEOUT_S if workers else 0)
+    peek = iter(loader)
+    next(peek)
+    assert [k for b in loader for k in batch_keys(b)] == in_process_keys(8, batch_size=2, seed=6)
+    with pytest.raises(RuntimeError, match="ended when a new pass of it began"):
+        next(peek)
+    assert [k for b in loader for k in batch_keys(b)] == in_process_keys(8, epoch=1, batch_size=2, seed=6)
 
 
 def test_kept_workers_stuck_in_a_pass_left_early_are_reported_when_the_next_begins():

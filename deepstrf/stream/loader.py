@@ -11,11 +11,12 @@ stays with the dataset (:mod:`~deepstrf.stream.dataset`).
 from __future__ import annotations
 
 import atexit
+import threading
 import time
 import warnings
 import weakref
 from collections.abc import Generator, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -63,9 +64,54 @@ def _patient_get_data(iterator: Any, timeout_s: float) -> Any:
             received, data = iterator._try_get_data(WORKER_CHECK_S)  # raises for a dead worker
             if received:
                 return data
+            if iterator._shutdown:  # stopped meanwhile (at interpreter exit, say)
+                raise RuntimeError("DataLoader workers stopped while they were beginning a pass")
             if time.monotonic() >= deadline:
                 raise RuntimeError(f"DataLoader timed out after {timeout_s:g} seconds")
     return get_data
+
+
+def _in_daemon_thread(fn: Any, *args: Any) -> Future:
+    """``fn(*args)`` in a daemon thread: a consumer that leaves a pass (Ctrl-C included) does not
+    wait for it, nor does the interpreter's exit."""
+    future: Future = Future()
+
+    def run() -> None:
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # handed to whoever awaits the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="deepstrf-start-workers", daemon=True).start()
+    return future
+
+
+class _Pass:
+    """An iterator over one pass of a :class:`StreamingDataLoader`, ended early by the loader's
+    next pass (see :meth:`StreamingDataLoader.__iter__`)."""
+
+    def __init__(self, batches: Generator[Any, None, None]) -> None:
+        self._batches = batches
+        self._ended = False
+
+    def __iter__(self) -> "_Pass":
+        return self
+
+    def __next__(self) -> Any:
+        if self._ended:
+            raise RuntimeError(
+                "this pass of the StreamingDataLoader ended when a new pass of it began (iter(loader) again; "
+                "e.g. the same loader given for training and validation): a loader runs one pass at a time. "
+                "Use a loader per pass you run at the same time, each over its own StreamingNeuralDataset")
+        return next(self._batches)
+
+    def close(self) -> None:
+        self._batches.close()
+
+    def end(self) -> None:
+        self._ended = True
+        self._batches.close()
 
 
 def _start_context(dataset: "StreamingNeuralDataset", given: Any, worker_init_fn: Any, collate_fn: Any) -> Any:
@@ -174,14 +220,27 @@ class StreamingDataLoader(DataLoader):
         self.read_while_starting = not dense and not on_network if read_while_starting is None else read_while_starting
         self.lead_batches = 0
         self._workers_settings: str | None = None  # the dataset's settings when the workers started
+        self._open_pass: weakref.ref[_Pass] | None = None
+        self._starting: Future | None = None  # the start of a pass left during its lead, still running
         if self.persistent_workers:
             _stop_at_exit(self)
 
     def __iter__(self) -> Iterator[Any]:
+        """A new pass. A loader runs one pass at a time (kept workers serve one): this one ends a
+        pass still open, whose iterator then raises if it is used again."""
+        earlier = self._open_pass() if self._open_pass is not None else None
+        if earlier is not None:
+            earlier.end()
+        current = _Pass(self._pass())
+        self._open_pass = weakref.ref(current)
+        return current
+
+    def _pass(self) -> Iterator[Any]:
         ds: StreamingNeuralDataset = self.dataset
         if self.num_workers == 0:
             yield from super().__iter__()
             return
+        self._await_earlier_start()
         settings = ds._worker_settings()
         if self._iterator is not None and settings != self._workers_settings:
             self._stop_workers(self._iterator)  # kept workers hold a copy of the dataset as it was
@@ -223,9 +282,7 @@ class StreamingDataLoader(DataLoader):
             generator = torch.Generator().manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
         device = torch.accelerator.current_device_index() if self.pin_memory and torch.accelerator.is_available() \
             else None
-        starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepstrf-start-workers")
-        starting = starter.submit(self._start_workers, generator, device)
-        left = False
+        starting = self._starting = _in_daemon_thread(self._start_workers, generator, device)
         try:
             for batch in ds._lead_batches(self.stall_timeout or None):
                 self.lead_batches += 1
@@ -233,9 +290,6 @@ class StreamingDataLoader(DataLoader):
                 yield ds.deliver(batch)
                 if starting.done() and starting.exception() is not None:
                     break
-        except GeneratorExit:
-            left = True
-            raise
         except ReadTimeout as exc:
             ds._lead.close()
             self._stop_workers(starting.result())
@@ -246,24 +300,22 @@ class StreamingDataLoader(DataLoader):
                 f"Epoch {ds.epoch}, pass stopped. What to do: look for a read that never returns (a dead "
                 "server, a lock in your transform), or raise loader(timeout=...) if reads are just slow; "
                 "loader(read_while_starting=False) leaves every read to the workers.") from exc
-        finally:
+        finally:  # leaving early (break, Ctrl-C, an error): the start goes on; the next pass awaits it
             ds._lead.close()
-            starter.shutdown()
-            batches = self._started(starting, consumer_left=left)
-        return batches
+        self._starting = None
+        return starting.result()
 
-    def _started(self, starting: Future, consumer_left: bool) -> Iterator[Any] | None:
-        """The DataLoader's iterator from the thread that started the workers. A start that failed
-        after the consumer left the pass has no one to be reported to (it would surface as
-        "Exception ignored" when the pass is collected): its workers are stopped, and the next
-        pass starts new ones."""
+    def _await_earlier_start(self) -> None:
+        """Before a pass touches the workers: let the start of a pass the consumer left during its
+        lead end (kept workers may still be finishing a pass before it). One that failed has no
+        one left to report to: its workers are stopped, and this pass starts new ones."""
+        starting, self._starting = self._starting, None
+        if starting is None:
+            return
         try:
-            return starting.result()
+            starting.result()
         except Exception:
-            if not consumer_left:
-                raise
             self._stop_workers(self._iterator)
-            return None
 
     def _start_workers(self, generator: torch.Generator | None, device: int | None) -> Iterator[Any]:
         """Start the workers, or have persistent ones begin a new pass (a thread: a start waits for
