@@ -206,6 +206,16 @@ def _add_import_nwb(sub: argparse._SubParsersAction, so: argparse.ArgumentParser
     p.add_argument("--overwrite", action="store_true", help="replace stores imported with other inputs or arguments")
 
 
+def _environment_errors() -> tuple[type[BaseException], ...]:
+    """Errors raised by the file system, the network or an object store's client (evaluated only
+    when an error is being matched: botocore is imported then)."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return (OSError,)
+    return OSError, BotoCoreError, ClientError
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -220,6 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(getattr(importlib.import_module(module), func)(args) or 0)
     except expected as e:  # what went wrong and what to do is in the message: no traceback
         print(f"deepstrf {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except _environment_errors() as e:  # the machine's, network's or object store's: no traceback either
+        print(f"deepstrf {args.command}: error: {type(e).__name__}: {e}\nWhat to do: check the URL or path, the "
+              "endpoint and the network, and the credentials (storage options: -S, -L, --options)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"deepstrf {args.command}: interrupted", file=sys.stderr)

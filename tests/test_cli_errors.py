@@ -150,3 +150,11 @@ def test_a_store_in_a_missing_bucket_is_refused_before_any_write(s3_server, tmp_
     assert out.returncode == 1, out.stderr
     assert "deepstrf demo: error: cannot write s3://no-such-bucket/" in out.stderr
     assert "bucket 'no-such-bucket' does not exist" in out.stderr and "mkdir('no-such-bucket')" in out.stderr
+
+
+def test_an_unreachable_endpoint_is_one_line_with_what_to_do(s3_server, tmp_path, run):
+    out = run(tmp_path, "info", f"s3://{s3_server.bucket}/a.zarr", "-S", "client_kwargs.endpoint_url=http://127.0.0.1:9",
+              "-S", "config_kwargs.retries.max_attempts=1")
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.startswith("deepstrf info: error: EndpointConnectionError") and "127.0.0.1:9" in out.stderr
+    assert "check the URL or path, the endpoint" in out.stderr

@@ -20,10 +20,14 @@ from stream_helpers import batch_keys, loader_timeout
 
 
 def test_longest_prefix_wins_and_plain_options_keep_their_meaning(tmp_path):
-    per = {"s3://lab": {"anon": True}, "s3://lab-a": {"key": "a"}, "": {"key": "any"}, str(tmp_path): {"x": 1}}
+    per = {"s3://": {"anon": True}, "s3://lab-a": {"key": "a"}, "": {"key": "any"}, str(tmp_path): {"x": 1}}
     assert is_per_location(per) and not is_per_location({"anon": True}) and not is_per_location(None)
     assert options_for(per, "s3://lab-a/x.zarr") == {"key": "a"}
     assert options_for(per, "s3://lab-b/x.zarr") == {"anon": True}
+    # whole path components: another bucket (or folder) whose name starts the same is not covered
+    assert options_for(per, "s3://lab-ab/x.zarr") == {"anon": True}
+    assert options_for({"s3://lab-a": {"key": "a"}, "": {"key": "any"}}, "s3://lab-ab/x") == {"key": "any"}
+    assert options_for({str(tmp_path / "lab"): {"x": 2}}, str(tmp_path / "lab2" / "s.zarr")) is None
     assert options_for(per, "gs://other/x.zarr") == {"key": "any"}
     assert options_for(per, str(tmp_path / "s.zarr")) == {"x": 1}
     assert options_for({"s3://lab-a": {"key": "a"}}, "s3://lab-b/x") is None

@@ -832,3 +832,31 @@ def test_shard_directory_is_bounded_and_never_recreated(tmp_path):
     directory.put("c", np.zeros(40, np.uint8))
     assert directory.get("a") is None and directory.get("c") is not None  # oldest removed first
     assert sum(f.stat().st_size for f in (tmp_path / "d").iterdir()) <= 100
+
+
+def test_overwrite_replaces_only_a_store_of_the_same_kind_and_never_a_file(store_url):
+    import fsspec
+
+    from deepstrf.store import list_versions
+
+    url, so = store_url
+    src, pool, notes = f"{url}/aa1.zarr", f"{url}/pool.zarr", f"{url}/notes.zarr"
+    aa1 = SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02, seed=1)
+    save_dataset(aa1, src, storage_options=so, progress=False)
+    save_dataset(SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02, seed=2), src, storage_options=so,
+                 progress=False, overwrite=True)  # a second version
+    opened = open_dataset(src, storage_options=so)
+    with pytest.raises(StoreExistsError, match="holds a source store and this writes a pool"):
+        concat_neural_datasets([opened], store=src, storage_options=so, overwrite=True)  # onto its own source
+    assert len(list_versions(src, storage_options=so)) == 2
+    concat_neural_datasets([opened], store=pool, storage_options=so)
+    with pytest.raises(StoreExistsError, match="holds a pool store and this writes a source"):
+        save_dataset(aa1, pool, storage_options=so, progress=False, overwrite=True)
+    assert open_dataset(pool, storage_options=so).get_S() == aa1.get_S()
+    fs, path = fsspec.core.url_to_fs(notes, **(so or {}))
+    fs.pipe_file(path, b"my notes")
+    for write in (lambda: save_dataset(aa1, notes, storage_options=so, progress=False, overwrite=True),
+                  lambda: concat_neural_datasets([opened], store=notes, storage_options=so, overwrite=True)):
+        with pytest.raises(StoreExistsError, match="is a file, not a store"):
+            write()
+    assert fs.cat_file(path) == b"my notes"

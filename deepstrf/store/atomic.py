@@ -24,6 +24,7 @@ from zarr.core.sync import sync
 from zarr.storage import WrapperStore
 
 from ..errors import StoreError, StoreExistsError
+from .format import SOURCE_FORMAT, VERSIONS_FORMAT
 from .location import ROOT_KEY, Location
 
 OWN_TOP_LEVEL = ("responses", "stims", "meta")
@@ -74,10 +75,13 @@ class Staging:
 
 
 def store_state(loc: Location) -> str:
-    """``"absent"``, ``"store"`` (has a root ``zarr.json``) or ``"partial"`` (other objects only)."""
+    """``"absent"``, ``"store"`` (has a root ``zarr.json``), ``"partial"`` (other objects only) or
+    ``"file"`` (a file, not a folder, at the store's own path)."""
     if loc.is_local:
         if not os.path.exists(loc.url):
             return "absent"
+        if not os.path.isdir(loc.url):
+            return "file"
         if os.path.isfile(os.path.join(loc.url, ROOT_KEY)):
             return "store"
         if os.path.isdir(loc.url) and not os.listdir(loc.url):
@@ -87,7 +91,9 @@ def store_state(loc: Location) -> str:
     fs.invalidate_cache()
     if fs.exists(f"{path}/{ROOT_KEY}"):
         return "store"
-    return "partial" if _remote_keys(fs, path) else "absent"
+    if _remote_keys(fs, path):
+        return "partial"
+    return "file" if fs.isfile(path) else "absent"
 
 
 def _remote_keys(fs, path: str) -> list[str]:
@@ -106,16 +112,27 @@ def _relative_keys(loc: Location) -> list[str]:
     return [k[len(path.rstrip("/")) + 1:] for k in _remote_keys(fs, path)]
 
 
-def _check_replaceable(loc: Location, state: str, own: tuple[str, ...]) -> None:
-    """Refuse to delete anything that is not a deepstrf store or the remains of a deepstrf write."""
+def _kind_name(fmt: str) -> str:
+    """``"source"`` or ``"pool"`` for a deepstrf format (a versioned source's root is an index)."""
+    return "source" if fmt == VERSIONS_FORMAT else fmt.removeprefix("deepstrf.")
+
+
+def _check_replaceable(loc: Location, state: str, own: tuple[str, ...], kind: str) -> None:
+    """Refuse to delete anything but a deepstrf store of the same ``kind`` (format) or the remains
+    of a deepstrf write."""
     if state == "store":
         try:
             fs, path = loc.filesystem()
             fmt = json.loads(fs.cat_file(f"{path}/{ROOT_KEY}")).get("attributes", {}).get("format", "")
         except (OSError, ValueError):
             fmt = ""
-        if isinstance(fmt, str) and fmt.startswith("deepstrf."):
+        if fmt == kind:
             return
+        if isinstance(fmt, str) and fmt.startswith("deepstrf."):
+            raise StoreExistsError(
+                f"{loc.url} holds a {_kind_name(fmt)} store and this writes a {_kind_name(kind)}; refusing to replace it even with overwrite=True (a source's "
+                "versions, or the pool others open by this URL, would be lost). Choose another URL, or remove it "
+                "yourself.")
         raise StoreExistsError(
             f"{loc.url} holds a zarr store that deepstrf did not write; refusing to replace it even with "
             "overwrite=True. Remove it yourself or choose another URL.")
@@ -193,23 +210,28 @@ def _check_bucket(loc: Location) -> None:
 
 
 @contextmanager
-def staged_write(loc: Location, *, overwrite: bool,
+def staged_write(loc: Location, *, overwrite: bool, kind: str = SOURCE_FORMAT,
                  own_top_level: tuple[str, ...] = OWN_TOP_LEVEL) -> Iterator[Staging]:
     """Yield a :class:`Staging` to write a store into; publish it at ``loc`` on success.
 
     ``overwrite=False`` refuses a non-empty ``loc`` before writing anything.
     On failure the staging area is removed and ``loc`` is left as it was.
-    ``own_top_level`` names the top-level keys a deepstrf store of this kind
-    writes (what may be removed when replacing an interrupted write).
+    ``kind`` is the format written: ``overwrite`` replaces only a store of that
+    format. ``own_top_level`` names the top-level keys a deepstrf store of this
+    kind writes (what may be removed when replacing an interrupted write).
+    A file at ``loc`` is never replaced.
     """
     loc.check_writable()
     _check_bucket(loc)
     state = store_state(loc)
+    if state == "file":
+        raise StoreExistsError(f"{loc.url} is a file, not a store; refusing to replace it, even with overwrite=True. "
+                               "Choose another URL, or remove the file yourself.")
     if state != "absent":
         if not overwrite:
             what = "a store" if state == "store" else "files (an interrupted write?)"
             raise StoreExistsError(f"{loc.url} already holds {what}; pass overwrite=True to replace it.")
-        _check_replaceable(loc, state, own_top_level)
+        _check_replaceable(loc, state, own_top_level, kind)
     in_place = state == "absent" and not loc.is_local
     target = loc if in_place else loc.sibling(f".{loc.name}.tmp-{uuid.uuid4().hex[:12]}")
     if target.is_local:

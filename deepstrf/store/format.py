@@ -10,6 +10,7 @@ import numpy as np
 from ..errors import FormatVersionError, StoreError
 
 SOURCE_FORMAT = "deepstrf.source"
+VERSIONS_FORMAT = "deepstrf.versions"  # the root index of a source with versions (versions.py)
 FORMAT_VERSION = "1.1"       # 1.1: responses/values and stims/values sharded (1.0 stores still read)
 POOL_FORMAT_VERSION = "2.0"
 SUPPORTED_MAJOR = 1

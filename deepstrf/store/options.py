@@ -79,9 +79,17 @@ def options_for(options: StorageOptions, url: str) -> dict[str, Any] | None:
     best, found = -1, None
     for prefix, value in options.items():
         canonical = _canonical_prefix(prefix)
-        if url.startswith(canonical) and len(canonical) > best:
+        if _covers(canonical, url) and len(canonical) > best:
             best, found = len(canonical), value
     return dict(found) if found else None
+
+
+def _covers(prefix: str, url: str) -> bool:
+    """Whether canonical ``prefix`` covers ``url`` in whole path components: ``s3://lab-a`` covers
+    ``s3://lab-a/x.zarr``, not ``s3://lab-ab/x.zarr`` (another bucket: other credentials)."""
+    if not url.startswith(prefix):
+        return False
+    return prefix in ("", url) or prefix.endswith(("/", os.sep)) or url[len(prefix)] in "/" + os.sep
 
 
 def options_key(options: StorageOptions, url: str) -> str:
@@ -89,7 +97,7 @@ def options_key(options: StorageOptions, url: str) -> str:
     URLs with one key share one opener."""
     if not is_per_location(options):
         return protocol_of(url)
-    matches = [p for p in options if url.startswith(_canonical_prefix(p))]
+    matches = [p for p in options if _covers(_canonical_prefix(p), url)]
     return max(matches, key=lambda p: len(_canonical_prefix(p)), default="\0none")
 
 

@@ -102,7 +102,7 @@ def write_pool(datasets: Sequence[NeuralDataset], url: str | os.PathLike, *, nam
     }
     attrs.update({k: getattr(pooled, k) for k in MODALITY_ATTRS if getattr(pooled, k, None) is not None})
     attrs["fingerprint"] = fingerprint(attrs)
-    with staged_write(loc, overwrite=overwrite, own_top_level=POOL_TOP_LEVEL) as staging:
+    with staged_write(loc, overwrite=overwrite, kind=POOL_FORMAT, own_top_level=POOL_TOP_LEVEL) as staging:
         group = zarr.create_group(staging.store, attributes=attrs, zarr_format=3)
         for name, data in tables.items():
             _write_array(group, name, np.frombuffer(data, dtype=np.uint8), text=True)

@@ -25,13 +25,13 @@ from typing import Any
 
 from ..errors import IntegrityError, StoreError, VersionNotFoundError
 from . import format as fmt
+from .format import VERSIONS_FORMAT
 from .atomic import OWN_TOP_LEVEL, Staging, remove, staged_write
 from .location import ROOT_KEY, Location
 from .options import StorageOptions
 from .reader import read_root
 from .schema import check_attributes
 
-VERSIONS_FORMAT = "deepstrf.versions"
 VERSIONS_FORMAT_VERSION = "1.0"
 VERSIONS_DIR, MANIFESTS_DIR = "versions", "manifests"
 FIRST_ID = "00000000T000000000000Z"  # the id of a store's content from before its first re-publish

@@ -21,7 +21,8 @@ from .jsonmeta import encode_meta
 from .location import Location
 from .options import StorageOptions
 from .reader import read_root
-from .versions import VERSIONS_FORMAT, publish
+from .format import VERSIONS_FORMAT
+from .versions import publish
 
 ROWS_PER_READ = 4        # stims read from the source per batched call
 
