@@ -243,3 +243,13 @@ def test_subset_streams_some_stims_over_the_whole_neuron_axis(pool):
     assert [m["uid"] for m in batch["stim_meta"]] == [item_key(pool[i]) for i in stims]
     with pytest.raises(IndexError, match="subset"):
         len(StreamingNeuralDataset(pool, subset=[10 ** 6]))  # a URL is checked at construction
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_subset_set_between_epochs_is_what_the_next_one_reads(pool, workers):
+    s = StreamingNeuralDataset(pool, subset=range(6), batch_size=2, shuffle=False)
+    loader = s.loader(num_workers=workers, timeout=loader_timeout(workers))
+    assert len([k for b in loader for k in batch_keys(b)]) == 6
+    s.subset = [len(pool) - 3, len(pool) - 2, len(pool) - 1]
+    assert len(loader) == len(s) == 2  # batches
+    assert [k for b in loader for k in batch_keys(b)] == [item_key(pool[i]) for i in s.subset]

@@ -89,4 +89,5 @@ def resolve_reference(pool: Location, ref: str, allowed_roots: Sequence[str] = (
         f"pool {pool.url} references {ref!r} (resolved to {url}), which is outside the pool's root "
         f"{root} and outside the allowed roots {list(allowed_roots)}. If you trust this pool, open it "
         f"with allowed_roots=[{os.path.dirname(url) if _protocol(url) == 'file' else posixpath.dirname(url)!r}] "
-        "(CLI: --allow-root) or trust=True.")
+        "or trust=True (arguments of open_dataset, or of StreamingNeuralDataset's open_options={...}; the CLI's "
+        "--allow-root).")

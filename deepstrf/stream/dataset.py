@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.context import get_spawning_popen
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -222,7 +223,7 @@ class StreamingNeuralDataset(IterableDataset):
         self.collate = collate
         self.device = None if device is None else torch.device(device)
         self.source_homogeneous = source_homogeneous
-        self.subset = None if subset is None else sorted({int(s) for s in subset})
+        self._subset = None if subset is None else sorted({int(s) for s in subset})
         self._selection_args = (None if stims is None else list(stims),
                                 None if neurons is None else list(neurons), select)
         self._rank, self._world_size = rank, world_size
@@ -462,6 +463,18 @@ class StreamingNeuralDataset(IterableDataset):
                              f"{n_units} under its selection; resume on the same store and selection")
         self.epoch, self._offset, self._steps = state["epoch"], state["consumed"], 0
         self.counters.reset()
+
+    @property
+    def subset(self) -> list[int] | None:
+        """Global stim indices streamed (None: every visible stim). May be set between epochs: the
+        next one reads the new subset, with workers or without."""
+        return self._subset
+
+    @subset.setter
+    def subset(self, value: Sequence[int] | None) -> None:
+        self._subset = None if value is None else sorted({int(s) for s in value})
+        if self._opened is not None:  # the visible items were resolved with the old subset
+            self._opened = dataclasses.replace(self._opened, visible=self._visible(self._opened.ds))
 
     def _worker_settings(self) -> str:
         """The settings a DataLoader worker's copy of this dataset reads with, as one string: a
