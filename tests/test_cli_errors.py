@@ -158,3 +158,26 @@ def test_an_unreachable_endpoint_is_one_line_with_what_to_do(s3_server, tmp_path
     assert out.returncode == 1, out.stderr
     assert out.stderr.startswith("deepstrf info: error: EndpointConnectionError") and "127.0.0.1:9" in out.stderr
     assert "check the URL or path, the endpoint" in out.stderr
+
+
+def test_verify_pool_finds_a_sources_edited_attributes_without_reading_data(pool, run):
+    import json
+
+    root = pool.parent / "aa1.zarr" / "zarr.json"
+    doc = json.loads(root.read_text())
+    doc["attributes"]["dt_ms"] = 5.0  # the recorded fingerprint left as it was
+    root.write_text(json.dumps(doc))
+    out = run(pool.parent, "verify", "pool.zarr")
+    assert out.returncode == 1 and "source 'AA1'" in out.stderr
+    assert "attributes do not match its recorded fingerprint" in out.stderr
+
+
+def test_info_tells_sources_it_could_not_ask_from_newer_ones(pool, run):
+    root = pool.parent
+    sources = [open_dataset(str(root / f"{name}.zarr")) for name in ("aa1", "aa2")]
+    concat_neural_datasets(sources, names=["AA1", "AA2"], store=str(root / "pools" / "pool.zarr"))
+    out = run(root, "info", "pools/pool.zarr")  # its sources lie outside its folder: not asked
+    assert out.returncode == 0, out.stderr
+    assert "unchecked    2 source(s) could not be asked" in out.stdout and "newer   " not in out.stdout
+    trusted = run(root, "info", "pools/pool.zarr", "--allow-root", str(root))
+    assert "newer        none" in trusted.stdout and "unchecked" not in trusted.stdout

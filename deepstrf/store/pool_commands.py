@@ -143,14 +143,22 @@ def print_pool(d: dict) -> None:
           + ("\n             the sources carry different licenses: honour each (deepstrf cite POOL lists them)"
              if differ else ""))
     newer = d.get("newer_versions")
-    if newer:
-        print(f"newer        {len(newer)} source(s) have a newer version than the pool pins "
-              "(deepstrf pool-update POOL OUT re-pins them):")
-        for name, what in list(newer.items())[:MAX_LISTED_SOURCES]:
-            print(f"  - {name}: {what}")
-    elif newer is not None:
-        print("newer        none: every source's latest version is the one the pool pins")
-    print(f"sources      {len(d['sources'])} (dataset card below)")
+    if newer is not None:
+        unchecked = {name: what for name, what in newer.items() if what.startswith("not checked")}
+        moved = {name: what for name, what in newer.items() if name not in unchecked}
+        if moved:
+            print(f"newer        {len(moved)} source(s) have a newer version than the pool pins "
+                  "(deepstrf pool-update POOL OUT re-pins them):")
+            for name, what in list(moved.items())[:MAX_LISTED_SOURCES]:
+                print(f"  - {name}: {what}")
+        elif not unchecked:
+            print("newer        none: every source's latest version is the one the pool pins")
+        if unchecked:
+            print(f"unchecked    {len(unchecked)} source(s) could not be asked for a newer version:")
+            for name, what in list(unchecked.items())[:MAX_LISTED_SOURCES]:
+                print(f"  - {name}: {what}")
+    cards = any(src.get(key) for src in d["sources"] for key in ("license", "citation", "description"))
+    print(f"sources      {len(d['sources'])}" + (" (dataset cards below)" if cards else ""))
     for src in d["sources"][:MAX_LISTED_SOURCES]:
         print(f"  - {src['name']}: {src['ref']} ({src['stims']} stims x {src['neurons']} neurons)")
         for key in ("license", "citation", "description"):
@@ -204,25 +212,32 @@ def _source_of(part: NeuralDataset) -> Any:
 def check_pooled_source(pool_url: str, name: str, url: str, storage_options: dict | None, version: str,
                         source: Any, mask: np.ndarray, stims: tuple[int, int], neurons: tuple[int, int],
                         data: bool) -> list[str]:
-    """Problems of one pooled source: (with ``data``) every chunk of its pinned ``version``
-    checksummed, then its fingerprint against the pool's record and its index against the pool's
-    coverage block ``mask``."""
+    """Problems of one pooled source: its pinned ``version``'s attributes against its recorded
+    fingerprint (with ``data``: every chunk checksummed too), then its fingerprint against the
+    pool's record and its index against the pool's coverage block ``mask``."""
     from ..errors import StoreError
+    from .integrity import fingerprint
     from .lazy import SourceHandle
     from .location import Location
     from .reader import read_root
     from .verify import verify_source
     from .versions import open_version
 
+    try:
+        where = Location.parse(url, storage_options)
+        where, root, _ = open_version(where, read_root(where), version)
+    except StoreError as e:
+        return [f"pool {pool_url}: source {name!r} ({url}): {e}"]
     if data:
-        try:
-            where = Location.parse(url, storage_options)
-            where, root, _ = open_version(where, read_root(where), version)
-        except StoreError as e:
-            return [f"pool {pool_url}: source {name!r} ({url}): {e}"]
         found = verify_source(where, progress=False, root=root)
         if found:
             return [f"pool {pool_url}: source {name!r}: {p}" for p in found]
+    else:
+        attrs = root.get("attributes") or {}
+        if fingerprint(attrs) != attrs.get("fingerprint"):
+            return [f"pool {pool_url}: source {name!r} ({where.url}): its attributes do not match its recorded "
+                    "fingerprint; they were edited or damaged. Write the source again (save_dataset) and "
+                    "re-pin the pool (deepstrf pool-update)"]
     try:
         recorded = (source.dataset() if isinstance(source, SourceHandle) else source).coverage.to_dense()
     except StoreError as e:
