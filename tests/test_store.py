@@ -860,3 +860,27 @@ def test_overwrite_replaces_only_a_store_of_the_same_kind_and_never_a_file(store
         with pytest.raises(StoreExistsError, match="is a file, not a store"):
             write()
     assert fs.cat_file(path) == b"my notes"
+
+
+def test_a_write_removes_the_staging_folders_killed_writers_left(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                             text=True, check=True).stdout)  # a process that has ended: a killed writer
+    host = socket.gethostname()
+    left = tmp_path / f".aa1.zarr.tmp-{host}~{pid}~deadbeef"
+    writing = tmp_path / f".aa1.zarr.tmp-{host}~{os.getpid()}~c0ffee00"  # a live writer's: kept
+    for folder in (left, writing):
+        folder.mkdir()
+        (folder / "chunk").write_bytes(b"x")
+    aa1 = SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02, seed=1)
+    save_dataset(aa1, str(tmp_path / "aa1.zarr"), progress=False)
+    assert not left.exists() and writing.exists()
+    # killed between the two renames of a replace: the old store and the new one are the only copies
+    old = tmp_path / f".aa1.zarr.old-{host}~{pid}~deadbeef"
+    for folder in (left, old):
+        folder.mkdir()
+    save_dataset(aa1, str(tmp_path / "aa1.zarr"), progress=False, overwrite=True)
+    assert left.exists() and old.exists()

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from zarr.core.sync import sync
 from zarr.storage import WrapperStore
 
 from ..errors import StoreError, StoreExistsError
+from ..forksafe import process_alive
 from .format import SOURCE_FORMAT, VERSIONS_FORMAT
 from .location import ROOT_KEY, Location
 
@@ -156,13 +159,39 @@ def remove(loc: Location) -> None:
     fs.invalidate_cache()
 
 
+_SIBLING = re.compile(r"\.(?P<stem>.+)\.(?P<role>tmp|old)-(?P<host>.+)~(?P<pid>\d+)~[0-9a-f]{8}")  # _sibling_name's
+
+
+def _sibling_name(loc: Location, role: str) -> str:
+    """A hidden sibling of ``loc`` for a write (``role``: ``tmp``, the new store being written;
+    ``old``, the replaced one until it is deleted), named after the host and process writing it."""
+    return f".{loc.name}.{role}-{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex[:8]}"
+
+
+def _remove_abandoned(folder: str) -> None:
+    """Delete the staging folders (a full store or version each) that writes into local ``folder``
+    by processes of this host that were killed left behind. Where a killed write also left the
+    store it was replacing (an ``old`` sibling: killed between its two renames), that store's
+    folders are not touched: they are its only copies."""
+    host = socket.gethostname()
+    abandoned: dict[tuple[str, str], list[str]] = {}
+    for name in os.listdir(folder):
+        found = _SIBLING.fullmatch(name)
+        if found and found["host"] == host and not process_alive(int(found["pid"])):
+            abandoned.setdefault((found["stem"], found["role"]), []).append(os.path.join(folder, name))
+    for (stem, role), paths in abandoned.items():
+        if role == "tmp" and (stem, "old") not in abandoned:
+            for path in paths:
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def _publish_local(staging: Location, loc: Location, replace: bool) -> None:
     if not replace:
         if os.path.isdir(loc.url):
             os.rmdir(loc.url)  # empty (checked by store_state); rename needs the name free
         os.rename(staging.url, loc.url)
         return
-    trash = loc.sibling(f".{loc.name}.old-{uuid.uuid4().hex[:12]}")
+    trash = loc.sibling(_sibling_name(loc, "old"))
     os.rename(loc.url, trash.url)
     try:
         os.rename(staging.url, loc.url)
@@ -233,9 +262,10 @@ def staged_write(loc: Location, *, overwrite: bool, kind: str = SOURCE_FORMAT,
             raise StoreExistsError(f"{loc.url} already holds {what}; pass overwrite=True to replace it.")
         _check_replaceable(loc, state, own_top_level, kind)
     in_place = state == "absent" and not loc.is_local
-    target = loc if in_place else loc.sibling(f".{loc.name}.tmp-{uuid.uuid4().hex[:12]}")
+    target = loc if in_place else loc.sibling(_sibling_name(loc, "tmp"))
     if target.is_local:
         os.makedirs(os.path.dirname(target.url), exist_ok=True)
+        _remove_abandoned(os.path.dirname(target.url))
     staging = Staging(DeferredRootStore(target.zarr_store(read_only=False)), target)
     try:
         yield staging
