@@ -229,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(getattr(importlib.import_module(module), func)(args) or 0)
     except expected as e:  # what went wrong and what to do is in the message: no traceback
-        print(f"deepstrf {args.command}: error: {e}", file=sys.stderr)
+        message = str(e).replace("overwrite=True", "--overwrite") if hasattr(args, "overwrite") else str(e)
+        print(f"deepstrf {args.command}: error: {message}", file=sys.stderr)
         return 1
     except _environment_errors() as e:  # the machine's, network's or object store's: no traceback either
         print(f"deepstrf {args.command}: error: {type(e).__name__}: {e}\nWhat to do: check the URL or path, the "

@@ -101,7 +101,7 @@ def test_expected_errors_print_no_traceback(pool, tmp_path, run):
         (("info", "nothing-here.zarr"), "nothing-here.zarr"),
         (("verify", "nothing-here.zarr"), "nothing-here.zarr"),
         (("plot", "nothing-here.zarr"), "nothing-here.zarr"),
-        (("concat", "pool.zarr", "aa1.zarr", "aa2.zarr"), "overwrite"),
+        (("concat", "pool.zarr", "aa1.zarr", "aa2.zarr"), "pass --overwrite"),  # the command line's words
         (("versions", "nothing-here.zarr"), "nothing-here.zarr"),
         (("versions", "pool.zarr"), "has no versions"),
         (("prune", "pool.zarr", "--keep", "1"), "has no versions"),

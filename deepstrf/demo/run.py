@@ -105,8 +105,9 @@ def prepare_data(sources: list[DemoSource], store_root: str, storage_options: di
         pool = deepstrf.concat_neural_datasets(opened, names=[s.name for s in sources], store=pool_url,
                                                storage_options=storage_options, overwrite=overwrite)
     except StoreExistsError as e:
-        raise SystemExit(f"deepstrf demo: {e}\nRe-run with --overwrite to replace the stores of an earlier "
-                         "run, or choose another --out/--store.") from e
+        said = str(e).replace("overwrite=True", "--overwrite")
+        raise SystemExit(f"deepstrf demo: {said}\nRe-run with --overwrite to replace the stores of an earlier run, "
+                         "or choose another --out/--store.") from e
     single = deepstrf.open_dataset(urls[COMPARE_SOURCE], storage_options=storage_options)
     return DemoData(pool, pool_url, urls, single, urls[COMPARE_SOURCE], storage_options)
 

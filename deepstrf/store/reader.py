@@ -58,7 +58,8 @@ def read_root(loc: Location, store: StrictStore | None = None) -> dict[str, Any]
     """The root ``zarr.json`` document of the store at ``loc`` (one small read; with consolidated
     metadata it describes every array too)."""
     if loc.is_local and not os.path.isdir(loc.url):
-        raise StoreNotFoundError(f"no store at {loc.url}: the folder does not exist. Check the path.")
+        what = "it is a file, not a store's folder" if os.path.exists(loc.url) else "the folder does not exist"
+        raise StoreNotFoundError(f"no store at {loc.url}: {what}. Check the path.")
     store = store or StrictStore(loc.zarr_store(read_only=True))
     try:
         if store.reads_here:
@@ -79,8 +80,9 @@ def read_root(loc: Location, store: StrictStore | None = None) -> dict[str, Any]
                                  "Re-create it from its source.") from e
     if not loc.read_only and store_state(loc) == "partial":
         raise IncompleteStoreError(
-            f"{loc.url} holds an incomplete store (no root zarr.json: an interrupted write?). "
-            "Write it again with save_dataset(..., overwrite=True).")
+            f"{loc.url} holds files but no root zarr.json: an incomplete store (an interrupted write), or no "
+            "store at all. Check the path; if it is the remains of a deepstrf write, write it again with "
+            "overwrite=True (which refuses to delete files a deepstrf store does not have).")
     raise StoreNotFoundError(f"no store at {loc.url} (no root zarr.json). Check the URL and storage_options.")
 
 
