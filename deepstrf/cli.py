@@ -43,7 +43,7 @@ def _option_pairs(pairs: Sequence[str], flag: str) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"{flag} expects KEY=VALUE, got {pair!r}")
+            raise ValueError(f"{flag} expects KEY=VALUE, got {pair!r}")
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:
@@ -61,10 +61,7 @@ def _storage_options(args: argparse.Namespace) -> dict | None:
     and ``--storage-option KEY=VALUE``, later ones winning (see docs/user-guide.md)."""
     from .store.options import load_options_file, merged
 
-    try:
-        options = load_options_file(getattr(args, "options", None))
-    except ValueError as e:
-        raise SystemExit(f"deepstrf: {e}")
+    options = load_options_file(getattr(args, "options", None))
     per_prefix: dict[str, list[str]] = {}
     for prefix, pair in getattr(args, "location_option", []):
         per_prefix.setdefault(prefix, []).append(pair)
@@ -221,7 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["demo", *(argv or [])])
-    args.storage_options = _storage_options(args)
+    try:
+        args.storage_options = _storage_options(args)
+    except ValueError as e:  # a bad command line: argparse's exit code and usage line
+        parser.error(str(e))
     module, func = COMMANDS[args.command].split(":")
     from . import errors
 

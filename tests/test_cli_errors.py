@@ -126,6 +126,9 @@ def test_exit_codes_are_documented_and_kept(capsys):
     with pytest.raises(SystemExit) as keep:
         cli_main(["prune", "x.zarr", "--keep", "0"])
     assert keep.value.code == 2 and "at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as option:  # storage options are part of the command line too
+        cli_main(["info", "x.zarr", "-S", "noequals"])
+    assert option.value.code == 2 and "--storage-option expects KEY=VALUE" in capsys.readouterr().err
     with pytest.raises(SystemExit) as help_exit:
         cli_main(["--help"])
     assert help_exit.value.code == 0

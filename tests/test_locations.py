@@ -163,8 +163,8 @@ def test_cli_options_per_prefix_file_and_plain(tmp_path, monkeypatch):
     (tmp_path / ".config" / "deepstrf").mkdir(parents=True)
     (tmp_path / ".config" / "deepstrf" / "storage.json").write_text(json.dumps({"s3://lab-c": {"key": "c"}}))
     assert parsed() == {"s3://lab-c": {"key": "c"}}
-    with pytest.raises(SystemExit, match="--location-option expects KEY=VALUE"):
+    with pytest.raises(ValueError, match="--location-option expects KEY=VALUE"):
         parsed("-L", "s3://lab-a", "oops")
     config.write_text("{not json")
-    with pytest.raises(SystemExit, match="opts.json is not valid JSON"):
+    with pytest.raises(ValueError, match="opts.json is not valid JSON"):
         parsed("--options", str(config))
