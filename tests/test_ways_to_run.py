@@ -325,3 +325,36 @@ def test_an_unguarded_script_asking_for_forkserver_is_refused_at_once(pool_url, 
     out = _run(["explicit.py"], str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "REFUSED" in out.stdout and "multiprocessing_context unset" in out.stdout
+
+
+def test_ctrl_c_while_the_workers_start_gives_only_the_scripts_keyboard_interrupt(tmp_path):
+    """Ctrl-C reaches the terminal's whole process group: the worker server (importing torch) and a
+    worker the main process was still sending its dataset to used to print tracebacks of their own."""
+    import signal
+    import time
+
+    script = textwrap.dedent('''
+        import time
+        from deepstrf import StreamingNeuralDataset
+        from deepstrf.datasets.synthetic import SyntheticAudioDataset
+
+        if __name__ == "__main__":
+            stream = StreamingNeuralDataset(SyntheticAudioDataset("aa1", scale=0.3, time_scale=0.05, seed=1),
+                                            batch_size=1)
+            for _ in stream.loader(num_workers=2, timeout=60):  # forkserver: a dataset object of yours
+                print("BATCH", flush=True)
+                time.sleep(0.2)
+    ''')
+    (tmp_path / "train.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "train.py"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "BATCH\n"  # read by the main process while the workers start
+        time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode in (-signal.SIGINT, 130, 1), err
+    assert err.count("Traceback") == 1 and "KeyboardInterrupt" in err, err

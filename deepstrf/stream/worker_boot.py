@@ -5,12 +5,14 @@ catches its errors (while unpickling its dataset, say) reports the exception
 through ``sys.excepthook``. The hook installed here also writes the traceback
 to a file named after the worker's pid, in the directory of the process that
 started the server, so that the main process can put the worker's own error
-into its report (:func:`deepstrf.stream.workers.death_report`).
+into its report (:func:`deepstrf.stream.workers.death_report`). It prints nothing for a worker
+whose start-up data the main process stopped sending because it was exiting (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import traceback
 
@@ -18,6 +20,18 @@ from .workers import errors_dir
 
 _STARTED_BY = os.getppid()  # the server's parent: the process whose workers these are
 _print_exception = sys.excepthook
+
+
+def _start_up_data_gone(exc: BaseException, tb: object) -> bool:
+    """Whether the worker failed to read what the main process sends it to start with (its process
+    object and dataset: multiprocessing's ``spawn._main``) because the main process stopped
+    sending it (the data ends early) or, exiting, removed what it refers to (a semaphore)."""
+    frames = [frame.f_code for frame, _ in traceback.walk_tb(tb)]
+    if not any(code.co_name == "_main" and code.co_filename.endswith("spawn.py") for code in frames):
+        return False
+    cut_short = isinstance(exc, EOFError) or (isinstance(exc, pickle.UnpicklingError) and "truncated" in str(exc))
+    removed = isinstance(exc, FileNotFoundError) and frames[-1].co_filename.endswith("synchronize.py")
+    return cut_short or removed
 
 
 def _record(exc_type: type[BaseException], exc: BaseException, tb: object) -> None:
@@ -28,7 +42,8 @@ def _record(exc_type: type[BaseException], exc: BaseException, tb: object) -> No
             f.write("".join(traceback.format_exception(exc_type, exc, tb)))
     except OSError:
         pass
-    _print_exception(exc_type, exc, tb)
+    if not _start_up_data_gone(exc, tb):  # else the main process is exiting (Ctrl-C, say): nobody is left
+        _print_exception(exc_type, exc, tb)  # to read this, which would only be printed beside the user's own
 
 
 sys.excepthook = _record

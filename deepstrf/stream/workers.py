@@ -33,18 +33,20 @@ stuck, on which stimuli, for how long, instead of waiting silently.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 
@@ -135,10 +137,27 @@ def prepare_context(ctx: str | BaseContext | None) -> None:
         multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)  # no effect once it runs
         # start the server (and the resource tracker the workers' queues register with) now: their
         # imports overlap with the caller's work, and no later start can catch a read half-way
-        with no_gated_task_running():
+        with no_gated_task_running(), _ctrl_c_ignored_by_new_processes():
             multiprocessing.resource_tracker.ensure_running()
             multiprocessing.forkserver.ensure_running()
         _clean_errors_at_exit()
+
+
+@contextlib.contextmanager
+def _ctrl_c_ignored_by_new_processes() -> Iterator[None]:
+    """Processes started meanwhile ignore SIGINT from their first instruction: Ctrl-C reaches a
+    terminal's whole process group, and the worker server, which ignores it only once its imports
+    (seconds: torch) are done, printed its own KeyboardInterrupt traceback beside the script's.
+    Its workers then ignore SIGINT too; the main process stops them. (The main thread only: no
+    other thread can change a signal's handling.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
 def start_worker_server(runs_user_code: bool = True) -> None:
