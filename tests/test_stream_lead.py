@@ -234,3 +234,13 @@ def test_kept_workers_stuck_in_a_pass_left_early_are_reported_when_the_next_begi
     assert "reading stims [6, 7]" in msg and "of the pass before (which the consumer left early)" in msg
     assert "stuck in start-up" not in msg and time.monotonic() - start < 9
     assert loader._iterator is None  # stopped: the next pass starts new workers
+
+
+def test_the_workers_take_over_the_pass_after_a_peek():
+    """A peek (``next(iter(loader))``) leaves the first pass during its lead, while new workers
+    start: the next pass is the workers' again, not read whole by the main process."""
+    s = StreamingNeuralDataset(paced_toy(S=24, read_s=0.3), batch_size=2, seed=8)
+    loader = s.loader(num_workers=2, timeout=LOADER_TIMEOUT_S)
+    next(iter(loader))
+    assert [k for b in loader for k in batch_keys(b)] == in_process_keys(24, batch_size=2, seed=8)
+    assert loader.lead_batches < 12

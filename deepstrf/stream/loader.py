@@ -221,7 +221,8 @@ class StreamingDataLoader(DataLoader):
         self.lead_batches = 0
         self._workers_settings: str | None = None  # the dataset's settings when the workers started
         self._open_pass: weakref.ref[_Pass] | None = None
-        self._starting: Future | None = None  # the start of a pass left during its lead, still running
+        # the start of a pass left during its lead, still running, and whether it starts new workers
+        self._starting: tuple[Future, bool] | None = None
         if self.persistent_workers:
             _stop_at_exit(self)
 
@@ -282,7 +283,8 @@ class StreamingDataLoader(DataLoader):
             generator = torch.Generator().manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
         device = torch.accelerator.current_device_index() if self.pin_memory and torch.accelerator.is_available() \
             else None
-        starting = self._starting = _in_daemon_thread(self._start_workers, generator, device)
+        starting = _in_daemon_thread(self._start_workers, generator, device)
+        self._starting = starting, self._iterator is None or not self.persistent_workers
         try:
             for batch in ds._lead_batches(self.stall_timeout or None):
                 self.lead_batches += 1
@@ -308,13 +310,18 @@ class StreamingDataLoader(DataLoader):
     def _await_earlier_start(self) -> None:
         """Before a pass touches the workers: let the start of a pass the consumer left during its
         lead end (kept workers may still be finishing a pass before it). One that failed has no
-        one left to report to: its workers are stopped, and this pass starts new ones."""
-        starting, self._starting = self._starting, None
-        if starting is None:
+        one left to report to: its workers are stopped, and this pass starts new ones. So are new
+        workers that pass started: they may not have begun it yet, and would take this pass's
+        lead count for theirs (the main process then read this whole pass itself)."""
+        if self._starting is None:
             return
+        (starting, new_workers), self._starting = self._starting, None
         try:
             starting.result()
         except Exception:
+            self._stop_workers(self._iterator)
+            return
+        if new_workers:
             self._stop_workers(self._iterator)
 
     def _start_workers(self, generator: torch.Generator | None, device: int | None) -> Iterator[Any]:
