@@ -244,3 +244,16 @@ def test_the_workers_take_over_the_pass_after_a_peek():
     next(iter(loader))
     assert [k for b in loader for k in batch_keys(b)] == in_process_keys(24, batch_size=2, seed=8)
     assert loader.lead_batches < 12
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_pass_stopped_after_its_last_batch_still_moves_on_to_the_next_epoch(workers):
+    """A trainer that takes ``len(loader)`` batches and never asks for more (Lightning) gets the
+    next epoch's order next time, not the same one again."""
+    import itertools
+
+    s = StreamingNeuralDataset(ToyAudio(seed=3, S=8, N=4), batch_size=2, seed=9)
+    loader = s.loader(num_workers=workers, timeout=LOADER_TIMEOUT_S if workers else 0)
+    for epoch in range(3):
+        got = [k for b in itertools.islice(loader, len(loader)) for k in batch_keys(b)]
+        assert got == in_process_keys(8, epoch=epoch, batch_size=2, seed=9)

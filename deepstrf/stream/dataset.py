@@ -494,6 +494,8 @@ class StreamingNeuralDataset(IterableDataset):
         worker processes, :meth:`loader` does that; a plain ``DataLoader``
         cannot, so call :meth:`set_epoch`).
         """
+        if get_worker_info() is None:
+            self._end_delivered_pass()
         share = self._share()
         # torch makes a worker's iterator as the worker starts, then waits for its first index
         # (sent once every worker has started): begin reading meanwhile
@@ -600,6 +602,13 @@ class StreamingNeuralDataset(IterableDataset):
 
     def _end_pass(self) -> None:
         self.epoch, self._offset, self._steps = self.epoch + 1, 0, 0
+
+    def _end_delivered_pass(self) -> None:
+        """End a pass that handed out every batch of its epoch but was not run to its end (a trainer
+        that stops after ``len(loader)`` batches, as Lightning's does): the next pass streams the
+        next epoch, not the same order again."""
+        if self.batch_size is not None and self._steps and self._steps >= self._remaining(self._offset):
+            self._end_pass()
 
     @property
     def built_format(self) -> Collate:

@@ -238,6 +238,7 @@ class StreamingDataLoader(DataLoader):
 
     def _pass(self) -> Iterator[Any]:
         ds: StreamingNeuralDataset = self.dataset
+        ds._end_delivered_pass()
         if self.num_workers == 0:
             yield from super().__iter__()
             return
