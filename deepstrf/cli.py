@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true",
                    help="a pool: read the pool only (do not ask its sources for newer versions)")
 
-    p = sub.add_parser("verify", parents=[so, roots, version], help="check a store's metadata, references and checksums")
+    p = sub.add_parser("verify", parents=[so, roots, version],
+                       help="check a store's metadata, references and checksums")
     p.add_argument("url")
     p.add_argument("--data", action="store_true", help="also read and checksum every data chunk (sources: always)")
     p.add_argument("--dask", default=None, metavar="ADDRESS",
@@ -144,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=_at_least_one, required=True, metavar="N",
                    help="versions to keep (the N newest, at least 1)")
 
-    p = sub.add_parser("pool-update", parents=[so, roots], help="write a pool re-pinned to its sources' latest versions")
+    p = sub.add_parser("pool-update", parents=[so, roots],
+                       help="write a pool re-pinned to its sources' latest versions")
     p.add_argument("pool", help="URL of the pool to update")
     p.add_argument("out", help="URL of the re-pinned pool to write")
     p.add_argument("--overwrite", action="store_true", help="replace a pool already at OUT")

@@ -133,9 +133,9 @@ def _check_replaceable(loc: Location, state: str, own: tuple[str, ...], kind: st
             return
         if isinstance(fmt, str) and fmt.startswith("deepstrf."):
             raise StoreExistsError(
-                f"{loc.url} holds a {_kind_name(fmt)} store and this writes a {_kind_name(kind)}; refusing to replace it even with overwrite=True (a source's "
-                "versions, or the pool others open by this URL, would be lost). Choose another URL, or remove it "
-                "yourself.")
+                f"{loc.url} holds a {_kind_name(fmt)} store and this writes a {_kind_name(kind)}; refusing to "
+                "replace it even with overwrite=True (a source's versions, or the pool others open by this URL, "
+                "would be lost). Choose another URL, or remove it yourself.")
         raise StoreExistsError(
             f"{loc.url} holds a zarr store that deepstrf did not write; refusing to replace it even with "
             "overwrite=True. Remove it yourself or choose another URL.")
