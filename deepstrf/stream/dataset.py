@@ -223,7 +223,8 @@ class StreamingNeuralDataset(IterableDataset):
         self.collate = collate
         self.device = None if device is None else torch.device(device)
         self.source_homogeneous = source_homogeneous
-        self._subset = None if subset is None else sorted({int(s) for s in subset})
+        self._opened: Opened | None = None
+        self.subset = subset
         self._selection_args = (None if stims is None else list(stims),
                                 None if neurons is None else list(neurons), select)
         self._rank, self._world_size = rank, world_size
@@ -249,7 +250,6 @@ class StreamingNeuralDataset(IterableDataset):
         self.activity = WorkerActivity()
         self._lead = Lead()
         self.rank_world()
-        self._opened: Opened | None = None
         self.last_prefetcher: Prefetcher | None = None
         if get_worker_info() is None:
             start_worker_server(runs_user_code=self._source is not None)

@@ -238,10 +238,10 @@ class StreamingDataLoader(DataLoader):
 
     def _pass(self) -> Iterator[Any]:
         ds: StreamingNeuralDataset = self.dataset
-        ds._end_delivered_pass()
-        if self.num_workers == 0:
+        if self.num_workers == 0:  # the dataset's own pass, in this process
             yield from super().__iter__()
             return
+        ds._end_delivered_pass()
         self._await_earlier_start()
         settings = ds._worker_settings()
         if self._iterator is not None and settings != self._workers_settings:
