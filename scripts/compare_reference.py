@@ -95,18 +95,43 @@ SURFACE = {
 }
 
 
-def signatures(pkg: str) -> dict:
-    """Parameter names and defaults of every public callable of the compatibility surface."""
+def _surface(pkg: str, path: str) -> object:
+    try:
+        return importlib.import_module(f"{pkg}.{path}")
+    except ModuleNotFoundError:
+        module, cls = path.rsplit(".", 1)
+        return getattr(importlib.import_module(f"{pkg}.{module}"), cls)
+
+
+def public_names(pkg: str, path: str) -> list[str]:
+    """The names listed in ``SURFACE`` plus every public callable ``pkg`` defines there itself (a
+    class's own methods, a module's own functions and classes): what deepSTRF offers, not only what
+    the contract lists."""
+    import inspect
+
+    obj = _surface(pkg, path)
+    found = set(SURFACE[path])
+    for name, value in vars(obj).items():
+        if name.startswith("_") or not callable(value) or inspect.ismodule(value):
+            continue
+        if inspect.ismodule(obj) and getattr(value, "__module__", "").split(".")[0] != pkg:
+            continue  # imported from elsewhere (torch, typing)
+        found.add(name)
+    return sorted(found)
+
+
+def signatures(pkg: str, names_from: str) -> dict:
+    """Parameter names and defaults of every public callable of the compatibility surface, as
+    ``names_from`` (the reference) defines it; ``"missing"`` where ``pkg`` lacks one."""
     import inspect
 
     out = {}
-    for path, names in SURFACE.items():
-        try:
-            obj = importlib.import_module(f"{pkg}.{path}")
-        except ModuleNotFoundError:
-            module, cls = path.rsplit(".", 1)
-            obj = getattr(importlib.import_module(f"{pkg}.{module}"), cls)
-        for name in names:
+    for path in SURFACE:
+        obj = _surface(pkg, path)
+        for name in public_names(names_from, path):
+            if not hasattr(obj, name):
+                out[f"{path}.{name}"] = "missing"
+                continue
             params = inspect.signature(getattr(obj, name)).parameters.values()
             # keyword-only additions of ours (store=, deep=) keep every deepSTRF call valid
             out[f"{path}.{name}"] = [(p.name, repr(p.default)) for p in params if p.kind not in (p.KEYWORD_ONLY, p.VAR_KEYWORD)]
@@ -115,7 +140,7 @@ def signatures(pkg: str) -> dict:
 
 def main() -> None:
     ref, ours = scenario("deepSTRF"), scenario("deepstrf")
-    ref["signatures"], ours["signatures"] = signatures("deepSTRF"), signatures("deepstrf")
+    ref["signatures"], ours["signatures"] = signatures("deepSTRF", "deepSTRF"), signatures("deepstrf", "deepSTRF")
     diffs = {k: {"deepSTRF": ref[k], "deepstrf": ours.get(k)} for k in ref
              if json.dumps(ref[k], default=str) != json.dumps(ours.get(k), default=str)}
     print(json.dumps({"checked": sorted(ref), "differences": diffs}, default=str))

@@ -77,3 +77,17 @@ def test_fill_missing_data_errors():
         fill_missing_data([torch.zeros(2, 3), torch.zeros(3, 3)], dims=-1)
     out = fill_missing_data([torch.ones(2, 3), torch.ones(2, 5)], dims=[-1], value=-1)
     assert out.shape == (2, 2, 5) and out[0, 0, 4] == -1
+
+
+def test_deepstrf_names_of_the_facade():
+    from toydata import ToyAudio
+
+    from deepstrf.utils.data import ResponseSmoothingTransform, concatenate_datasets, hanning_smooth
+
+    batch = torch.poisson(torch.ones(2, 3, 4, 50))
+    smooth = ResponseSmoothingTransform(dt_ms=2, window_size_ms=21)
+    assert torch.equal(smooth(batch), hanning_smooth(batch, window_ms=21, dt_ms=2))
+    a, b = ToyAudio(1), ToyAudio(2)
+    with pytest.warns(DeprecationWarning, match="concat_neural_datasets"):
+        pooled = concatenate_datasets(a, b)
+    assert pooled.get_S() == a.get_S() + b.get_S() and pooled.N_neurons == a.N_neurons + b.N_neurons

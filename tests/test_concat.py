@@ -89,6 +89,71 @@ def test_provenance_names_and_sources_untouched():
         concat_neural_datasets([a, b], names=["only-one"])
 
 
+def test_a_pool_keeps_its_in_memory_sources_as_they_were_when_pooled():
+    """As deepSTRF's concatenation copies its sources' lists: a transform, a replaced row or stim
+    applied to a source afterwards does not reach the pool."""
+    a, b = ToyAudio(1), ToyAudio(2)
+    pool = a + b
+    cell, stim = pool.responses[0][0].clone(), pool.stims[0]
+    a.normalize_responses("max")
+    a.smooth_responses(5.0)
+    a.standardize_stims()
+    a.responses[1] = [torch.full((1, 1), float("nan"))] * a.N_neurons
+    a._invalidate_nrn_masks()
+    assert torch.equal(pool.responses[0][0], cell) and pool.stims[0] is stim
+    assert bool(pool.nrn_masks[1, :a.N_neurons].any()) and not bool(a.nrn_masks[1].any())
+    assert not torch.equal(a.responses[0][0], cell)
+
+
+def test_an_in_memory_pool_has_lists_as_deepstrf_gives():
+    a, b = ToyAudio(1), ToyAudio(2, S=3)
+    pool = a + b
+    assert type(pool.stims) is list and len(pool.stims) == 7
+    assert torch.cat(pool.stims, -1).shape[-1] == sum(x.shape[-1] for x in a.stims + b.stims)
+    assert len(pool.responses[0] + [torch.zeros(1, 1)]) == pool.N_neurons + 1
+    row = [torch.ones(2, 12 + 3 * 0)] * pool.N_neurons
+    pool.responses[0] = row  # a whole row replaced, cross-block cells included
+    pool._invalidate_nrn_masks()
+    assert bool(pool.nrn_masks[0].all()) and pool.responses[0][pool.N_neurons - 1] is row[-1]
+    with pytest.raises(ValueError, match="one cell per neuron"):
+        pool.responses[1] = row[:3]
+    assert cells_equal(a.responses[0][0], ToyAudio(1).responses[0][0])  # the source untouched
+    nested = (a + b) + ToyAudio(3)  # still flattened: the pool's list is the one it was made with
+    assert nested.source_names == ["ToyAudio"] * 3
+    pool.stims[0] = pool.stims[0] * 2  # a pool whose stims were edited is a part of its own
+    assert (pool + ToyAudio(3)).source_names == ["ToyAudio", "ToyAudio"]
+
+
+class _Lab(ToyAudio):
+    """A deepSTRF-style subclass that extends concatenation's documented hooks."""
+
+    checked: list = []
+
+    def __init__(self, seed, species):
+        super().__init__(seed)
+        self.species = species
+
+    def _concat_check_compat(self, other):  # deepSTRF's signature: no names
+        super()._concat_check_compat(other)
+        _Lab.checked.append((self.species, other.species))
+        if self.species != other.species:
+            raise AssertionError(f"species mismatch: {self.species} vs {other.species}")
+
+    def _concat_copy_attrs(self, source):
+        super()._concat_copy_attrs(source)
+        self.species = source.species
+
+
+def test_a_subclass_check_sees_every_other_input_with_its_own_signature():
+    _Lab.checked.clear()
+    pool = _Lab(1, "finch") + _Lab(2, "finch")
+    assert type(pool) is _Lab and pool.species == "finch" and _Lab.checked == [("finch", "finch")]
+    with pytest.raises(AssertionError, match="species mismatch: finch vs ferret"):
+        concat_neural_datasets([_Lab(1, "finch"), _Lab(2, "finch"), _Lab(3, "ferret")])
+    with pytest.raises(IncompatibleDatasetsError, match="F mismatch"):  # the built-in check still names both
+        _Lab(1, "finch") + ToyAudio(2, F=9)
+
+
 @pytest.mark.parametrize("make_b, pattern", [
     (lambda: ToyAudio(2, dt_ms=5.0), r"dt mismatch: left has dt_ms=1.0, right has dt_ms=5.0"),
     (lambda: ToyAudio(2, F=9), r"F mismatch: left has F=8, right has F=9"),

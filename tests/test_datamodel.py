@@ -38,6 +38,35 @@ def test_nrn_masks_cached_and_invalidated():
     assert not d.nrn_masks[0, 0]
 
 
+def test_masks_reset_the_deepstrf_way_refresh_every_cache():
+    d = ToyAudio(1)
+    d.select_neuron(0)
+    assert len(d) == 3  # neuron 0 has no data for stim 3
+    d.responses[1][0] = torch.full((1, 1), float("nan"))
+    d._nrn_masks_cache = None  # what deepSTRF's own invalidation does
+    assert len(d) == 2 and not d.nrn_masks[1, 0]
+
+
+@pytest.mark.parametrize("make", ["plain", "pool"])
+def test_selections_edited_in_place_are_what_items_show(make, pool):
+    """deepSTRF's I and S_sel are plain lists that user code appends to or clears."""
+    d = ToyAudio(1) if make == "plain" else pool
+    d.I = [0]
+    assert len(d) == 3
+    d.I.append(3)  # neuron 0 has data for stims 0-2, neuron 3 for stims 1-3
+    assert len(d) == 4 and [d[i]["valid_mask"].shape[0] for i in range(4)] == [2] * 4
+    d.I.clear()
+    d.I.append(3)
+    assert len(d) == 3 and all(bool(d[i]["valid_mask"].all()) for i in range(3))
+    d.I[0] = 0
+    assert len(d) == 3 and all(bool(d[i]["valid_mask"].all()) for i in range(3))
+    d.I.clear()
+    d.S_sel = [0]
+    assert len(d) == 1
+    d.S_sel.extend([1, 2])
+    assert len(d) == 3 and [d[i]["stim_meta"]["uid"] for i in range(3)] == ["a1-s0", "a1-s1", "a1-s2"]
+
+
 def test_mask_follows_edits_on_lazy_views(pool):
     pool.responses[0][0] = torch.full((1, 1), float("nan"))
     pool._invalidate_nrn_masks()

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import IncompatibleDatasetsError
 from .neural_dataset import NeuralDataset
 from .views import BlockDiagonalGrid, ConcatSequence
 
 UID_KEY = "uid"
+_PACKAGE = __name__.split(".")[0]
 
 
 class DuplicateUIDWarning(UserWarning):
@@ -42,6 +45,7 @@ def concat_datasets(datasets: Sequence[NeuralDataset], names: Sequence[str] | No
     _check_compatible(datasets, [str(x) for x in labels])
 
     parts, part_names = _flatten(datasets, names)
+    parts = [_as_pooled(d) for d in parts]
     out_cls = _common_ancestor(datasets)
     out = out_cls.__new__(out_cls)
     NeuralDataset.__init__(out, path="+".join(str(d.path) for d in parts), dt_ms=datasets[0].dt)
@@ -49,7 +53,10 @@ def concat_datasets(datasets: Sequence[NeuralDataset], names: Sequence[str] | No
         if isinstance(d, out_cls):
             out._concat_copy_attrs(d)
             break
-    out.stims = ConcatSequence([d.stims for d in parts])
+    if all(isinstance(d.stims, list) for d in parts):  # in memory: a list, as deepSTRF gives (O(S))
+        out.stims = [x for d in parts for x in d.stims]
+    else:
+        out.stims = ConcatSequence([d.stims for d in parts])
     out.responses = BlockDiagonalGrid(parts)
     out.stim_meta = [{**m, "dataset": name} for d, name in zip(parts, part_names) for m in d.stim_meta]
     out.nrn_meta = [{**m, "dataset": name} for d, name in zip(parts, part_names) for m in d.nrn_meta]
@@ -58,6 +65,34 @@ def concat_datasets(datasets: Sequence[NeuralDataset], names: Sequence[str] | No
     out.duplicate_uids = _report_duplicates(parts, part_names)
     out.validate()
     return out
+
+
+def _as_pooled(d: NeuralDataset) -> NeuralDataset:
+    """``d`` as the concatenation keeps it. An in-memory source (lists of stims and of rows) is
+    kept as a shallow copy with lists of its own (O(S)): a transform, row or stim later assigned
+    on ``d`` does not reach the pool, as deepSTRF's concatenation copies them. Cells are shared:
+    ``d.responses[s][n] = x`` reaches it."""
+    own = vars(d)
+    if not (isinstance(own.get("responses"), list) and isinstance(own.get("stims"), list)):
+        return d  # store-backed or a view: edits are recorded on new objects, never in place
+    kept = object.__new__(type(d))
+    vars(kept).update(own, responses=list(d.responses), stims=list(d.stims))
+    return kept
+
+
+def plain_concat_parts(d: NeuralDataset) -> list[NeuralDataset] | None:
+    """The sources of ``d`` if it is a concatenation untouched since it was made (no transform,
+    assigned cell or stim), else None."""
+    grid, stims = d.responses, d.stims
+    if not (isinstance(grid, BlockDiagonalGrid) and not grid._transforms and not grid._overrides
+            and getattr(d, "source_names", None)):
+        return None
+    if isinstance(stims, ConcatSequence):
+        untouched = not stims._overrides
+    else:
+        made_with = [x for part in grid.sources for x in part.stims]
+        untouched = len(made_with) == len(stims) and all(x is y for x, y in zip(stims, made_with))
+    return list(grid.sources) if untouched else None
 
 
 def _signature(d: NeuralDataset) -> tuple:
@@ -78,13 +113,34 @@ def _check_compatible(datasets: Sequence[NeuralDataset], labels: Sequence[str]) 
     for x, a in enumerate(firsts):
         for b in firsts[x + 1:]:
             try:
-                datasets[a]._concat_check_compat(datasets[b], names=(_label(labels, a, sizes), _label(labels, b, sizes)))
+                _ask(datasets[a], datasets[b], (_label(labels, a, sizes), _label(labels, b, sizes)))
             except IncompatibleDatasetsError as e:
                 errors.append(str(e))
     if len(errors) == 1:
         raise IncompatibleDatasetsError(errors[0])
     if errors:
         raise IncompatibleDatasetsError(f"{len(errors)} incompatibilities:\n" + "\n".join(f"- {e}" for e in errors))
+    first = datasets[0]
+    if not type(first)._concat_check_compat.__module__.startswith(f"{_PACKAGE}."):
+        # a check of the user's own (deepSTRF's documented hook) may look at any attribute: as
+        # deepSTRF does, the first input's check sees every other input
+        for i in range(1, len(datasets)):
+            _ask(first, datasets[i], (labels[0], labels[i]))
+
+
+def _ask(a: NeuralDataset, b: NeuralDataset, names: tuple[str, str]) -> None:
+    """``a._concat_check_compat(b)``, naming both sides where the method takes ``names`` (a
+    deepSTRF-style override takes only ``other``)."""
+    if _takes_names(type(a)._concat_check_compat):
+        a._concat_check_compat(b, names=names)
+    else:
+        a._concat_check_compat(b)
+
+
+@functools.cache
+def _takes_names(check: Callable) -> bool:
+    parameters = inspect.signature(check).parameters
+    return "names" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def _label(labels: Sequence[str], i: int, sizes: dict[int, int]) -> str:
@@ -104,20 +160,14 @@ def _flatten(datasets: list[NeuralDataset], names: list[str] | None):
     """
     parts, part_names = [], []
     for i, d in enumerate(datasets):
-        if _is_plain_concat(d):
-            parts.extend(d.responses.sources)
+        inner = plain_concat_parts(d)
+        if inner is not None:
+            parts.extend(inner)
             part_names.extend(d.source_names if names is None else [names[i]] * len(d.source_names))
         else:
             parts.append(d)
             part_names.append(_default_name(d) if names is None else names[i])
     return parts, part_names
-
-
-def _is_plain_concat(d: NeuralDataset) -> bool:
-    g, stims = d.responses, d.stims
-    return (isinstance(g, BlockDiagonalGrid) and not g._transforms and not g._overrides
-            and isinstance(stims, ConcatSequence) and not stims._overrides
-            and hasattr(d, "source_names"))
 
 
 def _common_ancestor(datasets: Sequence[NeuralDataset]) -> type:

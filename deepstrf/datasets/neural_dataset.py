@@ -58,7 +58,7 @@ class NeuralDataset(Dataset):
         self.stim_meta: list[dict] = []
         self.nrn_meta: list[dict] = []
         self.N_neurons = 0
-        self._nrn_masks_cache: torch.Tensor | None = None
+        self._masks: torch.Tensor | None = None
         self._coverage_cache: Coverage | None = None
         self._iter_cache: tuple | None = None
         self._I: list[int] = []
@@ -140,6 +140,18 @@ class NeuralDataset(Dataset):
             self._nrn_masks_cache = self._compute_nrn_masks()
         return self._nrn_masks_cache
 
+    @property
+    def _nrn_masks_cache(self) -> torch.Tensor | None:
+        return getattr(self, "_masks", None)
+
+    @_nrn_masks_cache.setter
+    def _nrn_masks_cache(self, value: torch.Tensor | None) -> None:
+        # deepSTRF code resets the masks by assigning None here: the other caches follow
+        self._masks = value
+        if value is None:
+            self._coverage_cache = None
+            self._iter_cache = None
+
     def _compute_nrn_masks(self) -> torch.Tensor:
         """The dense mask of :attr:`coverage`."""
         return self.coverage.to_dense()
@@ -147,8 +159,6 @@ class NeuralDataset(Dataset):
     def _invalidate_nrn_masks(self) -> None:
         """Forget the cached ``coverage`` and ``nrn_masks``; the next access recomputes them."""
         self._nrn_masks_cache = None
-        self._coverage_cache = None
-        self._iter_cache = None
 
     # -- selection ---------------------------------------------------------
     def _selected_stims(self) -> list[int]:
@@ -177,7 +187,9 @@ class NeuralDataset(Dataset):
         """Stims visible to ``len`` / ``ds[i]``: in the stim selection and with
         at least one valid response among the selected neurons."""
         coverage = self.coverage
-        key = (id(coverage),)
+        # I and S_sel are plain lists that deepSTRF code also edits in place (ds.I.append(n)):
+        # the cache holds what they were, not only whether they were reassigned
+        key = (id(coverage), list(self._I), None if self._S_sel is None else list(self._S_sel))
         if self._iter_cache is not None and self._iter_cache[0] == key:
             return self._iter_cache[1]
         idx: list[int] = []

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from . import views
 from .audio import AudioNeuralDataset
+from .concat import concat_datasets, plain_concat_parts
 from .neural_dataset import NeuralDataset
 from .video import VideoNeuralDataset
 
@@ -113,7 +114,7 @@ def rebin_dataset(ds: NeuralDataset, dt_ms: float) -> NeuralDataset:
     Raises ``ValueError`` if ``dt_ms`` is not ``k * ds.dt_ms`` for an integer ``k >= 1``.
     """
     factor = _rebin_factor(ds, dt_ms)
-    parts = _pool_parts(ds)
+    parts = plain_concat_parts(ds)
     if parts is not None:
         return _repool([rebin_dataset(p, dt_ms) for p in parts], ds)
     waveform = getattr(ds, "audio_fs", None) is not None
@@ -189,7 +190,7 @@ def resample_frequency(ds: AudioNeuralDataset, F: int) -> AudioNeuralDataset:  #
     if ds.audio_fs is not None:
         raise ValueError(f"resample_frequency: {getattr(ds, 'name', None) or type(ds).__name__} holds "
                          f"waveforms (audio_fs={ds.audio_fs}), not spectrograms; compute spectrograms first")
-    parts = _pool_parts(ds)
+    parts = plain_concat_parts(ds)
     if parts is not None:
         return _repool([resample_frequency(p, F) for p in parts], ds)
     out = _derived(ds, views.MappedSequence(ds.stims, _BandInterpolator(F)), _PassThroughGrid(ds), f"#F={F}")
@@ -263,19 +264,7 @@ def _derived(ds: NeuralDataset, stims, responses, suffix: str) -> NeuralDataset:
     return out
 
 
-def _pool_parts(ds: NeuralDataset) -> list[NeuralDataset] | None:
-    """The sources of an untouched in-memory concatenation, else ``None``."""
-    g = ds.responses
-    if (isinstance(g, views.BlockDiagonalGrid) and not g._transforms and not g._overrides
-            and isinstance(ds.stims, views.ConcatSequence) and not ds.stims._overrides
-            and getattr(ds, "source_names", None)):
-        return list(g.sources)
-    return None
-
-
 def _repool(parts: list[NeuralDataset], ds: NeuralDataset) -> NeuralDataset:
-    from .concat import concat_datasets
-
     out = concat_datasets(parts, names=list(ds.source_names))
     out.I = list(ds.I)
     out.S_sel = None if ds.S_sel is None else list(ds.S_sel)

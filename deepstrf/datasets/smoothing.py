@@ -30,3 +30,16 @@ def hanning_smooth(response: torch.Tensor, window_ms: float, dt_ms: float) -> to
         if w:
             out.add_(x[..., j:j + T], alpha=w)
     return out
+
+
+class ResponseSmoothingTransform(torch.nn.Module):
+    """:func:`hanning_smooth` as a module, for a transform pipeline: smooths ``(..., T)`` responses
+    (a batch ``(B, N, R, T)`` or one item's ``(N, R, T)``) with a ``window_size_ms`` window of
+    ``dt_ms`` bins."""
+
+    def __init__(self, dt_ms: float = 1, window_size_ms: float = 21, *args, **kwargs) -> None:
+        super().__init__()
+        self.dt_ms, self.window_size_ms = dt_ms, window_size_ms
+
+    def forward(self, responses: torch.Tensor, dt: float | None = None) -> torch.Tensor:
+        return hanning_smooth(responses, window_ms=self.window_size_ms, dt_ms=self.dt_ms if dt is None else dt)

@@ -34,8 +34,8 @@ def missing_sentinel() -> torch.Tensor:
 def is_missing(cell: torch.Tensor) -> bool:
     """True if ``cell`` marks a (stim, neuron) pair without data.
 
-    Same rule as deepSTRF: the ``(1, 1)`` shape is the sentinel; any other
-    tensor that contains NaN is treated as missing too.
+    The sentinel is the ``(1, 1)`` tensor holding NaN (deepSTRF counts any ``(1, 1)`` cell);
+    any other floating tensor that contains NaN is missing too (deepSTRF counts it as data).
     """
     if tuple(cell.shape) == (1, 1):
         return bool(torch.isnan(cell).all())
@@ -211,6 +211,12 @@ class GridRow(Sequence):
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter(self.grid.row(self.s, range(self.grid.n_neurons)))
 
+    def __add__(self, other: Sequence) -> list:  # as a list row: row + [cell]
+        return list(self) + list(other)
+
+    def __radd__(self, other: Sequence) -> list:
+        return list(other) + list(self)
+
 
 class ResponseGrid(Sequence):
     """An S x N grid of response tensors produced on access.
@@ -247,6 +253,14 @@ class ResponseGrid(Sequence):
         if isinstance(s, slice):
             return [GridRow(self, j) for j in range(*s.indices(self.n_stims))]
         return GridRow(self, _normalise_index(s, self.n_stims, "stim"))
+
+    def __setitem__(self, s: int, row: Sequence[torch.Tensor]) -> None:
+        """Replace row ``s`` (one cell per neuron), as in a list grid: every cell is set by hand."""
+        s = _normalise_index(s, self.n_stims, "stim")
+        if len(row) != self.n_neurons:
+            raise ValueError(f"row {s} needs one cell per neuron ({self.n_neurons}), got {len(row)}")
+        for n, cell in enumerate(row):
+            self.set_cell(s, n, cell)
 
     def __iter__(self) -> Iterator[GridRow]:
         for s in range(self.n_stims):
@@ -510,14 +524,13 @@ def grid_mask(responses: Any, n_neurons: int) -> torch.Tensor:
 
 
 def map_responses(responses: Any, fn: CellTransform, n_neurons: int) -> Any:
-    """Apply ``fn`` to every valid cell: in place for lists, recorded for views."""
+    """Apply ``fn`` to every valid cell: recorded for views; for lists, each row of the list is
+    replaced by a new one (a concatenation made before keeps the rows it was made with)."""
     if isinstance(responses, ResponseGrid):
         return responses.with_transform(fn)
     for s in range(len(responses)):
         row = responses[s]
-        for n in range(n_neurons):
-            if not is_missing(row[n]):
-                row[n] = fn(row[n], s, n)
+        responses[s] = [cell if n >= n_neurons or is_missing(cell) else fn(cell, s, n) for n, cell in enumerate(row)]
     return responses
 
 

@@ -5,8 +5,9 @@ catches its errors (while unpickling its dataset, say) reports the exception
 through ``sys.excepthook``. The hook installed here also writes the traceback
 to a file named after the worker's pid, in the directory of the process that
 started the server, so that the main process can put the worker's own error
-into its report (:func:`deepstrf.stream.workers.death_report`). It prints nothing for a worker
-whose start-up data the main process stopped sending because it was exiting (Ctrl-C).
+into its report (:func:`deepstrf.stream.workers.death_report`). It records and
+prints nothing for a worker whose start-up data the main process stopped sending
+because it was exiting (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def _start_up_data_gone(exc: BaseException, tb: object) -> bool:
 
 
 def _record(exc_type: type[BaseException], exc: BaseException, tb: object) -> None:
+    if _start_up_data_gone(exc, tb):  # the main process is exiting (Ctrl-C, say): nobody is left to read
+        return  # this, which would only be printed beside the user's own error
     try:
         folder = errors_dir(_STARTED_BY)
         os.makedirs(folder, exist_ok=True)
@@ -42,8 +45,7 @@ def _record(exc_type: type[BaseException], exc: BaseException, tb: object) -> No
             f.write("".join(traceback.format_exception(exc_type, exc, tb)))
     except OSError:
         pass
-    if not _start_up_data_gone(exc, tb):  # else the main process is exiting (Ctrl-C, say): nobody is left
-        _print_exception(exc_type, exc, tb)  # to read this, which would only be printed beside the user's own
+    _print_exception(exc_type, exc, tb)
 
 
 sys.excepthook = _record

@@ -7,6 +7,7 @@ the path deepSTRF users import from, and adds the store-aware form of
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,11 +15,12 @@ from ..datasets.collate import CompactBatch, compact_collate, fill_missing_data,
 from ..datasets.concat import DuplicateUIDWarning, concat_datasets
 from ..datasets.neural_dataset import NeuralDataset
 from ..datasets.sampling import SourceBatchSampler
-from ..datasets.smoothing import hanning_smooth
+from ..datasets.smoothing import ResponseSmoothingTransform, hanning_smooth
 
 __all__ = [
-    "CompactBatch", "DuplicateUIDWarning", "SourceBatchSampler", "compact_collate",
-    "concat_neural_datasets", "fill_missing_data", "hanning_smooth", "neural_collate",
+    "CompactBatch", "DuplicateUIDWarning", "ResponseSmoothingTransform", "SourceBatchSampler",
+    "compact_collate", "concat_neural_datasets", "concatenate_datasets", "fill_missing_data",
+    "hanning_smooth", "neural_collate",
 ]
 
 
@@ -41,3 +43,10 @@ def concat_neural_datasets(datasets: Sequence[NeuralDataset], names: Sequence[st
 
     return write_pool(datasets, store, names=names, storage_options=storage_options,
                       overwrite=overwrite, **pool_options)
+
+
+def concatenate_datasets(ds1: NeuralDataset, ds2: NeuralDataset) -> NeuralDataset:
+    """deepSTRF's older name for two inputs; use ``concat_neural_datasets([ds1, ds2])``."""
+    warnings.warn("concatenate_datasets is deprecated: use concat_neural_datasets([ds1, ds2])",
+                  DeprecationWarning, stacklevel=2)
+    return concat_neural_datasets([ds1, ds2])
