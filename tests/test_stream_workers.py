@@ -297,3 +297,32 @@ def test_queue_feeder_threads_of_a_finished_pass_do_not_count_as_the_users():
         assert queue.get(timeout=5) == 1
         queue.close()
         queue.join_thread()
+
+
+def test_temporary_directories_of_ended_processes_are_removed_by_the_next_one(tmp_path, monkeypatch):
+    """A notebook kernel stopped by its front end, or a killed script, runs no exit handler: the
+    shard directory of its streaming datasets (and its workers' error directory) stayed in /tmp."""
+    import socket
+    import tempfile
+
+    from deepstrf.tempdirs import process_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    dead = int(ended.stdout)
+    host = socket.gethostname()
+    left = [tmp_path / f"deepstrf-shards-{host}~{dead}~abc1", tmp_path / f"deepstrf-worker-errors-{host}~{dead}"]
+    kept = [tmp_path / f"deepstrf-shards-{host}~{os.getppid()}~abc2",  # a live process's
+            tmp_path / f"deepstrf-shards-otherhost~{dead}~abc3"]  # another machine's (shared /tmp)
+    for folder in left + kept:
+        folder.mkdir()
+        (folder / "f").write_bytes(b"x")
+    stream = StreamingNeuralDataset(ToyAudio(1), batch_size=2)
+    assert [p.exists() for p in left[:1] + kept] == [False, True, True]
+    assert os.path.dirname(stream._shard_dir) == str(tmp_path)
+    assert os.path.basename(stream._shard_dir).startswith(f"deepstrf-shards-{host}~{os.getpid()}~")
+    monkeypatch.setattr(workers, "_CLEANING", False)
+    monkeypatch.setattr(workers, "atexit", type("NoExit", (), {"register": staticmethod(lambda *a, **k: None)}))
+    workers._clean_errors_at_exit()
+    assert not left[1].exists() and process_dir("worker-errors") == workers.errors_dir(os.getpid())

@@ -12,7 +12,6 @@ import copy
 import itertools
 import os
 import shutil
-import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -33,6 +32,7 @@ from ..forksafe import kept_pool, run_gated, usable_cpus
 from ..store import shards
 from ..store.dataset import load_indexes, storage_io, warm_reads
 from ..store.location import on_network
+from ..tempdirs import new_process_dir
 from . import handover, items, partition, reader, shuffle
 from .buffers import DEFAULT_SLOTS, BufferPool, process_pool, slots_for
 from .cache import RowCache
@@ -240,7 +240,7 @@ class StreamingNeuralDataset(IterableDataset):
             handover.open_channel()
         # whole shards of an object store that one DataLoader worker fetched, for the others;
         # removed with this object in the process that made it (workers never remove it)
-        self._shard_dir = tempfile.mkdtemp(prefix="deepstrf-shards-")
+        self._shard_dir = new_process_dir("shards")
         weakref.finalize(self, _remove_owned_dir, self._shard_dir, os.getpid())
         # the epoch and the units of it consumed before this pass (resume) live in shared memory:
         # persistent DataLoader workers see set_epoch, load_state_dict and the end of a pass

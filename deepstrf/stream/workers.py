@@ -42,7 +42,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -54,6 +53,7 @@ import torch
 
 from ..errors import UnsafeMainError
 from ..forksafe import no_gated_task_running
+from ..tempdirs import process_dir, remove_ended
 from .main_module import GUARD_FIX, rerun_problem
 from .stats import MAX_SLOTS
 
@@ -173,7 +173,7 @@ def start_worker_server(runs_user_code: bool = True) -> None:
 
 def errors_dir(main_pid: int) -> str:
     """Where forkserver workers of the process ``main_pid`` leave the traceback they died with."""
-    return os.path.join(tempfile.gettempdir(), f"deepstrf-worker-errors-{main_pid}")
+    return process_dir("worker-errors", main_pid)
 
 
 def _traceback_of(pid: int | None) -> str | None:
@@ -235,6 +235,7 @@ def _clean_errors_at_exit() -> None:
     global _CLEANING
     if not _CLEANING:
         _CLEANING = True
+        remove_ended("worker-errors")
         atexit.register(shutil.rmtree, errors_dir(os.getpid()), ignore_errors=True)
 
 

@@ -1,0 +1,46 @@
+"""Temporary directories that belong to one process, and are removed when it has ended.
+
+A process removes its own at exit. One that never runs its exit handlers (killed,
+or a notebook kernel stopped by its front end) leaves them behind: the name
+carries the host and the process id, so that the next process to make one of
+the same kind removes those of ended processes of this host.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import tempfile
+
+from .forksafe import process_alive
+
+
+def _name(kind: str, pid: int) -> str:
+    return f"deepstrf-{kind}-{socket.gethostname()}~{pid}"
+
+
+def process_dir(kind: str, pid: int | None = None) -> str:
+    """The fixed path of process ``pid``'s (default: this one's) directory of ``kind``; not made."""
+    return os.path.join(tempfile.gettempdir(), _name(kind, os.getpid() if pid is None else pid))
+
+
+def new_process_dir(kind: str) -> str:
+    """A new directory of ``kind`` for this process (one of several it may have)."""
+    remove_ended(kind)
+    return tempfile.mkdtemp(prefix=_name(kind, os.getpid()) + "~")
+
+
+def remove_ended(kind: str) -> None:
+    """Remove the directories of ``kind`` that ended processes of this host left."""
+    pattern = re.compile(rf"deepstrf-{re.escape(kind)}-(?P<host>.+)~(?P<pid>\d+)(~[^~]*)?")
+    host = socket.gethostname()
+    try:
+        entries = list(os.scandir(tempfile.gettempdir()))
+    except OSError:
+        return
+    for entry in entries:
+        found = pattern.fullmatch(entry.name)
+        if found and found["host"] == host and not process_alive(int(found["pid"])):
+            shutil.rmtree(entry.path, ignore_errors=True)
