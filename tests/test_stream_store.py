@@ -452,3 +452,22 @@ def test_the_shared_tls_session_class_pickles_by_name():
     from deepstrf.store.s3clients import SharedTLSSession
 
     assert pickle.loads(pickle.dumps(SharedTLSSession)) is SharedTLSSession
+
+
+def test_workers_stuck_opening_the_dataset_are_reported_as_such(s3, s3_pool, no_cached_shards):
+    """A store that stops answering while the workers open the dataset (read its sources' shard
+    indexes) stops them before their pass: the report says so, not "before any read"."""
+    from deepstrf.errors import StreamStalledError
+
+    url, options = s3_pool
+    s = StreamingNeuralDataset(url, storage_options=options, batch_size=4)
+    s3.stall("/responses/values/c/", seconds=6, times=None)
+    try:
+        with pytest.raises(StreamStalledError) as stalled:
+            for _ in s.loader(num_workers=2, timeout=3, multiprocessing_context="forkserver"):
+                pass
+    finally:
+        s3.clear_faults()
+    message = str(stalled.value)
+    assert "it is opening the dataset (reading its stores' indexes)" in message, message
+    assert "before any read" not in message

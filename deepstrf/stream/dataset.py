@@ -502,10 +502,12 @@ class StreamingNeuralDataset(IterableDataset):
         return share if get_worker_info() is None else begun(share)
 
     def _share(self) -> Iterator[Any]:
-        st = self._state()
         info = get_worker_info()
         worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         in_process = info is None
+        if not in_process:
+            self.activity.opening(worker_id + 1)
+        st = self._state()
         if in_process:
             self._begin_pass()
         else:

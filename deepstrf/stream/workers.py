@@ -75,7 +75,7 @@ FORK_SAFE_THREAD_PREFIXES = ("deepstrf", "fsspecIO", "zarr_io", "zarr_pool", "as
                              "QueueFeederThread", "IPythonHistorySavingThread")
 
 # columns of the activity table
-_PID, _BATCHES, _READING_SINCE_NS, _N_STIMS, _EARLIER, _STIMS = 0, 1, 2, 3, 4, 5
+_PID, _BATCHES, _READING_SINCE_NS, _N_STIMS, _EARLIER, _OPENING_SINCE_NS, _STIMS = 0, 1, 2, 3, 4, 5, 6
 _SHOWN_STIMS = 8  # stims of the current read kept for the report
 _TRACEBACK_LINES = 12  # last lines of a dead worker's traceback put in a report
 
@@ -270,6 +270,11 @@ class WorkerActivity:
         self._table = torch.zeros((MAX_SLOTS, _STIMS + _SHOWN_STIMS), dtype=torch.int64).share_memory_()
         self._slot = 0
 
+    def opening(self, slot: int) -> None:
+        """A worker opens the dataset (reads its stores' indexes) before it begins its pass."""
+        if slot < MAX_SLOTS:
+            self._table[slot, _OPENING_SINCE_NS] = time.monotonic_ns()
+
     def use_slot(self, slot: int) -> None:
         """Record into row ``slot`` from now on; marks the pass as started by this process."""
         self._slot = slot
@@ -324,6 +329,12 @@ class WorkerActivity:
             head = f"worker {k} (pid {pid or '?'}{f', dead: {_exit_status(proc.exitcode)}' if dead else ''})"
             if row is None:
                 line = f"{head}: not tracked (more than {MAX_SLOTS - 1} workers)"
+            elif not row[_PID] and row[_OPENING_SINCE_NS]:
+                opening = "opening the dataset (reading its stores' indexes)"
+                line = (f"{head}: died {opening}" if dead else
+                        f"{head}: never started its pass: it is {opening} for "
+                        f"{(now - row[_OPENING_SINCE_NS]) / 1e9:.1f} s; a store that does not answer stops it there "
+                        "(`deepstrf verify URL` names it)")
             elif not row[_PID]:
                 line = (f"{head}: died in start-up, before any read" if dead else
                         f"{head}: never started its pass; it is stuck in start-up (before any read), e.g. on a "
