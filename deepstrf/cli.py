@@ -205,16 +205,6 @@ def _add_import_nwb(sub: argparse._SubParsersAction, so: argparse.ArgumentParser
     p.add_argument("--overwrite", action="store_true", help="replace stores imported with other inputs or arguments")
 
 
-def _environment_errors() -> tuple[type[BaseException], ...]:
-    """Errors raised by the file system, the network or an object store's client (evaluated only
-    when an error is being matched: botocore is imported then)."""
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError
-    except ImportError:
-        return (OSError,)
-    return OSError, BotoCoreError, ClientError
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -234,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(e).replace("overwrite=True", "--overwrite") if hasattr(args, "overwrite") else str(e)
         print(f"deepstrf {args.command}: error: {message}", file=sys.stderr)
         return 1
-    except _environment_errors() as e:  # the machine's, network's or object store's: no traceback either
+    except errors.environment_errors() as e:  # the machine's, network's or object store's: no traceback either
         print(f"deepstrf {args.command}: error: {type(e).__name__}: {e}\nWhat to do: check the URL or path, the "
               "endpoint and the network, and the credentials (storage options: -S, -L, --options)", file=sys.stderr)
         return 1

@@ -34,6 +34,11 @@ class VersionNotFoundError(StoreNotFoundError):
         self.versions, self.versioned = list(versions), versioned
 
 
+class SourceUnreadableError(StoreError):
+    """A pooled source's store refused or failed the reads that open it (credentials, endpoint,
+    network): the message names the source, its URL and the options to check."""
+
+
 class IncompleteStoreError(StoreNotFoundError):
     """The URL holds the remains of an interrupted write, not a complete store."""
 
@@ -85,3 +90,20 @@ class UnsafeMainError(RuntimeError):
     """No start method can run DataLoader workers for this ``__main__`` here (a script that runs its
     work at top level, on a platform without a safe fork; or a start method given explicitly that
     would run it again in every worker). The message names the fix."""
+
+
+def environment_errors() -> tuple[type[BaseException], ...]:
+    """Errors raised by the file system, the network or an object store's client (botocore is
+    imported only when an error is being matched)."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return (OSError,)
+    return OSError, BotoCoreError, ClientError
+
+
+def unreadable(url: str, error: BaseException) -> str:
+    """What to say about a store at ``url`` whose reads failed with an environment ``error``."""
+    return (f"{url} could not be read ({type(error).__name__}: {error}); check the storage options that apply "
+            "to it (its credentials and endpoint: -S/-L/--options on the command line, "
+            "storage_options={prefix: {...}} in Python) and that the store is there")

@@ -184,3 +184,35 @@ def test_info_tells_sources_it_could_not_ask_from_newer_ones(pool, run):
     assert "unchecked    2 source(s) could not be asked" in out.stdout and "newer   " not in out.stdout
     trusted = run(root, "info", "pools/pool.zarr", "--allow-root", str(root))
     assert "newer        none" in trusted.stdout and "unchecked" not in trusted.stdout
+
+
+def test_a_source_whose_store_refuses_reads_is_named_and_the_others_checked(s3_server, tmp_path, run):
+    """Wrong credentials for one of two buckets (every request answered 403): the CLI named no
+    source, and verify stopped before checking the other one."""
+    import uuid
+
+    from deepstrf.errors import SourceUnreadableError
+
+    prefix = f"s3://{s3_server.bucket}/{uuid.uuid4().hex}"
+    options = s3_server.storage_options
+    urls = [f"{prefix}/{name}.zarr" for name in ("aa1", "aa2")]
+    for url, seed in zip(urls, (1, 2)):
+        save_dataset(SyntheticAudioDataset("aa1", scale=0.05, time_scale=0.02, seed=seed), url,
+                     storage_options=options, progress=False)
+    concat_neural_datasets([open_dataset(u, storage_options=options) for u in urls], names=["AA1", "AA2"],
+                           store=str(tmp_path / "pool.zarr"), storage_options=options)
+    s3_server.sim.fail(urls[1].replace("s3:/", ""), status=403, times=None)
+    common = ["--allow-root", prefix, "-S", f"client_kwargs.endpoint_url={s3_server.endpoint_url}"]
+    try:
+        verified = run(tmp_path, "verify", "pool.zarr", *common)
+        described = run(tmp_path, "info", "pool.zarr", *common)
+        with pytest.raises(SourceUnreadableError, match=r"source 'AA2' at s3://.*/aa2.zarr could not be read "
+                                                         r"\(PermissionError"):
+            open_dataset(str(tmp_path / "pool.zarr"), storage_options=options, allowed_roots=[prefix])
+    finally:
+        s3_server.sim.clear_faults()
+    assert verified.returncode == 1 and "1 problem(s) found" in verified.stderr, verified.stderr
+    assert "source 'AA2' at s3://" in verified.stderr and "check the storage options" in verified.stderr
+    assert "'AA1'" not in verified.stderr
+    assert described.returncode == 0, described.stderr
+    assert "AA2: not checked: s3://" in described.stdout and "could not be read (PermissionError" in described.stdout

@@ -26,7 +26,8 @@ from ..datasets.coverage import Coverage
 from ..datasets.neural_dataset import NeuralDataset
 from ..datasets.views import (BlockDiagonalGrid, LazySequence, RawRow, ResponseGrid, raw_row_sizes, read_many,
                               read_raw_rows, read_row)
-from ..errors import SourceChangedError, StoreNotFoundError, VersionNotFoundError
+from ..errors import (SourceChangedError, SourceUnreadableError, StoreError, StoreNotFoundError,
+                      VersionNotFoundError, environment_errors, unreadable)
 from ..forksafe import thread_map
 from .dataset import source_readers
 from .integrity import IOCounters
@@ -114,14 +115,7 @@ class SourceHandle:
 
     def _open(self) -> NeuralDataset:
         e = self.entry
-        try:
-            ds = open_pinned(self.opener, self.pool_url, e, self.accept_changed)
-        except VersionNotFoundError:
-            raise
-        except StoreNotFoundError as err:
-            raise StoreNotFoundError(
-                f"pool {self.pool_url}: source {e['name']!r} is missing at {e['url']} (reference "
-                f"{e['ref']!r}); restore it there or rewrite the pool. ({err})") from err
+        ds = open_pinned(self.opener, self.pool_url, e, self.accept_changed)
         check_fingerprint(self.pool_url, e, ds, self.accept_changed)
         for reader in source_readers(ds) or []:
             reader.count_into(self.io)
@@ -136,8 +130,26 @@ def open_pinned(opener: Callable[..., NeuralDataset], pool_url: str, entry: dict
     A pin the store no longer holds (pruned) is an error naming the source, the pin and the
     versions the store holds; with ``accept_changed`` the latest version opens instead (and
     :func:`check_fingerprint` warns). An unversioned store written again in place opens as it
-    is, for :func:`check_fingerprint` to report.
+    is, for :func:`check_fingerprint` to report. A source that is missing, or whose store refuses
+    or fails the reads (credentials, endpoint), is an error naming it, its URL and what to do.
     """
+    try:
+        return _open_pin(opener, pool_url, entry, accept_changed)
+    except (VersionNotFoundError, SourceChangedError):
+        raise
+    except StoreNotFoundError as e:
+        raise StoreNotFoundError(
+            f"pool {pool_url}: source {entry['name']!r} is missing at {entry['url']} (reference "
+            f"{entry['ref']!r}); restore it there or rewrite the pool. ({e})") from e
+    except StoreError:
+        raise
+    except environment_errors() as e:
+        raise SourceUnreadableError(
+            f"pool {pool_url}: source {entry['name']!r} at {unreadable(entry['url'], e)}") from e
+
+
+def _open_pin(opener: Callable[..., NeuralDataset], pool_url: str, entry: dict,
+              accept_changed: bool) -> NeuralDataset:
     pin = entry.get("version") or entry["fingerprint"]
     try:
         try:
@@ -153,8 +165,8 @@ def open_pinned(opener: Callable[..., NeuralDataset], pool_url: str, entry: dict
             f"pool {pool_url}: source {entry['name']!r} at {entry['url']} is pinned to version "
             f"{entry['fingerprint']} ({entry.get('version') or 'the store as pooled'}), which the store no longer "
             f"holds (pruned?); it holds {listing(e.versions)}. Re-pin the pool to the latest versions with "
-            f"`deepstrf pool-update {pool_url} NEW_POOL`, or open it with accept_changed_sources=True to read "
-            "the latest.", e.versions, True) from e
+            f"`deepstrf pool-update {pool_url} NEW_POOL` (accept_changed_sources=True reads the latest instead, "
+            "where its shape is the one pooled).", e.versions, True) from e
 
 
 def check_fingerprint(pool_url: str, entry: dict, src: NeuralDataset, accept: bool) -> bool:
@@ -168,7 +180,8 @@ def check_fingerprint(pool_url: str, entry: dict, src: NeuralDataset, accept: bo
             f"{msg}. Rewrite the pool with deepstrf concat, or open it with accept_changed_sources=True "
             "if the change is intended.")
     if (src.get_S(), src.N_neurons) != (entry["n_stims"], entry["n_neurons"]):
-        raise SourceChangedError(f"{msg}, and its shape changed too, so the pool cannot be used. Rewrite it.")
+        raise SourceChangedError(f"{msg}, and its shape changed too, so the pool cannot be read with it. Re-pin "
+                                 f"the pool to the latest versions: `deepstrf pool-update {pool_url} NEW_POOL`.")
     warnings.warn(msg, SourceChangedWarning, stacklevel=4)
     return False
 

@@ -187,7 +187,8 @@ def verify_pool(loc, *, allowed_roots=(), data: bool = False, client: Any = None
         if fingerprint(dict(group.attrs)) != group.attrs.get("fingerprint"):
             problems.append(f"pool {loc.url}: the recorded fingerprint does not match the pool's attributes; "
                             "it was edited or damaged: rewrite it with deepstrf concat")
-        pool = open_dataset(loc.url, storage_options=loc.given, allowed_roots=allowed_roots)
+        # sources are opened one task each below: one that cannot be opened is named, the others checked
+        pool = open_dataset(loc.url, storage_options=loc.given, allowed_roots=allowed_roots, check_sources=False)
         coverage = pool.coverage
         pool.stim_meta[0], pool.nrn_meta[0]  # noqa: B018 - loads (and checks) the metadata tables
     except (StoreError, ValueError) as e:
@@ -215,7 +216,7 @@ def check_pooled_source(pool_url: str, name: str, url: str, storage_options: dic
     """Problems of one pooled source: its pinned ``version``'s attributes against its recorded
     fingerprint (with ``data``: every chunk checksummed too), then its fingerprint against the
     pool's record and its index against the pool's coverage block ``mask``."""
-    from ..errors import StoreError
+    from ..errors import StoreError, environment_errors, unreadable
     from .integrity import fingerprint
     from .lazy import SourceHandle
     from .location import Location
@@ -228,6 +229,8 @@ def check_pooled_source(pool_url: str, name: str, url: str, storage_options: dic
         where, root, _ = open_version(where, read_root(where), version)
     except StoreError as e:
         return [f"pool {pool_url}: source {name!r} ({url}): {e}"]
+    except environment_errors() as e:
+        return [f"pool {pool_url}: source {name!r} at {unreadable(url, e)}"]
     if data:
         found = verify_source(where, progress=False, root=root)
         if found:

@@ -15,7 +15,7 @@ import zarr
 from ..datasets.concat import concat_datasets
 from ..datasets.coverage import Coverage
 from ..datasets.neural_dataset import NeuralDataset
-from ..errors import IntegrityError, StoreNotFoundError, VersionNotFoundError
+from ..errors import IntegrityError
 from ..forksafe import thread_map
 from .dataset import open_dataset
 from .lazy import check_fingerprint, open_pinned
@@ -32,14 +32,7 @@ def open_pool_v1(loc: Location, group: zarr.Group, attrs: dict, entries: list[di
 
     def open_source(entry: dict) -> NeuralDataset:
         options = source_options(loc, source_storage_options, entry["url"])
-        try:
-            return open_pinned(partial(open_dataset, storage_options=options), loc.url, entry, accept_changed)
-        except VersionNotFoundError:
-            raise
-        except StoreNotFoundError as e:
-            raise StoreNotFoundError(
-                f"pool {loc.url}: source {entry['name']!r} is missing at {entry['url']} (reference "
-                f"{entry['ref']!r}); restore it there or rewrite the pool. ({e})") from e
+        return open_pinned(partial(open_dataset, storage_options=options), loc.url, entry, accept_changed)
 
     opened = thread_map(open_source, entries, max_workers=16, name="deepstrf-open")
     unchanged = all([check_fingerprint(loc.url, e, src, accept_changed) for e, src in zip(entries, opened)])

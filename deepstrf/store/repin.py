@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..datasets.neural_dataset import NeuralDataset
-from ..errors import StoreError
+from ..errors import StoreError, environment_errors, unreadable
 from ..forksafe import thread_map
 from .dataset import open_dataset
 from .location import Location
@@ -30,11 +30,14 @@ def newer_versions(pool: Location, entries: Sequence[dict[str, Any]], allowed_ro
     be checked (a message). Reads each source's root (and lists a versioned one's manifests)."""
 
     def check(entry: dict) -> tuple[str, Version | str | None]:
+        url = entry["ref"]
         try:
             url = resolve_reference(pool, entry["ref"], allowed_roots, trust)
             held = versions_of(Location.parse(url, source_options(pool, None, url)))
         except StoreError as e:
             return entry["name"], f"not checked: {e}"
+        except environment_errors() as e:
+            return entry["name"], f"not checked: {unreadable(url, e)}"
         return entry["name"], None if held[-1].fingerprint == entry["fingerprint"] else held[-1]
 
     found = thread_map(check, list(entries), max_workers=16, name="deepstrf-versions")
