@@ -471,3 +471,15 @@ def test_workers_stuck_opening_the_dataset_are_reported_as_such(s3, s3_pool, no_
     message = str(stalled.value)
     assert "it is opening the dataset (reading its stores' indexes)" in message, message
     assert "before any read" not in message
+
+
+def test_a_source_missing_a_shard_at_open_is_named(s3, s3_pool, no_s3fs_retries, no_cached_shards):
+    url, options = s3_pool
+    s3.fail("aa2/responses/values/c/0", status=404, times=None)
+    try:
+        with pytest.raises(StreamReadError, match=r"reading store s3://stream-test/pool failed \(permanent error\): "
+                                                  r".*s3://stream-test/aa2: .*shard index of responses/values") as e:
+            StreamingNeuralDataset(url, storage_options=options, batch_size=4, retry=FAST)
+    finally:
+        s3.clear_faults()
+    assert "deepstrf verify s3://stream-test/aa2" in str(e.value)

@@ -428,7 +428,10 @@ class SourceReader:
         first read needs to know, and processes forked afterwards inherit the answer. The
         store must be bound in this process already."""
         probes = [s for s in self._handles.sharded.values() if s.whole is None and s.layout.length]
-        await asyncio.gather(*(s.shard_index(0) for s in probes))
+        found = await asyncio.gather(*(s.shard_index(0) for s in probes), return_exceptions=True)
+        for probe, result in zip(probes, found):
+            if isinstance(result, BaseException):
+                raise self.error(result, f"the first shard index of {probe.prefix}") from result
 
     def mask(self) -> np.ndarray:
         """``(S, N)`` bool: True where the cell holds data (reads only ``repeats`` when the index
