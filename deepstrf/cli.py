@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 COMMANDS = {
     "demo": "deepstrf.demo.run:main",
@@ -32,7 +33,8 @@ EXIT_CODES = """exit codes:
   1    the command stopped on an error, or verify found problems; the message (what, where, what
        to do) is on stderr, without a traceback
   2    the command line is wrong (unknown command or option, missing argument)
-  130  interrupted (Ctrl-C)"""
+  130  interrupted (Ctrl-C)
+  141  stdout was closed before the output ended (piped into `head`, say), as a shell reports SIGPIPE"""
 
 
 def _option_pairs(pairs: Sequence[str], flag: str) -> dict:
@@ -70,14 +72,35 @@ def _storage_options(args: argparse.Namespace) -> dict | None:
     return merged(options, plain) or None
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
+def _number(kind: type, minimum: float, strict: bool = False) -> Callable[[str], float]:
+    """An argparse type: ``kind`` (int or float) at least ``minimum`` (above it with ``strict``); a
+    value out of range is a command-line error (exit 2)."""
+    what = ("a whole number" if kind is int else "a number") + (" above" if strict else " of at least") + \
+        f" {minimum:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_at_least_one = _number(int, 1)
+_positive = _number(float, 0, strict=True)
+_not_negative = _number(float, 0)
+_not_negative_int = _number(int, 0)
+
+
+def _column_value(text: str) -> tuple[str, str]:
+    column, sep, value = text.partition("=")
+    if not sep or not column:
+        raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE, got {text!r}")
+    return column, value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,11 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[so], help="pool synthetic AA1/AA2/NS1-like sources, stream and fit one model")
     p.add_argument("--out", default="demo-out", help="output folder (report, figures, local stores)")
     p.add_argument("--store", default=None, help="where to write the Zarr stores (default: OUT/stores)")
-    p.add_argument("--scale", type=float, default=None, help=f"size factor for S and N (default {DEFAULTS['scale']})")
-    p.add_argument("--time-scale", type=float, default=None,
+    p.add_argument("--scale", type=_positive, default=None, help=f"size factor for S and N (default {DEFAULTS['scale']})")
+    p.add_argument("--time-scale", type=_positive, default=None,
                    help=f"size factor for T (default {DEFAULTS['time_scale']})")
-    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {DEFAULTS['epochs']})")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--epochs", type=_at_least_one, default=None, help=f"training epochs (default {DEFAULTS['epochs']})")
+    p.add_argument("--workers", type=_not_negative_int, default=None,
                    help=f"DataLoader worker processes (default {DEFAULTS['workers']})")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic sources and the training (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace stores left by an earlier run")
@@ -162,9 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", parents=[so], help="measure streaming throughput of a store")
     p.add_argument("url", nargs="?", default=None, help="store to read (default: a synthetic pool in a temp folder)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=_at_least_one, default=8)
+    p.add_argument("--workers", type=_not_negative_int, default=0)
+    p.add_argument("--epochs", type=_at_least_one, default=1)
     _add_import_nwb(sub, so)
     return parser
 
@@ -176,7 +199,7 @@ def _add_import_nwb(sub: argparse._SubParsersAction, so: argparse.ArgumentParser
                    help="NWB files or NWB-Zarr folders (paths, s3://, https://) or patterns (s3://b/p/**/*.nwb)")
     p.add_argument("--from-list", default=None, metavar="FILE",
                    help="also import the files listed in FILE (one path, URL or pattern per line; # comments)")
-    p.add_argument("--dt-ms", type=float, default=5.0, help="bin width in ms (default 5)")
+    p.add_argument("--dt-ms", type=_positive, default=5.0, help="bin width in ms (default 5)")
     p.add_argument("--presentations", default="trials", help="presentation table: trials or a table in /intervals")
     p.add_argument("--stim-column", default="stim_name", help="column of that table naming the stimulus")
     p.add_argument("--stim-index-series", default=None, help="IndexSeries in /stimulus giving the stimulus instead")
@@ -184,22 +207,23 @@ def _add_import_nwb(sub: argparse._SubParsersAction, so: argparse.ArgumentParser
                    help="series presented over the session to cut stimuli from (default: /stimulus_template by name)")
     p.add_argument("--stim-dir", default=None, metavar="DIR_OR_URL",
                    help="folder of stimulus files named after the stim column's values (.wav, .flac, .npy)")
-    p.add_argument("--stim-rate", type=float, default=None, metavar="HZ",
+    p.add_argument("--stim-rate", type=_positive, default=None, metavar="HZ",
                    help="samples (or spectrogram frames) per second of .npy stimulus files")
     p.add_argument("--stim-kind", default="auto", choices=["auto", "waveform", "spectrogram", "video"])
-    p.add_argument("--bands", type=int, default=32, help="mel bands of waveform stimuli (default 32)")
-    p.add_argument("--f-min", type=float, default=50.0, help="lowest mel band edge in Hz (default 50)")
-    p.add_argument("--f-max", type=float, default=None, help="highest mel band edge in Hz (default fs/2)")
-    p.add_argument("--window-ms", type=float, default=25.0, help="STFT window of waveform stimuli (default 25 ms)")
-    p.add_argument("--pre-ms", type=float, default=0.0, help="time kept before each presentation's start")
-    p.add_argument("--post-ms", type=float, default=0.0, help="time kept after the stimulus")
-    p.add_argument("--unit-filter", action="append", default=[], metavar="COLUMN=VALUE",
+    p.add_argument("--bands", type=_at_least_one, default=32, help="mel bands of waveform stimuli (default 32)")
+    p.add_argument("--f-min", type=_not_negative, default=50.0, help="lowest mel band edge in Hz (default 50)")
+    p.add_argument("--f-max", type=_positive, default=None, help="highest mel band edge in Hz (default fs/2)")
+    p.add_argument("--window-ms", type=_positive, default=25.0, help="STFT window of waveform stimuli (default 25 ms)")
+    p.add_argument("--pre-ms", type=_not_negative, default=0.0, help="time kept before each presentation's start")
+    p.add_argument("--post-ms", type=_not_negative, default=0.0, help="time kept after the stimulus")
+    p.add_argument("--unit-filter", action="append", default=[], type=_column_value, metavar="COLUMN=VALUE",
                    help="keep units whose COLUMN is VALUE (repeatable; values of one column are alternatives)")
     p.add_argument("--ignore-obs-intervals", action="store_true",
                    help="count every unit as recorded during the whole session")
     p.add_argument("--license", default=None, help="license written into each store's dataset card")
-    p.add_argument("--jobs", "-j", type=int, default=1, help="files imported in parallel worker processes")
-    p.add_argument("--dask", default=None, metavar="ADDRESS",
+    where = p.add_mutually_exclusive_group()  # both choose where the sessions run
+    where.add_argument("--jobs", "-j", type=_at_least_one, default=1, help="files imported in parallel worker processes")
+    where.add_argument("--dask", default=None, metavar="ADDRESS",
                    help="run one task per session on a Dask cluster: a scheduler address (tcp://host:8786) "
                         "or local:N for N worker processes on this machine")
     p.add_argument("--overwrite", action="store_true", help="replace stores imported with other inputs or arguments")
@@ -224,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(e).replace("overwrite=True", "--overwrite") if hasattr(args, "overwrite") else str(e)
         print(f"deepstrf {args.command}: error: {message}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader of stdout left: nothing to tell it, and nothing more to flush to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except errors.environment_errors() as e:  # the machine's, network's or object store's: no traceback either
         print(f"deepstrf {args.command}: error: {type(e).__name__}: {e}\nWhat to do: check the URL or path, the "
               "endpoint and the network, and the credentials (storage options: -S, -L, --options)", file=sys.stderr)

@@ -129,12 +129,19 @@ def test_exit_codes_are_documented_and_kept(capsys):
     with pytest.raises(SystemExit) as option:  # storage options are part of the command line too
         cli_main(["info", "x.zarr", "-S", "noequals"])
     assert option.value.code == 2 and "--storage-option expects KEY=VALUE" in capsys.readouterr().err
+    for argv, said in ((["import-nwb", "out", "x.nwb", "--dt-ms", "-5"], "expected a number above 0, got '-5'"),
+                       (["import-nwb", "out", "x.nwb", "--unit-filter", "quality"], "expected COLUMN=VALUE"),
+                       (["bench", "--workers", "-1"], "expected a whole number of at least 0"),
+                       (["demo", "--scale", "0"], "expected a number above 0")):
+        with pytest.raises(SystemExit) as bad_value:
+            cli_main(argv)
+        assert bad_value.value.code == 2 and said in capsys.readouterr().err, argv
     with pytest.raises(SystemExit) as help_exit:
         cli_main(["--help"])
     assert help_exit.value.code == 0
     text = capsys.readouterr().out
     assert "exit codes" in text
-    for code in ("0", "1", "2", "130"):
+    for code in ("0", "1", "2", "130", "141"):
         assert f"\n  {code} " in text
 
 
@@ -216,3 +223,17 @@ def test_a_source_whose_store_refuses_reads_is_named_and_the_others_checked(s3_s
     assert "'AA1'" not in verified.stderr
     assert described.returncode == 0, described.stderr
     assert "AA2: not checked: s3://" in described.stdout and "could not be read (PermissionError" in described.stdout
+
+
+def test_output_piped_into_head_ends_quietly(pool):
+    """`deepstrf info POOL | head -1`: the reader leaves early; that is no error of the store's."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from deepstrf.cli import main; "
+              f"sys.exit(main(['info', {str(pool)!r}]))")
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()  # as head does after its line, before the command has written everything
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=60) == 141 and err == "", err

@@ -117,7 +117,6 @@ def test_inputs_from_a_listing_and_patterns(sessions, tmp_path, s3_server, capsy
 
 @pytest.mark.parametrize("argv, needle", [
     (["x.nwb", "--dask", "local:0"], "local:N with N >= 1"),
-    (["x.nwb", "--dask", "local:2", "--jobs", "2"], "give one of them"),
     (["--from-list", "/nonexistent/listing.txt"], "no listing file"),
     (["/nonexistent/folder/*.nwb"], "no file matches"),
     ([], "no input given"),
@@ -126,6 +125,12 @@ def test_refusals(tmp_path, capsys, argv, needle):
     assert main(["import-nwb", str(tmp_path / "out"), *argv]) == 1
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+def test_dask_and_jobs_together_is_a_command_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as usage:
+        main(["import-nwb", str(tmp_path / "out"), "x.nwb", "--dask", "local:2", "--jobs", "2"])
+    assert usage.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
 def test_unreachable_scheduler_is_a_clear_error(tmp_path, capsys):

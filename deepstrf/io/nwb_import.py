@@ -134,13 +134,8 @@ def main(args: Any) -> int:
     from .spectrogram import MelSpec
 
     unit_filter: dict[str, list[str]] = {}
-    for pair in args.unit_filter:
-        col, sep, value = pair.partition("=")
-        if not sep:
-            raise NWBImportError(f"--unit-filter expects COLUMN=VALUE, got {pair!r}")
+    for col, value in args.unit_filter:  # COLUMN=VALUE pairs, split by the parser
         unit_filter.setdefault(col, []).append(value)
-    if args.dask and args.jobs > 1:
-        raise NWBImportError("--dask and --jobs both choose where sessions run; give one of them.")
     sources = gather_inputs(args.sources, args.from_list, args.storage_options)
     options = dict(
         dt_ms=args.dt_ms, jobs=args.jobs, license=args.license, storage_options=args.storage_options,
