@@ -94,7 +94,9 @@ def test_inputs_from_a_listing_and_patterns(sessions, tmp_path, s3_server, capsy
     fs.put(sessions[1], f"{prefix}/sub-02/ses-a/sess1.nwb")
     fs.pipe(f"{prefix}/sub-02/notes.txt", b"not a session")
     listing = tmp_path / "listing.txt"
-    listing.write_text(f"# a dandiset's listing\n\n{prefix}/**/*.nwb\n  {sessions[2]}  \n{sessions[2]}\n")
+    folder, name = os.path.split(sessions[2])  # the same file written two ways is kept once
+    listing.write_text(f"# a dandiset's listing\n\n{prefix}/**/*.nwb\n  {sessions[2]}  \n{sessions[2]}\n"
+                       f"{folder}/./{name}\n{folder}/../{os.path.basename(folder)}/{name}\n")
     so = s3_server.storage_options
     found = gather_inputs([os.path.join(os.path.dirname(sessions[0]), "sess[34].nwb")], str(listing), so)
     assert found == [sessions[3], sessions[4], f"{prefix}/sub-01/sess0.nwb", f"{prefix}/sub-02/ses-a/sess1.nwb",

@@ -4,7 +4,8 @@ A command's inputs are the URLs given on its command line and, with ``--from-lis
 lines of a listing (one path or URL per line; blank lines and ``#`` comments ignored; the file
 itself may be local or remote). An input holding ``*``, ``?`` or ``[`` is a pattern, expanded
 with fsspec's ``glob`` on its file system (``**`` descends into sub-folders, e.g.
-``s3://bucket/dandiset/**/*.nwb``). Each URL is kept once, in the order first met.
+``s3://bucket/dandiset/**/*.nwb``). Each URL is kept once (local paths compared as absolute
+paths), in the order first met.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 from collections.abc import Sequence
 
 from ..errors import StoreError
-from .location import Location
+from .location import Location, canonical_url
 
 GLOB_CHARS = "*?["
 
@@ -51,7 +52,8 @@ def gather_inputs(items: Sequence[str], from_list: str | None = None,
     if not entries:
         raise StoreError("no input given: name files or URLs, patterns (s3://bucket/prefix/**/*.nwb), "
                          "or a listing with --from-list FILE.")
-    out: dict[str, None] = {}
+    out: dict[str, str] = {}  # by canonical URL (nwb/a.nwb and ./nwb/a.nwb are one file): as first written
     for entry in entries:
-        out.update(dict.fromkeys(expand(entry, storage_options)))
-    return list(out)
+        for url in expand(entry, storage_options):
+            out.setdefault(canonical_url(url), url)
+    return list(out.values())
