@@ -237,3 +237,13 @@ def test_output_piped_into_head_ends_quietly(pool):
         proc.stdout.close()  # as head does after its line, before the command has written everything
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=60) == 141 and err == "", err
+
+
+def test_concat_says_how_to_read_a_pool_whose_sources_lie_outside_its_folder(pool, run):
+    root = pool.parent
+    out = run(root, "concat", "pools/p.zarr", "aa1.zarr", "aa2.zarr")
+    assert out.returncode == 0 and f"read the pool with --allow-root {root} " in out.stderr, out.stderr
+    assert run(root, "verify", "pools/p.zarr").returncode == 1  # as the note says: refused without it
+    assert run(root, "verify", "pools/p.zarr", "--allow-root", str(root)).returncode == 0
+    inside = run(root, "concat", "p2.zarr", "aa1.zarr", "aa2.zarr")
+    assert inside.returncode == 0 and "note:" not in inside.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from ..datasets.neural_dataset import NeuralDataset
 from ..forksafe import thread_map
 from ..utils.data import concat_neural_datasets
 from .dataset import open_dataset
+from .references import roots_outside
 
 MAX_PIXELS = 1500  # coverage images are block-reduced to at most this many rows/columns
 MAX_LABELLED_SOURCES = 40  # blocks outlined and named in a coverage plot
@@ -39,6 +41,12 @@ def concat_main(args: argparse.Namespace) -> int:
         print(f"  {src['name']}: {src['ref']} ({src['n_stims']} x {src['n_neurons']})")
     if len(pool.pool_sources) > MAX_LISTED_SOURCES:
         print(f"  ... and {len(pool.pool_sources) - MAX_LISTED_SOURCES} more (deepstrf info --json lists them)")
+    outside = roots_outside([src["ref"] for src in pool.pool_sources])
+    if outside:
+        allow = " ".join(f"--allow-root {root}" for root in outside)
+        print(f"note: sources lie outside the pool's folder: read the pool with {allow} (allowed_roots="
+              f"{outside!r} in Python), or write it into a folder that holds its sources (references there "
+              "stay relative)", file=sys.stderr)
     return 0
 
 

@@ -59,6 +59,14 @@ def make_reference(pool: Location, source_url: str) -> str:
     return posixpath.relpath(_split(source_url)[2], _split(root)[2])
 
 
+def roots_outside(refs: Sequence[str]) -> list[str]:
+    """The folders or prefixes that hold the references among ``refs`` that lie outside their
+    pool's root (written absolute by :func:`make_reference`): what opening the pool must allow."""
+    found = {(os.path.dirname if _protocol(ref) == "file" else posixpath.dirname)(canonical_url(ref))
+             for ref in refs if "://" in ref or os.path.isabs(ref)}
+    return sorted(found)
+
+
 def _plainly_inside(ref: str) -> bool:
     """A relative reference of plain names: it resolves under the pool's root by construction."""
     return bool(ref) and "://" not in ref and not ref.startswith(("/", "~")) and "\\" not in ref and all(
