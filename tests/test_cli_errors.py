@@ -247,3 +247,17 @@ def test_concat_says_how_to_read_a_pool_whose_sources_lie_outside_its_folder(poo
     assert run(root, "verify", "pools/p.zarr", "--allow-root", str(root)).returncode == 0
     inside = run(root, "concat", "p2.zarr", "aa1.zarr", "aa2.zarr")
     assert inside.returncode == 0 and "note:" not in inside.stderr
+
+
+def test_info_says_a_pool_no_longer_opens_once_a_pinned_version_is_pruned(pool, run):
+    root = pool.parent
+    save_dataset(SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02, seed=9), str(root / "aa1.zarr"),
+                 overwrite=True, progress=False)
+    assert run(root, "prune", "aa1.zarr", "--keep", "1").returncode == 0
+    out = run(root, "info", "pool.zarr")
+    assert out.returncode == 0, out.stderr
+    assert "MISSING      1 source(s) no longer hold the version the pool pins: the pool does not open" in out.stdout
+    assert "  - AA1: " in out.stdout and "deepstrf pool-update" in out.stdout and "newer        none" not in out.stdout
+    assert run(root, "verify", "pool.zarr").returncode == 1  # what info announced
+    wrong = run(root, "info", "pool.zarr", "--version", "abc")
+    assert wrong.returncode == 1 and "--version chooses a version of a source store" in wrong.stderr

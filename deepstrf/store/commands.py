@@ -93,6 +93,9 @@ def info_main(args: Namespace) -> int:
     root = read_root(loc)
     attrs = root.get("attributes") or {}
     if attrs.get("format") == POOL_FORMAT:
+        if getattr(args, "version", None):
+            raise StoreError(f"--version chooses a version of a source store; {loc.url} is a pool (it pins a "
+                             "version of each source: deepstrf info lists them, deepstrf pool-update re-pins them)")
         group = group_of(loc, root)
         fmt.check_format(attrs, loc.url, POOL_FORMAT, supported=fmt.POOL_SUPPORTED_MAJORS)
         summary = describe_pool(attrs, loc, group, newer=not args.offline, allowed_roots=args.allow_root)

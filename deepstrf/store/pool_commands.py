@@ -15,6 +15,7 @@ from ..forksafe import thread_map
 from ..utils.data import concat_neural_datasets
 from .dataset import open_dataset
 from .references import roots_outside
+from .repin import PIN_GONE
 
 MAX_PIXELS = 1500  # coverage images are block-reduced to at most this many rows/columns
 MAX_LABELLED_SOURCES = 40  # blocks outlined and named in a coverage plot
@@ -153,13 +154,19 @@ def print_pool(d: dict) -> None:
     newer = d.get("newer_versions")
     if newer is not None:
         unchecked = {name: what for name, what in newer.items() if what.startswith("not checked")}
-        moved = {name: what for name, what in newer.items() if name not in unchecked}
+        gone = {name: what[len(PIN_GONE):].strip() for name, what in newer.items() if what.startswith(PIN_GONE)}
+        moved = {name: what for name, what in newer.items() if name not in unchecked and name not in gone}
+        if gone:
+            print(f"MISSING      {len(gone)} source(s) no longer hold the version the pool pins: the pool does "
+                  "not open (deepstrf pool-update POOL OUT re-pins them):")
+            for name, what in list(gone.items())[:MAX_LISTED_SOURCES]:
+                print(f"  - {name}: {what}")
         if moved:
             print(f"newer        {len(moved)} source(s) have a newer version than the pool pins "
                   "(deepstrf pool-update POOL OUT re-pins them):")
             for name, what in list(moved.items())[:MAX_LISTED_SOURCES]:
                 print(f"  - {name}: {what}")
-        elif not unchecked:
+        elif not unchecked and not gone:
             print("newer        none: every source's latest version is the one the pool pins")
         if unchecked:
             print(f"unchecked    {len(unchecked)} source(s) could not be asked for a newer version:")

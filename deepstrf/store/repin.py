@@ -24,10 +24,14 @@ from .references import resolve_reference
 from .versions import Version, versions_of
 
 
+PIN_GONE = "pin gone:"  # how newer_versions starts the message of a source without its pinned version
+
+
 def newer_versions(pool: Location, entries: Sequence[dict[str, Any]], allowed_roots: Sequence[str] = (),
                    trust: bool = False) -> dict[str, Version | str]:
-    """By source name: its latest version where it differs from the pinned one, or why it could not
-    be checked (a message). Reads each source's root (and lists a versioned one's manifests)."""
+    """By source name: its latest version where it differs from the pinned one, or a message: why it
+    could not be checked ("not checked: ..."), or that it no longer holds the pinned version
+    (:data:`PIN_GONE`). Reads each source's root (and lists a versioned one's manifests)."""
 
     def check(entry: dict) -> tuple[str, Version | str | None]:
         url = entry["ref"]
@@ -38,6 +42,11 @@ def newer_versions(pool: Location, entries: Sequence[dict[str, Any]], allowed_ro
             return entry["name"], f"not checked: {e}"
         except environment_errors() as e:
             return entry["name"], f"not checked: {unreadable(url, e)}"
+        if not any(v.fingerprint == entry["fingerprint"] for v in held):
+            return entry["name"], (f"{PIN_GONE} {url} no longer holds the version the pool pins "
+                                   f"({entry['fingerprint']}; pruned, or written again in place): opening the pool "
+                                   f"fails until it is re-pinned (deepstrf pool-update POOL OUT); latest: "
+                                   f"{held[-1].describe()}")
         return entry["name"], None if held[-1].fingerprint == entry["fingerprint"] else held[-1]
 
     found = thread_map(check, list(entries), max_workers=16, name="deepstrf-versions")
