@@ -17,6 +17,7 @@ import os
 import re
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -113,12 +114,9 @@ class HTTPServer:
         return f"{self.base_url}/{name}"
 
 
-@pytest.fixture(scope="session")
-def http_server(tmp_path_factory):
-    """A threaded read-only HTTP server on 127.0.0.1 serving ``root`` with byte ranges."""
-    root = tmp_path_factory.mktemp("http-root")
+def _serve(root: Path, handler: type) -> Iterator[HTTPServer]:
     log: list = []
-    handler = type("Handler", (_RangeHandler,), {"log": log})
+    handler = type("Handler", (handler,), {"log": log, "log_message": lambda self, *args: None})
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -127,6 +125,18 @@ def http_server(tmp_path_factory):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="session")
+def http_server(tmp_path_factory):
+    """A threaded read-only HTTP server on 127.0.0.1 serving ``root`` with byte ranges."""
+    yield from _serve(tmp_path_factory.mktemp("http-root"), _RangeHandler)
+
+
+@pytest.fixture(scope="session")
+def http_server_without_ranges(tmp_path_factory):
+    """One that answers every request with the whole file (as ``python -m http.server`` does)."""
+    yield from _serve(tmp_path_factory.mktemp("http-root-plain"), SimpleHTTPRequestHandler)
 
 
 @pytest.fixture(params=["memory", "local", "s3"])

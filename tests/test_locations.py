@@ -168,3 +168,28 @@ def test_cli_options_per_prefix_file_and_plain(tmp_path, monkeypatch):
     config.write_text("{not json")
     with pytest.raises(ValueError, match="opts.json is not valid JSON"):
         parsed("--options", str(config))
+
+
+def test_a_server_that_ignores_byte_ranges_serves_correct_data_with_a_warning(http_server_without_ranges, tmp_path):
+    """`python -m http.server` answers a range request with the whole file: that read as a truncated,
+    corrupt store ("re-create it from its source")."""
+    import warnings
+
+    import torch
+
+    from deepstrf.cli import main as cli_main
+    from deepstrf.datasets.synthetic import SyntheticAudioDataset
+    from deepstrf.store.integrity import RangesIgnoredWarning
+    from toydata import cells_equal
+
+    local = str(http_server_without_ranges.root / "aa2.zarr")
+    deepstrf.save_dataset(SyntheticAudioDataset("aa2", scale=0.1, time_scale=0.05, seed=2), local, progress=False)
+    with pytest.warns(RangesIgnoredWarning, match="ignores byte ranges"):
+        remote = deepstrf.open_dataset(http_server_without_ranges.url("aa2.zarr"))
+        mine = deepstrf.open_dataset(local)
+        assert all(torch.equal(remote.stims[s], mine.stims[s]) for s in range(mine.get_S()))
+        assert all(cells_equal(remote.responses[s][n], mine.responses[s][n])
+                   for s in range(mine.get_S()) for n in range(mine.N_neurons))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RangesIgnoredWarning)
+        assert cli_main(["verify", http_server_without_ranges.url("aa2.zarr")]) == 0

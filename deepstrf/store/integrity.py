@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
+from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 from zarr.storage import WrapperStore
 
 from .format import NON_CONTENT_ATTRS
@@ -21,6 +23,10 @@ from .format import NON_CONTENT_ATTRS
 
 class MissingChunk(KeyError):
     """A chunk object that every complete store has is absent."""
+
+
+class RangesIgnoredWarning(RuntimeWarning):
+    """A store's server answers byte-range requests with whole objects."""
 
 
 def is_chunk_key(key: str) -> bool:
@@ -69,14 +75,34 @@ class StrictStore(WrapperStore):
         return type(self)(store, self.counters)
 
     async def get(self, key, prototype, byte_range=None):
-        return self._received(key, await self._store.get(key, prototype, byte_range))
+        return self._received(key, await self._store.get(key, prototype, byte_range), byte_range)
 
-    def _received(self, key: str, value):
-        """``value`` as read for ``key``, counted; a missing chunk raises :class:`MissingChunk`."""
+    def _received(self, key: str, value, byte_range=None):
+        """``value`` as read for ``key``, counted; a missing chunk raises :class:`MissingChunk`; the
+        whole object, sent for a range by a server that ignores ranges, is cut to that range."""
         self.counters.add(1, 0 if value is None else len(value))
         if value is None and is_chunk_key(key):
             raise MissingChunk(key)
+        if value is not None and byte_range is not None:
+            return self._within(key, value, byte_range)
         return value
+
+    def _within(self, key: str, value, byte_range):
+        if isinstance(byte_range, RangeByteRequest):
+            start, end = byte_range.start, byte_range.end
+        elif isinstance(byte_range, SuffixByteRequest):
+            start, end = len(value) - byte_range.suffix, len(value)
+        else:  # from an offset: a whole object cannot be told from the rest of one
+            return value
+        if len(value) <= end - start or len(value) < end:
+            return value  # as asked (or short: the reader reports that)
+        if not getattr(self, "_warned_ranges", False):
+            self._warned_ranges = True
+            warnings.warn(f"the server of this store sent all {len(value)} bytes of {key} for bytes {start}-{end}: "
+                          "it ignores byte ranges (python -m http.server does). Reads stay correct but fetch whole "
+                          "objects; serve the store with a server that honours Range requests.",
+                          RangesIgnoredWarning, stacklevel=2)
+        return value[start:end]
 
     @property
     def reads_here(self) -> bool:
@@ -85,7 +111,7 @@ class StrictStore(WrapperStore):
 
     def read_here(self, key: str, byte_range=None):
         """Object ``key`` (uint8) read in the calling thread, for stores that can (:attr:`reads_here`)."""
-        return self._received(key, self._store.read_here(key, byte_range))
+        return self._received(key, self._store.read_here(key, byte_range), byte_range)
 
     async def get_partial_values(self, prototype, key_ranges):
         key_ranges = list(key_ranges)
@@ -94,7 +120,8 @@ class StrictStore(WrapperStore):
         for (key, _), value in zip(key_ranges, values):
             if value is None and is_chunk_key(key):
                 raise MissingChunk(key)
-        return values
+        return [value if value is None or byte_range is None else self._within(key, value, byte_range)
+                for (key, byte_range), value in zip(key_ranges, values)]
 
     async def _get_many(self, requests):
         for key, prototype, byte_range in requests:
