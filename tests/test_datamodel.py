@@ -134,6 +134,36 @@ def test_getitem_index_types(pool):
         pool[-8]
 
 
+def test_a_video_subclass_that_never_sets_its_frame_size_builds():
+    from deepstrf.datasets.video import VideoNeuralDataset
+    from toydata import fill
+
+    class Clips(VideoNeuralDataset):  # as a deepSTRF loader may write it: H and W left unset
+        def __init__(self, seed):
+            super().__init__(path=f"clips-{seed}", dt_ms=10.0)
+            fill(self, seed, 3, 4, (1, 6, 5), f"c{seed}")
+
+    a = Clips(1)
+    assert (a.H, a.W) == (6, 5) and len(a + Clips(2)) > 0
+
+
+def test_waveform_stimuli_are_locked_to_the_response_bins():
+    d = ToyAudio(1, S=2, N=2)
+    d.return_waveform, d.audio_fs, d.dt = True, 2000, 1.0  # 2 samples per bin
+    d.stims = [torch.zeros(1, 2 * d.responses[s][0].shape[-1]) for s in range(2)]
+    d.validate()
+    d.stims[1] = torch.zeros(1, 7)
+    with pytest.raises(DatasetValidationError, match=r"waveform stim 1 has 7 samples; its responses have 15 bins "
+                                                     r"of 2 samples: pad or crop it to 30"):
+        d.validate()
+    d.audio_fs = 1500.5
+    with pytest.raises(DatasetValidationError, match="positive int"):
+        d.validate()
+    d.audio_fs, d.dt = 1500, 1.0
+    with pytest.raises(DatasetValidationError, match="whole number of samples per bin"):
+        d.validate()
+
+
 def test_validate_refuses_inconsistencies():
     d = ToyAudio(1)
     d.stims = d.stims[:-1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ...errors import IncompatibleDatasetsError
 from ..neural_dataset import DatasetValidationError, NeuralDataset
+from ..views import is_missing
 
 
 class AudioNeuralDataset(NeuralDataset):
@@ -59,3 +60,28 @@ class AudioNeuralDataset(NeuralDataset):
         if hr is not None and not (isinstance(hr, (tuple, list)) and len(hr) == 2 and 0 < hr[0] < hr[1]):
             raise DatasetValidationError(
                 f"self.hearing_range_hz must be None or an increasing (low, high) pair (got {hr!r})")
+        if getattr(self, "return_waveform", False):  # deepSTRF's flag of waveform stimuli
+            self._validate_waveforms(isinstance(self.responses, list) if deep is None else deep)
+
+    def _validate_waveforms(self, cells: bool) -> None:
+        """Waveform stimuli ``(1, T_audio)`` lock to the response bins: ``hop`` samples per bin, so
+        ``T_audio == hop * T`` of the stim's responses (checked where ``cells`` are in memory)."""
+        fs = self.audio_fs
+        if not (isinstance(fs, int) and not isinstance(fs, bool) and fs > 0):
+            raise DatasetValidationError(f"waveform stimuli need self.audio_fs as a positive int (got {fs!r})")
+        samples = fs * self.dt / 1000.0
+        if round(samples) < 1 or abs(samples - round(samples)) > 1e-6:
+            raise DatasetValidationError(
+                f"waveform stimuli need a whole number of samples per bin: audio_fs * dt_ms / 1000 = {samples:g}; "
+                f"choose audio_fs so that it is one (e.g. 48000 Hz at dt_ms=5)")
+        if not cells:
+            return
+        hop = self.hop
+        for s, stim in enumerate(self.stims):
+            if stim.dim() != 2 or stim.shape[0] != 1:
+                raise DatasetValidationError(f"waveform stim {s} must be (1, T_audio), got {tuple(stim.shape)}")
+            bins = next((r.shape[-1] for r in self.responses[s] if not is_missing(r)), None)
+            if bins is not None and stim.shape[1] != bins * hop:
+                raise DatasetValidationError(
+                    f"waveform stim {s} has {stim.shape[1]} samples; its responses have {bins} bins of {hop} "
+                    f"samples: pad or crop it to {bins * hop}")

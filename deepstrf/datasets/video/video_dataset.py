@@ -35,6 +35,9 @@ class VideoNeuralDataset(NeuralDataset):
 
     def validate(self, *, deep: bool | None = None) -> None:
         super().validate(deep=deep)
+        if (self.H, self.W) == (-1, -1) and isinstance(self.stims, list) and self.stims:
+            # a deepSTRF subclass need not set them: the frames say what they are
+            self.H, self.W = (int(x) for x in self.stims[0].shape[-3:-1])
         for name in ("H", "W"):
             v = getattr(self, name)
             if not (isinstance(v, int) and v > 0):
