@@ -112,7 +112,8 @@ def public_names(pkg: str, path: str) -> list[str]:
     obj = _surface(pkg, path)
     found = set(SURFACE[path])
     for name, value in vars(obj).items():
-        if name.startswith("_") or not callable(value) or inspect.ismodule(value):
+        if name.startswith("_") or inspect.ismodule(value) or not (
+                callable(value) or isinstance(value, (classmethod, staticmethod))):
             continue
         if inspect.ismodule(obj) and getattr(value, "__module__", "").split(".")[0] != pkg:
             continue  # imported from elsewhere (torch, typing)
