@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[so], help="pool synthetic AA1/AA2/NS1-like sources, stream and fit one model")
     p.add_argument("--out", default="demo-out", help="output folder (report, figures, local stores)")
     p.add_argument("--store", default=None, help="where to write the Zarr stores (default: OUT/stores)")
-    p.add_argument("--scale", type=_positive, default=None, help=f"size factor for S and N (default {DEFAULTS['scale']})")
+    p.add_argument("--scale", type=_positive, default=None,
+                   help=f"size factor for S and N (default {DEFAULTS['scale']})")
     p.add_argument("--time-scale", type=_positive, default=None,
                    help=f"size factor for T (default {DEFAULTS['time_scale']})")
     p.add_argument("--epochs", type=_at_least_one, default=None, help=f"training epochs (default {DEFAULTS['epochs']})")
@@ -222,7 +223,8 @@ def _add_import_nwb(sub: argparse._SubParsersAction, so: argparse.ArgumentParser
                    help="count every unit as recorded during the whole session")
     p.add_argument("--license", default=None, help="license written into each store's dataset card")
     where = p.add_mutually_exclusive_group()  # both choose where the sessions run
-    where.add_argument("--jobs", "-j", type=_at_least_one, default=1, help="files imported in parallel worker processes")
+    where.add_argument("--jobs", "-j", type=_at_least_one, default=1,
+                       help="files imported in parallel worker processes")
     where.add_argument("--dask", default=None, metavar="ADDRESS",
                    help="run one task per session on a Dask cluster: a scheduler address (tcp://host:8786) "
                         "or local:N for N worker processes on this machine")

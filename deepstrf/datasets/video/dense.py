@@ -84,7 +84,8 @@ def add_noise(video: torch.Tensor, noise_level: float = 0.1) -> torch.Tensor:
     return video + torch.randn_like(video) * noise_level
 
 
-def split_into_clips(responses: torch.Tensor, videos: torch.Tensor, clip_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_into_clips(responses: torch.Tensor, videos: torch.Tensor,
+                     clip_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Responses ``(N, S, R, T)`` and videos ``(S, C, H, W, T)`` cut along time into clips of
     ``clip_length`` bins, the last zero-padded: ``(N, S * n_clips, R, clip_length)`` and
     ``(S * n_clips, C, H, W, clip_length)``, clip-major (every sequence's first clip, then the second)."""
