@@ -261,3 +261,21 @@ def test_info_says_a_pool_no_longer_opens_once_a_pinned_version_is_pruned(pool, 
     assert run(root, "verify", "pool.zarr").returncode == 1  # what info announced
     wrong = run(root, "info", "pool.zarr", "--version", "abc")
     assert wrong.returncode == 1 and "--version chooses a version of a source store" in wrong.stderr
+
+
+def test_verify_names_a_reference_outside_the_allowed_roots_and_checks_the_other_sources(pool, run):
+    import shutil
+
+    root = pool.parent
+    (root / "pools").mkdir()
+    (root / "elsewhere").mkdir()
+    shutil.copytree(root / "aa1.zarr", root / "pools" / "aa1.zarr")  # beside the pool: a relative reference
+    shutil.copytree(root / "aa2.zarr", root / "elsewhere" / "aa2.zarr")  # outside its folder: not allowed
+    sources = [open_dataset(str(root / "pools" / "aa1.zarr")), open_dataset(str(root / "elsewhere" / "aa2.zarr"))]
+    concat_neural_datasets(sources, names=["AA1", "AA2"], store=str(root / "pools" / "p.zarr"))
+    shutil.rmtree(root / "pools" / "aa1.zarr")
+    out = run(root, "verify", "pools/p.zarr")
+    assert out.returncode == 1 and "2 problem(s) found" in out.stderr, out.stderr
+    assert "source 'AA1'" in out.stderr and "elsewhere/aa2.zarr" in out.stderr and "allowed roots" in out.stderr
+    allowed = run(root, "verify", "pools/p.zarr", "--allow-root", str(root / "elsewhere"))
+    assert "1 problem(s) found" in allowed.stderr and "source 'AA1'" in allowed.stderr

@@ -61,7 +61,8 @@ def test_compact_batches_on_a_device_and_in_process_iteration(pool):
     ds = StreamingNeuralDataset(pool, batch_size=4, seed=5, device="cpu")
     batches = list(ds)
     assert all(isinstance(b, CompactBatch) for b in batches)
-    dense = [b.to_dense(pool.selected_neurons()) for b in batches]
+    dense = [b.to_dense(ds.selected_neurons()) for b in batches]  # as docs/streaming.md writes it
+    assert ds.selected_neurons() == pool.selected_neurons() == SELECTED
     assert all(dense_equal(d, e) for d, e in zip(dense, host_dense(pool)))
 
 

@@ -191,9 +191,10 @@ def verify_pool(loc, *, allowed_roots=(), data: bool = False, client: Any = None
     other sources are still checked. Sources are checked one task each by
     :func:`deepstrf.engine.run_tasks`: on a Dask cluster with ``client``, else in this process."""
     from ..engine import run_tasks
-    from ..errors import StoreError
+    from ..errors import StoreError, UntrustedReferenceError
     from .integrity import fingerprint
     from .reader import open_group
+    from .references import resolve_reference
     from .verify import metadata_problems
 
     try:
@@ -202,16 +203,26 @@ def verify_pool(loc, *, allowed_roots=(), data: bool = False, client: Any = None
         if fingerprint(dict(group.attrs)) != group.attrs.get("fingerprint"):
             problems.append(f"pool {loc.url}: the recorded fingerprint does not match the pool's attributes; "
                             "it was edited or damaged: rewrite it with deepstrf concat")
-        # sources are opened one task each below: one that cannot be opened is named, the others checked
-        pool = open_dataset(loc.url, storage_options=loc.given, allowed_roots=allowed_roots, check_sources=False)
+        # sources are opened (and their references checked against the allowed roots) one by one
+        # below: one that cannot be is named, the others checked; nothing is read from a source here
+        pool = open_dataset(loc.url, storage_options=loc.given, trust=True, check_sources=False)
         coverage = pool.coverage
         pool.stim_meta[0], pool.nrn_meta[0]  # noqa: B018 - loads (and checks) the metadata tables
     except (StoreError, ValueError) as e:
         return [str(e)]
-    tasks = [(loc.url, name, src.store_url, src.storage_options, getattr(src, "version_path", "") or src.fingerprint,
-              _source_of(src), coverage.block_mask(k), (stims.start, stims.stop - 1), (neurons.start, neurons.stop - 1),
-              data)
-             for k, (src, (name, stims, neurons)) in enumerate(zip(pool.responses.sources, pool.source_blocks()))]
+    trusted = []
+    for k, entry in enumerate(pool.pool_sources):
+        try:
+            resolve_reference(loc, entry["ref"], allowed_roots)
+            trusted.append(k)
+        except UntrustedReferenceError as e:
+            problems.append(str(e))
+    blocks, tasks = pool.source_blocks(), []
+    for k in trusted:
+        src, (name, stims, neurons) = pool.responses.sources[k], blocks[k]
+        tasks.append((loc.url, name, src.store_url, src.storage_options,
+                      getattr(src, "version_path", "") or src.fingerprint, _source_of(src), coverage.block_mask(k),
+                      (stims.start, stims.stop - 1), (neurons.start, neurons.stop - 1), data))
     found = run_tasks(check_pooled_source, tasks, failed=_check_failed, client=client, desc="verify",
                       unit="source", progress=progress)
     return problems + [p for f in found for p in f]

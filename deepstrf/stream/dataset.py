@@ -286,6 +286,11 @@ class StreamingNeuralDataset(IterableDataset):
         """The opened dataset with the selection applied (opened once per process)."""
         return self._state().ds
 
+    def selected_neurons(self) -> list[int]:
+        """Global indices of the neurons a batch carries, in order: what ``CompactBatch.to_dense``
+        takes to lay out a dense batch of this stream."""
+        return self.dataset().selected_neurons()
+
     def _waits_on_network(self) -> bool:
         """Whether reads wait on a network; a dataset object is asked as it is (not opened here)."""
         return _waits_on_network(self._source) if self._source is not None else self._state().waits_on_network
