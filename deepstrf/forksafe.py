@@ -29,7 +29,10 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
 from typing import TypeVar
+
+from .bulk import gc_paused
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -108,9 +111,18 @@ class ForkGate:
         self._reset()  # the parent's threads do not exist here; neither do their tasks
 
 
+def current_frames() -> dict[int, FrameType]:
+    """``sys._current_frames()`` with the cyclic collector paused. CPython builds that dict holding
+    its lock on the list of threads; a collection run there can call a finalizer that releases
+    the GIL (a streaming dataset's, removing its directory), and a thread that takes the GIL and
+    then waits for that lock leaves both waiting forever (seen in the test suite)."""
+    with gc_paused():
+        return sys._current_frames()
+
+
 def where_threads_are(idents: Iterable[int], frames: int = 4) -> str:
     """The innermost ``frames`` lines of code each of the threads ``idents`` is running now."""
-    current = sys._current_frames()
+    current = current_frames()
     names = {t.ident: t.name for t in threading.enumerate()}
     parts = []
     for ident in idents:

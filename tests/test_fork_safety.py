@@ -214,3 +214,55 @@ def test_a_task_that_forks_goes_on_in_the_child():
     if pid == 0:  # the child finishes the task with a fresh gate, which counts nothing
         os._exit(0 if forksafe.GATE.running() == 0 and forksafe.run_gated(lambda: 1) == 1 else 1)
     assert _child_exit_code(pid) == 0 and forksafe.GATE.running() == 0
+
+
+DEADLOCK_SCRIPT = '''
+import gc, os, sys, threading, time, weakref
+from deepstrf.forksafe import where_threads_are
+from deepstrf.stream.main_module import _main_line
+
+def release_the_gil():  # as a streaming dataset's finalizer does (it removes its directory)
+    os.lstat("/")
+
+class Garbage:
+    def __init__(self):
+        self.me = self
+        weakref.finalize(self, release_the_gil)
+
+stop = False
+def churn():  # threads starting and ending need CPython's lock on the list of threads
+    while not stop:
+        t = threading.Thread(target=lambda: None)
+        t.start()
+        t.join()
+
+churners = [threading.Thread(target=churn) for _ in range(2)]
+for t in churners:
+    t.start()
+gc.set_threshold(50)
+main = sys.modules["__main__"]
+deadline = time.monotonic() + 3
+while time.monotonic() < deadline:
+    for _ in range(30):
+        Garbage()
+    LOOK
+stop = True
+for t in churners:
+    t.join()
+gc.collect()
+print("done")
+'''
+
+
+def test_looking_at_threads_frames_never_deadlocks_with_a_collection():
+    """sys._current_frames() holds CPython's lock on the list of threads while it builds its dict; a
+    collection there ran a finalizer that released the GIL, and a thread that took the GIL then
+    waited for that lock: the test suite hung in StreamingNeuralDataset() (checking the script's
+    __main__ guard). Without the fix this script hangs within a second or two."""
+    import subprocess
+    import sys
+
+    for look in ("_main_line(main)", "where_threads_are([threading.main_thread().ident])"):
+        script = DEADLOCK_SCRIPT.replace("LOOK", look)
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0 and done.stdout.strip() == "done", (look, done.stderr[-2000:])

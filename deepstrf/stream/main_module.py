@@ -25,6 +25,8 @@ import sys
 import threading
 from types import FrameType, ModuleType
 
+from ..forksafe import current_frames
+
 GUARD_FIX = ("put the code that builds the data and trains under `if __name__ == \"__main__\":` (a script), "
              "or use num_workers=0")
 
@@ -52,7 +54,10 @@ def rerun_problem() -> str | None:
 
 def _main_line(main: ModuleType) -> int | None:
     """The line the main thread's ``__main__`` top-level code is executing now, if it is."""
-    frame: FrameType | None = sys._current_frames().get(threading.main_thread().ident)
+    if threading.current_thread() is threading.main_thread():
+        frame: FrameType | None = sys._getframe()
+    else:
+        frame = current_frames().get(threading.main_thread().ident)
     namespace = vars(main)
     while frame is not None:
         if frame.f_code.co_name == "<module>" and frame.f_globals is namespace:
