@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -83,7 +84,7 @@ def _number(kind: type, minimum: float, strict: bool = False) -> Callable[[str],
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < minimum or (strict and value == minimum):
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 
@@ -94,6 +95,21 @@ _at_least_one = _number(int, 1)
 _positive = _number(float, 0, strict=True)
 _not_negative = _number(float, 0)
 _not_negative_int = _number(int, 0)
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object in memory: no pipe
+        return False
+    if not hasattr(select, "poll"):  # Windows: a broken pipe there is most likely standard output's
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def _column_value(text: str) -> tuple[str, str]:
@@ -250,10 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(e).replace("overwrite=True", "--overwrite") if hasattr(args, "overwrite") else str(e)
         print(f"deepstrf {args.command}: error: {message}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # the reader of stdout left: nothing to tell it, and nothing more to flush to it
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
     except errors.environment_errors() as e:  # the machine's, network's or object store's: no traceback either
+        if isinstance(e, BrokenPipeError) and _stdout_gone():  # its reader left (`| head`): nothing to tell it
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor to flush to it at exit
+            return 141
         print(f"deepstrf {args.command}: error: {type(e).__name__}: {e}\nWhat to do: check the URL or path, the "
               "endpoint and the network, and the credentials (storage options: -S, -L, --options)", file=sys.stderr)
         return 1

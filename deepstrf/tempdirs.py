@@ -2,8 +2,9 @@
 
 A process removes its own at exit. One that never runs its exit handlers (killed,
 or a notebook kernel stopped by its front end) leaves them behind: the name
-carries the host and the process id, so that the next process to make one of
-the same kind removes those of ended processes of this host.
+carries the host, the process-id namespace and the process id, so that the next
+process to make one of the same kind removes those of ended processes that share
+its host and namespace (never those of another container sharing the folder).
 """
 
 from __future__ import annotations
@@ -17,8 +18,18 @@ import tempfile
 from .forksafe import process_alive
 
 
+def _owner() -> str:
+    """Host and process-id namespace of this process: containers that share a ``/tmp`` and a host
+    name but not their process ids must not take each other's pids for their own."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # not Linux
+        namespace = 0
+    return f"{socket.gethostname()}~{namespace}"
+
+
 def _name(kind: str, pid: int) -> str:
-    return f"deepstrf-{kind}-{socket.gethostname()}~{pid}"
+    return f"deepstrf-{kind}-{_owner()}~{pid}"
 
 
 def process_dir(kind: str, pid: int | None = None) -> str:
@@ -34,13 +45,13 @@ def new_process_dir(kind: str) -> str:
 
 def remove_ended(kind: str) -> None:
     """Remove the directories of ``kind`` that ended processes of this host left."""
-    pattern = re.compile(rf"deepstrf-{re.escape(kind)}-(?P<host>.+)~(?P<pid>\d+)(~[^~]*)?")
-    host = socket.gethostname()
+    pattern = re.compile(rf"deepstrf-{re.escape(kind)}-(?P<owner>[^~]+~\d+)~(?P<pid>\d+)(~[^~]*)?")
+    owner = _owner()
     try:
         entries = list(os.scandir(tempfile.gettempdir()))
     except OSError:
         return
     for entry in entries:
         found = pattern.fullmatch(entry.name)
-        if found and found["host"] == host and not process_alive(int(found["pid"])):
+        if found and found["owner"] == owner and not process_alive(int(found["pid"])):
             shutil.rmtree(entry.path, ignore_errors=True)

@@ -132,7 +132,9 @@ def test_exit_codes_are_documented_and_kept(capsys):
     for argv, said in ((["import-nwb", "out", "x.nwb", "--dt-ms", "-5"], "expected a number above 0, got '-5'"),
                        (["import-nwb", "out", "x.nwb", "--unit-filter", "quality"], "expected COLUMN=VALUE"),
                        (["bench", "--workers", "-1"], "expected a whole number of at least 0"),
-                       (["demo", "--scale", "0"], "expected a number above 0")):
+                       (["demo", "--scale", "0"], "expected a number above 0"),
+                       (["import-nwb", "out", "x.nwb", "--pre-ms", "nan"], "expected a number of at least 0"),
+                       (["import-nwb", "out", "x.nwb", "--dt-ms", "inf"], "expected a number above 0")):
         with pytest.raises(SystemExit) as bad_value:
             cli_main(argv)
         assert bad_value.value.code == 2 and said in capsys.readouterr().err, argv
@@ -237,6 +239,18 @@ def test_output_piped_into_head_ends_quietly(pool):
         proc.stdout.close()  # as head does after its line, before the command has written everything
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=60) == 141 and err == "", err
+
+
+def test_a_broken_pipe_elsewhere_is_an_error_like_any_other(pool, run, monkeypatch):
+    """Only a closed standard output ends quietly: a pipe to a server or a process is reported."""
+    from deepstrf.store import commands
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(commands, "info_main", broken)
+    out = run(pool.parent, "info", "pool.zarr")
+    assert out.returncode == 1 and "deepstrf info: error: BrokenPipeError" in out.stderr
 
 
 def test_concat_says_how_to_read_a_pool_whose_sources_lie_outside_its_folder(pool, run):

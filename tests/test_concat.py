@@ -103,6 +103,22 @@ def test_a_pool_keeps_its_in_memory_sources_as_they_were_when_pooled():
     assert torch.equal(pool.responses[0][0], cell) and pool.stims[0] is stim
     assert bool(pool.nrn_masks[1, :a.N_neurons].any()) and not bool(a.nrn_masks[1].any())
     assert not torch.equal(a.responses[0][0], cell)
+    b.responses[0][0] = torch.full((1, 1), float("nan"))  # a cell set by hand is shared: once the
+    pool._invalidate_nrn_masks()                          # pool's masks are reset, they follow it
+    assert not bool(pool.nrn_masks[a.get_S(), a.N_neurons]) and not bool(pool.coverage.to_dense()[a.get_S(), a.N_neurons])
+
+
+def test_a_pool_keeps_its_store_backed_sources_as_they_were_when_pooled(tmp_path):
+    from deepstrf import open_dataset, save_dataset
+
+    save_dataset(ToyAudio(1), str(tmp_path / "a.zarr"), progress=False)
+    a = open_dataset(str(tmp_path / "a.zarr"))
+    pool = a + ToyAudio(2)
+    cell, stim = pool.responses[0][0].clone(), pool.stims[0].clone()
+    a.normalize_responses("max")
+    a.standardize_stims()
+    assert torch.equal(pool.responses[0][0], cell) and torch.equal(pool.stims[0], stim)
+    assert not torch.equal(a.responses[0][0], cell)
 
 
 def test_an_in_memory_pool_has_lists_as_deepstrf_gives():
@@ -152,6 +168,29 @@ def test_a_subclass_check_sees_every_other_input_with_its_own_signature():
         concat_neural_datasets([_Lab(1, "finch"), _Lab(2, "finch"), _Lab(3, "ferret")])
     with pytest.raises(IncompatibleDatasetsError, match="F mismatch"):  # the built-in check still names both
         _Lab(1, "finch") + ToyAudio(2, F=9)
+
+
+class _Rated(ToyAudio):
+    """A hook reading an attribute only its __init__ sets (a pool, made without __init__, lacks it)."""
+
+    def __init__(self, seed):
+        super().__init__(seed)
+        self.sample_rate = 24000
+
+    def _concat_check_compat(self, other):
+        super()._concat_check_compat(other)
+        if self.sample_rate != other.sample_rate:
+            raise AssertionError("sample rates differ")
+
+
+def test_a_subclass_check_on_a_pool_asks_its_sources():
+    ab = _Rated(1) + _Rated(2)
+    for pooled in (ab + _Rated(3), _Rated(3) + ab, concat_neural_datasets([ab, _Rated(3)])):
+        assert pooled.get_S() == 12 and pooled.source_names == ["_Rated"] * 3
+    odd = _Rated(3)
+    odd.sample_rate = 16000
+    with pytest.raises(AssertionError, match="sample rates differ"):
+        ab + odd
 
 
 @pytest.mark.parametrize("make_b, pattern", [

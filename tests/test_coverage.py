@@ -121,13 +121,14 @@ def sources(tmp_path):
     return urls
 
 
-def _write_v1_pool(url: str, opened, names) -> None:
+def _write_v1_pool(url: str, opened, names, refs=None) -> None:
     """A pool as deepstrf 0.1 wrote it (format 1.0): sources in the attributes, dense coverage."""
     from deepstrf.store.integrity import fingerprint
 
     memory = concat_neural_datasets(opened, names=names)
-    sources = [{"name": n, "ref": os.path.basename(d.store_url), "fingerprint": d.fingerprint, "n_stims": d.get_S(),
-                "n_neurons": d.N_neurons, "kind": "audio", "card": None} for d, n in zip(opened, names)]
+    refs = refs or [os.path.basename(d.store_url) for d in opened]
+    sources = [{"name": n, "ref": ref, "fingerprint": d.fingerprint, "n_stims": d.get_S(),
+                "n_neurons": d.N_neurons, "kind": "audio", "card": None} for d, n, ref in zip(opened, names, refs)]
     attrs = {"format": "deepstrf.pool", "format_version": "1.0", "kind": "audio", "class_name": "AudioNeuralDataset",
              "dt_ms": memory.dt, "n_stims": memory.get_S(), "n_neurons": memory.N_neurons, "sources": sources,
              "F": memory.F}
@@ -151,6 +152,22 @@ def test_format_1_pools_still_open(sources, tmp_path):
     assert json.load(open(tmp_path / "rewritten.zarr" / "zarr.json"))["attributes"]["format_version"] == \
         fmt.POOL_FORMAT_VERSION
     assert rewritten.source_names == ["a", "b", "c"] and torch.equal(rewritten.nrn_masks, new.nrn_masks)
+
+
+def test_verify_reads_no_source_outside_the_allowed_roots_of_a_format_1_pool(sources, tmp_path, http_server):
+    """A format-1 pool opens every source at once: verify checks the references first."""
+    import shutil
+
+    from deepstrf.store.location import Location
+    from deepstrf.store.pool_commands import verify_pool
+
+    shutil.copytree(sources[0], http_server.root / "v1-source.zarr")
+    _write_v1_pool(str(tmp_path / "old.zarr"), [deepstrf.open_dataset(sources[0])], ["a"],
+                   refs=[http_server.url("v1-source.zarr")])
+    before = len(http_server.requests)
+    problems = verify_pool(Location.parse(str(tmp_path / "old.zarr")))
+    assert len(problems) == 1 and "outside the pool's root" in problems[0], problems
+    assert not [r for r in http_server.requests[before:] if "v1-source" in r[1]]
 
 
 def test_a_lazy_pool_opens_no_source_and_streams(sources, tmp_path):

@@ -311,17 +311,18 @@ def test_temporary_directories_of_ended_processes_are_removed_by_the_next_one(tm
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                            text=True, check=True)
     dead = int(ended.stdout)
-    host = socket.gethostname()
-    left = [tmp_path / f"deepstrf-shards-{host}~{dead}~abc1", tmp_path / f"deepstrf-worker-errors-{host}~{dead}"]
-    kept = [tmp_path / f"deepstrf-shards-{host}~{os.getppid()}~abc2",  # a live process's
-            tmp_path / f"deepstrf-shards-otherhost~{dead}~abc3"]  # another machine's (shared /tmp)
+    here = f"{socket.gethostname()}~{os.stat('/proc/self/ns/pid').st_ino}"
+    left = [tmp_path / f"deepstrf-shards-{here}~{dead}~abc1", tmp_path / f"deepstrf-worker-errors-{here}~{dead}"]
+    kept = [tmp_path / f"deepstrf-shards-{here}~{os.getppid()}~abc2",  # a live process's
+            tmp_path / f"deepstrf-shards-otherhost~{here.split('~')[1]}~{dead}~abc3",  # another machine's
+            tmp_path / f"deepstrf-shards-{socket.gethostname()}~1~{dead}~abc4"]  # another pid namespace's
     for folder in left + kept:
         folder.mkdir()
         (folder / "f").write_bytes(b"x")
     stream = StreamingNeuralDataset(ToyAudio(1), batch_size=2)
-    assert [p.exists() for p in left[:1] + kept] == [False, True, True]
+    assert [p.exists() for p in left[:1] + kept] == [False, True, True, True]
     assert os.path.dirname(stream._shard_dir) == str(tmp_path)
-    assert os.path.basename(stream._shard_dir).startswith(f"deepstrf-shards-{host}~{os.getpid()}~")
+    assert os.path.basename(stream._shard_dir).startswith(f"deepstrf-shards-{here}~{os.getpid()}~")
     monkeypatch.setattr(workers, "_CLEANING", False)
     monkeypatch.setattr(workers, "atexit", type("NoExit", (), {"register": staticmethod(lambda *a, **k: None)}))
     workers._clean_errors_at_exit()

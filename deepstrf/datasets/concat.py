@@ -45,6 +45,7 @@ def concat_datasets(datasets: Sequence[NeuralDataset], names: Sequence[str] | No
     _check_compatible(datasets, [str(x) for x in labels])
 
     parts, part_names = _flatten(datasets, names)
+    _ask_users_checks(parts, [str(x) for x in part_names])
     parts = [_as_pooled(d) for d in parts]
     out_cls = _common_ancestor(datasets)
     out = out_cls.__new__(out_cls)
@@ -68,15 +69,20 @@ def concat_datasets(datasets: Sequence[NeuralDataset], names: Sequence[str] | No
 
 
 def _as_pooled(d: NeuralDataset) -> NeuralDataset:
-    """``d`` as the concatenation keeps it. An in-memory source (lists of stims and of rows) is
-    kept as a shallow copy with lists of its own (O(S)): a transform, row or stim later assigned
-    on ``d`` does not reach the pool, as deepSTRF's concatenation copies them. Cells are shared:
-    ``d.responses[s][n] = x`` reaches it."""
-    own = vars(d)
-    if not (isinstance(own.get("responses"), list) and isinstance(own.get("stims"), list)):
-        return d  # store-backed or a view: edits are recorded on new objects, never in place
+    """``d`` as the concatenation keeps it: a shallow copy (O(1)), so that a transform or edit
+    later assigned on ``d`` (``d.responses = ...``, ``d.stims = ...``) does not reach the pool, as
+    deepSTRF's concatenation copies its sources. The lists of an in-memory source are copied too
+    (O(S)): a row or stim replaced in them stays out as well. Cells are shared: a cell assigned by
+    hand (``d.responses[s][n] = x``) reaches the pool's data; the pool's masks follow once the
+    pool's are reset (``pool._invalidate_nrn_masks()`` resets these copies too)."""
+    own = getattr(d, "__dict__", None)
+    if own is None:
+        return d
     kept = object.__new__(type(d))
-    vars(kept).update(own, responses=list(d.responses), stims=list(d.stims))
+    vars(kept).update(own)
+    for name in ("responses", "stims"):
+        if isinstance(own.get(name), list):
+            vars(kept)[name] = list(own[name])
     return kept
 
 
@@ -120,12 +126,16 @@ def _check_compatible(datasets: Sequence[NeuralDataset], labels: Sequence[str]) 
         raise IncompatibleDatasetsError(errors[0])
     if errors:
         raise IncompatibleDatasetsError(f"{len(errors)} incompatibilities:\n" + "\n".join(f"- {e}" for e in errors))
-    first = datasets[0]
+
+
+def _ask_users_checks(parts: Sequence[NeuralDataset], labels: Sequence[str]) -> None:
+    """A check of the user's own (deepSTRF's documented hook) may look at any attribute: as deepSTRF
+    does, the first source's check sees every other source (a pool given as an input stands for its
+    sources, which hold the attributes their class sets)."""
+    first = parts[0]
     if not type(first)._concat_check_compat.__module__.startswith(f"{_PACKAGE}."):
-        # a check of the user's own (deepSTRF's documented hook) may look at any attribute: as
-        # deepSTRF does, the first input's check sees every other input
-        for i in range(1, len(datasets)):
-            _ask(first, datasets[i], (labels[0], labels[i]))
+        for i in range(1, len(parts)):
+            _ask(first, parts[i], (labels[0], labels[i]))
 
 
 def _ask(a: NeuralDataset, b: NeuralDataset, names: tuple[str, str]) -> None:

@@ -151,6 +151,13 @@ class NeuralDataset(Dataset):
         if value is None:
             self._coverage_cache = None
             self._iter_cache = None
+            grid = vars(self).get("responses")
+            # the copies an in-memory concatenation keeps of its in-memory sources share their cells
+            # (a store's pool holds its sources as a lazy sequence: none of them is in memory)
+            if isinstance(grid, views.BlockDiagonalGrid) and isinstance(grid.sources, list):
+                for part in grid.sources:
+                    if isinstance(vars(part).get("responses"), list):
+                        part._nrn_masks_cache = None
 
     def _compute_nrn_masks(self) -> torch.Tensor:
         """The dense mask of :attr:`coverage`."""

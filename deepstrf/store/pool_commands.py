@@ -193,6 +193,7 @@ def verify_pool(loc, *, allowed_roots=(), data: bool = False, client: Any = None
     from ..engine import run_tasks
     from ..errors import StoreError, UntrustedReferenceError
     from .integrity import fingerprint
+    from .pool import read_sources
     from .reader import open_group
     from .references import resolve_reference
     from .verify import metadata_problems
@@ -203,20 +204,23 @@ def verify_pool(loc, *, allowed_roots=(), data: bool = False, client: Any = None
         if fingerprint(dict(group.attrs)) != group.attrs.get("fingerprint"):
             problems.append(f"pool {loc.url}: the recorded fingerprint does not match the pool's attributes; "
                             "it was edited or damaged: rewrite it with deepstrf concat")
-        # sources are opened (and their references checked against the allowed roots) one by one
-        # below: one that cannot be is named, the others checked; nothing is read from a source here
+        attrs = dict(group.attrs)
+        entries, trusted = read_sources(loc, group, attrs), []  # each reference is checked against
+        for k, entry in enumerate(entries):                      # the allowed roots before anything is read
+            try:
+                resolve_reference(loc, entry["ref"], allowed_roots)
+                trusted.append(k)
+            except UntrustedReferenceError as e:
+                problems.append(str(e))
+        if len(trusted) < len(entries) and attrs["format_version"].startswith("1."):
+            return problems  # a format-1 pool opens every source at once: not past a reference refused
+        # the sources are opened one task each below: one that cannot be opened is named, the others
+        # checked; nothing is read from a source here
         pool = open_dataset(loc.url, storage_options=loc.given, trust=True, check_sources=False)
         coverage = pool.coverage
         pool.stim_meta[0], pool.nrn_meta[0]  # noqa: B018 - loads (and checks) the metadata tables
     except (StoreError, ValueError) as e:
         return [str(e)]
-    trusted = []
-    for k, entry in enumerate(pool.pool_sources):
-        try:
-            resolve_reference(loc, entry["ref"], allowed_roots)
-            trusted.append(k)
-        except UntrustedReferenceError as e:
-            problems.append(str(e))
     blocks, tasks = pool.source_blocks(), []
     for k in trusted:
         src, (name, stims, neurons) = pool.responses.sources[k], blocks[k]
