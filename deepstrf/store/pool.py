@@ -156,16 +156,22 @@ def open_pool(loc: Location, group: zarr.Group, *, allowed_roots: Sequence[str] 
     return pooled
 
 
-def _open(loc: Location, group: zarr.Group, allowed_roots: Sequence[str], trust: bool, accept_changed_sources: bool,
-          source_storage_options: StorageOptions) -> NeuralDataset:
+def checked_sources(loc: Location, group: zarr.Group) -> tuple[dict, list[dict]]:
+    """The pool's attributes, checked, and its source entries (references not resolved yet)."""
     attrs = dict(group.attrs)
     fmt.check_format(attrs, loc.url, POOL_FORMAT, supported=fmt.POOL_SUPPORTED_MAJORS)
     v1 = attrs["format_version"].startswith("1.")
     check_pool_attributes(attrs, f"pool {loc.url}", () if v1 else (SOURCES_TABLE, STIM_TABLE, NRN_TABLE, PARTIAL,
                                                                      BIT_OFFSETS, BITS))
+    return attrs, read_sources(loc, group, attrs)
+
+
+def _open(loc: Location, group: zarr.Group, allowed_roots: Sequence[str], trust: bool, accept_changed_sources: bool,
+          source_storage_options: StorageOptions) -> NeuralDataset:
+    attrs, listed = checked_sources(loc, group)
+    v1 = attrs["format_version"].startswith("1.")
     root = pool_root(loc)
-    entries = [dict(e, url=resolve_reference(loc, e["ref"], allowed_roots, trust, root))
-               for e in read_sources(loc, group, attrs)]
+    entries = [dict(e, url=resolve_reference(loc, e["ref"], allowed_roots, trust, root)) for e in listed]
     if v1:
         from .pool_v1 import open_pool_v1
 

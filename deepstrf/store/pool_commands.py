@@ -193,7 +193,7 @@ def verify_pool(loc, *, allowed_roots=(), data: bool = False, client: Any = None
     from ..engine import run_tasks
     from ..errors import StoreError, UntrustedReferenceError
     from .integrity import fingerprint
-    from .pool import read_sources
+    from .pool import checked_sources
     from .reader import open_group
     from .references import resolve_reference
     from .verify import metadata_problems
@@ -204,9 +204,9 @@ def verify_pool(loc, *, allowed_roots=(), data: bool = False, client: Any = None
         if fingerprint(dict(group.attrs)) != group.attrs.get("fingerprint"):
             problems.append(f"pool {loc.url}: the recorded fingerprint does not match the pool's attributes; "
                             "it was edited or damaged: rewrite it with deepstrf concat")
-        attrs = dict(group.attrs)
-        entries, trusted = read_sources(loc, group, attrs), []  # each reference is checked against
-        for k, entry in enumerate(entries):                      # the allowed roots before anything is read
+        attrs, entries = checked_sources(loc, group)
+        trusted = []  # each reference is checked against the allowed roots before anything is read
+        for k, entry in enumerate(entries):
             try:
                 resolve_reference(loc, entry["ref"], allowed_roots)
                 trusted.append(k)
