@@ -44,7 +44,7 @@ def new_process_dir(kind: str) -> str:
 
 
 def remove_ended(kind: str) -> None:
-    """Remove the directories of ``kind`` that ended processes of this host left."""
+    """Remove the directories of ``kind`` that ended processes of this host and process-id namespace left."""
     pattern = re.compile(rf"deepstrf-{re.escape(kind)}-(?P<owner>[^~]+~\d+)~(?P<pid>\d+)(~[^~]*)?")
     owner = _owner()
     try:

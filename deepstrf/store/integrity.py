@@ -70,6 +70,7 @@ class StrictStore(WrapperStore):
     def __init__(self, store, counters: IOCounters | None = None) -> None:
         super().__init__(store)
         self.counters = counters or IOCounters()
+        self._warned_ranges = False  # about a server that ignores byte ranges (once per store)
 
     def _with_store(self, store):
         return type(self)(store, self.counters)
@@ -96,7 +97,7 @@ class StrictStore(WrapperStore):
             return value
         if len(value) <= end - start or len(value) < end:
             return value  # as asked (or short: the reader reports that)
-        if not getattr(self, "_warned_ranges", False):
+        if not self._warned_ranges:
             self._warned_ranges = True
             warnings.warn(f"the server of this store sent all {len(value)} bytes of {key} for bytes {start}-{end}: "
                           "it ignores byte ranges (python -m http.server does). Reads stay correct but fetch whole "
