@@ -94,3 +94,22 @@ def test_homogeneous_batches_stay_within_groups():
     for b in batches:
         assert (b < 7).all() or (b >= 7).all()
     assert len(batches) == 2 + 4
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_homogeneous_batches_partition_by_whole_batches_across_ranks(world):
+    """source_homogeneous=True: the units split between ranks are whole batches (docs/streaming.md):
+    every rank gets as many batches, every item is read, and at most world - 1 batches repeat."""
+    from collections import Counter
+
+    from deepstrf.stream import StreamingNeuralDataset
+    from stream_helpers import small_pool
+
+    pool = small_pool()
+    per_rank = [list(StreamingNeuralDataset(pool, batch_size=4, seed=9, rank=r, world_size=world,
+                                            source_homogeneous=True)) for r in range(world)]
+    assert len({len(batches) for batches in per_rank}) == 1
+    seen = Counter(m["uid"] for batches in per_rank for b in batches for m in b["stim_meta"])
+    assert len(seen) == len(pool)
+    batches = -(-pool.responses.sources[0].get_S() // 4) + -(-pool.responses.sources[1].get_S() // 4)
+    assert len(per_rank) * len(per_rank[0]) - batches <= world - 1
