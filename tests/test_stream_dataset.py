@@ -253,3 +253,27 @@ def test_a_subset_set_between_epochs_is_what_the_next_one_reads(pool, workers):
     s.subset = [len(pool) - 3, len(pool) - 2, len(pool) - 1]
     assert len(loader) == len(s) == 2  # batches
     assert [k for b in loader for k in batch_keys(b)] == [item_key(pool[i]) for i in s.subset]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_epoch_after_a_resumed_one_is_whole_without_length_warnings(workers, tmp_path):
+    """len(loader) after a resume is the rest of the epoch; torch kept that length and warned for
+    every batch of the next, whole epoch beyond it."""
+    import warnings
+
+    from stream_helpers import write_pool
+
+    pool = write_pool(str(tmp_path))  # a store URL: forked workers, every batch from them
+    first = StreamingNeuralDataset(pool, batch_size=4, seed=7)
+    passing = iter(first)
+    next(passing), next(passing)
+    state = first.state_dict()
+    del passing
+    resumed = StreamingNeuralDataset(pool, batch_size=4, seed=7)
+    resumed.load_state_dict(state)
+    loader = resumed.loader(num_workers=workers, timeout=loader_timeout(workers))
+    assert len(loader) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert sum(1 for _ in loader) == 2
+        assert sum(1 for _ in loader) == 4 == len(loader)

@@ -226,6 +226,12 @@ class StreamingDataLoader(DataLoader):
         if self.persistent_workers:
             _stop_at_exit(self)
 
+    def _refresh_length(self) -> None:
+        """torch warns when a pass yields more batches than ``len(loader)`` said the last time it was
+        asked; a pass after a resumed one is a whole epoch again."""
+        if self._IterableDataset_len_called is not None:
+            self._IterableDataset_len_called = len(self.dataset)
+
     def __iter__(self) -> Iterator[Any]:
         """A new pass. A loader runs one pass at a time (kept workers serve one): this one ends a
         pass still open, whose iterator then raises if it is used again."""
@@ -239,9 +245,11 @@ class StreamingDataLoader(DataLoader):
     def _pass(self) -> Iterator[Any]:
         ds: StreamingNeuralDataset = self.dataset
         if self.num_workers == 0:  # the dataset's own pass, in this process
+            self._refresh_length()
             yield from super().__iter__()
             return
         ds._end_delivered_pass()
+        self._refresh_length()
         self._await_earlier_start()
         settings = ds._worker_settings()
         if self._iterator is not None and settings != self._workers_settings:
