@@ -18,8 +18,12 @@ import tempfile
 from .forksafe import process_alive
 
 
-def _owner() -> str:
-    """Host and process-id namespace of this process: containers that share a ``/tmp`` and a host
+OWNER_PATTERN = r"(?P<owner>[^~]+~\d+)~(?P<pid>\d+)"  # what names built with owner() and a pid hold
+
+
+def owner() -> str:
+    """Host and process-id namespace of this process, as put into the names of folders a process
+    owns (here, and a local write's staging folders): containers that share a folder and a host
     name but not their process ids must not take each other's pids for their own."""
     try:
         namespace = os.stat("/proc/self/ns/pid").st_ino
@@ -28,8 +32,14 @@ def _owner() -> str:
     return f"{socket.gethostname()}~{namespace}"
 
 
+def ended(found: re.Match) -> bool:
+    """Whether a name matched by :data:`OWNER_PATTERN` belongs to a process of this host and
+    namespace that has ended."""
+    return found["owner"] == owner() and not process_alive(int(found["pid"]))
+
+
 def _name(kind: str, pid: int) -> str:
-    return f"deepstrf-{kind}-{_owner()}~{pid}"
+    return f"deepstrf-{kind}-{owner()}~{pid}"
 
 
 def process_dir(kind: str, pid: int | None = None) -> str:
@@ -45,13 +55,12 @@ def new_process_dir(kind: str) -> str:
 
 def remove_ended(kind: str) -> None:
     """Remove the directories of ``kind`` that ended processes of this host and process-id namespace left."""
-    pattern = re.compile(rf"deepstrf-{re.escape(kind)}-(?P<owner>[^~]+~\d+)~(?P<pid>\d+)(~[^~]*)?")
-    owner = _owner()
+    pattern = re.compile(rf"deepstrf-{re.escape(kind)}-{OWNER_PATTERN}(~[^~]*)?")
     try:
         entries = list(os.scandir(tempfile.gettempdir()))
     except OSError:
         return
     for entry in entries:
         found = pattern.fullmatch(entry.name)
-        if found and found["owner"] == owner and not process_alive(int(found["pid"])):
+        if found and ended(found):
             shutil.rmtree(entry.path, ignore_errors=True)

@@ -869,17 +869,18 @@ def test_a_write_removes_the_staging_folders_killed_writers_left(tmp_path):
 
     pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                              text=True, check=True).stdout)  # a process that has ended: a killed writer
-    host = socket.gethostname()
-    left = tmp_path / f".aa1.zarr.tmp-{host}~{pid}~deadbeef"
-    writing = tmp_path / f".aa1.zarr.tmp-{host}~{os.getpid()}~c0ffee00"  # a live writer's: kept
-    for folder in (left, writing):
+    here = f"{socket.gethostname()}~{os.stat('/proc/self/ns/pid').st_ino}"  # host and pid namespace
+    left = tmp_path / f".aa1.zarr.tmp-{here}~{pid}~deadbeef"
+    writing = tmp_path / f".aa1.zarr.tmp-{here}~{os.getpid()}~c0ffee00"  # a live writer's: kept
+    elsewhere = tmp_path / f".aa1.zarr.tmp-{socket.gethostname()}~1~{pid}~deadbeef"  # another namespace's
+    for folder in (left, writing, elsewhere):
         folder.mkdir()
         (folder / "chunk").write_bytes(b"x")
     aa1 = SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02, seed=1)
     save_dataset(aa1, str(tmp_path / "aa1.zarr"), progress=False)
-    assert not left.exists() and writing.exists()
+    assert not left.exists() and writing.exists() and elsewhere.exists()
     # killed between the two renames of a replace: the old store and the new one are the only copies
-    old = tmp_path / f".aa1.zarr.old-{host}~{pid}~deadbeef"
+    old = tmp_path / f".aa1.zarr.old-{here}~{pid}~deadbeef"
     for folder in (left, old):
         folder.mkdir()
     save_dataset(aa1, str(tmp_path / "aa1.zarr"), progress=False, overwrite=True)

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from zarr.core.sync import sync
 from zarr.storage import WrapperStore
 
 from ..errors import StoreError, StoreExistsError
-from ..forksafe import process_alive
+from ..tempdirs import OWNER_PATTERN, ended, owner
 from .format import SOURCE_FORMAT, VERSIONS_FORMAT
 from .location import ROOT_KEY, Location
 
@@ -159,25 +158,25 @@ def remove(loc: Location) -> None:
     fs.invalidate_cache()
 
 
-_SIBLING = re.compile(r"\.(?P<stem>.+)\.(?P<role>tmp|old)-(?P<host>.+)~(?P<pid>\d+)~[0-9a-f]{8}")  # _sibling_name's
+_SIBLING = re.compile(rf"\.(?P<stem>.+)\.(?P<role>tmp|old)-{OWNER_PATTERN}~[0-9a-f]{{8}}")  # _sibling_name's
 
 
 def _sibling_name(loc: Location, role: str) -> str:
     """A hidden sibling of ``loc`` for a write (``role``: ``tmp``, the new store being written;
-    ``old``, the replaced one until it is deleted), named after the host and process writing it."""
-    return f".{loc.name}.{role}-{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex[:8]}"
+    ``old``, the replaced one until it is deleted), named after the host, process-id namespace and
+    process writing it."""
+    return f".{loc.name}.{role}-{owner()}~{os.getpid()}~{uuid.uuid4().hex[:8]}"
 
 
 def _remove_abandoned(folder: str) -> None:
     """Delete the staging folders (a full store or version each) that writes into local ``folder``
-    by processes of this host that were killed left behind. Where a killed write also left the
-    store it was replacing (an ``old`` sibling: killed between its two renames), that store's
-    folders are not touched: they are its only copies."""
-    host = socket.gethostname()
+    by processes of this host (and process-id namespace) that were killed left behind. Where a
+    killed write also left the store it was replacing (an ``old`` sibling: killed between its two
+    renames), that store's folders are not touched: they are its only copies."""
     abandoned: dict[tuple[str, str], list[str]] = {}
     for name in os.listdir(folder):
         found = _SIBLING.fullmatch(name)
-        if found and found["host"] == host and not process_alive(int(found["pid"])):
+        if found and ended(found):
             abandoned.setdefault((found["stem"], found["role"]), []).append(os.path.join(folder, name))
     for (stem, role), paths in abandoned.items():
         if role == "tmp" and (stem, "old") not in abandoned:

@@ -15,7 +15,7 @@ from ..forksafe import thread_map
 from ..utils.data import concat_neural_datasets
 from .dataset import open_dataset
 from .references import roots_outside
-from .repin import PIN_GONE
+from .repin import NOT_CHECKED, PIN_GONE
 
 MAX_PIXELS = 1500  # coverage images are block-reduced to at most this many rows/columns
 MAX_LABELLED_SOURCES = 40  # blocks outlined and named in a coverage plot
@@ -139,6 +139,14 @@ def describe_pool(attrs: dict, loc, group, *, newer: bool = False, allowed_roots
     return out
 
 
+def _print_listed(heading: str, items: dict[str, str]) -> None:
+    """``heading`` and one line per item (the first ``MAX_LISTED_SOURCES``), if there are any."""
+    if items:
+        print(heading)
+        for name, what in list(items.items())[:MAX_LISTED_SOURCES]:
+            print(f"  - {name}: {what}")
+
+
 def print_pool(d: dict) -> None:
     from .citations import licenses_line
 
@@ -153,25 +161,16 @@ def print_pool(d: dict) -> None:
              if differ else ""))
     newer = d.get("newer_versions")
     if newer is not None:
-        unchecked = {name: what for name, what in newer.items() if what.startswith("not checked")}
+        unchecked = {name: what for name, what in newer.items() if what.startswith(NOT_CHECKED)}
         gone = {name: what[len(PIN_GONE):].strip() for name, what in newer.items() if what.startswith(PIN_GONE)}
         moved = {name: what for name, what in newer.items() if name not in unchecked and name not in gone}
-        if gone:
-            print(f"MISSING      {len(gone)} source(s) no longer hold the version the pool pins: the pool does "
-                  "not open (deepstrf pool-update POOL OUT re-pins them):")
-            for name, what in list(gone.items())[:MAX_LISTED_SOURCES]:
-                print(f"  - {name}: {what}")
-        if moved:
-            print(f"newer        {len(moved)} source(s) have a newer version than the pool pins "
-                  "(deepstrf pool-update POOL OUT re-pins them):")
-            for name, what in list(moved.items())[:MAX_LISTED_SOURCES]:
-                print(f"  - {name}: {what}")
-        elif not unchecked and not gone:
+        _print_listed(f"MISSING      {len(gone)} source(s) no longer hold the version the pool pins: the pool does "
+                      "not open (deepstrf pool-update POOL OUT re-pins them):", gone)
+        _print_listed(f"newer        {len(moved)} source(s) have a newer version than the pool pins "
+                      "(deepstrf pool-update POOL OUT re-pins them):", moved)
+        if not newer:
             print("newer        none: every source's latest version is the one the pool pins")
-        if unchecked:
-            print(f"unchecked    {len(unchecked)} source(s) could not be asked for a newer version:")
-            for name, what in list(unchecked.items())[:MAX_LISTED_SOURCES]:
-                print(f"  - {name}: {what}")
+        _print_listed(f"unchecked    {len(unchecked)} source(s) could not be asked for a newer version:", unchecked)
     cards = any(src.get(key) for src in d["sources"] for key in ("license", "citation", "description"))
     print(f"sources      {len(d['sources'])}" + (" (dataset cards below)" if cards else ""))
     for src in d["sources"][:MAX_LISTED_SOURCES]:

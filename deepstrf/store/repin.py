@@ -24,13 +24,14 @@ from .references import resolve_reference
 from .versions import Version, versions_of
 
 
-PIN_GONE = "pin gone:"  # how newer_versions starts the message of a source without its pinned version
+# how newer_versions starts the message of a source it could not ask, and of one without its pinned version
+NOT_CHECKED, PIN_GONE = "not checked:", "pin gone:"
 
 
 def newer_versions(pool: Location, entries: Sequence[dict[str, Any]], allowed_roots: Sequence[str] = (),
                    trust: bool = False) -> dict[str, Version | str]:
     """By source name: its latest version where it differs from the pinned one, or a message: why it
-    could not be checked ("not checked: ..."), or that it no longer holds the pinned version
+    could not be checked (:data:`NOT_CHECKED`), or that it no longer holds the pinned version
     (:data:`PIN_GONE`). Reads each source's root (and lists a versioned one's manifests)."""
 
     def check(entry: dict) -> tuple[str, Version | str | None]:
@@ -39,9 +40,9 @@ def newer_versions(pool: Location, entries: Sequence[dict[str, Any]], allowed_ro
             url = resolve_reference(pool, entry["ref"], allowed_roots, trust)
             held = versions_of(Location.parse(url, source_options(pool, None, url)))
         except StoreError as e:
-            return entry["name"], f"not checked: {e}"
+            return entry["name"], f"{NOT_CHECKED} {e}"
         except environment_errors() as e:
-            return entry["name"], f"not checked: {unreadable(url, e)}"
+            return entry["name"], f"{NOT_CHECKED} {unreadable(url, e)}"
         if not any(v.fingerprint == entry["fingerprint"] for v in held):
             return entry["name"], (f"{PIN_GONE} {url} no longer holds the version the pool pins "
                                    f"({entry['fingerprint']}; pruned, or written again in place): opening the pool "

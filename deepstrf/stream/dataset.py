@@ -9,6 +9,7 @@ retries). See ``docs/streaming.md`` for the semantics.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import os
 import shutil
@@ -18,7 +19,6 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.context import get_spawning_popen
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 

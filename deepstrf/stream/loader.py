@@ -325,12 +325,7 @@ class StreamingDataLoader(DataLoader):
         if self._starting is None:
             return
         (starting, new_workers), self._starting = self._starting, None
-        try:
-            starting.result()
-        except Exception:
-            self._stop_workers(self._iterator)
-            return
-        if new_workers:
+        if starting.exception() is not None or new_workers:  # exception() waits for the start to end
             self._stop_workers(self._iterator)
 
     def _start_workers(self, generator: torch.Generator | None, device: int | None) -> Iterator[Any]:
