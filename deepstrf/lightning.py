@@ -178,7 +178,16 @@ class EpochLoader(StreamingDataLoader):
         super().__init__(module.stream("train"), **kwargs)
 
     def __len__(self) -> int:
-        return self.dataset.batches_per_epoch()
+        """A whole epoch's batches; at least the batches the trainer counts as done plus this rank's
+        rest in an epoch resumed from a checkpoint made with other devices or another batch size:
+        Lightning counts a resumed epoch on from the checkpoint's batch index and reads the length
+        once, so a whole epoch in the new setting could end the resumed one before its rest."""
+        whole = self.dataset.batches_per_epoch()
+        trainer = self.module.trainer
+        rest = len(self.dataset)
+        if trainer is None or rest >= whole:
+            return whole
+        return max(whole, trainer.fit_loop.epoch_loop.batch_progress.current.ready + rest)
 
     def state_dict(self) -> dict | None:
         return self.module.train_state()

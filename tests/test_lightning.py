@@ -98,6 +98,26 @@ def test_resumes_mid_epoch_from_a_checkpoint_with_the_same_remaining_order(tmp_p
     assert resumed.seen == full.seen[2:]
 
 
+def test_a_checkpoint_resumed_with_another_batch_size_trains_the_rest_of_its_epoch(tmp_path):
+    # Lightning counts the resumed epoch on from the checkpoint's batch index (2 batches of 1 here)
+    # and read the length as a whole epoch of batches of 2: it stopped a batch before the rest's end
+    pool = small_pool()
+    ckpts = tmp_path / "ckpt"
+    saver = lightning.pytorch.callbacks.ModelCheckpoint(dirpath=str(ckpts), every_n_train_steps=2, save_top_k=-1)
+    full = Recorder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, callbacks=[saver]).fit(full, PoolDataModule(pool, batch_size=1, seed=5))
+        resumed = Recorder()
+        trainer(tmp_path).fit(resumed, PoolDataModule(pool, batch_size=2, seed=5),
+                              ckpt_path=str(ckpts / "epoch=0-step=2.ckpt"))
+    epoch = [[k for e, keys in run.seen if e == 0 for k in keys] for run in (full, resumed)]
+    assert len(epoch[0]) - 2 > 2 * 2  # the rest of epoch 0 takes more than two batches of 2
+    assert epoch[1] == epoch[0][2:]  # the rest, in order, each once
+    whole = sorted(k for e, keys in full.seen if e == 1 for k in keys)
+    assert sorted(k for e, keys in resumed.seen if e == 1 for k in keys) == whole
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

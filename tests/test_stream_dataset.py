@@ -277,3 +277,11 @@ def test_the_epoch_after_a_resumed_one_is_whole_without_length_warnings(workers,
         warnings.simplefilter("error", UserWarning)
         assert sum(1 for _ in loader) == 2
         assert sum(1 for _ in loader) == 4 == len(loader)
+        # a resumed pass that hands out its last batch but is left before its end (a trainer that
+        # stops after len(loader) batches) counts as whole: the next pass is a whole epoch
+        resumed.load_state_dict(state)
+        passing = iter(loader)
+        for _ in range(len(loader)):
+            next(passing)
+        assert len(loader) == len(resumed) == 4 and resumed.epoch == 0
+        assert sum(1 for _ in loader) == 4 and resumed.epoch == 2

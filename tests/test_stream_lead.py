@@ -133,6 +133,19 @@ def test_a_stuck_read_in_the_main_process_is_reported():
     assert time.monotonic() - start < 30
 
 
+def test_a_stuck_read_without_workers_is_reported_at_the_loader_timeout():
+    # torch refuses a DataLoader timeout without workers: loader() bounds this process's reads with it
+    toy = paced_toy(S=8, stuck=4, stuck_s=4.0)
+    loader = StreamingNeuralDataset(toy, batch_size=2, shuffle=False).loader(num_workers=0, timeout=2)
+    start = time.monotonic()
+    with pytest.raises(StreamStalledError, match=r"a read of stims \[4, 5\] took longer than 2 s"):
+        list(loader)
+    assert time.monotonic() - start < 4
+    toy.stims.stuck = -1
+    time.sleep(max(0.0, start + 4.5 - time.monotonic()))  # the stuck read ends in its thread
+    assert len([k for b in loader for k in batch_keys(b)]) == 8
+
+
 def test_no_lead_with_forked_workers_or_when_turned_off():
     for kw in ({"multiprocessing_context": "fork"}, {"read_while_starting": False}):
         s = StreamingNeuralDataset(ToyAudio(seed=3, S=8, N=4), batch_size=2, seed=5)

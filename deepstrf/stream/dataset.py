@@ -246,6 +246,7 @@ class StreamingNeuralDataset(IterableDataset):
         # persistent DataLoader workers see set_epoch, load_state_dict and the end of a pass
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._steps = 0         # batches yielded by this rank since the offset
+        self._read_timeout: float | None = None  # a bound on each read of a pass in this process (loader())
         self.counters = StreamCounters()
         self.activity = WorkerActivity()
         self._lead = Lead()
@@ -406,8 +407,9 @@ class StreamingNeuralDataset(IterableDataset):
         return len(self._units(st))
 
     def __len__(self) -> int:
-        """Batches (or items, without ``batch_size``) this rank yields in the rest of this epoch."""
-        return self._remaining(self._offset)
+        """Batches (or items, without ``batch_size``) this rank yields in the rest of this epoch; a
+        whole epoch once a pass has handed out every batch of it (the next pass streams the next)."""
+        return self._remaining(0 if self._delivered_whole_pass() else self._offset)
 
     def batches_per_epoch(self) -> int:
         """Batches (or items, without ``batch_size``) this rank yields in a whole epoch, whatever part
@@ -533,7 +535,8 @@ class StreamingNeuralDataset(IterableDataset):
         unit = self._unit_batch()
         if self.batch_size is None and unit == 1:  # single items: read a few of this process's at once
             tasks = _grouped(tasks, ITEM_READ_GROUP)
-        for out in self._read_ahead(tasks, shared=not in_process):
+        timeout = self._read_timeout if in_process else None
+        for out in self._read_ahead(tasks, shared=not in_process, timeout=timeout):
             if self.batch_size is not None:
                 if in_process:
                     self._steps += 1  # counted before the hand-over: the consumer holds it from here
@@ -614,8 +617,12 @@ class StreamingNeuralDataset(IterableDataset):
         """End a pass that handed out every batch of its epoch but was not run to its end (a trainer
         that stops after ``len(loader)`` batches, as Lightning's does): the next pass streams the
         next epoch, not the same order again."""
-        if self.batch_size is not None and self._steps and self._steps >= self._remaining(self._offset):
+        if self._delivered_whole_pass():
             self._end_pass()
+
+    def _delivered_whole_pass(self) -> bool:
+        """Has this pass handed out every batch of its epoch?"""
+        return self.batch_size is not None and self._steps > 0 and self._steps >= self._remaining(self._offset)
 
     @property
     def built_format(self) -> Collate:

@@ -207,6 +207,8 @@ class StreamingDataLoader(DataLoader):
                           "StreamingNeuralDataset instead: the workers then send compact batches and the dense "
                           "batch is built on the GPU", UserWarning, stacklevel=3)
         self.stall_timeout: float = kwargs.get("timeout") or (DEFAULT_TIMEOUT_S if workers > 0 else 0.0)
+        if workers == 0:  # torch refuses a timeout without workers: it bounds the reads of this process
+            kwargs["timeout"] = 0
         self._given_context = kwargs.get("multiprocessing_context")
         self._user_collate = kwargs.get("collate_fn")
         if workers > 0:
@@ -244,12 +246,11 @@ class StreamingDataLoader(DataLoader):
 
     def _pass(self) -> Iterator[Any]:
         ds: StreamingNeuralDataset = self.dataset
-        if self.num_workers == 0:  # the dataset's own pass, in this process
-            self._refresh_length()
-            yield from super().__iter__()
-            return
         ds._end_delivered_pass()
         self._refresh_length()
+        if self.num_workers == 0:  # the dataset's own pass, in this process
+            yield from self._in_process()
+            return
         self._await_earlier_start()
         settings = ds._worker_settings()
         if self._iterator is not None and settings != self._workers_settings:
@@ -273,6 +274,21 @@ class StreamingDataLoader(DataLoader):
             yield from self._from_workers(batches)
         finally:
             ds._lead.reset()  # workers of any later DataLoader read their whole share
+
+    def _in_process(self) -> Iterator[Any]:
+        """The dataset's own pass, in this process, each read bounded by ``timeout`` where one was given."""
+        ds: StreamingNeuralDataset = self.dataset
+        ds._read_timeout = self.stall_timeout or None
+        try:
+            yield from super().__iter__()
+        except ReadTimeout as exc:
+            raise StreamStalledError(
+                f"streaming {ds._where()}: a read of stims {ds._state().visible[exc.task].tolist()} took longer than "
+                f"{self.stall_timeout:g} s (loader timeout). Epoch {ds.epoch}, pass stopped. What to do: look for a "
+                "read that never returns (a dead server, a lock in your transform), or raise loader(timeout=...) "
+                "if reads are just slow.") from exc
+        finally:
+            ds._read_timeout = None
 
     def _read_while_starting(self) -> Generator[Any, None, Any]:
         """Yield the pass's first batches, read here while a thread starts the workers (or has
