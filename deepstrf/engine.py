@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import as_completed as completed_locally
+from functools import partial
 from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
 from .errors import ClusterError
+from .forksafe import run_gated
 
 R = TypeVar("R")
 LOCAL_PREFIX = "local:"
@@ -28,11 +30,12 @@ INSTALL_HINT = "install the dask extra: pip install 'deepstrf-pool[dask]'"
 
 
 def run_tasks(func: Callable[..., R], tasks: Sequence[tuple], *, failed: Callable[[tuple, BaseException], R],
-              jobs: int = 1, client: Any = None, desc: str = "tasks", unit: str = "task",
+              jobs: int = 1, threads: int = 1, client: Any = None, desc: str = "tasks", unit: str = "task",
               progress: bool | None = None) -> list[R]:
     """``[func(*t) for t in tasks]``, in input order, run by one engine: ``client`` (a
     ``dask.distributed.Client``: one task per input), else ``jobs`` local worker processes, else
-    this process. ``func`` must be importable by name where it runs (a module-level function)."""
+    ``threads`` threads of this process (tasks that mostly wait on storage), else this thread.
+    ``func`` must be importable by name where it runs (a module-level function)."""
     results: dict[int, R] = {}
     bar = tqdm(total=len(tasks), desc=desc, unit=unit, disable=progress is False, dynamic_ncols=True)
     try:
@@ -42,10 +45,10 @@ def run_tasks(func: Callable[..., R], tasks: Sequence[tuple], *, failed: Callabl
             from .stream.workers import worker_context
 
             with ProcessPoolExecutor(max_workers=jobs, mp_context=worker_context()) as pool:
-                index = {pool.submit(func, *t): i for i, t in enumerate(tasks)}
-                for f in completed_locally(index):
-                    results[index[f]] = _outcome(f, tasks[index[f]], failed)
-                    bar.update(1)
+                _run_locally(pool, func, tasks, failed, results, bar)
+        elif threads > 1 and len(tasks) > 1:
+            with ThreadPoolExecutor(max_workers=min(threads, len(tasks)), thread_name_prefix=desc) as pool:
+                _run_locally(pool, partial(run_gated, func), tasks, failed, results, bar)
         else:
             for i, t in enumerate(tasks):
                 try:
@@ -56,6 +59,14 @@ def run_tasks(func: Callable[..., R], tasks: Sequence[tuple], *, failed: Callabl
     finally:
         bar.close()
     return [results[i] for i in range(len(tasks))]
+
+
+def _run_locally(pool: Executor, func: Callable, tasks: Sequence[tuple], failed: Callable, results: dict,
+                 bar: tqdm) -> None:
+    index = {pool.submit(func, *t): i for i, t in enumerate(tasks)}
+    for f in completed_locally(index):
+        results[index[f]] = _outcome(f, tasks[index[f]], failed)
+        bar.update(1)
 
 
 def _run_on_dask(client: Any, func: Callable, tasks: Sequence[tuple], failed: Callable, results: dict,

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -341,3 +342,19 @@ def test_pool_whose_entries_lack_their_modality_attributes_opens(sources, tmp_pa
     for part in pool.responses.sources:
         assert part.F == pool.F and part.audio_fs == pool.audio_fs
     assert torch.equal(pool.stims[0], deepstrf.open_dataset(sources[0]).stims[0])
+
+
+def _meet(barrier: threading.Barrier, k: int) -> int:
+    barrier.wait()
+    return k
+
+
+def test_run_tasks_in_threads_runs_them_at_once_in_order():
+    # verify checks a pool's sources in threads (each check waits on storage): four tasks that
+    # wait for each other finish only when they run at the same time
+    from deepstrf.engine import run_tasks
+
+    barrier = threading.Barrier(4, timeout=10)
+    found = run_tasks(_meet, [(barrier, k) for k in range(4)], failed=lambda t, e: type(e).__name__, threads=4,
+                      progress=False)
+    assert found == [0, 1, 2, 3]

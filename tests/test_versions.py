@@ -89,6 +89,22 @@ def test_republish_under_a_pool(store_url, capsys):
         deepstrf.open_dataset(pool_url, storage_options=so)
     same_data(deepstrf.open_dataset(updated_url, storage_options=so).responses.sources[0], new)
     assert _cli("verify", updated_url, "--data", so=so) == 0
+    capsys.readouterr()
+    assert _cli("verify", pool_url, so=so) == 1  # as opening says: the pin is gone, re-pin the pool
+    assert f"deepstrf pool-update {pool_url} NEW_POOL" in capsys.readouterr().err
+
+
+def test_verify_accepts_a_pin_whose_content_was_published_again(tmp_path, capsys):
+    # opening falls back from a pruned version to the same content published later; verify did not
+    src, pool_url = str(tmp_path / "a.zarr"), str(tmp_path / "pool.zarr")
+    deepstrf.save_dataset(aa1(0), src)
+    deepstrf.save_dataset(aa1(1), src, overwrite=True)
+    concat_neural_datasets([deepstrf.open_dataset(src)], names=["a"], store=pool_url)  # pins that version
+    deepstrf.save_dataset(aa1(2), src, overwrite=True)
+    deepstrf.save_dataset(aa1(1), src, overwrite=True)  # the pinned content again, a new version
+    prune(Location.parse(src), 2)  # the pinned version goes
+    same_data(deepstrf.open_dataset(pool_url).responses.sources[0], aa1(1))
+    assert _cli("verify", pool_url) == 0, capsys.readouterr().err
 
 
 def test_every_version_is_a_plain_zarr_group_and_old_stores_convert(tmp_path):

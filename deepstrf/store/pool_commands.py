@@ -20,6 +20,7 @@ from .repin import NOT_CHECKED, PIN_GONE
 MAX_PIXELS = 1500  # coverage images are block-reduced to at most this many rows/columns
 MAX_LABELLED_SOURCES = 40  # blocks outlined and named in a coverage plot
 MAX_LISTED_SOURCES = 40  # sources listed by `concat` and `info` (text)
+OPEN_THREADS = 16  # sources opened or checked at once: each is a few small reads, mostly waiting on storage
 
 
 def concat_main(args: argparse.Namespace) -> int:
@@ -32,7 +33,7 @@ def concat_main(args: argparse.Namespace) -> int:
         raise SystemExit(f"deepstrf concat: got {len(args.name)} --name for {len(sources)} sources; "
                          "give one --name per source or none")
     opened = thread_map(lambda u: open_dataset(u, storage_options=args.storage_options, **_open_kw(args, u)),
-                        sources, max_workers=16, name="deepstrf-open")
+                        sources, max_workers=OPEN_THREADS, name="deepstrf-open")
     pool = concat_neural_datasets(opened, names=args.name, store=args.out, storage_options=args.storage_options,
                                   overwrite=args.overwrite, allowed_roots=args.allow_root)
     info = pool.summary()
@@ -188,7 +189,8 @@ def verify_pool(loc, *, allowed_roots=(), data: bool = False, client: Any = None
     each source's fingerprint and its coverage block against the source's own index (and, with
     ``data``, every chunk of every source). A damaged source is a problem named after it; the
     other sources are still checked. Sources are checked one task each by
-    :func:`deepstrf.engine.run_tasks`: on a Dask cluster with ``client``, else in this process."""
+    :func:`deepstrf.engine.run_tasks`: on a Dask cluster with ``client``, else in this process, 16 at
+    a time (one at a time with ``data``, whose checks decode every chunk)."""
     from ..engine import run_tasks
     from ..errors import StoreError, UntrustedReferenceError
     from .integrity import fingerprint
@@ -223,11 +225,12 @@ def verify_pool(loc, *, allowed_roots=(), data: bool = False, client: Any = None
     blocks, tasks = pool.source_blocks(), []
     for k in trusted:
         src, (name, stims, neurons) = pool.responses.sources[k], blocks[k]
-        tasks.append((loc.url, name, src.store_url, src.storage_options,
-                      getattr(src, "version_path", "") or src.fingerprint, _source_of(src), coverage.block_mask(k),
-                      (stims.start, stims.stop - 1), (neurons.start, neurons.stop - 1), data))
-    found = run_tasks(check_pooled_source, tasks, failed=_check_failed, client=client, desc="verify",
-                      unit="source", progress=progress)
+        pin = {key: entries[k].get(key) for key in ("name", "ref", "version", "fingerprint")}
+        tasks.append((loc.url, dict(pin, url=src.store_url), src.storage_options, _source_of(src),
+                      coverage.block_mask(k), (stims.start, stims.stop - 1), (neurons.start, neurons.stop - 1), data))
+    # without data the checks wait on storage (a few small reads per source): threads, as opening does
+    found = run_tasks(check_pooled_source, tasks, failed=_check_failed, client=client,
+                      threads=1 if data else OPEN_THREADS, desc="verify", unit="source", progress=progress)
     return problems + [p for f in found for p in f]
 
 
@@ -239,37 +242,43 @@ def _source_of(part: NeuralDataset) -> Any:
     return part.responses.handle if isinstance(part.responses, LazySourceGrid) else part
 
 
-def check_pooled_source(pool_url: str, name: str, url: str, storage_options: dict | None, version: str,
-                        source: Any, mask: np.ndarray, stims: tuple[int, int], neurons: tuple[int, int],
-                        data: bool) -> list[str]:
-    """Problems of one pooled source: its pinned ``version``'s attributes against its recorded
-    fingerprint (with ``data``: every chunk checksummed too), then its fingerprint against the
-    pool's record and its index against the pool's coverage block ``mask``."""
-    from ..errors import StoreError, environment_errors, unreadable
+def check_pooled_source(pool_url: str, pin: dict, storage_options: dict | None, source: Any, mask: np.ndarray,
+                        stims: tuple[int, int], neurons: tuple[int, int], data: bool) -> list[str]:
+    """Problems of one pooled source: the version the pool pins (``pin``: its entry's name, url, ref,
+    version and fingerprint; opened as opening the pool does), its attributes against their recorded
+    fingerprint (with ``data``: every chunk checksummed too), that fingerprint against the pool's
+    record, and its index against the pool's coverage block ``mask``."""
+    from ..errors import SourceUnreadableError, StoreError, StoreNotFoundError
     from .integrity import fingerprint
-    from .lazy import SourceHandle
+    from .lazy import SourceHandle, open_pinned
     from .location import Location
     from .reader import read_root
     from .verify import verify_source
     from .versions import open_version
 
-    try:
+    def open_root(url: str, version: str | None = None) -> tuple[Location, dict, Any]:
         where = Location.parse(url, storage_options)
-        where, root, _ = open_version(where, read_root(where), version)
+        return open_version(where, read_root(where), version)
+
+    name, url = pin["name"], pin["url"]
+    try:
+        where, root, _ = open_pinned(open_root, pool_url, pin, accept_changed=False)
+    except (StoreNotFoundError, SourceUnreadableError) as e:  # these name the pool and the source
+        return [str(e)]
     except StoreError as e:
         return [f"pool {pool_url}: source {name!r} ({url}): {e}"]
-    except environment_errors() as e:
-        return [f"pool {pool_url}: source {name!r} at {unreadable(url, e)}"]
+    attrs = root.get("attributes") or {}
+    if attrs.get("fingerprint") != pin["fingerprint"]:  # an unversioned store written again in place
+        return [f"pool {pool_url}: source {name!r} at {url} changed after pooling (fingerprint "
+                f"{attrs.get('fingerprint')}, pooled {pin['fingerprint']}); rewrite the pool with deepstrf concat"]
     if data:
         found = verify_source(where, progress=False, root=root)
         if found:
             return [f"pool {pool_url}: source {name!r}: {p}" for p in found]
-    else:
-        attrs = root.get("attributes") or {}
-        if fingerprint(attrs) != attrs.get("fingerprint"):
-            return [f"pool {pool_url}: source {name!r} ({where.url}): its attributes do not match its recorded "
-                    "fingerprint; they were edited or damaged. Write the source again (save_dataset) and "
-                    "re-pin the pool (deepstrf pool-update)"]
+    elif fingerprint(attrs) != attrs.get("fingerprint"):
+        return [f"pool {pool_url}: source {name!r} ({where.url}): its attributes do not match its recorded "
+                "fingerprint; they were edited or damaged. Write the source again (save_dataset) and "
+                "re-pin the pool (deepstrf pool-update)"]
     try:
         recorded = (source.dataset() if isinstance(source, SourceHandle) else source).coverage.to_dense()
     except StoreError as e:
@@ -281,6 +290,6 @@ def check_pooled_source(pool_url: str, name: str, url: str, storage_options: dic
 
 
 def _check_failed(task: tuple, error: BaseException) -> list[str]:
-    pool_url, name, url = task[0], task[1], task[2]
+    pool_url, name, url = task[0], task[1]["name"], task[1]["url"]
     return [f"pool {pool_url}: source {name!r} ({url}) could not be checked ({type(error).__name__}: {error}); "
             "check that it is reachable, then run verify again"]
