@@ -586,6 +586,37 @@ def test_overwrite(saved):
     assert_same_data(ds, other)
 
 
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path -> content)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: setattr(d, "F", 0), r"attribute 'F' is 0, not a positive integer"),
+    (lambda d: setattr(d, "F", -1), r"attribute 'F' is -1, not a positive integer"),
+    (lambda d: setattr(d, "hearing_range_hz", (500, 100)),
+     r"attribute 'hearing_range_hz' is \[500.0, 100.0\], not an increasing \[low, high\] pair"),
+    (lambda d: setattr(d, "audio_fs", "abc"), r"attribute 'audio_fs' is 'abc', not a positive number or null"),
+    (lambda d: setattr(d, "stims", [s.to(torch.complex64) for s in d.stims]), r"stims\[0\] has dtype complex64"),
+    (lambda d: d.stims.__setitem__(1, torch.zeros(1, d.F + 1, 5)),
+     r"stims\[1\] has shape \(1, \d+, 5\), not the \(C, F=\d+, T\) of the attributes"),
+], ids=["F0", "F-1", "hearing_range", "audio_fs", "complex_stims", "stim_F"])
+def test_save_refuses_what_open_would_call_damaged(tmp_path, edit, match):
+    """Attributes and stimuli the reader's schema refuses are refused before anything is written:
+    no new store, and an existing one keeps its only version (it used to get an unopenable latest)."""
+    url = tmp_path / "s.zarr"
+    fp = save_dataset(audio_source(), url)
+    before = _files(url)
+    bad = audio_source()
+    edit(bad)
+    for target, overwrite in ((url, True), (tmp_path / "new.zarr", False)):
+        with pytest.raises(ValueError, match=match) as err:
+            save_dataset(bad, target, overwrite=overwrite)
+        assert f"save_dataset to {target}:" in str(err.value) and "nothing was saved" in str(err.value)
+    assert _files(url) == before and sorted(os.listdir(tmp_path)) == ["s.zarr"]
+    assert open_dataset(url).fingerprint == fp
+
+
 def test_missing_store(store_url):
     url, so = store_url
     with pytest.raises(StoreNotFoundError, match="no store"):

@@ -603,13 +603,19 @@ def index_problem(idx: Index, S: int, N: int, n_values: int, n_stim_values: int)
     return None
 
 
-def modality_problem(shapes: np.ndarray, attrs: dict[str, Any]) -> str | None:
-    """A description of stimulus shapes that contradict the attributes (audio (C, F, T), video (C, H, W, T))."""
+def modality_problem(shapes: np.ndarray, attrs: dict[str, Any], first: int = 0) -> str | None:
+    """A description of the first stimulus shape that contradicts the attributes (audio (C, F, T),
+    video (C, H, W, T)), or None; ``first``: the index of the stimulus of ``shapes``' first row."""
     sizes = {"audio": ("F",), "video": ("H", "W")}.get(attrs.get("kind"), ())
-    for axis, key in enumerate(sizes, start=1):
-        if len(shapes) and (shapes.shape[1] != len(sizes) + 2 or (shapes[:, axis] != attrs[key]).any()):
-            return f"stims/shapes does not give every stimulus the {key}={attrs[key]} of the attributes"
-    return None
+    if not sizes or not len(shapes):
+        return None
+    want = np.array([attrs[key] for key in sizes])
+    bad = (np.flatnonzero((shapes[:, 1:len(sizes) + 1] != want).any(axis=1)) if shapes.shape[1] == len(sizes) + 2
+           else [0])
+    if not len(bad):
+        return None
+    return (f"stims[{first + bad[0]}] has shape {tuple(int(n) for n in shapes[bad[0]])}, not the "
+            f"(C, {', '.join(f'{key}={attrs[key]}' for key in sizes)}, T) of the attributes")
 
 
 def describe_cells(idx: Index, N: int, a: int, b: int) -> str:

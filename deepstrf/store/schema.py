@@ -45,34 +45,52 @@ def _is(value: Any, kind: Any) -> bool:
     return isinstance(value, kind)
 
 
+SET_BY_ARRAYS = ("stim_dtype", "response_dtype", "stim_ndim", "stats", "arrays", "fingerprint")
+
+
 def check_attributes(attrs: dict[str, Any], url: str) -> None:
     """Every attribute a reader relies on present, of its documented type (``docs/format.md``)."""
+    problem = attribute_problem(attrs)
+    if problem:
+        raise _damaged(url, problem)
+
+
+def attribute_problem(attrs: dict[str, Any], *, before_arrays: bool = False) -> str | None:
+    """The first attribute a reader refuses, described (``the attribute 'F' is 0, not a positive
+    integer``), or None. ``before_arrays``: skip those writing the arrays sets (:data:`SET_BY_ARRAYS`),
+    so that a writer refuses a dataset before writing anything."""
     for key, kind in REQUIRED.items():
+        if key not in attrs and before_arrays and key in SET_BY_ARRAYS:
+            continue
         if key not in attrs:
-            raise _damaged(url, f"the attribute {key!r} is missing")
+            return f"the attribute {key!r} is missing"
         if not _is(attrs[key], kind):
-            raise _damaged(url, f"the attribute {key!r} is {attrs[key]!r}, not a {_name(kind)}")
+            return f"the attribute {key!r} is {attrs[key]!r}, not a {_name(kind)}"
     if attrs["kind"] not in fmt.KINDS:
-        raise _damaged(url, f"the attribute 'kind' is {attrs['kind']!r}, not one of {list(fmt.KINDS)}")
+        return f"the attribute 'kind' is {attrs['kind']!r}, not one of {list(fmt.KINDS)}"
     for key in BY_KIND[attrs["kind"]]:
         value = attrs.get(key)
         if not _is(value, "count") or value == 0:
-            raise _damaged(url, f"the attribute {key!r} is {value!r}, not a positive integer")
+            return f"the attribute {key!r} is {value!r}, not a positive integer"
     for key, kinds in OPTIONAL.items():
         if key in attrs and not any(_is(attrs[key], k) for k in kinds):
-            raise _damaged(url, f"the attribute {key!r} is {attrs[key]!r}, not a "
-                                f"{' or '.join(_name(k) for k in kinds)}")
+            return f"the attribute {key!r} is {attrs[key]!r}, not a {' or '.join(_name(k) for k in kinds)}"
     hr = attrs.get("hearing_range_hz")
     if hr is not None and not (len(hr) == 2 and all(_is(v, "number") for v in hr) and hr[0] < hr[1]):
-        raise _damaged(url, f"the attribute 'hearing_range_hz' is {hr!r}, not an increasing [low, high] pair")
+        return f"the attribute 'hearing_range_hz' is {hr!r}, not an increasing [low, high] pair"
+    return None if before_arrays else _array_attribute_problem(attrs)
+
+
+def _array_attribute_problem(attrs: dict[str, Any]) -> str | None:
+    """:func:`attribute_problem` of the attributes in :data:`SET_BY_ARRAYS`, beyond their types."""
     for key in ("values", "stim_values"):
         if not _is(attrs["stats"].get(key), "count"):
-            raise _damaged(url, f"the attribute 'stats.{key}' is {attrs['stats'].get(key)!r}, not a count")
+            return f"the attribute 'stats.{key}' is {attrs['stats'].get(key)!r}, not a count"
     if attrs["response_dtype"] not in RESPONSE_DTYPES:
-        raise _damaged(url, f"the attribute 'response_dtype' is {attrs['response_dtype']!r}, not one of "
-                            f"{sorted(RESPONSE_DTYPES)}")
-    if _numeric(attrs["stim_dtype"]) is None:
-        raise _damaged(url, f"the attribute 'stim_dtype' is {attrs['stim_dtype']!r}, not a numeric NumPy dtype")
+        return f"the attribute 'response_dtype' is {attrs['response_dtype']!r}, not one of {sorted(RESPONSE_DTYPES)}"
+    if numeric_dtype(attrs["stim_dtype"]) is None:
+        return f"the attribute 'stim_dtype' is {attrs['stim_dtype']!r}, not a numeric NumPy dtype"
+    return None
 
 
 def check_pool_attributes(attrs: dict[str, Any], url: str, tables: tuple[str, ...]) -> None:
@@ -118,7 +136,8 @@ def _name(kind: Any) -> str:
         kind, getattr(kind, "__name__", str(kind)))
 
 
-def _numeric(name: Any) -> np.dtype | None:
+def numeric_dtype(name: Any) -> np.dtype | None:
+    """The dtype named ``name`` if it is boolean, integer or floating, else None."""
     try:
         dtype = np.dtype(name) if isinstance(name, str) else None
     except TypeError:
@@ -154,7 +173,7 @@ def check_array(name: str, meta: Any, shape: tuple[int | None, ...], dtypes: set
         raise _damaged(url, f"{where} has shape {found!r}, expected "
                             f"{[n if n is not None else 'any' for n in shape]} (from the store's attributes)")
     dtype = meta.get("data_type")
-    if dtype not in dtypes if dtypes is not None else _numeric(dtype) is None:
+    if dtype not in dtypes if dtypes is not None else numeric_dtype(dtype) is None:
         raise _damaged(url, f"{where} has data type {dtype!r}, expected "
                             f"{' or '.join(sorted(dtypes)) if dtypes is not None else 'a numeric one'}")
     if not isinstance(meta.get("fill_value"), (int, float)):

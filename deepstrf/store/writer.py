@@ -20,7 +20,8 @@ from .integrity import array_digest, content_hasher, fingerprint, update
 from .jsonmeta import encode_meta
 from .location import Location
 from .options import StorageOptions
-from .reader import read_root
+from .reader import modality_problem, read_root
+from .schema import attribute_problem, numeric_dtype
 from .format import VERSIONS_FORMAT
 from .versions import publish
 
@@ -43,19 +44,28 @@ def save_dataset(ds: Any, url: str | os.PathLike, *, storage_options: StorageOpt
     loc = Location.parse(url, storage_options)
     loc.check_writable()
     base = describe(ds)
+    _refuse_unreadable(attribute_problem(base, before_arrays=True), loc.url)
     state = store_state(loc)
     root = _source_root(loc) if state == "store" else None
     if root is not None and not overwrite:
         raise StoreExistsError(f"{loc.url} already holds a store; pass overwrite=True to publish a new version "
                                "of it (earlier versions stay readable until `deepstrf prune`).")
     if root is not None or (tag is not None and state == "absent"):
-        return publish(loc, root, lambda staging: _write(staging, ds, base, progress), tag)
+        return publish(loc, root, lambda staging: _write(staging, ds, base, progress, loc.url), tag)
     if tag is not None:
         raise StoreExistsError(f"{loc.url} holds something other than a source store; a tagged version can only "
                                "be published to an empty URL or a source store. Choose another URL.")
     with staged_write(loc, overwrite=overwrite) as staging:
-        attrs = _write(staging, ds, base, progress)
+        attrs = _write(staging, ds, base, progress, loc.url)
     return attrs["fingerprint"]
+
+
+def _refuse_unreadable(problem: str | None, url: str) -> None:
+    """Refuse a dataset that open_dataset would call damaged once saved (``problem``: a schema
+    or reader description of the first attribute or stimulus it refuses)."""
+    if problem:
+        raise ValueError(f"save_dataset to {url}: {problem}, which open_dataset would refuse; correct the "
+                         "dataset and save again (nothing was saved)")
 
 
 def _source_root(loc: Location) -> dict | None:
@@ -86,13 +96,21 @@ def describe(ds: Any) -> dict[str, Any]:
     }
     if kind == "audio":
         hr = getattr(ds, "hearing_range_hz", None)
-        attrs.update(F=int(ds.F), audio_fs=getattr(ds, "audio_fs", None),
-                     hearing_range_hz=None if hr is None else [float(v) for v in hr])
+        attrs.update(F=_converted(ds.F, int), audio_fs=getattr(ds, "audio_fs", None),
+                     hearing_range_hz=None if hr is None else _converted(hr, lambda h: [float(v) for v in h]))
     elif kind == "video":
-        attrs.update(H=int(ds.H), W=int(ds.W))
+        attrs.update(H=_converted(ds.H, int), W=_converted(ds.W, int))
     card = getattr(ds, "card", None)
     attrs["card"] = _json_card(card) if isinstance(card, dict) else None
     return attrs
+
+
+def _converted(value: Any, to: Callable[[Any], Any]) -> Any:
+    """``to(value)``, or ``value`` as it is where it does not convert (for the schema check to name)."""
+    try:
+        return to(value)
+    except (TypeError, ValueError):
+        return value
 
 
 def dataset_kind(ds: Any) -> str:
@@ -195,6 +213,13 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def _stim_problem(x: np.ndarray, s: int, attrs: dict[str, Any]) -> str | None:
+    """What open_dataset would refuse in stimulus ``s`` (its dtype, or a shape contradicting F or H, W)."""
+    if numeric_dtype(x.dtype.name) is None:
+        return f"stims[{s}] has dtype {x.dtype.name}, not a boolean, integer or floating one"
+    return modality_problem(np.array([x.shape]), attrs, first=s)
+
+
 def _write_small(group: zarr.Group, name: str, data: np.ndarray, digests: dict, text: bool = False) -> None:
     rows = int(np.prod(data.shape[1:])) if data.ndim > 1 else 1
     # never longer than the array: a small array's one chunk then holds (and decodes) only its data
@@ -208,7 +233,8 @@ def _write_small(group: zarr.Group, name: str, data: np.ndarray, digests: dict, 
     digests[name] = array_digest(h)
 
 
-def _write(staging: Staging, ds: Any, attrs: dict[str, Any], progress: bool | None) -> dict[str, Any]:
+def _write(staging: Staging, ds: Any, attrs: dict[str, Any], progress: bool | None, url: str) -> dict[str, Any]:
+    """Write ``ds`` into ``staging`` and return its attributes (``url``: where it will be published)."""
     S, N = attrs["n_stims"], attrs["n_neurons"]
     root = zarr.create_group(store=staging.store, zarr_format=3, attributes={"format": fmt.SOURCE_FORMAT})
     for sub in ("responses", "stims", "meta"):
@@ -225,6 +251,7 @@ def _write(staging: Staging, ds: Any, attrs: dict[str, Any], progress: bool | No
             if shapes and x.ndim != len(shapes[0]):
                 raise ValueError(f"save_dataset: stims[{s}] has {x.ndim} dims, stims[0] has {len(shapes[0])}; "
                                  "all stimuli must have the same number of dimensions")
+            _refuse_unreadable(_stim_problem(x, s, attrs), url)
             shapes.append(x.shape)
             app.append(x, x.dtype)
 
@@ -280,6 +307,7 @@ def _write(staging: Staging, ds: Any, attrs: dict[str, Any], progress: bool | No
         arrays=dict(sorted(digests.items())),
     )
     attrs["fingerprint"] = fingerprint(attrs)
+    _refuse_unreadable(attribute_problem(attrs), url)
     attrs["written_by"] = f"deepstrf {__version__}"
     attrs["nbytes_stored"] = stored_bytes(staging.location)
     root.update_attributes(attrs)
