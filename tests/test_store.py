@@ -26,6 +26,7 @@ from deepstrf.datasets.views import ResponseGrid, is_missing, missing_sentinel
 from deepstrf.errors import (FormatVersionError, IncompleteStoreError, IntegrityError, ReadOnlyStoreError,
                              StoreExistsError, StoreNotFoundError)
 from deepstrf.store import ZarrResponseGrid, ZarrStims, format as fmt, open_dataset, save_dataset, shards
+from deepstrf.store.jsonmeta import encode_columns
 from deepstrf.store.dataset import load_indexes, source_readers, storage_io, warm_reads
 from deepstrf.store.location import Location
 from deepstrf.store.s3clients import SharedTLSSession, shared_s3_session
@@ -600,10 +601,21 @@ def _files(root: Path) -> dict[str, bytes]:
     (lambda d: setattr(d, "stims", [s.to(torch.complex64) for s in d.stims]), r"stims\[0\] has dtype complex64"),
     (lambda d: d.stims.__setitem__(1, torch.zeros(1, d.F + 1, 5)),
      r"stims\[1\] has shape \(1, \d+, 5\), not the \(C, F=\d+, T\) of the attributes"),
-], ids=["F0", "F-1", "hearing_range", "audio_fs", "complex_stims", "stim_F"])
+    (lambda d: d.responses.__setitem__(1, d.responses[1][:1]), r"responses\[1\] has 1 entries, expected N_neurons="),
+    (lambda d: d.responses[1].__setitem__(2, torch.zeros(10)),
+     r"responses\[1\]\[2\] must be a 2-D \(R, T\) tensor \(got Tensor of shape \(10,\)\)"),
+    (lambda d: d.responses[1].__setitem__(2, np.zeros((2, 10))),
+     r"responses\[1\]\[2\] must be a 2-D \(R, T\) tensor \(got ndarray of shape \(2, 10\)\)"),
+    (lambda d: setattr(d, "dt", math.inf), r"dt \(bin width in ms\) must be a finite positive number, got inf"),
+    (lambda d: d.stim_meta[1].__setitem__("x", "\ud800"),
+     r"stim_meta\[1\]\['x'\]: a string holds '\\ud800' \(surrogates not allowed\)"),
+    (lambda d: d.nrn_meta[0].__setitem__("\udcff", 1), r"nrn_meta\[0\] key '\\udcff': a string holds"),
+], ids=["F0", "F-1", "hearing_range", "audio_fs", "complex_stims", "stim_F", "short_row", "1-D_cell", "numpy_cell",
+        "dt_inf", "surrogate", "surrogate_key"])
 def test_save_refuses_what_open_would_call_damaged(tmp_path, edit, match):
-    """Attributes and stimuli the reader's schema refuses are refused before anything is written:
-    no new store, and an existing one keeps its only version (it used to get an unopenable latest)."""
+    """Attributes, stimuli, cells and metadata that the reader's schema refuses or the format cannot hold
+    are refused, naming them, before anything is written: no new store, and an existing one keeps its
+    only version (it used to get an unopenable latest, or the error was a bare IndexError)."""
     url = tmp_path / "s.zarr"
     fp = save_dataset(audio_source(), url)
     before = _files(url)
@@ -612,9 +624,14 @@ def test_save_refuses_what_open_would_call_damaged(tmp_path, edit, match):
     for target, overwrite in ((url, True), (tmp_path / "new.zarr", False)):
         with pytest.raises(ValueError, match=match) as err:
             save_dataset(bad, target, overwrite=overwrite)
-        assert f"save_dataset to {target}:" in str(err.value) and "nothing was saved" in str(err.value)
+        assert f"{target}" in str(err.value)
     assert _files(url) == before and sorted(os.listdir(tmp_path)) == ["s.zarr"]
     assert open_dataset(url).fingerprint == fp
+
+
+def test_pooled_metadata_that_is_not_text_is_refused_naming_its_entry():
+    with pytest.raises(ValueError, match=r"nrn_meta\[1\]\['site'\]: a string holds '\\ud800'"):
+        encode_columns([{"site": "a"}, {"site": "b\ud800"}], "nrn_meta")
 
 
 def test_missing_store(store_url):

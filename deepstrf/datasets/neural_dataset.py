@@ -558,14 +558,22 @@ class NeuralDataset(Dataset):
 
     def _validate_cells(self) -> None:
         for s in range(len(self.responses)):
-            row = self.responses[s]
-            _check(len(row) == self.N_neurons,
-                   f"responses[{s}] has {len(row)} entries, expected N_neurons={self.N_neurons}")
-            for n in range(self.N_neurons):
-                r = row[n]
-                _check(isinstance(r, torch.Tensor) and r.dim() == 2,
-                       f"responses[{s}][{n}] must be a 2-D (R, T) tensor "
-                       f"(got {getattr(r, 'shape', type(r).__name__)})")
+            check_row(self.responses[s], s, self.N_neurons)
+
+
+def check_row(row: Sequence[Any], s: int, n_neurons: int) -> None:
+    """Refuse row ``responses[s]`` of a list grid unless it holds ``n_neurons`` 2-D ``(R, T)`` tensors."""
+    _check(len(row) == n_neurons, f"responses[{s}] has {len(row)} entries, expected N_neurons={n_neurons}")
+    for n in range(n_neurons):
+        r = row[n]
+        _check(isinstance(r, torch.Tensor) and r.dim() == 2,
+               f"responses[{s}][{n}] must be a 2-D (R, T) tensor (got {_shape_of(r)})")
+
+
+def _shape_of(x: Any) -> str:
+    """``x``'s type, and its shape where it has one, for messages."""
+    shape = getattr(x, "shape", None)
+    return type(x).__name__ if shape is None else f"{type(x).__name__} of shape {tuple(shape)}"
 
 
 def _flags(indices: Sequence[int], size: int) -> np.ndarray:

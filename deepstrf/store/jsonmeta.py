@@ -90,7 +90,39 @@ def encode_meta(items: list[dict], name: str) -> bytes:
         if not isinstance(m, dict):
             raise TypeError(f"{name}[{i}] must be a dict, got {type(m).__name__}")
         doc.append(_encode(m, f"{name}[{i}]"))
-    return json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    return _utf8_json(doc, items, name)
+
+
+def _utf8_json(doc: Any, items: list[dict], name: str) -> bytes:
+    """``doc`` (encoded from ``items``) as strict UTF-8 JSON; a string UTF-8 cannot encode (a lone
+    surrogate) is refused, naming its entry."""
+    text = json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{_unencodable(items, name) or name}: a string holds {text[e.start:e.end]!r} "
+                         f"({e.reason}), which is not text; fix or remove that string") from None
+
+
+def _unencodable(x: Any, where: str) -> str | None:
+    """Where in ``x`` the first string (a value or a dict key) that UTF-8 cannot encode is, or None."""
+    if isinstance(x, str):
+        try:
+            x.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    if isinstance(x, dict):
+        for k, v in x.items():
+            bad = _unencodable(k, f"{where} key {k!r}") or _unencodable(v, f"{where}[{k!r}]")
+            if bad:
+                return bad
+    elif isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            bad = _unencodable(v, f"{where}[{i}]")
+            if bad:
+                return bad
+    return None
 
 
 def decode_meta(data: bytes) -> list[dict]:
@@ -115,8 +147,7 @@ def encode_columns(items: list[dict], name: str) -> bytes:
         values = [_encode(m[key], f"{name}[{i}][{key!r}]") if key in m else None for i, m in enumerate(items)]
         tagged = any(isinstance(v, (dict, list)) for v in values)
         columns.append({"key": key, "values": values, "absent": absent, "tagged": tagged})
-    doc = {"n": len(items), "columns": columns}
-    return json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    return _utf8_json({"n": len(items), "columns": columns}, items, name)
 
 
 def decode_columns(data: bytes) -> tuple[int, dict[str, tuple[list, set[int]]]]:

@@ -48,6 +48,11 @@ def _is(value: Any, kind: Any) -> bool:
 SET_BY_ARRAYS = ("stim_dtype", "response_dtype", "stim_ndim", "stats", "arrays", "fingerprint")
 
 
+def is_positive_number(value: Any) -> bool:
+    """A finite positive int or float (not a bool): what ``dt_ms`` and ``audio_fs`` must be."""
+    return _is(value, "number")
+
+
 def check_attributes(attrs: dict[str, Any], url: str) -> None:
     """Every attribute a reader relies on present, of its documented type (``docs/format.md``)."""
     problem = attribute_problem(attrs)

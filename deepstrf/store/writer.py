@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..datasets import views
+from ..datasets.neural_dataset import DatasetValidationError, check_row
 from . import format as fmt
 from ..errors import StoreExistsError
 from .atomic import Staging, consolidate, staged_write, store_state, stored_bytes
@@ -21,7 +22,7 @@ from .jsonmeta import encode_meta
 from .location import Location
 from .options import StorageOptions
 from .reader import modality_problem, read_root
-from .schema import attribute_problem, numeric_dtype
+from .schema import attribute_problem, is_positive_number, numeric_dtype
 from .format import VERSIONS_FORMAT
 from .versions import publish
 
@@ -43,8 +44,9 @@ def save_dataset(ds: Any, url: str | os.PathLike, *, storage_options: StorageOpt
     """
     loc = Location.parse(url, storage_options)
     loc.check_writable()
-    base = describe(ds)
+    base = describe(ds, loc.url)
     _refuse_unreadable(attribute_problem(base, before_arrays=True), loc.url)
+    _check_rows(ds, loc.url)
     state = store_state(loc)
     root = _source_root(loc) if state == "store" else None
     if root is not None and not overwrite:
@@ -60,12 +62,27 @@ def save_dataset(ds: Any, url: str | os.PathLike, *, storage_options: StorageOpt
     return attrs["fingerprint"]
 
 
+def _refusal(url: str, problem: str) -> ValueError:
+    """The error refusing to save a dataset to ``url`` for ``problem``."""
+    return ValueError(f"save_dataset to {url}: {problem}; correct the dataset and save again (nothing was saved)")
+
+
 def _refuse_unreadable(problem: str | None, url: str) -> None:
     """Refuse a dataset that open_dataset would call damaged once saved (``problem``: a schema
     or reader description of the first attribute or stimulus it refuses)."""
     if problem:
-        raise ValueError(f"save_dataset to {url}: {problem}, which open_dataset would refuse; correct the "
-                         "dataset and save again (nothing was saved)")
+        raise _refusal(url, f"{problem}, which open_dataset would refuse")
+
+
+def _check_rows(ds: Any, url: str) -> None:
+    """Refuse list responses whose rows ``validate(deep=True)`` refuses (a view's cells are its own)."""
+    if isinstance(ds.responses, views.ResponseGrid):
+        return
+    try:
+        for s in range(len(ds.responses)):
+            check_row(ds.responses[s], s, int(ds.N_neurons))
+    except DatasetValidationError as e:
+        raise _refusal(url, str(e)) from None
 
 
 def _source_root(loc: Location) -> dict | None:
@@ -74,19 +91,19 @@ def _source_root(loc: Location) -> dict | None:
     return root if (root.get("attributes") or {}).get("format") in (fmt.SOURCE_FORMAT, VERSIONS_FORMAT) else None
 
 
-def describe(ds: Any) -> dict[str, Any]:
-    """Content attributes of ``ds`` (everything but the arrays), checking its shape."""
+def describe(ds: Any, url: str) -> dict[str, Any]:
+    """Content attributes of ``ds`` (everything but the arrays), checking its shape (``url``: for messages)."""
     dt = getattr(ds, "dt", None)
     dt = getattr(ds, "dt_ms", None) if dt is None else dt
-    if isinstance(dt, bool) or not isinstance(dt, (int, float)) or not dt > 0:
-        raise ValueError(f"save_dataset: the dataset's dt (bin width in ms) must be a positive number, got {dt!r}")
+    if not is_positive_number(dt):
+        raise _refusal(url, f"the dataset's dt (bin width in ms) must be a finite positive number, got {dt!r}")
     S, N = len(ds.stim_meta), int(ds.N_neurons)
     for what, n, want in (("stims", len(ds.stims), S), ("responses", len(ds.responses), S),
                           ("nrn_meta", len(ds.nrn_meta), N)):
         if n != want:
-            raise ValueError(f"save_dataset: len({what}) is {n}, expected {want} (S={S} stims, N={N} neurons)")
+            raise _refusal(url, f"len({what}) is {n}, expected {want} (S={S} stims, N={N} neurons)")
     if S == 0 or N == 0:
-        raise ValueError(f"save_dataset: nothing to save (S={S} stims, N={N} neurons)")
+        raise _refusal(url, f"nothing to save (S={S} stims, N={N} neurons)")
     kind = dataset_kind(ds)
     attrs: dict[str, Any] = {
         "format": fmt.SOURCE_FORMAT, "format_version": fmt.FORMAT_VERSION, "kind": kind,
@@ -236,6 +253,13 @@ def _write_small(group: zarr.Group, name: str, data: np.ndarray, digests: dict, 
 def _write(staging: Staging, ds: Any, attrs: dict[str, Any], progress: bool | None, url: str) -> dict[str, Any]:
     """Write ``ds`` into ``staging`` and return its attributes (``url``: where it will be published)."""
     S, N = attrs["n_stims"], attrs["n_neurons"]
+    try:  # before anything is written
+        meta = {name: encode_meta(list(items), label) for name, items, label in
+                ((fmt.STIM_META, ds.stim_meta, "stim_meta"), (fmt.NRN_META, ds.nrn_meta, "nrn_meta"))}
+    except TypeError as e:  # the messages name the entry and what to do
+        raise TypeError(f"save_dataset to {url}: {e} (nothing was saved)") from None
+    except ValueError as e:
+        raise ValueError(f"save_dataset to {url}: {e} (nothing was saved)") from None
     root = zarr.create_group(store=staging.store, zarr_format=3, attributes={"format": fmt.SOURCE_FORMAT})
     for sub in ("responses", "stims", "meta"):
         root.create_group(sub)
@@ -290,8 +314,8 @@ def _write(staging: Staging, ds: Any, attrs: dict[str, Any], progress: bool | No
     offsets = np.concatenate([[0], np.cumsum(counts.reshape(-1))]).astype(np.int64)
     _write_small(root, fmt.OFFSETS, offsets, digests)
 
-    for name, items, label in ((fmt.STIM_META, ds.stim_meta, "stim_meta"), (fmt.NRN_META, ds.nrn_meta, "nrn_meta")):
-        _write_small(root, name, np.frombuffer(encode_meta(list(items), label), dtype=np.uint8), digests, text=True)
+    for name, blob in meta.items():
+        _write_small(root, name, np.frombuffer(blob, dtype=np.uint8), digests, text=True)
 
     lengths = counts[valid] // repeats[valid]
     attrs.update(
