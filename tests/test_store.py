@@ -610,8 +610,10 @@ def _files(root: Path) -> dict[str, bytes]:
     (lambda d: d.stim_meta[1].__setitem__("x", "\ud800"),
      r"stim_meta\[1\]\['x'\]: a string holds '\\ud800' \(surrogates not allowed\)"),
     (lambda d: d.nrn_meta[0].__setitem__("\udcff", 1), r"nrn_meta\[0\] key '\\udcff': a string holds"),
+    (lambda d: d.responses[2].__setitem__(1, torch.zeros(0, 7)),
+     r"responses\[2\]\[1\] has shape \(0, 7\): no repeats, which a store cannot tell from a pair never recorded"),
 ], ids=["F0", "F-1", "hearing_range", "audio_fs", "complex_stims", "stim_F", "short_row", "1-D_cell", "numpy_cell",
-        "dt_inf", "surrogate", "surrogate_key"])
+        "dt_inf", "surrogate", "surrogate_key", "zero_repeats"])
 def test_save_refuses_what_open_would_call_damaged(tmp_path, edit, match):
     """Attributes, stimuli, cells and metadata that the reader's schema refuses or the format cannot hold
     are refused, naming them, before anything is written: no new store, and an existing one keeps its

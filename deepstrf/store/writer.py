@@ -237,6 +237,14 @@ def _stim_problem(x: np.ndarray, s: int, attrs: dict[str, Any]) -> str | None:
     return modality_problem(np.array([x.shape]), attrs, first=s)
 
 
+def _no_repeats(row: views.RawRow) -> str:
+    """The first cell of ``row`` without repeats, described: the format stores R = 0 as a missing pair."""
+    i = int(np.flatnonzero(row.repeats == 0)[0])
+    return (f"responses[{row.stim}][{row.neurons[i]}] has shape (0, {row.lengths[i]}): no repeats, which a store "
+            "cannot tell from a pair never recorded (it would open as missing); put "
+            "deepstrf.datasets.views.missing_sentinel() there if the pair was not recorded")
+
+
 def _write_small(group: zarr.Group, name: str, data: np.ndarray, digests: dict, text: bool = False) -> None:
     rows = int(np.prod(data.shape[1:])) if data.ndim > 1 else 1
     # never longer than the array: a small array's one chunk then holds (and decodes) only its data
@@ -299,6 +307,8 @@ def _write(staging: Staging, ds: Any, attrs: dict[str, Any], progress: bool | No
         for start in range(0, S, ROWS_PER_READ):
             batch = list(range(start, min(S, start + ROWS_PER_READ)))
             for row in views.read_raw_rows(ds.responses, batch, range(N)):
+                if not row.repeats.all():
+                    raise _refusal(url, _no_repeats(row))
                 repeats[row.stim, row.neurons] = row.repeats
                 counts[row.stim, row.neurons] = row.repeats * row.lengths
                 values = np.asarray(row.values)
