@@ -147,6 +147,31 @@ def test_a_tagged_first_save_is_versioned(tmp_path, capsys):
     assert (tmp_path / "notes" / "x.txt").read_text() == "mine"
 
 
+
+@pytest.mark.parametrize("tag, error, match", [
+    (5, TypeError, r"tag must be a str .*got int 5; pass str\(tag\)"),
+    ("", ValueError, r"tag '' cannot be selected"),
+    ("versions/v1", ValueError, r"tag 'versions/v1' cannot be selected.*not start with 'versions/'"),
+], ids=["int", "empty", "version_path"])
+def test_a_tag_open_dataset_could_not_select_is_refused(tmp_path, tag, error, match):
+    """A non-str tag was stored as a JSON number that no version argument selects ('5' nor 5)."""
+    url = tmp_path / "a.zarr"
+    fp = deepstrf.save_dataset(aa1(1), url)
+    with pytest.raises(error, match=match):
+        deepstrf.save_dataset(aa1(2), url, overwrite=True, tag=tag)
+    with pytest.raises(error, match=match):
+        deepstrf.save_dataset(aa1(2), tmp_path / "b.zarr", tag=tag)
+    assert sorted(os.listdir(tmp_path)) == ["a.zarr"] and deepstrf.open_dataset(url).fingerprint == fp
+    assert not (url / "versions").exists()
+
+
+def test_a_version_that_is_not_a_str_is_a_type_error(tmp_path):
+    url = tmp_path / "a.zarr"
+    deepstrf.save_dataset(aa1(1), url, tag="5")
+    assert deepstrf.open_dataset(url, version="5").get_S() > 0
+    with pytest.raises(TypeError, match=r"open_dataset: version must be a str .*got int 5; pass str\(version\)"):
+        deepstrf.open_dataset(url, version=5)
+
 def _quiet_cli(*args):
     return cli_main(list(args))
 

@@ -230,6 +230,9 @@ def open_dataset(url: str | os.PathLike, *, storage_options: StorageOptions = No
     (``deepstrf versions URL`` lists them). Opening reads the consolidated root
     metadata and the stim/neuron metadata; the index is read on first use.
     """
+    if version is not None and not isinstance(version, str):
+        raise TypeError(f"open_dataset: version must be a str (a fingerprint, a prefix of one, or a tag), got "
+                        f"{type(version).__name__} {version!r}; pass str(version)")
     loc = Location.parse(url, storage_options)
     if version and version.startswith(f"{VERSIONS_DIR}/"):  # a pool's pin: the version's group, no listing
         where, root = open_path(loc, version)

@@ -268,6 +268,19 @@ def new_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:8]}"
 
 
+def check_tag(tag: Any) -> None:
+    """Refuse a tag ``open_dataset(url, version=tag)`` could not select: not a non-empty str, or a
+    version path (``versions/...``, which names a version's group)."""
+    if tag is None:
+        return
+    if not isinstance(tag, str):
+        raise TypeError(f"tag must be a str (it is selected by open_dataset(url, version=tag)), got "
+                        f"{type(tag).__name__} {tag!r}; pass str(tag)")
+    if not tag or tag.startswith(f"{VERSIONS_DIR}/"):
+        raise ValueError(f"tag {tag!r} cannot be selected by open_dataset(url, version=tag): give a non-empty "
+                         f"name that does not start with {VERSIONS_DIR + '/'!r}")
+
+
 def publish(loc: Location, root: dict | None, write: Callable[[Staging], dict], tag: str | None) -> str:
     """Publish a new version at ``loc`` (its current root document ``root``, None if empty), whose
     content ``write`` writes into a staging group; return its fingerprint.

@@ -24,7 +24,7 @@ from .options import StorageOptions
 from .reader import modality_problem, read_root
 from .schema import attribute_problem, is_positive_number, numeric_dtype
 from .format import VERSIONS_FORMAT
-from .versions import publish
+from .versions import check_tag, publish
 
 ROWS_PER_READ = 4        # stims read from the source per batched call
 
@@ -42,6 +42,7 @@ def save_dataset(ds: Any, url: str | os.PathLike, *, storage_options: StorageOpt
     the version. A failed write leaves ``url`` as it was. ``progress`` shows a
     bar (default: when writing to a terminal).
     """
+    check_tag(tag)
     loc = Location.parse(url, storage_options)
     loc.check_writable()
     base = describe(ds, loc.url)
