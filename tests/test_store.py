@@ -180,6 +180,21 @@ def test_plain_neural_dataset_and_resave_keeps_fingerprint(tmp_path):
     assert save_dataset(ds, f"file://{tmp_path}/b") == fp  # the content fingerprint ignores location
 
 
+
+@pytest.mark.parametrize("value", [{"$deepstrf": "evil"}, {"$deepstrf": "float", "value": "1.0"},
+                                   {"$deepstrf": "tuple"}, {"$deepstrf": {"k": (1,)}, "other": 2}])
+def test_user_dicts_with_the_tag_key_round_trip_unchanged(tmp_path, value):
+    src = SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02, seed=3).to_memory()
+    src.nrn_meta[1]["x"], src.stim_meta[0]["$deepstrf"] = value, "top-level key"
+    save_dataset(src, tmp_path / "a")
+    ds = open_dataset(tmp_path / "a")
+    assert meta_equal(ds.nrn_meta, src.nrn_meta) and meta_equal(ds.stim_meta, src.stim_meta)
+    save_dataset(SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02, seed=4), tmp_path / "b")
+    concat_neural_datasets([ds, open_dataset(tmp_path / "b")], names=["a", "b"], store=str(tmp_path / "pool"))
+    pooled = open_dataset(tmp_path / "pool")
+    assert meta_equal(pooled.nrn_meta[1]["x"], value)
+    assert meta_equal(pooled.stim_meta[0]["$deepstrf"], "top-level key")
+
 # -- the lazy dataset API -------------------------------------------------------------------
 def test_lazy_api_matches_memory(saved):
     url, so, src, _ = saved

@@ -2,7 +2,8 @@
 
 Plain JSON values are stored as they are (key order kept). The few Python
 values JSON lacks are tagged objects ``{"$deepstrf": TYPE, ...}``: tuples,
-dicts with non-string keys, non-finite floats, and numpy / torch arrays.
+dicts with non-string keys (or with the key ``"$deepstrf"`` itself, so a user's dict is
+never read as a tag), non-finite floats, and numpy / torch arrays.
 NumPy scalars become the matching Python number. Anything else is refused,
 naming the entry, so nothing is ever pickled.
 """
@@ -30,7 +31,7 @@ def _encode(x: Any, where: str) -> Any:
             return _encode(x.item(), where)
         raise TypeError(f"{where}: cannot store a numpy {x.dtype} scalar; convert it to a JSON type")
     if isinstance(x, dict):
-        if all(isinstance(k, str) for k in x):
+        if TAG not in x and all(isinstance(k, str) for k in x):
             return {k: _encode(v, f"{where}[{k!r}]") for k, v in x.items()}
         return {TAG: "dict", "items": [[_encode(k, f"{where} key"), _encode(v, f"{where}[{k!r}]")]
                                        for k, v in x.items()]}
