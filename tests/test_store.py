@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pickle
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from deepstrf.datasets.video import VideoNeuralDataset
 from deepstrf.datasets import views
 from deepstrf.datasets.views import ResponseGrid, is_missing, missing_sentinel
 from deepstrf.errors import (FormatVersionError, IncompleteStoreError, IntegrityError, ReadOnlyStoreError,
-                             StoreExistsError, StoreNotFoundError)
+                             StoreError, StoreExistsError, StoreNotFoundError)
 from deepstrf.store import ZarrResponseGrid, ZarrStims, format as fmt, open_dataset, save_dataset, shards
 from deepstrf.store.jsonmeta import encode_columns
 from deepstrf.store.dataset import load_indexes, source_readers, storage_io, warm_reads
@@ -926,6 +927,28 @@ def test_overwrite_replaces_only_a_store_of_the_same_kind_and_never_a_file(store
             write()
     assert fs.cat_file(path) == b"my notes"
 
+
+
+def test_a_store_inside_another_store_is_refused_before_anything_is_written(store_url):
+    url, so = store_url
+    outer, other = f"{url}/outer.zarr", f"{url}/other.zarr"
+    aa1 = SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02, seed=1)
+    save_dataset(aa1, outer, storage_options=so, progress=False)
+    save_dataset(aa1, other, storage_options=so, progress=False)
+    opened = open_dataset(other, storage_options=so)
+    concat_neural_datasets([opened], store=f"{url}/pool.zarr", storage_options=so)
+    inside = [(outer, f"{outer}/responses/inner.zarr"), (outer, f"{outer}/deeper/still/inner.zarr"),
+              (f"{url}/pool.zarr", f"{url}/pool.zarr/inner.zarr")]
+    for store, target in inside:
+        for write in (lambda: save_dataset(aa1, target, storage_options=so, progress=False),
+                      lambda: save_dataset(aa1, target, storage_options=so, progress=False, tag="t"),
+                      lambda: concat_neural_datasets([opened], store=target, storage_options=so)):
+            with pytest.raises(StoreError, match=f"cannot write {re.escape(target)}: it lies inside {re.escape(store)}, a "):
+                write()
+            fs, path = Location.parse(target, so).filesystem()
+            assert not fs.exists(path)
+    save_dataset(aa1, outer, storage_options=so, progress=False, overwrite=True)  # a version of outer is no nesting
+    assert open_dataset(outer, storage_options=so).get_S() == aa1.get_S()
 
 def test_a_write_removes_the_staging_folders_killed_writers_left(tmp_path):
     import socket

@@ -119,15 +119,44 @@ def _kind_name(fmt: str) -> str:
     return "source" if fmt == VERSIONS_FORMAT else fmt.removeprefix("deepstrf.")
 
 
+def _format_at(fs, path: str) -> str:
+    """The ``format`` attribute of the root ``zarr.json`` at ``path`` (one read); ``""`` where there is
+    none, it cannot be read, or it names no format."""
+    try:
+        doc = json.loads(fs.cat_file(f"{path}/{ROOT_KEY}"))
+    except (OSError, ValueError):
+        return ""
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    fmt = attrs.get("format") if isinstance(attrs, dict) else None
+    return fmt if isinstance(fmt, str) else ""
+
+
+def _parents(url: str) -> Iterator[str]:
+    """The folders or prefixes above ``url``, nearest first (a bucket is the last of an object store's)."""
+    scheme, sep, path = url.rpartition("://")
+    parts = path.rstrip("/").split("/")
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i - 1]:
+            yield scheme + sep + "/".join(parts[:i])
+
+
+def _check_not_nested(loc: Location) -> None:
+    """Refuse a store inside a deepstrf store (in any parent folder or prefix of ``loc``): replacing
+    or pruning that store would delete it. One read of a ``zarr.json`` per parent, no listing."""
+    fs, _ = loc.filesystem()
+    for parent in _parents(loc.url):
+        fmt = _format_at(fs, parent)
+        if fmt.startswith("deepstrf."):
+            raise StoreError(
+                f"cannot write {loc.url}: it lies inside {parent}, a {_kind_name(fmt)} store, which would delete "
+                "it when replaced or pruned. Choose a URL outside that store.")
+
+
 def _check_replaceable(loc: Location, state: str, own: tuple[str, ...], kind: str) -> None:
     """Refuse to delete anything but a deepstrf store of the same ``kind`` (format) or the remains
     of a deepstrf write."""
     if state == "store":
-        try:
-            fs, path = loc.filesystem()
-            fmt = json.loads(fs.cat_file(f"{path}/{ROOT_KEY}")).get("attributes", {}).get("format", "")
-        except (OSError, ValueError):
-            fmt = ""
+        fmt = _format_at(*loc.filesystem())
         if fmt == kind:
             return
         if isinstance(fmt, str) and fmt.startswith("deepstrf."):
@@ -239,7 +268,7 @@ def _check_bucket(loc: Location) -> None:
 
 @contextmanager
 def staged_write(loc: Location, *, overwrite: bool, kind: str = SOURCE_FORMAT,
-                 own_top_level: tuple[str, ...] = OWN_TOP_LEVEL) -> Iterator[Staging]:
+                 own_top_level: tuple[str, ...] = OWN_TOP_LEVEL, within: Location | None = None) -> Iterator[Staging]:
     """Yield a :class:`Staging` to write a store into; publish it at ``loc`` on success.
 
     ``overwrite=False`` refuses a non-empty ``loc`` before writing anything.
@@ -247,10 +276,12 @@ def staged_write(loc: Location, *, overwrite: bool, kind: str = SOURCE_FORMAT,
     ``kind`` is the format written: ``overwrite`` replaces only a store of that
     format. ``own_top_level`` names the top-level keys a deepstrf store of this
     kind writes (what may be removed when replacing an interrupted write).
-    A file at ``loc`` is never replaced.
+    A file at ``loc`` is never replaced. Neither ``loc`` nor ``within`` (the store that ``loc`` is
+    part of, e.g. a version's group inside its source store) may lie inside another deepstrf store.
     """
     loc.check_writable()
     _check_bucket(loc)
+    _check_not_nested(within or loc)
     state = store_state(loc)
     if state == "file":
         raise StoreExistsError(f"{loc.url} is a file, not a store; refusing to replace it, even with overwrite=True. "

@@ -293,7 +293,7 @@ def publish(loc: Location, root: dict | None, write: Callable[[Staging], dict], 
     version_id = new_id()
     path = f"{VERSIONS_DIR}/{version_id}"
     where = Location.parse(loc.child(path), loc.storage_options)
-    with staged_write(where, overwrite=False) as staging:
+    with staged_write(where, overwrite=False, within=loc) as staging:
         attrs = write(staging)
     try:
         if held and held[-1].fingerprint == attrs["fingerprint"] and tag in (None, held[-1].tag):
