@@ -722,6 +722,17 @@ def test_missing_array_and_foreign_folder(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
 
 
+
+def test_a_root_without_consolidated_metadata_reads_each_arrays_own_document(store_url):
+    url, so = store_url
+    src = audio_source()
+    save_dataset(src, url, storage_options=so)
+    fs, key = _fs_key(url, so, "zarr.json")
+    doc = json.loads(fs.cat_file(key))
+    del doc["consolidated_metadata"]
+    fs.pipe_file(key, json.dumps(doc).encode())
+    assert_same_data(open_dataset(url, storage_options=so), src)
+
 # -- CLI ----------------------------------------------------------------------------------------
 def test_cli_info_and_verify(saved, capsys):
     url, so, src, fp = saved

@@ -38,7 +38,7 @@ from .direct import SmallArray
 from .integrity import IOCounters, MissingChunk, StrictStore
 from .jsonmeta import decode_meta
 from .location import Location
-from .schema import check_source
+from .schema import as_written, check_source
 from .shards import ShardedArray, Target
 
 _TRANSPORT_ERRORS = (OSError, TimeoutError, asyncio.TimeoutError)
@@ -229,7 +229,7 @@ class SourceReader:
         zarr_handles = None
         if self.arrays_meta is None:  # a root without consolidated metadata: ask zarr
             zarr_handles = self._lookup(self._zarr_group(store))
-            self.arrays_meta = {name: h.metadata.to_dict() for name, h in zarr_handles.items()}
+            self.arrays_meta = {name: as_written(h.metadata) for name, h in zarr_handles.items()}  # JSON lists
             check_source(self.attrs, self.arrays_meta, self.url)
         remote = not self.loc.is_local
         sharded = {name: reader for name in fmt.SHARDED
