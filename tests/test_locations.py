@@ -3,6 +3,7 @@ buckets on different servers with different credentials (two local S3 servers)."
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 
 import deepstrf
 from deepstrf.datasets.synthetic import SyntheticAudioDataset
+from deepstrf.errors import StoreError
 from deepstrf.store.options import is_per_location, load_options_file, options_for, options_from
 from deepstrf.stream import StreamingNeuralDataset
 from deepstrf.testing.s3 import LocalS3
@@ -40,6 +42,30 @@ def test_longest_prefix_wins_and_plain_options_keep_their_meaning(tmp_path):
         is_per_location({"s3://lab-a": {}, "anon": True})
     with pytest.raises(ValueError, match=r"storage_options\['s3://lab-a'\] must be an options dict"):
         is_per_location({"s3://lab-a": "secret"})
+
+
+def test_an_unknown_protocol_or_a_missing_package_is_a_store_error_naming_the_url(tmp_path, monkeypatch, capsys):
+    from fsspec.registry import known_implementations
+
+    from deepstrf.cli import main as cli_main
+    from deepstrf.store import list_versions
+
+    monkeypatch.setitem(known_implementations, "nopkg", {"class": "no_such_package_xyz.FS", "err": "Install it"})
+    ds = SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02)
+    for url, said in (("s4://bucket/x.zarr", "unknown protocol s4://"),
+                      ("nopkg://bucket/x.zarr", "nopkg:// needs the package 'no_such_package_xyz', which is not installed "
+                                                "(Install it). Install it (pip install no_such_package_xyz)")):
+        for call in (lambda: deepstrf.open_dataset(url), lambda: deepstrf.save_dataset(ds, url),
+                     lambda: list_versions(url)):
+            with pytest.raises(StoreError, match=re.escape(f"cannot reach {url}: {said}")):
+                call()
+    out = str(tmp_path / "pool.zarr")
+    deepstrf.save_dataset(ds, tmp_path / "a.zarr")
+    assert cli_main(["concat", out, str(tmp_path / "a.zarr"), "foo://x"]) == 1
+    assert capsys.readouterr().err.startswith("deepstrf concat: error: cannot reach foo://x: unknown protocol foo://")
+    assert cli_main(["info", "nopkg://bucket/x.zarr"]) == 1
+    assert capsys.readouterr().err.startswith("deepstrf info: error: cannot reach nopkg://bucket/x.zarr: ")
+    assert not os.path.exists(out)
 
 
 def test_options_file(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ReadOnlyStoreError
+from ..errors import ReadOnlyStoreError, StoreError
 from .options import StorageOptions, options_for
 from .options import protocol_of as _protocol
 from .s3clients import process_s3_filesystem, s3_options
@@ -35,6 +35,24 @@ def canonical_url(url: str) -> str:
         path = url[len("file://"):] if url.startswith("file://") else url
         return os.path.abspath(os.path.expanduser(path))
     return url.rstrip("/")
+
+
+def check_protocol(url: str) -> None:
+    """Refuse a URL whose protocol fsspec does not know, or whose file system package is not
+    installed, with a :class:`StoreError` naming the URL and what to do."""
+    import fsspec
+    from fsspec.registry import known_implementations
+
+    for protocol in _protocol(url).split("::"):  # chained URLs (simplecache::s3://...) name several
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError as e:
+            package = known_implementations.get(protocol, {}).get("class", protocol).split(".")[0]
+            raise StoreError(f"cannot reach {url}: {protocol}:// needs the package {package!r}, which is not "
+                             f"installed ({e}). Install it (pip install {package}).") from None
+        except ValueError:
+            raise StoreError(f"cannot reach {url}: unknown protocol {protocol}://. Check the URL (a local path, "
+                             "file://, s3://, gs://, http(s)://, memory:// or another fsspec protocol).") from None
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,7 @@ class Location:
 
         from .localfiles import InlineLocalStore
 
+        check_protocol(self.url)
         if self.is_local:
             return InlineLocalStore(self.url, read_only=True) if read_only else LocalStore(self.url, read_only=False)
         if self.protocol in ("s3", "s3a"):  # one client per process and options (s3clients.py)
@@ -99,6 +118,7 @@ class Location:
         """
         import fsspec
 
+        check_protocol(self.url)
         fs, path = fsspec.url_to_fs(self.url, **(self.storage_options or {}))
         fs.invalidate_cache()
         return fs, path
