@@ -178,6 +178,7 @@ def cases(store: Path) -> dict[str, Callable[[Path], None]]:
     for label, mutate in attribute_mutations(root["attributes"]).items():
         out[label] = lambda s, mutate=mutate: rewrite_attributes(s, mutate)
     out["attr dt_ms changed, fingerprint stale"] = lambda s: _stale_dt(s)
+    out["root attributes string"] = lambda s: _attributes_string(s)
     if root["attributes"].get("format") == "deepstrf.source":
         out.update(consistent_lies())
     out.update(chunk_damages(store))
@@ -205,6 +206,12 @@ def consistent_lies() -> dict[str, Callable[[Path], None]]:
 def _stale_dt(store: Path) -> None:
     root = json.loads((store / "zarr.json").read_text())
     root["attributes"]["dt_ms"] = 2 * root["attributes"]["dt_ms"]
+    (store / "zarr.json").write_text(json.dumps(root))
+
+
+def _attributes_string(store: Path) -> None:
+    root = json.loads((store / "zarr.json").read_text())
+    root["attributes"] = "x"
     (store / "zarr.json").write_text(json.dumps(root))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+import json
 import os
 from pathlib import Path
 
@@ -117,6 +118,16 @@ def test_expected_errors_print_no_traceback(pool, tmp_path, run):
         assert out.returncode == 1, (args, out.stderr)
         assert f"deepstrf {args[0]}: error:" in out.stderr and what in out.stderr, (args, out.stderr)
     assert not (root / "mixed.zarr").exists()
+
+
+def test_a_root_whose_attributes_are_no_object_is_one_line(pool, run):
+    doc = json.loads((pool.parent / "aa2.zarr" / "zarr.json").read_text())
+    doc["attributes"] = "x"
+    (pool.parent / "aa2.zarr" / "zarr.json").write_text(json.dumps(doc))
+    for command in ("info", "verify"):
+        out = run(pool.parent, command, "aa2.zarr")
+        assert out.returncode == 1 and out.stderr.startswith(f"deepstrf {command}: error: "), out.stderr
+        assert "aa2.zarr: the root zarr.json cannot be parsed (its attributes are not a JSON object)" in out.stderr
 
 
 def test_exit_codes_are_documented_and_kept(capsys):

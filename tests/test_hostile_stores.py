@@ -71,6 +71,13 @@ def test_lies_reported_on_issue_are_refused_by_name(results, case, words):
     assert "IntegrityError" in r["detail"][0] and all(w in r["detail"][0] for w in words), r["detail"][0]
 
 
+def test_a_root_whose_attributes_are_no_object_is_refused_by_name(results):
+    for store in ("source.zarr", "pool.zarr"):
+        r = results[(store, "root attributes string")]
+        assert r["open"] == "refused" and r["verify"] == "reported", r
+        assert "IntegrityError" in r["detail"][0] and "attributes are not a JSON object" in r["detail"][0], r
+
+
 def test_damaged_chunks_are_refused_or_unused_and_always_reported(results):
     chunk_cases = [r for (store, case), r in results.items() if "/c/" in case]
     assert len(chunk_cases) > 20

@@ -74,6 +74,8 @@ def read_root(loc: Location, store: StrictStore | None = None) -> dict[str, Any]
             doc = json.loads(raw.tobytes())
             if not isinstance(doc, dict) or doc.get("zarr_format") != 3 or doc.get("node_type") != "group":
                 raise ValueError("not the zarr.json of a zarr v3 group")
+            if not isinstance(doc.get("attributes", {}), dict):
+                raise ValueError("its attributes are not a JSON object")
             return doc
         except ValueError as e:
             raise IntegrityError(f"{loc.url}: the root zarr.json cannot be parsed ({e}); the store is damaged. "
