@@ -119,6 +119,22 @@ def _column_value(text: str) -> tuple[str, str]:
     return column, value
 
 
+def _image_file(path: str) -> str:
+    """An argparse type: an image path matplotlib can write, with the extension it will be given
+    (``savefig.format``, png by default, where it has none)."""
+    import matplotlib
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    ext = os.path.splitext(path)[1][1:].lower()
+    if not ext:
+        return f"{path}.{matplotlib.rcParams['savefig.format']}"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext not in formats:
+        raise argparse.ArgumentTypeError(f"cannot write .{ext} images ({path!r}); name a file ending in one of: "
+                                         + ", ".join(f".{f}" for f in sorted(formats)))
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepstrf", description=__doc__.splitlines()[0], epilog=EXIT_CODES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", parents=[so, roots], help="plot a store's coverage matrix")
     p.add_argument("url")
-    p.add_argument("-o", "--output", default="coverage.png", help="image to write (default coverage.png)")
+    p.add_argument("-o", "--output", type=_image_file, default="coverage.png",
+                   help="image to write, its format named by its extension (default coverage.png; none: .png)")
 
     p = sub.add_parser("bench", parents=[so], help="measure streaming throughput of a store")
     p.add_argument("url", nargs="?", default=None, help="store to read (default: a synthetic pool in a temp folder)")

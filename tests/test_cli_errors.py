@@ -130,6 +130,12 @@ def test_a_root_whose_attributes_are_no_object_is_one_line(pool, run):
         assert "aa2.zarr: the root zarr.json cannot be parsed (its attributes are not a JSON object)" in out.stderr
 
 
+def test_plot_names_the_image_it_wrote(pool, run):
+    out = run(pool.parent, "plot", "pool.zarr", "-o", "coverage")
+    assert out.returncode == 0 and out.stdout == "wrote coverage.png\n", out.stderr
+    assert (pool.parent / "coverage.png").stat().st_size > 0 and not (pool.parent / "coverage").exists()
+
+
 def test_exit_codes_are_documented_and_kept(capsys):
     with pytest.raises(SystemExit) as usage:
         cli_main(["no-such-command"])
@@ -145,7 +151,8 @@ def test_exit_codes_are_documented_and_kept(capsys):
                        (["bench", "--workers", "-1"], "expected a whole number of at least 0"),
                        (["demo", "--scale", "0"], "expected a number above 0"),
                        (["import-nwb", "out", "x.nwb", "--pre-ms", "nan"], "expected a number of at least 0"),
-                       (["import-nwb", "out", "x.nwb", "--dt-ms", "inf"], "expected a number above 0")):
+                       (["import-nwb", "out", "x.nwb", "--dt-ms", "inf"], "expected a number above 0"),
+                       (["plot", "x.zarr", "-o", "cov.unknownext"], "cannot write .unknownext images")):
         with pytest.raises(SystemExit) as bad_value:
             cli_main(argv)
         assert bad_value.value.code == 2 and said in capsys.readouterr().err, argv
