@@ -264,6 +264,12 @@ def _add_import_nwb(sub: argparse._SubParsersAction, so: argparse.ArgumentParser
     p.add_argument("--overwrite", action="store_true", help="replace stores imported with other inputs or arguments")
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of ``command`` (whose usage line a usage error prints)."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -279,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     expected = tuple(e for e in vars(errors).values() if isinstance(e, type) and issubclass(e, Exception))
     try:
         return int(getattr(importlib.import_module(module), func)(args) or 0)
+    except errors.UsageError as e:  # before `expected`, which holds it too
+        _subparser(parser, args.command).error(str(e))
     except expected as e:  # what went wrong and what to do is in the message: no traceback
         message = str(e).replace("overwrite=True", "--overwrite") if hasattr(args, "overwrite") else str(e)
         print(f"deepstrf {args.command}: error: {message}", file=sys.stderr)

@@ -81,6 +81,12 @@ class ClusterError(OSError):
     """The Dask cluster asked for (``--dask``) cannot be started or reached, or dask is not installed."""
 
 
+class UsageError(ValueError):
+    """A command's arguments do not fit together, found once they are parsed (``deepstrf concat``
+    given no source, or not one ``--name`` per source): the CLI prints the command's usage and the
+    message, and exits 2 as for any other wrong command line."""
+
+
 def error_types() -> tuple[type[Exception], ...]:
     """Every exception type of this module (what the CLI reports as a message, without a traceback)."""
     return tuple(e for e in globals().values() if isinstance(e, type) and issubclass(e, Exception))

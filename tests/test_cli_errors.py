@@ -109,7 +109,10 @@ def test_expected_errors_print_no_traceback(pool, tmp_path, run):
         (("info", "aa1.zarr", "--version", "v9"), "'v9' matches no version"),
         (("pool-update", "aa1.zarr", "new.zarr"), "is not a pool"),
         (("cite", "nothing-here.zarr"), "nothing-here.zarr"),
+        (("concat", "new.zarr", "--from-list", "empty.txt"), "no input given: name files or URLs, patterns "
+                                                              "(s3://bucket/stores/*.zarr)"),
     ]
+    (root / "empty.txt").write_text("# nothing yet\n")
     ns1 = str(tmp_path / "ns1.zarr")
     save_dataset(SyntheticAudioDataset("ns1", scale=0.1, time_scale=0.02, seed=3), ns1, progress=False)
     cases.append((("concat", "mixed.zarr", "aa1.zarr", "ns1.zarr"), "mismatch"))
@@ -152,10 +155,13 @@ def test_exit_codes_are_documented_and_kept(capsys):
                        (["demo", "--scale", "0"], "expected a number above 0"),
                        (["import-nwb", "out", "x.nwb", "--pre-ms", "nan"], "expected a number of at least 0"),
                        (["import-nwb", "out", "x.nwb", "--dt-ms", "inf"], "expected a number above 0"),
-                       (["plot", "x.zarr", "-o", "cov.unknownext"], "cannot write .unknownext images")):
+                       (["plot", "x.zarr", "-o", "cov.unknownext"], "cannot write .unknownext images"),
+                       (["concat", "out.zarr"], "name the stores to pool: URLs, patterns (s3://bucket/stores/*.zarr)"),
+                       (["concat", "out.zarr", "a.zarr", "b.zarr", "--name", "x"], "got 1 --name for 2 sources")):
         with pytest.raises(SystemExit) as bad_value:
             cli_main(argv)
-        assert bad_value.value.code == 2 and said in capsys.readouterr().err, argv
+        err = capsys.readouterr().err
+        assert bad_value.value.code == 2 and said in err and f"usage: deepstrf {argv[0]}" in err, argv
     with pytest.raises(SystemExit) as help_exit:
         cli_main(["--help"])
     assert help_exit.value.code == 0

@@ -45,12 +45,13 @@ def expand(pattern: str, storage_options: dict | None = None) -> list[str]:
     return found if loc.is_local else [f"{loc.protocol}://{p}" for p in found]
 
 
-def gather_inputs(items: Sequence[str], from_list: str | None = None,
-                  storage_options: dict | None = None) -> list[str]:
-    """``items`` then the entries of ``from_list``, patterns expanded, each URL once."""
+def gather_inputs(items: Sequence[str], from_list: str | None = None, storage_options: dict | None = None,
+                  example: str = "s3://bucket/prefix/**/*.nwb") -> list[str]:
+    """``items`` then the entries of ``from_list``, patterns expanded, each URL once; ``example`` is
+    the pattern an error shows."""
     entries = list(items) + (read_listing(from_list, storage_options) if from_list else [])
     if not entries:
-        raise StoreError("no input given: name files or URLs, patterns (s3://bucket/prefix/**/*.nwb), "
+        raise StoreError(f"no input given: name files or URLs, patterns ({example}), "
                          "or a listing with --from-list FILE.")
     out: dict[str, str] = {}  # by canonical URL (nwb/a.nwb and ./nwb/a.nwb are one file): as first written
     for entry in entries:

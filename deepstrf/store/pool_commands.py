@@ -21,17 +21,20 @@ MAX_PIXELS = 1500  # coverage images are block-reduced to at most this many rows
 MAX_LABELLED_SOURCES = 40  # blocks outlined and named in a coverage plot
 MAX_LISTED_SOURCES = 40  # sources listed by `concat` and `info` (text)
 OPEN_THREADS = 16  # sources opened or checked at once: each is a few small reads, mostly waiting on storage
+STORE_PATTERN = "s3://bucket/stores/*.zarr"  # the example of a pattern of stores in `concat`'s messages
 
 
 def concat_main(args: argparse.Namespace) -> int:
     """Pool the stores at ``args.sources`` (and those listed in ``args.from_list``) into a new pool at
     ``args.out``."""
+    from ..errors import UsageError
     from .listing import gather_inputs
 
-    sources = gather_inputs(args.sources, args.from_list, args.storage_options)
+    if not args.sources and not args.from_list:
+        raise UsageError(f"name the stores to pool: URLs, patterns ({STORE_PATTERN}), or --from-list FILE")
+    sources = gather_inputs(args.sources, args.from_list, args.storage_options, example=STORE_PATTERN)
     if args.name is not None and len(args.name) != len(sources):
-        raise SystemExit(f"deepstrf concat: got {len(args.name)} --name for {len(sources)} sources; "
-                         "give one --name per source or none")
+        raise UsageError(f"got {len(args.name)} --name for {len(sources)} sources; give one --name per source or none")
     opened = thread_map(lambda u: open_dataset(u, storage_options=args.storage_options, **_open_kw(args, u)),
                         sources, max_workers=OPEN_THREADS, name="deepstrf-open")
     pool = concat_neural_datasets(opened, names=args.name, store=args.out, storage_options=args.storage_options,
