@@ -35,8 +35,9 @@ class VersionNotFoundError(StoreNotFoundError):
 
 
 class SourceUnreadableError(StoreError):
-    """A pooled source's store refused or failed the reads that open it (credentials, endpoint,
-    network): the message names the source, its URL and the options to check."""
+    """A store (opened on its own, or a pool's source) refused or failed the reads that open it
+    (credentials, endpoint, network): the message names its URL (and the source) and the options
+    to check."""
 
 
 class IncompleteStoreError(StoreNotFoundError):

@@ -25,7 +25,7 @@ from deepstrf.datasets.video import VideoNeuralDataset
 from deepstrf.datasets import views
 from deepstrf.datasets.views import ResponseGrid, is_missing, missing_sentinel
 from deepstrf.errors import (FormatVersionError, IncompleteStoreError, IntegrityError, ReadOnlyStoreError,
-                             StoreError, StoreExistsError, StoreNotFoundError)
+                             SourceUnreadableError, StoreError, StoreExistsError, StoreNotFoundError)
 from deepstrf.store import ZarrResponseGrid, ZarrStims, format as fmt, open_dataset, save_dataset, shards
 from deepstrf.store.jsonmeta import encode_columns
 from deepstrf.store.dataset import load_indexes, source_readers, storage_io, warm_reads
@@ -656,6 +656,16 @@ def test_missing_store(store_url):
     url, so = store_url
     with pytest.raises(StoreNotFoundError, match="no store"):
         open_dataset(url, storage_options=so)
+
+
+def test_a_store_whose_reads_fail_is_named_with_the_options_to_check(s3_server):
+    dead_endpoint = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+                     "config_kwargs": {"retries": {"max_attempts": 1}}}
+    for url, so, cause in (("http://127.0.0.1:9/x.zarr", None, "ClientConnectorError"),
+                           (s3_server.url(), dead_endpoint, "EndpointConnectionError")):
+        with pytest.raises(SourceUnreadableError, match=f"^{re.escape(url)} could not be read \\({cause}: "
+                                                        ".*; check the storage options that apply to it"):
+            open_dataset(url, storage_options=so)
 
 
 class _Boom(RuntimeError):

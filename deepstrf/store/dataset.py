@@ -23,7 +23,7 @@ from ..datasets.metatable import MetaTable
 from ..datasets.neural_dataset import DatasetValidationError, NeuralDataset
 from ..datasets.video import VideoNeuralDataset
 from ..datasets.views import BlockDiagonalGrid, LazySequence, RawRow, ResponseGrid, missing_sentinel
-from ..errors import IntegrityError, StoreError
+from ..errors import IntegrityError, SourceUnreadableError, StoreError, environment_errors, unreadable
 from ..forksafe import run_gated
 from . import format as fmt
 from .location import Location, on_network
@@ -228,12 +228,24 @@ def open_dataset(url: str | os.PathLike, *, storage_options: StorageOptions = No
     they are kept in memory only. A source store opens at its latest version, or at
     ``version``: a fingerprint, a unique prefix of one, or a tag given at save time
     (``deepstrf versions URL`` lists them). Opening reads the consolidated root
-    metadata and the stim/neuron metadata; the index is read on first use.
+    metadata and the stim/neuron metadata; the index is read on first use. A store whose reads
+    fail (network, endpoint, credentials) is a :class:`SourceUnreadableError` naming its URL and
+    the options to check.
     """
     if version is not None and not isinstance(version, str):
         raise TypeError(f"open_dataset: version must be a str (a fingerprint, a prefix of one, or a tag), got "
                         f"{type(version).__name__} {version!r}; pass str(version)")
     loc = Location.parse(url, storage_options)
+    try:
+        return _open(loc, version, **kw)
+    except StoreError:
+        raise
+    except environment_errors() as e:
+        raise SourceUnreadableError(unreadable(loc.url, e)) from e
+
+
+def _open(loc: Location, version: str | None, **kw: Any) -> NeuralDataset:
+    """:func:`open_dataset` of ``loc``, the errors of its file system, network or client as they are."""
     if version and version.startswith(f"{VERSIONS_DIR}/"):  # a pool's pin: the version's group, no listing
         where, root = open_path(loc, version)
         path = version

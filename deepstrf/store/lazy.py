@@ -141,6 +141,8 @@ def open_pinned(opener: Callable[..., NeuralDataset], pool_url: str, entry: dict
         raise StoreNotFoundError(
             f"pool {pool_url}: source {entry['name']!r} is missing at {entry['url']} (reference "
             f"{entry['ref']!r}); restore it there or rewrite the pool. ({e})") from e
+    except SourceUnreadableError as e:  # open_dataset names the URL only
+        raise SourceUnreadableError(f"pool {pool_url}: source {entry['name']!r} at {e}") from e.__cause__
     except StoreError:
         raise
     except environment_errors() as e:
