@@ -4,6 +4,11 @@ Each one subclasses the built-in exception users already catch, so code
 written against deepSTRF (which raises ``AssertionError``) keeps working.
 """
 
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
 
 class IncompatibleDatasetsError(AssertionError, ValueError):
     """Two datasets cannot be concatenated (different dt, F or frame size).
@@ -114,3 +119,15 @@ def unreadable(url: str, error: BaseException) -> str:
     return (f"{url} could not be read ({type(error).__name__}: {error}); check the storage options that apply "
             "to it (its credentials and endpoint: -S/-L/--options on the command line, "
             "storage_options={prefix: {...}} in Python) and that the store is there")
+
+
+@contextlib.contextmanager
+def reading_store(url: str) -> Iterator[None]:
+    """Errors of the file system, network or client while reading the store at ``url`` become a
+    :class:`SourceUnreadableError` naming it (:func:`unreadable`); a :class:`StoreError` passes."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except environment_errors() as e:
+        raise SourceUnreadableError(unreadable(url, e)) from e

@@ -111,6 +111,8 @@ def test_expected_errors_print_no_traceback(pool, tmp_path, run):
         (("cite", "nothing-here.zarr"), "nothing-here.zarr"),
         (("concat", "new.zarr", "--from-list", "empty.txt"), "no input given: name files or URLs, patterns "
                                                               "(s3://bucket/stores/*.zarr)"),
+        # a source that cannot be read is named (concat read its root before opening it: a bare error)
+        (("concat", "new.zarr", "aa1.zarr", "http://127.0.0.1:9/x.zarr"), "http://127.0.0.1:9/x.zarr could not be read"),
     ]
     (root / "empty.txt").write_text("# nothing yet\n")
     ns1 = str(tmp_path / "ns1.zarr")

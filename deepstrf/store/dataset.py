@@ -23,7 +23,7 @@ from ..datasets.metatable import MetaTable
 from ..datasets.neural_dataset import DatasetValidationError, NeuralDataset
 from ..datasets.video import VideoNeuralDataset
 from ..datasets.views import BlockDiagonalGrid, LazySequence, RawRow, ResponseGrid, missing_sentinel
-from ..errors import IntegrityError, SourceUnreadableError, StoreError, environment_errors, unreadable
+from ..errors import IntegrityError, StoreError, reading_store
 from ..forksafe import run_gated
 from . import format as fmt
 from .location import Location, on_network
@@ -236,12 +236,8 @@ def open_dataset(url: str | os.PathLike, *, storage_options: StorageOptions = No
         raise TypeError(f"open_dataset: version must be a str (a fingerprint, a prefix of one, or a tag), got "
                         f"{type(version).__name__} {version!r}; pass str(version)")
     loc = Location.parse(url, storage_options)
-    try:
+    with reading_store(loc.url):
         return _open(loc, version, **kw)
-    except StoreError:
-        raise
-    except environment_errors() as e:
-        raise SourceUnreadableError(unreadable(loc.url, e)) from e
 
 
 def _open(loc: Location, version: str | None, **kw: Any) -> NeuralDataset:

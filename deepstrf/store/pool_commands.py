@@ -57,9 +57,11 @@ def concat_main(args: argparse.Namespace) -> int:
 
 def _open_kw(args: argparse.Namespace, url: str) -> dict:
     """Pools given as inputs are opened with the caller's allowed roots."""
+    from ..errors import reading_store
     from .reader import open_group
 
-    fmt = dict(open_group(_location(url, args)).attrs).get("format")
+    with reading_store(url):
+        fmt = dict(open_group(_location(url, args)).attrs).get("format")
     return {"allowed_roots": args.allow_root} if fmt == "deepstrf.pool" else {}
 
 
@@ -227,7 +229,7 @@ def verify_pool(loc, *, allowed_roots=(), data: bool = False, client: Any = None
         return [str(e)]
     blocks, tasks = pool.source_blocks(), []
     for k in trusted:
-        src, (name, stims, neurons) = pool.responses.sources[k], blocks[k]
+        src, (_, stims, neurons) = pool.responses.sources[k], blocks[k]
         pin = {key: entries[k].get(key) for key in ("name", "ref", "version", "fingerprint")}
         tasks.append((loc.url, dict(pin, url=src.store_url), src.storage_options, _source_of(src),
                       coverage.block_mask(k), (stims.start, stims.stop - 1), (neurons.start, neurons.stop - 1), data))
