@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -233,6 +234,38 @@ def test_a_kept_worker_whose_read_fails_in_a_later_pass_reports_the_error(tmp_pa
     flag.touch()  # the kept workers' first reads of the next pass fail: the error, not a dead worker
     with pytest.raises(StreamReadError, match=r"stim \d+ cannot be read now"):
         list(loader)
+
+
+def test_a_kept_worker_killed_between_passes_is_replaced_by_the_next_pass(tmp_path):
+    # torch's SIGCHLD handler raises in the consumer's own code, where the loader cannot answer; the
+    # next pass reused the workers and failed (or waited forever on half a batch in the pipe)
+    s = StreamingNeuralDataset(write_pool(str(tmp_path)), batch_size=4, shuffle=False)
+    loader = s.loader(num_workers=2, timeout=LOADER_TIMEOUT_S)
+    whole = [k for b in loader for k in batch_keys(b)]
+    victim = loader._iterator._workers[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    try:
+        victim.join(10)
+        time.sleep(0.2)  # torch's handler raises here, as it would in a training step
+    except RuntimeError as e:
+        assert "killed by signal" in str(e)
+    assert [k for b in loader for k in batch_keys(b)] == whole
+
+
+def test_kept_forked_workers_leave_ctrl_c_to_the_main_process(tmp_path):
+    # a terminal sends Ctrl-C to the whole process group: forked workers took it, left their loop,
+    # and the next pass found them gone
+    s = StreamingNeuralDataset(write_pool(str(tmp_path)), batch_size=4, shuffle=False)
+    loader = s.loader(num_workers=2, timeout=LOADER_TIMEOUT_S)
+    whole = [k for b in loader for k in batch_keys(b)]
+    workers_before = list(loader._iterator._workers)
+    assert context_method(loader.multiprocessing_context) == "fork"
+    for w in workers_before:
+        os.kill(w.pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert all(w.is_alive() for w in workers_before)
+    assert [k for b in loader for k in batch_keys(b)] == whole
+    assert loader._iterator._workers == workers_before
 
 
 def test_loader_after_a_stall_starts_new_workers():

@@ -42,7 +42,7 @@ from .prefetch import Prefetcher
 from .retry import RetryPolicy, call_with_retries
 from .stats import StorageIO, StreamCounters, summarize
 from .transfer import for_new_process
-from .workers import DEFAULT_TIMEOUT_S, WorkerActivity, freeze_long_lived, start_worker_server
+from .workers import DEFAULT_TIMEOUT_S, WorkerActivity, freeze_long_lived, ignore_interrupts, start_worker_server
 
 Collate = Literal["compact", "dense"]
 STATE_VERSION = 1
@@ -518,6 +518,7 @@ class StreamingNeuralDataset(IterableDataset):
         if in_process:
             self._begin_pass()
         else:
+            ignore_interrupts()
             shards.SHARD_CACHE.share(self._shard_dir)
             shards.set_decode_threads(max(1, usable_cpus() // num_workers))  # the workers share the cores
             freeze_long_lived()

@@ -253,8 +253,11 @@ class StreamingDataLoader(DataLoader):
             return
         self._await_earlier_start()
         settings = ds._worker_settings()
-        if self._iterator is not None and settings != self._workers_settings:
-            self._stop_workers(self._iterator)  # kept workers hold a copy of the dataset as it was
+        if self._iterator is not None and (settings != self._workers_settings or self._lost_a_worker()):
+            # kept workers hold a copy of the dataset as it was; one that died (killed while the
+            # consumer trained, say) may have left half a batch in the pipe its sibling still holds
+            # open: draining that would wait forever
+            self._stop_workers(self._iterator)
         if self._iterator is None or not self.persistent_workers:  # workers start in this pass: threads
             # may have come or gone since the last start
             self.multiprocessing_context = _start_context(ds, self._given_context, self.worker_init_fn,
@@ -423,6 +426,10 @@ class StreamingDataLoader(DataLoader):
             waiting_since = time.monotonic()
         handover.forget_exited()  # the buffers of workers stopped at the end of the pass
         ds._end_pass()
+
+    def _lost_a_worker(self) -> bool:
+        """Has a kept worker exited (kept workers exit only when stopped)?"""
+        return any(not w.is_alive() for w in getattr(self._iterator, "_workers", []))
 
     def _stop_workers(self, batches: Any) -> None:
         """Stop the worker processes behind ``batches`` (the DataLoader's own shutdown: stop

@@ -125,8 +125,9 @@ def call_with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy = Retr
                 elif isinstance(exc, StoreError):
                     advice = ""  # deepstrf's store errors say what to do already
                 else:
-                    advice = (" Check that the store exists, is complete and readable with these "
-                              "storage_options (deepstrf verify URL).")
+                    advice = (" If the traceback above ends in code of yours (a transform, a select function), "
+                              "the error is there; else check that the store exists, is complete and readable "
+                              "with these storage_options (deepstrf verify URL).")
                 raise StreamReadError(f"reading {what} failed ({kind}): {type(exc).__name__}: "
                                       f"{str(exc).rstrip('.')}.{advice}") from exc
             if on_retry is not None:

@@ -242,6 +242,14 @@ def _clean_errors_at_exit() -> None:
 _FROZEN_IN: int | None = None  # the pid of the process whose objects freeze_long_lived froze
 
 
+def ignore_interrupts() -> None:
+    """In a DataLoader worker: Ctrl-C, which a terminal sends to the whole process group, is the
+    main process's to handle (it stops its workers). A forked worker that took it left its loop
+    and exited, and its loader's next pass then found it gone (workers of the worker server
+    ignore it from their start)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def freeze_long_lived() -> None:
     """In a DataLoader worker, once its dataset is open: move every object alive now (torch and the
     other imports, the opened dataset) out of the cyclic collector's reach, as the ``gc`` docs
