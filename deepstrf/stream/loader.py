@@ -26,7 +26,8 @@ from torch.utils.data._utils import signal_handling
 from ..errors import StreamStalledError
 from . import handover
 from .prefetch import ReadTimeout
-from .transfer import share_before_sending
+from .main_module import main_not_rerun
+from .transfer import UserCallable, share_before_sending
 from .workers import (DEATH_FIX, DEFAULT_TIMEOUT_S, RERUN_FIX, context_method, died,
                       died_rerunning_main, foreign_threads, latest_death_since, prepare_context, what_it_raised,
                       worker_context)
@@ -119,9 +120,10 @@ def _start_context(dataset: "StreamingNeuralDataset", given: Any, worker_init_fn
     prepared), else the rule's choice, by whether the workers would run code of the user's (a
     dataset object, a ``worker_init_fn``, a ``collate_fn``)."""
     if given is not None:
-        prepare_context(given)
+        prepare_context(given, hides_main=True)
         return given
-    return worker_context(dataset._source is not None or worker_init_fn is not None or collate_fn is not None)
+    return worker_context(dataset._source is not None or worker_init_fn is not None or collate_fn is not None,
+                          hides_main=True)
 
 
 _PERSISTENT: weakref.WeakSet = weakref.WeakSet()  # loaders whose workers may outlive a pass
@@ -211,6 +213,9 @@ class StreamingDataLoader(DataLoader):
             kwargs["timeout"] = 0
         self._given_context = kwargs.get("multiprocessing_context")
         self._user_collate = kwargs.get("collate_fn")
+        for name in ("worker_init_fn", "collate_fn"):  # found by name, or sent by value (transfer.py)
+            if kwargs.get(name) is not None:
+                kwargs[name] = UserCallable(kwargs[name])
         if workers > 0:
             # the DataLoader only waits this long at a time, so that dead workers are seen at once
             kwargs["timeout"] = min(self.stall_timeout, WORKER_CHECK_S)
@@ -378,7 +383,8 @@ class StreamingDataLoader(DataLoader):
         kept = self._iterator if self.persistent_workers else None
         try:
             if kept is None:
-                return super().__iter__()
+                with main_not_rerun():  # an unguarded script's workers do not run it again
+                    return super().__iter__()
             kept._get_data = _patient_get_data(kept, self.stall_timeout)
             try:
                 return super().__iter__()

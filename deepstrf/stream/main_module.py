@@ -11,18 +11,22 @@ under ``if __name__ == "__main__":``, and fatal for the rest:
 
 :func:`rerun_problem` tells those two apart from the rest (guarded scripts,
 ``python -m``, ``python -c``, IPython, Jupyter); :mod:`deepstrf.stream.workers`
-forks the workers of the former. Where ``__main__`` has no file (``-c``,
-notebooks), objects defined in it cannot be found by name in a worker:
+forks the workers of the former, or starts them under :func:`main_not_rerun`.
+Where a worker does not import ``__main__`` (``-c``, notebooks, under
+:func:`main_not_rerun`), objects defined in it cannot be found by name there:
 :mod:`deepstrf.stream.transfer` sends those by value.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
+import multiprocessing.spawn
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from types import FrameType, ModuleType
 
 from ..forksafe import current_frames
@@ -50,6 +54,43 @@ def rerun_problem() -> str | None:
         return f"the script runs its work at top level ({where}), outside `if __name__ == \"__main__\":`, so " \
                "every worker would run it again"
     return None
+
+
+_STARTING = threading.local()  # .hides_main: workers started now by this thread do not run __main__ again
+
+
+@contextlib.contextmanager
+def main_not_rerun() -> Iterator[None]:
+    """While this thread starts worker processes (forkserver, spawn) for a ``__main__`` that
+    :func:`rerun_problem` says they cannot run again: they do not run it (multiprocessing's
+    preparation data loses the main script's path), and what they need of it travels by value
+    (:func:`workers_import_main`, :mod:`deepstrf.stream.transfer`)."""
+    _install_preparation_hook()
+    _STARTING.hides_main = rerun_problem() is not None
+    try:
+        yield
+    finally:
+        _STARTING.hides_main = False
+
+
+def workers_import_main() -> bool:
+    """Whether a worker started now imports ``__main__``, where objects defined in it are found by
+    name: no for ``-c``, IPython and notebooks (no file), nor under :func:`main_not_rerun`."""
+    main = sys.modules.get("__main__")
+    return getattr(main, "__file__", None) is not None and not getattr(_STARTING, "hides_main", False)
+
+
+@functools.cache
+def _install_preparation_hook() -> None:
+    original = multiprocessing.spawn.get_preparation_data
+
+    def preparation_data(name: str) -> dict:
+        data = original(name)
+        if getattr(_STARTING, "hides_main", False):
+            data.pop("init_main_from_path", None)
+        return data
+
+    multiprocessing.spawn.get_preparation_data = preparation_data
 
 
 def _main_line(main: ModuleType) -> int | None:

@@ -11,20 +11,23 @@ keeps the shared-memory path (no copy).
 
 Objects plain pickle cannot send are sent with cloudpickle, by value: a lambda
 (``smooth_responses`` records one), or a function or class defined in a
-``__main__`` that a worker cannot import (``python -c``, IPython, a Jupyter
-cell), which plain pickle would send by a name the worker cannot resolve.
+``__main__`` that a worker does not import (``python -c``, IPython, a Jupyter
+cell, a script the workers must not run again:
+:func:`~deepstrf.stream.main_module.main_not_rerun`), which plain pickle
+would send by a name the worker cannot resolve.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
-import sys
 from multiprocessing.context import get_spawning_popen
 from typing import Any
 
 import torch
 import torch.multiprocessing
+
+from .main_module import workers_import_main
 
 # descriptors left for the dataset's tensors: the forkserver's 256, less what the process object,
 # the streaming dataset's own shared tables and the DataLoader's queues need
@@ -93,7 +96,7 @@ def _walk(obj: Any) -> tuple[_TensorCounter, str]:
         counter.dump(obj)
     except (pickle.PicklingError, AttributeError, TypeError):
         return counter, "cloudpickle"  # a lambda or a local function, say
-    if counter.uses_main and getattr(sys.modules.get("__main__"), "__file__", None) is None:
+    if counter.uses_main and not workers_import_main():
         return counter, "cloudpickle"
     return counter, "descriptors" if counter.by_descriptors() else "value"
 
@@ -106,6 +109,21 @@ def for_new_process(obj: Any) -> Any:
         return obj
     way = _walk(obj)[1]
     return obj if way == "descriptors" else _ByValue(obj, cloud=way == "cloudpickle")
+
+
+class UserCallable:
+    """A callable of the user's given to the DataLoader (``worker_init_fn``, ``collate_fn``), sent
+    to a started worker as :func:`for_new_process` sends the dataset: by value where the worker
+    cannot find it by name (defined in a ``__main__`` the worker does not import)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __reduce__(self) -> tuple:
+        return UserCallable, (for_new_process(self.fn),)
 
 
 def share_before_sending(obj: Any) -> None:

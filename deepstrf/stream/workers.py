@@ -10,8 +10,12 @@ Start method (:func:`worker_context`), chosen per situation:
   resets in the child.
 - ``fork`` also when ``__main__`` cannot be re-imported by a worker (a script
   that trains at top level, or one fed through stdin:
-  :mod:`deepstrf.stream.main_module`); on platforms without a safe fork that
-  is an error naming the fix, raised before any worker starts.
+  :mod:`deepstrf.stream.main_module`) and no thread of the user's is alive;
+  with one alive (a fork can hang in OpenBLAS's fork handler while a thread
+  multiplies matrices), or without a safe fork, ``loader()`` starts them by
+  ``forkserver`` without running ``__main__`` again
+  (:func:`~deepstrf.stream.main_module.main_not_rerun`). Where neither exists,
+  it is an error naming the fix, raised before any worker starts.
 - ``forkserver`` (else ``spawn``) otherwise: a forked copy of a trainer whose
   other threads hold locks (torch's RNG, BLAS, a user's transform) can hang at
   its first call into the same code, while a forkserver worker is forked from
@@ -83,13 +87,16 @@ _TRACEBACK_LINES = 12  # last lines of a dead worker's traceback put in a report
 _WARNED_THREADS: set[str] = set()  # threads already named in a warning of this process
 
 
-def start_method(runs_user_code: bool = True) -> str:
+def start_method(runs_user_code: bool = True, hides_main: bool = False) -> str:
     """The start method for DataLoader workers now (see module docstring). ``runs_user_code``:
-    whether the workers will run code of the user's (a dataset object, a ``worker_init_fn``)."""
+    whether the workers will run code of the user's (a dataset object, a ``worker_init_fn``);
+    ``hides_main``: whether the caller starts them under :func:`main_not_rerun` (``loader()``)."""
     methods = multiprocessing.get_all_start_methods()
     can_fork = "fork" in methods and sys.platform.startswith("linux")
     problem = rerun_problem()
     if problem is not None:
+        if hides_main and "forkserver" in methods and (foreign_threads() or not can_fork):
+            return "forkserver"  # a fork could catch a thread of the user's holding a lock
         if not can_fork:
             raise UnsafeMainError(f"DataLoader workers cannot start here: {problem}, and this platform has no "
                                   f"safe fork. What to do: {GUARD_FIX}.")
@@ -113,23 +120,24 @@ def foreign_threads() -> list[str]:
             if t is not main and t.is_alive() and not t.name.startswith(FORK_SAFE_THREAD_PREFIXES)]
 
 
-def worker_context(runs_user_code: bool = True) -> BaseContext:
+def worker_context(runs_user_code: bool = True, hides_main: bool = False) -> BaseContext:
     """The multiprocessing context for DataLoader workers started now (:func:`start_method`);
     a forkserver's server is preloaded with deepstrf and started at once."""
-    ctx = multiprocessing.get_context(start_method(runs_user_code))
-    prepare_context(ctx)
+    ctx = multiprocessing.get_context(start_method(runs_user_code, hides_main))
+    prepare_context(ctx, hides_main)
     return ctx
 
 
-def prepare_context(ctx: str | BaseContext | None) -> None:
+def prepare_context(ctx: str | BaseContext | None, hides_main: bool = False) -> None:
     """Before workers start with ``ctx`` (a DataLoader's ``multiprocessing_context``): refuse a
-    start method that re-imports a ``__main__`` that cannot be re-imported, and start a forkserver
+    start method that re-imports a ``__main__`` that cannot be re-imported (unless the caller
+    starts them under :func:`main_not_rerun`: ``hides_main``), and start a forkserver
     preloaded with deepstrf (else each new worker imports torch itself, ~2 s per worker per epoch);
     before forked workers, import here what every worker imports (:data:`PRELOAD`)."""
     method = context_method(ctx)
     if method == "fork":
         import numpy.random  # noqa: F401  (each forked worker inherits it instead of importing it: PRELOAD)
-    if method in ("forkserver", "spawn") and (problem := rerun_problem()) is not None:
+    if method in ("forkserver", "spawn") and not hides_main and (problem := rerun_problem()) is not None:
         raise UnsafeMainError(f"DataLoader workers started with {method!r} cannot start here: {problem}. "
                               f"What to do: {GUARD_FIX}, or leave multiprocessing_context unset (deepstrf "
                               "forks the workers then).")
@@ -161,12 +169,12 @@ def _ctrl_c_ignored_by_new_processes() -> Iterator[None]:
 
 
 def start_worker_server(runs_user_code: bool = True) -> None:
-    """Start the forkserver now if workers would use it, from a top-level process: its imports
-    (torch, ~1.5 s) then run while the caller opens the data and builds its model, instead of
-    before the first batch."""
+    """Start the forkserver now if the workers of ``loader()`` would use it, from a top-level
+    process: its imports (torch, ~1.5 s) then run while the caller opens the data and builds its
+    model, instead of before the first batch."""
     if multiprocessing.parent_process() is None:
         try:
-            worker_context(runs_user_code)  # starts the server only where workers would use it
+            worker_context(runs_user_code, hides_main=True)  # starts the server only where workers would use it
         except UnsafeMainError:
             pass  # raised where the workers would start
 
