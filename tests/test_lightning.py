@@ -80,14 +80,21 @@ def test_trains_validates_and_tests_on_per_source_heldout_stims(tmp_path):
         PoolDataModule(42)
 
 
-def test_resumes_mid_epoch_from_a_checkpoint_with_the_same_remaining_order(tmp_path):
-    pool = small_pool()
+def fit_saving_every_2_steps(tmp_path, pool, batch_size: int) -> tuple[Recorder, Path]:
+    """A 2-epoch run with a checkpoint every 2 training steps: what it trained on, and where the
+    checkpoints are."""
     ckpts = tmp_path / "ckpt"
     saver = lightning.pytorch.callbacks.ModelCheckpoint(dirpath=str(ckpts), every_n_train_steps=2, save_top_k=-1)
     full = Recorder()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer(tmp_path, callbacks=[saver]).fit(full, PoolDataModule(pool, batch_size=2, seed=5))
+        trainer(tmp_path, callbacks=[saver]).fit(full, PoolDataModule(pool, batch_size=batch_size, seed=5))
+    return full, ckpts
+
+
+def test_resumes_mid_epoch_from_a_checkpoint_with_the_same_remaining_order(tmp_path):
+    pool = small_pool()
+    full, ckpts = fit_saving_every_2_steps(tmp_path, pool, batch_size=2)
     assert len([1 for e, _ in full.seen if e == 0]) > 3  # the checkpoint at step 2 is mid-epoch
     resumed = Recorder()
     with warnings.catch_warnings():
@@ -102,13 +109,10 @@ def test_a_checkpoint_resumed_with_another_batch_size_trains_the_rest_of_its_epo
     # Lightning counts the resumed epoch on from the checkpoint's batch index (2 batches of 1 here)
     # and read the length as a whole epoch of batches of 2: it stopped a batch before the rest's end
     pool = small_pool()
-    ckpts = tmp_path / "ckpt"
-    saver = lightning.pytorch.callbacks.ModelCheckpoint(dirpath=str(ckpts), every_n_train_steps=2, save_top_k=-1)
-    full = Recorder()
+    full, ckpts = fit_saving_every_2_steps(tmp_path, pool, batch_size=1)
+    resumed = Recorder()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer(tmp_path, callbacks=[saver]).fit(full, PoolDataModule(pool, batch_size=1, seed=5))
-        resumed = Recorder()
         trainer(tmp_path).fit(resumed, PoolDataModule(pool, batch_size=2, seed=5),
                               ckpt_path=str(ckpts / "epoch=0-step=2.ckpt"))
     epoch = [[k for e, keys in run.seen if e == 0 for k in keys] for run in (full, resumed)]

@@ -42,6 +42,9 @@ _STARTED_POLL_S = 0.002  # how often the thread starting the workers looks for o
 # how long the DataLoader waits for a batch before loader() looks at its workers again: a worker that
 # died is reported within this time, not at the end of ``timeout``
 WORKER_CHECK_S = 1.0
+# what to do about a pass that got no batch for its timeout
+STALL_FIX = ("look for a read that never returns (a dead server, a lock in your transform), or raise "
+             "loader(timeout=...) if reads are just slow")
 
 
 def _any_dead(workers: Sequence[Any], wait_s: float) -> bool:
@@ -292,9 +295,8 @@ class StreamingDataLoader(DataLoader):
         except ReadTimeout as exc:
             raise StreamStalledError(
                 f"streaming {ds._where()}: a read of stims {ds._state().visible[exc.task].tolist()} took longer than "
-                f"{self.stall_timeout:g} s (loader timeout). Epoch {ds.epoch}, pass stopped. What to do: look for a "
-                "read that never returns (a dead server, a lock in your transform), or raise loader(timeout=...) "
-                "if reads are just slow.") from exc
+                f"{self.stall_timeout:g} s (loader timeout). Epoch {ds.epoch}, pass stopped. What to do: "
+                f"{STALL_FIX}.") from exc
         finally:
             ds._read_timeout = None
 
@@ -332,8 +334,7 @@ class StreamingDataLoader(DataLoader):
             raise StreamStalledError(
                 f"streaming {ds._where()}: the main process waited {self.stall_timeout:g} s for its read of stims "
                 f"{stims} (it reads a pass's first batches while its workers start). "
-                f"Epoch {ds.epoch}, pass stopped. What to do: look for a read that never returns (a dead "
-                "server, a lock in your transform), or raise loader(timeout=...) if reads are just slow; "
+                f"Epoch {ds.epoch}, pass stopped. What to do: {STALL_FIX}; "
                 "loader(read_while_starting=False) leaves every read to the workers.") from exc
         finally:  # leaving early (break, Ctrl-C, an error): the start goes on; the next pass awaits it
             ds._lead.close()
@@ -456,8 +457,7 @@ class StreamingDataLoader(DataLoader):
             hint = RERUN_FIX if any(died_rerunning_main(w.pid) for w in dead) else DEATH_FIX
         else:
             what = f"{type(exc).__name__}: no batch for {self.stall_timeout:g} s"
-            hint = ("look for a read that never returns (a dead server, a lock in your transform), or raise "
-                    f"loader(timeout=...) if reads are just slow (now {self.stall_timeout:g} s)")
+            hint = f"{STALL_FIX} (now {self.stall_timeout:g} s)"
             if context_method(self.multiprocessing_context) == "fork" and (threads := foreign_threads()):
                 hint += (f"; threads {threads} of this process were alive at fork: a forked worker can hang on "
                          "a lock one of them held (multiprocessing_context='forkserver' avoids it)")
