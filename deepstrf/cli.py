@@ -128,7 +128,8 @@ def _image_file(path: str) -> str:
     ext = os.path.splitext(path)[1][1:].lower()
     if not ext:
         return f"{path}.{matplotlib.rcParams['savefig.format']}"
-    formats = FigureCanvasBase.get_supported_filetypes()
+    # pgf needs a TeX installation, found only when the figure is written
+    formats = {f: name for f, name in FigureCanvasBase.get_supported_filetypes().items() if f != "pgf"}
     if ext not in formats:
         raise argparse.ArgumentTypeError(f"cannot write .{ext} images ({path!r}); name a file ending in one of: "
                                          + ", ".join(f".{f}" for f in sorted(formats)))

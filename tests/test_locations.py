@@ -68,6 +68,16 @@ def test_an_unknown_protocol_or_a_missing_package_is_a_store_error_naming_the_ur
     assert not os.path.exists(out)
 
 
+def test_a_scheme_in_upper_case_reads_as_in_lower_case():
+    # schemes are case-insensitive; fsspec knows only the lower-case names ("Protocol not known: Memory")
+    from deepstrf.store.location import canonical_url
+
+    assert canonical_url("S3://Bucket/Store.zarr/") == "s3://Bucket/Store.zarr"
+    ds = SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02)
+    deepstrf.save_dataset(ds, "Memory://upper/a.zarr")
+    assert deepstrf.open_dataset("memory://upper/a.zarr").get_S() == ds.get_S()
+
+
 def test_options_file(tmp_path, monkeypatch):
     path = tmp_path / "storage.json"
     path.write_text(json.dumps({"s3://lab-a": {"key": "a"}}))

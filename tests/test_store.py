@@ -994,3 +994,12 @@ def test_a_write_removes_the_staging_folders_killed_writers_left(tmp_path):
         folder.mkdir()
     save_dataset(aa1, str(tmp_path / "aa1.zarr"), progress=False, overwrite=True)
     assert left.exists() and old.exists()
+
+
+def test_numpy_scalar_attributes_are_stored_as_numbers(tmp_path):
+    # F and the hearing range converted already; a NumPy audio_fs was refused as "not a positive number"
+    ds = SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02, seed=1)
+    ds.audio_fs, ds.F = np.float32(16000.0), np.int64(ds.F)
+    save_dataset(ds, tmp_path / "a.zarr")
+    opened = open_dataset(tmp_path / "a.zarr")
+    assert opened.audio_fs == 16000.0 and opened.F == int(ds.F)

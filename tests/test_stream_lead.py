@@ -64,6 +64,18 @@ def test_main_process_reads_until_a_worker_begins_and_the_order_is_kept():
     assert s.epoch == 1 and s.state_dict()["consumed"] == 0
 
 
+def _marked(batch):
+    return ("collated", batch_keys(batch))
+
+
+def test_the_users_collate_fn_applies_to_the_batches_the_main_process_reads():
+    s = StreamingNeuralDataset(paced_toy(S=6, start_s=2.0), batch_size=2, seed=1)
+    loader = s.loader(num_workers=2, timeout=LOADER_TIMEOUT_S, collate_fn=_marked)
+    got = list(loader)
+    assert loader.lead_batches > 0 and all(b[0] == "collated" for b in got)
+    assert [k for b in got for k in b[1]] == in_process_keys(6, batch_size=2, seed=1)
+
+
 def test_main_process_reads_the_whole_pass_when_the_workers_are_late():
     s = StreamingNeuralDataset(paced_toy(S=6, start_s=2.0), batch_size=2, seed=1)
     loader = s.loader(num_workers=2, timeout=LOADER_TIMEOUT_S, persistent_workers=True)

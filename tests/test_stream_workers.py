@@ -256,10 +256,10 @@ def test_kept_forked_workers_leave_ctrl_c_to_the_main_process(tmp_path):
     # a terminal sends Ctrl-C to the whole process group: forked workers took it, left their loop,
     # and the next pass found them gone
     s = StreamingNeuralDataset(write_pool(str(tmp_path)), batch_size=4, shuffle=False)
-    loader = s.loader(num_workers=2, timeout=LOADER_TIMEOUT_S)
+    # forked (the rule forks them too, unless a thread an earlier test left is alive)
+    loader = s.loader(num_workers=2, timeout=LOADER_TIMEOUT_S, multiprocessing_context="fork")
     whole = [k for b in loader for k in batch_keys(b)]
     workers_before = list(loader._iterator._workers)
-    assert context_method(loader.multiprocessing_context) == "fork"
     for w in workers_before:
         os.kill(w.pid, signal.SIGINT)
     time.sleep(0.5)

@@ -174,15 +174,15 @@ print("ITEMS", sum(len(b["stim_meta"]) for b in stream))  # read here, without w
 '''
 
 
-@pytest.mark.parametrize("how", ["script", "stdin"])
+@pytest.mark.parametrize("how", ["script", "stdin", "module"])
 def test_an_unguarded_script_with_a_busy_thread_of_its_own(pool_url, tmp_path, how):
     """Forked workers could hang (in the fork itself: OpenBLAS's fork handler waits for a thread in
     a matrix product); forkserver workers would run the script again: they start by forkserver
     without running ``__main__``, and what they need of it (a worker_init_fn) travels by value."""
     code = f"POOL = {pool_url!r}\nimport json\nfrom deepstrf import StreamingNeuralDataset\n" + BUSY_THREAD + WITH_INIT
-    if how == "script":
+    if how != "stdin":
         (tmp_path / "train.py").write_text(code)
-        out = _run(["train.py"], str(tmp_path))
+        out = _run(["train.py"] if how == "script" else ["-m", "train"], str(tmp_path))
     else:
         out = _run(["-"], str(tmp_path), stdin=code)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -29,12 +29,14 @@ def on_network(url: str) -> bool:
 
 
 def canonical_url(url: str) -> str:
-    """Absolute local path for local URLs (``file://`` stripped), else the URL without a trailing ``/``."""
+    """Absolute local path for local URLs (``file://`` stripped), else the URL with its scheme in
+    lower case (fsspec knows ``s3``, not ``S3``) and without a trailing ``/``."""
     url = os.fspath(url)
     if _protocol(url) == "file":
-        path = url[len("file://"):] if url.startswith("file://") else url
+        path = url[len("file://"):] if url.lower().startswith("file://") else url
         return os.path.abspath(os.path.expanduser(path))
-    return url.rstrip("/")
+    scheme, sep, rest = url.partition("://")
+    return (scheme.lower() + sep + rest).rstrip("/")
 
 
 def check_protocol(url: str) -> None:

@@ -114,7 +114,8 @@ def describe(ds: Any, url: str) -> dict[str, Any]:
     }
     if kind == "audio":
         hr = getattr(ds, "hearing_range_hz", None)
-        attrs.update(F=_converted(ds.F, int), audio_fs=getattr(ds, "audio_fs", None),
+        fs = getattr(ds, "audio_fs", None)  # a NumPy scalar is stored as the number it holds
+        attrs.update(F=_converted(ds.F, int), audio_fs=fs.item() if isinstance(fs, np.generic) else fs,
                      hearing_range_hz=None if hr is None else _converted(hr, lambda h: [float(v) for v in h]))
     elif kind == "video":
         attrs.update(H=_converted(ds.H, int), W=_converted(ds.W, int))

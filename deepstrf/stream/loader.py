@@ -324,7 +324,8 @@ class StreamingDataLoader(DataLoader):
             for batch in ds._lead_batches(self.stall_timeout or None):
                 self.lead_batches += 1
                 ds._steps += 1
-                yield ds.deliver(batch)
+                # your collate_fn, as a worker applies it to the batches it reads
+                yield ds.deliver(batch if self._user_collate is None else self._user_collate(batch))
                 if starting.done() and starting.exception() is not None:
                     break
         except ReadTimeout as exc:

@@ -87,7 +87,8 @@ def _install_preparation_hook() -> None:
     def preparation_data(name: str) -> dict:
         data = original(name)
         if getattr(_STARTING, "hides_main", False):
-            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_path", None)  # a script
+            data.pop("init_main_from_name", None)  # a module run with -m
         return data
 
     multiprocessing.spawn.get_preparation_data = preparation_data
