@@ -23,8 +23,16 @@ import deepstrf
 from deepstrf.datasets.synthetic import SyntheticAudioDataset
 from deepstrf.errors import VersionNotFoundError
 from deepstrf.store import prune_versions, update_pool
+from deepstrf.utils.data import NeuralDataset
 
 from _common import join, parser, storage_options
+
+
+def same_pool(shared: NeuralDataset, pool: NeuralDataset) -> None:
+    """Lab B's copy holds what lab A pooled."""
+    assert shared.summary()["sources"] == pool.summary()["sources"]
+    assert bool((shared.nrn_masks == pool.nrn_masks).all())
+    print(f"lab B opened {shared.get_S()} stims x {shared.N_neurons} neurons from the shared pool")
 
 
 def main() -> None:
@@ -52,14 +60,11 @@ def main() -> None:
 
     # lab B: receives the root (copied to another place) and opens the pool with only the URL
     if "://" not in root:
-        lab_b_root = tempfile.mkdtemp(prefix="deepstrf-lab-b-")
-        shutil.copytree(root, lab_b_root, dirs_exist_ok=True)
-        shared = deepstrf.open_dataset(os.path.join(lab_b_root, "pool.zarr"))
+        with tempfile.TemporaryDirectory(prefix="deepstrf-lab-b-") as lab_b_root:
+            shutil.copytree(root, lab_b_root, dirs_exist_ok=True)
+            same_pool(deepstrf.open_dataset(os.path.join(lab_b_root, "pool.zarr")), pool)
     else:
-        shared = deepstrf.open_dataset(pool_url, storage_options=so)  # lab B's own credentials
-    assert shared.summary()["sources"] == pool.summary()["sources"]
-    assert bool((shared.nrn_masks == pool.nrn_masks).all())
-    print(f"lab B opened {shared.get_S()} stims x {shared.N_neurons} neurons from the shared pool")
+        same_pool(deepstrf.open_dataset(pool_url, storage_options=so), pool)  # lab B's own credentials
 
     # lab A publishes a new version of a source: the pool still reads the version it pinned
     before = pool.stims[0]
