@@ -159,7 +159,7 @@ def test_exit_codes_are_documented_and_kept(capsys):
                        (["import-nwb", "out", "x.nwb", "--dt-ms", "inf"], "expected a number above 0"),
                        (["plot", "x.zarr", "-o", "cov.unknownext"], "cannot write .unknownext images"),
                        (["plot", "x.zarr", "-o", "cov.pgf"], "cannot write .pgf images"),  # needs TeX
-                       (["concat", "out.zarr"], "name the stores to pool: URLs, patterns (s3://bucket/stores/*.zarr)"),
+                       (["concat", "out.zarr"], "name the stores to pool: paths or URLs, patterns (s3://bucket/stores/*.zarr)"),
                        (["concat", "out.zarr", "a.zarr", "b.zarr", "--name", "x"], "got 1 --name for 2 sources")):
         with pytest.raises(SystemExit) as bad_value:
             cli_main(argv)

@@ -121,12 +121,18 @@ def test_inputs_from_a_listing_and_patterns(sessions, tmp_path, s3_server, capsy
     (["x.nwb", "--dask", "local:0"], "local:N with N >= 1"),
     (["--from-list", "/nonexistent/listing.txt"], "no listing file"),
     (["/nonexistent/folder/*.nwb"], "no file matches"),
-    ([], "no input given"),
 ])
 def test_refusals(tmp_path, capsys, argv, needle):
     assert main(["import-nwb", str(tmp_path / "out"), *argv]) == 1
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+def test_no_input_is_a_command_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as usage:
+        main(["import-nwb", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert usage.value.code == 2 and "name the NWB files to import: paths or URLs, patterns" in err
 
 
 def test_dask_and_jobs_together_is_a_command_line_error(tmp_path, capsys):

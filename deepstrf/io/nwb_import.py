@@ -136,7 +136,7 @@ def main(args: Any) -> int:
     unit_filter: dict[str, list[str]] = {}
     for col, value in args.unit_filter:  # COLUMN=VALUE pairs, split by the parser
         unit_filter.setdefault(col, []).append(value)
-    sources = gather_inputs(args.sources, args.from_list, args.storage_options)
+    sources = gather_inputs(args.sources, args.from_list, args.storage_options, what="NWB files to import")
     options = dict(
         dt_ms=args.dt_ms, jobs=args.jobs, license=args.license, storage_options=args.storage_options,
         overwrite=args.overwrite, presentations=args.presentations, stim_column=args.stim_column,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from ..errors import StoreError
+from ..errors import StoreError, UsageError
 from .location import Location, canonical_url
 
 GLOB_CHARS = "*?["
@@ -45,10 +45,16 @@ def expand(pattern: str, storage_options: dict | None = None) -> list[str]:
     return found if loc.is_local else [f"{loc.protocol}://{p}" for p in found]
 
 
+NWB_PATTERN = "s3://bucket/prefix/**/*.nwb"  # the example of a pattern of NWB files in messages
+
+
 def gather_inputs(items: Sequence[str], from_list: str | None = None, storage_options: dict | None = None,
-                  example: str = "s3://bucket/prefix/**/*.nwb") -> list[str]:
-    """``items`` then the entries of ``from_list``, patterns expanded, each URL once; ``example`` is
-    the pattern an error shows."""
+                  example: str = NWB_PATTERN, what: str = "files") -> list[str]:
+    """``items`` then the entries of ``from_list``, patterns expanded, each URL once. A command line
+    that names neither is a :class:`~deepstrf.errors.UsageError` naming ``what`` to give, with
+    ``example`` as the pattern it shows (an empty listing is a :class:`StoreError`)."""
+    if not items and not from_list:
+        raise UsageError(f"name the {what}: paths or URLs, patterns ({example}), or --from-list FILE")
     entries = list(items) + (read_listing(from_list, storage_options) if from_list else [])
     if not entries:
         raise StoreError(f"no input given: name files or URLs, patterns ({example}), "

@@ -30,9 +30,8 @@ def concat_main(args: argparse.Namespace) -> int:
     from ..errors import UsageError
     from .listing import gather_inputs
 
-    if not args.sources and not args.from_list:
-        raise UsageError(f"name the stores to pool: URLs, patterns ({STORE_PATTERN}), or --from-list FILE")
-    sources = gather_inputs(args.sources, args.from_list, args.storage_options, example=STORE_PATTERN)
+    sources = gather_inputs(args.sources, args.from_list, args.storage_options, example=STORE_PATTERN,
+                            what="stores to pool")
     if args.name is not None and len(args.name) != len(sources):
         raise UsageError(f"got {len(args.name)} --name for {len(sources)} sources; give one --name per source or none")
     opened = thread_map(lambda u: open_dataset(u, storage_options=args.storage_options, **_open_kw(args, u)),
