@@ -159,7 +159,7 @@ def _check_replaceable(loc: Location, state: str, own: tuple[str, ...], kind: st
         fmt = _format_at(*loc.filesystem())
         if fmt == kind:
             return
-        if isinstance(fmt, str) and fmt.startswith("deepstrf."):
+        if fmt.startswith("deepstrf."):  # _format_at gives a str
             raise StoreExistsError(
                 f"{loc.url} holds a {_kind_name(fmt)} store and this writes a {_kind_name(kind)}; refusing to "
                 "replace it even with overwrite=True (a source's versions, or the pool others open by this URL, "
