@@ -186,6 +186,28 @@ def test_resume_refuses_other_selection(pool):
         StreamingNeuralDataset(pool, batch_size=2, seed=4).load_state_dict(state)
 
 
+@pytest.mark.parametrize("change", [dict(block_size=1), dict(shuffle_buffer=4)])
+def test_resume_refuses_another_order(pool, change):
+    """block_size and shuffle_buffer shape the epoch's order: resuming under other ones would repeat
+    and skip items."""
+    s = StreamingNeuralDataset(pool, batch_size=4, seed=0)
+    next(iter(s))
+    state = s.state_dict()
+    (key, value), = change.items()
+    with pytest.raises(ValueError, match=rf"state has {key}={getattr(s, key)}, this dataset {value}.*"
+                                         rf"build the dataset with {key}={getattr(s, key)}"):
+        StreamingNeuralDataset(pool, batch_size=4, seed=0, **change).load_state_dict(state)
+
+
+def test_resume_loads_a_state_saved_without_the_order_settings(pool):
+    s = StreamingNeuralDataset(pool, batch_size=4, seed=0)
+    next(iter(s))
+    state = {k: v for k, v in s.state_dict().items() if k not in ("block_size", "shuffle_buffer")}
+    t = StreamingNeuralDataset(pool, batch_size=4, seed=0)
+    t.load_state_dict(state)
+    assert t.state_dict()["consumed"] == 4
+
+
 def test_source_homogeneous_batches(pool):
     s = StreamingNeuralDataset(pool, batch_size=4, source_homogeneous=True, seed=3)
     batches = list(s)

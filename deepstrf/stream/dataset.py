@@ -46,6 +46,8 @@ from .workers import DEFAULT_TIMEOUT_S, WorkerActivity, freeze_long_lived, ignor
 
 Collate = Literal["compact", "dense"]
 STATE_VERSION = 1
+# the settings the epoch's order depends on: a state resumes only a dataset with the same ones
+ORDER_SETTINGS = ("seed", "shuffle", "source_homogeneous", "block_size", "shuffle_buffer")
 # Without batch_size (and without loader_batch_size), a process reads this many of its items at once.
 ITEM_READ_GROUP = 8
 
@@ -450,17 +452,19 @@ class StreamingNeuralDataset(IterableDataset):
         steps = self._steps if batches is None else batches
         consumed = partition.consumed_after(n_units, self._offset, world, self._unit_batch(), steps,
                                             self.drop_last)
-        return {"version": STATE_VERSION, "epoch": self.epoch, "seed": self.seed, "shuffle": self.shuffle,
-                "source_homogeneous": self.source_homogeneous, "batch_size": self.batch_size,
-                "n_units": n_units, "consumed": consumed}
+        return {"version": STATE_VERSION, "epoch": self.epoch, **{key: getattr(self, key) for key in ORDER_SETTINGS},
+                "batch_size": self.batch_size, "n_units": n_units, "consumed": consumed}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at ``state`` (from :meth:`state_dict`), with any number of ranks or workers."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unknown streaming state version {state.get('version')!r} (expected {STATE_VERSION})")
-        for key in ("seed", "shuffle", "source_homogeneous"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"cannot resume: state has {key}={state[key]!r}, this dataset {getattr(self, key)!r}")
+        for key in ORDER_SETTINGS:
+            # a state saved before block_size and shuffle_buffer were recorded lacks them
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"cannot resume: state has {key}={state[key]!r}, this dataset {getattr(self, key)!r}: "
+                                 f"the epoch's order would differ, repeating and skipping items; build the dataset "
+                                 f"with {key}={state[key]!r} to resume this state")
         if self.source_homogeneous and state["batch_size"] != self.batch_size:
             raise ValueError("cannot resume source-homogeneous batches with a different batch_size "
                              f"({state['batch_size']} -> {self.batch_size})")
