@@ -143,6 +143,15 @@ def test_items_with_dataloader_batching(pool):
     assert sorted(keys) == sorted(item_key(pool[i]) for i in range(len(pool)))
 
 
+def test_duplicate_neurons_are_refused(pool):
+    """A batch identifies cells by neuron id: a neuron selected twice would fill one position only."""
+    with pytest.raises(ValueError, match=r"neurons= .*names neurons \[3\] more than once.*select each neuron once"):
+        StreamingNeuralDataset(pool, batch_size=2, neurons=[3, 3, 12])
+    by_select = StreamingNeuralDataset(pool, batch_size=2, select=lambda d: d.select_population([12, 3, 12]))
+    with pytest.raises(ValueError, match=r"neuron selection of .*names neurons \[12\] more than once"):
+        next(iter(by_select))
+
+
 @pytest.mark.parametrize("workers_before,workers_after", [(0, 2), (2, 1), (1, 0)])
 def test_resume_mid_epoch_with_other_worker_count(pool, workers_before, workers_after):
     full = StreamingNeuralDataset(pool, batch_size=2, seed=9)

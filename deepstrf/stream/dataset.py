@@ -214,6 +214,8 @@ class StreamingNeuralDataset(IterableDataset):
                              "e.g. compact_collate(...).to(device).to_dense(ds.selected_neurons()))")
         if source_homogeneous and batch_size is None:
             raise ValueError("source_homogeneous=True needs a batch_size (batches are built by the dataset)")
+        if neurons is not None:  # up front (a dataset object is opened on first use)
+            reader.check_unique(neurons, f"neurons= (for {self._where()})")
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither (torch.distributed is used then)")
         self.storage_options = storage_options
@@ -303,7 +305,7 @@ class StreamingNeuralDataset(IterableDataset):
             # a forked worker reuses the dataset its parent opened: store-backed parts reopen
             # their storage handles in this process on first use, the loaded index is kept
             ds = self._open() if self._opened is None else self._opened.ds
-            selection = reader.Selection.of(ds.selected_neurons())
+            selection = reader.Selection.of(ds.selected_neurons(), self._where())
             in_order = bool((np.diff(selection.neurons) > 0).all())
             everything = in_order and len(selection.neurons) == ds.N_neurons
             remote = _waits_on_network(ds)

@@ -37,14 +37,29 @@ class Selection:
     neurons: np.ndarray
 
     @classmethod
-    def of(cls, neurons: Sequence[int]) -> "Selection":
-        return cls(np.asarray(list(neurons), dtype=np.int64))
+    def of(cls, neurons: Sequence[int], where: str) -> "Selection":
+        """The selection of ``neurons`` (of the dataset ``where``), each of them once."""
+        ids = np.asarray(list(neurons), dtype=np.int64)
+        check_unique(ids, f"the neuron selection of {where}")
+        return cls(ids)
 
     def positions(self, n_total: int) -> np.ndarray:
         """Lookup table global neuron id -> position in the selection (-1 if absent)."""
         pos = np.full(n_total, -1, dtype=np.int64)
         pos[self.neurons] = np.arange(len(self.neurons))
         return pos
+
+
+def check_unique(neurons: Sequence[int] | np.ndarray, what: str) -> None:
+    """Refuse a neuron selection that names a neuron more than once: a stream's batches identify a
+    cell by its neuron's global id (``CompactBatch.neuron_index``, ``to_dense``), so a neuron has
+    one position only (map-style ``select_population`` keeps duplicates; streaming cannot)."""
+    ids, counts = np.unique(np.asarray(neurons, dtype=np.int64), return_counts=True)
+    if (counts > 1).any():
+        twice = ids[counts > 1].tolist()
+        raise ValueError(f"{what} names neurons {twice[:10]} more than once; a stream "
+                         "identifies each cell by its neuron's id, so select each neuron once (e.g. "
+                         "list(dict.fromkeys(neurons)))")
 
 
 @dataclass
