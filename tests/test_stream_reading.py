@@ -1,6 +1,8 @@
 """Retries, permanent failures, the row cache and prefetch bounds, on in-memory data."""
 
 import errno
+import re
+import warnings
 
 import pytest
 
@@ -10,7 +12,7 @@ from deepstrf.stream.cache import RowCache
 from deepstrf.stream.prefetch import Prefetcher
 from deepstrf.stream.retry import TransientError, is_transient
 
-from stream_helpers import batch_keys, compact_equal, item_key, small_pool
+from stream_helpers import batch_keys, item_key, items_equal, small_pool
 
 FAST = RetryPolicy(attempts=4, base_delay=0.001, max_delay=0.01)
 
@@ -91,14 +93,21 @@ def test_retry_budget_exhausted():
         list(s)
 
 
-def test_row_cache_hits_and_equal_batches(tmp_path):
-    pool = small_pool()
-    s = StreamingNeuralDataset(pool, batch_size=4, shuffle=False, cache_dir=tmp_path, cache_bytes=10 << 20)
-    first = list(s)
-    second = list(s)
-    assert s.stats()["cache_hits"] == len(pool)
-    for a, b in zip(first, second):
-        assert compact_equal(a, b)
+def test_row_cache_is_not_used_for_data_in_memory(tmp_path):
+    """Rows of an in-memory dataset have no stable description (its cells can change in place,
+    under the same path): caching them could serve one dataset another's rows."""
+    from toydata import ToyAudio
+
+    raw, smoothed = ToyAudio(seed=3, S=6, N=5), ToyAudio(seed=3, S=6, N=5)
+    smoothed.smooth_responses()  # in place, same path as raw
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for ds in (raw, smoothed):
+            got = list(StreamingNeuralDataset(ds, shuffle=False, cache_dir=tmp_path))
+            assert all(items_equal(item, ds[i]) for i, item in enumerate(got))
+    assert not list(tmp_path.iterdir())
+    said = [str(w.message) for w in caught if "cache_dir" in str(w.message)]
+    assert len(said) == 2 and re.search(r"is not used for toy-audio-3.*data in memory", said[0])
 
 
 def test_row_cache_is_bounded(tmp_path):

@@ -92,6 +92,33 @@ def test_s3_selection_and_cache(s3_pool, tmp_path):
     assert s.stats()["cache_hits"] == len(first)
 
 
+def test_row_cache_hits_and_equal_batches(local_pool, tmp_path):
+    s = StreamingNeuralDataset(local_pool, batch_size=4, shuffle=False, cache_dir=tmp_path, cache_bytes=10 << 20)
+    first = list(s)
+    second = list(s)
+    assert s.stats()["cache_hits"] == len(s.dataset())
+    for a, b in zip(first, second):
+        assert compact_equal(a, b)
+
+
+@pytest.mark.parametrize("transform", [lambda d: d.normalize_responses(), lambda d: d.smooth_responses(),
+                                       lambda d: d.smooth_responses(window_ms=5.0)])
+def test_row_cache_keeps_transformed_rows_apart(local_pool, tmp_path, transform):
+    """A transform recorded on a store-backed dataset is part of the cache's key: its rows are not
+    served from the untransformed store's cached rows (nor from another transform's)."""
+    list(StreamingNeuralDataset(open_dataset(local_pool), shuffle=False, cache_dir=tmp_path))
+    other = open_dataset(local_pool)
+    other.smooth_responses(window_ms=30.0)
+    list(StreamingNeuralDataset(other, shuffle=False, cache_dir=tmp_path))
+    ds = open_dataset(local_pool)
+    transform(ds)
+    s = StreamingNeuralDataset(ds, shuffle=False, cache_dir=tmp_path)
+    assert all(items_equal(item, ds[i]) for i, item in enumerate(s))
+    hits = s.stats()["cache_hits"]
+    assert all(items_equal(item, ds[i]) for i, item in enumerate(s))
+    assert (hits, s.stats()["cache_hits"]) == (0, len(ds))  # its own rows are cached
+
+
 def _only_aa2(ds):
     ds.select_pop_by_nrn_attr("dataset", "AA2")
 

@@ -11,6 +11,7 @@ answers the same way for both.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -339,9 +340,9 @@ class NeuralDataset(Dataset):
     def smooth_responses(self, window_ms: float = 21.0) -> None:
         """Smooth every valid response with a Hanning window of ``window_ms``."""
         dt = self.dt
-        self.responses = views.map_responses(
-            self.responses, lambda r, s, n: hanning_smooth(r, window_ms=window_ms, dt_ms=dt),
-            self.N_neurons)
+        smooth = views.DescribedTransform(lambda r, s, n: hanning_smooth(r, window_ms=window_ms, dt_ms=dt),
+                                          f"smooth_responses(window_ms={window_ms!r}, dt_ms={dt!r})")
+        self.responses = views.map_responses(self.responses, smooth, self.N_neurons)
 
     def normalize_responses(self, method: str = "max",
                             stim_indices: Sequence[int] | None = None,
@@ -379,8 +380,10 @@ class NeuralDataset(Dataset):
             offset = torch.where(enough, mean, 0.0).float()
             scale = torch.where(enough, var.clamp(min=0).sqrt().clamp(min=eps), 1.0).float()
         off_c, scale_c = offset.clone(), scale.clone()
-        self.responses = views.map_responses(
-            self.responses, lambda r, s, n: (r - off_c[n]) / scale_c[n], N)
+        digest = hashlib.sha1(off_c.numpy().tobytes() + scale_c.numpy().tobytes()).hexdigest()
+        normalize = views.DescribedTransform(lambda r, s, n: (r - off_c[n]) / scale_c[n],
+                                             f"normalize_responses(offset, scale: sha1 {digest})")
+        self.responses = views.map_responses(self.responses, normalize, N)
         self.response_normalization = {
             "method": method, "scale": scale, "offset": offset,
             "stim_indices": None if stim_indices is None else list(stim_indices),

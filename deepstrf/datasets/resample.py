@@ -77,6 +77,10 @@ class RebinnedGrid(views.ResponseGrid):
     def _read_row(self, s: int, neurons: Sequence[int]) -> list[torch.Tensor]:
         return [rebin_counts(c, self.factor) for c in views.read_row(self.source, s, neurons)]
 
+    def _stored_signature(self) -> str | None:
+        source = views.content_signature(self.source)
+        return None if source is None else f"{source}|rebin(factor={self.factor})"
+
     def _mask(self) -> torch.Tensor:
         return self.source_mask.clone()
 
@@ -225,6 +229,9 @@ class _PassThroughGrid(views.ResponseGrid):
 
     def _read_row(self, s: int, neurons: Sequence[int]) -> list[torch.Tensor]:
         return views.read_row(self.source, s, neurons)
+
+    def _stored_signature(self) -> str | None:
+        return views.content_signature(self.source)
 
     def _mask(self) -> torch.Tensor:
         return self.source_mask.clone()

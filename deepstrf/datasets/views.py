@@ -26,6 +26,19 @@ CellTransform = Callable[[torch.Tensor, int, int], torch.Tensor]
 StimTransform = Callable[[torch.Tensor, int], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class DescribedTransform:
+    """A cell transform with a stable description of what it computes (its name and parameters,
+    e.g. ``"smooth_responses(window_ms=21.0, dt_ms=1.0)"``), by which rows it produced can be
+    told apart from others (:meth:`ResponseGrid.content_signature`)."""
+
+    fn: CellTransform
+    signature: str
+
+    def __call__(self, cell: torch.Tensor, s: int, n: int) -> torch.Tensor:
+        return self.fn(cell, s, n)
+
+
 def missing_sentinel() -> torch.Tensor:
     """The canonical missing-pair marker: a ``(1, 1)`` float tensor holding NaN."""
     return torch.full((1, 1), float("nan"))
@@ -341,6 +354,22 @@ class ResponseGrid(Sequence):
     def set_cell(self, s: int, n: int, value: torch.Tensor) -> None:
         self._overrides[(s, n)] = value
 
+    def content_signature(self) -> str | None:
+        """A stable description of the cells this grid reads, equal only for grids that read equal
+        cells (in any process or run): where they are stored (a store's fingerprint) and each
+        recorded transform's description. None when there is none: cells not read from a store,
+        cells set by hand, or a transform that does not describe itself (not a
+        :class:`DescribedTransform`)."""
+        stored = self._stored_signature()
+        described = [getattr(fn, "signature", None) for fn in self._transforms]
+        if stored is None or self._overrides or None in described:
+            return None
+        return "|".join([stored, *described])
+
+    def _stored_signature(self) -> str | None:
+        """:meth:`content_signature` of the untransformed cells; None unless they come from a store."""
+        return None
+
     def with_transform(self, fn: CellTransform) -> "ResponseGrid":
         """A new view of the same data with ``fn`` applied to every valid cell on read."""
         clone = object.__new__(type(self))
@@ -374,6 +403,10 @@ class BlockDiagonalGrid(ResponseGrid):
             self.sources = sources
         self.stim_offsets, self.neuron_offsets = list(offsets[0]), list(offsets[1])
         super().__init__(self.stim_offsets[-1], self.neuron_offsets[-1])
+
+    def _stored_signature(self) -> str | None:
+        parts = [content_signature(d.responses) for d in self.sources]
+        return None if None in parts else f"concat({','.join(parts)})"
 
     def source_of_stim(self, s: int) -> int:
         return bisect.bisect_right(self.stim_offsets, s) - 1
@@ -508,6 +541,12 @@ def fill_rows(rows: list[RawRow], out: Sequence[np.ndarray] | None) -> list[RawR
         buf[...] = row.values
         row.values = buf
     return rows
+
+
+def content_signature(responses: Any) -> str | None:
+    """:meth:`ResponseGrid.content_signature` of a view; None for a list grid (its cells can
+    change in place)."""
+    return responses.content_signature() if isinstance(responses, ResponseGrid) else None
 
 
 def grid_mask(responses: Any, n_neurons: int) -> torch.Tensor:

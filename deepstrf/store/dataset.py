@@ -81,6 +81,9 @@ class ZarrResponseGrid(ResponseGrid):
     def row_sizes_read_storage(self) -> bool:
         return not self.reader.has_index()
 
+    def _stored_signature(self) -> str:
+        return f"store {self.reader.attrs['fingerprint']}"
+
     def _mask(self) -> torch.Tensor:
         return torch.from_numpy(self.reader.mask())
 

@@ -206,7 +206,8 @@ def _open(loc: Location, group: zarr.Group, allowed_roots: Sequence[str], trust:
     parts = PoolParts(len(entries), make_part)
     pooled = cls.__new__(cls)
     _fill(pooled, attrs, loc.url, ConcatSequence(_PartStims(parts), stim_offsets),
-          PoolGrid(parts, (stim_offsets, neuron_offsets), tables.coverage, io), stim_meta, nrn_meta)
+          PoolGrid(parts, (stim_offsets, neuron_offsets), tables.coverage, io,
+                   None if accept_changed_sources else attrs["fingerprint"]), stim_meta, nrn_meta)
     pooled.fingerprint = attrs["fingerprint"]
     pooled.pool_sources = entries
     pooled.source_names = [e["name"] for e in entries]
@@ -267,10 +268,16 @@ class PoolGrid(BlockDiagonalGrid):
     ``io`` totals the requests and bytes of the sources opened in this process."""
 
     def __init__(self, sources: PoolParts, offsets: tuple[Sequence[int], Sequence[int]],
-                 coverage: Callable[[], Coverage], io: IOCounters) -> None:
+                 coverage: Callable[[], Coverage], io: IOCounters, fingerprint: str | None) -> None:
+        """``fingerprint``: the pool's, which pins its sources' content (None: the sources may have
+        changed since pooling, accept_changed_sources)."""
         super().__init__(sources, offsets)
         self._stored_coverage = coverage
         self.io = io
+        self.fingerprint = fingerprint
+
+    def _stored_signature(self) -> str | None:
+        return None if self.fingerprint is None else f"pool {self.fingerprint}"
 
     def opened_readers(self) -> list[Any]:
         """Store readers of the sources opened in this process (none are opened here)."""

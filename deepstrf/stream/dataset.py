@@ -14,6 +14,7 @@ import itertools
 import os
 import shutil
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
@@ -67,6 +68,7 @@ class Opened:
     io: StorageIO | None            # storage requests/bytes of a store-backed dataset, else None
     read_threads: int               # threads reading ahead in this process
     waits_on_network: bool          # its store, or a pool's sources, are not local
+    cache: RowCache | None          # the row cache of cache_dir (None: rows are read each time)
 
 
 def _grouped(tasks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
@@ -313,12 +315,13 @@ class StreamingNeuralDataset(IterableDataset):
             # thread (store/localfiles.py), not waits a second thread could overlap
             local_files = self.url is not None and not remote
             threads = self._read_threads(remote)
+            read_neurons = None if everything else selection.neurons.tolist()
             self._opened = Opened(os.getpid(), ds, self._visible(ds), selection,
-                                  selection.positions(ds.N_neurons),
-                                  None if everything else selection.neurons.tolist(), in_order,
+                                  selection.positions(ds.N_neurons), read_neurons, in_order,
                                   None if local_files else ThreadPoolExecutor(max_workers=threads,
                                                                               thread_name_prefix="deepstrf-stims"),
-                                  None if (io := storage_io(ds)) is None else StorageIO(io), threads, remote)
+                                  None if (io := storage_io(ds)) is None else StorageIO(io), threads, remote,
+                                  self._cache(ds, read_neurons))
         return self._opened
 
     def _read_threads(self, remote: bool) -> int:
@@ -746,7 +749,7 @@ class StreamingNeuralDataset(IterableDataset):
     def _read_rows(self, st: Opened, stims: list[int], out: list[np.ndarray] | None = None) -> list[views.RawRow]:
         """Rows of ``stims`` from the cache, else in one batched (retried) read; with ``out``,
         row ``i``'s values land in ``out[i]``."""
-        cache = self._cache(st.ds, st.read_neurons)
+        cache = st.cache
         found = {} if cache is None else {s: r for s in stims if (r := cache.get(s)) is not None}
         todo = [i for i, s in enumerate(stims) if s not in found]
         if found:
@@ -768,10 +771,23 @@ class StreamingNeuralDataset(IterableDataset):
         return [found[s] for s in stims]
 
     def _cache(self, ds: NeuralDataset, neurons: list[int] | None) -> RowCache | None:
+        """The row cache of ``cache_dir`` for ``ds``, keyed by what its cells are (the store's
+        fingerprint and each recorded transform, see ``content_signature``) and the neurons read.
+        None without ``cache_dir``, and, with a warning, where the cells have no such description:
+        their cached rows could not be told from another dataset's."""
         if self.cache_dir is None:
             return None
-        namespace = f"{self._where()}#{getattr(ds, 'fingerprint', '')}"
-        return RowCache(self.cache_dir, self.cache_bytes, namespace, neurons)
+        signature = views.content_signature(ds.responses)
+        if signature is None:
+            if get_worker_info() is None:  # once, not once per DataLoader worker
+                warnings.warn(f"cache_dir={os.fspath(self.cache_dir)!r} is not used for {self._where()}: its "
+                              "responses are not read as a store holds them (data in memory, cells set by hand or "
+                              "a transform of your own), so their cached rows could not be told from another "
+                              "dataset's; rows are read each time. Stream a store (transformed by "
+                              "normalize_responses or smooth_responses, or not), or leave out cache_dir.",
+                              UserWarning, stacklevel=2)
+            return None
+        return RowCache(self.cache_dir, self.cache_bytes, f"{self._where()}#{signature}", neurons)
 
     # -- observability -------------------------------------------------------------
     def stats(self, seconds: float | None = None) -> dict[str, float]:
