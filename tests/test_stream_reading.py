@@ -4,6 +4,7 @@ import errno
 import re
 import warnings
 
+import numpy as np
 import pytest
 
 from deepstrf.datasets.views import ResponseGrid
@@ -119,6 +120,16 @@ def test_row_cache_is_bounded(tmp_path):
         assert cache.size() <= 20_000
     assert cache.get(rows[-1].stim) is not None  # the most recent entry survives
     assert cache.get(rows[0].stim) is None
+
+
+def test_cached_rows_own_their_memory(tmp_path):
+    """A row read back from the cache is writable memory of its own: items built on it may be edited."""
+    pool = small_pool()
+    row = pool.responses.read_raw_rows([0])[0]
+    cache = RowCache(tmp_path, max_bytes=1 << 20, namespace="x", neurons=None)
+    cache.put(row)
+    got = cache.get(row.stim)
+    assert got.values.flags.writeable and np.array_equal(got.values, row.values)
 
 
 def test_prefetch_bound_and_order():

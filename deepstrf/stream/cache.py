@@ -54,7 +54,9 @@ class RowCache:
         header = json.loads(blob[4:4 + header_len])
         n = header["cells"]
         index = np.frombuffer(blob, dtype=np.int64, count=3 * n, offset=4 + header_len).reshape(3, n)
-        values = np.frombuffer(_CODEC.decode(blob[4 + header_len + index.nbytes:]), dtype=header["dtype"])
+        # decoded into memory of its own: items made from the row may be edited in place
+        values = np.empty(int((index[1] * index[2]).sum()), dtype=header["dtype"])
+        _CODEC.decode(blob[4 + header_len + index.nbytes:], out=values)
         return RawRow(stim, index[0].copy(), index[1].copy(), index[2].copy(), values)
 
     def put(self, row: RawRow) -> None:
