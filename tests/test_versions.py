@@ -332,3 +332,30 @@ def test_version_paths_that_lead_outside_the_store_are_refused(tmp_path):
     manifest.write_text(json.dumps({**doc, "path": "../outside.zarr"}))
     with pytest.raises(IntegrityError, match=r"version path '../outside.zarr' is not a version"):
         versions_of(Location.parse(url))
+
+
+class _Hooked(SyntheticAudioDataset):
+    """aa1 whose ``hook`` runs once, when its first stimulus is read (while it is being published)."""
+
+    def __init__(self, seed, hook):
+        super().__init__("aa1", scale=0.1, time_scale=0.02, seed=seed)
+        self.hook = hook
+
+    def stim(self, s):
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            hook()
+        return super().stim(s)
+
+
+def test_a_prune_during_a_publish_does_not_bring_the_first_version_back(tmp_path):
+    """publish() re-wrote the manifest of the first version (the root's arrays) from the list it read
+    before its upload, although a prune had removed that version and its arrays meanwhile."""
+    url = str(tmp_path / "a.zarr")
+    deepstrf.save_dataset(aa1(1), url)
+    second = deepstrf.save_dataset(aa1(2), url, overwrite=True, tag="v2")
+    third = deepstrf.save_dataset(_Hooked(3, lambda: prune(Location.parse(url), 1)), url, overwrite=True, tag="v3")
+    assert [v.fingerprint for v in versions_of(Location.parse(url))] == [second, third]
+    assert not (tmp_path / "a.zarr" / "manifests" / f"{versions_module.FIRST_ID}.json").exists()
+    for v in versions_of(Location.parse(url)):
+        same_data(deepstrf.open_dataset(url, version=v.fingerprint), aa1(int(v.tag[1:])))

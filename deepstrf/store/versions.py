@@ -299,9 +299,8 @@ def publish(loc: Location, root: dict | None, write: Callable[[Staging], dict], 
         if held and held[-1].fingerprint == attrs["fingerprint"] and tag in (None, held[-1].tag):
             remove(where)
             return attrs["fingerprint"]
-        for old in held:
-            if not old.path:  # the root's arrays become the first version: its document moves here
-                _put(loc, _manifest_key(old), old.to_json())
+        if _still_unversioned(loc, root):  # the root's arrays become the first version: its document moves here
+            _put(loc, _manifest_key(held[0]), held[0].to_json())
         mine = Version(version_id, path, attrs["fingerprint"], tag, _now(), attrs["n_stims"], attrs["n_neurons"])
         _put(loc, _manifest_key(mine), mine.to_json())
     except BaseException:
@@ -309,6 +308,14 @@ def publish(loc: Location, root: dict | None, write: Callable[[Staging], dict], 
         raise
     write_index(loc)
     return attrs["fingerprint"]
+
+
+def _still_unversioned(loc: Location, root: dict | None) -> bool:
+    """Was the store at ``loc`` written once (its arrays at the root, ``root`` its document) and is it
+    still? Read again just before the first version's manifest is written: once the root is an
+    index, that manifest exists already, or a prune has removed it with the arrays (writing it
+    again would list a version whose data is gone)."""
+    return root is not None and not is_versioned(root) and not is_versioned(read_root(loc))
 
 
 def write_index(loc: Location) -> None:
