@@ -335,16 +335,17 @@ def test_version_paths_that_lead_outside_the_store_are_refused(tmp_path):
 
 
 class _Hooked(SyntheticAudioDataset):
-    """aa1 whose ``hook`` runs once, when its first stimulus is read (while it is being published)."""
+    """aa1 whose ``hook`` runs once, when its stimuli have been read ``after`` times (while it is
+    being published: save_dataset reads each once for the stimuli, then again for the responses)."""
 
-    def __init__(self, seed, hook):
+    def __init__(self, seed, hook, after=0):
         super().__init__("aa1", scale=0.1, time_scale=0.02, seed=seed)
-        self.hook = hook
+        self.hook, self.reads = hook, after
 
     def stim(self, s):
-        hook, self.hook = self.hook, None
-        if hook is not None:
-            hook()
+        self.reads -= 1
+        if self.reads == -1:
+            self.hook()
         return super().stim(s)
 
 
@@ -359,3 +360,42 @@ def test_a_prune_during_a_publish_does_not_bring_the_first_version_back(tmp_path
     assert not (tmp_path / "a.zarr" / "manifests" / f"{versions_module.FIRST_ID}.json").exists()
     for v in versions_of(Location.parse(url)):
         same_data(deepstrf.open_dataset(url, version=v.fingerprint), aa1(int(v.tag[1:])))
+
+
+def _id_begun(hours_ago):
+    from datetime import datetime, timedelta, timezone
+
+    return f"{datetime.now(timezone.utc) - timedelta(hours=hours_ago):%Y%m%dT%H%M%S%fZ}-0123abcd"
+
+
+def test_prune_keeps_a_long_publish_that_is_still_writing(tmp_path, monkeypatch):
+    """prune judged a publish's age by its id (when its upload began): one begun over an hour ago
+    was removed while still writing, and then reported success for a version whose data was gone."""
+    url = str(tmp_path / "a.zarr")
+    deepstrf.save_dataset(aa1(1), url)
+    deepstrf.save_dataset(aa1(2), url, overwrite=True)
+    abandoned = tmp_path / "a.zarr" / "versions" / _id_begun(3)  # a publish killed 3 h ago
+    (abandoned / "stims").mkdir(parents=True)
+    (abandoned / "stims" / "zarr.json").write_text("{}")
+    for p in (abandoned / "stims" / "zarr.json", abandoned / "stims", abandoned):
+        os.utime(p, (os.path.getmtime(p) - 3 * 3600,) * 2)
+    monkeypatch.setattr(versions_module, "new_id", lambda: _id_begun(2))  # this upload began 2 h ago
+    prune_then = _Hooked(3, lambda: prune(Location.parse(url), 5), after=aa1(3).get_S() + 2)  # stims written
+    fp = deepstrf.save_dataset(prune_then, url, overwrite=True, tag="big")
+    assert not abandoned.exists() and fp in [v.fingerprint for v in versions_of(Location.parse(url))]
+    same_data(deepstrf.open_dataset(url, version="big"), aa1(3))
+
+
+def test_a_publish_whose_data_was_removed_meanwhile_fails(store_url, monkeypatch):
+    base, so = store_url
+    url = f"{base}/a.zarr"
+    deepstrf.save_dataset(aa1(1), url, storage_options=so)
+    fp = deepstrf.save_dataset(aa1(2), url, storage_options=so, overwrite=True)
+    monkeypatch.setattr(versions_module, "ORPHAN_AGE_S", -1)  # every folder without a manifest looks abandoned
+    with pytest.raises(StoreError, match=r"a\.zarr: the new version's data .* was removed while it was being "
+                                         r"written .*nothing was published\. Save the dataset again"):
+        deepstrf.save_dataset(_Hooked(3, lambda: prune(Location.parse(url, so), 5)), url, storage_options=so,
+                              overwrite=True)
+    assert [v.fingerprint for v in versions_of(Location.parse(url, so))][-1] == fp
+    fs, path = Location.parse(url, so).filesystem()
+    assert len(fs.ls(f"{path}/versions", detail=False)) == 1

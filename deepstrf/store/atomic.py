@@ -30,6 +30,7 @@ from .format import SOURCE_FORMAT, VERSIONS_FORMAT
 from .location import ROOT_KEY, Location
 
 OWN_TOP_LEVEL = ("responses", "stims", "meta")
+STAGING_MARKER = ".writing"  # an empty object a publish keeps in its staging group until it commits (versions.py)
 
 
 class DeferredRootStore(WrapperStore):
@@ -61,6 +62,11 @@ class DeferredRootStore(WrapperStore):
 
     async def exists(self, key):
         return key in self._held if key == ROOT_KEY else await self._store.exists(key)
+
+    async def list_dir(self, prefix):
+        async for key in self._store.list_dir(prefix):
+            if prefix or key != STAGING_MARKER:  # not part of the hierarchy (zarr would warn when consolidating)
+                yield key
 
     async def publish(self) -> None:
         if ROOT_KEY not in self._held:

@@ -26,7 +26,7 @@ from typing import Any
 from ..errors import IntegrityError, StoreError, VersionNotFoundError
 from . import format as fmt
 from .format import VERSIONS_FORMAT
-from .atomic import OWN_TOP_LEVEL, Staging, remove, staged_write
+from .atomic import OWN_TOP_LEVEL, STAGING_MARKER, Staging, remove, staged_write
 from .location import ROOT_KEY, Location
 from .options import StorageOptions
 from .reader import read_root
@@ -35,7 +35,7 @@ from .schema import check_attributes
 VERSIONS_FORMAT_VERSION = "1.0"
 VERSIONS_DIR, MANIFESTS_DIR = "versions", "manifests"
 FIRST_ID = "00000000T000000000000Z"  # the id of a store's content from before its first re-publish
-ORPHAN_AGE_S = 3600  # prune removes version folders without a manifest once they are this old
+ORPHAN_AGE_S = 3600  # prune removes version folders without a manifest once nothing was written there for this long
 
 
 _VERSION_PATH = re.compile(rf"{VERSIONS_DIR}/[0-9A-Za-z][0-9A-Za-z_-]*")
@@ -294,7 +294,9 @@ def publish(loc: Location, root: dict | None, write: Callable[[Staging], dict], 
     path = f"{VERSIONS_DIR}/{version_id}"
     where = Location.parse(loc.child(path), loc.storage_options)
     with staged_write(where, overwrite=False, within=loc) as staging:
+        _put_bytes(staging.location, STAGING_MARKER, b"")
         attrs = write(staging)
+        _check_still_staged(staging.location, loc.url)
     try:
         if held and held[-1].fingerprint == attrs["fingerprint"] and tag in (None, held[-1].tag):
             remove(where)
@@ -308,6 +310,16 @@ def publish(loc: Location, root: dict | None, write: Callable[[Staging], dict], 
         raise
     write_index(loc)
     return attrs["fingerprint"]
+
+
+def _check_still_staged(staging: Location, url: str) -> None:
+    """Refuse to commit a version whose group was removed while it was written (its marker is
+    gone: a prune took it for an interrupted publish), then remove the marker."""
+    if not _exists(staging, STAGING_MARKER):
+        raise StoreError(f"{url}: the new version's data ({staging.url}) was removed while it was being written "
+                         "(by a `deepstrf prune` that took it for an interrupted publish?); nothing was published. "
+                         "Save the dataset again.")
+    _delete(staging, STAGING_MARKER)
 
 
 def _still_unversioned(loc: Location, root: dict | None) -> bool:
@@ -333,7 +345,11 @@ def _manifest_key(version: Version) -> str:
 
 def _put(loc: Location, key: str, doc: dict) -> None:
     """Write one small JSON object whole: a reader sees the old object or the new one."""
-    data = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    _put_bytes(loc, key, json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8"))
+
+
+def _put_bytes(loc: Location, key: str, data: bytes) -> None:
+    """Write one small object whole: a reader sees the old object or the new one."""
     if loc.is_local:
         target = os.path.join(loc.url, key)
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -350,22 +366,61 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _exists(loc: Location, key: str) -> bool:
+    if loc.is_local:
+        return os.path.exists(os.path.join(loc.url, key))
+    fs, path = loc.filesystem()
+    fs.invalidate_cache()
+    return bool(fs.exists(f"{path}/{key}"))
+
+
 def _modified(loc: Location, key: str) -> str | None:
     """When ``key`` was last written (ISO 8601, UTC), if the storage says."""
     try:
         if loc.is_local:
-            stamp = os.path.getmtime(os.path.join(loc.url, key))
-            return datetime.fromtimestamp(stamp, timezone.utc).isoformat(timespec="seconds")
-        fs, path = loc.filesystem()
-        info = fs.info(f"{path}/{key}")
+            when = _utc(os.path.getmtime(os.path.join(loc.url, key)))
+        else:
+            fs, path = loc.filesystem()
+            when = _info_time(fs.info(f"{path}/{key}"))
     except (OSError, ValueError):
         return None
-    when = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
+    return None if when is None else when.isoformat(timespec="seconds")
+
+
+def _utc(when: Any) -> datetime | None:
+    """``when`` (a datetime or a POSIX time) in UTC; None if it is neither."""
     if isinstance(when, datetime):
-        return when.astimezone(timezone.utc).isoformat(timespec="seconds")
+        return when.astimezone(timezone.utc)
     if isinstance(when, (int, float)):
-        return datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="seconds")
+        return datetime.fromtimestamp(when, timezone.utc)
     return None
+
+
+def _info_time(info: dict) -> datetime | None:
+    """When an object was last written, from its fsspec ``info``."""
+    return _utc(info.get("LastModified") or info.get("mtime") or info.get("last_modified"))
+
+
+def _last_written(loc: Location, folder: str) -> datetime | None:
+    """When anything in ``folder`` of the store at ``loc`` was last written (None: nothing there,
+    or the storage gives no times)."""
+    if loc.is_local:
+        top = os.path.join(loc.url, folder)
+        paths = [top, *(os.path.join(d, n) for d, dirs, files in os.walk(top) for n in dirs + files)]
+        times = []
+        for p in paths:
+            try:
+                times.append(os.stat(p).st_mtime)
+            except OSError:  # removed meanwhile
+                continue
+        return _utc(max(times)) if times else None
+    fs, path = loc.filesystem()
+    try:
+        infos = fs.find(f"{path}/{folder}", detail=True).values()
+    except FileNotFoundError:
+        return None
+    times = [t for t in map(_info_time, infos) if t is not None]
+    return max(times) if times else None
 
 
 # -- pruning -------------------------------------------------------------------------------------
@@ -374,8 +429,8 @@ def prune(loc: Location, keep: int) -> list[Version]:
     """Remove all but the ``keep`` newest versions of the store at ``loc``; return those removed.
 
     Each version's manifest goes first (it stops being listed), then the index is rewritten,
-    then its data; version folders left by interrupted publishes (no manifest, older than an
-    hour) are removed too.
+    then its data; version folders left by interrupted publishes (no manifest, nothing written
+    in them for an hour) are removed too.
     """
     if keep < 1:
         raise ValueError(f"prune: keep must be at least 1 (the latest version), got {keep}")
@@ -417,13 +472,28 @@ def _delete(loc: Location, key: str) -> None:
 
 
 def _remove_orphans(loc: Location, live: set[str]) -> None:
-    """Remove version folders without a manifest (interrupted publishes) older than an hour."""
-    now = datetime.now(timezone.utc)
+    """Remove version folders without a manifest (interrupted publishes) in which nothing was
+    written for ``ORPHAN_AGE_S``: a publish still uploading (however long ago it began) keeps
+    writing there, so its folder stays."""
     for name in _names_in(loc, VERSIONS_DIR):
-        stamp = name.lstrip(".").split("-", 1)[0].split(".", 1)[0]
-        try:
-            started = datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=timezone.utc)
-        except ValueError:
+        folder = f"{VERSIONS_DIR}/{name}"
+        started = _started(name)  # the id's time: a folder begun recently is not looked into
+        if folder in live or started is None or not _idle(started):
             continue
-        if f"{VERSIONS_DIR}/{name}" not in live and (now - started).total_seconds() > ORPHAN_AGE_S:
-            remove(Location.parse(loc.child(f"{VERSIONS_DIR}/{name}"), loc.storage_options))
+        last = _last_written(loc, folder)
+        if last is None or _idle(last):
+            remove(Location.parse(loc.child(folder), loc.storage_options))
+
+
+def _started(name: str) -> datetime | None:
+    """When the publish that writes version folder ``name`` (``<id>`` or a hidden staging sibling
+    ``.<id>.tmp-...``) began, from its id; None for a name that holds no id."""
+    stamp = name.lstrip(".").split("-", 1)[0].split(".", 1)[0]
+    try:
+        return datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+
+
+def _idle(since: datetime) -> bool:
+    return (datetime.now(timezone.utc) - since).total_seconds() > ORPHAN_AGE_S
