@@ -399,3 +399,68 @@ def test_a_publish_whose_data_was_removed_meanwhile_fails(store_url, monkeypatch
     assert [v.fingerprint for v in versions_of(Location.parse(url, so))][-1] == fp
     fs, path = Location.parse(url, so).filesystem()
     assert len(fs.ls(f"{path}/versions", detail=False)) == 1
+
+
+def _interrupt():
+    raise KeyboardInterrupt
+
+
+KILLED_FIRST_SAVE = """
+import os, sys, deepstrf
+from deepstrf.datasets.synthetic import SyntheticAudioDataset
+class Killed(SyntheticAudioDataset):
+    def stim(self, s):
+        os._exit(137)  # killed while writing (out of memory, a job's time limit)
+deepstrf.save_dataset(Killed("aa1", scale=0.1, time_scale=0.02, seed=1), sys.argv[1], tag="first")
+"""
+
+
+def test_an_interrupted_first_tagged_save_can_be_saved_again(tmp_path):
+    """An interrupted first save with tag= left versions/ (and a killed one its staging folder, or a
+    published manifest without the index): every later save was refused and nothing opened it."""
+    url = str(tmp_path / "a.zarr")
+    with pytest.raises(KeyboardInterrupt):
+        deepstrf.save_dataset(_Hooked(1, _interrupt), url, tag="first")
+    assert not os.path.exists(url) or not os.listdir(url)  # as it was
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    killed = subprocess.run([sys.executable, "-c", KILLED_FIRST_SAVE, url], env=env, timeout=100)
+    assert killed.returncode == 137 and os.listdir(os.path.join(url, "versions"))
+    with pytest.raises(VersionNotFoundError, match="holds no published version"):
+        deepstrf.open_dataset(url)
+    fp = deepstrf.save_dataset(aa1(1), url, tag="first")  # publishes into it (and removes the killed write's folder)
+    assert deepstrf.open_dataset(url).fingerprint == fp and len(os.listdir(os.path.join(url, "versions"))) == 1
+    with pytest.raises(StoreExistsError, match="pass overwrite=True to publish a new version"):
+        deepstrf.save_dataset(aa1(2), url, tag="second")
+
+
+def test_a_first_publish_cut_off_before_its_index_opens(tmp_path, monkeypatch):
+    url = str(tmp_path / "a.zarr")
+    real_write_index = versions_module.write_index
+
+    def killed_once_published(loc):
+        if os.path.isdir(os.path.join(url, "manifests")):
+            raise SystemExit("killed")
+        real_write_index(loc)
+
+    monkeypatch.setattr(versions_module, "write_index", killed_once_published)
+    with pytest.raises(SystemExit):
+        deepstrf.save_dataset(aa1(1), url, tag="first")
+    monkeypatch.undo()
+    opened = deepstrf.open_dataset(url, version="first")
+    same_data(opened, aa1(1))
+    assert deepstrf.open_dataset(url).fingerprint == opened.fingerprint
+
+
+def test_what_earlier_releases_left_of_an_interrupted_first_publish_is_published_into(tmp_path):
+    """Earlier releases wrote a first publish's index last: a killed one left versions/ and
+    manifests/ without a root zarr.json, which overwrite=True refused to touch."""
+    url, staged = str(tmp_path / "a.zarr"), tmp_path / "a.zarr" / "versions" / f".{_id_begun(0)}.tmp-x~1~2~0123abcd"
+    (staged / "stims").mkdir(parents=True)
+    (staged / "stims" / "zarr.json").write_text("{}")
+    fp = deepstrf.save_dataset(aa1(1), url, tag="first")  # killed while writing: nothing published
+    assert deepstrf.open_dataset(url).fingerprint == fp
+    os.remove(os.path.join(url, "zarr.json"))  # killed after its manifest: the version is published
+    with pytest.raises(StoreExistsError, match="pass overwrite=True to publish a new version"):
+        deepstrf.save_dataset(aa1(2), url)
+    second = deepstrf.save_dataset(aa1(2), url, overwrite=True)
+    assert [v.fingerprint for v in versions_of(Location.parse(url))] == [fp, second]

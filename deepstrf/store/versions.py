@@ -210,13 +210,13 @@ def _latest(loc: Location) -> tuple[Location, dict, Version]:
 
 
 def _names_in(loc: Location, folder: str) -> list[str]:
-    """Names of the entries of ``folder`` of the store at ``loc`` (none if it does not exist)."""
+    """Names of the entries of ``folder`` (``""``: the top) of the store at ``loc`` (none if it does not exist)."""
     if loc.is_local:
         local = os.path.join(loc.url, folder)
         return os.listdir(local) if os.path.isdir(local) else []
     fs, path = loc.filesystem()
     try:
-        return [k.rstrip("/").rsplit("/", 1)[-1] for k in fs.ls(f"{path}/{folder}", detail=False)]
+        return [k.rstrip("/").rsplit("/", 1)[-1] for k in fs.ls(f"{path}/{folder}".rstrip("/"), detail=False)]
     except FileNotFoundError:
         return []
 
@@ -287,29 +287,74 @@ def publish(loc: Location, root: dict | None, write: Callable[[Staging], dict], 
 
     The version's group is complete before its manifest is written, and the manifest before the
     root index: a reader sees the old latest or the new one. Publishing the latest's content
-    again adds nothing (its fingerprint is returned).
+    again adds nothing (its fingerprint is returned). A first publish (``root`` None) writes the
+    index first: killed, it leaves a store holding no version, which a save publishes into and a
+    listing reader opens once the manifest exists; failed, it removes what it wrote.
     """
     held = [] if root is None else versions_of(loc, root)
     version_id = new_id()
     path = f"{VERSIONS_DIR}/{version_id}"
     where = Location.parse(loc.child(path), loc.storage_options)
-    with staged_write(where, overwrite=False, within=loc) as staging:
-        _put_bytes(staging.location, STAGING_MARKER, b"")
-        attrs = write(staging)
-        _check_still_staged(staging.location, loc.url)
     try:
-        if held and held[-1].fingerprint == attrs["fingerprint"] and tag in (None, held[-1].tag):
+        attrs = _stage(loc, where, write, first=root is None)
+        try:
+            if held and held[-1].fingerprint == attrs["fingerprint"] and tag in (None, held[-1].tag):
+                remove(where)
+                return attrs["fingerprint"]
+            if _still_unversioned(loc, root):  # the root's arrays become the first version: its document moves here
+                _put(loc, _manifest_key(held[0]), held[0].to_json())
+            mine = Version(version_id, path, attrs["fingerprint"], tag, _now(), attrs["n_stims"], attrs["n_neurons"])
+            _put(loc, _manifest_key(mine), mine.to_json())
+        except BaseException:
             remove(where)
-            return attrs["fingerprint"]
-        if _still_unversioned(loc, root):  # the root's arrays become the first version: its document moves here
-            _put(loc, _manifest_key(held[0]), held[0].to_json())
-        mine = Version(version_id, path, attrs["fingerprint"], tag, _now(), attrs["n_stims"], attrs["n_neurons"])
-        _put(loc, _manifest_key(mine), mine.to_json())
+            raise
     except BaseException:
-        remove(where)
+        if root is None:
+            _remove_unused_index(loc)
         raise
     write_index(loc)
     return attrs["fingerprint"]
+
+
+def _stage(loc: Location, where: Location, write: Callable[[Staging], dict], first: bool) -> dict:
+    """Write a version's group at ``where`` (complete, not yet published) and return its attributes;
+    ``first``: the store at ``loc`` has no root document yet (its index is written first)."""
+    with staged_write(where, overwrite=False, within=loc) as staging:
+        if first:  # after staged_write's checks (bucket, nesting), before any data
+            write_index(loc)
+        _put_bytes(staging.location, STAGING_MARKER, b"")
+        attrs = write(staging)
+        _check_still_staged(staging.location, loc.url)
+    return attrs
+
+
+def _remove_unused_index(loc: Location) -> None:
+    """Undo a failed first publish: while no version is published, remove the index it wrote and
+    the folders it left empty, leaving ``loc`` as it was."""
+    if _manifest_ids(loc):
+        return
+    _delete(loc, ROOT_KEY)
+    if loc.is_local:
+        for folder in (VERSIONS_DIR, MANIFESTS_DIR):
+            try:
+                os.rmdir(os.path.join(loc.url, folder))
+            except OSError:  # not there, or not empty (another publish's)
+                pass
+
+
+def holds_version(loc: Location, root: dict | None) -> bool:
+    """Does the source store at ``loc`` (root document ``root``; None for what an interrupted
+    first publish left) hold a published version? A store written once does; else its manifests say."""
+    if root is not None and not is_versioned(root):
+        return True
+    return bool(_manifest_ids(loc))
+
+
+def is_first_publish_remains(loc: Location) -> bool:
+    """Does ``loc`` hold only what a first publish interrupted before its index left (earlier
+    releases wrote that index last): ``versions/`` and ``manifests/``, no root document?"""
+    names = _names_in(loc, "")
+    return bool(names) and set(names) <= {VERSIONS_DIR, MANIFESTS_DIR}
 
 
 def _check_still_staged(staging: Location, url: str) -> None:

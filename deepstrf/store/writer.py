@@ -24,7 +24,7 @@ from .options import StorageOptions
 from .reader import modality_problem, read_root
 from .schema import attribute_problem, is_positive_number, numeric_dtype
 from .format import VERSIONS_FORMAT
-from .versions import check_tag, publish
+from .versions import check_tag, holds_version, is_first_publish_remains, publish
 
 ROWS_PER_READ = 4        # stims read from the source per batched call
 
@@ -39,8 +39,10 @@ def save_dataset(ds: Any, url: str | os.PathLike, *, storage_options: StorageOpt
     existing store; with ``overwrite=True`` a source store there gets ``ds`` as
     a new version, its earlier versions staying readable
     (``open_dataset(url, version=...)``) until ``deepstrf prune``. ``tag`` names
-    the version. A failed write leaves ``url`` as it was. ``progress`` shows a
-    bar (default: when writing to a terminal).
+    the version. A failed write leaves ``url`` as it was; what a killed first
+    save with ``tag`` left holds no version, and ``ds`` is published into it
+    (``overwrite`` or not). ``progress`` shows a bar (default: when writing to a
+    terminal).
     """
     check_tag(tag)
     loc = Location.parse(url, storage_options)
@@ -50,10 +52,11 @@ def save_dataset(ds: Any, url: str | os.PathLike, *, storage_options: StorageOpt
     _check_rows(ds, loc.url)
     state = store_state(loc)
     root = _source_root(loc) if state == "store" else None
-    if root is not None and not overwrite:
+    remains = state == "partial" and is_first_publish_remains(loc)  # published into, as a store
+    if (root is not None or remains) and not overwrite and holds_version(loc, root):
         raise StoreExistsError(f"{loc.url} already holds a store; pass overwrite=True to publish a new version "
                                "of it (earlier versions stay readable until `deepstrf prune`).")
-    if root is not None or (tag is not None and state == "absent"):
+    if root is not None or remains or (tag is not None and state == "absent"):
         return publish(loc, root, lambda staging: _write(staging, ds, base, progress, loc.url), tag)
     if tag is not None:
         raise StoreExistsError(f"{loc.url} holds something other than a source store; a tagged version can only "
