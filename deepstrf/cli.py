@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="*", help="URLs of sources or pools, or patterns (s3://bucket/stores/*.zarr)")
     p.add_argument("--from-list", default=None, metavar="FILE",
                    help="also pool the stores listed in FILE (one URL or pattern per line; # comments)")
-    p.add_argument("--name", action="append", default=None, help="source label (one per source)")
+    p.add_argument("--name", action="append", default=None,
+                   help="source label (one per source; default: the name or class name each store records)")
     p.add_argument("--overwrite", action="store_true", help="replace a pool already at OUT")
 
     p = sub.add_parser("info", parents=[so, roots, version], help="describe a source or pool store")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from toydata import OtherAudio, ToyAudio, ToyVideo, cells_equal
 
+import deepstrf
 from deepstrf.datasets import NeuralDataset
 from deepstrf.datasets.audio import AudioNeuralDataset
 from deepstrf.datasets.concat import DuplicateUIDWarning
@@ -87,6 +88,18 @@ def test_provenance_names_and_sources_untouched():
     assert torch.equal(a.stims[0], ToyAudio(1).stims[0])
     with pytest.raises(ValueError, match="one entry per dataset"):
         concat_neural_datasets([a, b], names=["only-one"])
+
+
+def test_store_backed_sources_are_labelled_with_their_saved_class_name(tmp_path):
+    """An opened store's class is the generic kind; the class name it was saved with is its label,
+    as the in-memory source's class name is."""
+    for seed, cls in enumerate((ToyAudio, OtherAudio)):
+        deepstrf.save_dataset(cls(seed), str(tmp_path / f"{cls.__name__}.zarr"), progress=False)
+    opened = [deepstrf.open_dataset(str(tmp_path / f"{name}.zarr")) for name in ("ToyAudio", "OtherAudio")]
+    pool = concat_neural_datasets(opened)
+    assert pool.source_names == ["ToyAudio", "OtherAudio"]
+    assert {m["dataset"] for m in pool.nrn_meta} == {"ToyAudio", "OtherAudio"}
+    assert pool.select_pop_by_nrn_attr("dataset", "OtherAudio") == list(range(5, 10))
 
 
 def test_a_pool_keeps_its_in_memory_sources_as_they_were_when_pooled():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from toydata import cells_equal
+from toydata import OtherAudio, ToyAudio, cells_equal
 
 import deepstrf
 from deepstrf.datasets.concat import DuplicateUIDWarning
@@ -225,6 +225,21 @@ def test_cli_concat_info_verify_plot(sources, tmp_path):
     assert plot.returncode == 0 and (tmp_path / "cov.png").stat().st_size > 1000
     bad = run("concat", "pool.zarr", *sources)
     assert bad.returncode != 0 and "overwrite" in bad.stderr
+
+
+def test_pool_without_names_labels_sources_with_their_saved_class_name(tmp_path):
+    """Default labels of a pool written from stores (by the API and by ``deepstrf concat`` without
+    --name) are the class names the sources were saved with, as in memory."""
+    urls = [str(tmp_path / f"{cls.__name__}.zarr") for cls in (ToyAudio, OtherAudio)]
+    for seed, (cls, url) in enumerate(zip((ToyAudio, OtherAudio), urls)):
+        deepstrf.save_dataset(cls(seed), url, progress=False)
+    pool = concat_neural_datasets([deepstrf.open_dataset(u) for u in urls], store=str(tmp_path / "api.zarr"))
+    out = subprocess.run([sys.executable, "-m", "deepstrf.cli", "concat", "cli.zarr", *urls], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for ds in (pool, deepstrf.open_dataset(str(tmp_path / "api.zarr")), deepstrf.open_dataset(str(tmp_path / "cli.zarr"))):
+        assert ds.source_names == ["ToyAudio", "OtherAudio"]
+        assert sorted({m["dataset"] for m in ds.nrn_meta}) == ["OtherAudio", "ToyAudio"]
 
 
 def test_pool_in_s3_shared_between_labs(s3_server, tmp_path):

@@ -41,7 +41,7 @@ def concat_datasets(datasets: Sequence[NeuralDataset], names: Sequence[str] | No
                 f"names must have one entry per dataset (got {len(names)} names for {len(datasets)} datasets)")
     if len(datasets) == 1:
         return datasets[0]
-    labels = names if names is not None else [_default_name(d) for d in datasets]
+    labels = names if names is not None else [default_name(d) for d in datasets]
     _check_compatible(datasets, [str(x) for x in labels])
 
     parts, part_names = _flatten(datasets, names)
@@ -158,8 +158,12 @@ def _label(labels: Sequence[str], i: int, sizes: dict[int, int]) -> str:
     return labels[i] if not more else f"{labels[i]} (and {more} more input(s) like it)"
 
 
-def _default_name(d: NeuralDataset) -> str:
-    return getattr(d, "name", None) or type(d).__name__
+def default_name(d: NeuralDataset) -> str:
+    """The provenance label of ``d`` when no ``names`` are given: its ``name``, else its class
+    name; a store-backed dataset's class is the generic kind, so the class name it was saved
+    with (``class_name``) stands for it."""
+    recorded = getattr(d, "class_name", None)
+    return getattr(d, "name", None) or (recorded if isinstance(recorded, str) and recorded else type(d).__name__)
 
 
 def _flatten(datasets: list[NeuralDataset], names: list[str] | None):
@@ -176,7 +180,7 @@ def _flatten(datasets: list[NeuralDataset], names: list[str] | None):
             part_names.extend(d.source_names if names is None else [names[i]] * len(d.source_names))
         else:
             parts.append(d)
-            part_names.append(_default_name(d) if names is None else names[i])
+            part_names.append(default_name(d) if names is None else names[i])
     return parts, part_names
 
 

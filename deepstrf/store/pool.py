@@ -23,7 +23,7 @@ import zarr
 from zarr.core.group import AsyncGroup
 from zarr.storage import StorePath
 
-from ..datasets.concat import concat_datasets
+from ..datasets.concat import concat_datasets, default_name
 from ..datasets.coverage import Coverage
 from ..datasets.metatable import MetaSlice, MetaTable
 from ..datasets.neural_dataset import NeuralDataset
@@ -454,7 +454,7 @@ def pool_card(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def _parts(pooled: NeuralDataset, names: Sequence[str] | None) -> tuple[list[NeuralDataset], list[str]]:
     if isinstance(pooled.responses, BlockDiagonalGrid) and hasattr(pooled, "source_names"):
         return list(pooled.responses.sources), list(pooled.source_names)
-    label = names[0] if names else getattr(pooled, "name", None) or type(pooled).__name__
+    label = names[0] if names else default_name(pooled)
     return [pooled], [label]
 
 
