@@ -8,6 +8,7 @@ from stream_helpers import LOADER_TIMEOUT_S
 from toydata import ToyAudio, ToyVideo, cells_equal
 from torch.utils.data import DataLoader
 
+from deepstrf.datasets.audio import AudioNeuralDataset
 from deepstrf.datasets.neural_dataset import DatasetValidationError
 from deepstrf.datasets.synthetic import SyntheticAudioDataset
 from deepstrf.utils.data import compact_collate, concat_neural_datasets, neural_collate
@@ -193,6 +194,31 @@ def test_transforms_match_their_definition():
     cat = torch.cat(list(d.stims), dim=-1)
     assert torch.allclose(cat.mean(dim=(0, 2)), torch.zeros(8), atol=1e-5)
     assert torch.allclose(cat.std(dim=(0, 2)), torch.ones(8), atol=1e-4)
+
+
+def _dense(as_list: bool, dtype: torch.dtype = torch.float32) -> AudioNeuralDataset:
+    """Responses as one (S, N, R, T) tensor (deepSTRF accepts one), or the same values as lists."""
+    d = AudioNeuralDataset(path="dense", dt_ms=1.0)
+    g = torch.Generator().manual_seed(0)
+    d.F, d.N_neurons = 3, 2
+    d.stims = [torch.rand(1, 3, 6, generator=g) for _ in range(4)]
+    dense = torch.poisson(torch.ones(4, 2, 3, 6), generator=g).to(dtype)
+    d.responses = [[dense[s, n].clone() for n in range(2)] for s in range(4)] if as_list else dense
+    d.stim_meta, d.nrn_meta = [{} for _ in range(4)], [{}, {}]
+    d.validate()
+    return d
+
+
+@pytest.mark.parametrize("transform", [lambda d: d.smooth_responses(5.0), lambda d: d.normalize_responses("zscore"),
+                                       lambda d: d.normalize_responses("max")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_transforms_of_a_dense_responses_tensor_write_it_in_place(transform, dtype):
+    d, listed = _dense(False, dtype), _dense(True, dtype)
+    dense = d.responses
+    transform(d)
+    transform(listed)
+    assert d.responses is dense and dense.dtype == dtype
+    assert all(torch.allclose(dense[s, n], listed.responses[s][n]) for s in range(4) for n in range(2))
 
 
 def test_lazy_transforms_equal_eager_ones():

@@ -564,12 +564,19 @@ def grid_mask(responses: Any, n_neurons: int) -> torch.Tensor:
 
 def map_responses(responses: Any, fn: CellTransform, n_neurons: int) -> Any:
     """Apply ``fn`` to every valid cell: recorded for views; for lists, each row of the list is
-    replaced by a new one (a concatenation made before keeps the rows it was made with)."""
+    replaced by a new one (a concatenation made before keeps the rows it was made with); a dense
+    ``(S, N, R, T)`` tensor (deepSTRF accepts one) is written in place, keeping its dtype, as
+    deepSTRF does."""
     if isinstance(responses, ResponseGrid):
         return responses.with_transform(fn)
     for s in range(len(responses)):
         row = responses[s]
-        responses[s] = [cell if n >= n_neurons or is_missing(cell) else fn(cell, s, n) for n, cell in enumerate(row)]
+        new = [cell if n >= n_neurons or is_missing(cell) else fn(cell, s, n) for n, cell in enumerate(row)]
+        if isinstance(responses, torch.Tensor):  # a row cannot be a list here: assign cell by cell
+            for n, cell in enumerate(new):
+                row[n] = cell
+        else:
+            responses[s] = new
     return responses
 
 
