@@ -48,6 +48,34 @@ def test_masks_reset_the_deepstrf_way_refresh_every_cache():
     assert len(d) == 2 and not d.nrn_masks[1, 0]
 
 
+class _MinRepeats(ToyAudio):
+    """deepSTRF's hook overridden: a cell with fewer than 3 repeats counts as missing."""
+
+    def _compute_nrn_masks(self) -> torch.Tensor:
+        m = super()._compute_nrn_masks().clone()
+        for s in range(self.get_S()):
+            for n in range(self.N_neurons):
+                m[s, n] &= self.responses[s][n].shape[0] >= 3
+        return m
+
+
+def test_an_overridden_compute_nrn_masks_decides_len_items_and_selections():
+    d = _MinRepeats(1)
+    masks = d.nrn_masks
+    assert not torch.equal(masks, ToyAudio(1).nrn_masks)
+    assert torch.equal(d.coverage.to_dense(), masks)
+    visible = [s for s in range(d.get_S()) if masks[s].any()]
+    assert d.visible_stims() == visible and len(d) == len(visible)
+    assert all(torch.equal(d[i]["valid_mask"], masks[s]) for i, s in enumerate(visible))
+    d.select_stims([visible[0]])
+    assert d._selected() == masks[visible[0]].nonzero().flatten().tolist()
+    d.reset_stim_selection()
+    d.select_neuron(0)
+    assert len(d) == int(masks[:, 0].sum()) < int(ToyAudio(1).nrn_masks[:, 0].sum())
+    pool = d + ToyAudio(2)  # the source's override decides its block
+    assert torch.equal(pool.nrn_masks[:d.get_S(), :d.N_neurons], masks)
+
+
 @pytest.mark.parametrize("make", ["plain", "pool"])
 def test_selections_edited_in_place_are_what_items_show(make, pool):
     """deepSTRF's I and S_sel are plain lists that user code appends to or clears."""

@@ -120,15 +120,20 @@ class NeuralDataset(Dataset):
     @property
     def coverage(self) -> Coverage:
         """Which (stim, neuron) pairs have data, per source block, without an S x N grid
-        (see :class:`~deepstrf.datasets.coverage.Coverage`)."""
+        (see :class:`~deepstrf.datasets.coverage.Coverage`). A subclass that overrides
+        :meth:`_compute_nrn_masks` (deepSTRF's hook) decides it: coverage is then its mask."""
         if getattr(self, "_coverage_cache", None) is None:
-            if isinstance(self.responses, views.ResponseGrid):
-                self._coverage_cache = self.responses.coverage()
-            elif len(self.responses) == 0:
-                self._coverage_cache = Coverage.dense(np.zeros((0, self.N_neurons), dtype=bool))
-            else:
-                self._coverage_cache = Coverage.dense(views.grid_mask(self.responses, self.N_neurons))
+            masks_overridden = type(self)._compute_nrn_masks is not NeuralDataset._compute_nrn_masks
+            self._coverage_cache = Coverage.dense(self.nrn_masks) if masks_overridden else self._responses_coverage()
         return self._coverage_cache
+
+    def _responses_coverage(self) -> Coverage:
+        """Coverage as ``responses`` holds it (every non-missing cell)."""
+        if isinstance(self.responses, views.ResponseGrid):
+            return self.responses.coverage()
+        if len(self.responses) == 0:
+            return Coverage.dense(np.zeros((0, self.N_neurons), dtype=bool))
+        return Coverage.dense(views.grid_mask(self.responses, self.N_neurons))
 
     @property
     def nrn_masks(self) -> torch.Tensor:
@@ -161,8 +166,12 @@ class NeuralDataset(Dataset):
                         part._nrn_masks_cache = None
 
     def _compute_nrn_masks(self) -> torch.Tensor:
-        """The dense mask of :attr:`coverage`."""
-        return self.coverage.to_dense()
+        """The dense mask of the pairs ``responses`` holds data for. A subclass may override it
+        (as in deepSTRF, e.g. to count too few repeats as missing): :attr:`coverage`, ``len``,
+        items and selections then follow the override."""
+        if type(self)._compute_nrn_masks is NeuralDataset._compute_nrn_masks:
+            return self.coverage.to_dense()  # the responses' coverage, cached
+        return self._responses_coverage().to_dense()  # asked by an override: coverage would ask it back
 
     def _invalidate_nrn_masks(self) -> None:
         """Forget the cached ``coverage`` and ``nrn_masks``; the next access recomputes them."""
