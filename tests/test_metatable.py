@@ -50,6 +50,28 @@ def test_a_slice_iterates_its_rows_without_building_the_others():
     assert t._rows is None and sorted(t._handed_out) == [10, 11, 12]
 
 
+def test_a_table_answers_what_code_written_for_a_list_does():
+    t = MetaTable(N, table([])._load, "stim_meta")
+    rows = [dict(r) for r in table([]).rows()]
+    assert t == rows and rows == t and not t != rows and list(t) == rows and [r for r in t] == rows
+    assert t[2:5] == rows[2:5] and isinstance(t[2:5], list)
+    assert t + [{"x": 1}] == rows + [{"x": 1}] and [{"x": 1}] + t == [{"x": 1}] + rows
+    assert isinstance(t + [], list) and isinstance([] + t, list) and t.copy() == rows
+    part = MetaSlice(t, 10, 13)
+    assert part == rows[10:13] and part + [] == rows[10:13] and [] + part == rows[10:13]
+
+
+@pytest.mark.parametrize("edit", [lambda m: m.append({}), lambda m: m.extend([{}]), lambda m: m.pop(),
+                                  lambda m: m.insert(0, {}), lambda m: m.clear(), lambda m: m.sort(),
+                                  lambda m: m.__delitem__(0), lambda m: m.__iadd__([{}])])
+def test_editing_the_sequence_says_to_take_a_list(edit):
+    t = MetaTable(N, table([])._load, "nrn_meta")
+    for meta in (t, MetaSlice(t, 0, 3)):
+        with pytest.raises(TypeError, match=r"nrn_meta is a lazy table .* meta = list\(ds\.nrn_meta\)"):
+            edit(meta)
+    assert len(t) == N
+
+
 def test_threads_reading_at_once_load_the_table_once():
     """Batches read in several threads ask for rows at the same moment: one load, one dict per row."""
     import threading

@@ -61,6 +61,9 @@ def test_pool_equals_in_memory_concat(sources, tmp_path):
     assert len(again) == len(memory) == opened[1].get_S()
     assert all(cells_equal(x, y) for x, y in zip(again[0]["responses"], memory[0]["responses"]))
     assert again.pool_sources[0]["ref"] == "aa1-1.zarr"  # relative: same root
+    assert again.nrn_meta + [] == memory.nrn_meta and [] + again.stim_meta == memory.stim_meta
+    with pytest.raises(TypeError, match=r"list\(ds\.stim_meta\)"):
+        again.stim_meta.append({})
 
 
 def test_pool_copies_no_data(tmp_path):

@@ -7,6 +7,11 @@ without building 2·10^5 dicts, and ``meta[i]`` builds row ``i`` alone (a
 streamed batch needs its own items' rows, not 10^5 of them). A row, once
 handed out, is the same dict from then on, so edits stick as on a list;
 iterating builds every row once.
+
+Both tables answer what code written for a list of dicts reads: ``len``, indexing, slices
+(lists), iteration, ``==`` against a list and ``+`` (a list). They cannot grow or shrink:
+``append`` and the like raise a ``TypeError`` that says to take ``list(ds.stim_meta)``, as
+``json.dumps`` needs too.
 """
 
 from __future__ import annotations
@@ -33,11 +38,61 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_loading_lock)  # a thread of the parent may have held it
 
 
-class MetaTable(Sequence):
-    """``n`` metadata dicts whose columns ``load()`` returns (``{key: (values, absent rows)}``)."""
+_LIST_EDITS = {name: f".{name}()" for name in ("append", "extend", "insert", "pop", "remove", "clear", "sort",
+                                               "reverse")}
+_LIST_EDITS |= {"__delitem__": "del", "__iadd__": "+="}
 
-    def __init__(self, n: int, load: Callable[[], Columns]) -> None:
+
+class _ListLike(Sequence):
+    """What a list of dicts answers without building every row; edits of the sequence itself
+    (``append``, ``sort``, ``del``, ...) are refused with a message that says to take ``list(...)``."""
+
+    name = "metadata"  # the dataset attribute it is, for messages
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(self) == len(other) and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # as a list's
+
+    def __add__(self, other: object) -> list[dict]:
+        if isinstance(other, (list, _ListLike)):
+            return list(self) + list(other)
+        return NotImplemented
+
+    def __radd__(self, other: object) -> list[dict]:
+        if isinstance(other, list):
+            return other + list(self)
+        return NotImplemented
+
+    def copy(self) -> list[dict]:
+        """All rows as a new list (as ``list.copy``)."""
+        return list(self)
+
+
+def _refusing(method: str, edit: str) -> Callable[..., Any]:
+    def refuse(self: _ListLike, *args: Any, **kw: Any) -> Any:
+        raise TypeError(
+            f"{self.name} is a lazy table of {len(self)} rows read from the store, not a list: it cannot be "
+            f"edited with {edit}. Take a list first, meta = list(ds.{self.name}), edit it and assign it back "
+            f"(ds.{self.name} = meta).")
+    refuse.__name__ = method
+    refuse.__doc__ = "Refused: the table is not a list (take ``list(...)``)."
+    return refuse
+
+
+for _method, _edit in _LIST_EDITS.items():
+    setattr(_ListLike, _method, _refusing(_method, _edit))
+
+
+class MetaTable(_ListLike):
+    """``n`` metadata dicts whose columns ``load()`` returns (``{key: (values, absent rows)}``);
+    ``name`` is the dataset attribute it is (``stim_meta``, ``nrn_meta``), for messages."""
+
+    def __init__(self, n: int, load: Callable[[], Columns], name: str = "metadata") -> None:
         self._n = n
+        self.name = name
         self._load = load
         self._load_rows: Callable[[], list[dict]] | None = None
         self._columns: Columns | None = None
@@ -45,9 +100,9 @@ class MetaTable(Sequence):
         self._handed_out: dict[int, dict] = {}  # rows built one by one, before all were
 
     @classmethod
-    def from_rows(cls, n: int, load_rows: Callable[[], list[dict]]) -> "MetaTable":
+    def from_rows(cls, n: int, load_rows: Callable[[], list[dict]], name: str = "metadata") -> "MetaTable":
         """A table whose ``n`` rows ``load_rows()`` returns on first use."""
-        table = cls(n, load=lambda: {})  # never called: rows() and matching() test _load_rows first
+        table = cls(n, load=lambda: {}, name=name)  # never called: rows() and matching() test _load_rows first
         table._load_rows = load_rows
         return table
 
@@ -129,20 +184,16 @@ class MetaTable(Sequence):
     def __iter__(self) -> Iterator[dict]:
         return iter(self.rows())
 
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Sequence) and not isinstance(other, str):
-            return len(self) == len(other) and list(self) == list(other)
-        return NotImplemented
-
     def __repr__(self) -> str:
         return f"MetaTable(n={self._n}, loaded={self._rows is not None or self._columns is not None})"
 
 
-class MetaSlice(Sequence):
+class MetaSlice(_ListLike):
     """Rows ``[start, stop)`` of a :class:`MetaTable` (a pooled source's own metadata)."""
 
     def __init__(self, table: MetaTable, start: int, stop: int) -> None:
         self.table, self.start, self.stop = table, start, stop
+        self.name = table.name
 
     def __len__(self) -> int:
         return self.stop - self.start

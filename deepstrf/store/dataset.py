@@ -184,8 +184,8 @@ def open_source(loc: Location, root: dict[str, Any], *, lazy_metadata: bool = Fa
     reader = SourceReader(loc, attrs, consolidated_arrays(root))
     if lazy_metadata:
         metas = functools.cache(reader.read_meta)
-        stim_meta = MetaTable.from_rows(reader.n_stims, lambda: metas()[0])
-        nrn_meta = MetaTable.from_rows(reader.n_neurons, lambda: metas()[1])
+        stim_meta = MetaTable.from_rows(reader.n_stims, lambda: metas()[0], "stim_meta")
+        nrn_meta = MetaTable.from_rows(reader.n_neurons, lambda: metas()[1], "nrn_meta")
     else:
         stim_meta, nrn_meta = reader.read_meta()
     kind = attrs.get("kind")

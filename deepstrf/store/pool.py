@@ -178,7 +178,8 @@ def _open(loc: Location, group: zarr.Group, allowed_roots: Sequence[str], trust:
         return open_pool_v1(loc, group, attrs, entries, accept_changed_sources, source_storage_options)
     tables = PoolTables(loc, group, attrs, [(e["n_stims"], e["n_neurons"]) for e in entries])
     cls = _CLASSES[attrs["kind"]]
-    stim_meta, nrn_meta = MetaTable(attrs["n_stims"], tables.stim_columns), MetaTable(attrs["n_neurons"], tables.nrn_columns)
+    stim_meta = MetaTable(attrs["n_stims"], tables.stim_columns, "stim_meta")
+    nrn_meta = MetaTable(attrs["n_neurons"], tables.nrn_columns, "nrn_meta")
     io = IOCounters()
     openers: dict[str, tuple[dict | None, Callable]] = {}  # by options entry: 10^4 sources share a few
     # a pool written before its entries recorded their own F / frame size has a single kind: the pool's
