@@ -1,5 +1,7 @@
 """Batch formats (CONTRACT §4)."""
 
+import warnings
+
 import pytest
 import torch
 from toydata import ToyAudio
@@ -88,6 +90,7 @@ def test_deepstrf_names_of_the_facade():
     smooth = ResponseSmoothingTransform(dt_ms=2, window_size_ms=21)
     assert torch.equal(smooth(batch), hanning_smooth(batch, window_ms=21, dt_ms=2))
     a, b = ToyAudio(1), ToyAudio(2)
-    with pytest.warns(DeprecationWarning, match="concat_neural_datasets"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # deepSTRF's concatenate_datasets does not warn: code run with -W error
         pooled = concatenate_datasets(a, b)
     assert pooled.get_S() == a.get_S() + b.get_S() and pooled.N_neurons == a.N_neurons + b.N_neurons

@@ -7,7 +7,6 @@ the path deepSTRF users import from, and adds the store-aware form of
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,7 +45,6 @@ def concat_neural_datasets(datasets: Sequence[NeuralDataset], names: Sequence[st
 
 
 def concatenate_datasets(ds1: NeuralDataset, ds2: NeuralDataset) -> NeuralDataset:
-    """deepSTRF's older name for two inputs; use ``concat_neural_datasets([ds1, ds2])``."""
-    warnings.warn("concatenate_datasets is deprecated: use concat_neural_datasets([ds1, ds2])",
-                  DeprecationWarning, stacklevel=2)
+    """deepSTRF's older name for two inputs, deprecated there in its docstring only (no warning,
+    so none here either); use ``concat_neural_datasets([ds1, ds2])``."""
     return concat_neural_datasets([ds1, ds2])
