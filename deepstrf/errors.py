@@ -18,6 +18,11 @@ class IncompatibleDatasetsError(AssertionError, ValueError):
     """
 
 
+class InvalidArgumentError(AssertionError, ValueError):
+    """An argument out of its range where deepSTRF asserts it (e.g. a non-positive smoothing
+    window): an ``AssertionError`` as there, and a ``ValueError``; raised explicitly."""
+
+
 class StoreError(OSError):
     """A store cannot be read or written as asked."""
 

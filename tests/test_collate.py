@@ -94,3 +94,12 @@ def test_deepstrf_names_of_the_facade():
         warnings.simplefilter("error")  # deepSTRF's concatenate_datasets does not warn: code run with -W error
         pooled = concatenate_datasets(a, b)
     assert pooled.get_S() == a.get_S() + b.get_S() and pooled.N_neurons == a.N_neurons + b.N_neurons
+
+
+@pytest.mark.parametrize("window_ms, dt_ms", [(0, 1), (-1, 1), (21, 0), (float("nan"), 1)])
+def test_a_bad_smoothing_window_is_refused_as_deepstrf_asserts(window_ms, dt_ms):
+    from deepstrf.utils.data import hanning_smooth
+
+    for error in (AssertionError, ValueError):
+        with pytest.raises(error, match="window_ms and dt_ms must be positive"):
+            hanning_smooth(torch.ones(1, 5), window_ms, dt_ms)

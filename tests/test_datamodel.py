@@ -264,6 +264,14 @@ def test_lazy_transforms_equal_eager_ones():
             assert a.shape == b.shape and torch.allclose(torch.nan_to_num(a), torch.nan_to_num(b), atol=1e-5)
 
 
+def test_a_bad_smoothing_window_is_refused_when_asked_not_when_read(pool):
+    """A lazy dataset records the transform: a bad window must fail at the call, not in a read."""
+    for d in (ToyAudio(1), pool):
+        with pytest.raises(AssertionError, match="window_ms and dt_ms must be positive"):
+            d.smooth_responses(-1)
+        assert cells_equal(d[0]["responses"][0], ToyAudio(1)[0]["responses"][0])
+
+
 def test_neuron_quality_streams_one_stim_at_a_time():
     d = SyntheticAudioDataset("aa1", scale=0.05, time_scale=0.05, seed=2)
     q = d.compute_neuron_quality()

@@ -24,7 +24,7 @@ from ..errors import IncompatibleDatasetsError
 from . import views
 from .coverage import Coverage
 from .metatable import matching_attr
-from .smoothing import hanning_smooth
+from .smoothing import hanning_bins, hanning_smooth
 
 
 class DatasetValidationError(AssertionError, ValueError):
@@ -349,6 +349,7 @@ class NeuralDataset(Dataset):
     def smooth_responses(self, window_ms: float = 21.0) -> None:
         """Smooth every valid response with a Hanning window of ``window_ms``."""
         dt = self.dt
+        hanning_bins(window_ms, dt)  # a bad window is refused now, not where a lazy dataset is read
         smooth = views.DescribedTransform(lambda r, s, n: hanning_smooth(r, window_ms=window_ms, dt_ms=dt),
                                           f"smooth_responses(window_ms={window_ms!r}, dt_ms={dt!r})")
         self.responses = views.map_responses(self.responses, smooth, self.N_neurons)
