@@ -258,6 +258,8 @@ def test_two_concurrent_publishers_both_land(tmp_path):
     assert deepstrf.open_dataset(url).fingerprint in published
 
 
+# publishers in threads: zarr's note about consolidated metadata stays hidden in each (atomic.consolidate)
+@pytest.mark.filterwarnings("error:Consolidated metadata")
 def test_concurrent_publishers_on_s3_and_http_readers(s3_server, http_server, tmp_path):
     so = s3_server.storage_options
     url = s3_server.url()

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -315,11 +316,16 @@ def staged_write(loc: Location, *, overwrite: bool, kind: str = SOURCE_FORMAT,
         raise
 
 
+_CONSOLIDATING = threading.Lock()
+
+
 def consolidate(store) -> None:
     """Write zarr's inline consolidated metadata into the (held-back) root ``zarr.json``."""
     import zarr
 
-    with warnings.catch_warnings():  # zarr notes that consolidation is not in the v3 spec yet
+    # zarr notes that consolidation is not in the v3 spec yet; catch_warnings swaps the process's
+    # filters, so two threads publishing at once would restore them under each other
+    with _CONSOLIDATING, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         zarr.consolidate_metadata(store)
 
