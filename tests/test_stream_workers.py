@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from deepstrf.errors import StreamStalledError
 from deepstrf.stream import StreamReadError, StreamingNeuralDataset
 from deepstrf.stream.dataset import begun
 from deepstrf.stream.transfer import MAX_SHARED_TENSORS, count_tensors, for_new_process
-from deepstrf.store import open_dataset
+from deepstrf.store import open_dataset, save_dataset
 from deepstrf.stream import workers
 from deepstrf.stream.workers import DEFAULT_TIMEOUT_S, context_method, worker_context
 
@@ -314,6 +315,34 @@ def test_forkserver_workers_see_the_environment_of_the_process_now(tmp_path, mon
                                                                timeout=LOADER_TIMEOUT_S)
     assert context_method(loader.multiprocessing_context) in ("forkserver", "spawn")
     assert len([k for b in loader for k in batch_keys(b)]) == len(open_dataset(url))
+
+
+def _nothing(worker_id: int) -> None:
+    """A worker_init_fn of the user's: with one, workers start through the forkserver."""
+
+
+@pytest.mark.parametrize("published_before", [0, 1])
+def test_workers_that_are_not_forked_read_the_version_the_dataset_opened(tmp_path, published_before):
+    """A version published between building the stream and iterating it does not reach workers that
+    open the URL themselves: they read the version the epoch was planned over (the store's first
+    content, pinned by fingerprint, or a published version, by its group), not a mix."""
+    url = str(tmp_path / "src")
+    for seed in range(1 + published_before):
+        save_dataset(ToyAudio(seed=seed, S=6), url, overwrite=seed > 0)
+    s = StreamingNeuralDataset(url, batch_size=2, shuffle=False)
+    save_dataset(ToyAudio(seed=9, S=4), url, overwrite=True)  # another lab publishes meanwhile
+    loader = s.loader(num_workers=2, worker_init_fn=_nothing, read_while_starting=False, timeout=LOADER_TIMEOUT_S)
+    assert context_method(loader.multiprocessing_context) in ("forkserver", "spawn")
+    keys = [k for b in loader for k in batch_keys(b)]
+    assert sorted(keys) == sorted(f"a{published_before}-s{i}" for i in range(6))
+
+
+def test_a_copy_of_a_stream_opens_the_version_its_tag_named_when_it_was_built(tmp_path):
+    url = str(tmp_path / "src")
+    save_dataset(ToyAudio(seed=0, S=6), url, tag="curated")
+    s = StreamingNeuralDataset(url, batch_size=2, open_options={"version": "curated"})
+    save_dataset(ToyAudio(seed=1, S=6), url, overwrite=True, tag="curated")  # the tag moves on
+    assert pickle.loads(pickle.dumps(s)).dataset().fingerprint == s.dataset().fingerprint
 
 
 def test_queue_feeder_threads_of_a_finished_pass_do_not_count_as_the_users():

@@ -264,3 +264,14 @@ def _open(loc: Location, version: str | None, **kw: Any) -> NeuralDataset:
     if attrs["format"] == fmt.SOURCE_FORMAT:
         ds.store_url, ds.version_path = loc.url, path  # pools refer to the store and pin the version
     return ds
+
+
+def opened_version(ds: NeuralDataset) -> str | None:
+    """The ``version`` that makes :func:`open_dataset` open exactly the version of the source store
+    ``ds`` was opened at, wherever and whenever it is opened again: its version group, or the
+    fingerprint of a store's first content (path ``""``, which a later publish leaves at the root);
+    None for what is not an opened source store (a pool pins its sources itself)."""
+    path = getattr(ds, "version_path", None)
+    if path is None or getattr(ds, "store_url", None) is None:
+        return None
+    return path or ds.fingerprint

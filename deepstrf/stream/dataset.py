@@ -31,7 +31,7 @@ from ..datasets import views
 from ..datasets.neural_dataset import NeuralDataset
 from ..forksafe import kept_pool, run_gated, usable_cpus
 from ..store import shards
-from ..store.dataset import load_indexes, storage_io, warm_reads
+from ..store.dataset import load_indexes, opened_version, storage_io, warm_reads
 from ..store.location import on_network
 from ..tempdirs import new_process_dir
 from . import handover, items, partition, reader, shuffle
@@ -123,7 +123,8 @@ class StreamingNeuralDataset(IterableDataset):
     ``source`` is a store URL (opened here, and again in every other process
     that reads, with :func:`deepstrf.open_dataset`, ``storage_options`` — one
     options dict, or URL prefixes mapped to options — and ``open_options``, e.g. a
-    pool's ``allowed_roots`` or a source's ``version``) or a dataset
+    pool's ``allowed_roots`` or a source's ``version``; the other processes open
+    the source version opened here, whatever was published since) or a dataset
     object (any ``NeuralDataset``: in memory, a concatenation, store-backed).
 
     Without ``batch_size`` it yields items equal to map-style ``ds[i]``,
@@ -230,6 +231,7 @@ class StreamingNeuralDataset(IterableDataset):
         self.device = None if device is None else torch.device(device)
         self.source_homogeneous = source_homogeneous
         self._opened: Opened | None = None
+        self._version: str | None = None  # the source version first opened (_open), reopened elsewhere
         self.subset = subset
         self._selection_args = (None if stims is None else list(stims),
                                 None if neurons is None else list(neurons), select)
@@ -353,11 +355,13 @@ class StreamingNeuralDataset(IterableDataset):
             from ..store import open_dataset
 
             def open_with_index() -> NeuralDataset:
-                ds = open_dataset(self.url, storage_options=self.storage_options, **self.open_options)
+                ds = open_dataset(self.url, storage_options=self.storage_options, **self._pinned_options())
                 load_indexes(ds, stim_meta=True)
                 return ds
 
             ds = call_with_retries(open_with_index, what=f"store {self.url}", policy=self.retry)
+            if self._version is None:  # the first opening (in the process that built this object)
+                self._version = opened_version(ds)
         else:
             ds = copy.copy(self._source)
         stims, neurons, select = self._selection_args
@@ -368,6 +372,14 @@ class StreamingNeuralDataset(IterableDataset):
         if select is not None:
             select(ds)
         return ds
+
+    def _pinned_options(self) -> dict:
+        """``open_options``, with the version this object first opened (the one its epochs are planned
+        over) pinned: a worker that is not forked, or a copy sent elsewhere, opens that version, not
+        whatever is the latest when it starts (a tag or the latest resolved to the concrete version)."""
+        if self._version is None:
+            return self.open_options
+        return {**self.open_options, "version": self._version}
 
     def _where(self) -> str:
         return self.url or str(getattr(self._source, "path", type(self._source).__name__))
