@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from toydata import OtherAudio, ToyAudio, cells_equal
+from toydata import OtherAudio, ToyAudio, ToyVideo, cells_equal
 
 import deepstrf
 from deepstrf.datasets.concat import DuplicateUIDWarning
@@ -119,6 +119,26 @@ def test_changed_source_is_refused_unless_accepted(sources, tmp_path):
         lazy.stims[3]
     with pytest.raises(SourceChangedError, match=r"source 'y' at .*aa2-2.zarr changed after pooling"):
         lazy.responses[3][10]
+
+
+@pytest.mark.parametrize("changed, said", [
+    (ToyAudio(seed=5, S=4, N=5, dt_ms=5.0), r"dt_ms 5\.0 \(pooled 1\.0\)"),
+    (ToyAudio(seed=5, S=4, N=5, F=4), r"F 4 \(pooled 8\)"),
+    (ToyVideo(seed=5, S=4, N=5), r"kind 'video' \(pooled 'audio'\)"),
+])
+def test_an_accepted_change_must_keep_the_bin_width_and_stimulus_geometry(tmp_path, changed, said):
+    """accept_changed_sources reads a changed source into the pool only where what the pool says of
+    it (shape, dt, kind, F / frame size) still holds: else batches would carry 5 ms bins as 1 ms."""
+    urls = [str(tmp_path / name) for name in ("a.zarr", "b.zarr")]
+    for seed, url in enumerate(urls):
+        deepstrf.save_dataset(ToyAudio(seed=seed, S=4, N=5), url)
+    pool_url = str(tmp_path / "pool.zarr")
+    concat_neural_datasets([deepstrf.open_dataset(u) for u in urls], names=["x", "y"], store=pool_url)
+    shutil.rmtree(urls[1])
+    deepstrf.save_dataset(changed, urls[1])
+    with pytest.raises(SourceChangedError, match=rf"source 'y' at .*b.zarr changed after pooling .*{said}.* "
+                                                 r"changed too.*deepstrf pool-update"):
+        deepstrf.open_dataset(pool_url, accept_changed_sources=True)
 
 
 def test_missing_source_names_its_url(sources, tmp_path):

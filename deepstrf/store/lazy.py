@@ -33,6 +33,7 @@ from .dataset import source_readers
 from .integrity import IOCounters
 from .location import on_network
 from .versions import listing
+from .writer import dataset_kind
 
 MAX_OPEN_SOURCES = 256
 """Sources kept open per process; an epoch's block-shuffled windows touch far fewer at a time."""
@@ -71,9 +72,10 @@ class SourceHandle:
     """One pooled source: its pool entry, opened on first :meth:`dataset` call in a process."""
 
     def __init__(self, pool_url: str, entry: dict[str, Any], opener: Callable[[str], NeuralDataset],
-                 io: IOCounters, accept_changed: bool = False) -> None:
+                 io: IOCounters, accept_changed: bool = False, pooled: dict[str, Any] | None = None) -> None:
         self.pool_url = pool_url
         self.entry = entry
+        self.pooled = pooled or {}  # what the pool says of the source (bin width, kind, F...): a changed one must match
         self.opener = opener
         self.io = io  # the pool's total of requests and bytes, over the sources opened here
         self.accept_changed = accept_changed
@@ -116,7 +118,7 @@ class SourceHandle:
     def _open(self) -> NeuralDataset:
         e = self.entry
         ds = open_pinned(self.opener, self.pool_url, e, self.accept_changed)
-        check_fingerprint(self.pool_url, e, ds, self.accept_changed)
+        check_fingerprint(self.pool_url, e, ds, self.accept_changed, self.pooled)
         for reader in source_readers(ds) or []:
             reader.count_into(self.io)
         return ds
@@ -168,11 +170,14 @@ def _open_pin(opener: Callable[..., NeuralDataset], pool_url: str, entry: dict,
             f"{entry['fingerprint']} ({entry.get('version') or 'the store as pooled'}), which the store no longer "
             f"holds (pruned?); it holds {listing(e.versions)}. Re-pin the pool to the latest versions with "
             f"`deepstrf pool-update {pool_url} NEW_POOL` (accept_changed_sources=True reads the latest instead, "
-            "where its shape is the one pooled).", e.versions, True) from e
+            "where its shape, bin width and stimulus geometry are the ones pooled).", e.versions, True) from e
 
 
-def check_fingerprint(pool_url: str, entry: dict, src: NeuralDataset, accept: bool) -> bool:
-    """True if the source is as pooled; warn (``accept``) or raise if it changed."""
+def check_fingerprint(pool_url: str, entry: dict, src: NeuralDataset, accept: bool,
+                      pooled: dict[str, Any] | None = None) -> bool:
+    """True if the source is as pooled; warn (``accept``) or raise if it changed. A changed source
+    is read into the pool only where the pool's description of it still holds: its shape and what
+    ``pooled`` records (bin width, kind, F / frame size), else it is refused."""
     if src.fingerprint == entry["fingerprint"]:
         return True
     msg = (f"pool {pool_url}: source {entry['name']!r} at {entry['url']} changed after pooling "
@@ -181,11 +186,26 @@ def check_fingerprint(pool_url: str, entry: dict, src: NeuralDataset, accept: bo
         raise SourceChangedError(
             f"{msg}. Rewrite the pool with deepstrf concat, or open it with accept_changed_sources=True "
             "if the change is intended.")
-    if (src.get_S(), src.N_neurons) != (entry["n_stims"], entry["n_neurons"]):
-        raise SourceChangedError(f"{msg}, and its shape changed too, so the pool cannot be read with it. Re-pin "
-                                 f"the pool to the latest versions: `deepstrf pool-update {pool_url} NEW_POOL`.")
+    differences = _differences(src, entry, pooled or {})
+    if differences:
+        raise SourceChangedError(f"{msg}, and its {', '.join(differences)} changed too, so the pool cannot be read "
+                                 f"with it. Re-pin the pool to the latest versions: `deepstrf pool-update {pool_url} "
+                                 "NEW_POOL` (its sources must then agree on bin width and stimulus geometry).")
     warnings.warn(msg, SourceChangedWarning, stacklevel=4)
     return False
+
+
+def _differences(src: NeuralDataset, entry: dict, pooled: dict[str, Any]) -> list[str]:
+    """What of ``src`` differs from the pool's description of it, each as ``name now (pooled was)``."""
+    found = {"shape": (src.get_S(), src.N_neurons), "kind": dataset_kind(src)}
+    recorded = {"shape": (entry["n_stims"], entry["n_neurons"]), **pooled}
+    out = []
+    for key, was in recorded.items():
+        now = found[key] if key in found else getattr(src, key, None)
+        if now != was:
+            out.append(f"shape {now[0]} x {now[1]} (pooled {was[0]} x {was[1]})" if key == "shape"
+                       else f"{key} {now!r} (pooled {was!r})")
+    return out
 
 
 class LazySourceStims(LazySequence):

@@ -144,7 +144,8 @@ def open_pool(loc: Location, group: zarr.Group, *, allowed_roots: Sequence[str] 
 
     ``allowed_roots`` lists extra folders/prefixes references may point into
     (``trust=True`` allows anything); ``accept_changed_sources`` turns a
-    changed-source error into a warning; ``source_storage_options`` (a plain dict
+    changed-source error into a warning (where the source keeps the pooled shape, bin width, kind
+    and F / frame size); ``source_storage_options`` (a plain dict
     for every source, or a mapping of URL prefixes) replaces the pool's own options
     for its sources. Format-1 pools open through
     :mod:`deepstrf.store.pool_v1` (read only).
@@ -182,8 +183,6 @@ def _open(loc: Location, group: zarr.Group, allowed_roots: Sequence[str], trust:
     nrn_meta = MetaTable(attrs["n_neurons"], tables.nrn_columns, "nrn_meta")
     io = IOCounters()
     openers: dict[str, tuple[dict | None, Callable]] = {}  # by options entry: 10^4 sources share a few
-    # a pool written before its entries recorded their own F / frame size has a single kind: the pool's
-    pool_modality = {k: attrs[k] for k in MODALITY_ATTRS if k in attrs}
     stim_offsets, neuron_offsets = tables.stim_offsets.tolist(), tables.neuron_offsets.tolist()
 
     def make_part(k: int) -> NeuralDataset:
@@ -193,10 +192,9 @@ def _open(loc: Location, group: zarr.Group, allowed_roots: Sequence[str], trust:
             options = source_options(loc, source_storage_options, e["url"])
             openers[key] = options, partial(open_dataset, storage_options=options, lazy_metadata=True)
         options, opener = openers[key]
-        handle = SourceHandle(loc.url, e, opener, io, accept_changed_sources)
+        own = source_attributes(attrs, e)
+        handle = SourceHandle(loc.url, e, opener, io, accept_changed_sources, own)
         part = _CLASSES[e["kind"]].__new__(_CLASSES[e["kind"]])
-        own = {"dt_ms": attrs["dt_ms"], "kind": e["kind"], **pool_modality,
-               **{k: e[k] for k in MODALITY_ATTRS if k in e}}
         _fill(part, own, e["url"], LazySourceStims(handle), LazySourceGrid(handle, partial(tables.block, k)),
               MetaSlice(stim_meta, stim_offsets[k], stim_offsets[k + 1]),
               MetaSlice(nrn_meta, neuron_offsets[k], neuron_offsets[k + 1]))
@@ -214,6 +212,14 @@ def _open(loc: Location, group: zarr.Group, allowed_roots: Sequence[str], trust:
     pooled.source_names = [e["name"] for e in entries]
     pooled.duplicate_uids = attrs.get("duplicate_uids")
     return pooled
+
+
+def source_attributes(attrs: dict, entry: dict) -> dict[str, Any]:
+    """What the pool says of one pooled source: the pool's bin width, the entry's kind, and the
+    entry's F / frame size (a pool written before its entries recorded their own has a single
+    kind: the pool's)."""
+    return {"dt_ms": attrs["dt_ms"], "kind": entry["kind"], **{k: attrs[k] for k in MODALITY_ATTRS if k in attrs},
+            **{k: entry[k] for k in MODALITY_ATTRS if k in entry}}
 
 
 class PoolParts(Sequence):

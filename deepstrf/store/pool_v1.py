@@ -28,14 +28,15 @@ COVERAGE = "coverage"
 def open_pool_v1(loc: Location, group: zarr.Group, attrs: dict, entries: list[dict], accept_changed: bool,
                  source_storage_options: StorageOptions) -> NeuralDataset:
     """Every source opened and checked now, concatenated; coverage from the stored dense mask."""
-    from .pool import source_options
+    from .pool import source_attributes, source_options
 
     def open_source(entry: dict) -> NeuralDataset:
         options = source_options(loc, source_storage_options, entry["url"])
         return open_pinned(partial(open_dataset, storage_options=options), loc.url, entry, accept_changed)
 
     opened = thread_map(open_source, entries, max_workers=16, name="deepstrf-open")
-    unchanged = all([check_fingerprint(loc.url, e, src, accept_changed) for e, src in zip(entries, opened)])
+    unchanged = all([check_fingerprint(loc.url, e, src, accept_changed, source_attributes(attrs, e))
+                     for e, src in zip(entries, opened)])
     names = [e["name"] for e in entries]
     if len(opened) > 1:
         pooled = concat_datasets(opened, names)
