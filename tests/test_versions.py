@@ -15,7 +15,7 @@ from toydata import cells_equal
 import deepstrf
 from deepstrf.cli import main as cli_main
 from deepstrf.datasets.synthetic import SyntheticAudioDataset
-from deepstrf.errors import StoreError, StoreExistsError, VersionNotFoundError
+from deepstrf.errors import IntegrityError, StoreError, StoreExistsError, VersionNotFoundError
 from deepstrf.store import versions as versions_module
 from deepstrf.store.location import Location
 from deepstrf.store.versions import prune, versions_of
@@ -105,6 +105,35 @@ def test_verify_accepts_a_pin_whose_content_was_published_again(tmp_path, capsys
     prune(Location.parse(src), 2)  # the pinned version goes
     same_data(deepstrf.open_dataset(pool_url).responses.sources[0], aa1(1))
     assert _cli("verify", pool_url) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("published_before", [0, 1])
+def test_reading_a_version_pruned_since_it_was_opened_says_so(tmp_path, published_before):
+    """Data gone because its version was pruned is not damage: the error says the version was pruned
+    since the dataset opened it and what to do (not "corrupt, run verify" on a folder now gone)."""
+    src = str(tmp_path / "a.zarr")
+    for seed in range(1 + published_before):
+        deepstrf.save_dataset(aa1(seed), src, overwrite=seed > 0)
+    concat_neural_datasets([deepstrf.open_dataset(src)], names=["a"], store=str(tmp_path / "pool.zarr"))
+    pool = deepstrf.open_dataset(str(tmp_path / "pool.zarr"))
+    opened = deepstrf.open_dataset(src, lazy_metadata=True)  # the store's first content, or a published version
+    deepstrf.save_dataset(aa1(7), src, overwrite=True)
+    prune(Location.parse(src), 1)
+    for read in (lambda: opened.stims[1], lambda: opened.responses[1][0], lambda: opened.stim_meta[0],
+                 lambda: pool.responses[1][0]):
+        with pytest.raises(VersionNotFoundError, match=r"a.zarr: the version .*was pruned since this dataset "
+                                                       r"opened it; the store now holds .*Reopen the dataset"):
+            read()
+
+
+def test_missing_data_of_a_version_still_published_is_damage(tmp_path):
+    src = str(tmp_path / "a.zarr")
+    deepstrf.save_dataset(aa1(0), src)
+    deepstrf.save_dataset(aa1(1), src, overwrite=True)
+    opened = deepstrf.open_dataset(src)
+    shutil.rmtree(os.path.join(src, opened.version_path, "stims"))
+    with pytest.raises(IntegrityError, match="corrupt, truncated or missing.*deepstrf verify"):
+        opened.stims[1]
 
 
 def test_every_version_is_a_plain_zarr_group_and_old_stores_convert(tmp_path):

@@ -263,6 +263,8 @@ def _open(loc: Location, version: str | None, **kw: Any) -> NeuralDataset:
     ds = opener(where, root, **kw)  # each opener checks its own format's versions
     if attrs["format"] == fmt.SOURCE_FORMAT:
         ds.store_url, ds.version_path = loc.url, path  # pools refer to the store and pin the version
+        for reader in source_readers(ds) or []:
+            reader.published = (loc, path)
     return ds
 
 

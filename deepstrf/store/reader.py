@@ -203,6 +203,9 @@ class SourceReader:
         self._handles: _Handles | None = None
         self._index: Index | None = None
         self.io_parent: IOCounters | None = None  # also counts this store's reads (a pool's total)
+        # the store this source is a version of and the version's path there (set by open_dataset):
+        # data found missing is then checked against the versions published (pruned since?)
+        self.published: tuple[Location, str] | None = None
 
     @property
     def url(self) -> str:
@@ -210,10 +213,11 @@ class SourceReader:
 
     # -- pickling: by URL and metadata, reopened lazily ---------------------------
     def __getstate__(self) -> dict:
-        return {"loc": self.loc, "attrs": self.attrs, "arrays_meta": self.arrays_meta}
+        return {"loc": self.loc, "attrs": self.attrs, "arrays_meta": self.arrays_meta, "published": self.published}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["loc"], state["attrs"], state.get("arrays_meta"))
+        self.published = state.get("published")
 
     # -- handles ---------------------------------------------------------------
     def _bound(self) -> _Handles:
@@ -374,9 +378,23 @@ class SourceReader:
         if _is_transport_error(e):
             return StoreError(f"{self.url}: reading {what} failed: {type(e).__name__}: {e}. "
                               "Check the connection and credentials, then retry.")
+        if (pruned := self.pruned()) is not None:
+            return pruned
         return IntegrityError(f"{self.url}: stored data of {what} is corrupt, truncated or missing "
                               f"({type(e).__name__}: {e}). Run `deepstrf verify {self.url}` and "
                               "re-create the store from its source.")
+
+    def pruned(self) -> StoreError | None:
+        """The error for data found missing if the version read was pruned since it was opened
+        (:func:`~deepstrf.store.versions.pruned_since_opened`), else None."""
+        if self.published is None:
+            return None
+        from .versions import pruned_since_opened  # versions reads roots through this module
+
+        store, path = self.published
+        if not store.is_local and _in_event_loop():  # an async read's error: listing would need the loop
+            return None
+        return pruned_since_opened(store, path, self.attrs["fingerprint"])
 
     # -- metadata and index ------------------------------------------------------
     def read_meta(self) -> tuple[list[dict], list[dict]]:
@@ -559,6 +577,8 @@ class SourceReader:
         """Error for a failed read of values[a:b], naming the bad chunk(s) and the cells they hold."""
         if _is_transport_error(e):
             return self.error(e, f"{fmt.VALUES}[{a}:{b}]")
+        if (pruned := self.pruned()) is not None:
+            return pruned
         C, L = self.chunk_length(fmt.VALUES), self.length(fmt.VALUES)
         chunks = list(range(a // C, (b - 1) // C + 1))
         results = self.gather([(fmt.VALUES, slice(k * C, min((k + 1) * C, L))) for k in chunks])
@@ -570,6 +590,15 @@ class SourceReader:
             f"{self.url}: stored responses are corrupt, truncated or missing in {fmt.VALUES} chunk(s) "
             f"{', '.join(names)} holding {cells} ({type(e).__name__}: {e}). "
             f"Run `deepstrf verify {self.url}` and re-create the store from its source.")
+
+
+def _in_event_loop() -> bool:
+    """Whether this thread is running an event loop (where fsspec's blocking calls are refused)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _coalesce(targets: Sequence[Target], chunk: int) -> list[tuple[int, int, list[Target]]]:

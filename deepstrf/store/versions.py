@@ -250,6 +250,23 @@ def open_path(loc: Location, path: str) -> tuple[Location, dict]:
                                    f"{listing(held)}", held, True) from e
 
 
+def pruned_since_opened(store: Location, path: str, fingerprint: str) -> VersionNotFoundError | None:
+    """The error for data found missing in the version at ``path`` (of ``fingerprint``) of ``store``
+    if that version is no longer published (pruned since it was opened), else None (the data is
+    missing from a version that is still published: damage). One listing, on the error path only."""
+    try:
+        held = versions_of(store)
+    except StoreError:  # the store itself is gone or unreadable: the caller's error says so
+        return None
+    if any(v.path == path and v.fingerprint == fingerprint for v in held):
+        return None
+    opened = f"version {path}" if path else "version at the store's root (its first content)"
+    return VersionNotFoundError(
+        f"{store.url}: the {opened}, fingerprint {fingerprint}, was pruned since this dataset opened it; the "
+        f"store now holds {listing(held)}. Reopen the dataset (open_dataset) to read the latest; a pool pinned "
+        "to it must be re-pinned with `deepstrf pool-update POOL NEW_POOL`.", held, True)
+
+
 def list_versions(url: str | os.PathLike, *, storage_options: StorageOptions = None) -> list[Version]:
     """The versions of the source store at ``url``, oldest first (``deepstrf versions``)."""
     return versions_of(Location.parse(url, storage_options))
