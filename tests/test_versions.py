@@ -136,6 +136,27 @@ def test_missing_data_of_a_version_still_published_is_damage(tmp_path):
         opened.stims[1]
 
 
+def test_verify_advice_names_the_damaged_version_and_a_pool_refuses_version(tmp_path, capsys):
+    """Damage in a pinned older version is advised with `--version`: a plain `deepstrf verify SOURCE`
+    checks the latest, and says OK. A pool has no versions of its own: --version is refused."""
+    src, pool_url = str(tmp_path / "a.zarr"), str(tmp_path / "pool.zarr")
+    fp_old = deepstrf.save_dataset(aa1(0), src)
+    concat_neural_datasets([deepstrf.open_dataset(src)], names=["a"], store=pool_url)  # pins the first content
+    deepstrf.save_dataset(aa1(1), src, overwrite=True)
+    chunk = os.path.join(src, "responses", "values", "c", "0")  # the first content stays at the root
+    data = bytearray(open(chunk, "rb").read())
+    data[-10] ^= 0xFF
+    open(chunk, "wb").write(data)
+    assert _quiet_cli("verify", pool_url, "--data") == 1
+    advice = f"deepstrf verify {src} --version {fp_old.split(':')[1][:12]}"
+    assert advice in capsys.readouterr().err
+    assert _quiet_cli(*advice.split()[1:]) == 1  # the advised command finds the damage
+    assert _quiet_cli("verify", src) == 0  # the latest is sound
+    for command in ("verify", "info", "cite"):
+        assert _cli(command, pool_url, "--version", "abc") == 1
+        assert f"--version chooses a version of a source store; {pool_url} is a pool" in capsys.readouterr().err
+
+
 def test_every_version_is_a_plain_zarr_group_and_old_stores_convert(tmp_path):
     url = str(tmp_path / "a.zarr")
     fp_old = deepstrf.save_dataset(aa1(1), url)

@@ -50,6 +50,13 @@ def _version_of(loc: Location, root: dict, wanted: str | None) -> tuple[Location
     return open_version(loc, root, wanted)
 
 
+def refuse_version_of_pool(args: Namespace, loc: Location) -> None:
+    """A command given ``--version`` for a pool refuses it (rather than ignore it)."""
+    if getattr(args, "version", None):
+        raise StoreError(f"--version chooses a version of a source store; {loc.url} is a pool (it pins a "
+                         "version of each source: deepstrf info lists them, deepstrf pool-update re-pins them)")
+
+
 def _mb(n: int | None) -> str:
     return "?" if n is None else f"{n / 1e6:,.1f} MB"
 
@@ -93,9 +100,7 @@ def info_main(args: Namespace) -> int:
     root = read_root(loc)
     attrs = root.get("attributes") or {}
     if attrs.get("format") == POOL_FORMAT:
-        if getattr(args, "version", None):
-            raise StoreError(f"--version chooses a version of a source store; {loc.url} is a pool (it pins a "
-                             "version of each source: deepstrf info lists them, deepstrf pool-update re-pins them)")
+        refuse_version_of_pool(args, loc)
         group = group_of(loc, root)
         fmt.check_format(attrs, loc.url, POOL_FORMAT, supported=fmt.POOL_SUPPORTED_MAJORS)
         summary = describe_pool(attrs, loc, group, newer=not args.offline, allowed_roots=args.allow_root)
@@ -134,10 +139,13 @@ def verify_main(args: Namespace) -> int:
     data = args.data or bool(args.dask)
     with dask_client(args.dask) if args.dask else contextlib.nullcontext() as client:
         if is_pool:
+            refuse_version_of_pool(args, loc)
             problems = verify_pool(loc, allowed_roots=args.allow_root, data=data, client=client)
         else:
-            loc, root, _ = _version_of(loc, root, getattr(args, "version", None))
-            [problems] = run_tasks(functools.partial(verify_source, root=root), [(loc,)],
+            store = loc
+            loc, root, chosen = _version_of(store, root, getattr(args, "version", None))
+            published = None if chosen is None else (store, chosen.path)
+            [problems] = run_tasks(functools.partial(verify_source, root=root, published=published), [(loc,)],
                                    failed=lambda _, e: [f"{loc.url}: {e}"], client=client, progress=False)
     for p in problems:
         print(f"deepstrf verify: problem: {p}", file=sys.stderr)

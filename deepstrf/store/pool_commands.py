@@ -266,7 +266,7 @@ def check_pooled_source(pool_url: str, pin: dict, storage_options: dict | None, 
 
     name, url = pin["name"], pin["url"]
     try:
-        where, root, _ = open_pinned(open_root, pool_url, pin, accept_changed=False)
+        where, root, chosen = open_pinned(open_root, pool_url, pin, accept_changed=False)
     except (StoreNotFoundError, SourceUnreadableError) as e:  # these name the pool and the source
         return [str(e)]
     except StoreError as e:
@@ -276,7 +276,8 @@ def check_pooled_source(pool_url: str, pin: dict, storage_options: dict | None, 
         return [f"pool {pool_url}: source {name!r} at {url} changed after pooling (fingerprint "
                 f"{attrs.get('fingerprint')}, pooled {pin['fingerprint']}); rewrite the pool with deepstrf concat"]
     if data:
-        found = verify_source(where, progress=False, root=root)
+        found = verify_source(where, progress=False, root=root,
+                              published=(Location.parse(url, storage_options), chosen.path))
         if found:
             return [f"pool {pool_url}: source {name!r}: {p}" for p in found]
     elif fingerprint(attrs) != attrs.get("fingerprint"):

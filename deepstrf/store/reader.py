@@ -381,8 +381,16 @@ class SourceReader:
         if (pruned := self.pruned()) is not None:
             return pruned
         return IntegrityError(f"{self.url}: stored data of {what} is corrupt, truncated or missing "
-                              f"({type(e).__name__}: {e}). Run `deepstrf verify {self.url}` and "
+                              f"({type(e).__name__}: {e}). Run `{self.verify_command()}` and "
                               "re-create the store from its source.")
+
+    def verify_command(self) -> str:
+        """The command that checks the version read here: with its store, the store's URL and the
+        version's fingerprint (a plain ``deepstrf verify STORE`` checks the latest), else the URL read."""
+        if self.published is None:
+            return f"deepstrf verify {self.url}"
+        store, _ = self.published
+        return f"deepstrf verify {store.url} --version {self.attrs['fingerprint'].split(':')[-1][:12]}"
 
     def pruned(self) -> StoreError | None:
         """The error for data found missing if the version read was pruned since it was opened
@@ -589,7 +597,7 @@ class SourceReader:
         return IntegrityError(
             f"{self.url}: stored responses are corrupt, truncated or missing in {fmt.VALUES} chunk(s) "
             f"{', '.join(names)} holding {cells} ({type(e).__name__}: {e}). "
-            f"Run `deepstrf verify {self.url}` and re-create the store from its source.")
+            f"Run `{self.verify_command()}` and re-create the store from its source.")
 
 
 def _in_event_loop() -> bool:

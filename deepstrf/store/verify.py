@@ -21,15 +21,18 @@ from .schema import as_written
 BLOCK_CHUNKS = 16  # chunks read per concurrent request group
 
 
-def verify_source(loc: Location, *, progress: bool | None = None, root: dict | None = None) -> list[str]:
+def verify_source(loc: Location, *, progress: bool | None = None, root: dict | None = None,
+                  published: tuple[Location, str] | None = None) -> list[str]:
     """Problems found in the store at ``loc`` (an empty list means it is sound); ``root``: its root
-    document when known (a versioned store's first version keeps it in its manifest)."""
+    document when known (a versioned store's first version keeps it in its manifest); ``published``:
+    the store ``loc`` is a version of and its path there (the advice then names that version)."""
     try:
         root = read_root(loc) if root is None else root
         group = group_of(loc, root)
         attrs = dict(group.attrs)
         fmt.check_format(attrs, loc.url, fmt.SOURCE_FORMAT)
         reader = SourceReader(loc, attrs, consolidated_arrays(root))
+        reader.published = published
         arrays = reader.arrays()
     except StoreError as e:
         return [str(e)]

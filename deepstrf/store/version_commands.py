@@ -6,6 +6,7 @@ import json
 from argparse import Namespace
 
 from . import citations
+from .commands import refuse_version_of_pool
 from .location import Location
 from .pool import POOL_FORMAT, read_sources
 from .reader import group_of, read_root
@@ -53,6 +54,7 @@ def cite_main(args: Namespace) -> int:
     root = read_root(loc)
     attrs = root.get("attributes") or {}
     if attrs.get("format") == POOL_FORMAT:
+        refuse_version_of_pool(args, loc)
         cards = [(e["name"], e.get("card")) for e in read_sources(loc, group_of(loc, root), attrs)]
     else:
         _, root, _ = open_version(loc, root, args.version)
