@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=_image_file, default="coverage.png",
                    help="image to write, its format named by its extension (default coverage.png; none: .png)")
 
-    p = sub.add_parser("bench", parents=[so], help="measure streaming throughput of a store")
+    p = sub.add_parser("bench", parents=[so, roots], help="measure streaming throughput of a store")
     p.add_argument("url", nargs="?", default=None, help="store to read (default: a synthetic pool in a temp folder)")
     p.add_argument("--batch-size", type=_at_least_one, default=8)
     p.add_argument("--workers", type=_not_negative_int, default=0)

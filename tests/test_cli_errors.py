@@ -290,6 +290,17 @@ def test_concat_says_how_to_read_a_pool_whose_sources_lie_outside_its_folder(poo
     assert inside.returncode == 0 and "note:" not in inside.stderr
 
 
+def test_bench_reads_a_pool_whose_sources_lie_outside_its_folder_with_allow_root(pool, run):
+    root = pool.parent
+    assert run(root, "concat", "pools/p.zarr", "aa1.zarr", "aa2.zarr").returncode == 0
+    refused = run(root, "bench", "pools/p.zarr")
+    assert refused.returncode == 1 and "--allow-root" in refused.stderr, refused.stderr
+    out = run(root, "bench", "pools/p.zarr", "--allow-root", str(root))
+    assert out.returncode == 0 and '"url": "pools/p.zarr"' in out.stdout, out.stderr
+    source = run(root, "bench", "aa1.zarr", "--allow-root", str(root))  # a source takes no roots: ignored
+    assert source.returncode == 0, source.stderr
+
+
 def test_info_says_a_pool_no_longer_opens_once_a_pinned_version_is_pruned(pool, run):
     root = pool.parent
     save_dataset(SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02, seed=9), str(root / "aa1.zarr"),

@@ -34,7 +34,7 @@ def concat_main(args: argparse.Namespace) -> int:
                             what="stores to pool")
     if args.name is not None and len(args.name) != len(sources):
         raise UsageError(f"got {len(args.name)} --name for {len(sources)} sources; give one --name per source or none")
-    opened = thread_map(lambda u: open_dataset(u, storage_options=args.storage_options, **_open_kw(args, u)),
+    opened = thread_map(lambda u: open_dataset(u, storage_options=args.storage_options, **open_kw(args, u)),
                         sources, max_workers=OPEN_THREADS, name="deepstrf-open")
     pool = concat_neural_datasets(opened, names=args.name, store=args.out, storage_options=args.storage_options,
                                   overwrite=args.overwrite, allowed_roots=args.allow_root)
@@ -54,8 +54,9 @@ def concat_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_kw(args: argparse.Namespace, url: str) -> dict:
-    """Pools given as inputs are opened with the caller's allowed roots."""
+def open_kw(args: argparse.Namespace, url: str) -> dict:
+    """The keyword arguments of ``open_dataset(url)`` for a command: a pool is opened with the
+    command's allowed roots (``--allow-root``), a source (which takes none) without them."""
     from ..errors import reading_store
     from .reader import open_group
 
@@ -72,7 +73,7 @@ def _location(url: str, args: argparse.Namespace):
 
 def plot_main(args: argparse.Namespace) -> int:
     """Save the coverage matrix of the store at ``args.url`` as an image."""
-    ds = open_dataset(args.url, storage_options=args.storage_options, **_open_kw(args, args.url))
+    ds = open_dataset(args.url, storage_options=args.storage_options, **open_kw(args, args.url))
     plot_coverage(ds, args.output, title=args.url)
     print(f"wrote {args.output}")
     return 0

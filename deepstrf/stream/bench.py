@@ -28,9 +28,11 @@ def synthetic_pool(root: str) -> str:
 
 
 def run(url: str, *, storage_options: dict | None = None, batch_size: int = 8, workers: int = 0,
-        epochs: int = 1, progress: bool = True) -> list[dict]:
-    """Stream ``url`` for ``epochs`` epochs; one dict of counters and rates per epoch."""
-    ds = StreamingNeuralDataset(url, storage_options=storage_options, batch_size=batch_size, shuffle=True)
+        epochs: int = 1, progress: bool = True, open_options: dict | None = None) -> list[dict]:
+    """Stream ``url`` for ``epochs`` epochs; one dict of counters and rates per epoch. ``open_options``
+    go to :func:`~deepstrf.open_dataset` (a pool's ``allowed_roots``, say)."""
+    ds = StreamingNeuralDataset(url, storage_options=storage_options, batch_size=batch_size, shuffle=True,
+                                open_options=open_options)
     loader = ds.loader(num_workers=workers)
     report = []
     for epoch in range(epochs):
@@ -51,11 +53,14 @@ def run(url: str, *, storage_options: dict | None = None, batch_size: int = 8, w
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point of ``deepstrf bench [URL] --batch-size --workers --epochs``."""
+    """Entry point of ``deepstrf bench [URL] --batch-size --workers --epochs --allow-root``."""
+    from ..store.pool_commands import open_kw
+
     with tempfile.TemporaryDirectory(prefix="deepstrf-bench-") as tmp:
         url = args.url or synthetic_pool(tmp)
         report = run(url, storage_options=args.storage_options, batch_size=args.batch_size,
-                     workers=args.workers, epochs=args.epochs)
+                     workers=args.workers, epochs=args.epochs,
+                     open_options=open_kw(args, url) if args.allow_root else None)
     for epoch in report:
         print(f"epoch {epoch['epoch']}: {epoch['items']} items in {epoch['seconds']:.2f} s "
               f"= {epoch['items_per_s']:.1f} items/s; first batch {epoch['first_batch_s']:.2f} s; "
