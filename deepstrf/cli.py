@@ -139,7 +139,7 @@ def _image_file(path: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepstrf", description=__doc__.splitlines()[0], epilog=EXIT_CODES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", required=True)  # none: the usage, exit 2
     so = argparse.ArgumentParser(add_help=False)
     so.add_argument("--storage-option", "-S", action="append", default=[], metavar="KEY=VALUE",
                     help="fsspec storage option (repeatable; dotted keys nest, e.g. "
@@ -275,8 +275,6 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["demo", *(argv or [])])
     try:
         args.storage_options = _storage_options(args)
     except ValueError as e:  # a bad command line: argparse's exit code and usage line

@@ -174,6 +174,16 @@ def test_exit_codes_are_documented_and_kept(capsys):
         assert f"\n  {code} " in text
 
 
+def test_no_command_is_a_usage_error_and_starts_nothing(capsys, monkeypatch):
+    from deepstrf.demo import run as demo
+
+    monkeypatch.setattr(demo, "main", lambda args: pytest.fail("the bare command started the demo"))
+    with pytest.raises(SystemExit) as bare:
+        cli_main([])
+    err = capsys.readouterr().err
+    assert bare.value.code == 2 and err.startswith("usage: deepstrf") and "required: command" in err, err
+
+
 def test_verify_pool_finds_an_edited_coverage_table(pool, run):
     import zarr
 
