@@ -119,6 +119,17 @@ def _column_value(text: str) -> tuple[str, str]:
     return column, value
 
 
+def _dask_address(text: str) -> str:
+    """An argparse type: a ``--dask`` address (``local:N`` with N at least 1, or a scheduler's)."""
+    from .engine import local_workers
+
+    try:
+        local_workers(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _image_file(path: str) -> str:
     """An argparse type: an image path matplotlib can write, with the extension it will be given
     (``savefig.format``, png by default, where it has none)."""
@@ -190,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="check a store's metadata, references and checksums")
     p.add_argument("url")
     p.add_argument("--data", action="store_true", help="also read and checksum every data chunk (sources: always)")
-    p.add_argument("--dask", default=None, metavar="ADDRESS",
+    p.add_argument("--dask", type=_dask_address, default=None, metavar="ADDRESS",
                    help="check every source's data, one task per source, on a Dask cluster (scheduler "
                         "address or local:N)")
 
@@ -260,7 +271,7 @@ def _add_import_nwb(sub: argparse._SubParsersAction, so: argparse.ArgumentParser
     where = p.add_mutually_exclusive_group()  # both choose where the sessions run
     where.add_argument("--jobs", "-j", type=_at_least_one, default=1,
                        help="files imported in parallel worker processes")
-    where.add_argument("--dask", default=None, metavar="ADDRESS",
+    where.add_argument("--dask", type=_dask_address, default=None, metavar="ADDRESS",
                    help="run one task per session on a Dask cluster: a scheduler address (tcp://host:8786) "
                         "or local:N for N worker processes on this machine")
     p.add_argument("--overwrite", action="store_true", help="replace stores imported with other inputs or arguments")

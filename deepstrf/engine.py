@@ -92,21 +92,31 @@ def _outcome(future: Any, task: tuple, failed: Callable) -> Any:
         return failed(task, e)
 
 
+def local_workers(address: str) -> int | None:
+    """The N of a ``local:N`` address, None for a scheduler's address; a ``ValueError`` saying what
+    is expected where the address is empty or N is no whole number of at least 1."""
+    n = address[len(LOCAL_PREFIX):] if address.startswith(LOCAL_PREFIX) else None
+    if not address.strip() or (n is not None and (not n.isdigit() or int(n) < 1)):
+        raise ValueError("expected local:N with N >= 1 worker processes (e.g. local:4), or a scheduler address "
+                         f"such as tcp://host:8786, got {address!r}")
+    return None if n is None else int(n)
+
+
 @contextlib.contextmanager
 def dask_client(address: str, *, timeout: str = "30s") -> Iterator[Any]:
     """A ``dask.distributed.Client`` for ``address``: ``local:N`` (a ``LocalCluster`` of N
     single-threaded worker processes, closed on exit) or a scheduler address (``tcp://host:8786``,
     reached within ``timeout``)."""
     try:
+        n = local_workers(address)
+    except ValueError as e:
+        raise ClusterError(f"--dask {address}: {e}.") from e
+    try:
         from distributed import Client, LocalCluster
     except ImportError as e:
         raise ClusterError(f"--dask {address}: dask.distributed is not installed; {INSTALL_HINT}.") from e
-    if address.startswith(LOCAL_PREFIX):
-        n = address[len(LOCAL_PREFIX):]
-        if not n.isdigit() or int(n) < 1:
-            raise ClusterError(f"--dask {address}: expected local:N with N >= 1 worker processes (e.g. local:4), "
-                               "or a scheduler address such as tcp://host:8786.")
-        with LocalCluster(n_workers=int(n), threads_per_worker=1, processes=True,
+    if n is not None:
+        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                           dashboard_address=":0") as cluster, Client(cluster) as client:
             yield client
         return

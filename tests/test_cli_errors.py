@@ -157,6 +157,9 @@ def test_exit_codes_are_documented_and_kept(capsys):
                        (["demo", "--scale", "0"], "expected a number above 0"),
                        (["import-nwb", "out", "x.nwb", "--pre-ms", "nan"], "expected a number of at least 0"),
                        (["import-nwb", "out", "x.nwb", "--dt-ms", "inf"], "expected a number above 0"),
+                       (["import-nwb", "out", "x.nwb", "--dask", "local:0"], "expected local:N with N >= 1"),
+                       (["verify", "x.zarr", "--dask", "local:x"], "expected local:N with N >= 1"),
+                       (["verify", "x.zarr", "--dask", ""], "or a scheduler address such as tcp://host:8786"),
                        (["plot", "x.zarr", "-o", "cov.unknownext"], "cannot write .unknownext images"),
                        (["plot", "x.zarr", "-o", "cov.pgf"], "cannot write .pgf images"),  # needs TeX
                        (["concat", "out.zarr"], "name the stores to pool: paths or URLs, patterns (s3://bucket/stores/*.zarr)"),

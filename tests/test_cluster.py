@@ -117,8 +117,7 @@ def test_inputs_from_a_listing_and_patterns(sessions, tmp_path, s3_server, capsy
     assert pool.N_neurons == 9 and [s["ref"] for s in pool.pool_sources] == [f"imported/sess{k}.zarr" for k in range(3)]
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["x.nwb", "--dask", "local:0"], "local:N with N >= 1"),
+@pytest.mark.parametrize("argv, needle", [  # (--dask local:0 is a usage error: test_cli_errors)
     (["--from-list", "/nonexistent/listing.txt"], "no listing file"),
     (["/nonexistent/folder/*.nwb"], "no file matches"),
 ])
