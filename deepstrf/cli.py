@@ -288,8 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.storage_options = _storage_options(args)
-    except ValueError as e:  # a bad command line: argparse's exit code and usage line
-        parser.error(str(e))
+    except ValueError as e:  # a bad command line: argparse's exit code and the command's usage line
+        _subparser(parser, args.command).error(str(e))
     module, func = COMMANDS[args.command].split(":")
     from . import errors
 

@@ -150,7 +150,8 @@ def test_exit_codes_are_documented_and_kept(capsys):
     assert keep.value.code == 2 and "at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as option:  # storage options are part of the command line too
         cli_main(["info", "x.zarr", "-S", "noequals"])
-    assert option.value.code == 2 and "--storage-option expects KEY=VALUE" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert option.value.code == 2 and "--storage-option expects KEY=VALUE" in err and "usage: deepstrf info" in err
     for argv, said in ((["import-nwb", "out", "x.nwb", "--dt-ms", "-5"], "expected a number above 0, got '-5'"),
                        (["import-nwb", "out", "x.nwb", "--unit-filter", "quality"], "expected COLUMN=VALUE"),
                        (["bench", "--workers", "-1"], "expected a whole number of at least 0"),
@@ -185,6 +186,19 @@ def test_no_command_is_a_usage_error_and_starts_nothing(capsys, monkeypatch):
         cli_main([])
     err = capsys.readouterr().err
     assert bare.value.code == 2 and err.startswith("usage: deepstrf") and "required: command" in err, err
+
+
+def test_a_bad_storage_options_file_names_where_it_came_from(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("DEEPSTRF_STORAGE_OPTIONS", str(tmp_path / "absent.json"))
+    with pytest.raises(SystemExit) as usage:
+        cli_main(["info", "x.zarr"])
+    err = capsys.readouterr().err
+    assert usage.value.code == 2 and "usage: deepstrf info" in err, err
+    assert "absent.json (named by $DEEPSTRF_STORAGE_OPTIONS)" in err and "unset $DEEPSTRF_STORAGE_OPTIONS" in err
+    with pytest.raises(SystemExit):  # named on the command line: nothing said of the variable
+        cli_main(["info", "x.zarr", "--options", str(tmp_path / "other.json")])
+    err = capsys.readouterr().err
+    assert "cannot read the storage options file" in err and "DEEPSTRF_STORAGE_OPTIONS" not in err, err
 
 
 def test_verify_pool_finds_an_edited_coverage_table(pool, run):

@@ -85,7 +85,7 @@ def test_options_file(tmp_path, monkeypatch):
     monkeypatch.setenv("DEEPSTRF_STORAGE_OPTIONS", str(path))
     assert load_options_file() == {"s3://lab-a": {"key": "a"}}
     path.write_text("[1, 2]")
-    with pytest.raises(ValueError, match=r"storage.json must hold a JSON object"):
+    with pytest.raises(ValueError, match=r"json \(named by \$DEEPSTRF_STORAGE_OPTIONS\) must hold a JSON object"):
         load_options_file()
     monkeypatch.setenv("DEEPSTRF_STORAGE_OPTIONS", str(tmp_path / "absent.json"))
     with pytest.raises(ValueError, match="cannot read the storage options file"):

@@ -138,22 +138,25 @@ def merged(base: StorageOptions, extra: StorageOptions) -> StorageOptions:
 def load_options_file(path: str | os.PathLike | None = None) -> StorageOptions:
     """Storage options from a JSON file: ``path``, else ``$DEEPSTRF_STORAGE_OPTIONS``, else
     ``~/.config/deepstrf/storage.json`` if it exists (None if there is none)."""
+    from_env = not path and bool(os.environ.get(CONFIG_ENV))
     explicit = path or os.environ.get(CONFIG_ENV)
     path = os.path.expanduser(explicit or DEFAULT_CONFIG)
     if not explicit and not os.path.exists(path):
         return None
+    what = f"the storage options file {path}" + (f" (named by ${CONFIG_ENV})" if from_env else "")
+    todo = f"; fix the file, or unset ${CONFIG_ENV}" if from_env else ""  # it applies to every command
     try:
         with open(path, encoding="utf-8") as f:
             options = json.load(f)
     except OSError as e:
-        raise ValueError(f"cannot read the storage options file {path}: {e}") from e
+        raise ValueError(f"cannot read {what}: {e}{todo}") from e
     except ValueError as e:
-        raise ValueError(f"the storage options file {path} is not valid JSON: {e}") from e
+        raise ValueError(f"{what} is not valid JSON: {e}{todo}") from e
     if not isinstance(options, dict):
-        raise ValueError(f"the storage options file {path} must hold a JSON object (options, or URL prefixes "
-                         f"mapped to options), got {type(options).__name__}")
+        raise ValueError(f"{what} must hold a JSON object (options, or URL prefixes mapped to options), got "
+                         f"{type(options).__name__}{todo}")
     try:
         is_per_location(options)
     except ValueError as e:
-        raise ValueError(f"the storage options file {path}: {e}") from e
+        raise ValueError(f"{what}: {e}{todo}") from e
     return options
