@@ -364,6 +364,18 @@ def test_cite_and_different_licenses(tmp_path, capsys):
     assert "the sources carry different licenses" in capsys.readouterr().out
 
 
+def test_cite_gives_bare_dois(tmp_path, capsys):
+    url = str(tmp_path / "s.zarr")
+    ds = aa1(1)
+    ds.card = {"name": "sesA", "citation": "Lab A (2020)",
+               "doi": ["doi:10.1234/a", "https://doi.org/10.1234/b", "http://dx.doi.org/10.1234/c", "10.1234/d"]}
+    deepstrf.save_dataset(ds, url)
+    assert _quiet_cli("cite", url, "--bibtex") == 0
+    assert "  doi = {10.1234/a}\n" in capsys.readouterr().out
+    assert _quiet_cli("cite", url) == 0
+    assert "    doi: 10.1234/a, 10.1234/b, 10.1234/c, 10.1234/d\n" in capsys.readouterr().out
+
+
 def test_version_paths_that_lead_outside_the_store_are_refused(tmp_path):
     from test_pool import _edit_sources_table
 

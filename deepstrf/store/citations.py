@@ -46,11 +46,16 @@ def collect(cards: Sequence[tuple[str, dict[str, Any] | None]]) -> list[Citation
                      tuple(grouped[t]["doi"])) for t in ordered]
 
 
+DOI_PREFIX = re.compile(r"^\s*(?:doi:\s*|https?://(?:dx\.)?doi\.org/)", re.IGNORECASE)
+"""What precedes a bare DOI in a card (NWB's related_publications write ``doi:10.1234/...``)."""
+
+
 def _dois(card: dict[str, Any]) -> list[str]:
+    """The card's DOIs, bare (``10.1234/x``: what BibTeX's doi field and resolvers expect)."""
     doi = card.get("doi")
     if isinstance(doi, str):
-        return [doi]
-    return [str(d) for d in doi] if isinstance(doi, (list, tuple)) else []
+        doi = [doi]
+    return [DOI_PREFIX.sub("", str(d)).strip() for d in doi] if isinstance(doi, (list, tuple)) else []
 
 
 def licenses(cards: Sequence[tuple[str, dict[str, Any] | None]]) -> dict[str, list[str]]:
