@@ -131,11 +131,15 @@ def _dask_address(text: str) -> str:
 
 
 def _image_file(path: str) -> str:
-    """An argparse type: an image path matplotlib can write, with the extension it will be given
-    (``savefig.format``, png by default, where it has none)."""
+    """An argparse type: an image path matplotlib can write, in a folder that exists, with the
+    extension it will be given (``savefig.format``, png by default, where it has none)."""
     import matplotlib
     from matplotlib.backend_bases import FigureCanvasBase
 
+    folder = os.path.dirname(path)
+    if folder and not os.path.isdir(folder):  # else the image, drawn, could not be written
+        raise argparse.ArgumentTypeError(f"cannot write {path}: the folder {folder} does not exist; create it "
+                                         "(mkdir -p) or name an image in an existing folder")
     ext = os.path.splitext(path)[1][1:].lower()
     if not ext:
         return f"{path}.{matplotlib.rcParams['savefig.format']}"
@@ -283,6 +287,16 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
     return action.choices[command]
 
 
+def _what_to_do(error: BaseException, args: argparse.Namespace) -> str:
+    """The advice after an error of the machine, the network or an object store."""
+    output = getattr(args, "output", None)  # plot's image: a local file
+    if output is not None and getattr(error, "filename", None) == output:
+        return (f"check that {os.path.dirname(os.path.abspath(output))} is a folder you may write into, with "
+                "space left, or name another image (-o)")
+    return ("check the URL or path, the endpoint and the network, and the credentials (storage options: -S, -L, "
+            "--options)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -306,8 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(e, BrokenPipeError) and _stdout_gone():  # its reader left (`| head`): nothing to tell it
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor to flush to it at exit
             return 141
-        print(f"deepstrf {args.command}: error: {type(e).__name__}: {e}\nWhat to do: check the URL or path, the "
-              "endpoint and the network, and the credentials (storage options: -S, -L, --options)", file=sys.stderr)
+        print(f"deepstrf {args.command}: error: {type(e).__name__}: {e}\nWhat to do: {_what_to_do(e, args)}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"deepstrf {args.command}: interrupted", file=sys.stderr)

@@ -141,6 +141,19 @@ def test_plot_names_the_image_it_wrote(pool, run):
     assert (pool.parent / "coverage.png").stat().st_size > 0 and not (pool.parent / "coverage").exists()
 
 
+def test_an_image_that_cannot_be_written_gets_advice_about_its_folder(pool, run, monkeypatch):
+    import matplotlib.figure
+
+    def refused(self, path, **kw):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", refused)
+    out = run(pool.parent, "plot", "pool.zarr", "-o", "cov.png")
+    assert out.returncode == 1 and "PermissionError" in out.stderr, out.stderr
+    assert f"What to do: check that {pool.parent} is a folder you may write into" in out.stderr
+    assert "endpoint" not in out.stderr
+
+
 def test_exit_codes_are_documented_and_kept(capsys):
     with pytest.raises(SystemExit) as usage:
         cli_main(["no-such-command"])
@@ -163,6 +176,7 @@ def test_exit_codes_are_documented_and_kept(capsys):
                        (["verify", "x.zarr", "--dask", ""], "or a scheduler address such as tcp://host:8786"),
                        (["plot", "x.zarr", "-o", "cov.unknownext"], "cannot write .unknownext images"),
                        (["plot", "x.zarr", "-o", "cov.pgf"], "cannot write .pgf images"),  # needs TeX
+                       (["plot", "x.zarr", "-o", "no-such-dir/cov.png"], "the folder no-such-dir does not exist"),
                        (["concat", "out.zarr"], "name the stores to pool: paths or URLs, patterns (s3://bucket/stores/*.zarr)"),
                        (["concat", "out.zarr", "a.zarr", "b.zarr", "--name", "x"], "got 1 --name for 2 sources")):
         with pytest.raises(SystemExit) as bad_value:
