@@ -152,7 +152,7 @@ def _image_file(path: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepstrf", description=__doc__.splitlines()[0], epilog=EXIT_CODES,
+    parser = argparse.ArgumentParser(prog="deepstrf", description=__doc__.splitlines()[0].replace("``", ""), epilog=EXIT_CODES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)  # none: the usage, exit 2
     so = argparse.ArgumentParser(add_help=False)
@@ -236,9 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", parents=[so, roots], help="measure streaming throughput of a store")
     p.add_argument("url", nargs="?", default=None, help="store to read (default: a synthetic pool in a temp folder)")
-    p.add_argument("--batch-size", type=_at_least_one, default=8)
-    p.add_argument("--workers", type=_not_negative_int, default=0)
-    p.add_argument("--epochs", type=_at_least_one, default=1)
+    p.add_argument("--batch-size", type=_at_least_one, default=8, help="items per batch (default 8)")
+    p.add_argument("--workers", type=_not_negative_int, default=0,
+                   help="DataLoader worker processes (default 0: read in this process)")
+    p.add_argument("--epochs", type=_at_least_one, default=1, help="epochs to stream, each reported (default 1)")
     _add_import_nwb(sub, so)
     return parser
 

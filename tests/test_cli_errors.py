@@ -215,6 +215,16 @@ def test_a_bad_storage_options_file_names_where_it_came_from(capsys, monkeypatch
     assert "cannot read the storage options file" in err and "DEEPSTRF_STORAGE_OPTIONS" not in err, err
 
 
+def test_help_is_plain_text_and_gives_bench_defaults(capsys):
+    for argv in (["--help"], ["bench", "--help"]):
+        with pytest.raises(SystemExit):
+            cli_main(argv)
+        text = capsys.readouterr().out
+        assert "``" not in text, argv
+    for said in ("items per batch (default 8)", "worker processes (default 0", "(default 1)"):
+        assert said in text
+
+
 def test_verify_pool_finds_an_edited_coverage_table(pool, run):
     import zarr
 
