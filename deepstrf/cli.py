@@ -136,6 +136,8 @@ def _image_file(path: str) -> str:
     import matplotlib
     from matplotlib.backend_bases import FigureCanvasBase
 
+    if os.path.basename(path) in ("", ".", ".."):  # a folder: savefig would write a hidden ".png" there
+        raise argparse.ArgumentTypeError(f"expected the name of an image file (e.g. coverage.png), got {path!r}")
     folder = os.path.dirname(path)
     if folder and not os.path.isdir(folder):  # else the image, drawn, could not be written
         raise argparse.ArgumentTypeError(f"cannot write {path}: the folder {folder} does not exist; create it "

@@ -177,6 +177,8 @@ def test_exit_codes_are_documented_and_kept(capsys):
                        (["plot", "x.zarr", "-o", "cov.unknownext"], "cannot write .unknownext images"),
                        (["plot", "x.zarr", "-o", "cov.pgf"], "cannot write .pgf images"),  # needs TeX
                        (["plot", "x.zarr", "-o", "no-such-dir/cov.png"], "the folder no-such-dir does not exist"),
+                       (["plot", "x.zarr", "-o", ""], "expected the name of an image file"),
+                       (["plot", "x.zarr", "-o", "."], "expected the name of an image file"),
                        (["concat", "out.zarr"], "name the stores to pool: paths or URLs, patterns (s3://bucket/stores/*.zarr)"),
                        (["concat", "out.zarr", "a.zarr", "b.zarr", "--name", "x"], "got 1 --name for 2 sources")):
         with pytest.raises(SystemExit) as bad_value:
