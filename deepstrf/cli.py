@@ -316,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except errors.UsageError as e:  # before `expected`, which holds it too
         _subparser(parser, args.command).error(str(e))
     except expected as e:  # what went wrong and what to do is in the message: no traceback
-        message = str(e).replace("overwrite=True", "--overwrite") if hasattr(args, "overwrite") else str(e)
+        message = errors.command_line_words(str(e)) if hasattr(args, "overwrite") else str(e)
         print(f"deepstrf {args.command}: error: {message}", file=sys.stderr)
         return 1
     except errors.environment_errors() as e:  # the machine's, network's or object store's: no traceback either

@@ -119,6 +119,12 @@ def environment_errors() -> tuple[type[BaseException], ...]:
     return OSError, BotoCoreError, ClientError
 
 
+def command_line_words(message: str) -> str:
+    """A library error's message in the words of a command that takes ``--overwrite``: the
+    advice ``overwrite=True`` becomes ``--overwrite``."""
+    return message.replace("overwrite=True", "--overwrite")
+
+
 def unreadable(url: str, error: BaseException) -> str:
     """What to say about a store at ``url`` whose reads failed with an environment ``error``."""
     return (f"{url} could not be read ({type(error).__name__}: {error}); check the storage options that apply "

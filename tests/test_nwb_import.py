@@ -82,7 +82,7 @@ def test_cli_parallel_skip_and_refusals(tmp_path, capsys):
     assert capsys.readouterr().out.count("skipped ") == 2
     assert main([*args[:-1], "CC-BY-4.0"]) == 1              # another license: the store would change
     err = capsys.readouterr().err
-    assert "--overwrite" in err and "Traceback" not in err
+    assert "Pass --overwrite to replace it" in err and "overwrite=True" not in err and "Traceback" not in err
     assert main([*args[:-1], "CC-BY-4.0", "--overwrite", "--unit-filter", "quality=good"]) == 0
     assert open_dataset(f"{out}/sess0.zarr").N_neurons == 2 and "imported " in capsys.readouterr().out
     assert main(["import-nwb", str(tmp_path / "other"), paths[0], "--presentations", "passive"]) == 1

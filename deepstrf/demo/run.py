@@ -89,7 +89,7 @@ def prepare_data(sources: list[DemoSource], store_root: str, storage_options: di
                  overwrite: bool) -> DemoData:
     """Save the converted sources as Zarr stores, open them and write the pool store."""
     import deepstrf
-    from ..errors import StoreExistsError
+    from ..errors import StoreExistsError, command_line_words
 
     urls = {}
     try:
@@ -105,7 +105,7 @@ def prepare_data(sources: list[DemoSource], store_root: str, storage_options: di
         pool = deepstrf.concat_neural_datasets(opened, names=[s.name for s in sources], store=pool_url,
                                                storage_options=storage_options, overwrite=overwrite)
     except StoreExistsError as e:
-        said = str(e).replace("overwrite=True", "--overwrite")
+        said = command_line_words(str(e))
         raise SystemExit(f"deepstrf demo: {said}\nRe-run with --overwrite to replace the stores of an earlier run, "
                          "or choose another --out/--store.") from e
     single = deepstrf.open_dataset(urls[COMPARE_SOURCE], storage_options=storage_options)

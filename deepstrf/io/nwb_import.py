@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from ..errors import NWBImportError, StoreExistsError, StoreNotFoundError, error_types
+from ..errors import NWBImportError, StoreExistsError, StoreNotFoundError, command_line_words, error_types
 from ..store import save_dataset
 from ..store.location import Location
 from .nwb import NWBConversion, import_fingerprint, read_nwb
@@ -77,8 +77,8 @@ def import_one(source: str, out_url: str, conversion: dict[str, Any], *, license
         return ImportResult(source, out_url, "skipped", fp, seconds=time.perf_counter() - t0)
     if existing is not None and not overwrite:
         raise StoreExistsError(f"{out_url} already holds a store that was not imported from {source} with these "
-                               "arguments (its recorded import fingerprint differs). Pass --overwrite "
-                               "(overwrite=True) to replace it, or choose another OUT_DIR.")
+                               "arguments (its recorded import fingerprint differs). Pass overwrite=True "
+                               "to replace it, or choose another OUT_DIR.")
     ds = read_nwb(source, conv, license=license, storage_options=storage_options)
     save_dataset(ds, out_url, storage_options=storage_options, overwrite=overwrite, progress=False)
     return ImportResult(source, out_url, "imported", fp, ds.get_S(), ds.N_neurons, time.perf_counter() - t0)
@@ -148,7 +148,7 @@ def main(args: Any) -> int:
         results = import_sessions(args.out_dir, sources, client=client, **options)
     for r in results:
         if r.status == "failed":
-            print(f"deepstrf import-nwb: error: {r.error}", file=sys.stderr)
+            print(f"deepstrf import-nwb: error: {command_line_words(r.error)}", file=sys.stderr)
         else:
             shape = f" ({r.n_stims} stims x {r.n_neurons} neurons, {r.seconds:.1f} s)" if r.status == "imported" else ""
             print(f"{r.status:9s} {r.source} -> {r.store}{shape}")
