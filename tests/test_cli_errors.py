@@ -354,6 +354,19 @@ def test_bench_reads_a_pool_whose_sources_lie_outside_its_folder_with_allow_root
     assert source.returncode == 0, source.stderr
 
 
+def test_a_changed_source_is_reported_with_what_the_command_line_can_do(pool, run):
+    import shutil
+
+    root = pool.parent
+    shutil.rmtree(root / "aa1.zarr")  # written again in place, not as a new version
+    save_dataset(SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02, seed=7), str(root / "aa1.zarr"),
+                 progress=False)
+    out = run(root, "plot", "pool.zarr")
+    assert out.returncode == 1 and "changed after pooling" in out.stderr, out.stderr
+    assert "Rewrite the pool with deepstrf concat" in out.stderr and "in Python" in out.stderr
+    assert not (root / "coverage.png").exists()
+
+
 def test_info_says_a_pool_no_longer_opens_once_a_pinned_version_is_pruned(pool, run):
     root = pool.parent
     save_dataset(SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.02, seed=9), str(root / "aa1.zarr"),

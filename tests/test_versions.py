@@ -87,6 +87,8 @@ def test_republish_under_a_pool(store_url, capsys):
     with pytest.raises(VersionNotFoundError, match=rf"source 'a' at .*a.zarr is pinned to version {fp_old}.*"
                                                    rf"it holds {short[1]} tag 'sorted-again'"):
         deepstrf.open_dataset(pool_url, storage_options=so)
+    with pytest.raises(VersionNotFoundError, match=r"NEW_POOL` \(in Python, opening it with accept_changed_sources"):
+        deepstrf.open_dataset(pool_url, storage_options=so)
     same_data(deepstrf.open_dataset(updated_url, storage_options=so).responses.sources[0], new)
     assert _cli("verify", updated_url, "--data", so=so) == 0
     capsys.readouterr()

@@ -169,8 +169,9 @@ def _open_pin(opener: Callable[..., NeuralDataset], pool_url: str, entry: dict,
             f"pool {pool_url}: source {entry['name']!r} at {entry['url']} is pinned to version "
             f"{entry['fingerprint']} ({entry.get('version') or 'the store as pooled'}), which the store no longer "
             f"holds (pruned?); it holds {listing(e.versions)}. Re-pin the pool to the latest versions with "
-            f"`deepstrf pool-update {pool_url} NEW_POOL` (accept_changed_sources=True reads the latest instead, "
-            "where its shape, bin width and stimulus geometry are the ones pooled).", e.versions, True) from e
+            f"`deepstrf pool-update {pool_url} NEW_POOL` (in Python, opening it with accept_changed_sources=True "
+            "reads the latest instead, where its shape, bin width and stimulus geometry are the ones pooled).",
+            e.versions, True) from e
 
 
 def check_fingerprint(pool_url: str, entry: dict, src: NeuralDataset, accept: bool,
@@ -184,8 +185,8 @@ def check_fingerprint(pool_url: str, entry: dict, src: NeuralDataset, accept: bo
            f"(fingerprint {src.fingerprint}, pooled {entry['fingerprint']})")
     if not accept:
         raise SourceChangedError(
-            f"{msg}. Rewrite the pool with deepstrf concat, or open it with accept_changed_sources=True "
-            "if the change is intended.")
+            f"{msg}. Rewrite the pool with deepstrf concat, or, if the change is intended, open it in Python "
+            "with accept_changed_sources=True (the command line has no such option).")
     differences = _differences(src, entry, pooled or {})
     if differences:
         raise SourceChangedError(f"{msg}, and its {', '.join(differences)} changed too, so the pool cannot be read "
