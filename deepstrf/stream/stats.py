@@ -82,7 +82,9 @@ class StorageIO:
 
 
 def summarize(totals: Mapping[str, int], seconds: float | None = None) -> dict[str, float]:
-    """Counters plus derived figures (reads per item, fraction of fetched bytes used, rates)."""
+    """Counters plus derived figures: ``read_seconds``, ``used_fraction`` (``bytes_used /
+    bytes_fetched``: decoded bytes per fetched byte, above 1 where compression saved transfer) and,
+    with ``seconds``, rates."""
     out: dict[str, float] = dict(totals)
     out["read_seconds"] = totals["read_us"] / 1e6
     if totals["bytes_fetched"]:
