@@ -5,11 +5,14 @@ shows the calls: held-out splits per source, a compact-batch loop with the
 masked Poisson loss, per-neuron scores aggregated per source.
 
     python examples/train_evaluate.py [--root DIR] [--tiny]
+
+Without ``--root`` the stores go to a temporary folder, removed at the end.
 """
 
 from __future__ import annotations
 
 import tempfile
+from contextlib import nullcontext
 
 import torch
 
@@ -27,7 +30,11 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=None)
     args = p.parse_args()
-    root = args.root or tempfile.mkdtemp(prefix="deepstrf-train-")
+    with nullcontext(args.root) if args.root else tempfile.TemporaryDirectory(prefix="deepstrf-train-") as root:
+        train_and_evaluate(root, args)
+
+
+def train_and_evaluate(root: str, args) -> None:
     so = storage_options(args)
     scale, time_scale, epochs = (0.12, 0.1, 8) if args.tiny else (0.3, 0.3, 15)
     epochs = args.epochs or epochs

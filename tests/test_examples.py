@@ -13,9 +13,9 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def run_example(name: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def run_example(name: str, *args: str, timeout: int = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--tiny", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=EXAMPLES, env={**os.environ})
+                          text=True, timeout=timeout, cwd=EXAMPLES, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     assert "Traceback" not in proc.stderr, f"{name} printed a traceback:\n{proc.stderr[-4000:]}"
     return proc
@@ -45,9 +45,10 @@ def test_share_pool_local(tmp_path):
     assert "lab B opened" in out.stdout and "refused as expected" in out.stdout
 
 
-def test_train_evaluate(tmp_path):
-    out = run_example("train_evaluate.py", "--root", str(tmp_path))
+def test_train_evaluate_leaves_no_temporary_folder(tmp_path):
+    out = run_example("train_evaluate.py", env={"TMPDIR": str(tmp_path)})  # no --root: a temporary folder
     assert "AA1:" in out.stdout and "NS1:" in out.stdout
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("deepstrf-train-")]
 
 
 @pytest.mark.parametrize("ddp", [[], ["--devices", "2", "--workers", "2"]], ids=["one-process", "ddp-workers"])
