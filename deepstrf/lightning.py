@@ -47,7 +47,9 @@ class PoolDataModule(lightning.LightningDataModule):
 
     ``test_fraction`` of each source's stims are held out for testing (the demo's
     :func:`~deepstrf.datasets.splits.heldout_split`, by ``split_seed``), ``val_fraction`` of
-    each source's remaining stims for validation. Batches are built by the dataset:
+    each source's remaining stims for validation; with ``group_by`` (a ``stim_meta`` key naming the
+    same stimulus in two sources) no stim sharing its group with a test or validation stim is trained
+    on. Batches are built by the dataset:
     ``collate="compact"`` (:class:`~deepstrf.utils.data.CompactBatch`) or ``"dense"``
     (deepSTRF's ``neural_collate`` dict), ``batch_size`` items each, over one neuron axis in
     every part (each part is a ``subset`` of one selection); training order is
@@ -159,12 +161,17 @@ class PoolDataModule(lightning.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume at ``state_dict`` (from :meth:`state_dict`); the split must be the same."""
         split = state_dict.get("split")
-        if self.split is not None and split is not None and split != self.split:
+        if self.split is not None and split is not None and _parts(split) != _parts(self.split):
             raise ValueError("PoolDataModule: the checkpoint was made with another stim split (other store, "
                              "fractions or split_seed); resume with the same data and split arguments")
         self.split = split if split is not None else self.split
         if state_dict.get("train") is not None:
             self.load_train_state(state_dict["train"])
+
+
+def _parts(split: dict[str, list[int]]) -> dict[str, list[int]]:
+    """The stims of each part (what a checkpoint must agree on; older ones list no exclusions)."""
+    return {part: split[part] for part in PARTS}
 
 
 class EpochLoader(StreamingDataLoader):

@@ -80,6 +80,19 @@ def test_trains_validates_and_tests_on_per_source_heldout_stims(tmp_path):
         PoolDataModule(42)
 
 
+def test_group_by_keeps_a_shared_stimulus_out_of_training_and_validation():
+    pool = small_pool()
+    for i, meta in enumerate(pool.stim_meta):
+        meta["sound"] = f"s{i % 5}"  # five sounds, played in both sources
+    dm = PoolDataModule(pool, batch_size=2, val_fraction=0.2, group_by="sound")
+    dm.setup()
+    sounds = {part: {pool.stim_meta[s]["sound"] for s in dm.split[part]} for part in ("train", "val", "test")}
+    assert dm.split["train"] and dm.split["val"]
+    assert not sounds["train"] & sounds["val"] and not sounds["train"] & sounds["test"]
+    assert sorted(sum(dm.split.values(), [])) == list(range(pool.get_S()))  # the rest: "excluded"
+    dm.load_state_dict({"split": {part: dm.split[part] for part in ("train", "val", "test")}})  # no "excluded"
+
+
 def fit_saving_every_2_steps(tmp_path, pool, batch_size: int) -> tuple[Recorder, Path]:
     """A 2-epoch run with a checkpoint every 2 training steps: what it trained on, and where the
     checkpoints are."""

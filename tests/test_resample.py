@@ -9,7 +9,7 @@ import torch
 from deepstrf.datasets import views
 from deepstrf.datasets.audio import AudioNeuralDataset
 from deepstrf.datasets.resample import interpolate_bands, rebin_counts, rebin_dataset, resample_frequency
-from deepstrf.datasets.splits import heldout_split, source_test_indices
+from deepstrf.datasets.splits import heldout_split, source_test_indices, train_val_test_split
 from deepstrf.datasets.synthetic import SyntheticAudioDataset
 from deepstrf.errors import IncompatibleDatasetsError
 from deepstrf.utils.data import concat_neural_datasets
@@ -159,6 +159,24 @@ def test_heldout_split_group_by_prevents_shared_stimulus_leakage():
     sounds = lambda idx: {pool.stim_meta[s]["sound"] for s in idx}  # noqa: E731
     assert not sounds(sp.train) & sounds(sp.test)
     assert sp.excluded and not set(sp.excluded) & set(sp.train)
+
+
+def test_train_val_test_split_group_by_keeps_shared_stimuli_out_of_train_vs_val_too():
+    a, b = ToyAudio(seed=0, S=12), ToyAudio(seed=1, S=12)
+    for i, (m_a, m_b) in enumerate(zip(a.stim_meta, b.stim_meta)):
+        m_a["sound"] = m_b["sound"] = f"song{i % 6}"  # six sounds, each twice per lab
+    pool = concat_neural_datasets([a, b], names=["A", "B"])
+    p = train_val_test_split(pool, 0.2, 0.2, seed=0, group_by="sound")
+    sounds = lambda idx: {pool.stim_meta[s]["sound"] for s in idx}  # noqa: E731
+    assert p["val"] and p["train"]
+    assert not sounds(p["train"]) & sounds(p["test"]) and not sounds(p["train"]) & sounds(p["val"])
+    assert not sounds(p["val"]) & sounds(p["test"])
+    # every stim is in exactly one part, or reported as excluded from training
+    parts = p["train"] + p["val"] + p["test"] + p["excluded"]
+    assert sorted(parts) == list(range(pool.get_S()))
+    assert set(heldout_split(pool, 0.2, seed=0, group_by="sound").excluded) <= set(p["excluded"])
+    plain = train_val_test_split(pool, 0.2, 0.2, seed=0)
+    assert plain["excluded"] == [] and plain["test"] == p["test"]
 
 
 def test_source_test_indices_bounds():

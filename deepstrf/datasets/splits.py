@@ -79,7 +79,7 @@ def heldout_split(ds: NeuralDataset, test_fraction: float = 0.2, seed: int = 0, 
             raise ValueError(f"names has {len(names)} entries, the dataset has {len(blocks)} source(s)")
         blocks = [(n, s, nr) for n, (_, s, nr) in zip(names, blocks)]
     seen = set()
-    train, test, by_source = [], [], {}
+    test, by_source = [], {}
     for name, stims, _ in blocks:
         if name in seen:
             raise ValueError(f"two sources are named {name!r}; pass distinct names")
@@ -88,19 +88,26 @@ def heldout_split(ds: NeuralDataset, test_fraction: float = 0.2, seed: int = 0, 
         s_test = [stims.start + i for i in sorted(local_test)]
         s_train = [stims.start + i for i in range(len(stims)) if i not in local_test]
         by_source[name] = {"train": s_train, "test": s_test}
-        train += s_train
         test += s_test
-    excluded: list[int] = []
-    if group_by is not None:
-        held = {_key(ds.stim_meta[s], group_by) for s in test} - {None}
-        excluded = [s for s in train if _key(ds.stim_meta[s], group_by) in held]
-        if excluded:
-            drop = set(excluded)
-            train = [s for s in train if s not in drop]
-            for part in by_source.values():
-                part["train"] = [s for s in part["train"] if s not in drop]
+    excluded = _drop_shared(ds, group_by, test, by_source)
+    train = [s for part in by_source.values() for s in part["train"]]
     return StimSplit(train=train, test=test, by_source=by_source, seed=seed,
                      test_fraction=test_fraction, excluded=excluded)
+
+
+def _drop_shared(ds: NeuralDataset, group_by: str | None, held: list[int],
+                 by_source: dict[str, dict[str, list[int]]]) -> list[int]:
+    """Remove from every source's ``"train"`` the stims whose ``group_by`` value occurs among the
+    ``held`` stims (in place); returns the removed stims. Nothing is removed without ``group_by``."""
+    if group_by is None:
+        return []
+    keys = {_key(ds.stim_meta[s], group_by) for s in held} - {None}
+    removed = []
+    for part in by_source.values():
+        shared = {s for s in part["train"] if _key(ds.stim_meta[s], group_by) in keys}
+        removed += [s for s in part["train"] if s in shared]
+        part["train"] = [s for s in part["train"] if s not in shared]
+    return removed
 
 
 def _key(meta: dict, key: str):
@@ -114,19 +121,24 @@ def _key(meta: dict, key: str):
 
 def train_val_test_split(ds: NeuralDataset, test_fraction: float = 0.2, val_fraction: float = 0.1,
                          seed: int = 0, *, group_by: str | None = None) -> dict[str, list[int]]:
-    """Global stim indices ``{"train", "val", "test"}``, all held out within each source.
+    """Global stim indices ``{"train", "val", "test", "excluded"}``, all held out within each source.
 
     ``test`` is :func:`heldout_split` (the demo's split: the same stims for the same
     ``seed``); ``val`` is ``val_fraction`` of each source's remaining training stims (at
     least one, while one is left to train on; none from a source with fewer than 2), chosen
-    the same way; ``train`` is the rest. ``val_fraction=0`` gives an empty ``val``.
+    the same way; ``train`` is the rest. ``val_fraction=0`` gives an empty ``val``. With
+    ``group_by``, a stim sharing its group with a test or a validation stim is left out of
+    ``train`` too; ``excluded`` lists the stims so left out.
     """
     split = heldout_split(ds, test_fraction, seed=seed, group_by=group_by)
+    by_source = {name: {"train": list(part["train"])} for name, part in split.by_source.items()}
     val: list[int] = []
     if val_fraction:
-        for name, part in split.by_source.items():
+        for name, part in by_source.items():
             if len(part["train"]) >= 2:
-                val += [part["train"][i] for i in source_test_indices(len(part["train"]), f"{name}/val", seed,
-                                                                      val_fraction)]
-    held = set(val)
-    return {"train": [s for s in split.train if s not in held], "val": val, "test": split.test}
+                local = set(source_test_indices(len(part["train"]), f"{name}/val", seed, val_fraction))
+                val += [s for i, s in enumerate(part["train"]) if i in local]
+                part["train"] = [s for i, s in enumerate(part["train"]) if i not in local]
+    excluded = split.excluded + _drop_shared(ds, group_by, val, by_source)
+    train = [s for part in by_source.values() for s in part["train"]]
+    return {"train": train, "val": val, "test": split.test, "excluded": excluded}
