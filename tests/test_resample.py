@@ -179,6 +179,12 @@ def test_train_val_test_split_group_by_keeps_shared_stimuli_out_of_train_vs_val_
     assert plain["excluded"] == [] and plain["test"] == p["test"]
 
 
+@pytest.mark.parametrize("val_fraction", [1.0, -0.1, float("nan")])
+def test_train_val_test_split_names_a_bad_val_fraction(val_fraction):
+    with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\)"):
+        train_val_test_split(ToyAudio(seed=0, S=6), 0.2, val_fraction=val_fraction)
+
+
 def test_source_test_indices_bounds():
     assert len(source_test_indices(2, "x", 0, 0.9)) == 1
     with pytest.raises(ValueError):

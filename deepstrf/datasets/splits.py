@@ -130,6 +130,8 @@ def train_val_test_split(ds: NeuralDataset, test_fraction: float = 0.2, val_frac
     ``group_by``, a stim sharing its group with a test or a validation stim is left out of
     ``train`` too; ``excluded`` lists the stims so left out.
     """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1) (0: no validation stims), got {val_fraction!r}")
     split = heldout_split(ds, test_fraction, seed=seed, group_by=group_by)
     by_source = {name: {"train": list(part["train"])} for name, part in split.by_source.items()}
     val: list[int] = []
