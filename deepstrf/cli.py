@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_at_least_one, default=None, help=f"training epochs (default {DEFAULTS['epochs']})")
     p.add_argument("--workers", type=_not_negative_int, default=None,
                    help=f"DataLoader worker processes (default {DEFAULTS['workers']})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic sources and the training (default 0)")
+    p.add_argument("--seed", type=_not_negative_int, default=0,
+                   help="seed of the synthetic sources and the training (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace stores left by an earlier run")
 
     p = sub.add_parser("concat", parents=[so, roots], help="write a pool of store references (no data copied)")

@@ -169,6 +169,7 @@ def test_exit_codes_are_documented_and_kept(capsys):
                        (["import-nwb", "out", "x.nwb", "--unit-filter", "quality"], "expected COLUMN=VALUE"),
                        (["bench", "--workers", "-1"], "expected a whole number of at least 0"),
                        (["demo", "--scale", "0"], "expected a number above 0"),
+                       (["demo", "--seed", "-1"], "expected a whole number of at least 0, got '-1'"),
                        (["import-nwb", "out", "x.nwb", "--pre-ms", "nan"], "expected a number of at least 0"),
                        (["import-nwb", "out", "x.nwb", "--dt-ms", "inf"], "expected a number above 0"),
                        (["import-nwb", "out", "x.nwb", "--dask", "local:0"], "expected local:N with N >= 1"),

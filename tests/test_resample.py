@@ -191,3 +191,7 @@ def test_source_test_indices_bounds():
         source_test_indices(1, "x")
     with pytest.raises(ValueError):
         source_test_indices(10, "x", test_fraction=1.0)
+    with pytest.raises(ValueError, match="seed must be a whole number of at least 0"):
+        source_test_indices(10, "x", seed=-1)
+    with pytest.raises(ValueError, match="seed must be a whole number of at least 0"):
+        heldout_split(ToyAudio(seed=0, S=6), seed=-1)

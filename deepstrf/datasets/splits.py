@@ -24,8 +24,10 @@ def source_test_indices(n_stims: int, name: str, seed: int = 0, test_fraction: f
     """Local indices (``0..n_stims-1``) held out for one source, sorted.
 
     ``round(test_fraction * n_stims)`` stims, at least ``min_test``, and at
-    most ``n_stims - 1`` so that one stim is left to train on.
+    most ``n_stims - 1`` so that one stim is left to train on. ``seed`` is a whole number >= 0.
     """
+    if int(seed) < 0:
+        raise ValueError(f"seed must be a whole number of at least 0 (it seeds numpy's generator), got {seed!r}")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
     if n_stims < 2:
