@@ -101,5 +101,17 @@ def test_aggregate_per_source():
     assert agg["A"]["bits_per_spike"] > 0
     with pytest.raises(ValueError):
         sc.aggregate(["A"])
+    # a source none of whose neurons has held-out data: NaN like result(), not 0
+    sc = NeuronScores(4, baseline_rate=torch.full((4,), 0.2))
+    sc.update([0, 1], rate[:2], cells[:2], [6] * 2, [300] * 2)
+    empty = sc.aggregate(["A", "A", "B", "B"])["B"]
+    assert empty["n_neurons"] == 0 and empty["spikes"] == 0
+    assert all(math.isnan(empty[k]) for k in ("nll", "nll_baseline", "bits_per_spike"))
+    assert all(math.isnan(sc.result()[k][2]) for k in ("nll", "nll_baseline", "bits_per_spike"))
+    silent = NeuronScores(1, baseline_rate=torch.full((1,), 0.2))  # observed, never a spike
+    silent.update([0], rate[:1], torch.zeros(1, 6, 300, dtype=torch.float64), [6], [300])
+    quiet = silent.aggregate(["A"])["A"]
+    assert math.isfinite(quiet["nll"]) and math.isnan(quiet["bits_per_spike"])
+    assert math.isnan(silent.result()["bits_per_spike"][0])
     d = describe(np.array([1.0, np.nan, 3.0]))
     assert d["n"] == 2 and d["median"] == 2.0

@@ -176,7 +176,8 @@ class NeuronScores:
 
         Per-neuron CCs are summarised by median / mean / quartiles over the
         neurons with a defined value; NLLs and bits per spike pool the
-        source's observations (sum over its neurons).
+        source's observations (sum over its neurons), NaN like :meth:`result`'s
+        for a source without held-out observations (bits per spike: without spikes).
         """
         res = dict(result) if result is not None else self.result()
         groups = np.asarray(list(groups), dtype=object)
@@ -189,14 +190,20 @@ class NeuronScores:
             for key in ("cc_raw", "cc_norm", "cc_truth", "cc_max"):
                 summary[key] = describe(res[key][sel])
             n_obs, spikes = self.n_obs.numpy()[sel].sum(), self.spikes.numpy()[sel].sum()
-            summary["nll"] = float(self.nll.numpy()[sel].sum() / max(n_obs, 1))
+            nll = self.nll.numpy()[sel].sum()
+            summary["nll"] = _ratio(nll, n_obs)
             summary["spikes"] = float(spikes)
             if self.baseline is not None:
                 base = self.nll_base.numpy()[sel].sum()
-                summary["nll_baseline"] = float(base / max(n_obs, 1))
-                summary["bits_per_spike"] = float((base - self.nll.numpy()[sel].sum()) / max(spikes, 1) / math.log(2))
+                summary["nll_baseline"] = _ratio(base, n_obs)
+                summary["bits_per_spike"] = _ratio(base - nll, spikes * math.log(2))
             out[g] = summary
         return out
+
+
+def _ratio(total: float, count: float) -> float:
+    """``total / count``; NaN when ``count`` is 0 (nothing observed)."""
+    return float(total / count) if count > 0 else math.nan
 
 
 def describe(values: np.ndarray) -> dict[str, float]:
