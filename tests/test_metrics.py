@@ -76,6 +76,18 @@ def test_scores_stream_over_batches_equals_one_batch():
     assert finite.any() and np.allclose(one["cc_raw"][finite], 1.0)
 
 
+def test_update_compact_refuses_predictions_that_do_not_cover_the_cells():
+    ds = SyntheticAudioDataset("aa1", scale=0.1, time_scale=0.05, seed=4)
+    b = compact_collate([ds[i] for i in range(2)], neuron_index=ds.selected_neurons())
+    T = int(b.lengths.max())
+    sc = NeuronScores(ds.N_neurons)
+    with pytest.raises(ValueError, match=f"prediction covers {T - 2} bins, cells need {T}"):
+        sc.update_compact(b, torch.ones(b.n_cells, T - 2))
+    with pytest.raises(ValueError, match=rf"pred must be \(n_cells={b.n_cells}, T\)"):
+        sc.update_compact(b, torch.ones(b.n_cells - 1, T))
+    assert not sc.n_obs.any()  # nothing was added
+
+
 def test_split_half_ceiling_and_nan_rules():
     assert spearman_brown_ceiling(torch.tensor(1.0)).item() == pytest.approx(1.0)
     assert spearman_brown_ceiling(torch.tensor(1 / 3)).item() == pytest.approx(math.sqrt(0.5))

@@ -163,6 +163,15 @@ class CompactBatch:
             self._plan = plan
         return plan
 
+    def check_rates(self, pred: torch.Tensor) -> None:
+        """Raise a ValueError unless ``pred`` holds one row per cell ``(n_cells, T')`` covering every
+        cell's length (checked on the host plan: nothing is read back from a device)."""
+        if pred.dim() != 2 or pred.shape[0] != self.n_cells:
+            raise ValueError(f"pred must be (n_cells={self.n_cells}, T), got {tuple(pred.shape)}")
+        need = self.plan().max_length
+        if pred.shape[1] < need:
+            raise ValueError(f"prediction covers {pred.shape[1]} bins, cells need {need}")
+
     def n_observations(self) -> int:
         """Observed (cell, repeat, bin) counts: ``sum(repeats * lengths)``, from the host plan."""
         return sum(g.repeats * g.length * len(g.host_cells) for g in self.plan().groups)

@@ -143,6 +143,7 @@ class NeuronScores:
 
     def update_compact(self, batch: CompactBatch, pred: torch.Tensor, truth: torch.Tensor | None = None) -> None:
         """Add every valid cell of a :class:`CompactBatch` with per-cell rates ``(n_cells, T)``."""
+        batch.check_rates(pred)
         self.update(batch.neuron_index, pred, batch.padded(torch.float64), batch.repeats, batch.lengths, truth)
 
     def result(self) -> dict[str, np.ndarray]:

@@ -60,15 +60,11 @@ def poisson_loss_compact(pred: torch.Tensor, batch: CompactBatch, eps: float = E
     on an accelerator, over the padded repeat sums in a few whole-batch
     operations (fewer kernel launches).
     """
-    if pred.dim() != 2 or pred.shape[0] != batch.n_cells:
-        raise ValueError(f"pred must be (n_cells={batch.n_cells}, T), got {tuple(pred.shape)}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if batch.values.device != pred.device:
         batch = batch.to(pred.device)
-    plan = batch.plan()
-    if pred.shape[1] < plan.max_length:
-        raise ValueError(f"prediction covers {pred.shape[1]} bins, cells need {plan.max_length}")
+    batch.check_rates(pred)
     if cells.launch_bound(pred.device):
         per_cell = _padded_poisson_nll(pred, batch, eps)
     else:
