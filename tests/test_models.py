@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -94,6 +95,13 @@ def test_heads_indexed_by_global_neuron_id(pool, accelerator, monkeypatch):
     assert (grad[used] > 0).all() and (grad[~used] == 0).all()
     with pytest.raises(IndexError):
         model(cb.stims, neuron_index=[pool.N_neurons])
+    # a cell of an item beyond the batch is refused (the per-item product dropped it on a CPU)
+    B = cb.batch_size
+    bad = dataclasses.replace(cb, item_index=torch.where(cb.item_index == B - 1, B, cb.item_index))
+    with pytest.raises(IndexError, match=rf"item_index \(items of the batch\) must be in \[0, {B}\)"):
+        model.predict(bad)
+    with pytest.raises(IndexError, match="item_index"):
+        model(cb.stims, cb.neuron_index, -cb.item_index - 1)
     # cells in any order, items given on the host or as tensors
     perm = torch.randperm(cb.n_cells, generator=torch.Generator().manual_seed(3))
     shuffled = model(cb.stims, cb.neuron_index[perm], cb.item_index[perm].numpy())

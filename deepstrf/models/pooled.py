@@ -116,9 +116,7 @@ class NeuronReadout(nn.Module):
             drive = torch.einsum("nd,bdt->bnt", self.weight, features) + self.bias[None, :, None]
             return F.softplus(drive).unsqueeze(2)
         ids = torch.as_tensor(neuron_index, dtype=torch.long)  # checked where it is (a host copy: no sync)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n_neurons):
-            raise IndexError(f"neuron ids must be in [0, {self.n_neurons}), got range "
-                             f"[{int(ids.min())}, {int(ids.max())}]")
+        _check_range("neuron ids", ids, self.n_neurons)
         ids = ids.to(features.device, non_blocking=True)
         if item_index is None:
             drive = torch.einsum("nd,bdt->bnt", self.weight[ids], features) + self.bias[ids][None, :, None]
@@ -126,7 +124,9 @@ class NeuronReadout(nn.Module):
         items = torch.as_tensor(item_index, dtype=torch.long)
         if items.shape != ids.shape:
             raise ValueError(f"item_index {tuple(items.shape)} and neuron_index {tuple(ids.shape)} differ")
-        return F.softplus(self._cell_drive(features, ids, items.cpu().numpy()))
+        items = items.cpu()
+        _check_range("item_index (items of the batch)", items, features.shape[0])  # else a cell is dropped
+        return F.softplus(self._cell_drive(features, ids, items.numpy()))
 
     def _cell_drive(self, features: torch.Tensor, ids: torch.Tensor, items: np.ndarray) -> torch.Tensor:
         """``(n_cells, T)`` drive: on an accelerator one batched product over every item's heads
@@ -162,6 +162,12 @@ class NeuronReadout(nn.Module):
         heads = features.new_zeros((n_items * rows, n_features)).index_put((slot,), self.weight[ids])
         drive = torch.bmm(heads.view(n_items, rows, n_features), features).view(n_items * rows, T)
         return drive[slot] + self.bias[ids][:, None]
+
+
+def _check_range(what: str, index: torch.Tensor, size: int) -> None:
+    """Raise an IndexError unless every entry of ``index`` is in ``[0, size)`` (a host tensor: no sync)."""
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
+        raise IndexError(f"{what} must be in [0, {size}), got range [{int(index.min())}, {int(index.max())}]")
 
 
 class PooledEncodingModel(NeuralModel):
