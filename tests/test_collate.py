@@ -103,3 +103,33 @@ def test_a_bad_smoothing_window_is_refused_as_deepstrf_asserts(window_ms, dt_ms)
     for error in (AssertionError, ValueError):
         with pytest.raises(error, match="window_ms and dt_ms must be positive"):
             hanning_smooth(torch.ones(1, 5), window_ms, dt_ms)
+
+
+def uint8_video(tmp_path):
+    """A video source of uint8 frames with missing pairs and counts no uint8 holds (300, 1.5), saved."""
+    from toydata import ToyVideo
+
+    import deepstrf
+
+    v = ToyVideo(0, S=2, N=4)
+    v.stims = [(x.abs() * 60).clamp(max=255).to(torch.uint8) for x in v.stims]
+    v.responses[0][1][0, 0], v.responses[0][2][0, 0] = 300.0, 1.5
+    deepstrf.save_dataset(v, str(tmp_path / "v.zarr"), progress=False)
+    return v, str(tmp_path / "v.zarr")
+
+
+def test_dense_batches_of_integer_frames_hold_float32_responses(tmp_path):
+    from deepstrf import StreamingNeuralDataset
+
+    v, url = uint8_video(tmp_path)
+    ref = neural_collate([v[0], v[1]])
+    assert ref["stims"].dtype == torch.uint8 and ref["responses"].dtype == torch.float32
+    assert ref["responses"][0, 1, 0, 0] == 300 and ref["responses"][0, 2, 0, 0] == 1.5
+    assert torch.isnan(ref["responses"][0, 0]).all() and not ref["valid_mask"][0, 0].any()  # a missing pair
+    compact = next(iter(StreamingNeuralDataset(url, batch_size=2, shuffle=False)))
+    streamed = [next(iter(StreamingNeuralDataset(url, batch_size=2, collate="dense", shuffle=False, **kw)))
+                for kw in ({}, {"device": "cpu"})] + [compact.to_dense(range(v.N_neurons))]
+    for b in streamed:
+        assert b["responses"].dtype == torch.float32
+        assert torch.equal(b["responses"].nan_to_num(-1), ref["responses"].nan_to_num(-1))
+        assert torch.equal(b["valid_mask"], ref["valid_mask"]) and torch.equal(b["stims"], ref["stims"])

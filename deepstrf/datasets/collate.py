@@ -59,9 +59,16 @@ def _self_collated(batch: Sequence[Any], fmt: str, **options: Any) -> Any:
 _ITEM_KEYS = ("stims", "responses", "valid_mask", "stim_meta")
 
 
+def dense_response_dtype(stim_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a dense batch's ``responses``: the stimuli's if it is floating, else float32
+    (integer frames such as uint8 video cannot hold NaN padding or counts like 300 or 1.5)."""
+    return stim_dtype if stim_dtype.is_floating_point else torch.float32
+
+
 def neural_collate(batch: Sequence[dict]) -> dict:
     """deepSTRF's collate: ``stims`` zero-padded to ``(B, ..., T_max)``;
-    ``responses`` NaN-padded to ``(B, N, R_max, T_max)``; ``valid_mask`` is
+    ``responses`` NaN-padded to ``(B, N, R_max, T_max)``, in the stimuli's dtype if it is
+    floating, else float32 (:func:`dense_response_dtype`); ``valid_mask`` is
     ``~isnan(responses)``; ``stim_meta`` a list; other keys passed as lists.
 
     Items that batch themselves (those of ``StreamingNeuralDataset``) are
@@ -74,7 +81,8 @@ def neural_collate(batch: Sequence[dict]) -> dict:
     B, N = len(batch), len(resps[0])
     R_max = max((r.shape[0] for rs in resps for r in rs), default=0)
     T_max = max((r.shape[1] for rs in resps for r in rs), default=0)
-    responses = torch.full((B, N, R_max, T_max), float("nan"), dtype=stims.dtype, device=stims.device)
+    responses = torch.full((B, N, R_max, T_max), float("nan"), dtype=dense_response_dtype(stims.dtype),
+                           device=stims.device)
     for b, rs in enumerate(resps):
         for n, r in enumerate(rs):
             responses[b, n, :r.shape[0], :r.shape[1]] = r
@@ -242,7 +250,7 @@ class CompactBatch:
         ``neurons``: the dense batch's neuron axis, as global neuron ids in
         order (``ds.selected_neurons()``; ``range(N)`` for a batch whose
         ``neuron_index`` holds positions). ``responses`` ``(B, N, R_max,
-        T_max)`` in the stimuli's dtype, NaN wherever there is no count (as
+        T_max)`` in :func:`dense_response_dtype` of the stimuli, NaN wherever there is no count (as
         ``neural_collate`` pads the ``(1, 1)`` NaN sentinel of a missing pair),
         ``valid_mask``, ``stims`` and ``stim_meta`` as they are.
         """
@@ -252,7 +260,7 @@ class CompactBatch:
         R = max(plan.max_repeats, int(some_missing))
         T = max(plan.max_length, int(some_missing))
         device = self.values.device
-        responses = empty((B * n, R, T), self.stims.dtype, device).fill_(math.nan)
+        responses = empty((B * n, R, T), dense_response_dtype(self.stims.dtype), device).fill_(math.nan)
         valid = empty((B * n, R, T), torch.bool, device).fill_(False)
         for g, where in self._write_cells(responses, flat):
             valid[where, :g.repeats, :g.length] = True

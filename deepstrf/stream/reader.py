@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..datasets.collate import CompactBatch
+from ..datasets.collate import CompactBatch, dense_response_dtype
 from ..datasets.views import RawRow
 from .buffers import BufferPool
 
@@ -150,14 +150,16 @@ def build_dense(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor], met
     """The ``neural_collate`` dict, filled from the rows without per-item or per-cell tensors.
 
     Every byte of ``responses`` and ``valid_mask`` is written once: the cells' counts (cast to
-    the stimuli's float dtype), NaN / False only where there is no data (missing neurons, and
-    the repeats and time bins beyond a cell's own). Nothing is read back (no ``isnan`` pass).
+    :func:`~deepstrf.datasets.collate.dense_response_dtype` of the stimuli), NaN / False only
+    where there is no data (missing neurons, and the repeats and time bins beyond a cell's own).
+    Nothing is read back (no ``isnan`` pass).
     """
     x = pad_stims(stims, pool)
     some_missing = any(len(r.neurons) < n_selected for r in rows)
     R = max([int(r.repeats.max()) for r in rows if len(r.repeats)] + [1 if some_missing else 0])
     T = max([int(r.lengths.max()) for r in rows if len(r.lengths)] + [1 if some_missing else 0])
-    responses = pool.alloc((len(rows), n_selected, R, T), x.numpy().dtype)
+    dtype = torch.empty(0, dtype=dense_response_dtype(x.dtype)).numpy().dtype
+    responses = pool.alloc((len(rows), n_selected, R, T), dtype)
     valid = pool.alloc((len(rows), n_selected, R, T), np.bool_)
     out, mask = responses.numpy(), valid.numpy()
     for b, row in enumerate(rows):
