@@ -133,3 +133,24 @@ def test_dense_batches_of_integer_frames_hold_float32_responses(tmp_path):
         assert b["responses"].dtype == torch.float32
         assert torch.equal(b["responses"].nan_to_num(-1), ref["responses"].nan_to_num(-1))
         assert torch.equal(b["valid_mask"], ref["valid_mask"]) and torch.equal(b["stims"], ref["stims"])
+
+
+def test_stimuli_of_two_dtypes_are_refused_alike_in_memory_and_streamed():
+    """uint8 frames and float32 frames in one batch: streamed batches cast every stim to the first
+    item's dtype (float frames in [0, 1) became 0); now both paths refuse, naming the items."""
+    from toydata import ToyVideo
+
+    from deepstrf import StreamingNeuralDataset
+
+    u8, f32 = ToyVideo(0, S=2), ToyVideo(1, S=2)
+    u8.stims = [(x.abs() * 60).clamp(max=255).to(torch.uint8) for x in u8.stims]
+    pool = concat_neural_datasets([u8, f32], names=["u8", "f32"])
+    items = [pool[i] for i in range(len(pool))]
+    for collate in (neural_collate, compact_collate):
+        with pytest.raises(ValueError, match=r"item 2 \(uid 'v1-s0'\) has torch.float32 stimuli.*uint8"):
+            collate(items)
+    for fmt in ("compact", "dense"):
+        with pytest.raises(ValueError, match=r"item 2 \(uid 'v1-s0'\) has torch.float32 stimuli.*source_homogeneous"):
+            next(iter(StreamingNeuralDataset(pool, batch_size=4, shuffle=False, collate=fmt)))
+        batches = list(StreamingNeuralDataset(pool, batch_size=2, shuffle=False, collate=fmt, source_homogeneous=True))
+        assert sorted(str(b["stims"].dtype) for b in batches) == ["torch.float32", "torch.uint8"]

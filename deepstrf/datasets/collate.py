@@ -50,6 +50,34 @@ def fill_missing_data(stims: Sequence[torch.Tensor], dims: int | Sequence[int], 
     return out
 
 
+def stim_batch_problem(stims: Sequence[torch.Tensor], metas: Sequence[Any] | None = None) -> str | None:
+    """Why ``stims`` cannot be stacked into one batch, or None: the first stimulus whose dtype
+    differs from the first one's, named by its position in the batch (and its ``uid``)."""
+    first = stims[0]
+    for i, x in enumerate(stims[1:], 1):
+        if x.dtype != first.dtype:
+            return (f"the batch's item {_item_name(i, metas)} has {x.dtype} stimuli, its item {_item_name(0, metas)} "
+                    f"{first.dtype}")
+    return None
+
+
+def check_stim_batch(stims: Sequence[torch.Tensor], metas: Sequence[Any] | None = None) -> None:
+    """Refuse stimuli that cannot be batched together (:func:`stim_batch_problem`), saying what to do;
+    the in-memory collates and the streamed batches refuse alike."""
+    problem = stim_batch_problem(stims, metas)
+    if problem is not None:
+        raise ValueError(
+            f"cannot batch these items: {problem}. Stimuli batched together need one dtype and one shape "
+            "apart from time: convert the sources' stimuli to one (e.g. uint8 frames to float32 with the "
+            "scale you want) before pooling, or batch each source on its own "
+            "(StreamingNeuralDataset(..., source_homogeneous=True), or SourceBatchSampler)")
+
+
+def _item_name(i: int, metas: Sequence[Any] | None) -> str:
+    uid = metas[i].get("uid") if metas is not None and isinstance(metas[i], dict) else None
+    return f"{i}" if uid is None else f"{i} (uid {uid!r})"
+
+
 def _self_collated(batch: Sequence[Any], fmt: str, **options: Any) -> Any:
     """The batch built by the items' own ``collate_items`` (streamed items), or None."""
     hook = getattr(type(batch[0]), "collate_items", None) if len(batch) else None
@@ -76,6 +104,7 @@ def neural_collate(batch: Sequence[dict]) -> dict:
     fast = _self_collated(batch, "dense")
     if fast is not None:
         return fast
+    check_stim_batch([it["stims"] for it in batch], [it.get("stim_meta") for it in batch])
     stims = fill_missing_data([it["stims"] for it in batch], dims=-1, value=0.0)
     resps = [it["responses"] for it in batch]
     B, N = len(batch), len(resps[0])
@@ -337,6 +366,7 @@ def compact_collate(batch: Sequence[dict], neuron_index: Sequence[int] | None = 
     fast = _self_collated(batch, "compact", neuron_index=neuron_index)
     if fast is not None:
         return fast
+    check_stim_batch([it["stims"] for it in batch], [it.get("stim_meta") for it in batch])
     stims = fill_missing_data([it["stims"] for it in batch], dims=-1, value=0.0)
     flat, repeats, lengths, items, neurons = [], [], [], [], []
     for b, it in enumerate(batch):

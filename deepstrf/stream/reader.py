@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..datasets.collate import CompactBatch, dense_response_dtype
+from ..datasets.collate import CompactBatch, check_stim_batch, dense_response_dtype
 from ..datasets.views import RawRow
 from .buffers import BufferPool
 
@@ -99,8 +99,10 @@ def pack_int64(arrays: Sequence[np.ndarray], pool: BufferPool) -> list[torch.Ten
     return parts
 
 
-def pad_stims(stims: Sequence[torch.Tensor], pool: BufferPool) -> torch.Tensor:
-    """``fill_missing_data(stims, dims=-1, value=0)``: stack, zero-padding time to the longest."""
+def pad_stims(stims: Sequence[torch.Tensor], metas: Sequence[dict], pool: BufferPool) -> torch.Tensor:
+    """``fill_missing_data(stims, dims=-1, value=0)``: stack, zero-padding time to the longest;
+    stimuli the in-memory collates would refuse are refused alike (``metas`` name them)."""
+    check_stim_batch(stims, metas)
     first = stims[0]
     T = max(int(x.shape[-1]) for x in stims)
     out = pool.alloc((len(stims), *first.shape[:-1], T), first.numpy().dtype)
@@ -132,7 +134,7 @@ def build_compact(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor],
         np.repeat(np.arange(len(rows)), [len(r.neurons) for r in rows]),
         np.concatenate([r.neurons for r in rows]),
         np.array([s.shape[-1] for s in stims])], pool)
-    batch = CompactBatch(stims=pad_stims(stims, pool), values=values, offsets=offsets, repeats=repeats,
+    batch = CompactBatch(stims=pad_stims(stims, metas, pool), values=values, offsets=offsets, repeats=repeats,
                          lengths=lengths, item_index=item_index, neuron_index=neuron_index,
                          stim_lengths=stim_lengths, stim_meta=list(metas))
     if pool.shared:
@@ -154,7 +156,7 @@ def build_dense(rows: Sequence[OrderedCells], stims: Sequence[torch.Tensor], met
     where there is no data (missing neurons, and the repeats and time bins beyond a cell's own).
     Nothing is read back (no ``isnan`` pass).
     """
-    x = pad_stims(stims, pool)
+    x = pad_stims(stims, metas, pool)
     some_missing = any(len(r.neurons) < n_selected for r in rows)
     R = max([int(r.repeats.max()) for r in rows if len(r.repeats)] + [1 if some_missing else 0])
     T = max([int(r.lengths.max()) for r in rows if len(r.lengths)] + [1 if some_missing else 0])
