@@ -154,3 +154,26 @@ def test_stimuli_of_two_dtypes_are_refused_alike_in_memory_and_streamed():
             next(iter(StreamingNeuralDataset(pool, batch_size=4, shuffle=False, collate=fmt)))
         batches = list(StreamingNeuralDataset(pool, batch_size=2, shuffle=False, collate=fmt, source_homogeneous=True))
         assert sorted(str(b["stims"].dtype) for b in batches) == ["torch.float32", "torch.uint8"]
+
+
+def test_stimuli_of_two_channel_counts_are_refused_alike_in_memory_and_streamed(tmp_path):
+    """A source of RGB and grayscale frames (refused by validate now, so built past it): streamed
+    batches broadcast the gray frames into 3 channels, or failed with a bare NumPy error."""
+    from toydata import ToyVideo
+
+    from deepstrf import StreamingNeuralDataset
+    from deepstrf.datasets.neural_dataset import DatasetValidationError
+
+    v = ToyVideo(0, S=2)
+    v.stims[0] = v.stims[0].expand(3, *v.stims[0].shape[1:]).clone()
+    with pytest.raises(DatasetValidationError, match=r"stims\[1\] has C=1 channels, stims\[0\] C=3"):
+        v.validate()
+    items = [v[0], v[1]]
+    shapes = r"item 1 \(uid 'v0-s1'\) has stimuli of shape \(1, 6, 5, T\), its item 0 \(uid 'v0-s0'\) \(3, 6, 5, T\)"
+    for collate in (neural_collate, compact_collate):
+        with pytest.raises(ValueError, match=shapes):
+            collate(items)
+    v.validate = lambda **kw: None  # as a source saved before validate refused it
+    for fmt in ("compact", "dense"):
+        with pytest.raises(ValueError, match=shapes):
+            next(iter(StreamingNeuralDataset(v, batch_size=2, shuffle=False, collate=fmt)))

@@ -226,6 +226,22 @@ def test_frame_size_mismatch_and_every_input_checked():
         ToyAudio(1) + ToyAudio(2) + ToyAudio(3, dt_ms=2.0)
 
 
+def rgb(v: ToyVideo) -> ToyVideo:
+    """``v`` with its grayscale frames copied into 3 channels."""
+    v.stims = [x.expand(3, *x.shape[1:]).clone() for x in v.stims]
+    v.validate()
+    return v
+
+
+def test_channel_count_mismatch_refused():
+    """Before: an RGB and a grayscale source of one frame size pooled; their batches then broadcast
+    the gray frames into 3 channels (streamed) or failed with a bare shape error."""
+    with pytest.raises(IncompatibleDatasetsError, match=r"channel count mismatch: c3 has C=3 channels per frame, "
+                                                        r"c1 has C=1\. .*grayscale"):
+        concat_neural_datasets([rgb(ToyVideo(1)), ToyVideo(2)], names=["c3", "c1"])
+    assert concat_neural_datasets([rgb(ToyVideo(1)), rgb(ToyVideo(2))]).stims[0].shape[0] == 3
+
+
 def test_refusal_survives_python_O():
     code = ("import sys; sys.path.insert(0, 'tests'); from toydata import ToyAudio;\n"
             "try:\n    ToyAudio(1) + ToyAudio(2, F=9)\nexcept ValueError as e:\n    print('refused', e)\n")

@@ -51,13 +51,17 @@ def fill_missing_data(stims: Sequence[torch.Tensor], dims: int | Sequence[int], 
 
 
 def stim_batch_problem(stims: Sequence[torch.Tensor], metas: Sequence[Any] | None = None) -> str | None:
-    """Why ``stims`` cannot be stacked into one batch, or None: the first stimulus whose dtype
-    differs from the first one's, named by its position in the batch (and its ``uid``)."""
+    """Why ``stims`` cannot be stacked into one batch, or None: the first stimulus whose dtype, or
+    shape apart from time (e.g. its channel count), differs from the first one's, named by its
+    position in the batch (and its ``uid``)."""
     first = stims[0]
     for i, x in enumerate(stims[1:], 1):
+        this, that = _item_name(i, metas), _item_name(0, metas)
         if x.dtype != first.dtype:
-            return (f"the batch's item {_item_name(i, metas)} has {x.dtype} stimuli, its item {_item_name(0, metas)} "
-                    f"{first.dtype}")
+            return f"the batch's item {this} has {x.dtype} stimuli, its item {that} {first.dtype}"
+        if x.shape[:-1] != first.shape[:-1]:
+            return (f"the batch's item {this} has stimuli of shape ({', '.join(map(str, x.shape[:-1]))}, T), "
+                    f"its item {that} ({', '.join(map(str, first.shape[:-1]))}, T)")
     return None
 
 
@@ -69,7 +73,7 @@ def check_stim_batch(stims: Sequence[torch.Tensor], metas: Sequence[Any] | None 
         raise ValueError(
             f"cannot batch these items: {problem}. Stimuli batched together need one dtype and one shape "
             "apart from time: convert the sources' stimuli to one (e.g. uint8 frames to float32 with the "
-            "scale you want) before pooling, or batch each source on its own "
+            "scale you want, RGB frames to grayscale) before pooling, or batch each source on its own "
             "(StreamingNeuralDataset(..., source_homogeneous=True), or SourceBatchSampler)")
 
 

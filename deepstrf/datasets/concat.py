@@ -8,6 +8,8 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+import torch
+
 from ..errors import IncompatibleDatasetsError
 from .neural_dataset import NeuralDataset
 from .views import BlockDiagonalGrid, ConcatSequence
@@ -102,8 +104,11 @@ def plain_concat_parts(d: NeuralDataset) -> list[NeuralDataset] | None:
 
 
 def _signature(d: NeuralDataset) -> tuple:
-    """What compatibility depends on: class, bin width and stimulus geometry."""
-    return (type(d), d.dt, *(getattr(d, k, None) for k in ("F", "audio_fs", "H", "W")))
+    """What compatibility depends on: class, bin width and stimulus geometry (with the shape
+    apart from time of the first stimulus, e.g. its channel count, where the stimuli are a list)."""
+    first = d.stims[0] if isinstance(d.stims, list) and d.stims else None
+    return (type(d), d.dt, *(getattr(d, k, None) for k in ("F", "audio_fs", "H", "W")),
+            tuple(first.shape[:-1]) if isinstance(first, torch.Tensor) else None)
 
 
 def _check_compatible(datasets: Sequence[NeuralDataset], labels: Sequence[str]) -> None:

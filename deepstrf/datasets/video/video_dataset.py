@@ -99,6 +99,18 @@ class VideoNeuralDataset(NeuralDataset):
                 f"frame size mismatch (H, W): {a} has {(self.H, self.W)}, {b} has "
                 f"{(other.H, other.W)}. Resize the videos to one frame size first; "
                 "nothing is resized automatically.")
+        ca, cb = self._frame_channels(), other._frame_channels()
+        if ca is not None and cb is not None and ca != cb:
+            raise IncompatibleDatasetsError(
+                f"channel count mismatch: {a} has C={ca} channels per frame, {b} has C={cb}. Convert the "
+                "videos to one channel count first (e.g. to grayscale: ds.stims = "
+                "[ds.from_rgb_to_grayscale(x[None])[0] for x in ds.stims]); nothing is converted automatically.")
+
+    def _frame_channels(self) -> int | None:
+        """The channel count C of the stimuli ``(C, H, W, T)`` where they are a list of tensors
+        (``validate`` keeps it one count), else None: a lazy view is not read for it."""
+        first = self.stims[0] if isinstance(self.stims, list) and self.stims else None
+        return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() == 4 else None
 
     def _concat_copy_attrs(self, source) -> None:
         super()._concat_copy_attrs(source)
@@ -113,3 +125,14 @@ class VideoNeuralDataset(NeuralDataset):
             v = getattr(self, name)
             if not (isinstance(v, int) and v > 0):
                 raise DatasetValidationError(f"self.{name} must be a positive int (got {v!r})")
+        self._validate_channels()
+
+    def _validate_channels(self) -> None:
+        """Refuse a list of ``(C, H, W, T)`` stimuli with more than one channel count C (a batch of
+        them could not be stacked)."""
+        C = self._frame_channels()
+        for s, x in enumerate(self.stims if C is not None else ()):
+            if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[0] != C:
+                raise DatasetValidationError(
+                    f"stims[{s}] has C={x.shape[0]} channels, stims[0] C={C}: give every stimulus one channel "
+                    "count (e.g. to grayscale: ds.stims = [ds.from_rgb_to_grayscale(x[None])[0] for x in ds.stims])")
