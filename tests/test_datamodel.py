@@ -224,6 +224,24 @@ def test_transforms_match_their_definition():
     assert torch.allclose(cat.std(dim=(0, 2)), torch.ones(8), atol=1e-4)
 
 
+def test_standardize_stims_of_uint8_frames_in_memory_and_stored(tmp_path):
+    """The mean and std were cast to uint8 and x - mean wrapped around (the result was far from
+    standardised); now integer stimuli are standardised in float32, store-backed alike."""
+    import deepstrf
+
+    v = ToyVideo(1)
+    v.stims = [(x.abs() * 60).clamp(max=255).to(torch.uint8) for x in v.stims]
+    deepstrf.save_dataset(v, str(tmp_path / "v.zarr"), progress=False)
+    stored = deepstrf.open_dataset(str(tmp_path / "v.zarr"))
+    floats = torch.cat([x.double().flatten() for x in v.stims])
+    for d in (v, stored):
+        stats = d.standardize_stims(per_band=False)
+        assert stats["mean"].dtype == torch.float32 and float(stats["mean"]) == pytest.approx(float(floats.mean()), rel=1e-6)
+        out = torch.cat([d.stims[s].flatten() for s in range(d.get_S())])
+        assert out.dtype == torch.float32
+        assert float(out.mean()) == pytest.approx(0, abs=1e-5) and float(out.std()) == pytest.approx(1, abs=1e-4)
+
+
 def _dense(as_list: bool, dtype: torch.dtype = torch.float32) -> AudioNeuralDataset:
     """Responses as one (S, N, R, T) tensor (deepSTRF accepts one), or the same values as lists."""
     d = AudioNeuralDataset(path="dense", dt_ms=1.0)

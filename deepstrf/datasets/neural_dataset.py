@@ -404,7 +404,8 @@ class NeuralDataset(Dataset):
                           per_band: bool = True, eps: float = 1e-8) -> dict:
         """Standardise stimuli with statistics from ``stim_indices`` (all by default).
 
-        ``per_band`` keeps one mean/std per frequency band (axis -2).
+        ``per_band`` keeps one mean/std per frequency band (axis -2). The result has the
+        stimuli's dtype if it is floating, else float32 (e.g. uint8 video frames).
         Statistics come from one streaming pass; the transform is applied to
         every stimulus, eagerly for lists and on read for lazy views.
         """
@@ -424,8 +425,10 @@ class NeuralDataset(Dataset):
         var = (total_sq - count * mean * mean) / max(count - 1, 1)
         std = var.clamp(min=0).sqrt().clamp(min=eps)
         dtype = self.stims[indices[0]].dtype
+        if not dtype.is_floating_point:  # integer frames (uint8 video): in their dtype, x - mean wraps around
+            dtype = torch.float32
         mean, std = mean.to(dtype), std.to(dtype)
-        self.stims = views.map_stims(self.stims, lambda x, i: (x - mean) / std)
+        self.stims = views.map_stims(self.stims, lambda x, i: (x.to(dtype) - mean) / std)
         self.stim_normalization = {
             "mean": mean.clone(), "std": std.clone(), "per_band": per_band,
             "stim_indices": None if stim_indices is None else list(stim_indices),
