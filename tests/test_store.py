@@ -169,6 +169,23 @@ def test_duck_typed_object_and_dtype_widening(tmp_path, big_later, float_later, 
     assert ds.stim_meta == src.stim_meta and ds.nrn_meta == src.nrn_meta
 
 
+@pytest.mark.parametrize("cells, dtype", [
+    ([[0, 7], [-3, 2]], "int8"),  # types uint8 then int8 promote to int16; the values fit int8
+    ([[0, 200], [-3, 2]], "int16"),
+    ([[-3, 2], [0, 7], [0, 100]], "int8"),  # after a restart in int8, uint8 pieces that fit it stay
+    ([[0.5], [-3]], "float32"),
+])
+def test_responses_are_stored_in_the_smallest_type_their_values_fit(tmp_path, cells, dtype):
+    src = NeuralDataset("ints", dt_ms=1.0)
+    src.stims = [torch.zeros(1, 2) for _ in cells]
+    src.responses = [[torch.tensor([c], dtype=torch.float32)] for c in cells]
+    src.stim_meta, src.nrn_meta, src.N_neurons = [{} for _ in cells], [{}], 1
+    save_dataset(src, tmp_path / "ints", progress=False)
+    ds = open_dataset(tmp_path / "ints")
+    assert ds.responses.reader.attrs["response_dtype"] == dtype
+    assert all(torch.equal(ds.responses[s][0], src.responses[s][0]) for s in range(len(cells)))
+
+
 def test_plain_neural_dataset_and_resave_keeps_fingerprint(tmp_path):
     src = NeuralDataset("plain", dt_ms=2.0)
     src.stims = [torch.randn(2, 5), torch.randn(2, 7)]

@@ -100,26 +100,43 @@ def value_dtype(values: np.ndarray) -> np.dtype:
     Integral values (also when given as floats) get the smallest integer
     type; other values float32, or float64 when float32 would round them.
     """
+    return value_type(values)[0]
+
+
+Span = tuple[int, int]
+
+
+def value_type(values: np.ndarray) -> tuple[np.dtype, Span | None]:
+    """:func:`value_dtype` of ``values``, and their ``(min, max)`` where that is an integer type
+    (None for no values and for floating ones)."""
     if values.size == 0:
-        return np.dtype(np.uint8)
-    if values.dtype == np.bool_:
-        return np.dtype(np.uint8)
-    if values.dtype.kind in "iu":
-        return smallest_int(int(values.min()), int(values.max()))
+        return np.dtype(np.uint8), None
+    if values.dtype.kind in "biu":
+        lo, hi = int(values.min()), int(values.max())
+        return smallest_int(lo, hi), (lo, hi)
     if values.dtype.kind != "f":
         raise TypeError(f"responses must hold numbers, got dtype {values.dtype}")
     finite = bool(np.isfinite(values).all())
     if finite and np.array_equal(values, np.trunc(values)):
         lo, hi = float(values.min()), float(values.max())
         if -2.0 ** 63 <= lo and hi < 2.0 ** 64 and (values.dtype.itemsize <= 4 or max(abs(lo), abs(hi)) <= 2 ** 53):
-            return smallest_int(int(lo), int(hi))
+            return smallest_int(int(lo), int(hi)), (int(lo), int(hi))
     if values.dtype.itemsize <= 4 or np.array_equal(values.astype(np.float32), values, equal_nan=True):
-        return np.dtype(np.float32)
-    return np.dtype(np.float64)
+        return np.dtype(np.float32), None
+    return np.dtype(np.float64), None
 
 
-def widen(current: np.dtype, needed: np.dtype) -> np.dtype:
-    """The dtype that holds both ``current`` and ``needed`` values losslessly."""
+def widen(current: np.dtype, needed: np.dtype, span: Span | None = None) -> np.dtype:
+    """The dtype that holds both ``current`` and ``needed`` values losslessly.
+
+    ``span``: the ``(min, max)`` of every value so far, where all are integers (responses); then
+    the values decide, not their types: ``current`` if it holds the span, else the smallest
+    integer type that does (a uint8 piece of 0..7 and an int8 piece of -3..2 fit int8, where
+    their types promote to int16).
+    """
+    if span is not None and current.kind in "iu" and needed.kind in "iu":
+        info = np.iinfo(current)
+        return current if info.min <= span[0] and span[1] <= info.max else smallest_int(*span)
     out = np.promote_types(current, needed)
     if out.kind == "f" and out.itemsize < 4:
         out = np.dtype(np.float32)

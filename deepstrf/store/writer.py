@@ -159,7 +159,7 @@ def _json_card(card: dict) -> dict:
 
 
 class _Widen(Exception):
-    """Raised by a pass that met values its array's dtype cannot hold."""
+    """Raised by a pass that met values its array's dtype cannot hold; ``dtype``: the one to restart with."""
 
     def __init__(self, dtype: np.dtype) -> None:
         self.dtype = dtype
@@ -172,9 +172,13 @@ class _Appender:
     chunk of its own length, so reading part of it decodes no padding.
     """
 
-    def __init__(self, group: zarr.Group, name: str, dtype: np.dtype) -> None:
+    def __init__(self, group: zarr.Group, name: str, dtype: np.dtype, by_value: bool = False) -> None:
+        """``by_value``: integer pieces widen the array by the range of the values appended so far
+        (``append``'s ``span``), not by their types (responses)."""
         self.group, self.name = group, name
         self.dtype = np.dtype(dtype)
+        self.by_value = by_value
+        self.span: fmt.Span | None = None
         self.chunk = fmt.data_chunk_elems(name, self.dtype)
         self.unit = self.chunk * fmt.SHARD_CHUNKS  # writes are whole shards (no read-modify-write)
         self.array: zarr.Array | None = None
@@ -183,9 +187,14 @@ class _Appender:
         self.n_pending = 0
         self.written = 0
 
-    def append(self, piece: np.ndarray, needed: np.dtype) -> None:
-        if fmt.widen(self.dtype, needed) != self.dtype:
-            raise _Widen(needed)
+    def append(self, piece: np.ndarray, needed: np.dtype, span: fmt.Span | None = None) -> None:
+        """Queue ``piece``, whose values need ``needed`` (``span``: their (min, max) if integers)."""
+        if self.by_value and span is not None:
+            self.span = span if self.span is None else (min(self.span[0], span[0]), max(self.span[1], span[1]))
+        if piece.size or not self.by_value:  # no values: nothing to hold
+            target = fmt.widen(self.dtype, needed, self.span if self.by_value else None)
+            if target != self.dtype:
+                raise _Widen(target)
         piece = piece.reshape(-1).astype(self.dtype, copy=False)
         update(self.hasher, piece)
         self.pending.append(piece)
@@ -215,16 +224,16 @@ class _Appender:
         return self.dtype, array_digest(self.hasher), self.written
 
 
-def _ragged_pass(group: zarr.Group, name: str, first: np.dtype,
-                 run: Callable[[_Appender], None]) -> tuple[np.dtype, str, int]:
-    """Run ``run`` into a fresh array, restarting with a wider dtype when it asks for one."""
+def _ragged_pass(group: zarr.Group, name: str, first: np.dtype, run: Callable[[_Appender], None],
+                 by_value: bool = False) -> tuple[np.dtype, str, int]:
+    """Run ``run`` into a fresh array, restarting with the wider dtype it asks for."""
     dtype = np.dtype(first)
     while True:
-        app = _Appender(group, name, dtype)
+        app = _Appender(group, name, dtype, by_value)
         try:
             run(app)
         except _Widen as w:
-            dtype = fmt.widen(dtype, w.dtype)
+            dtype = w.dtype
             continue
         return app.finish()
 
@@ -317,11 +326,12 @@ def _write(staging: Staging, ds: Any, attrs: dict[str, Any], progress: bool | No
                 repeats[row.stim, row.neurons] = row.repeats
                 counts[row.stim, row.neurons] = row.repeats * row.lengths
                 values = np.asarray(row.values)
-                app.append(values, fmt.value_dtype(values))
+                app.append(values, *fmt.value_type(values))
                 bar.update(1)
 
     try:
-        value_dtype, digests[fmt.VALUES], n_values = _ragged_pass(root, fmt.VALUES, np.uint8, responses_pass)
+        value_dtype, digests[fmt.VALUES], n_values = _ragged_pass(root, fmt.VALUES, np.uint8, responses_pass,
+                                                                    by_value=True)
     finally:
         bar.close()
     valid = repeats > 0
