@@ -206,9 +206,18 @@ def test_a_subclass_check_on_a_pool_asks_its_sources():
         ab + odd
 
 
+def waveform_attrs(d: AudioNeuralDataset) -> AudioNeuralDataset:
+    """``d`` with the attributes of a waveform dataset (what the concatenation checks look at)."""
+    d.audio_fs, d.return_waveform = 8000, True
+    return d
+
+
 @pytest.mark.parametrize("make_b, pattern", [
     (lambda: ToyAudio(2, dt_ms=5.0), r"dt mismatch: left has dt_ms=1.0, right has dt_ms=5.0"),
     (lambda: ToyAudio(2, F=9), r"F mismatch: left has F=8, right has F=9"),
+    # before: 'audio_fs mismatch ... Resample the waveforms to one rate first'
+    (lambda: waveform_attrs(ToyAudio(2)), r"waveforms and spectrograms: right holds waveforms \(audio_fs set\), "
+                                          r"left spectrograms \(audio_fs=None\)\. Compute spectrograms"),
 ])
 def test_incompatible_audio_refused(make_b, pattern):
     with pytest.raises(IncompatibleDatasetsError, match=pattern) as err:

@@ -41,6 +41,12 @@ class AudioNeuralDataset(NeuralDataset):
                 f"F mismatch: {a} has F={self.F}, {b} has F={other.F}. Resample the "
                 "spectrograms to a common number of bands first "
                 "(deepstrf.datasets.resample.resample_frequency); nothing is warped automatically.")
+        if (self.audio_fs is None) != (other.audio_fs is None):
+            waves, spec = (a, b) if self.audio_fs is not None else (b, a)
+            raise IncompatibleDatasetsError(
+                f"waveforms and spectrograms: {waves} holds waveforms (audio_fs set), {spec} spectrograms "
+                "(audio_fs=None). Compute spectrograms of the waveforms first (with the other's bands and "
+                "bin width); nothing is converted automatically.")
         if self.audio_fs != other.audio_fs:
             raise IncompatibleDatasetsError(
                 f"audio_fs mismatch: {a} has audio_fs={self.audio_fs}, {b} has "
