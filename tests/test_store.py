@@ -775,6 +775,17 @@ def test_cli_info_and_verify(saved, capsys):
     assert cli_main(["verify", url + "-absent", *_so_args(so)]) == 1
 
 
+def test_cli_info_of_a_tiny_store_says_it_is_larger_than_float32(tmp_path, capsys):
+    """A store larger than its float32 form printed its compression ratio as '(1/0)'."""
+    src = NeuralDataset("tiny", dt_ms=1.0)
+    src.stims, src.responses = [torch.zeros(1, 2)], [[torch.ones(1, 2)]]
+    src.stim_meta, src.nrn_meta, src.N_neurons = [{}], [{}], 1
+    save_dataset(src, tmp_path / "tiny", progress=False)
+    assert cli_main(["info", str(tmp_path / "tiny")]) == 0
+    size = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("size"))
+    assert re.search(r"as float32 in memory \(\d+\.\d times larger: ", size) and "1/0" not in size
+
+
 def test_s3_read_defaults_and_caller_options_win():
     loc = Location.parse("s3://bucket/store", {"config_kwargs": {"connect_timeout": 5}})
     opts = loc.fsspec_options()

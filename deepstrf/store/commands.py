@@ -61,6 +61,16 @@ def _mb(n: int | None) -> str:
     return "?" if n is None else f"{n / 1e6:,.1f} MB"
 
 
+def _ratio_text(ratio: float | None) -> str:
+    """`` (1/12)`` for a store 12 times smaller than its float32 form; a tiny store, which its
+    metadata and chunk headers make larger, says how much larger (was ``(1/0)``)."""
+    if not ratio:
+        return ""
+    if ratio >= 1:
+        return f" (1/{ratio:.0f})" if ratio >= 10 else f" (1/{ratio:.1f})"
+    return f" ({1 / ratio:.1f} times larger: metadata and chunk headers outweigh so little data)"
+
+
 def _print_source(d: dict[str, Any]) -> None:
     lines = [
         ("store", d["url"]),
@@ -73,7 +83,7 @@ def _print_source(d: dict[str, Any]) -> None:
         lines.append(("F", str(d["F"]) + (f" (audio_fs={d['audio_fs']})" if d.get("audio_fs") else "")))
     if "H" in d:
         lines.append(("H x W", f"{d['H']} x {d['W']}"))
-    ratio = f" (1/{d['compression_ratio']:.0f})" if d["compression_ratio"] else ""
+    ratio = _ratio_text(d["compression_ratio"])
     lines += [
         ("repeats", f"{d['repeats'][0]}-{d['repeats'][1]} per cell"),
         ("T", f"{d['T'][0]}-{d['T'][1]} bins"),
