@@ -775,6 +775,19 @@ def test_cli_info_and_verify(saved, capsys):
     assert cli_main(["verify", url + "-absent", *_so_args(so)]) == 1
 
 
+def test_a_waveform_dataset_is_refused_as_one_not_as_a_bad_spectrogram(tmp_path):
+    """It was refused as 'shape (1, 100), not the (C, F=1, T) of the attributes'."""
+    src = AudioNeuralDataset("wave", dt_ms=5.0)
+    src.F, src.audio_fs, src.return_waveform = 1, 2000, True
+    src.stims, src.responses = [torch.randn(1, 100)], [[torch.ones(2, 10)]]
+    src.stim_meta, src.nrn_meta, src.N_neurons = [{}], [{}], 1
+    src.validate(deep=True)
+    with pytest.raises(ValueError, match=r"stims\[0\] is a waveform \(1, 100\) \(audio_fs=2000\); waveform "
+                                         r"datasets \(return_waveform=True\) cannot be stored yet: compute spectrograms"):
+        save_dataset(src, tmp_path / "wave", progress=False)
+    assert not (tmp_path / "wave").exists()
+
+
 def test_cli_info_of_a_tiny_store_says_it_is_larger_than_float32(tmp_path, capsys):
     """A store larger than its float32 form printed its compression ratio as '(1/0)'."""
     src = NeuralDataset("tiny", dt_ms=1.0)

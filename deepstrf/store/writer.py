@@ -248,6 +248,11 @@ def _stim_problem(x: np.ndarray, s: int, attrs: dict[str, Any]) -> str | None:
     """What open_dataset would refuse in stimulus ``s`` (its dtype, or a shape contradicting F or H, W)."""
     if numeric_dtype(x.dtype.name) is None:
         return f"stims[{s}] has dtype {x.dtype.name}, not a boolean, integer or floating one"
+    if attrs.get("kind") == "audio" and attrs.get("audio_fs") is not None and x.ndim == 2:
+        return (f"stims[{s}] is a waveform {tuple(x.shape)} (audio_fs={attrs['audio_fs']}); waveform datasets "
+                "(return_waveform=True) cannot be stored yet: compute spectrograms of the waveforms (e.g. "
+                "deepstrf.io.spectrogram.log_mel), set F and audio_fs=None and save those. A waveform is not the "
+                "(C, F, T) spectrogram a store holds")
     return modality_problem(np.array([x.shape]), attrs, first=s)
 
 
