@@ -195,3 +195,27 @@ def test_source_test_indices_bounds():
         source_test_indices(10, "x", seed=-1)
     with pytest.raises(ValueError, match="seed must be a whole number of at least 0"):
         heldout_split(ToyAudio(seed=0, S=6), seed=-1)
+
+
+def waveforms(seed: int, bins: list[int], fs: int = 2000, dt_ms: float = 5.0) -> AudioNeuralDataset:
+    """A waveform-mode dataset (deepSTRF's return_waveform): stims (1, bins * hop) samples."""
+    d = AudioNeuralDataset(f"wave-{seed}", dt_ms=dt_ms)
+    d.F, d.audio_fs, d.return_waveform = 1, fs, True
+    g = torch.Generator().manual_seed(seed)
+    d.stims = [torch.randn(1, T * d.hop, generator=g) for T in bins]
+    d.responses = [[torch.poisson(torch.ones(2, T), generator=g)] for T in bins]
+    d.stim_meta, d.nrn_meta, d.N_neurons = [{"uid": f"w{seed}-{s}"} for s in range(len(bins))], [{}], 1
+    d.validate(deep=True)
+    return d
+
+
+def test_rebinned_waveforms_are_cropped_with_their_responses_and_keep_the_flag():
+    """Before: the responses dropped their trailing partial bin but the waveform kept every sample
+    (9 bins of 10 samples -> 4 bins of 20 and still 90 samples), and return_waveform was lost."""
+    src = waveforms(0, [10, 9, 6])
+    out = rebin_dataset(src, 10.0)
+    assert out.return_waveform and out.hop == 20
+    assert [(out.stims[s].shape[-1], out.responses[s][0].shape[-1]) for s in range(3)] == [(100, 5), (80, 4), (60, 3)]
+    assert torch.equal(out.stims[1], src.stims[1][..., :80])
+    out.to_memory().validate(deep=True)
+    assert concat_neural_datasets([src, waveforms(1, [4])]).return_waveform

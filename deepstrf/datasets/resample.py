@@ -65,6 +65,20 @@ class _FrameAverager:
         return y.mean(dim=-1) if y.is_floating_point() else y.float().mean(dim=-1)
 
 
+class _WaveformCropper:
+    """Crop a waveform ``(1, T_audio)`` to whole re-binned bins of ``hop`` samples, as the responses
+    drop their trailing partial bin (picklable)."""
+
+    def __init__(self, hop: int) -> None:
+        self.hop = hop
+
+    def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        bins = x.shape[-1] // self.hop
+        if bins == 0:
+            raise ValueError(f"waveform stim {i} has {x.shape[-1]} samples, fewer than one re-binned bin ({self.hop})")
+        return x[..., :bins * self.hop]
+
+
 class RebinnedGrid(views.ResponseGrid):
     """A response grid read from ``source`` with every valid cell re-binned by ``factor``."""
 
@@ -111,9 +125,10 @@ def rebin_dataset(ds: NeuralDataset, dt_ms: float) -> NeuralDataset:
     Spike counts are summed over each group of ``k = dt_ms / ds.dt_ms``
     bins (exact; integer counts stay integers), spectrogram/video frames are
     averaged over the same bins; a trailing partial bin is dropped. In
-    waveform mode (``audio_fs`` set) the waveforms are kept as they are
-    (``hop`` follows ``dt_ms``). Metadata, selections and ``F``/``H``/``W``
-    are carried over; a pool is re-binned source by source and stays a pool.
+    waveform mode (``audio_fs`` set) the waveforms keep their samples (``hop``
+    follows ``dt_ms``), cropped where the responses drop a partial bin.
+    Metadata, selections, ``F``/``H``/``W`` and ``return_waveform`` are
+    carried over; a pool is re-binned source by source and stays a pool.
 
     Raises ``ValueError`` if ``dt_ms`` is not ``k * ds.dt_ms`` for an integer ``k >= 1``.
     """
@@ -122,7 +137,11 @@ def rebin_dataset(ds: NeuralDataset, dt_ms: float) -> NeuralDataset:
     if parts is not None:
         return _repool([rebin_dataset(p, dt_ms) for p in parts], ds)
     waveform = getattr(ds, "audio_fs", None) is not None
-    stims = _PassThrough(ds.stims) if waveform or factor == 1 else views.MappedSequence(ds.stims, _FrameAverager(factor))
+    if factor == 1:
+        stims = _PassThrough(ds.stims)
+    else:
+        crop = _WaveformCropper(ds.hop * factor) if waveform else _FrameAverager(factor)
+        stims = views.MappedSequence(ds.stims, crop)
     out = _derived(ds, stims, RebinnedGrid(ds, factor), f"#dt_ms={dt_ms:g}")
     out.dt = float(dt_ms)
     out.resampling = [*getattr(ds, "resampling", []), {"op": "rebin", "from_dt_ms": ds.dt, "dt_ms": out.dt,

@@ -57,6 +57,8 @@ class AudioNeuralDataset(NeuralDataset):
         self.F = source.F
         self.audio_fs = source.audio_fs
         self.hearing_range_hz = source.hearing_range_hz
+        if hasattr(source, "return_waveform"):  # deepSTRF's flag of waveform stimuli, set by its subclasses
+            self.return_waveform = source.return_waveform
 
     def validate(self, *, deep: bool | None = None) -> None:
         super().validate(deep=deep)
