@@ -5,7 +5,8 @@ Batch work (``deepstrf import-nwb``, ``deepstrf verify``) is written once as a f
 input; :func:`run_tasks` runs it serially, in ``jobs`` local processes (forkserver, else spawn),
 or as one Dask task per input on a ``dask.distributed.Client``. A task that raises (a worker
 killed, a bug) becomes the caller's ``failed(task, error)`` result: one input never stops the
-others. :func:`dask_client` turns a ``--dask`` address into a client: ``local:N`` starts a
+others. An interrupt (Ctrl-C) of a ``jobs`` run drops the tasks not yet started and ends the
+workers at once. :func:`dask_client` turns a ``--dask`` address into a client: ``local:N`` starts a
 ``LocalCluster`` of N single-threaded worker processes on this machine, anything else is the
 address of a running scheduler (e.g. one started by ``dask-jobqueue`` on SLURM).
 """
@@ -13,6 +14,7 @@ address of a running scheduler (e.g. one started by ``dask-jobqueue`` on SLURM).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import as_completed as completed_locally
@@ -42,10 +44,7 @@ def run_tasks(func: Callable[..., R], tasks: Sequence[tuple], *, failed: Callabl
         if client is not None:
             _run_on_dask(client, func, tasks, failed, results, bar)
         elif jobs > 1 and len(tasks) > 1:
-            from .stream.workers import worker_context
-
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=worker_context()) as pool:
-                _run_locally(pool, func, tasks, failed, results, bar)
+            _run_in_processes(func, tasks, failed, results, bar, jobs)
         elif threads > 1 and len(tasks) > 1:
             with ThreadPoolExecutor(max_workers=min(threads, len(tasks)), thread_name_prefix=desc) as pool:
                 _run_locally(pool, partial(run_gated, func), tasks, failed, results, bar)
@@ -67,6 +66,51 @@ def _run_locally(pool: Executor, func: Callable, tasks: Sequence[tuple], failed:
     for f in completed_locally(index):
         results[index[f]] = _outcome(f, tasks[index[f]], failed)
         bar.update(1)
+
+
+def _run_in_processes(func: Callable, tasks: Sequence[tuple], failed: Callable, results: dict, bar: tqdm,
+                      jobs: int) -> None:
+    """Run ``tasks`` in ``jobs`` local worker processes. On an interrupt (Ctrl-C) the tasks not yet
+    started are dropped and the workers stopped at once, instead of running every queued task
+    before the interrupt reaches the caller."""
+    from .stream.workers import worker_context
+
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=worker_context(), initializer=_exit_on_sigterm)
+    try:
+        _run_locally(pool, func, tasks, failed, results, bar)
+    except BaseException:
+        _stop(pool)
+        raise
+    pool.shutdown()
+
+
+def _exit_on_sigterm() -> None:
+    """In a worker: end at SIGTERM (sent by :func:`_stop`) through multiprocessing's exit
+    handlers, which release the named semaphores the task's libraries made (tqdm's and blosc's
+    locks); a plain SIGTERM left them to the resource tracker, which warned of leaks at exit."""
+    import signal
+
+    def leave(signum: int, frame: Any) -> None:
+        from multiprocessing import util
+
+        util._exit_function()
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel ``pool``'s queued tasks and end its worker processes now (they ignore SIGINT: a
+    terminal's Ctrl-C is the main process's to handle)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # shutdown() forgets them
+    manager = getattr(pool, "_executor_manager_thread", None)
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        p.terminate()
+    for p in processes:
+        p.join(timeout=5)
+    if manager is not None:  # it releases the pool's queues once it sees the workers gone
+        manager.join(timeout=5)
 
 
 def _run_on_dask(client: Any, func: Callable, tasks: Sequence[tuple], failed: Callable, results: dict,

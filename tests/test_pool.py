@@ -396,3 +396,43 @@ def test_run_tasks_in_threads_runs_them_at_once_in_order():
     found = run_tasks(_meet, [(barrier, k) for k in range(4)], failed=lambda t, e: type(e).__name__, threads=4,
                       progress=False)
     assert found == [0, 1, 2, 3]
+
+
+INTERRUPTED_RUN = '''
+import os, signal, sys, time
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from deepstrf.engine import run_tasks
+
+def work(folder, k):
+    open(os.path.join(folder, f"started{k}"), "w").close()
+    time.sleep(1.0)
+    return k
+
+if __name__ == "__main__":
+    import threading
+    from tasks import work
+
+    def ctrl_c():  # as a terminal does: SIGINT to the whole process group, once a task runs
+        while not os.path.exists(os.path.join(sys.argv[1], "started0")):
+            time.sleep(0.01)
+        os.killpg(0, signal.SIGINT)
+
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    try:
+        run_tasks(work, [(sys.argv[1], k) for k in range(10)], failed=lambda t, e: None, jobs=2, progress=False)
+    except KeyboardInterrupt:
+        print("interrupted")
+'''
+
+
+def test_run_tasks_in_processes_stops_at_ctrl_c(tmp_path):
+    # Ctrl-C during a --jobs run: the queued tasks are dropped and the workers stopped, instead of
+    # every queued task running before the interrupt reached the caller
+    (tmp_path / "tasks.py").write_text(INTERRUPTED_RUN)
+    folder = tmp_path / "started"
+    folder.mkdir()
+    run = subprocess.run([sys.executable, str(tmp_path / "tasks.py"), str(folder)], capture_output=True, text=True,
+                         timeout=120, start_new_session=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert run.stdout.strip() == "interrupted", run.stderr
+    assert len(os.listdir(folder)) <= 3, sorted(os.listdir(folder))  # those running at Ctrl-C, and one taken then
+    assert "leaked semaphore" not in run.stderr, run.stderr
