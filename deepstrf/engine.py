@@ -5,7 +5,8 @@ Batch work (``deepstrf import-nwb``, ``deepstrf verify``) is written once as a f
 input; :func:`run_tasks` runs it serially, in ``jobs`` local processes (forkserver, else spawn),
 or as one Dask task per input on a ``dask.distributed.Client``. A task that raises (a worker
 killed, a bug) becomes the caller's ``failed(task, error)`` result: one input never stops the
-others. An interrupt (Ctrl-C) of a ``jobs`` run drops the tasks not yet started and ends the
+others (in ``jobs`` processes, the tasks running when a worker died are run again, each alone,
+and only one whose worker dies alone too fails). An interrupt (Ctrl-C) of a ``jobs`` run drops the tasks not yet started and ends the
 workers at once. :func:`dask_client` turns a ``--dask`` address into a client: ``local:N`` starts a
 ``LocalCluster`` of N single-threaded worker processes on this machine, anything else is the
 address of a running scheduler (e.g. one started by ``dask-jobqueue`` on SLURM).
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from concurrent.futures import as_completed as completed_locally
 from functools import partial
 from typing import Any, TypeVar
@@ -70,18 +73,63 @@ def _run_locally(pool: Executor, func: Callable, tasks: Sequence[tuple], failed:
 
 def _run_in_processes(func: Callable, tasks: Sequence[tuple], failed: Callable, results: dict, bar: tqdm,
                       jobs: int) -> None:
-    """Run ``tasks`` in ``jobs`` local worker processes. On an interrupt (Ctrl-C) the tasks not yet
-    started are dropped and the workers stopped at once, instead of running every queued task
-    before the interrupt reaches the caller."""
+    """Run ``tasks`` in ``jobs`` local worker processes. A worker that dies (the out-of-memory
+    killer, a crash in a library) breaks its pool: the tasks then running go on in a new pool, each
+    alone, and one whose worker dies alone too is reported failed; the others are unaffected."""
+    from .stream.workers import DEATH_FIX
+
+    todo = deque(range(len(tasks)))
+    suspects: deque[int] = deque()
+    while todo:
+        suspects.extend(_run_pool(func, tasks, todo, jobs, results, failed, bar)[0])
+    while suspects:
+        lost, how = _run_pool(func, tasks, suspects, 1, results, failed, bar)
+        for i in lost:
+            results[i] = failed(tasks[i], BrokenProcessPool(
+                f"its worker process died ({how}) while it ran, also when it ran alone: {DEATH_FIX}"))
+            bar.update(1)
+
+
+def _run_pool(func: Callable, tasks: Sequence[tuple], todo: deque[int], workers: int, results: dict,
+              failed: Callable, bar: tqdm) -> tuple[list[int], str]:
+    """Run the tasks of ``todo`` (taken from its front) in a pool of ``workers`` processes, no more
+    at once than there are workers, so that a worker's death can be only one of those running.
+    Returns, where a worker died, the tasks that were running (the pool is then broken) and how the
+    dead worker ended; ``([], "")`` once ``todo`` is empty. On an interrupt (Ctrl-C) the workers are
+    ended at once (:func:`_stop`) and the queued tasks dropped."""
     from .stream.workers import worker_context
 
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=worker_context(), initializer=_exit_on_sigterm)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=worker_context(), initializer=_exit_on_sigterm)
+    running: dict[Future, int] = {}
+    processes: dict[int, Any] = {}
     try:
-        _run_locally(pool, func, tasks, failed, results, bar)
+        while todo or running:
+            while todo and len(running) < workers:
+                i = todo.popleft()
+                running[pool.submit(func, *tasks[i])] = i
+                processes.update(getattr(pool, "_processes", None) or {})
+            for f in wait(running, return_when=FIRST_COMPLETED).done:
+                if isinstance(f.exception(), BrokenProcessPool):
+                    wait(running)  # a broken pool fails all its futures at once
+                    pool.shutdown()
+                    return list(running.values()), _how_it_ended(processes.values())
+                i = running.pop(f)
+                results[i] = _outcome(f, tasks[i], failed)
+                bar.update(1)
     except BaseException:
         _stop(pool)
         raise
     pool.shutdown()
+    return [], ""
+
+
+def _how_it_ended(processes: Iterable[Any]) -> str:
+    """How the worker that broke a pool ended ("killed by SIGKILL", "exit code 9"), as far as known."""
+    from .stream.workers import _exit_status, died
+
+    for p in processes:
+        p.join(timeout=5)
+    return ", ".join(sorted({_exit_status(p.exitcode) for p in processes if died(p)})) or "how is unknown"
 
 
 def _exit_on_sigterm() -> None:

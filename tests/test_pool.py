@@ -436,3 +436,20 @@ def test_run_tasks_in_processes_stops_at_ctrl_c(tmp_path):
     assert run.stdout.strip() == "interrupted", run.stderr
     assert len(os.listdir(folder)) <= 3, sorted(os.listdir(folder))  # those running at Ctrl-C, and one taken then
     assert "leaked semaphore" not in run.stderr, run.stderr
+
+
+def _dies_at_one(k: int) -> int:
+    if k == 1:
+        os._exit(9)  # as a worker killed by the out-of-memory killer, or a crash in a library
+    return k
+
+
+def test_run_tasks_in_processes_goes_on_after_a_worker_dies():
+    # one dead worker broke the pool, and every task still queued failed with BrokenProcessPool
+    from deepstrf.engine import run_tasks
+
+    found = run_tasks(_dies_at_one, [(k,) for k in range(6)], failed=lambda t, e: f"{type(e).__name__}: {e}",
+                      jobs=2, progress=False)
+    assert found[:1] + found[2:] == [0, 2, 3, 4, 5]
+    assert found[1].startswith("BrokenProcessPool: its worker process died (exit code 9) while it ran, also when "
+                               "it ran alone"), found[1]
