@@ -144,3 +144,22 @@ def test_files_left_in_reference_cycles_are_collected_before_the_next_read(files
             assert nwb.units is not None
     finally:
         gc.enable()
+
+
+def test_rerun_replaces_the_remains_of_an_interrupted_write(tmp_path, capsys):
+    # an import killed while it wrote in place (on an object store) left objects but no root
+    # zarr.json; the same command then refused them ("pass --overwrite") instead of finishing
+    path = str(tmp_path / "sess.nwb")
+    write_session(path, SessionSpec(session_id="s", n_units=3, n_stims=2, repeats=2))
+    out = tmp_path / "stores"
+    (out / "sess.zarr" / "responses").mkdir(parents=True)
+    (out / "sess.zarr" / "responses" / "zarr.json").write_text("{}")
+    args = ["import-nwb", str(out), path, "--dt-ms", "10"]
+    assert main(args) == 0 and "imported " in capsys.readouterr().out
+    assert open_dataset(str(out / "sess.zarr")).card["session_id"] == "s"
+    (out / "other.zarr").mkdir()
+    (out / "other.zarr" / "notes.txt").write_text("mine")  # not deepstrf's: never deleted without asking
+    other = str(tmp_path / "other.nwb")
+    write_session(other, SessionSpec(session_id="o", n_units=3, n_stims=2, repeats=2))
+    assert main(["import-nwb", str(out), other, "--dt-ms", "10"]) == 1
+    assert "is not a deepstrf store" in capsys.readouterr().err and (out / "other.zarr" / "notes.txt").exists()

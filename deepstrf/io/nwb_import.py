@@ -66,6 +66,15 @@ def recorded_fingerprint(url: str, storage_options: dict | None) -> str | None:
     return (card.get("nwb_import") or {}).get("fingerprint") or ""
 
 
+def interrupted_write(url: str, storage_options: dict | None) -> bool:
+    """Whether ``url`` holds only the remains of a write that never completed (objects but no root
+    ``zarr.json``: an import killed while it wrote in place, as it does on an object store). A
+    re-run replaces them; the write still refuses anything but deepstrf's own keys there."""
+    from ..store.atomic import store_state
+
+    return store_state(Location.parse(url, storage_options)) == "partial"
+
+
 def import_one(source: str, out_url: str, conversion: dict[str, Any], *, license: str | None = None,
                storage_options: dict | None = None, overwrite: bool = False) -> ImportResult:
     """Import one session unless its store already records the same fingerprint."""
@@ -80,7 +89,8 @@ def import_one(source: str, out_url: str, conversion: dict[str, Any], *, license
                                "arguments (its recorded import fingerprint differs). Pass overwrite=True "
                                "to replace it, or choose another OUT_DIR.")
     ds = read_nwb(source, conv, license=license, storage_options=storage_options)
-    save_dataset(ds, out_url, storage_options=storage_options, overwrite=overwrite, progress=False)
+    replace = overwrite or interrupted_write(out_url, storage_options)
+    save_dataset(ds, out_url, storage_options=storage_options, overwrite=replace, progress=False)
     return ImportResult(source, out_url, "imported", fp, ds.get_S(), ds.N_neurons, time.perf_counter() - t0)
 
 
