@@ -219,3 +219,13 @@ def test_bin_plan_overlapping_windows_and_spikes_on_edges():
     plan = BinPlan(starts, n_bins, dt)
     assert len(plan.layers) == 3
     np.testing.assert_array_equal(plan.count(spikes), want)
+
+
+def test_only_dois_are_recorded_as_dois(tmp_path):
+    # free text holding "10." and "/" was recorded as a DOI, and `cite --bibtex` printed it as one
+    pubs = ("Smith J et al. (2020) Responses to 10.5 kHz tones/clicks. J Neurosci 40:1-10",
+            "doi:10.1523/JNEUROSCI.0001-20.2020", "https://doi.org/10.1038/nn.4350")
+    path = str(tmp_path / "s.nwb")
+    write_session(path, SessionSpec(session_id="s", n_units=2, n_stims=2, repeats=2, related_publications=pubs))
+    card = from_nwb(path, dt_ms=DT).card
+    assert card["doi"] == list(pubs[1:]) and card["related_publications"] == list(pubs)

@@ -22,6 +22,7 @@ from ..datasets.video import VideoNeuralDataset
 from ..errors import NWBImportError, NWBReadError
 from .binning import BinPlan, bin_average, recorded
 from .counts import PresentationCounts
+from ..store.citations import is_doi
 from ..store.location import canonical_url
 from .nwbfile import fingerprint, input_identity, open_nwb
 from .spectrogram import MelSpec, log_mel
@@ -496,7 +497,7 @@ class _Session:
             "lab": None if nwb.lab is None else str(nwb.lab),
             "institution": None if nwb.institution is None else str(nwb.institution),
             "experimenter": _strings(nwb.experimenter),
-            "related_publications": pubs, "doi": [p for p in pubs if "10." in p and "/" in p],
+            "related_publications": pubs, "doi": [p for p in pubs if is_doi(p)],
             "identifier": str(nwb.identifier), "session_id": self.session_id,
             "session_start_time": nwb.session_start_time.isoformat() if nwb.session_start_time else None,
             "source": self.url,

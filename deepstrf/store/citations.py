@@ -50,6 +50,15 @@ DOI_PREFIX = re.compile(r"^\s*(?:doi:\s*|https?://(?:dx\.)?doi\.org/)", re.IGNOR
 """What precedes a bare DOI in a card (NWB's related_publications write ``doi:10.1234/...``)."""
 
 
+DOI = re.compile(r"10\.\d{4,9}/\S+")
+"""A bare DOI: the directory indicator ``10.``, the registrant code, ``/`` and the suffix."""
+
+
+def is_doi(text: str) -> bool:
+    """Whether ``text`` is one DOI (bare, ``doi:...`` or a doi.org URL), not free text citing one."""
+    return DOI.fullmatch(DOI_PREFIX.sub("", text).strip()) is not None
+
+
 def _dois(card: dict[str, Any]) -> list[str]:
     """The card's DOIs, bare (``10.1234/x``: what BibTeX's doi field and resolvers expect)."""
     doi = card.get("doi")
