@@ -157,6 +157,9 @@ def _stop(pool: ProcessPoolExecutor) -> None:
         p.terminate()
     for p in processes:
         p.join(timeout=5)
+        if p.is_alive():  # stuck in its exit handlers (a lock its interrupted task held)
+            p.kill()
+            p.join(timeout=5)
     if manager is not None:  # it releases the pool's queues once it sees the workers gone
         manager.join(timeout=5)
 
