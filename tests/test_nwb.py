@@ -229,3 +229,28 @@ def test_only_dois_are_recorded_as_dois(tmp_path):
     write_session(path, SessionSpec(session_id="s", n_units=2, n_stims=2, repeats=2, related_publications=pubs))
     card = from_nwb(path, dt_ms=DT).card
     assert card["doi"] == list(pubs[1:]) and card["related_publications"] == list(pubs)
+
+
+@pytest.mark.parametrize("data, needle", [
+    (np.zeros(0, np.float32), r"holds no samples \(shape \(0,\)\)"),
+    (np.zeros((0, 8), np.float32), r"holds no samples \(shape \(0, 8\)\)"),
+    (np.ones((40, 8, 2), np.float32), r"has shape \(40, 8, 2\).*ImageSeries"),
+], ids=["empty-waveform", "empty-spectrogram", "three-axes"])
+def test_stimulus_templates_without_data_or_with_three_axes_are_refused(tmp_path, data, needle):
+    """Before: an empty waveform imported as a constant stimulus, an empty spectrogram failed with a
+    bare IndexError and a (time, F, 2) template was refused only by save_dataset, naming no series."""
+    from datetime import datetime, timezone
+
+    from pynwb import NWBHDF5IO, NWBFile, TimeSeries
+
+    nwb = NWBFile(session_description="x", identifier="odd", session_id="odd",
+                  session_start_time=datetime(2026, 1, 1, tzinfo=timezone.utc))
+    nwb.add_stimulus_template(TimeSeries(name="a", data=data, unit="a.u.", rate=200.0, starting_time=0.0))
+    nwb.add_trial_column("stim_name", "stim")
+    for k in range(2):
+        nwb.add_trial(start_time=1.0 + 0.3 * k, stop_time=1.2 + 0.3 * k, stim_name="a")
+    nwb.add_unit(spike_times=np.linspace(0.1, 2.9, 40))
+    with NWBHDF5IO(str(tmp_path / "odd.nwb"), "w") as io:
+        io.write(nwb)
+    with pytest.raises(NWBImportError, match=r"stimulus series 'a' " + needle):
+        from_nwb(str(tmp_path / "odd.nwb"), dt_ms=10.0)

@@ -291,6 +291,14 @@ class _Session:
         if found == "video" and series.data is None:
             raise NWBImportError(f"{self.url}: ImageSeries {series.name!r} stores its frames in external files, "
                                  "which from_nwb does not read.")
+        shape = tuple(series.data.shape)
+        if shape[0] == 0:
+            raise NWBImportError(f"{self.url}: stimulus series {series.name!r} holds no samples (shape {shape}); "
+                                 "give the trials a stimulus template with data.")
+        if found == "spectrogram" and ndim > 2:
+            raise NWBImportError(f"{self.url}: stimulus series {series.name!r} has shape {shape}: a TimeSeries "
+                                 "template is read as a waveform (time,) or a spectrogram (time, F); frames go in "
+                                 "an ImageSeries. Store the template in one of these forms.")
         return found
 
     def stimulus(self, series: Any, kind: str, t0: float, n_bins: int) -> torch.Tensor:
