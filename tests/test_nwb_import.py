@@ -83,6 +83,7 @@ def test_cli_parallel_skip_and_refusals(tmp_path, capsys):
     assert main([*args[:-1], "CC-BY-4.0"]) == 1              # another license: the store would change
     err = capsys.readouterr().err
     assert "Pass --overwrite to replace it" in err and "overwrite=True" not in err and "Traceback" not in err
+    assert "before the file changed, or with other arguments" in err  # what a differing fingerprint can mean
     assert main([*args[:-1], "CC-BY-4.0", "--overwrite", "--unit-filter", "quality=good"]) == 0
     assert open_dataset(f"{out}/sess0.zarr").N_neurons == 2 and "imported " in capsys.readouterr().out
     assert main(["import-nwb", str(tmp_path / "other"), paths[0], "--presentations", "passive"]) == 1

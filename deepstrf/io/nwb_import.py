@@ -85,9 +85,10 @@ def import_one(source: str, out_url: str, conversion: dict[str, Any], *, license
     if existing == fp:
         return ImportResult(source, out_url, "skipped", fp, seconds=time.perf_counter() - t0)
     if existing is not None and not overwrite:
-        raise StoreExistsError(f"{out_url} already holds a store that was not imported from {source} with these "
-                               "arguments (its recorded import fingerprint differs). Pass overwrite=True "
-                               "to replace it, or choose another OUT_DIR.")
+        raise StoreExistsError(f"{out_url} already holds a store whose recorded import fingerprint differs from "
+                               f"this import's: it was imported from another file, from {source} before the file "
+                               "changed, or with other arguments, or not imported at all. Pass overwrite=True to "
+                               "replace it, or choose another OUT_DIR.")
     ds = read_nwb(source, conv, license=license, storage_options=storage_options)
     replace = overwrite or interrupted_write(out_url, storage_options)
     save_dataset(ds, out_url, storage_options=storage_options, overwrite=replace, progress=False)
