@@ -154,8 +154,8 @@ def _image_file(path: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepstrf", description=__doc__.splitlines()[0].replace("``", ""), epilog=EXIT_CODES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="deepstrf", description=__doc__.splitlines()[0].replace("``", ""),
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)  # none: the usage, exit 2
     so = argparse.ArgumentParser(add_help=False)
     so.add_argument("--storage-option", "-S", action="append", default=[], metavar="KEY=VALUE",

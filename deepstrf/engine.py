@@ -6,10 +6,11 @@ input; :func:`run_tasks` runs it serially, in ``jobs`` local processes (forkserv
 or as one Dask task per input on a ``dask.distributed.Client``. A task that raises (a worker
 killed, a bug) becomes the caller's ``failed(task, error)`` result: one input never stops the
 others (in ``jobs`` processes, the tasks running when a worker died are run again, each alone,
-and only one whose worker dies alone too fails). An interrupt (Ctrl-C) of a ``jobs`` run drops the tasks not yet started and ends the
-workers at once. :func:`dask_client` turns a ``--dask`` address into a client: ``local:N`` starts a
-``LocalCluster`` of N single-threaded worker processes on this machine, anything else is the
-address of a running scheduler (e.g. one started by ``dask-jobqueue`` on SLURM).
+and only one whose worker dies alone too fails). An interrupt (Ctrl-C) of a ``jobs`` run drops
+the tasks not yet started and ends the workers at once. :func:`dask_client` turns a ``--dask``
+address into a client: ``local:N`` starts a ``LocalCluster`` of N single-threaded worker
+processes on this machine, anything else is the address of a running scheduler (e.g. one
+started by ``dask-jobqueue`` on SLURM).
 """
 
 from __future__ import annotations
