@@ -13,6 +13,7 @@ from deepstrf import StreamingNeuralDataset, concat_neural_datasets, open_datase
 from deepstrf.cli import main
 from deepstrf.datasets.synthetic import SourceSpec, SyntheticAudioDataset
 from deepstrf.demo.training import TrainConfig, build_model, fit
+from deepstrf.errors import NWBReadError
 from deepstrf.io import from_nwb, import_sessions
 from deepstrf.testing.nwb import SessionSpec, write_session
 
@@ -120,6 +121,22 @@ def test_s3_with_latency_reads_only_what_it_needs(files, tmp_path, s3_server):
     [again] = import_sessions(out, [url], dt_ms=DT, storage_options=s3_server.storage_options, progress=False)
     assert again.status == "skipped"
 
+
+
+def test_a_storage_error_on_a_remote_file_is_not_only_blamed_on_the_file(tmp_path, s3_server):
+    """A remote read that keeps failing (here 503) names the storage as a cause, and what to do."""
+    import s3fs
+
+    local = str(tmp_path / "one.nwb")
+    write_session(local, SessionSpec(session_id="one", n_units=2, n_stims=2, repeats=2))
+    url = s3_server.url("sessions/one.nwb")
+    s3fs.S3FileSystem(**s3_server.storage_options).put(local, url)
+    fault = s3_server.sim.fail("sessions/one.nwb", status=503, times=None)
+    options = {**s3_server.storage_options, "config_kwargs": {"retries": {"max_attempts": 1}}}
+    with pytest.raises(NWBReadError, match=r"one.nwb cannot be read as an NWB \(HDF5\) file \(or reading it failed: "
+                                           r"check the connection and credentials, then retry\)"):
+        from_nwb(url, dt_ms=DT, storage_options=options)
+    assert fault.hits > 0
 
 def test_files_left_in_reference_cycles_are_collected_before_the_next_read(files):
     """Garbage from earlier reads (pynwb's objects form reference cycles) is collected by the reading

@@ -83,8 +83,11 @@ def open_nwb(url: str | os.PathLike, storage_options: dict | None = None, keep: 
             raise
         except FileNotFoundError as e:
             raise NWBReadError(f"no NWB file at {loc.url}: check the path or URL (and storage_options).") from e
-        except OSError as e:
-            raise NWBReadError(f"{loc.url} cannot be read as an NWB (HDF5) file: {e}") from e
+        except OSError as e:  # over a network, also what the storage raised (a 503, credentials)
+            storage = "" if loc.is_local else (" (or reading it failed: check the connection and credentials, "
+                                                "then retry)")
+            raise NWBReadError(f"{loc.url} cannot be read as an NWB (HDF5) file{storage}: {e}") from e
         except Exception as e:  # pynwb/hdmf raise many types for a file that is HDF5 but not NWB
-            raise NWBReadError(f"{loc.url} is not a readable NWB file ({type(e).__name__}: {e}).") from e
+            raise NWBReadError(f"{loc.url} is not a readable NWB file ({type(e).__name__}: {e}); is it damaged "
+                               "or truncated? Check it against its source.") from e
         yield nwb
