@@ -181,15 +181,3 @@ def test_rerun_replaces_the_remains_of_an_interrupted_write(tmp_path, capsys):
     write_session(other, SessionSpec(session_id="o", n_units=3, n_stims=2, repeats=2))
     assert main(["import-nwb", str(out), other, "--dt-ms", "10"]) == 1
     assert "is not a deepstrf store" in capsys.readouterr().err and (out / "other.zarr" / "notes.txt").exists()
-
-
-def test_fingerprint_is_the_same_for_int_and_float_arguments(files, tmp_path):
-    # dt_ms=10 fingerprinted differently from --dt-ms 10 (10.0): a store the command line made was
-    # refused by import_sessions(dt_ms=10) as "not imported with these arguments"
-    from deepstrf.io.spectrogram import MelSpec
-
-    source = [files[LAB_A.session_id]]
-    [first] = import_sessions(tmp_path, source, dt_ms=10.0, pre_ms=0.0, mel=MelSpec(f_min=50.0), progress=False)
-    [again] = import_sessions(tmp_path, source, dt_ms=10, pre_ms=0, mel=MelSpec(f_min=50, window_ms=25),
-                              progress=False)
-    assert (first.status, again.status, again.fingerprint) == ("imported", "skipped", first.fingerprint), again.error

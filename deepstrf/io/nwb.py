@@ -9,7 +9,7 @@ the dataset card (``card["nwb_import"]``), hence in the store written from it.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -57,7 +57,6 @@ class NWBConversion:
             raise NWBImportError(f"stim_kind must be one of {STIM_KINDS}, got {self.stim_kind!r} (--stim-kind).")
         if self.pre_ms < 0 or self.post_ms < 0:
             raise NWBImportError(f"pre_ms and post_ms must be >= 0, got {self.pre_ms}, {self.post_ms}.")
-        self._numbers_as_floats()
         if self.unit_filter is not None:
             object.__setattr__(self, "unit_filter", {str(k): list(v) if isinstance(v, (list, tuple, set)) else [v]
                                                      for k, v in self.unit_filter.items()})
@@ -69,17 +68,6 @@ class NWBConversion:
             object.__setattr__(self, "stim_dir", canonical_url(self.stim_dir))
         if self.stim_rate is not None and not self.stim_rate > 0:
             raise NWBImportError(f"stim_rate must be a positive rate in Hz, got {self.stim_rate!r} (--stim-rate).")
-
-    def _numbers_as_floats(self) -> None:
-        """Times, rates and mel parameters as floats, as the command line gives them: the import
-        fingerprint records them, and ``dt_ms=10`` must not differ from ``--dt-ms 10`` (10.0)."""
-        for name in ("dt_ms", "pre_ms", "post_ms", "stim_rate"):
-            if (value := getattr(self, name)) is not None:
-                object.__setattr__(self, name, float(value))
-        mel = self.mel
-        object.__setattr__(self, "mel", replace(mel, f_min=float(mel.f_min), window_ms=float(mel.window_ms),
-                                                eps=float(mel.eps),
-                                                f_max=None if mel.f_max is None else float(mel.f_max)))
 
     def as_dict(self) -> dict[str, Any]:
         """Every field; the external-stimulus fields only when set, so that imports made before they
