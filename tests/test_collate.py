@@ -156,6 +156,22 @@ def test_stimuli_of_two_dtypes_are_refused_alike_in_memory_and_streamed():
         assert sorted(str(b["stims"].dtype) for b in batches) == ["torch.float32", "torch.uint8"]
 
 
+
+def test_streamed_batches_take_float32_and_float64_stimuli_together():
+    """A pool of a float32 and a float64 source streamed as it always was (cast to the first item's
+    dtype), not refused in the middle of an epoch."""
+    from toydata import ToyVideo
+
+    from deepstrf import StreamingNeuralDataset
+
+    f64, f32 = ToyVideo(0, S=2), ToyVideo(1, S=2)
+    f64.stims = [x.double() for x in f64.stims]
+    pool = concat_neural_datasets([f64, f32], names=["f64", "f32"])
+    for fmt in ("compact", "dense"):
+        [batch] = list(StreamingNeuralDataset(pool, batch_size=4, shuffle=False, collate=fmt))
+        assert batch["stims"].dtype == torch.float64
+        assert torch.equal(batch["stims"][2, ..., :pool[2]["stims"].shape[-1]], pool[2]["stims"].double())
+
 def test_stimuli_of_two_channel_counts_are_refused_alike_in_memory_and_streamed(tmp_path):
     """A source of RGB and grayscale frames (refused by validate now, so built past it): streamed
     batches broadcast the gray frames into 3 channels, or failed with a bare NumPy error."""

@@ -50,14 +50,16 @@ def fill_missing_data(stims: Sequence[torch.Tensor], dims: int | Sequence[int], 
     return out
 
 
-def stim_batch_problem(stims: Sequence[torch.Tensor], metas: Sequence[Any] | None = None) -> str | None:
+def stim_batch_problem(stims: Sequence[torch.Tensor], metas: Sequence[Any] | None = None,
+                       floats_may_differ: bool = False) -> str | None:
     """Why ``stims`` cannot be stacked into one batch, or None: the first stimulus whose dtype, or
     shape apart from time (e.g. its channel count), differs from the first one's, named by its
-    position in the batch (and its ``uid``)."""
+    position in the batch (and its ``uid``). ``floats_may_differ``: floating dtypes may differ
+    (the batch is cast to the first one's, which loses nothing a model reads)."""
     first = stims[0]
     for i, x in enumerate(stims[1:], 1):
         this, that = _item_name(i, metas), _item_name(0, metas)
-        if x.dtype != first.dtype:
+        if x.dtype != first.dtype and not (floats_may_differ and x.is_floating_point() and first.is_floating_point()):
             return f"the batch's item {this} has {x.dtype} stimuli, its item {that} {first.dtype}"
         if x.shape[:-1] != first.shape[:-1]:
             return (f"the batch's item {this} has stimuli of shape ({', '.join(map(str, x.shape[:-1]))}, T), "
@@ -65,10 +67,12 @@ def stim_batch_problem(stims: Sequence[torch.Tensor], metas: Sequence[Any] | Non
     return None
 
 
-def check_stim_batch(stims: Sequence[torch.Tensor], metas: Sequence[Any] | None = None) -> None:
+def check_stim_batch(stims: Sequence[torch.Tensor], metas: Sequence[Any] | None = None,
+                     floats_may_differ: bool = False) -> None:
     """Refuse stimuli that cannot be batched together (:func:`stim_batch_problem`), saying what to do;
-    the in-memory collates and the streamed batches refuse alike."""
-    problem = stim_batch_problem(stims, metas)
+    the in-memory collates and the streamed batches refuse alike (streamed batches also take
+    float32 and float64 stimuli together, as they always did)."""
+    problem = stim_batch_problem(stims, metas, floats_may_differ)
     if problem is not None:
         raise ValueError(
             f"cannot batch these items: {problem}. Stimuli batched together need one dtype and one shape "

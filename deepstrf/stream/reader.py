@@ -101,8 +101,9 @@ def pack_int64(arrays: Sequence[np.ndarray], pool: BufferPool) -> list[torch.Ten
 
 def pad_stims(stims: Sequence[torch.Tensor], metas: Sequence[dict], pool: BufferPool) -> torch.Tensor:
     """``fill_missing_data(stims, dims=-1, value=0)``: stack, zero-padding time to the longest;
-    stimuli the in-memory collates would refuse are refused alike (``metas`` name them)."""
-    check_stim_batch(stims, metas)
+    stimuli the in-memory collates would refuse are refused alike (``metas`` name them), except
+    floating ones of two dtypes (a pool of float32 and float64 sources), cast to the first one's."""
+    check_stim_batch(stims, metas, floats_may_differ=True)
     first = stims[0]
     T = max(int(x.shape[-1]) for x in stims)
     out = pool.alloc((len(stims), *first.shape[:-1], T), first.numpy().dtype)
