@@ -76,6 +76,22 @@ def test_an_overridden_compute_nrn_masks_decides_len_items_and_selections():
     assert torch.equal(pool.nrn_masks[:d.get_S(), :d.N_neurons], masks)
 
 
+
+class _FromCoverage(ToyAudio):
+    """An override that reads ``coverage`` (the responses' pairs) and drops neuron 0."""
+
+    def _compute_nrn_masks(self):
+        masks = self.coverage.to_dense().clone()
+        masks[:, 0] = False
+        return masks
+
+
+def test_an_override_of_compute_nrn_masks_may_read_coverage():
+    """Before: coverage asked nrn_masks, which asked the override, which asked coverage (RecursionError)."""
+    d = _FromCoverage(1)
+    assert not d.nrn_masks[:, 0].any() and torch.equal(d.nrn_masks[:, 1:], ToyAudio(1).nrn_masks[:, 1:])
+    assert torch.equal(d.coverage.to_dense(), d.nrn_masks)
+
 @pytest.mark.parametrize("make", ["plain", "pool"])
 def test_selections_edited_in_place_are_what_items_show(make, pool):
     """deepSTRF's I and S_sel are plain lists that user code appends to or clears."""

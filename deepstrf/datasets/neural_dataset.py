@@ -124,7 +124,15 @@ class NeuralDataset(Dataset):
         :meth:`_compute_nrn_masks` (deepSTRF's hook) decides it: coverage is then its mask."""
         if getattr(self, "_coverage_cache", None) is None:
             masks_overridden = type(self)._compute_nrn_masks is not NeuralDataset._compute_nrn_masks
-            self._coverage_cache = Coverage.dense(self.nrn_masks) if masks_overridden else self._responses_coverage()
+            if masks_overridden and not vars(self).get("_asking_override"):
+                self._asking_override = True  # an override that reads coverage gets the responses'
+                try:
+                    coverage = Coverage.dense(self.nrn_masks)
+                finally:
+                    self._asking_override = False
+            else:
+                coverage = self._responses_coverage()
+            self._coverage_cache = coverage
         return self._coverage_cache
 
     def _responses_coverage(self) -> Coverage:
