@@ -208,6 +208,19 @@ def test_resume_refuses_another_order(pool, change):
         StreamingNeuralDataset(pool, batch_size=4, seed=0, **change).load_state_dict(state)
 
 
+
+def test_an_unshuffled_resume_takes_other_shuffle_settings_and_neurons_may_be_any_iterable(pool):
+    """Without shuffling block_size and shuffle_buffer do not change the order: resuming under other
+    ones continues the pass. neurons= may be a generator (it is read once)."""
+    s = StreamingNeuralDataset(pool, batch_size=4, shuffle=False, neurons=(n for n in range(3)))
+    first = next(iter(s))
+    state = s.state_dict()
+    t = StreamingNeuralDataset(pool, batch_size=4, shuffle=False, block_size=1, shuffle_buffer=4,
+                               neurons=iter(range(3)))
+    t.load_state_dict(state)
+    rest = list(t)
+    assert len(first["stim_meta"]) + sum(len(b["stim_meta"]) for b in rest) == len(s.dataset())
+
 def test_resume_loads_a_state_saved_without_the_order_settings(pool):
     s = StreamingNeuralDataset(pool, batch_size=4, seed=0)
     next(iter(s))

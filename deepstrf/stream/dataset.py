@@ -49,6 +49,7 @@ Collate = Literal["compact", "dense"]
 STATE_VERSION = 1
 # the settings the epoch's order depends on: a state resumes only a dataset with the same ones
 ORDER_SETTINGS = ("seed", "shuffle", "source_homogeneous", "block_size", "shuffle_buffer")
+SHUFFLE_SETTINGS = ("block_size", "shuffle_buffer")  # of these, the ones only a shuffled order depends on
 # Without batch_size (and without loader_batch_size), a process reads this many of its items at once.
 ITEM_READ_GROUP = 8
 
@@ -217,7 +218,8 @@ class StreamingNeuralDataset(IterableDataset):
                              "e.g. compact_collate(...).to(device).to_dense(ds.selected_neurons()))")
         if source_homogeneous and batch_size is None:
             raise ValueError("source_homogeneous=True needs a batch_size (batches are built by the dataset)")
-        if neurons is not None:  # up front (a dataset object is opened on first use)
+        if neurons is not None:  # up front (a dataset object is opened on first use); any iterable
+            neurons = list(neurons)
             reader.check_unique(neurons, f"neurons= (for {self._where()})")
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither (torch.distributed is used then)")
@@ -477,7 +479,10 @@ class StreamingNeuralDataset(IterableDataset):
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unknown streaming state version {state.get('version')!r} (expected {STATE_VERSION})")
         for key in ORDER_SETTINGS:
-            # a state saved before block_size and shuffle_buffer were recorded lacks them
+            # a state saved before block_size and shuffle_buffer were recorded lacks them; without
+            # shuffling they do not change the order
+            if key in SHUFFLE_SETTINGS and not self.shuffle:
+                continue
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"cannot resume: state has {key}={state[key]!r}, this dataset {getattr(self, key)!r}: "
                                  f"the epoch's order would differ, repeating and skipping items; build the dataset "
