@@ -798,8 +798,9 @@ class StreamingNeuralDataset(IterableDataset):
         if signature is None:
             if get_worker_info() is None:  # once, not once per DataLoader worker
                 warnings.warn(f"cache_dir={os.fspath(self.cache_dir)!r} is not used for {self._where()}: its "
-                              "responses are not read as a store holds them (data in memory, cells set by hand or "
-                              "a transform of your own), so their cached rows could not be told from another "
+                              "responses are not read as a store holds them (data in memory, cells set by hand, "
+                              "a transform of your own, or a pool opened with accept_changed_sources=True, "
+                              "whose sources may have changed), so their cached rows could not be told from another "
                               "dataset's; rows are read each time. Stream a store (transformed by "
                               "normalize_responses or smooth_responses, or not), or leave out cache_dir.",
                               UserWarning, stacklevel=2)
