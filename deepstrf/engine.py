@@ -126,11 +126,11 @@ def _run_pool(func: Callable, tasks: Sequence[tuple], todo: deque[int], workers:
 
 def _how_it_ended(processes: Iterable[Any]) -> str:
     """How the worker that broke a pool ended ("killed by SIGKILL", "exit code 9"), as far as known."""
-    from .stream.workers import _exit_status, died
+    from .stream.workers import died, exit_status
 
     for p in processes:
         p.join(timeout=5)
-    return ", ".join(sorted({_exit_status(p.exitcode) for p in processes if died(p)})) or "how is unknown"
+    return ", ".join(sorted({exit_status(p.exitcode) for p in processes if died(p)})) or "how is unknown"
 
 
 def _exit_on_sigterm() -> None:

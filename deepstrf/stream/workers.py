@@ -342,7 +342,7 @@ class WorkerActivity:
             proc = processes[k] if k < len(processes) else None
             pid = row[_PID] if row and row[_PID] else (proc.pid if proc is not None else None)
             dead = proc is not None and died(proc)
-            head = f"worker {k} (pid {pid or '?'}{f', dead: {_exit_status(proc.exitcode)}' if dead else ''})"
+            head = f"worker {k} (pid {pid or '?'}{f', dead: {exit_status(proc.exitcode)}' if dead else ''})"
             if row is None:
                 line = f"{head}: not tracked (more than {MAX_SLOTS - 1} workers)"
             elif not row[_PID] and row[_OPENING_SINCE_NS]:
@@ -378,7 +378,8 @@ def died(proc: BaseProcess) -> bool:
     return not proc.is_alive() and proc.exitcode != 0
 
 
-def _exit_status(code: int | None) -> str:
+def exit_status(code: int | None) -> str:
+    """How a process ended, from its exit code: ``"killed by SIGKILL"``, ``"exit code 1"``."""
     if code is not None and code < 0:
         import signal
 
